@@ -1,0 +1,81 @@
+"""``hyperfleet.optimize``: the drop-in replacement for ``study.optimize``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
+from hyperfleet.controller.loop import Outcome
+from hyperfleet.launch import Display, prepare_slots, run_search
+from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.slots import PoolOptions
+from hyperfleet.rundir import RunDir
+from hyperfleet.workers.packaging import spec_from_callable
+
+
+def optimize(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], Any],
+    n_trials: int | None = None,
+    timeout: float | str | None = None,
+    *,
+    gpus: Sequence[int | str] | None = None,
+    trials_per_gpu: int = 1,
+    gpus_per_trial: int = 1,
+    cpu_slots: int | None = None,
+    threads_per_slot: int | None = None,
+    run_dir: str | Path | None = None,
+    trial_timeout: float | str | None = None,
+    retry: RetryPolicy | str | None = None,
+    max_trials_per_worker: int | None = None,
+    display: str = "auto",
+    objective_kwargs: dict[str, Any] | None = None,
+    inventory: Inventory | None = None,
+) -> Outcome:
+    """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
+
+    ``n_trials`` counts the study's finished trials, so running the same code again on a
+    persistent storage adds up to the same total. ``timeout`` bounds this call's wall time.
+    With ``objective_kwargs``, ``objective`` is a factory called once per worker with them
+    that returns the objective (load a data set there). ``inventory`` replaces the detected
+    GPUs and cores (for tests and dry runs).
+    """
+    settings = RunSettings(
+        n_trials=n_trials,
+        timeout=parse_duration(timeout, "timeout"),
+        trial_timeout=parse_duration(trial_timeout, "trial_timeout"),
+        retry=RetryPolicy.parse(retry) if isinstance(retry, str) else retry or RetryPolicy(),
+        max_trials_per_worker=max_trials_per_worker,
+    )
+    options = PoolOptions(
+        gpus=[str(g) for g in gpus] if gpus is not None else None,
+        trials_per_gpu=trials_per_gpu,
+        gpus_per_trial=gpus_per_trial,
+        cpu_slots=cpu_slots,
+        threads_per_slot=threads_per_slot,
+    )
+    slots, note = prepare_slots(options, inventory)
+    spec = spec_from_callable(objective, objective_kwargs)
+    folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
+    return run_search(
+        lambda: study,
+        spec,
+        slots,
+        settings,
+        folder,
+        Display(display),
+        inventory_note=note,
+        run_name=study.study_name,
+    )
+
+
+def default_run_dir(study: optuna.Study) -> Path:
+    """``runs/<study name>``; an in-memory study cannot resume, so it gets a fresh folder."""
+    if isinstance(study._storage, optuna.storages.InMemoryStorage):
+        return Path("runs") / f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / study.study_name

@@ -1,0 +1,224 @@
+"""The ``hyperfleet`` command: run, resources, status, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+
+from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
+from hyperfleet.errors import HyperfleetError, StorageError
+from hyperfleet.launch import Display, prepare_slots, run_search
+from hyperfleet.resources.inventory import detect_inventory
+from hyperfleet.resources.slots import PoolOptions, plan_slots
+from hyperfleet.rundir import RunDir
+from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from hyperfleet.storage import open_storage
+from hyperfleet.workers.packaging import spec_from_target
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.handler(args))
+    except HyperfleetError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"hyperfleet: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperfleet", description="Run any Optuna search on every GPU and CPU slot."
+    )
+    commands = parser.add_subparsers(dest="command")
+    _add_run(commands)
+    resources = commands.add_parser("resources", help="show the GPUs, cores and slots found")
+    _add_pool_flags(resources)
+    resources.set_defaults(handler=cmd_resources)
+    status = commands.add_parser("status", help="show a run's progress (while it runs or after)")
+    status.add_argument("run_dir", type=Path, help="the run directory")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.set_defaults(handler=cmd_status)
+    report = commands.add_parser("report", help="write RUN_DIR/report/ with plots and tables")
+    report.add_argument("run_dir", type=Path, help="the run directory")
+    report.add_argument("--top", type=int, default=5, help="how many best trials to list")
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = commands.add_parser(
+        "run", help="run a search", description="Run FILE.py:FUNCTION on every slot."
+    )
+    run.add_argument("target", help="the objective: FILE.py:FUNCTION or MODULE:FUNCTION")
+    add = run.add_argument
+    add("--n-trials", type=int, help="stop when the study has this many finished trials")
+    add("--timeout", help="stop starting trials after this long (90s, 30m, 2h, 1h30m)")
+    add(
+        "--direction",
+        action="append",
+        choices=["minimize", "maximize"],
+        help="direction of each objective; repeat it for multi-objective (default minimize)",
+    )
+    add("--study-name", help="the study's name (default FILE-FUNCTION)")
+    add("--storage", help="an Optuna storage URL or journal file (default RUN_DIR/optuna.journal)")
+    add("--run-dir", type=Path, help="where storage, logs and trial folders go (runs/STUDY)")
+    add("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)} (default tpe)")
+    add("--pruner", default="median", help=f"one of {', '.join(PRUNERS)} (default median)")
+    add("--seed", type=int, help="seed for the sampler")
+    add("--trial-timeout", help="fail a trial that runs longer than this (e.g. 10m)")
+    add("--retry", default="", help="retries per failure reason, e.g. interrupted=1,crash=2")
+    add("--max-trials-per-worker", type=int, help="restart a worker after this many trials")
+    add("--quiet", action="store_true", help="print only the final summary")
+    add("--plain", action="store_true", help="plain lines instead of the live view")
+    add("--debug", action="store_true", help="show Python tracebacks for errors")
+    _add_pool_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+
+def _add_pool_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--gpus", help="GPUs to use, by index or UUID, comma-separated (default all visible)")
+    add("--trials-per-gpu", type=int, default=1, help="workers sharing each GPU (default 1)")
+    add("--gpus-per-trial", type=int, default=1, help="GPUs given to each worker (default 1)")
+    add("--cpu-slots", type=int, help="CPU-only workers (default: one per core left over)")
+    add("--threads-per-slot", type=int, help="cores and thread limit of each slot")
+
+
+def _pool_options(args: argparse.Namespace) -> PoolOptions:
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    return PoolOptions(
+        gpus=gpus,
+        trials_per_gpu=args.trials_per_gpu,
+        gpus_per_trial=args.gpus_per_trial,
+        cpu_slots=args.cpu_slots,
+        threads_per_slot=args.threads_per_slot,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = RunSettings(
+        n_trials=args.n_trials,
+        timeout=parse_duration(args.timeout, "timeout"),
+        trial_timeout=parse_duration(args.trial_timeout, "trial timeout"),
+        retry=RetryPolicy.parse(args.retry),
+        max_trials_per_worker=args.max_trials_per_worker,
+    )
+    sampler, pruner = make_sampler(args.sampler, args.seed), make_pruner(args.pruner)
+    spec = spec_from_target(args.target)
+    slots, note = prepare_slots(_pool_options(args), None)
+    study_name = args.study_name or _default_study_name(args.target)
+    run_dir = RunDir(args.run_dir or Path("runs") / study_name)
+    run_dir.create()
+    storage = open_storage(args.storage, run_dir.journal)
+    directions = _check_directions(storage, study_name, args.direction)
+
+    def open_study() -> optuna.Study:
+        return optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            sampler=sampler,
+            pruner=pruner,
+            directions=directions,
+            load_if_exists=True,
+        )
+
+    mode = "quiet" if args.quiet else "plain" if args.plain else "auto"
+    outcome = run_search(
+        open_study,
+        spec,
+        slots,
+        settings,
+        run_dir,
+        Display(mode),
+        inventory_note=note,
+        run_name=study_name,
+    )
+    if outcome.status == "stopped":
+        return EXIT_STOPPED
+    return EXIT_OK if outcome.status == "completed" else EXIT_FAILED
+
+
+def _default_study_name(target: str) -> str:
+    location, _, name = target.rpartition(":")
+    return f"{Path(location).stem if location.endswith('.py') else location}-{name}"
+
+
+def _check_directions(
+    storage: optuna.storages.BaseStorage, study_name: str, wanted: list[str] | None
+) -> list[str]:
+    """The directions to use; an existing study must not be asked for others."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return wanted or ["minimize"]
+    existing = [d.name.lower() for d in storage.get_study_directions(study_id)]
+    if wanted and wanted != existing:
+        raise StorageError(
+            f"study {study_name!r} already exists with direction(s) {existing}, but "
+            f"{wanted} were asked for; pass the same --direction flags, or a new --study-name "
+            "or --run-dir to start another study."
+        )
+    return existing
+
+
+def cmd_resources(args: argparse.Namespace) -> int:
+    inventory = detect_inventory()
+    print(f"GPUs: {inventory.note}")
+    for gpu in inventory.gpus:
+        print(f"  {gpu.index}: {gpu.name} {gpu.uuid} {gpu.memory_total_mib} MiB")
+    print(f"CPU cores: {len(inventory.cores)}")
+    slots = plan_slots(inventory, _pool_options(args))
+    print(f"Slots ({len(slots)}):")
+    for slot in slots:
+        gpus = ",".join(str(g) for g in slot.gpus) or "-"
+        print(
+            f"  {slot.name:<14} gpus={gpus:<8} cores={_ranges(slot.cores)} threads={slot.threads}"
+        )
+    return EXIT_OK
+
+
+def _ranges(cores: Sequence[int]) -> str:
+    if not cores:
+        return "-"
+    parts, start, prev = [], cores[0], cores[0]
+    for core in [*cores[1:], None]:
+        if core is not None and core == prev + 1:
+            prev = core
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if core is not None:
+            start = prev = core
+    return ",".join(parts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hyperfleet.status import format_status, status
+
+    data = status(args.run_dir)
+    print(json.dumps(data, indent=2, default=str) if args.json else format_status(data))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hyperfleet.report import write_report
+
+    folder = write_report(args.run_dir, top=args.top)
+    print(f"report written to {folder / 'index.html'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Typed settings for one run, and the parsing of durations and retry policies."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from hyperfleet.errors import ConfigError
+
+FAIL_KINDS = ("interrupted", "crash", "oom", "timeout", "error")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+
+
+def parse_duration(text: str | float | int | None, what: str = "timeout") -> float | None:
+    """Seconds from "90", "90s", "30m", "2h" or "1h30m"; None stays None."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        seconds = _parse_duration_text(text.strip().lower(), what)
+    if seconds <= 0:
+        raise ConfigError(f"{what} must be positive, got {text!r}; for example 90s, 30m or 2h.")
+    return seconds
+
+
+def _parse_duration_text(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        raise ConfigError(
+            f"cannot read {what} {text!r}; write seconds or a duration such as 90s, 30m, 2h "
+            "or 1h30m."
+        )
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many times a failed trial's parameters are tried again, per reason."""
+
+    limits: dict[str, int] = field(default_factory=lambda: {"interrupted": 1})
+
+    def allows(self, kind: str, retries_so_far: int) -> bool:
+        return retries_so_far < self.limits.get(kind, 0)
+
+    @classmethod
+    def parse(cls, text: str) -> RetryPolicy:
+        """From "interrupted=1,crash=2,oom=0"; reasons not named keep their defaults."""
+        limits = dict(cls().limits)
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            kind, _, number = item.partition("=")
+            kind = kind.strip()
+            if kind not in FAIL_KINDS or not number.strip().isdigit():
+                raise ConfigError(
+                    f"cannot read retry rule {item!r}; write REASON=MAX with REASON one of "
+                    f"{', '.join(FAIL_KINDS)}, for example --retry interrupted=1,crash=2."
+                )
+            limits[kind] = int(number)
+        return cls(limits)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    n_trials: int | None = None
+    timeout: float | None = None
+    trial_timeout: float | None = None
+    kill_grace: float = 5.0  # seconds between SIGTERM and SIGKILL for a trial's processes
+    stop_grace: float = 30.0  # seconds between SIGTERM's soft stop and its hard stop
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    max_trials_per_worker: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_trials", "max_trials_per_worker"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = name.replace("_", "-")
+                raise ConfigError(f"{name}={value} must be at least 1; pass --{flag} 1 or more.")

@@ -1,0 +1,159 @@
+"""What the controller writes about trials: reasons, retries, the budget and trial folders.
+
+Everything here reads or writes storage through the study the controller owns. Markers live in
+trial system attributes (``hyperfleet:*``), except which trial a retry repeats, which is a user
+attribute so that it is set in the same write that creates the retry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.config import RetryPolicy
+from hyperfleet.rundir import tail, write_json
+from hyperfleet.state import TrialRecord
+
+RETRY_ATTR = "hyperfleet.retry_of"
+RUN_ATTR = "hyperfleet:run"
+SLOT_ATTR = "hyperfleet:slot"
+KIND_ATTR = "hyperfleet:fail_kind"
+REASON_ATTR = "hyperfleet:fail_reason"
+TRACEBACK_ATTR = "hyperfleet:traceback"
+
+_OOM_TYPES = ("OutOfMemoryError", "MemoryError")
+_OOM_TEXTS = (
+    "CUDA out of memory",
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "RESOURCE_EXHAUSTED",
+)
+
+
+def set_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
+    # Optuna exposes no public setter for system attributes; the trial's storage is public.
+    trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+
+
+def classify_error(error_type: str, message: str) -> str:
+    """ "oom" for a framework's out-of-memory error, else "error"."""
+    if error_type in _OOM_TYPES or any(text in message for text in _OOM_TEXTS):
+        return "oom"
+    return "error"
+
+
+def invalid_values_reason(study: optuna.Study, value: Any) -> str | None:
+    """Why Optuna would refuse this return value (it then marks the trial FAIL), or None."""
+    if value is None:
+        return "the objective returned None, not a number"
+    values: Sequence[Any] = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            return f"the objective returned {v!r}, which is not a number"
+        if math.isnan(number):
+            return "the objective returned NaN"
+    if len(values) != len(study.directions):
+        return (
+            f"the objective returned {len(values)} value(s) but the study has "
+            f"{len(study.directions)} objective(s)"
+        )
+    return None
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    return {int(t.user_attrs[RETRY_ATTR]) for t in trials if RETRY_ATTR in t.user_attrs}
+
+
+def counts_against_budget(trial: FrozenTrial, retried: set[int]) -> bool:
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.number not in retried
+
+
+def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int:
+    """How many earlier trials this one repeats, following the chain of retries."""
+    count, current = 0, trial
+    while RETRY_ATTR in current.user_attrs:
+        count += 1
+        current = trials[int(current.user_attrs[RETRY_ATTR])]
+    return count
+
+
+def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: RetryPolicy) -> bool:
+    """Enqueue the trial's parameters again if the policy allows; True when it did."""
+    trials = study.get_trials(deepcopy=False)
+    if not policy.allows(kind, attempts_before(trials, trial)):
+        return False
+    study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
+    return True
+
+
+def fail_interrupted_leftovers(study: optuna.Study, run_identity: str) -> list[FrozenTrial]:
+    """Mark trials a dead controller of this run directory left RUNNING as failed, "interrupted"."""
+    storage = study._storage  # the study's storage has no public accessor
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.system_attrs.get(RUN_ATTR) != run_identity:
+            continue  # another machine's controller may be running it right now
+        storage.set_trial_system_attr(trial._trial_id, KIND_ATTR, "interrupted")
+        storage.set_trial_system_attr(
+            trial._trial_id, REASON_ATTR, "interrupted: the controller stopped during the trial"
+        )
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        failed.append(trial)
+    return failed
+
+
+def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
+    start = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
+    retry = trial.user_attrs.get(RETRY_ATTR)
+    return TrialRecord(
+        study=study_name,
+        number=trial.number,
+        slot=str(trial.system_attrs.get(SLOT_ATTR, "")),
+        state=trial.state.name,
+        params=dict(trial.params),
+        values=list(trial.values) if trial.values is not None else None,
+        reason=str(trial.system_attrs.get(REASON_ATTR, "")),
+        fail_kind=str(trial.system_attrs.get(KIND_ATTR, "")),
+        start=start,
+        end=end,
+        retry_of=int(retry) if retry is not None else None,
+    )
+
+
+def write_trial_files(trial_dir: Path, record: TrialRecord, traceback_text: str = "") -> None:
+    """``params.json`` and ``result.json``: the trial's story without hyperfleet or Optuna."""
+    write_json(trial_dir / "params.json", record.params)
+    result: dict[str, Any] = {
+        "number": record.number,
+        "study": record.study,
+        "state": record.state,
+        "values": record.values,
+        "reason": record.reason,
+        "fail_kind": record.fail_kind,
+        "slot": record.slot,
+        "start": _iso(record.start),
+        "end": _iso(record.end),
+        "duration_s": record.duration,
+        "retry_of": record.retry_of,
+    }
+    if record.state == "FAIL":
+        result["traceback"] = traceback_text
+        result["stderr_tail"] = tail(trial_dir / "stderr.log", 2000)
+    write_json(trial_dir / "result.json", result)
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(stamp).isoformat(timespec="seconds")

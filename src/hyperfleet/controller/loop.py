@@ -1,0 +1,577 @@
+"""The controller: one process that owns the study, asks and tells, and keeps every slot busy.
+
+One thread, one loop. Each step launches a trial on every idle worker the budget allows, then
+waits for the first of: a worker's message (a trial call to answer, a result), a worker's exit,
+a trial's deadline, a stop request, or the next display tick. Nothing waits for a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any
+
+import optuna
+import psutil
+from optuna.trial import TrialState
+
+from hyperfleet.config import RunSettings
+from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller.workers import WorkerHandle
+from hyperfleet.errors import ObjectiveError, WorkerError
+from hyperfleet.events import EventSink
+from hyperfleet.resources.monitor import GpuMonitor
+from hyperfleet.resources.slots import Slot
+from hyperfleet.rundir import RunDir
+from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
+from hyperfleet.workers.protocol import (
+    Call,
+    Finished,
+    LoadFailed,
+    ObjectiveSpec,
+    Ready,
+    Reply,
+    RunTrial,
+    StudyInfo,
+)
+
+TICK_SECONDS = 1.0
+MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
+
+
+@dataclass
+class ActiveTrial:
+    trial: optuna.Trial
+    record: TrialRecord
+    started: float  # monotonic
+    deadline: float | None
+    end_kind: str = ""  # set when the controller itself ends the trial (timeout, interrupted)
+    end_reason: str = ""
+
+
+@dataclass
+class Outcome:
+    """How the run ended: "completed" (budget or time reached), "stopped" or "failed"."""
+
+    status: str
+    message: str = ""
+    study: optuna.Study | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(
+        self,
+        open_study: Callable[[], optuna.Study],
+        objective: ObjectiveSpec,
+        slots: list[Slot],
+        settings: RunSettings,
+        run_dir: RunDir,
+        sinks: list[EventSink],
+        run_name: str = "",
+    ) -> None:
+        self._open_study = open_study
+        self._spec = objective
+        self._slots = slots
+        self._settings = settings
+        self._run_dir = run_dir
+        self._sinks = sinks
+        self._workers: dict[str, WorkerHandle] = {}
+        self._active: dict[str, ActiveTrial] = {}
+        self._kill_at: dict[str, float] = {}
+        self._start_failures: dict[str, int] = {}
+        self._dead_slots: set[str] = set()
+        self._study: optuna.Study | None = None
+        self._finished = 0
+        self._stop_level = 0
+        self._announced_level = 0
+        self._hard_stop_at: float | None = None
+        self._deadline: float | None = None
+        self._any_ready = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._monitor = GpuMonitor(_gpus_of(slots))
+        self._cpu: dict[str, psutil.Process] = {}
+        self.state = RunState(
+            run_name=run_name or run_dir.path.name,
+            run_dir=str(run_dir.path),
+            timeout=settings.timeout,
+        )
+        self.state.slots = [SlotView(s.name, s.kind, s.gpus, s.cores) for s in slots]
+
+    # ----- stopping, from signal handlers or other threads -------------------------------
+
+    def request_stop(self, hard: bool = False, grace: float | None = None) -> None:
+        """Level 1: start no new trials. Level 2 (``hard``): end running trials as interrupted.
+
+        With ``grace``, a hard stop follows the soft one after that many seconds (SIGTERM).
+        Safe to call from a signal handler: it only sets fields and wakes the loop.
+        """
+        self._stop_level = 2 if hard else max(self._stop_level, 1)
+        if grace is not None and self._hard_stop_at is None:
+            self._hard_stop_at = time.monotonic() + grace
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    @property
+    def stop_level(self) -> int:
+        return self._stop_level
+
+    # ----- the loop ------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        started = time.monotonic()
+        if self._settings.timeout is not None:
+            self._deadline = started + self._settings.timeout
+        try:
+            for slot in self._slots:
+                self._start_worker(slot)
+            self._wait_first_ready()
+            if self._stop_level:
+                return self._outcome()
+            self._study = self._open_study()
+            self._prepare_study(self._study)
+            self._emit("on_start")
+            self._loop()
+        finally:
+            self._close()
+        return self._outcome()
+
+    def _wait_first_ready(self) -> None:
+        """Open no storage before the objective has loaded in a worker: bad input writes nothing."""
+        while not self._any_ready:
+            if self._stop_level:
+                return
+            if len(self._dead_slots) == len(self._slots):
+                raise WorkerError(
+                    "every worker died while starting; see the logs in "
+                    f"{self._run_dir.workers_dir}."
+                )
+            self._step(timeout=TICK_SECONDS)
+
+    def _loop(self) -> None:
+        next_tick = time.monotonic()
+        while True:
+            self._announce_stop()
+            if self._stop_level >= 2:
+                self._interrupt_running()
+                return
+            self._launch_on_idle_workers()
+            if not self._active and not self._can_launch():
+                return
+            if len(self._dead_slots) == len(self._slots):
+                return
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick()
+                next_tick = now + TICK_SECONDS
+            self._step(timeout=max(0.0, min(next_tick, self._next_deadline()) - now))
+            self._enforce_deadlines()
+
+    def _step(self, timeout: float) -> None:
+        waitables: list[Any] = [self._wake_r]
+        for worker in self._workers.values():
+            waitables.extend(worker.waitables())
+        ready = wait(waitables, timeout=timeout)
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):
+                self._wake_r.recv(4096)
+        for name, worker in list(self._workers.items()):
+            if worker.conn in ready:
+                self._drain(name, worker)
+            if self._workers.get(name) is worker and worker.has_exited():
+                self._drain(name, worker)
+                self._on_worker_exit(name, worker)
+
+    def _drain(self, name: str, worker: WorkerHandle) -> None:
+        """Handle every message the worker has sent; a worker that died sends EOF."""
+        with contextlib.suppress(EOFError, OSError):
+            while worker.conn.poll():
+                self._handle(name, worker, worker.conn.recv())
+
+    def _handle(self, name: str, worker: WorkerHandle, message: object) -> None:
+        if isinstance(message, Call):
+            self._answer(name, worker, message)
+        elif isinstance(message, Finished):
+            self._on_finished(name, worker, message)
+        elif isinstance(message, Ready):
+            worker.ready = True
+            self._any_ready = True
+            self._start_failures[name] = 0
+            view = self.state.slot(name)
+            view.state, view.pid = "idle", message.pid
+        elif isinstance(message, LoadFailed):
+            self._on_load_failed(name, worker, message)
+
+    # ----- launching -----------------------------------------------------------------------
+
+    def _can_launch(self) -> bool:
+        if self._stop_level or self._study is None:
+            return False
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return False
+        n_trials = self._settings.n_trials
+        return n_trials is None or self._finished + len(self._active) < n_trials
+
+    def _launch_on_idle_workers(self) -> None:
+        for name, worker in self._workers.items():
+            if worker.ready and name not in self._active and self._can_launch():
+                self._launch(name, worker)
+
+    def _launch(self, name: str, worker: WorkerHandle) -> None:
+        study = self._require_study()
+        trial = study.ask()
+        books.set_system_attr(trial, books.RUN_ATTR, self._run_dir.identity)
+        books.set_system_attr(trial, books.SLOT_ATTR, name)
+        trial_dir = self._run_dir.trial_dir(trial.number)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        retry_of = trial.user_attrs.get(books.RETRY_ATTR)
+        record = TrialRecord(
+            study=study.study_name,
+            number=trial.number,
+            slot=name,
+            state="RUNNING",
+            start=time.time(),
+            retry_of=int(retry_of) if retry_of is not None else None,
+        )
+        now = time.monotonic()
+        timeout = self._settings.trial_timeout
+        self._active[name] = ActiveTrial(trial, record, now, now + timeout if timeout else None)
+        worker.conn.send(
+            RunTrial(
+                number=trial.number,
+                trial_dir=str(trial_dir),
+                datetime_start=trial.datetime_start,
+                study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
+            )
+        )
+        view = self.state.slot(name)
+        view.state, view.trial, view.study, view.since = (
+            "busy",
+            trial.number,
+            study.study_name,
+            time.time(),
+        )
+        self._refresh_study_view()
+        self._emit("on_trial_start", record)
+
+    # ----- answering trial calls -----------------------------------------------------------
+
+    def _answer(self, name: str, worker: WorkerHandle, call: Call) -> None:
+        active = self._active.get(name)
+        try:
+            if active is None or call.name.startswith("_"):
+                raise RuntimeError(f"hyperfleet: no trial is running for call {call.name!r}")
+            target: Any = active.trial if call.target.startswith("trial") else self._study
+            attr = getattr(target, call.name)
+            value = attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
+            reply = Reply(value=value)
+        except Exception as exc:  # the objective gets the very exception Optuna raised
+            reply = Reply(error=exc)
+        try:
+            worker.conn.send(reply)
+        except Exception as exc:  # an unpicklable value or error: say so instead
+            worker.conn.send(Reply(error=RuntimeError(f"hyperfleet: cannot send reply: {exc}")))
+
+    # ----- ending trials -------------------------------------------------------------------
+
+    def _on_finished(self, name: str, worker: WorkerHandle, finished: Finished) -> None:
+        active = self._active.get(name)
+        if active is None:
+            return
+        worker.trials_run += 1
+        study = self._require_study()
+        if finished.outcome == "pruned":
+            self._tell(name, TrialState.PRUNED)
+        elif finished.outcome == "returned":
+            problem = books.invalid_values_reason(study, finished.value)
+            if problem is None:
+                self._tell(name, TrialState.COMPLETE, finished.value)
+            else:
+                self._tell(name, TrialState.FAIL, kind="error", reason=problem)
+        elif finished.outcome == "error":
+            kind = books.classify_error(finished.error_type, finished.message)
+            reason = f"{finished.error_type}: {finished.message}"
+            if kind == "oom":
+                reason = f"out of memory: {reason}"
+            self._tell(
+                name, TrialState.FAIL, kind=kind, reason=reason, traceback_text=finished.traceback
+            )
+        else:
+            self._tell(
+                name,
+                TrialState.FAIL,
+                kind="error",
+                reason=f"the result cannot be sent back: {finished.message}",
+            )
+        limit = self._settings.max_trials_per_worker
+        if limit is not None and worker.trials_run >= limit and not self._stop_level:
+            self._replace_worker(name, worker, graceful=True)
+
+    def _on_worker_exit(self, name: str, worker: WorkerHandle) -> None:
+        active = self._active.get(name)
+        if active is not None:
+            kind, reason = worker.exit_description()
+            if active.end_kind:
+                kind, reason = active.end_kind, active.end_reason
+            self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
+        elif not worker.ready:
+            self._start_failures[name] = self._start_failures.get(name, 0) + 1
+        self._kill_at.pop(name, None)
+        worker.kill()
+        del self._workers[name]
+        if self._start_failures.get(name, 0) >= MAX_START_FAILURES:
+            self._give_up_slot(name, "its worker keeps dying before it is ready")
+        elif not self._stop_level:
+            self._start_worker(self._slot_named(name))
+
+    def _tell(
+        self,
+        name: str,
+        state: TrialState,
+        values: Any = None,
+        kind: str = "",
+        reason: str = "",
+        traceback_text: str = "",
+    ) -> None:
+        active = self._active.pop(name)
+        study = self._require_study()
+        if state == TrialState.FAIL:
+            books.set_system_attr(active.trial, books.KIND_ATTR, kind)
+            books.set_system_attr(active.trial, books.REASON_ATTR, reason)
+            if traceback_text:
+                books.set_system_attr(active.trial, books.TRACEBACK_ATTR, traceback_text[-8000:])
+        frozen = study.tell(
+            active.trial, values if state == TrialState.COMPLETE else None, state=state
+        )
+        retried = state == TrialState.FAIL and books.maybe_retry(
+            study, frozen, kind, self._settings.retry
+        )
+        if not retried:
+            self._finished += 1
+        record = books.record_from_frozen(study.study_name, frozen)
+        record.slot = name
+        books.write_trial_files(self._run_dir.trial_dir(frozen.number), record, traceback_text)
+        self._mark_slot_idle(name, record)
+        self.state.recent.appendleft(record)
+        self._refresh_study_view()
+        self._emit("on_trial_end", record)
+
+    def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
+        view = self.state.slot(name)
+        view.state, view.trial, view.study, view.since = "idle", None, None, None
+        view.trials_done += 1
+        view.busy_seconds += record.duration or 0.0
+
+    # ----- deadlines and stops -------------------------------------------------------------
+
+    def _next_deadline(self) -> float:
+        times = [a.deadline for a in self._active.values() if a.deadline is not None]
+        times += list(self._kill_at.values())
+        for extra in (self._deadline, self._hard_stop_at):
+            if extra is not None:
+                times.append(extra)
+        return min(times, default=time.monotonic() + TICK_SECONDS)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        if self._hard_stop_at is not None and now >= self._hard_stop_at:
+            self._stop_level = 2
+        for name, active in list(self._active.items()):
+            if active.deadline is not None and now >= active.deadline and not active.end_kind:
+                active.end_kind = "timeout"
+                active.end_reason = (
+                    f"timeout: ran past the per-trial limit of {self._settings.trial_timeout:g}s"
+                )
+                self._emit("on_message", f"trial {active.record.number} on {name} timed out")
+                self._workers[name]._signal_group(signal.SIGTERM)
+                self._kill_at[name] = now + self._settings.kill_grace
+        for name, when in list(self._kill_at.items()):
+            if now >= when and name in self._workers:
+                self._workers[name]._signal_group(signal.SIGKILL)
+
+    def _announce_stop(self) -> None:
+        if self._stop_level == self._announced_level:
+            return
+        self._announced_level = self.state.stopping = self._stop_level
+        if self._stop_level == 1 and self._hard_stop_at is not None:
+            grace = max(0.0, self._hard_stop_at - time.monotonic())
+            text = (
+                f"stopping (SIGTERM): no new trials; running trials get {grace:.0f}s to "
+                "finish, then they are terminated"
+            )
+        elif self._stop_level == 1:
+            text = (
+                "stopping: no new trials; running trials finish. "
+                "Press Ctrl+C again to terminate them."
+            )
+        else:
+            text = "stopping now: terminating running trials; the next run repeats them"
+        self._emit("on_message", text)
+
+    def _interrupt_running(self) -> None:
+        """Hard stop: end running trials, marked "interrupted" so the next run repeats them."""
+        for name in list(self._active):
+            self._workers[name]._signal_group(signal.SIGTERM)
+        for name in list(self._active):
+            worker = self._workers[name]
+            worker.terminate(self._settings.kill_grace)
+            self._tell(
+                name, TrialState.FAIL, kind="interrupted", reason="interrupted: stopped by the user"
+            )
+
+    # ----- workers -------------------------------------------------------------------------
+
+    def _start_worker(self, slot: Slot) -> None:
+        self._workers[slot.name] = WorkerHandle(
+            slot, self._spec, self._run_dir.workers_dir, self._run_dir.path
+        )
+        view = self.state.slot(slot.name)
+        view.state, view.pid = "starting", self._workers[slot.name].pid
+
+    def _replace_worker(self, name: str, worker: WorkerHandle, graceful: bool) -> None:
+        if graceful:
+            worker.shutdown()
+        else:
+            worker.kill()
+        del self._workers[name]
+        self._start_worker(self._slot_named(name))
+
+    def _on_load_failed(self, name: str, worker: WorkerHandle, failure: LoadFailed) -> None:
+        if not self._any_ready:
+            raise ObjectiveError(
+                f"the objective {self._spec.describe()} could not be loaded: {failure.message}\n"
+                f"{failure.traceback.rstrip()}"
+            )
+        self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
+
+    def _give_up_slot(self, name: str, why: str) -> None:
+        self._dead_slots.add(name)
+        worker = self._workers.pop(name, None)
+        if worker is not None:
+            worker.kill()
+        self.state.slot(name).state = "stopped"
+        self._emit("on_message", f"slot {name} stopped: {why}")
+
+    def _slot_named(self, name: str) -> Slot:
+        return next(s for s in self._slots if s.name == name)
+
+    def _close(self) -> None:
+        for worker in list(self._workers.values()):
+            worker.shutdown() if worker.ready else worker.kill()
+        self._workers.clear()
+        self._monitor.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        for view in self.state.slots:
+            view.state = "stopped"
+
+    # ----- study state ---------------------------------------------------------------------
+
+    def _require_study(self) -> optuna.Study:
+        if self._study is None:
+            raise RuntimeError("the study is not open yet")
+        return self._study
+
+    def _prepare_study(self, study: optuna.Study) -> None:
+        """Resume: fail what a dead controller left running, repeat what the policy allows."""
+        for trial in books.fail_interrupted_leftovers(study, self._run_dir.identity):
+            self._emit("on_message", f"trial {trial.number} was left running: marked interrupted")
+        trials = study.get_trials(deepcopy=False)
+        retried = books.retried_numbers(trials)
+        for trial in trials:
+            if trial.state == TrialState.FAIL and trial.number not in retried:
+                kind = str(trial.system_attrs.get(books.KIND_ATTR, "error"))
+                if books.maybe_retry(study, trial, kind, self._settings.retry):
+                    retried.add(trial.number)
+                    self._emit("on_message", f"trial {trial.number} ({kind}) will be repeated")
+        trials = study.get_trials(deepcopy=False)
+        self._finished = sum(books.counts_against_budget(t, retried) for t in trials)
+        view = StudyView(
+            study.study_name,
+            tuple(d.name for d in study.directions),
+            n_trials=self._settings.n_trials,
+        )
+        self.state.studies = [view]
+        self._refresh_study_view(trials)
+
+    def _refresh_study_view(self, trials: list[optuna.trial.FrozenTrial] | None = None) -> None:
+        study = self._study
+        if study is None or not self.state.studies:
+            return
+        view = self.state.studies[0]
+        if trials is None:
+            trials = study.get_trials(deepcopy=False)
+        states = [t.state for t in trials]
+        view.complete = states.count(TrialState.COMPLETE)
+        view.pruned = states.count(TrialState.PRUNED)
+        view.failed = states.count(TrialState.FAIL)
+        view.running = len(self._active)
+        view.finished = self._finished
+        best = _best_trial(study, trials)
+        if best is not None:
+            view.best_number, view.best_values = best.number, list(best.values)
+            view.best_params = dict(best.params)
+
+    def _tick(self) -> None:
+        self.state.gpus = self._monitor.sample()
+        for view in self.state.slots:
+            view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
+        self.state.stopping = self._stop_level
+        self._emit("on_tick")
+
+    def _cpu_percent(self, view: SlotView) -> float | None:
+        worker = self._workers.get(view.name)
+        if worker is None:
+            return None
+        process = self._cpu.get(view.name)
+        if process is None or process.pid != worker.pid:
+            process = self._cpu[view.name] = psutil.Process(worker.pid)
+            with contextlib.suppress(psutil.Error):
+                process.cpu_percent()
+            return None
+        with contextlib.suppress(psutil.Error):
+            return float(process.cpu_percent())
+        return None
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for sink in self._sinks:
+            getattr(sink, hook)(self.state, *args)
+
+    def _outcome(self) -> Outcome:
+        study = self._study
+        counts = {}
+        if study is not None:
+            trials = study.get_trials(deepcopy=False)
+            counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        self.state.stopping = self._stop_level
+        self._emit("on_end")
+        if self._study is not None and len(self._dead_slots) == len(self._slots):
+            return Outcome("failed", "every slot stopped; see the worker logs", study, counts)
+        if self._stop_level:
+            return Outcome("stopped", "stopped before the budget was reached", study, counts)
+        return Outcome("completed", "", study, counts)
+
+
+def _best_trial(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> Any:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return None
+    if len(study.directions) > 1:
+        return None
+    return study.best_trial
+
+
+def _gpus_of(slots: list[Slot]) -> tuple[Any, ...]:
+    from hyperfleet.resources.inventory import Gpu
+
+    seen: dict[int, Gpu] = {}
+    for slot in slots:
+        for index, uuid in zip(slot.gpus, slot.gpu_uuids):
+            seen.setdefault(index, Gpu(index=index, uuid=uuid, name="", kind=slot.gpu_kind))
+    return tuple(seen.values())

@@ -1,0 +1,91 @@
+"""Events the controller emits, and the plain-line log that listens to them.
+
+A sink overrides only what it needs (every hook has an empty default). The live view, the
+plain log and the run folder's ``run.log`` are all sinks of the same events.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from hyperfleet.state import RunState, TrialRecord
+
+
+class EventSink:
+    def on_start(self, state: RunState) -> None:
+        pass
+
+    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
+        pass
+
+    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+        pass
+
+    def on_message(self, state: RunState, text: str) -> None:
+        """A one-line notice: stopping, a worker restarted, a GPU missing."""
+
+    def on_tick(self, state: RunState) -> None:
+        """About once a second, for views that refresh."""
+
+    def on_end(self, state: RunState) -> None:
+        pass
+
+
+def format_values(values: list[float] | None) -> str:
+    if values is None:
+        return "-"
+    return ", ".join(f"{v:.6g}" for v in values)
+
+
+def trial_start_line(record: TrialRecord) -> str:
+    retry = f" (repeats trial {record.retry_of})" if record.retry_of is not None else ""
+    return f"trial {record.number} started on {record.slot}{retry}"
+
+
+def trial_end_line(record: TrialRecord) -> str:
+    took = f" in {record.duration:.1f}s" if record.duration is not None else ""
+    text = f"trial {record.number} {record.state.lower()} on {record.slot}{took}"
+    if record.state == "COMPLETE":
+        text += f": {format_values(record.values)} {record.params}"
+    elif record.reason:
+        text += f": {record.reason}"
+    return text
+
+
+class PlainLog(EventSink):
+    """Timestamped lines, one per trial start and end, for files, pipes and CI logs."""
+
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._quiet = quiet
+
+    def _line(self, text: str) -> None:
+        if self._quiet:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._stream.write(f"{stamp} {text}\n")
+        self._stream.flush()
+
+    def on_start(self, state: RunState) -> None:
+        slots = ", ".join(s.name for s in state.slots)
+        self._line(f"run {state.run_name} in {state.run_dir} on {len(state.slots)} slots: {slots}")
+
+    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
+        self._line(trial_start_line(record))
+
+    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+        self._line(trial_end_line(record))
+
+    def on_message(self, state: RunState, text: str) -> None:
+        self._line(text)
+
+    def on_end(self, state: RunState) -> None:
+        for study in state.studies:
+            best = format_values(study.best_values)
+            self._line(
+                f"study {study.name}: {study.complete} complete, {study.pruned} pruned, "
+                f"{study.failed} failed; best trial {study.best_number}: {best} "
+                f"{study.best_params}"
+            )

@@ -1,0 +1,124 @@
+"""One search from start to end, shared by ``hyperfleet.optimize`` and ``hyperfleet run``.
+
+Order matters: everything that can be checked without running the objective is checked first,
+then the run directory is locked, workers start, and only when a worker has loaded the
+objective is the study opened, so bad input writes nothing to storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import TextIO
+
+import optuna
+
+from hyperfleet.config import RunSettings
+from hyperfleet.controller.loop import Controller, Outcome
+from hyperfleet.events import EventSink, PlainLog
+from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
+from hyperfleet.rundir import RunDir
+from hyperfleet.workers.protocol import ObjectiveSpec
+
+
+@dataclass(frozen=True)
+class Display:
+    """How the run shows itself: "auto" (live view on a terminal, else plain lines), "live",
+    "plain" or "quiet" (only the final summary)."""
+
+    mode: str = "auto"
+    stream: TextIO | None = None
+
+
+def prepare_slots(options: PoolOptions, inventory: Inventory | None) -> tuple[list[Slot], str]:
+    inventory = inventory if inventory is not None else detect_inventory()
+    return plan_slots(inventory, options), inventory.note
+
+
+def run_search(
+    open_study: Callable[[], optuna.Study],
+    spec: ObjectiveSpec,
+    slots: list[Slot],
+    settings: RunSettings,
+    run_dir: RunDir,
+    display: Display,
+    inventory_note: str = "",
+    run_name: str = "",
+) -> Outcome:
+    run_dir.create()
+    run_dir.lock()
+    run_log = open(run_dir.run_log, "a")
+    try:
+        sinks = [PlainLog(run_log), *_screen_sinks(display)]
+        controller = Controller(open_study, spec, slots, settings, run_dir, sinks, run_name)
+        if inventory_note.startswith("no GPU"):
+            for sink in sinks:
+                sink.on_message(controller.state, inventory_note)
+        with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace, sinks):
+            return controller.run()
+    finally:
+        run_log.close()
+        run_dir.unlock()
+
+
+def _screen_sinks(display: Display) -> list[EventSink]:
+    stream = display.stream if display.stream is not None else sys.stdout
+    if display.mode == "quiet":
+        return [PlainLog(stream, quiet=True)]
+    if display.mode == "live" or (display.mode == "auto" and stream.isatty()):
+        live = _live_view(stream)
+        if live is not None:
+            return [live]
+    return [PlainLog(stream)]
+
+
+def _live_view(stream: TextIO) -> EventSink | None:
+    try:
+        from rich.console import Console
+
+        from hyperfleet.display.live import LiveView
+    except ImportError:
+        return None
+    return LiveView(Console(file=stream))  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    # Optuna's INFO lines ("A new study created ...") would break the live view; the run log
+    # says the same things.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(
+    controller: Controller, grace: float, sinks: list[EventSink]
+) -> Iterator[None]:
+    """First Ctrl+C: finish running trials. Second: terminate them. SIGTERM: the first, then
+    the second after ``grace`` seconds (what SLURM and cloud preemption expect)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        controller.request_stop(hard=controller.stop_level >= 1)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        controller.request_stop(hard=controller.stop_level >= 1, grace=grace)
+
+    previous = signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])

@@ -1,0 +1,187 @@
+"""Slots: the units of the pool. Each slot gets one warm worker process.
+
+A slot is a set of GPUs (none for a CPU slot), a set of CPU cores and a thread count. The worker
+for a slot is started with an environment that pins it there before any user code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from hyperfleet.errors import ConfigError, ResourceError
+from hyperfleet.resources.inventory import Gpu, Inventory, select_gpus
+
+SLOT_ENV = "HYPERFLEET_SLOT"
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """How to cut the machine into slots. ``None`` means "decide from the machine"."""
+
+    gpus: list[str] | None = None
+    trials_per_gpu: int = 1
+    gpus_per_trial: int = 1
+    cpu_slots: int | None = None
+    threads_per_slot: int | None = None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one worker runs. ``hyperfleet.current_slot()`` returns this inside an objective."""
+
+    name: str
+    kind: str  # "gpu" or "cpu"
+    gpus: tuple[int, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
+    gpu_kind: str = ""  # "cuda", "mps" or "fake" for GPU slots
+    cores: tuple[int, ...] = ()
+    threads: int = 1
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def device(self) -> str:
+        """The device string for frameworks: "cuda:0" (the slot's first GPU), "mps" or "cpu"."""
+        if self.kind == "cpu":
+            return "cpu"
+        return "mps" if self.gpu_kind == "mps" else "cuda:0"
+
+    def environment(self) -> dict[str, str]:
+        """Variables the worker starts with, on top of the controller's own environment."""
+        env = {name: str(self.threads) for name in THREAD_ENV_VARS}
+        env[SLOT_ENV] = json.dumps(asdict(self))
+        if self.gpu_kind != "mps":
+            # Indices are NVML's, which follow the PCI bus; make CUDA count the same way.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            # A CPU slot sees no GPU at all, so CPU trials never grab one by accident.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.gpus)
+        return env
+
+
+def current_slot() -> Slot:
+    """The slot the calling process runs in.
+
+    Inside a hyperfleet worker this is the slot it was pinned to. Elsewhere (an objective run by
+    plain ``study.optimize``) it describes the whole process: every allowed core, no GPU pinning.
+    """
+    raw = os.environ.get(SLOT_ENV)
+    if raw:
+        data = json.loads(raw)
+        for key in ("gpus", "gpu_uuids", "cores", "warnings"):
+            data[key] = tuple(data[key])
+        return Slot(**data)
+    cores = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
+    return Slot(name="local", kind="cpu", cores=cores, threads=max(1, len(cores)))
+
+
+def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
+    """Cut the machine into slots: GPU slots first, then CPU slots on the cores left over."""
+    _check_options(options)
+    gpus = select_gpus(inventory, options.gpus)
+    groups = _gpu_groups(gpus, options.gpus_per_trial)
+    cores = list(inventory.cores) or [0]
+    n_gpu_slots = len(groups) * options.trials_per_gpu
+    gpu_threads = _gpu_slot_threads(options, len(cores), n_gpu_slots)
+    slots: list[Slot] = []
+    next_core = 0
+    for group in groups:
+        for k in range(options.trials_per_gpu):
+            slot_cores = _take_cores(cores, next_core, gpu_threads)
+            next_core += gpu_threads
+            slots.append(_gpu_slot(group, k, slot_cores, gpu_threads))
+    slots.extend(_cpu_slots(options, cores, next_core, has_gpu_slots=bool(slots)))
+    return slots
+
+
+def _check_options(options: PoolOptions) -> None:
+    checks = [
+        (options.trials_per_gpu, "trials_per_gpu", 1),
+        (options.gpus_per_trial, "gpus_per_trial", 1),
+        (options.threads_per_slot, "threads_per_slot", 1),
+        (options.cpu_slots, "cpu_slots", 0),
+    ]
+    for value, name, minimum in checks:
+        if value is not None and value < minimum:
+            flag = name.replace("_", "-")
+            raise ConfigError(
+                f"{name}={value} is below {minimum}; pass --{flag} {max(minimum, 1)} or more."
+            )
+
+
+def _gpu_groups(gpus: tuple[Gpu, ...], per_trial: int) -> list[tuple[Gpu, ...]]:
+    if not gpus:
+        return []
+    if per_trial > len(gpus):
+        raise ResourceError(
+            f"gpus_per_trial={per_trial} but only {len(gpus)} GPU(s) are available; "
+            f"pass --gpus-per-trial {len(gpus)} or less."
+        )
+    whole = len(gpus) // per_trial * per_trial
+    return [tuple(gpus[i : i + per_trial]) for i in range(0, whole, per_trial)]
+
+
+def _gpu_slot_threads(options: PoolOptions, n_cores: int, n_gpu_slots: int) -> int:
+    if options.threads_per_slot is not None:
+        return options.threads_per_slot
+    if options.cpu_slots == 0 and n_gpu_slots:
+        # No CPU slots asked for: GPU workers share every core (data loaders need them).
+        return max(1, n_cores // n_gpu_slots)
+    return 1
+
+
+def _take_cores(cores: list[int], start: int, count: int) -> tuple[int, ...]:
+    # Past the end we wrap around: more slots than cores share cores rather than fail.
+    return tuple(sorted({cores[(start + i) % len(cores)] for i in range(count)}))
+
+
+def _gpu_slot(group: tuple[Gpu, ...], k: int, cores: tuple[int, ...], threads: int) -> Slot:
+    ids = "+".join(str(g.index) for g in group)
+    return Slot(
+        name=f"gpu{ids}#{k}",
+        kind="gpu",
+        gpus=tuple(g.index for g in group),
+        gpu_uuids=tuple(g.uuid for g in group),
+        gpu_kind=group[0].kind,
+        cores=cores,
+        threads=threads,
+    )
+
+
+def _cpu_slots(
+    options: PoolOptions, cores: list[int], used: int, has_gpu_slots: bool
+) -> list[Slot]:
+    free = cores[used:] if used < len(cores) else []
+    count, threads = _cpu_slot_shape(options, len(free), has_gpu_slots)
+    if count and not free:
+        free = cores  # every core went to GPU slots: CPU slots share them
+    slots = []
+    for k in range(count):
+        slot_cores = _take_cores(free, k * threads, threads)
+        slots.append(Slot(name=f"cpu#{k}", kind="cpu", cores=slot_cores, threads=threads))
+    return slots
+
+
+def _cpu_slot_shape(options: PoolOptions, n_free: int, has_gpu_slots: bool) -> tuple[int, int]:
+    count, threads = options.cpu_slots, options.threads_per_slot
+    if count == 0 and not has_gpu_slots:
+        raise ConfigError(
+            "cpu_slots=0 but this machine has no GPU slot, so nothing could run a trial; "
+            "pass --cpu-slots 1 or more."
+        )
+    if count is None:
+        threads = threads or 1
+        count = n_free // threads
+        if count == 0 and not has_gpu_slots:
+            count = 1
+        return count, threads
+    if threads is None:
+        threads = max(1, n_free // count) if count else 1
+    return count, threads

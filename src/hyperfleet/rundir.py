@@ -1,0 +1,102 @@
+"""The run directory: storage, lock, logs and one folder per trial.
+
+It holds everything needed to understand a search without hyperfleet, and it is what makes
+"run the same command again" resume: the same directory means the same study.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from hyperfleet.errors import RunDirError
+
+LOCK_NAME = ".hyperfleet.lock"
+JOURNAL_NAME = "optuna.journal"
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        self._lock_file: IO[str] | None = None
+
+    @property
+    def identity(self) -> str:
+        """Marks trials started from this directory, so a restart only fails its own leftovers."""
+        return f"{socket.gethostname()}:{self.path}"
+
+    @property
+    def journal(self) -> Path:
+        return self.path / JOURNAL_NAME
+
+    @property
+    def run_log(self) -> Path:
+        return self.path / "run.log"
+
+    @property
+    def workers_dir(self) -> Path:
+        return self.path / "workers"
+
+    def trial_dir(self, number: int) -> Path:
+        return self.path / "trials" / str(number)
+
+    def create(self) -> None:
+        try:
+            for folder in (self.path, self.path / "trials", self.workers_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-")
+            probe.close()
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write to the run directory {self.path} ({exc.strerror}); "
+                "pass --run-dir with a folder you can write to."
+            ) from None
+
+    def lock(self) -> None:
+        """Hold an exclusive lock for the life of this process (the kernel drops it on death)."""
+        handle = open(self.path / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunDirError(
+                f"the run directory {self.path} is in use by another hyperfleet controller "
+                f"({holder}); wait for it to finish or stop it, or pass another --run-dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically (temporary file, then rename), so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def tail(path: Path, max_bytes: int = 4000) -> str:
+    """The end of a log file, for failure reasons."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,84 @@
+"""The run's state as the controller sees it: what every view (live, plain log, status) renders.
+
+The controller is the only one that changes it; views read it between loop steps, in the
+controller's own thread, so no locking is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from hyperfleet.resources.monitor import GpuSample
+
+
+@dataclass
+class SlotView:
+    name: str
+    kind: str
+    gpus: tuple[int, ...]
+    cores: tuple[int, ...]
+    state: str = "starting"  # starting, idle, busy, stopped
+    pid: int | None = None
+    trial: int | None = None
+    study: str | None = None
+    since: float | None = None  # wall time the current trial started
+    trials_done: int = 0
+    busy_seconds: float = 0.0
+    cpu_percent: float | None = None  # CPU use of the trial's processes, for CPU slots
+
+
+@dataclass
+class TrialRecord:
+    study: str
+    number: int
+    slot: str
+    state: str  # RUNNING, COMPLETE, PRUNED, FAIL
+    params: dict[str, Any] = field(default_factory=dict)
+    values: list[float] | None = None
+    reason: str = ""
+    fail_kind: str = ""
+    start: float = 0.0  # wall time
+    end: float | None = None
+    retry_of: int | None = None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+
+@dataclass
+class StudyView:
+    name: str
+    directions: tuple[str, ...]
+    n_trials: int | None = None
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    finished: int = 0  # what counts against the budget
+    best_number: int | None = None
+    best_values: list[float] | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    run_name: str
+    run_dir: str
+    started: float = field(default_factory=time.time)
+    timeout: float | None = None
+    slots: list[SlotView] = field(default_factory=list)
+    studies: list[StudyView] = field(default_factory=list)
+    recent: deque[TrialRecord] = field(default_factory=lambda: deque(maxlen=50))
+    gpus: dict[int, GpuSample] = field(default_factory=dict)
+    stopping: int = 0  # 0 running, 1 finishing running trials, 2 terminating them
+
+    def slot(self, name: str) -> SlotView:
+        return next(s for s in self.slots if s.name == name)
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started

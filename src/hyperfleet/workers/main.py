@@ -1,0 +1,59 @@
+"""The worker process: ``python -m hyperfleet.workers.main CONN_FD LIFELINE_FD``.
+
+It is started by the controller with its slot's environment already set (GPUs, thread limits),
+pins itself to its cores, loads the objective once, then runs trial after trial. It never
+opens the Optuna storage: every trial call goes to the controller over the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+
+def _pin_cores_first() -> None:
+    # Before anything else is imported, so every thread a library starts inherits the affinity.
+    raw = os.environ.get("HYPERFLEET_SLOT")
+    if raw and hasattr(os, "sched_setaffinity"):
+        cores = json.loads(raw).get("cores") or []
+        if cores:
+            try:
+                os.sched_setaffinity(0, cores)
+            except OSError:
+                pass  # containers may forbid it; thread limits still hold
+
+
+def _watch_lifeline(fd: int) -> None:
+    """Kill this worker and everything it started as soon as the controller is gone.
+
+    The controller holds the write end of a pipe; the kernel closes it however the controller
+    dies (even SIGKILL), the read below returns, and the whole process group goes.
+    """
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="hyperfleet-lifeline", daemon=True).start()
+
+
+def main() -> None:
+    _pin_cores_first()
+    conn_fd, lifeline_fd = int(sys.argv[1]), int(sys.argv[2])
+    _watch_lifeline(lifeline_fd)
+    from multiprocessing.connection import Connection
+
+    from hyperfleet.workers.runner import serve
+
+    serve(Connection(conn_fd))
+
+
+if __name__ == "__main__":
+    main()

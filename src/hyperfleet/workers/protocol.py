@@ -1,0 +1,106 @@
+"""Messages between the controller and a worker, sent as pickles over a socket pair.
+
+The controller owns the real ``optuna.Trial``; the worker's ``RemoteTrial`` turns each method
+call into a :class:`Call` and waits for the :class:`Reply`. One round trip costs tens of
+microseconds, while a trial costs seconds to hours.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """How a worker finds the objective.
+
+    ``kind`` is "pickle" (``payload`` holds the pickled callable), "file" (``location`` is a
+    path to a Python file) or "module" (``location`` is an importable module name); for the last
+    two ``name`` is the attribute to take. With ``factory_kwargs`` set, the attribute is a
+    factory called once per worker with them, and returns the objective.
+    """
+
+    kind: str
+    name: str = ""
+    location: str = ""
+    payload: bytes = b""
+    main_preparation: dict[str, Any] | None = None  # multiprocessing.spawn data for __main__
+    factory_kwargs: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        if self.kind == "pickle":
+            return self.name or "objective"
+        return f"{self.location}:{self.name}"
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    objective: ObjectiveSpec
+    slot_name: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What ``trial.study`` answers without a round trip."""
+
+    study_name: str
+    directions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunTrial:
+    number: int
+    trial_dir: str
+    datetime_start: datetime.datetime | None
+    study: StudyInfo
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A method call on the real trial ("trial") or study ("study") in the controller."""
+
+    target: str
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How the objective ended.
+
+    ``outcome`` is "returned" (``value`` holds what it returned), "pruned", "error" (it raised;
+    ``error_type``, ``message`` and ``traceback`` say what) or "unsendable" (it returned
+    something that cannot be pickled; ``message`` holds its repr).
+    """
+
+    outcome: str
+    value: Any = None
+    error_type: str = ""
+    message: str = ""
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass

@@ -1,0 +1,154 @@
+"""``RemoteTrial``: what the objective receives in a worker, in place of ``optuna.Trial``.
+
+It subclasses ``optuna.Trial`` so that ``isinstance`` checks in user code and in
+optuna-integration callbacks pass, and forwards every call to the real trial, which lives in
+the controller (the only process that touches storage).
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.study import StudyDirection
+
+from hyperfleet.workers.protocol import Call, Reply, StudyInfo
+
+
+class Channel:
+    """Request/reply over the worker's connection; a lock keeps threads' calls apart."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def call(self, target: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._conn.send(Call(target, name, args, kwargs))
+            reply: Reply = self._conn.recv()
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+
+class RemoteStudy:
+    """``trial.study`` inside a worker: names and directions locally, the rest remotely."""
+
+    _METHODS = frozenset({"set_user_attr", "get_trials", "enqueue_trial"})
+
+    def __init__(self, channel: Channel, info: StudyInfo) -> None:
+        self._channel = channel
+        self._info = info
+
+    @property
+    def study_name(self) -> str:
+        return self._info.study_name
+
+    @property
+    def directions(self) -> list[StudyDirection]:
+        return [StudyDirection[d] for d in self._info.directions]
+
+    @property
+    def direction(self) -> StudyDirection:
+        if len(self._info.directions) > 1:
+            raise RuntimeError(
+                "A single best trial cannot be retrieved from a multi-objective study. Consider "
+                "using Study.directions to retrieve a list containing all directions."
+            )
+        return StudyDirection[self._info.directions[0]]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._METHODS:
+            return lambda *args, **kwargs: self._channel.call("study", name, *args, **kwargs)
+        return self._channel.call("study_attr", name)
+
+
+class RemoteTrial(optuna.Trial):
+    """Behaves like ``optuna.Trial``; every call is answered by the controller's real trial."""
+
+    def __init__(
+        self, channel: Channel, number: int, start: datetime.datetime | None, study: RemoteStudy
+    ) -> None:
+        # optuna.Trial.__init__ would reach for storage; this object never does.
+        self._channel = channel
+        self._number = number
+        self._datetime_start = start
+        self.study = study  # type: ignore[assignment]
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.call("trial", name, *args, **kwargs)
+
+    def _attr(self, name: str) -> Any:
+        return self._channel.call("trial_attr", name)
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        return float(self._call("suggest_float", name, low, high, step=step, log=log))
+
+    def suggest_uniform(self, name: str, low: float, high: float) -> float:
+        return float(self._call("suggest_uniform", name, low, high))
+
+    def suggest_loguniform(self, name: str, low: float, high: float) -> float:
+        return float(self._call("suggest_loguniform", name, low, high))
+
+    def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
+        return float(self._call("suggest_discrete_uniform", name, low, high, q))
+
+    def suggest_int(
+        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+    ) -> int:
+        return int(self._call("suggest_int", name, low, high, step=step, log=log))
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:  # type: ignore[override]
+        return self._call("suggest_categorical", name, choices)
+
+    def report(self, value: float, step: int) -> None:
+        self._call("report", value, step)
+
+    def should_prune(self) -> bool:
+        return bool(self._call("should_prune"))
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self._call("set_user_attr", key, value)
+
+    def set_constraint(self, key: str, value: float) -> None:
+        self._call("set_constraint", key, value)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self._attr("params"))
+
+    @property
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return dict(self._attr("distributions"))
+
+    @property
+    def user_attrs(self) -> dict[str, Any]:
+        return dict(self._attr("user_attrs"))
+
+    @property
+    def constraints(self) -> dict[str, float]:
+        return dict(self._attr("constraints"))
+
+    @property
+    def relative_params(self) -> dict[str, Any]:
+        return dict(self._attr("relative_params"))
+
+    @property
+    def datetime_start(self) -> datetime.datetime | None:
+        return self._datetime_start
+
+    @property
+    def number(self) -> int:
+        return self._number
+
+    def __repr__(self) -> str:
+        return f"RemoteTrial(number={self._number})"

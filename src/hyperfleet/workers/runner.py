@@ -1,0 +1,169 @@
+"""Inside a worker: load the objective once, then run each trial the controller sends."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import importlib.util
+import multiprocessing.spawn
+import os
+import pickle
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hyperfleet.workers.protocol import (
+    Finished,
+    LoadFailed,
+    ObjectiveSpec,
+    Ready,
+    RunTrial,
+    Shutdown,
+    WorkerSetup,
+)
+from hyperfleet.workers.remote_trial import Channel, RemoteStudy, RemoteTrial
+
+Objective = Callable[[optuna.Trial], Any]
+
+
+def serve(conn: Connection) -> None:
+    setup: WorkerSetup = conn.recv()
+    try:
+        objective = load_objective(setup.objective)
+    except BaseException as exc:  # the user's import may raise anything, even SystemExit
+        conn.send(LoadFailed(f"{type(exc).__name__}: {exc}", user_traceback(exc)))
+        return
+    conn.send(Ready(pid=os.getpid()))
+    channel = Channel(conn)
+    while True:
+        message = conn.recv()
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, RunTrial):
+            finished = run_trial(channel, objective, message)
+            _send_finished(conn, finished)
+            _free_memory()
+
+
+def load_objective(spec: ObjectiveSpec) -> Objective:
+    if spec.main_preparation:
+        # The objective lives in the user's script: re-run its module-level code here, as
+        # multiprocessing's spawn does, so pickled references to __main__ resolve.
+        multiprocessing.spawn.prepare(spec.main_preparation)
+    if spec.kind == "pickle":
+        obj = pickle.loads(spec.payload)
+    elif spec.kind == "file":
+        obj = getattr(import_file(spec.location), spec.name)
+    else:
+        obj = getattr(importlib.import_module(spec.location), spec.name)
+    if spec.factory_kwargs is not None:
+        obj = obj(**spec.factory_kwargs)
+    if not callable(obj):
+        raise TypeError(f"{spec.describe()} is a {type(obj).__name__}, not a callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def import_file(path: str) -> Any:
+    """Import a user's script as a module named after the file, never as ``__main__``."""
+    file = Path(path).resolve()
+    sys.path.insert(0, str(file.parent))
+    name = file.stem
+    module_spec = importlib.util.spec_from_file_location(name, file)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback without hyperfleet's and importlib's own frames."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in f.filename and "/hyperfleet/" not in f.filename
+    ]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "Traceback (most recent call last):\n" + "".join(lines)
+
+
+def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Finished:
+    os.chdir(message.trial_dir)
+    study = RemoteStudy(channel, message.study)
+    trial = RemoteTrial(channel, message.number, message.datetime_start, study)
+    with _output_to(Path(message.trial_dir)):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned as exc:
+            return Finished("pruned", message=str(exc))
+        except BaseException as exc:  # SystemExit too: a trial's exit must not end the worker
+            text = traceback.format_exc()
+            sys.stderr.write(text)
+            return Finished(
+                "error", error_type=type(exc).__name__, message=_describe(exc), traceback=text
+            )
+    return Finished("returned", value=_plain(value))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r})"
+    return str(exc)
+
+
+def _plain(value: Any) -> Any:
+    """Turn framework scalars (numpy, torch) into floats, so the controller never imports them."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (int, float, str)):
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        with contextlib.suppress(Exception):
+            return item()
+    return value
+
+
+def _send_finished(conn: Connection, finished: Finished) -> None:
+    try:
+        payload = pickle.dumps(finished)
+    except Exception as exc:
+        shown = repr(finished.value)[:200]
+        finished = Finished("unsendable", message=f"{shown} cannot be sent back ({exc})")
+        payload = pickle.dumps(finished)
+    conn.send_bytes(payload)
+
+
+@contextlib.contextmanager
+def _output_to(trial_dir: Path) -> Iterator[None]:
+    """Send fds 1 and 2 (Python's and any child's or C library's output) to the trial folder."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(trial_dir / "stdout.log", "ab") as out, open(trial_dir / "stderr.log", "ab") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
