@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+from optuna.study import StudyDirection
 
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.errors import HyperfleetError, StorageError
@@ -158,17 +159,19 @@ def _default_study_name(target: str) -> str:
 
 def _check_directions(
     storage: optuna.storages.BaseStorage, study_name: str, wanted: list[str] | None
-) -> list[str]:
+) -> list[StudyDirection]:
     """The directions to use; an existing study must not be asked for others."""
+    asked = [StudyDirection[name.upper()] for name in wanted or []]
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
-        return wanted or ["minimize"]
-    existing = [d.name.lower() for d in storage.get_study_directions(study_id)]
-    if wanted and wanted != existing:
+        return asked or [StudyDirection.MINIMIZE]
+    existing = list(storage.get_study_directions(study_id))
+    if asked and asked != existing:
         raise StorageError(
-            f"study {study_name!r} already exists with direction(s) {existing}, but "
-            f"{wanted} were asked for; pass the same --direction flags, or a new --study-name "
+            f"study {study_name!r} already exists with direction(s) "
+            f"{[d.name.lower() for d in existing]}, but {wanted} were asked for; "
+            "pass the same --direction flags, or a new --study-name "
             "or --run-dir to start another study."
         )
     return existing

@@ -61,8 +61,8 @@ class PlainLog(EventSink):
         self._stream = stream if stream is not None else sys.stdout
         self._quiet = quiet
 
-    def _line(self, text: str) -> None:
-        if self._quiet:
+    def _line(self, text: str, summary: bool = False) -> None:
+        if self._quiet and not summary:  # --quiet still prints the final summary
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._stream.write(f"{stamp} {text}\n")
@@ -82,10 +82,18 @@ class PlainLog(EventSink):
         self._line(text)
 
     def on_end(self, state: RunState) -> None:
-        for study in state.studies:
-            best = format_values(study.best_values)
-            self._line(
-                f"study {study.name}: {study.complete} complete, {study.pruned} pruned, "
-                f"{study.failed} failed; best trial {study.best_number}: {best} "
-                f"{study.best_params}"
-            )
+        for line in summary_lines(state):
+            self._line(line, summary=True)
+
+
+def summary_lines(state: RunState) -> list[str]:
+    """The final summary, one line per study: what the live view and plain log end with."""
+    lines = []
+    for study in state.studies:
+        best = format_values(study.best_values)
+        lines.append(
+            f"study {study.name}: {study.complete} complete, {study.pruned} pruned, "
+            f"{study.failed} failed; best trial {study.best_number}: {best} "
+            f"{study.best_params}"
+        )
+    return lines

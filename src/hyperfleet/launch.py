@@ -53,7 +53,7 @@ def run_search(
 ) -> Outcome:
     run_dir.create()
     run_dir.lock()
-    run_log = open(run_dir.run_log, "a")
+    run_log = open(run_dir.run_log, "a")  # noqa: SIM115 (closed in finally)
     try:
         sinks = [PlainLog(run_log), *_screen_sinks(display)]
         controller = Controller(open_study, spec, slots, settings, run_dir, sinks, run_name)

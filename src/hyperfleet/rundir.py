@@ -49,8 +49,8 @@ class RunDir:
         try:
             for folder in (self.path, self.path / "trials", self.workers_dir):
                 folder.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-")
-            probe.close()
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-"):
+                pass
         except OSError as exc:
             raise RunDirError(
                 f"cannot write to the run directory {self.path} ({exc.strerror}); "
@@ -59,7 +59,7 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold an exclusive lock for the life of this process (the kernel drops it on death)."""
-        handle = open(self.path / LOCK_NAME, "a+")
+        handle = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 (held until unlock)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

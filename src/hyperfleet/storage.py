@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 from pathlib import Path
+from typing import IO
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import BaseJournalFileLock, JournalFileBackend
 
 from hyperfleet.errors import StorageError
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+# "scheme:" followed by a slash: meant as a URL even when the "//" is missing.
+_LOOKS_LIKE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 def open_storage(url: str | None, default_journal: Path) -> BaseStorage:
     """A journal file in the run directory by default; any Optuna storage URL or journal path."""
     if url is None:
-        return JournalStorage(JournalFileBackend(str(default_journal)))
+        return open_private_journal(default_journal)
+    if "://" not in url and _LOOKS_LIKE_URL.match(url):
+        raise StorageError(
+            f"storage URL {url!r} is malformed; write it as dialect://user:pass@host/db, "
+            "sqlite:///path/to/file.db, or give a path to a journal file."
+        )
     scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
     if not scheme:
-        return JournalStorage(JournalFileBackend(str(Path(url).absolute())))
+        return _open_journal_path(Path(url).absolute())
     if scheme not in RDB_SCHEMES:
         raise StorageError(
             f"storage URL {url!r} has an unknown scheme {scheme!r}; use sqlite:///path.db, "
@@ -28,13 +39,75 @@ def open_storage(url: str | None, default_journal: Path) -> BaseStorage:
     return _open_rdb(url)
 
 
+def open_private_journal(path: Path) -> BaseStorage:
+    """The run directory's own journal, written only by the controller holding the run lock.
+
+    Optuna's default journal lock is a symlink that outlives a killed writer and then blocks
+    the next run for its 30 s grace period; a kernel lock dies with its holder. A line half
+    written when the power went is cut off, since appending after it would corrupt the file.
+    """
+    repair_journal_tail(path)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=KernelFileLock(path)))
+
+
+def is_private_journal(storage: BaseStorage, path: Path) -> bool:
+    """True when ``storage`` is the journal at ``path``; no other controller can write to it."""
+    backend = getattr(storage, "_backend", None)  # JournalStorage keeps its backend private
+    return isinstance(backend, JournalFileBackend) and Path(backend._file_path) == path
+
+
+def repair_journal_tail(path: Path) -> None:
+    """Drop an incomplete last line (a write cut off by a crash, never acknowledged)."""
+    try:
+        with open(path, "rb+") as handle:
+            data = handle.read()
+            if data and not data.endswith(b"\n"):
+                handle.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+class KernelFileLock(BaseJournalFileLock):
+    """An exclusive ``flock`` on ``JOURNAL.flock``; the kernel releases it if the holder dies."""
+
+    def __init__(self, journal: Path) -> None:
+        self._path = journal.with_name(journal.name + ".flock")
+        self._handle: IO[bytes] | None = None
+
+    def acquire(self) -> bool:
+        handle = open(self._path, "ab")  # noqa: SIM115 (closed in release)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def _open_journal_path(path: Path) -> BaseStorage:
+    if path.is_dir():
+        raise StorageError(
+            f"storage {str(path)!r} is a folder; give a journal file path such as "
+            f"{path / 'optuna.journal'} or a database URL."
+        )
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise StorageError(
+            f"cannot create the journal file {path}: its folder does not exist or cannot be "
+            "written; create the folder or give another --storage path."
+        )
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
 def _open_rdb(url: str) -> BaseStorage:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
         make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise StorageError(
             f"storage URL {url!r} is malformed; write it as dialect://user:pass@host/db "
             "or sqlite:///path/to/file.db."

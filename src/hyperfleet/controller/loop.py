@@ -572,6 +572,6 @@ def _gpus_of(slots: list[Slot]) -> tuple[Any, ...]:
 
     seen: dict[int, Gpu] = {}
     for slot in slots:
-        for index, uuid in zip(slot.gpus, slot.gpu_uuids):
+        for index, uuid in zip(slot.gpus, slot.gpu_uuids, strict=False):
             seen.setdefault(index, Gpu(index=index, uuid=uuid, name="", kind=slot.gpu_kind))
     return tuple(seen.values())

@@ -28,7 +28,7 @@ class WorkerHandle:
         self.ready = False
         parent_sock, child_sock = socket.socketpair()
         lifeline_read, self._lifeline = os.pipe()
-        log = open(log_dir / f"{slot.name.replace('#', '-')}.log", "ab")
+        log = open(log_dir / f"{slot.name.replace('#', '-')}.log", "ab")  # noqa: SIM115 (the child keeps it)
         try:
             self.process = subprocess.Popen(
                 [

@@ -7,6 +7,7 @@ opens the Optuna storage: every trial call goes to the controller over the conne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,10 +21,9 @@ def _pin_cores_first() -> None:
     if raw and hasattr(os, "sched_setaffinity"):
         cores = json.loads(raw).get("cores") or []
         if cores:
-            try:
+            # Containers may forbid it; the thread limits still hold.
+            with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, cores)
-            except OSError:
-                pass  # containers may forbid it; thread limits still hold
 
 
 def _watch_lifeline(fd: int) -> None:

@@ -1,0 +1,122 @@
+"""Controller overhead per trial, side by side with plain Optuna.
+
+A trivial objective (one suggest, one arithmetic) makes every second spent the cost of the
+machinery around it. Three ways run on the same kind of storage, a journal file:
+
+- ``optuna-threads``: ``study.optimize(objective, n_trials, n_jobs=2)``, Optuna's own threads;
+- ``optuna-processes``: two processes each calling ``study.optimize`` on the shared journal,
+  the launcher the seeds hand-write;
+- ``hyperfleet``: ``hyperfleet.optimize`` with two CPU slots (two warm workers, one writer).
+
+Each reports its steady rate (trials per second between the first and the last finished trial,
+so process start-up is not counted) and its wall time including start-up.
+
+    python bench/overhead.py --trials 400 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+import hyperfleet
+
+
+def objective(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", -10.0, 10.0)
+    return (x - 2.0) ** 2
+
+
+def _storage(folder: Path) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+
+
+def _steady_rate(study: optuna.Study) -> float:
+    ends = sorted(t.datetime_complete for t in study.trials if t.datetime_complete is not None)
+    span = (ends[-1] - ends[0]).total_seconds()
+    return (len(ends) - 1) / span if span > 0 else float("nan")
+
+
+def run_optuna_threads(folder: Path, n_trials: int) -> optuna.Study:
+    study = optuna.create_study(study_name="bench", storage=_storage(folder))
+    study.optimize(objective, n_trials=n_trials, n_jobs=2)
+    return study
+
+
+def _process_worker(folder: str, n_trials: int) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="bench", storage=_storage(Path(folder)))
+    study.optimize(objective, n_trials=n_trials)
+
+
+def run_optuna_processes(folder: Path, n_trials: int) -> optuna.Study:
+    study = optuna.create_study(study_name="bench", storage=_storage(folder))
+    context = multiprocessing.get_context("spawn")
+    share = [n_trials // 2, n_trials - n_trials // 2]
+    workers = [context.Process(target=_process_worker, args=(str(folder), n)) for n in share]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join()
+    return study
+
+
+def run_hyperfleet(folder: Path, n_trials: int) -> optuna.Study:
+    study = optuna.create_study(study_name="bench", storage=_storage(folder))
+    hyperfleet.optimize(
+        study,
+        objective,
+        n_trials=n_trials,
+        cpu_slots=2,
+        gpus=[],
+        run_dir=folder / "run",
+        display="quiet",
+        report=False,
+    )
+    return study
+
+
+RUNNERS: dict[str, Callable[[Path, int], optuna.Study]] = {
+    "optuna-threads": run_optuna_threads,
+    "optuna-processes": run_optuna_processes,
+    "hyperfleet": run_hyperfleet,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    rates: dict[str, list[float]] = {name: [] for name in RUNNERS}
+    walls: dict[str, list[float]] = {name: [] for name in RUNNERS}
+    for _ in range(args.repeats):
+        for name, runner in RUNNERS.items():  # interleaved, so drift hits all alike
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                study = runner(Path(folder), args.trials)
+                walls[name].append(time.perf_counter() - start)
+                rates[name].append(_steady_rate(study))
+
+    base = statistics.median(rates["optuna-threads"])
+    print(f"{args.trials} trivial trials, 2 slots, journal file, median of {args.repeats}")
+    print(f"{'runner':<18}{'trials/s':>10}{'ms/trial':>10}{'wall s':>9}{'vs threads':>12}")
+    for name in RUNNERS:
+        rate = statistics.median(rates[name])
+        wall = statistics.median(walls[name])
+        print(f"{name:<18}{rate:>10.0f}{1000 / rate:>10.2f}{wall:>9.2f}{rate / base:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The live terminal view: a thin event sink around ``rich.live.Live``.
+
+Automatic refresh is off (rich would otherwise draw from its own thread while the controller
+changes the state): the view is drawn once per controller tick, about once a second, which is
+all the time it ever takes from the loop.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from hyperfleet.display.render import render
+from hyperfleet.events import EventSink, summary_lines
+from hyperfleet.state import RunState
+
+
+class LiveView(EventSink):
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._live: Live | None = None
+
+    def on_start(self, state: RunState) -> None:
+        self._live = Live(
+            render(state, self._console.width),
+            console=self._console,
+            auto_refresh=False,
+            redirect_stdout=False,  # the objective runs in other processes; keep ours untouched
+            redirect_stderr=False,
+        )
+        self._live.start()
+
+    def on_tick(self, state: RunState) -> None:
+        self._draw(state)
+
+    def on_message(self, state: RunState, text: str) -> None:
+        # Printed above the live area, so notices stay on screen after it moves on.
+        self._console.print(Text(text, style="yellow"))
+        self._draw(state)
+
+    def on_end(self, state: RunState) -> None:
+        self._draw(state)
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        for line in summary_lines(state):
+            self._console.print(line)
+
+    def _draw(self, state: RunState) -> None:
+        if self._live is not None:
+            self._live.update(render(state, self._console.width), refresh=True)
+

@@ -1,0 +1,220 @@
+"""The live view as a pure function of the run state: ``render(state, width)``.
+
+Every table cell is a single line (``no_wrap`` with an ellipsis), and the free-text columns
+(parameters, reasons) get whatever width is left, so the view fits 80 columns and uses more
+when the terminal has it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from hyperfleet.display import format as fmt
+from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
+
+RECENT_ROWS = 6
+STATE_STYLES = {
+    "COMPLETE": "green",
+    "PRUNED": "yellow",
+    "FAIL": "red",
+    "RUNNING": "cyan",
+    "busy": "green",
+    "idle": "dim",
+    "starting": "yellow",
+    "stopped": "red",
+}
+
+
+def render(state: RunState, width: int, now: float | None = None) -> RenderableType:
+    now = time.time() if now is None else now
+    return Group(
+        header(state, now),
+        slots_table(state, width, now),
+        studies_table(state, width),
+        recent_table(state, width),
+        footer(state),
+    )
+
+
+# ----- header ------------------------------------------------------------------------------
+
+
+def header(state: RunState, now: float) -> Text:
+    elapsed = now - state.started
+    text = Text()
+    text.append("hyperfleet ", style="bold")
+    text.append(state.run_name, style="bold cyan")
+    text.append(f"  elapsed {fmt.duration(elapsed)}")
+    progress = progress_text(state, elapsed)
+    if progress:
+        text.append(f"  {progress}")
+    return text
+
+
+def progress_text(state: RunState, elapsed: float) -> str:
+    """Budget, progress and an estimate of the time left."""
+    parts = []
+    budget = sum(s.n_trials or 0 for s in state.studies)
+    finished = sum(s.finished for s in state.studies)
+    if budget:
+        parts.append(f"{finished}/{budget} trials ({100 * finished / budget:.0f}%)")
+    else:
+        parts.append(f"{finished} trials")
+    if state.timeout is not None:
+        parts.append(f"timeout {fmt.duration(state.timeout)}")
+    left = time_left(state, elapsed)
+    if left is not None:
+        parts.append(f"~{fmt.duration(left)} left")
+    return "  ".join(parts)
+
+
+def time_left(state: RunState, elapsed: float) -> float | None:
+    """The sooner of the timeout and the trial budget at this run's pace so far."""
+    estimates = []
+    if state.timeout is not None:
+        estimates.append(max(0.0, state.timeout - elapsed))
+    budget = sum(s.n_trials or 0 for s in state.studies)
+    done_here = sum(s.trials_done for s in state.slots)  # trials this run, not resumed ones
+    if budget and done_here and elapsed > 0:
+        remaining = max(0, budget - sum(s.finished for s in state.studies))
+        estimates.append(remaining * elapsed / done_here)
+    return min(estimates) if estimates else None
+
+
+# ----- slots -------------------------------------------------------------------------------
+
+
+def slots_table(state: RunState, width: int, now: float) -> Table:
+    table = _table("Slots", width)
+    table.add_column("slot", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("trial", justify="right", no_wrap=True)
+    table.add_column("study", no_wrap=True, overflow="ellipsis", ratio=1)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("use", no_wrap=True, overflow="ellipsis", ratio=2)
+    for slot in state.slots:
+        since = now - slot.since if slot.since is not None and slot.state == "busy" else None
+        table.add_row(
+            slot.name,
+            Text(slot.state, style=STATE_STYLES.get(slot.state, "")),
+            str(slot.trial) if slot.trial is not None else "-",
+            slot.study or "-",
+            fmt.duration(since) if since is not None else "-",
+            slot_use(state, slot),
+        )
+    return table
+
+
+def slot_use(state: RunState, slot: SlotView) -> str:
+    """GPU utilisation and memory (one NVML sample per GPU, shared by its slots), or the CPU
+    use of the trial's processes."""
+    if slot.gpus:
+        return "  ".join(_gpu_use(state, index) for index in slot.gpus)
+    if slot.cpu_percent is None:
+        return "-"
+    return f"cpu {slot.cpu_percent:.0f}%"
+
+
+def _gpu_use(state: RunState, index: int) -> str:
+    sample = state.gpus.get(index)
+    if sample is None:
+        return f"gpu{index} -"
+    util = f"{sample.utilization_pct:.0f}%" if sample.utilization_pct is not None else "n/a"
+    total = sample.memory_total_mib / 1024
+    used = f"{sample.memory_used_mib / 1024:.1f}" if sample.memory_used_mib is not None else "?"
+    return f"gpu{index} {util} {used}/{total:.0f}G"
+
+
+# ----- studies -----------------------------------------------------------------------------
+
+
+def studies_table(state: RunState, width: int) -> Table:
+    table = _table("Studies", width)
+    table.add_column("study", no_wrap=True, overflow="ellipsis", max_width=max(12, width // 4))
+    table.add_column("done", justify="right", no_wrap=True)
+    table.add_column("run", justify="right", no_wrap=True)
+    table.add_column("pruned", justify="right", no_wrap=True)
+    table.add_column("failed", justify="right", no_wrap=True)
+    table.add_column("best", justify="right", no_wrap=True, overflow="ellipsis")
+    table.add_column("best params", no_wrap=True, overflow="ellipsis", ratio=1)
+    for study in state.studies:
+        table.add_row(
+            study.name,
+            str(study.complete),
+            str(study.running),
+            str(study.pruned),
+            Text(str(study.failed), style="red" if study.failed else ""),
+            best_text(study),
+            fmt.params(study.best_params, max(10, width - 58)),
+        )
+    return table
+
+
+def best_text(study: StudyView) -> str:
+    if study.best_values is None:
+        return "-" if len(study.directions) <= 1 else "see Pareto"
+    return f"#{study.best_number} {fmt.values(study.best_values)}"
+
+
+# ----- recent trials -----------------------------------------------------------------------
+
+
+def recent_table(state: RunState, width: int) -> Table:
+    table = _table("Last trials", width)
+    table.add_column("trial", justify="right", no_wrap=True)
+    table.add_column("slot", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True, overflow="ellipsis")
+    table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("params / reason", no_wrap=True, overflow="ellipsis", ratio=1)
+    for record in list(state.recent)[:RECENT_ROWS]:
+        table.add_row(
+            str(record.number),
+            record.slot,
+            Text(record.state, style=STATE_STYLES.get(record.state, "")),
+            fmt.values(record.values),
+            fmt.duration(record.duration),
+            Text(detail_text(record, max(10, width - 45)), style="red" if record.reason else ""),
+        )
+    return table
+
+
+def detail_text(record: TrialRecord, max_chars: int) -> str:
+    """Why a trial failed; otherwise its parameters."""
+    if record.reason:
+        return fmt.shorten(record.reason, max_chars)
+    return fmt.params(record.params, max_chars)
+
+
+# ----- footer ------------------------------------------------------------------------------
+
+
+def footer(state: RunState) -> Text:
+    if state.stopping >= 2:
+        return Text("stopping now: terminating running trials", style="bold red")
+    if state.stopping == 1:
+        running = sum(s.running for s in state.studies)
+        return Text(
+            f"stopping: waiting for {running} running trial(s); Ctrl+C again to terminate them",
+            style="bold yellow",
+        )
+    return Text("Ctrl+C to stop (running trials finish); twice to terminate them", style="dim")
+
+
+def _table(title: str, width: int) -> Table:
+    # Full width when the terminal has it: the ratio columns take what is left.
+    return Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        expand=True,
+        width=width,
+        box=None,
+        padding=(0, 1),
+        header_style="bold dim",
+        show_edge=False,
+    )
