@@ -34,6 +34,7 @@ def optimize(
     retry: RetryPolicy | str | None = None,
     max_trials_per_worker: int | None = None,
     display: str = "auto",
+    report: bool = True,
     objective_kwargs: dict[str, Any] | None = None,
     inventory: Inventory | None = None,
 ) -> Outcome:
@@ -43,7 +44,8 @@ def optimize(
     persistent storage adds up to the same total. ``timeout`` bounds this call's wall time.
     With ``objective_kwargs``, ``objective`` is a factory called once per worker with them
     that returns the objective (load a data set there). ``inventory`` replaces the detected
-    GPUs and cores (for tests and dry runs).
+    GPUs and cores (for tests and dry runs). ``report=False`` skips writing
+    ``run_dir/report/`` at the end.
     """
     settings = RunSettings(
         n_trials=n_trials,
@@ -71,6 +73,7 @@ def optimize(
         Display(display),
         inventory_note=note,
         run_name=study.study_name,
+        report=report,
     )
 
 

@@ -12,14 +12,15 @@ import optuna
 from optuna.study import StudyDirection
 
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
-from hyperfleet.errors import HyperfleetError, StorageError
+from hyperfleet.errors import ConfigError, HyperfleetError, StorageError
 from hyperfleet.launch import Display, prepare_slots, run_search
 from hyperfleet.resources.inventory import detect_inventory
 from hyperfleet.resources.slots import PoolOptions, plan_slots
 from hyperfleet.rundir import RunDir
 from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from hyperfleet.storage import open_storage
-from hyperfleet.workers.packaging import spec_from_target
+from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
+from hyperfleet.workers.protocol import ObjectiveSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
 
@@ -61,10 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = commands.add_parser(
-        "run", help="run a search", description="Run FILE.py:FUNCTION on every slot."
+        "run",
+        help="run a search",
+        description="Run FILE.py:FUNCTION, or a command (--cmd, --space), on every slot.",
     )
-    run.add_argument("target", help="the objective: FILE.py:FUNCTION or MODULE:FUNCTION")
+    run.add_argument(
+        "target", nargs="?", help="the objective: FILE.py:FUNCTION or MODULE:FUNCTION (or --cmd)"
+    )
     add = run.add_argument
+    add("--cmd", help='a command to run per trial instead, e.g. "python train.py --lr {lr}"')
+    add("--space", type=Path, help="the TOML search space of --cmd (see hyperfleet.space)")
     add("--n-trials", type=int, help="stop when the study has this many finished trials")
     add("--timeout", help="stop starting trials after this long (90s, 30m, 2h, 1h30m)")
     add(
@@ -73,7 +80,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=["minimize", "maximize"],
         help="direction of each objective; repeat it for multi-objective (default minimize)",
     )
-    add("--study-name", help="the study's name (default FILE-FUNCTION)")
+    add("--study-name", help="the study's name (default FILE-FUNCTION, or the --cmd script)")
     add("--storage", help="an Optuna storage URL or journal file (default RUN_DIR/optuna.journal)")
     add("--run-dir", type=Path, help="where storage, logs and trial folders go (runs/STUDY)")
     add("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)} (default tpe)")
@@ -82,8 +89,20 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--trial-timeout", help="fail a trial that runs longer than this (e.g. 10m)")
     add("--retry", default="", help="retries per failure reason, e.g. interrupted=1,crash=2")
     add("--max-trials-per-worker", type=int, help="restart a worker after this many trials")
+    add(
+        "--stop-grace",
+        default="30s",
+        help="after SIGTERM, how long running trials may finish before they are terminated "
+        "(default 30s)",
+    )
+    add(
+        "--kill-grace",
+        default="5s",
+        help="how long a trial's processes get between SIGTERM and SIGKILL (default 5s)",
+    )
     add("--quiet", action="store_true", help="print only the final summary")
     add("--plain", action="store_true", help="plain lines instead of the live view")
+    add("--no-report", action="store_true", help="do not write RUN_DIR/report/ at the end")
     add("--debug", action="store_true", help="show Python tracebacks for errors")
     _add_pool_flags(run)
     run.set_defaults(handler=cmd_run)
@@ -110,25 +129,24 @@ def _pool_options(args: argparse.Namespace) -> PoolOptions:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = RunSettings(
-        n_trials=args.n_trials,
-        timeout=parse_duration(args.timeout, "timeout"),
-        trial_timeout=parse_duration(args.trial_timeout, "trial timeout"),
-        retry=RetryPolicy.parse(args.retry),
-        max_trials_per_worker=args.max_trials_per_worker,
-    )
+    # Every check comes before anything is written: bad input leaves no run directory behind.
+    settings = _run_settings(args)
     sampler, pruner = make_sampler(args.sampler, args.seed), make_pruner(args.pruner)
-    spec = spec_from_target(args.target)
+    spec, default_name = _objective(args)
     slots, note = prepare_slots(_pool_options(args), None)
-    study_name = args.study_name or _default_study_name(args.target)
+    study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or Path("runs") / study_name)
-    run_dir.create()
-    storage = open_storage(args.storage, run_dir.journal)
-    directions = _check_directions(storage, study_name, args.direction)
+    run_dir.check_writable()
+    storage = _open_existing_storage(args.storage, run_dir)
+    asked = [StudyDirection[name.upper()] for name in args.direction or []]
+    directions = (
+        _check_directions(storage, study_name, args.direction) if storage is not None else asked
+    )
+    directions = directions or [StudyDirection.MINIMIZE]
 
     def open_study() -> optuna.Study:
         return optuna.create_study(
-            storage=storage,
+            storage=storage if storage is not None else open_storage(args.storage, run_dir.journal),
             study_name=study_name,
             sampler=sampler,
             pruner=pruner,
@@ -146,10 +164,54 @@ def cmd_run(args: argparse.Namespace) -> int:
         Display(mode),
         inventory_note=note,
         run_name=study_name,
+        report=not args.no_report,
     )
     if outcome.status == "stopped":
         return EXIT_STOPPED
-    return EXIT_OK if outcome.status == "completed" else EXIT_FAILED
+    if outcome.status == "failed":
+        print(f"hyperfleet: run failed: {outcome.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_settings(args: argparse.Namespace) -> RunSettings:
+    return RunSettings(
+        n_trials=args.n_trials,
+        timeout=parse_duration(args.timeout, "timeout"),
+        trial_timeout=parse_duration(args.trial_timeout, "trial timeout"),
+        kill_grace=parse_duration(args.kill_grace, "kill grace") or 5.0,
+        stop_grace=parse_duration(args.stop_grace, "stop grace") or 30.0,
+        retry=RetryPolicy.parse(args.retry),
+        max_trials_per_worker=args.max_trials_per_worker,
+    )
+
+
+def _open_existing_storage(url: str | None, run_dir: RunDir) -> optuna.storages.BaseStorage | None:
+    """The storage to check the study against, or None while the default journal is absent
+    (it is created with the run directory, once every check has passed)."""
+    if url is None and not run_dir.journal.exists():
+        return None
+    return open_storage(url, run_dir.journal)
+
+
+def _objective(args: argparse.Namespace) -> tuple[ObjectiveSpec, str]:
+    """The objective's spec and default study name, from TARGET or from --cmd and --space."""
+    if (args.target is None) == (args.cmd is None):
+        raise ConfigError(
+            "give the objective either as TARGET (train.py:objective) or as --cmd with --space, "
+            "not both and not neither."
+        )
+    if args.target is not None:
+        if args.space is not None:
+            raise ConfigError("--space goes with --cmd; a TARGET function suggests its own.")
+        return spec_from_target(args.target), _default_study_name(args.target)
+    if args.space is None:
+        raise ConfigError("--cmd needs --space FILE.toml, the search space of its parameters.")
+    from hyperfleet.command import CommandObjective
+    from hyperfleet.space import load_space
+
+    objective = CommandObjective(args.cmd, load_space(args.space))
+    return spec_from_callable(objective), objective.script_name
 
 
 def _default_study_name(target: str) -> str:

@@ -8,6 +8,7 @@ objective is the study opened, so bad input writes nothing to storage.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import sys
 import threading
@@ -20,7 +21,10 @@ import optuna
 
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.loop import Controller, Outcome
+from hyperfleet.display.snapshot import StatusSnapshot
+from hyperfleet.errors import HyperfleetError
 from hyperfleet.events import EventSink, PlainLog
+from hyperfleet.report.best import BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir
@@ -50,21 +54,64 @@ def run_search(
     display: Display,
     inventory_note: str = "",
     run_name: str = "",
+    report: bool = True,
 ) -> Outcome:
+    fresh = not run_dir.exists()
     run_dir.create()
     run_dir.lock()
     run_log = open(run_dir.run_log, "a")  # noqa: SIM115 (closed in finally)
+    controller: Controller | None = None
     try:
-        sinks = [PlainLog(run_log), *_screen_sinks(display)]
-        controller = Controller(open_study, spec, slots, settings, run_dir, sinks, run_name)
+        opened: list[optuna.Study] = []  # the run-folder sinks read the study once it is open
+
+        def open_and_keep() -> optuna.Study:
+            opened.append(open_study())
+            return opened[-1]
+
+        def get_study() -> optuna.Study | None:
+            return opened[-1] if opened else None
+
+        sinks = [
+            PlainLog(run_log),
+            StatusSnapshot(run_dir.path, get_study),
+            BestFolder(run_dir, get_study),
+            RunSummary(run_dir, get_study),
+            *_screen_sinks(display),
+        ]
+        controller = Controller(open_and_keep, spec, slots, settings, run_dir, sinks, run_name)
         if inventory_note.startswith("no GPU"):
             for sink in sinks:
                 sink.on_message(controller.state, inventory_note)
         with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace, sinks):
-            return controller.run()
+            outcome = controller.run()
+        if report and outcome.study is not None:
+            _final_report(run_dir, outcome.study, controller, sinks)
+        return outcome
     finally:
         run_log.close()
         run_dir.unlock()
+        if fresh and (controller is None or not controller.study_opened):
+            # Bad input (an objective that cannot load) stops before the study is opened: leave
+            # no run directory behind, so the next attempt starts as clean as this one.
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+
+
+def _final_report(
+    run_dir: RunDir, study: optuna.Study, controller: Controller, sinks: list[EventSink]
+) -> None:
+    """The report is a bonus: missing plotting libraries or a plotting bug cost one line, never
+    the search's result."""
+    from hyperfleet.report import write_report
+
+    try:
+        folder = write_report(run_dir.path, study=study)
+        text = f"report: {folder / 'index.html'}"
+    except HyperfleetError as exc:
+        text = f"report skipped: {exc}"
+    except Exception as exc:
+        text = f"report failed ({type(exc).__name__}: {exc}); retry with: hyperfleet report DIR"
+    for sink in sinks:
+        sink.on_message(controller.state, text)
 
 
 def _screen_sinks(display: Display) -> list[EventSink]:

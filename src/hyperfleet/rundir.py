@@ -45,6 +45,25 @@ class RunDir:
     def trial_dir(self, number: int) -> Path:
         return self.path / "trials" / str(number)
 
+    def check_writable(self) -> None:
+        """Fail now, creating nothing, if the directory could not be created or written later."""
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        problem = ""
+        if not existing.is_dir():
+            problem = f"{existing} is not a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} cannot be written"
+        if problem:
+            raise RunDirError(
+                f"cannot use the run directory {self.path}: {problem}; "
+                "pass --run-dir with a folder you can write to."
+            )
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
     def create(self) -> None:
         try:
             for folder in (self.path, self.path / "trials", self.workers_dir):

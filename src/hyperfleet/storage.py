@@ -10,7 +10,7 @@ from typing import IO
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import BaseJournalFileLock, JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from hyperfleet.errors import StorageError
 
@@ -67,10 +67,11 @@ def repair_journal_tail(path: Path) -> None:
         pass
 
 
-class KernelFileLock(BaseJournalFileLock):
+class KernelFileLock(JournalFileOpenLock):
     """An exclusive ``flock`` on ``JOURNAL.flock``; the kernel releases it if the holder dies."""
 
     def __init__(self, journal: Path) -> None:
+        super().__init__(str(journal))
         self._path = journal.with_name(journal.name + ".flock")
         self._handle: IO[bytes] | None = None
 

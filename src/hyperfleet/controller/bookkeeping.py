@@ -23,6 +23,7 @@ from hyperfleet.state import TrialRecord
 RETRY_ATTR = "hyperfleet.retry_of"
 RUN_ATTR = "hyperfleet:run"
 SLOT_ATTR = "hyperfleet:slot"
+PID_ATTR = "hyperfleet:worker_pid"
 KIND_ATTR = "hyperfleet:fail_kind"
 REASON_ATTR = "hyperfleet:fail_reason"
 TRACEBACK_ATTR = "hyperfleet:traceback"
@@ -92,16 +93,31 @@ def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: Retr
     trials = study.get_trials(deepcopy=False)
     if not policy.allows(kind, attempts_before(trials, trial)):
         return False
-    study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
+    study.enqueue_trial(intended_params(trial), user_attrs={RETRY_ATTR: trial.number})
     return True
 
 
-def fail_interrupted_leftovers(study: optuna.Study, run_identity: str) -> list[FrozenTrial]:
-    """Mark trials a dead controller of this run directory left RUNNING as failed, "interrupted"."""
+def intended_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters the trial was meant to run with: those it was enqueued with (a retry killed
+    before its first suggest has no params yet) updated with those it suggested."""
+    fixed = trial.system_attrs.get("fixed_params") or {}  # where Optuna keeps enqueued params
+    return {**fixed, **trial.params}
+
+
+def fail_interrupted_leftovers(
+    study: optuna.Study, run_identity: str, private_storage: bool = False
+) -> list[FrozenTrial]:
+    """Mark trials a dead controller of this run directory left RUNNING as failed, "interrupted".
+
+    A trial is ours when it carries this run's mark. With ``private_storage`` (the run
+    directory's own journal, which no one else writes) so is an unmarked one: the controller
+    died between asking for it and marking it.
+    """
     storage = study._storage  # the study's storage has no public accessor
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.system_attrs.get(RUN_ATTR) != run_identity:
+        owner = trial.system_attrs.get(RUN_ATTR)
+        if owner != run_identity and not (private_storage and owner is None):
             continue  # another machine's controller may be running it right now
         storage.set_trial_system_attr(trial._trial_id, KIND_ATTR, "interrupted")
         storage.set_trial_system_attr(

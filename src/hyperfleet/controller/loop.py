@@ -29,6 +29,7 @@ from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.slots import Slot
 from hyperfleet.rundir import RunDir
 from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
+from hyperfleet.storage import is_private_journal
 from hyperfleet.workers.protocol import (
     Call,
     Finished,
@@ -121,6 +122,10 @@ class Controller:
     @property
     def stop_level(self) -> int:
         return self._stop_level
+
+    @property
+    def study_opened(self) -> bool:
+        return self._study is not None
 
     # ----- the loop ------------------------------------------------------------------------
 
@@ -228,6 +233,7 @@ class Controller:
         trial = study.ask()
         books.set_system_attr(trial, books.RUN_ATTR, self._run_dir.identity)
         books.set_system_attr(trial, books.SLOT_ATTR, name)
+        books.set_system_attr(trial, books.PID_ATTR, worker.pid)
         trial_dir = self._run_dir.trial_dir(trial.number)
         trial_dir.mkdir(parents=True, exist_ok=True)
         retry_of = trial.user_attrs.get(books.RETRY_ATTR)
@@ -285,15 +291,27 @@ class Controller:
         if active is None:
             return
         worker.trials_run += 1
+        failed = self._tell_finished(name, finished)
+        limit = self._settings.max_trials_per_worker
+        if failed:
+            # A failed trial may leave the process broken (a CUDA context after an OOM, half-set
+            # globals, threads or children it started): its slot gets a fresh worker.
+            self._retire_worker(name, worker)
+        elif limit is not None and worker.trials_run >= limit and not self._stop_level:
+            self._replace_worker(name, worker, graceful=True)
+
+    def _tell_finished(self, name: str, finished: Finished) -> bool:
+        """Record how the objective ended; True when the trial failed."""
         study = self._require_study()
         if finished.outcome == "pruned":
             self._tell(name, TrialState.PRUNED)
-        elif finished.outcome == "returned":
+            return False
+        if finished.outcome == "returned":
             problem = books.invalid_values_reason(study, finished.value)
             if problem is None:
                 self._tell(name, TrialState.COMPLETE, finished.value)
-            else:
-                self._tell(name, TrialState.FAIL, kind="error", reason=problem)
+                return False
+            self._tell(name, TrialState.FAIL, kind="error", reason=problem)
         elif finished.outcome == "error":
             kind = books.classify_error(finished.error_type, finished.message)
             reason = f"{finished.error_type}: {finished.message}"
@@ -309,9 +327,7 @@ class Controller:
                 kind="error",
                 reason=f"the result cannot be sent back: {finished.message}",
             )
-        limit = self._settings.max_trials_per_worker
-        if limit is not None and worker.trials_run >= limit and not self._stop_level:
-            self._replace_worker(name, worker, graceful=True)
+        return True
 
     def _on_worker_exit(self, name: str, worker: WorkerHandle) -> None:
         active = self._active.get(name)
@@ -442,11 +458,21 @@ class Controller:
         del self._workers[name]
         self._start_worker(self._slot_named(name))
 
+    def _retire_worker(self, name: str, worker: WorkerHandle) -> None:
+        """Kill the worker's whole process group; start a fresh one unless the run is stopping."""
+        if self._stop_level:
+            worker.kill()
+            del self._workers[name]
+        else:
+            self._replace_worker(name, worker, graceful=False)
+
     def _on_load_failed(self, name: str, worker: WorkerHandle, failure: LoadFailed) -> None:
         if not self._any_ready:
+            # Show the user's own frames; a traceback without any says no more than the message.
+            frames = failure.traceback.rstrip() if '  File "' in failure.traceback else ""
             raise ObjectiveError(
-                f"the objective {self._spec.describe()} could not be loaded: {failure.message}\n"
-                f"{failure.traceback.rstrip()}"
+                f"the objective {self._spec.describe()} could not be loaded: {failure.message}"
+                + (f"\n{frames}" if frames else "")
             )
         self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
 
@@ -480,7 +506,9 @@ class Controller:
 
     def _prepare_study(self, study: optuna.Study) -> None:
         """Resume: fail what a dead controller left running, repeat what the policy allows."""
-        for trial in books.fail_interrupted_leftovers(study, self._run_dir.identity):
+        private = is_private_journal(study._storage, self._run_dir.journal)
+        leftovers = books.fail_interrupted_leftovers(study, self._run_dir.identity, private)
+        for trial in leftovers:
             self._emit("on_message", f"trial {trial.number} was left running: marked interrupted")
         trials = study.get_trials(deepcopy=False)
         retried = books.retried_numbers(trials)
@@ -555,6 +583,13 @@ class Controller:
             return Outcome("failed", "every slot stopped; see the worker logs", study, counts)
         if self._stop_level:
             return Outcome("stopped", "stopped before the budget was reached", study, counts)
+        if counts.get("fail") and not counts.get("complete") and not counts.get("pruned"):
+            return Outcome(
+                "failed",
+                "every trial failed; see the reasons in the trials/ folders",
+                study,
+                counts,
+            )
         return Outcome("completed", "", study, counts)
 
 

@@ -45,9 +45,9 @@ class LiveView(EventSink):
             self._live.stop()
             self._live = None
         for line in summary_lines(state):
-            self._console.print(line)
+            # Parameters may hold "[...]", which rich would read as markup.
+            self._console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def _draw(self, state: RunState) -> None:
         if self._live is not None:
             self._live.update(render(state, self._console.width), refresh=True)
-

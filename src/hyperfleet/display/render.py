@@ -32,7 +32,7 @@ STATE_STYLES = {
 def render(state: RunState, width: int, now: float | None = None) -> RenderableType:
     now = time.time() if now is None else now
     return Group(
-        header(state, now),
+        header(state, now, width),
         slots_table(state, width, now),
         studies_table(state, width),
         recent_table(state, width),
@@ -43,15 +43,16 @@ def render(state: RunState, width: int, now: float | None = None) -> RenderableT
 # ----- header ------------------------------------------------------------------------------
 
 
-def header(state: RunState, now: float) -> Text:
+def header(state: RunState, now: float, width: int) -> Text:
     elapsed = now - state.started
     text = Text()
     text.append("hyperfleet ", style="bold")
     text.append(state.run_name, style="bold cyan")
     text.append(f"  elapsed {fmt.duration(elapsed)}")
     progress = progress_text(state, elapsed)
-    if progress:
-        text.append(f"  {progress}")
+    # On a narrow terminal the progress goes on its own line rather than wrapping mid-phrase.
+    text.append("\n" if len(text) + 2 + len(progress) > width else "  ")
+    text.append(progress)
     return text
 
 
@@ -149,7 +150,7 @@ def studies_table(state: RunState, width: int) -> Table:
             str(study.pruned),
             Text(str(study.failed), style="red" if study.failed else ""),
             best_text(study),
-            fmt.params(study.best_params, max(10, width - 58)),
+            fmt.params(study.best_params, max(10, width - 45)),
         )
     return table
 

@@ -63,11 +63,16 @@ def _fake_inventory(value: str, cores: tuple[int, ...]) -> Inventory:
             f"{FAKE_GPUS_ENV}={value!r} is not a number; set it to how many fake GPUs to "
             "pretend to have (for example 4), or unset it."
         ) from None
-    gpus = tuple(
+    gpus = [
         Gpu(index=i, uuid=f"GPU-fake-{i}", name="Fake GPU", memory_total_mib=16384, kind="fake")
         for i in range(count)
-    )
-    return Inventory(gpus=gpus, cores=cores, note=f"{count} fake GPUs from {FAKE_GPUS_ENV}")
+    ]
+    # A user's list in CUDA_VISIBLE_DEVICES limits fake GPUs as it limits real ones, so tests
+    # and dry runs go through the same selection. An empty value (set to hide real GPUs from
+    # CPU-only runs) leaves them alone: they are asked for explicitly.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or None
+    gpus = _limit_to_visible(gpus, visible)
+    return Inventory(gpus=tuple(gpus), cores=cores, note=f"{count} fake GPUs from {FAKE_GPUS_ENV}")
 
 
 def _nvml_gpus() -> tuple[list[Gpu], str]:

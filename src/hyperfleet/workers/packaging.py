@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import multiprocessing.spawn
+import os
 import pickle
 import sys
 from collections.abc import Callable
@@ -80,6 +81,7 @@ def spec_from_target(target: str, factory_kwargs: dict[str, Any] | None = None) 
             main_preparation=_preparation(needs_main=False),
             factory_kwargs=factory_kwargs,
         )
+    _search_working_directory()
     if importlib.util.find_spec(location) is None:
         raise ObjectiveError(
             f"module {location!r} cannot be found; check the name, or run from the folder that "
@@ -92,6 +94,14 @@ def spec_from_target(target: str, factory_kwargs: dict[str, Any] | None = None) 
         main_preparation=_preparation(needs_main=False),
         factory_kwargs=factory_kwargs,
     )
+
+
+def _search_working_directory() -> None:
+    # As ``python -m`` does: MODULE:FUNCTION is found from the working directory, which the
+    # ``hyperfleet`` console script leaves off sys.path. Workers get this sys.path too.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def check_file_defines(path: Path, name: str) -> None:

@@ -89,6 +89,8 @@ def user_traceback(exc: BaseException) -> str:
         for f in traceback.extract_tb(exc.__traceback__)
         if "importlib" not in f.filename and "/hyperfleet/" not in f.filename
     ]
+    if not frames:
+        return ""  # hyperfleet's own check failed: its message says everything
     lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
     return "Traceback (most recent call last):\n" + "".join(lines)
 

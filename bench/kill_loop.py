@@ -1,0 +1,235 @@
+"""Kill the controller with SIGKILL at random moments, restart it each time, check nothing is lost.
+
+    python bench/kill_loop.py --kills 200 --n-trials 300
+
+Each round starts ``hyperfleet run`` on the same run directory, waits for a random number of new
+trial completions (0 to --max-wait, from a seeded generator), kills the controller with SIGKILL,
+and checks that every worker and every process the objective started is gone within a few
+seconds. After the last kill the command runs to the end. Then the study and the objective's
+log must show: exactly N completed trials, every failure an interrupted one that was repeated
+with the same parameters, and no completed trial run twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import psutil
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+OBJECTIVE = Path(__file__).resolve().parents[1] / "tests" / "failing" / "objectives.py"
+RETRY_ATTR = "hyperfleet.retry_of"
+KIND_ATTR = "hyperfleet:fail_kind"
+STUDY = "killed"
+POLL = 0.02  # seconds between looks at a condition
+
+
+@dataclass
+class Report:
+    kills: int = 0
+    rounds: int = 0
+    trials: int = 0
+    complete: int = 0
+    interrupted: int = 0
+    wall_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+def command(run_dir: Path, n_trials: int, slots: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "hyperfleet.cli",
+        "run",
+        f"{OBJECTIVE}:short_and_logged",
+        "--run-dir",
+        str(run_dir),
+        "--study-name",
+        STUDY,
+        "--n-trials",
+        str(n_trials),
+        "--cpu-slots",
+        str(slots),
+        # Trials may be interrupted several times in a row; each time they must be repeated.
+        "--retry",
+        "interrupted=1000",
+        "--quiet",
+        "--no-report",
+    ]
+
+
+def environment(folder: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYPERFLEET_FAKE_GPUS"}
+    env.update(CUDA_VISIBLE_DEVICES="", TEST_FOLDER=str(folder))
+    return env
+
+
+def completions(folder: Path) -> int:
+    try:
+        return (folder / "log").read_text().count("end ")
+    except FileNotFoundError:
+        return 0
+
+
+def run_processes(run_dir: Path) -> list[int]:
+    """Workers (by working directory) and objective children (by command line) of the run."""
+    marker = str(run_dir.resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "hyperfleet.workers.main" in cmdline and proc.cwd().startswith(marker):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(condition: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(POLL)
+    return bool(condition())  # type: ignore[operator]
+
+
+def one_round(
+    cmd: list[str], env: dict[str, str], folder: Path, rng: random.Random, max_wait: int
+) -> tuple[bool, str]:
+    """Start the controller, wait for some completions, SIGKILL it. (killed, problem)."""
+    run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+    wanted = completions(folder) + rng.randint(0, max_wait)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reached = wait_for(lambda: completions(folder) >= wanted or proc.poll() is not None, 60)
+    if proc.poll() is not None:
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        proc.wait()
+        if proc.returncode != 0:
+            return False, f"controller exited with {proc.returncode}: {stderr.strip()[-500:]}"
+        return False, ""
+    problem = "" if reached else "no progress within 60s"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+    if not wait_for(lambda: not run_processes(run_dir), 10):
+        problem += f" workers left after the kill: {run_processes(run_dir)}"
+    return True, problem.strip()
+
+
+def load_trials(run_dir: Path) -> list[FrozenTrial]:
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+
+
+def check(trials: list[FrozenTrial], log: str, n_trials: int) -> list[str]:
+    """Everything the issue promises about a run that was killed many times."""
+    problems = []
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if len(complete) != n_trials:
+        problems.append(f"{len(complete)} complete trials, expected {n_trials}")
+    leftover = [t.number for t in trials if t.state not in (TrialState.COMPLETE, TrialState.FAIL)]
+    if leftover:
+        problems.append(f"trials neither complete nor failed: {leftover}")
+    repeats = {int(t.user_attrs[RETRY_ATTR]): t for t in trials if RETRY_ATTR in t.user_attrs}
+    for trial in trials:
+        if trial.state == TrialState.FAIL:
+            if trial.system_attrs.get(KIND_ATTR) != "interrupted":
+                problems.append(f"trial {trial.number} failed: {trial.system_attrs}")
+            if trial.number not in repeats:
+                problems.append(f"interrupted trial {trial.number} was not repeated")
+            elif not _same_params(repeats[trial.number], intended(trial, trials)):
+                problems.append(f"the repeat of trial {trial.number} has other parameters")
+        if trial.state == TrialState.COMPLETE and trial.number in repeats:
+            problems.append(f"completed trial {trial.number} was repeated")
+    starts = Counter(line.split()[1] for line in log.splitlines() if line.startswith("start "))
+    twice = [n for n, count in starts.items() if count > 1]
+    if twice:
+        problems.append(f"trial numbers started twice: {twice}")
+    for trial in complete:
+        line = f"end {trial.number} {trial.params['x']!r}"
+        if line not in log.splitlines():
+            problems.append(f"completed trial {trial.number} has no matching end line")
+    if len({t.params["x"] for t in complete}) != len(complete):
+        problems.append("two completed trials share their parameters")
+    return problems
+
+
+def intended(trial: FrozenTrial, trials: list[FrozenTrial]) -> dict[str, object]:
+    """The parameters a trial repeats: its own, or, if it was killed before its first suggest,
+    those of the trial it repeats (empty for a first attempt killed that early)."""
+    if trial.params or RETRY_ATTR not in trial.user_attrs:
+        return dict(trial.params)
+    return intended(trials[int(trial.user_attrs[RETRY_ATTR])], trials)
+
+
+def _same_params(repeat: FrozenTrial, wanted: dict[str, object]) -> bool:
+    # A repeat killed before its first suggest has no params yet; its own repeat is checked.
+    return not wanted or not repeat.params or repeat.params == wanted
+
+
+def kill_loop(
+    folder: Path, kills: int, n_trials: int, slots: int = 2, seed: int = 0, max_wait: int = 4
+) -> Report:
+    started = time.monotonic()
+    rng = random.Random(seed)
+    run_dir = folder / "run"
+    cmd, env = command(run_dir, n_trials, slots), environment(folder)
+    report = Report()
+    while report.kills < kills:
+        report.rounds += 1
+        killed, problem = one_round(cmd, env, folder, rng, max_wait)
+        report.kills += killed
+        if problem:
+            report.problems.append(f"round {report.rounds}: {problem}")
+        if not killed:
+            break  # the budget was reached before the planned kills
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    if final.returncode != 0:
+        report.problems.append(f"final run exited with {final.returncode}: {final.stderr[-500:]}")
+    if not wait_for(lambda: not run_processes(run_dir), 10):
+        report.problems.append("workers left after the final run")
+    trials = load_trials(run_dir)
+    report.problems += check(trials, (folder / "log").read_text(), n_trials)
+    report.trials = len(trials)
+    report.complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    report.interrupted = sum(t.state == TrialState.FAIL for t in trials)
+    report.wall_s = round(time.monotonic() - started, 1)
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=200)
+    parser.add_argument("--n-trials", type=int, default=300)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-wait", type=int, default=4, help="most completions between kills")
+    parser.add_argument("--folder", type=Path, help="where to put the run (default: a temp dir)")
+    args = parser.parse_args()
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="kill-loop-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    report = kill_loop(folder, args.kills, args.n_trials, args.slots, args.seed, args.max_wait)
+    print(json.dumps({**report.__dict__, "folder": str(folder)}, indent=2))
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

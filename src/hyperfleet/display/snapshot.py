@@ -1,0 +1,97 @@
+"""``RUN_DIR/status.json``: what only the controller knows, for ``hyperfleet status``.
+
+The storage already says which trials ran and how they ended; what it cannot say is which slots
+exist, how busy they have been and whether the controller is still alive. This sink writes that
+every couple of seconds (atomically, so a reader never sees half a file) and once at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hyperfleet.events import EventSink
+from hyperfleet.rundir import write_json
+from hyperfleet.state import RunState
+
+STATUS_NAME = "status.json"
+WRITE_EVERY_SECONDS = 2.0
+
+
+class StatusSnapshot(EventSink):
+    def __init__(
+        self,
+        run_dir: Path,
+        get_study: Callable[[], optuna.Study | None] = lambda: None,
+        every: float = WRITE_EVERY_SECONDS,
+    ) -> None:
+        self._path = run_dir / STATUS_NAME
+        self._get_study = get_study
+        self._every = every
+        self._last_write = 0.0
+
+    def on_start(self, state: RunState) -> None:
+        self._write(state, ended=False)
+
+    def on_tick(self, state: RunState) -> None:
+        if time.monotonic() - self._last_write >= self._every:
+            self._write(state, ended=False)
+
+    def on_end(self, state: RunState) -> None:
+        self._write(state, ended=True)
+
+    def _write(self, state: RunState, ended: bool) -> None:
+        self._last_write = time.monotonic()
+        write_json(self._path, snapshot(state, self._get_study(), ended))
+
+
+def snapshot(state: RunState, study: optuna.Study | None, ended: bool) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "run_name": state.run_name,
+        "run_dir": state.run_dir,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": state.started,
+        "updated": now,
+        "ended": ended,
+        "stopping": state.stopping,
+        "timeout": state.timeout,
+        "storage": describe_storage(study) if study is not None else None,
+        "studies": [
+            {"name": s.name, "directions": list(s.directions), "n_trials": s.n_trials}
+            for s in state.studies
+        ],
+        "slots": [
+            {
+                "name": slot.name,
+                "kind": slot.kind,
+                "gpus": list(slot.gpus),
+                "state": slot.state,
+                "trial": slot.trial,
+                "study": slot.study,
+                "since": slot.since,
+                "trials_done": slot.trials_done,
+                "busy_seconds": slot.busy_seconds,
+            }
+            for slot in state.slots
+        ],
+    }
+
+
+def describe_storage(study: optuna.Study) -> str | None:
+    """What ``open_storage`` needs to open the same storage from another process: a journal
+    file's path or a database URL; None for in-memory storage (nothing to reopen)."""
+    storage: Any = study._storage  # no public accessor
+    if isinstance(storage, optuna.storages.JournalStorage):
+        path = getattr(storage._backend, "_file_path", None)
+        return str(path) if path is not None else None
+    inner = getattr(storage, "_backend", storage)  # RDB storages come in a caching wrapper
+    url = getattr(inner, "url", None)
+    return url if isinstance(url, str) else None

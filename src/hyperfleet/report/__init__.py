@@ -1,0 +1,78 @@
+"""``hyperfleet report RUN_DIR``: ``report/`` with ``index.html``, PNGs and CSV tables.
+
+matplotlib and plotly are the optional ``report`` extra; they are imported only when a report
+is written, so the rest of hyperfleet works without them.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hyperfleet.errors import HyperfleetError
+
+if TYPE_CHECKING:
+    import optuna
+
+REPORT_DIR = "report"
+
+
+class ReportError(HyperfleetError):
+    """The report cannot be written."""
+
+
+def write_report(run_dir: str | Path, top: int = 5, study: optuna.Study | None = None) -> Path:
+    """Write ``RUN_DIR/report/`` from the run's storage and return that folder.
+
+    ``study`` skips reopening the storage (the end of a search passes the one it ran, which
+    also covers in-memory storage)."""
+    _require_plotting()
+    from hyperfleet.report import html, png, tables
+
+    if top < 1:
+        raise ReportError(f"--top must be at least 1, got {top}; pass --top 5 for example.")
+    path = Path(run_dir).absolute()
+    if study is None:
+        study = _the_study(path)
+    folder = path / REPORT_DIR
+    folder.mkdir(exist_ok=True)
+    best = tables.top_trials(study, top)
+    tables.write_csv(folder / "all_trials.csv", study, study.get_trials(deepcopy=False))
+    tables.write_csv(folder / "top_trials.csv", study, best)
+    with warnings.catch_warnings():
+        # Optuna's notes on experimental plots and importance targets mean nothing to a reader.
+        warnings.simplefilter("ignore")
+        png.write_pngs(folder, study)
+        figures = html.build_figures(study)
+    meta = (
+        f"{len(study.get_trials(deepcopy=False))} trials, "
+        f"{', '.join(d.name.lower() for d in study.directions)}; "
+        f"written {time.strftime('%Y-%m-%d %H:%M:%S')} from {path}"
+    )
+    (folder / "index.html").write_text(html.render_page(study, figures, best, meta))
+    return folder
+
+
+def _the_study(path: Path) -> optuna.Study:
+    from hyperfleet.status import open_run
+
+    run = open_run(path)
+    if not run.studies:
+        raise ReportError(
+            f"the storage of {path} holds no study (or it was in memory); run a search there "
+            "with a persistent storage first."
+        )
+    return run.studies[0]
+
+
+def _require_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError as exc:
+        raise ReportError(
+            f"the report needs matplotlib and plotly ({exc.name} is missing); install them "
+            "with: pip install 'hyperfleet[report]'"
+        ) from None

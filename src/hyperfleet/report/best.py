@@ -1,0 +1,191 @@
+"""``RUN_DIR/best/`` kept up to date during the search, and ``summary.md`` at its end.
+
+``best/`` is the best trial's folder (its files, ``params.json`` and ``result.json``) plus
+``best.json``; for a multi-objective study it holds one ``trial-<number>/`` folder per trial of
+the Pareto front. Files are hard-linked when the file system allows (a checkpoint is not copied
+on every new best), and the folder is built aside and swapped in, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.controller.bookkeeping import SLOT_ATTR
+from hyperfleet.display import format as fmt
+from hyperfleet.events import EventSink
+from hyperfleet.rundir import RunDir, write_json
+from hyperfleet.state import RunState, TrialRecord
+
+BEST_NAME = "best"
+SUMMARY_NAME = "summary.md"
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial, or for several objectives the Pareto front; empty before any result."""
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return []
+    if len(study.directions) > 1:
+        return sorted(study.best_trials, key=lambda t: t.number)
+    return [study.best_trial]
+
+
+class BestFolder(EventSink):
+    def __init__(self, run_dir: RunDir, get_study: Callable[[], optuna.Study | None]) -> None:
+        self._run_dir = run_dir
+        self._get_study = get_study
+        self._shown: list[int] = []
+
+    def on_start(self, state: RunState) -> None:
+        self._refresh()  # a resumed run may already have a best trial
+
+    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+        if record.state == "COMPLETE":
+            self._refresh()
+
+    def _refresh(self) -> None:
+        study = self._get_study()
+        if study is None:
+            return
+        best = best_trials(study)
+        numbers = [t.number for t in best]
+        if numbers and numbers != self._shown:
+            write_best(self._run_dir, study, best)
+            self._shown = numbers
+
+
+def write_best(run_dir: RunDir, study: optuna.Study, best: list[FrozenTrial]) -> Path:
+    final = run_dir.path / BEST_NAME
+    building = run_dir.path / f".{BEST_NAME}.new"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    if len(study.directions) == 1:
+        trial = best[0]
+        _link_tree(run_dir.trial_dir(trial.number), building)
+        write_json(building / "params.json", trial.params)
+        write_json(building / "best.json", _describe(study, trial))
+    else:
+        for trial in best:
+            folder = building / f"trial-{trial.number}"
+            _link_tree(run_dir.trial_dir(trial.number), folder)
+            write_json(folder / "params.json", trial.params)
+        write_json(building / "best.json", {"pareto_front": [_describe(study, t) for t in best]})
+    _swap_in(building, final)
+    return final
+
+
+def _describe(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    return {
+        "study": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "number": trial.number,
+        "values": trial.values,
+        "params": trial.params,
+        "slot": trial.system_attrs.get(SLOT_ATTR),
+        "trial_folder": f"trials/{trial.number}",
+    }
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=_link_or_copy, dirs_exist_ok=True)
+    else:
+        target.mkdir(parents=True, exist_ok=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+
+
+def _swap_in(building: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(final, old)
+    os.replace(building, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----- summary.md ---------------------------------------------------------------------------
+
+
+class RunSummary(EventSink):
+    def __init__(self, run_dir: RunDir, get_study: Callable[[], optuna.Study | None]) -> None:
+        self._run_dir = run_dir
+        self._get_study = get_study
+
+    def on_end(self, state: RunState) -> None:
+        text = summary_markdown(state, self._get_study())
+        (self._run_dir.path / SUMMARY_NAME).write_text(text)
+
+
+def summary_markdown(state: RunState, study: optuna.Study | None) -> str:
+    elapsed = time.time() - state.started
+    lines = [
+        f"# {state.run_name}",
+        "",
+        f"- run folder: `{state.run_dir}`",
+        f"- started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.started))}, "
+        f"ran {fmt.duration(elapsed)}" + (" (stopped early)" if state.stopping else ""),
+        "",
+    ]
+    if study is not None:
+        lines += _study_section(study)
+    lines += _slots_section(state, elapsed)
+    lines += [
+        "## Files",
+        "",
+        "- `optuna.journal`: the Optuna storage (optuna-dashboard opens it)",
+        "- `run.log`: one line per trial start and end",
+        "- `trials/<number>/`: `params.json`, `result.json`, `stdout.log`, `stderr.log` and "
+        "what the objective wrote",
+        "- `best/`: the best trial's folder (`best.json` says which)",
+        "- `report/index.html`: plots and tables (`hyperfleet report` rewrites it)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _study_section(study: optuna.Study) -> list[str]:
+    trials = study.get_trials(deepcopy=False)
+    directions = ", ".join(d.name.lower() for d in study.directions)
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    lines = [
+        f"## Study `{study.study_name}` ({directions})",
+        "",
+        "| state | trials |",
+        "|---|---:|",
+        *[f"| {s.name.lower()} | {n} |" for s, n in counts.items() if n],
+        "",
+    ]
+    best = best_trials(study)
+    if not best:
+        return [*lines, "No trial completed.", ""]
+    title = "Best trial" if len(best) == 1 else f"Pareto front ({len(best)} trials)"
+    lines += [f"### {title}", "", "| trial | values | parameters |", "|---:|---|---|"]
+    for trial in best:
+        params = ", ".join(f"{k}={fmt.number(v)}" for k, v in trial.params.items())
+        lines.append(f"| {trial.number} | {fmt.values(trial.values)} | {params} |")
+    return [*lines, ""]
+
+
+def _slots_section(state: RunState, elapsed: float) -> list[str]:
+    lines = ["## Slots", "", "| slot | trials | busy | busy share |", "|---|---:|---:|---:|"]
+    for slot in state.slots:
+        share = slot.busy_seconds / elapsed if elapsed > 0 else 0.0
+        lines.append(
+            f"| {slot.name} | {slot.trials_done} | {fmt.duration(slot.busy_seconds)} | "
+            f"{100 * share:.0f}% |"
+        )
+    return [*lines, ""]

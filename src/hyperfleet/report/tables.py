@@ -1,0 +1,122 @@
+"""The trials as rows: ``all_trials.csv``, ``top_trials.csv`` and the report's table.
+
+One row per trial with its number, state, value(s), parameters (``param_<name>``), slot, start,
+end, duration and failure reason: all straight from the storage.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.controller.bookkeeping import REASON_ATTR, SLOT_ATTR
+
+
+def value_columns(study: optuna.Study) -> list[str]:
+    if len(study.directions) == 1:
+        return ["value"]
+    names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
+    return [str(n) for n in names]
+
+
+def param_names(trials: list[FrozenTrial]) -> list[str]:
+    names: dict[str, None] = {}
+    for trial in trials:
+        names.update(dict.fromkeys(trial.params))
+    return list(names)
+
+
+def columns(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
+    return [
+        "number",
+        "state",
+        *value_columns(study),
+        *[f"param_{p}" for p in param_names(trials)],
+        "slot",
+        "start",
+        "end",
+        "duration_s",
+        "reason",
+    ]
+
+
+def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
+    values = trial.values or [None] * len(study.directions)
+    row.update(zip(value_columns(study), values, strict=True))
+    row.update({f"param_{name}": value for name, value in trial.params.items()})
+    row["slot"] = trial.system_attrs.get(SLOT_ATTR, "")
+    row["start"] = _iso(trial.datetime_start)
+    row["end"] = _iso(trial.datetime_complete)
+    row["duration_s"] = duration_seconds(trial)
+    row["reason"] = trial.system_attrs.get(REASON_ATTR, "")
+    return row
+
+
+def duration_seconds(trial: FrozenTrial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 3)
+
+
+def _iso(stamp: datetime.datetime | None) -> str:
+    return stamp.isoformat(timespec="seconds") if stamp is not None else ""
+
+
+def top_trials(study: optuna.Study, n: int) -> list[FrozenTrial]:
+    """The ``n`` best complete trials; with several objectives, the Pareto front first, then
+    the rest by the first objective."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1.0 if study.directions[0] == StudyDirection.MINIMIZE else -1.0
+    by_first = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+    if len(study.directions) == 1:
+        return by_first[:n]
+    front = {t.number for t in study.best_trials}
+    ordered = [t for t in by_first if t.number in front] + [
+        t for t in by_first if t.number not in front
+    ]
+    return ordered[:n]
+
+
+def write_csv(path: Path, study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    all_trials = study.get_trials(deepcopy=False)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns(study, all_trials), restval="")
+        writer.writeheader()
+        for trial in trials:
+            writer.writerow(trial_row(study, trial))
+
+
+# ----- the slots' timeline -------------------------------------------------------------------
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials with both a start and an end: what the timeline and the histogram show."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_start is not None and t.datetime_complete is not None
+    ]
+
+
+def slot_of(trial: FrozenTrial) -> str:
+    return str(trial.system_attrs.get(SLOT_ATTR, "")) or "unknown"
+
+
+def busy_fractions(trials: list[FrozenTrial]) -> dict[str, float]:
+    """Each slot's busy time over the span from the first trial's start to the last's end."""
+    if not trials:
+        return {}
+    first = min(t.datetime_start for t in trials if t.datetime_start is not None)
+    last = max(t.datetime_complete for t in trials if t.datetime_complete is not None)
+    span = max(1e-9, (last - first).total_seconds())
+    busy: dict[str, float] = {}
+    for trial in trials:
+        busy[slot_of(trial)] = busy.get(slot_of(trial), 0.0) + (duration_seconds(trial) or 0.0)
+    return {slot: min(1.0, seconds / span) for slot, seconds in sorted(busy.items())}

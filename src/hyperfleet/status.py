@@ -1,0 +1,249 @@
+"""``hyperfleet status RUN_DIR``: a run's progress, from another terminal or after the end.
+
+The running controller cannot be asked, so this reads what it leaves behind: the storage (the
+trials, authoritative; a journal file may be appended while it is read, which Optuna's journal
+storage handles) and ``status.json`` (slots, busy time, whether the controller lives).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psutil
+from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.controller.bookkeeping import REASON_ATTR, SLOT_ATTR
+from hyperfleet.display import format as fmt
+from hyperfleet.display.snapshot import STATUS_NAME
+from hyperfleet.errors import RunDirError
+from hyperfleet.report.best import best_trials
+from hyperfleet.rundir import JOURNAL_NAME
+from hyperfleet.storage import open_storage
+
+
+@dataclass
+class RunData:
+    """A run folder opened for reading: its storage's studies and the controller's snapshot."""
+
+    path: Path
+    studies: list[optuna.Study]
+    snapshot: dict[str, Any] | None
+
+
+def open_run(run_dir: str | Path) -> RunData:
+    path = Path(run_dir).absolute()
+    snapshot = read_snapshot(path)
+    location = snapshot.get("storage") if snapshot else None
+    if location is None and not (path / JOURNAL_NAME).exists():
+        if snapshot is not None:
+            return RunData(path, [], snapshot)  # the study lived in memory: only slots to show
+        raise RunDirError(
+            f"{path} holds no hyperfleet run (no {JOURNAL_NAME} and no {STATUS_NAME}); pass the "
+            "folder a search wrote, such as runs/STUDY or the --run-dir it was given."
+        )
+    storage = open_storage(location, path / JOURNAL_NAME)
+    names = [s["name"] for s in snapshot.get("studies", [])] if snapshot else []
+    if not names:
+        names = [s.study_name for s in storage.get_all_studies()]
+    studies = [_load(name, storage) for name in names]
+    return RunData(path, [s for s in studies if s is not None], snapshot)
+
+
+def _load(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study | None:
+    try:
+        # A fixed sampler: loading must not draw a seed or warn about an experimental one.
+        return optuna.load_study(
+            study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(0)
+        )
+    except KeyError:
+        return None
+
+
+def read_snapshot(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / STATUS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def controller_alive(snapshot: dict[str, Any] | None) -> bool:
+    if snapshot is None or snapshot.get("ended"):
+        return False
+    if snapshot.get("host") != socket.gethostname():
+        return True  # cannot check another machine's processes; trust the snapshot
+    return psutil.pid_exists(int(snapshot.get("pid", -1)))
+
+
+# ----- the status dictionary -----------------------------------------------------------------
+
+
+def status(run_dir: str | Path) -> dict[str, Any]:
+    run = open_run(run_dir)
+    now = time.time()
+    snapshot = run.snapshot
+    alive = controller_alive(snapshot)
+    trials = [(s, t) for s in run.studies for t in s.get_trials(deepcopy=False)]
+    return {
+        "run_dir": str(run.path),
+        "run_name": snapshot.get("run_name") if snapshot else run.path.name,
+        "active": alive,
+        "stopping": bool(snapshot.get("stopping")) if snapshot else False,
+        "elapsed_s": _elapsed(snapshot, now, alive),
+        "snapshot_age_s": now - float(snapshot["updated"]) if snapshot else None,
+        "studies": [_study_status(s) for s in run.studies],
+        "running": [_running(s, t, now) for s, t in trials if t.state == TrialState.RUNNING],
+        "slots": _slots(snapshot, now, alive) if snapshot else _slots_from_trials(trials),
+    }
+
+
+def _elapsed(snapshot: dict[str, Any] | None, now: float, alive: bool) -> float | None:
+    if snapshot is None:
+        return None
+    end = now if alive else float(snapshot["updated"])
+    return end - float(snapshot["started"])
+
+
+def _study_status(study: optuna.Study) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    best = best_trials(study)
+    return {
+        "name": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "counts": counts,
+        "total": len(trials),
+        "best": [{"number": t.number, "values": t.values, "params": t.params} for t in best],
+        "last_failure": _last_failure(trials),
+    }
+
+
+def _last_failure(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if not failed:
+        return None
+    last = failed[-1]
+    return {"number": last.number, "reason": str(last.system_attrs.get(REASON_ATTR, ""))}
+
+
+def _running(study: optuna.Study, trial: FrozenTrial, now: float) -> dict[str, Any]:
+    start = trial.datetime_start.timestamp() if trial.datetime_start else None
+    return {
+        "study": study.study_name,
+        "number": trial.number,
+        "slot": trial.system_attrs.get(SLOT_ATTR),
+        "elapsed_s": now - start if start is not None else None,
+        "params": trial.params,
+    }
+
+
+def _slots(snapshot: dict[str, Any], now: float, alive: bool) -> list[dict[str, Any]]:
+    """Each slot's busy time over the controller's life so far, counting a trial still on it."""
+    end = now if alive else float(snapshot["updated"])
+    elapsed = max(1e-9, end - float(snapshot["started"]))
+    slots = []
+    for slot in snapshot.get("slots", []):
+        busy = float(slot.get("busy_seconds", 0.0))
+        running = alive and slot.get("state") == "busy" and slot.get("since") is not None
+        if running:
+            busy += max(0.0, now - float(slot["since"]))
+        slots.append(
+            {
+                "name": slot["name"],
+                "state": slot["state"] if alive else "stopped",
+                "trial": slot.get("trial") if running else None,
+                "trials_done": slot.get("trials_done", 0),
+                "busy_s": busy,
+                "busy_fraction": min(1.0, busy / elapsed),
+            }
+        )
+    return slots
+
+
+def _slots_from_trials(trials: list[tuple[optuna.Study, FrozenTrial]]) -> list[dict[str, Any]]:
+    """Without a snapshot (a run from an older version): busy time from the trials' own times."""
+    spans = [
+        (str(t.system_attrs.get(SLOT_ATTR, "?")), t.datetime_start, t.datetime_complete)
+        for _, t in trials
+        if t.datetime_start is not None and t.datetime_complete is not None
+    ]
+    if not spans:
+        return []
+    first = min(s for _, s, _ in spans)
+    last = max(e for _, _, e in spans)
+    elapsed = max(1e-9, (last - first).total_seconds())
+    busy: dict[str, float] = {}
+    done: dict[str, int] = {}
+    for name, start, end in spans:
+        busy[name] = busy.get(name, 0.0) + (end - start).total_seconds()
+        done[name] = done.get(name, 0) + 1
+    return [
+        {
+            "name": name,
+            "state": "unknown",
+            "trial": None,
+            "trials_done": done[name],
+            "busy_s": busy[name],
+            "busy_fraction": min(1.0, busy[name] / elapsed),
+        }
+        for name in sorted(busy)
+    ]
+
+
+# ----- as text -------------------------------------------------------------------------------
+
+
+def format_status(data: dict[str, Any]) -> str:
+    state = "running" if data["active"] else "not running"
+    if data["active"] and data["stopping"]:
+        state = "stopping"
+    lines = [f"run {data['run_name']} in {data['run_dir']}: {state}"]
+    if data["elapsed_s"] is not None:
+        lines[0] += f", {fmt.duration(data['elapsed_s'])} elapsed"
+    for study in data["studies"]:
+        lines += _format_study(study)
+    lines.append(f"running trials: {len(data['running'])}")
+    for trial in data["running"]:
+        lines.append(
+            f"  trial {trial['number']} on {trial['slot'] or '?'} for "
+            f"{fmt.duration(trial['elapsed_s'])}: {fmt.params(trial['params'], 60)}"
+        )
+    if data["slots"]:
+        lines.append("slots (busy share so far):")
+    for slot in data["slots"]:
+        on = f", trial {slot['trial']}" if slot["trial"] is not None else ""
+        lines.append(
+            f"  {slot['name']:<10} {slot['state']:<8} {100 * slot['busy_fraction']:3.0f}% busy, "
+            f"{slot['trials_done']} trials{on}"
+        )
+    return "\n".join(lines)
+
+
+def _format_study(study: dict[str, Any]) -> list[str]:
+    counts = ", ".join(f"{n} {s}" for s, n in study["counts"].items() if n) or "no trials"
+    lines = [f"study {study['name']} ({', '.join(study['directions'])}): {counts}"]
+    best = study["best"]
+    if len(best) == 1:
+        lines.append(
+            f"  best trial {best[0]['number']}: {fmt.values(best[0]['values'])} "
+            f"{fmt.params(best[0]['params'], 60)}"
+        )
+    elif best:
+        lines.append(f"  Pareto front: {len(best)} trials")
+        for trial in best[:5]:
+            lines.append(
+                f"    trial {trial['number']}: {fmt.values(trial['values'])} "
+                f"{fmt.params(trial['params'], 50)}"
+            )
+    failure = study["last_failure"]
+    if failure:
+        lines.append(
+            f"  last failure: trial {failure['number']}: {fmt.shorten(failure['reason'], 70)}"
+        )
+    return lines

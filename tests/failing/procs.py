@@ -1,0 +1,93 @@
+"""Helpers for tests that drive ``hyperfleet run`` as a real process and inspect what it left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import optuna
+import psutil
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial
+
+HERE = Path(__file__).resolve().parent
+OBJECTIVES = HERE / "objectives.py"
+WORKER_MODULE = "hyperfleet.workers.main"
+
+T = TypeVar("T")
+
+
+def cpu_only_env() -> dict[str, str]:
+    """The environment for a run that uses CPU slots only, whatever GPUs this machine has."""
+    env = {k: v for k, v in os.environ.items() if k != "HYPERFLEET_FAKE_GPUS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hyperfleet.cli", *args]
+
+
+def run_cli(
+    args: Sequence[str], cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_command(*args),
+        cwd=cwd,
+        env=env or cpu_only_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def objective(name: str) -> str:
+    return f"{OBJECTIVES}:{name}"
+
+
+def load_trials(run_dir: Path, study_name: str) -> list[FrozenTrial]:
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return optuna.load_study(study_name=study_name, storage=storage).get_trials()
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)  # polling interval of a real condition, not a synchronisation sleep
+
+
+def processes_of_run(run_dir: Path) -> list[str]:
+    """Live processes tied to ``run_dir``: its workers (by working directory) and anything
+    whose command line names it (the objectives' grandchildren)."""
+    marker = str(run_dir.resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            is_worker = WORKER_MODULE in cmdline and proc.cwd().startswith(marker)
+            if is_worker or (marker in cmdline and proc.pid != os.getpid()):
+                found.append(f"{proc.pid}: {cmdline}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def assert_no_leftovers(run_dir: Path, timeout: float = 10.0) -> None:
+    """Every process of the run exits within a few seconds."""
+    wait_until(lambda: not processes_of_run(run_dir), timeout, "the run's processes to exit")

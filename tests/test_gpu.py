@@ -1,0 +1,132 @@
+"""On a real NVIDIA GPU with PyTorch: each worker sees its own GPU through CUDA, training runs
+concurrently, workers can share a GPU, and the CUDA cache is freed between trials.
+
+Every test here is marked ``gpu`` and skips unless PyTorch is built with CUDA and NVML finds a
+GPU. This module never initialises CUDA itself: only the workers do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import hyperfleet
+from hyperfleet.resources.inventory import FAKE_GPUS_ENV, Inventory, detect_inventory
+
+OBJECTIVES = Path(__file__).parent / "objectives"
+
+
+def _torch_has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.version.cuda is not None  # a CUDA build; asks the driver nothing
+
+
+def _real_gpus() -> Inventory | None:
+    if os.environ.get(FAKE_GPUS_ENV) or not _torch_has_cuda():
+        return None
+    inventory = detect_inventory()
+    return inventory if any(g.kind == "cuda" for g in inventory.gpus) else None
+
+
+INVENTORY = _real_gpus()
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(INVENTORY is None, reason="needs PyTorch with CUDA and an NVIDIA GPU"),
+]
+
+
+@pytest.fixture
+def gpu_torch(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(OBJECTIVES))
+    return importlib.import_module("gpu_torch")
+
+
+def gpus() -> Inventory:
+    assert INVENTORY is not None
+    return INVENTORY
+
+
+def run(study: optuna.Study, objective: Any, n_trials: int, tmp_path: Path, **pool: Any) -> None:
+    outcome = hyperfleet.optimize(
+        study,
+        objective,
+        n_trials=n_trials,
+        run_dir=tmp_path / "run",
+        display="quiet",
+        inventory=gpus(),
+        cpu_slots=0,
+        **pool,
+    )
+    assert outcome.status == "completed"
+    failed = [t.system_attrs for t in study.get_trials() if t.state != TrialState.COMPLETE]
+    assert not failed, failed
+
+
+def test_each_worker_sees_only_its_own_gpu(gpu_torch: ModuleType, tmp_path: Path) -> None:
+    parties = len(gpus().gpus)
+    study = optuna.create_study()
+    run(
+        study,
+        gpu_torch.make_trainer,
+        parties,
+        tmp_path,
+        objective_kwargs={"barrier_dir": str(tmp_path / "barrier"), "parties": parties},
+    )
+
+    names = {g.index: g.name for g in gpus().gpus}
+    seen = [t.user_attrs for t in study.get_trials()]
+    assert sorted(s["slot_gpus"][0] for s in seen) == sorted(names)
+    for s in seen:
+        assert s["device_count"] == 1
+        assert s["cuda_visible_devices"] == str(s["slot_gpus"][0])
+        assert s["device_uuid"] == s["slot_uuids"][0]
+        assert s["device_name"] == names[s["slot_gpus"][0]]
+        assert s["parameters_on"] == "cuda:0"
+
+
+def test_two_workers_train_at_once_on_one_gpu(gpu_torch: ModuleType, tmp_path: Path) -> None:
+    first = gpus().gpus[0]
+    study = optuna.create_study()
+    run(
+        study,
+        gpu_torch.make_trainer,
+        4,
+        tmp_path,
+        gpus=[first.index],
+        trials_per_gpu=2,
+        objective_kwargs={"barrier_dir": str(tmp_path / "barrier"), "parties": 2},
+    )
+
+    trials = study.get_trials()
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
+    for trial in trials:
+        assert trial.user_attrs["device_count"] == 1
+        assert trial.user_attrs["device_uuid"] == first.uuid
+        assert len(trial.intermediate_values) == 5
+    # Each worker's first trial waited for the other's: the two ran at the same time.
+    a, b = trials[0], trials[1]
+    assert a.datetime_start and b.datetime_start and a.datetime_complete and b.datetime_complete
+    assert max(a.datetime_start, b.datetime_start) < min(a.datetime_complete, b.datetime_complete)
+
+
+def test_cuda_cache_is_freed_between_trials(gpu_torch: ModuleType, tmp_path: Path) -> None:
+    study = optuna.create_study()
+    run(study, gpu_torch.cache_probe, 3, tmp_path, gpus=[gpus().gpus[0].index])
+
+    trials = study.get_trials()
+    for trial in trials:
+        # The trial really filled the cache, and the next one started with it empty again.
+        assert trial.user_attrs["reserved_after_alloc_mib"] >= 64
+        assert trial.user_attrs["reserved_at_start_mib"] == 0

@@ -1,0 +1,56 @@
+"""Resume is running the same command again, however the controller died."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from failing.procs import cli_command, cpu_only_env, objective, run_cli, wait_until
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "kill_loop.py"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kill_loop", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kill_loop"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
+    bench = _bench()
+    report = bench.kill_loop(tmp_path, kills=10, n_trials=60, slots=2, seed=3, max_wait=3)
+    assert report.problems == []
+    assert report.kills == 10
+    assert report.complete == 60
+    # Every failure is an interrupted trial, each repeated by one more trial.
+    assert report.trials == 60 + report.interrupted
+
+
+def test_the_checks_catch_a_completed_trial_run_twice(tmp_path: Path) -> None:
+    """The kill loop's verdict can fail: a log with one trial started twice is refused."""
+    bench = _bench()
+    log = "start 0 0.5\nend 0 0.5\nstart 0 0.5\nend 0 0.5\n"
+    assert any("started twice" in p for p in bench.check([], log, 0))
+
+
+def test_a_second_controller_on_a_run_directory_in_use_stops_at_once(tmp_path: Path) -> None:
+    env = {**cpu_only_env(), "TEST_FOLDER": str(tmp_path)}
+    run_dir = tmp_path / "run"
+    args = ["run", objective("waits_for_release"), "--run-dir", str(run_dir), "--n-trials", "1"]
+    args += ["--cpu-slots", "1", "--quiet", "--no-report"]
+    first = subprocess.Popen(cli_command(*args), cwd=tmp_path, env=env)
+    try:
+        wait_until(lambda: (tmp_path / "log").exists(), 60, "the first run's trial to start")
+        second = run_cli(args, tmp_path, env=env)
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in second.stderr
+        assert "in use by another hyperfleet controller" in second.stderr
+    finally:
+        (tmp_path / "release").touch()
+        assert first.wait(timeout=60) == 0

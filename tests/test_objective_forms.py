@@ -1,0 +1,234 @@
+"""Every way a user writes an objective works: a function in the user's own script (under
+``if __name__ == "__main__":``), one typed at an interactive prompt, a closure, a lambda, a file
+or module target, and a factory. Module-level code runs once per warm worker."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+import hyperfleet
+from hyperfleet.cli import main
+from hyperfleet.resources.inventory import Inventory
+
+ALLOWED_CORES = tuple(sorted(os.sched_getaffinity(0)))
+SCRIPT_SECONDS = 120
+
+# Module-level code logs each process that runs it; the objective records its worker.
+COUNTED_MODULE = """\
+import os
+from pathlib import Path
+
+with open(Path(__file__).with_name("imports.log"), "a") as log:
+    log.write(f"{os.getpid()} {__name__}\\n")
+
+
+def objective(trial):
+    trial.set_user_attr("pid", os.getpid())
+    return (trial.suggest_float("x", -1.0, 1.0) - 0.5) ** 2
+"""
+
+USER_SCRIPT = (
+    COUNTED_MODULE
+    + """
+
+if __name__ == "__main__":
+    import json
+
+    import optuna
+
+    import hyperfleet
+    from hyperfleet.resources.inventory import Inventory
+
+    study = optuna.create_study()
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    outcome = hyperfleet.optimize(
+        study,
+        objective,
+        n_trials=6,
+        run_dir=Path(__file__).with_name("run"),
+        display="quiet",
+        inventory=Inventory(gpus=(), cores=cores),
+        cpu_slots=2,
+    )
+    summary = {
+        "status": outcome.status,
+        "states": [t.state.name for t in study.trials],
+        "trial_pids": [t.user_attrs["pid"] for t in study.trials],
+    }
+    Path(__file__).with_name("summary.json").write_text(json.dumps(summary))
+"""
+)
+
+INTERACTIVE_SESSION = """\
+import json, os, sys
+import optuna
+import hyperfleet
+from hyperfleet.resources.inventory import Inventory
+
+def objective(trial):
+    return trial.suggest_float("x", 0.0, 1.0) + OFFSET
+
+OFFSET = 10.0
+study = optuna.create_study()
+hyperfleet.optimize(
+    study, objective, n_trials=2, run_dir=sys.argv[1], display="quiet",
+    inventory=Inventory(gpus=(), cores=(min(os.sched_getaffinity(0)),)), cpu_slots=1,
+)
+print(json.dumps([[t.state.name, t.value] for t in study.trials]))
+"""
+
+
+def cpu_pool(slots: int) -> dict[str, Any]:
+    return {"inventory": Inventory(gpus=(), cores=ALLOWED_CORES), "cpu_slots": slots}
+
+
+def import_log(folder: Path) -> list[tuple[int, str]]:
+    rows = [line.split() for line in (folder / "imports.log").read_text().splitlines()]
+    return [(int(pid), name) for pid, name in rows]
+
+
+def run_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_objective_in_the_users_own_script(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(USER_SCRIPT)
+    run_python([str(script)], cwd=tmp_path)
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["states"] == ["COMPLETE"] * 6
+    runs = import_log(tmp_path)
+    # The script's top level ran in the controller as __main__, and once in each worker, which
+    # re-runs it (as multiprocessing's spawn does) without entering the __main__ block.
+    controllers = [pid for pid, name in runs if name == "__main__"]
+    workers = [pid for pid, name in runs if name != "__main__"]
+    assert len(controllers) == 1
+    assert len(workers) == len(set(workers)) == 2
+    assert set(summary["trial_pids"]) <= set(workers)
+
+
+def test_objective_defined_at_an_interactive_prompt(tmp_path: Path) -> None:
+    # `python -c` has a __main__ without a file, like a notebook: the objective and the globals
+    # it uses travel by value.
+    result = run_python(["-c", INTERACTIVE_SESSION, str(tmp_path / "run")], cwd=tmp_path)
+
+    trials = json.loads(result.stdout.splitlines()[-1])
+    assert [state for state, _ in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(10.0 <= value <= 11.0 for _, value in trials)
+
+
+def test_module_level_code_runs_once_per_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "counted.py").write_text(COUNTED_MODULE)
+    monkeypatch.setenv("HYPERFLEET_FAKE_GPUS", "0")
+    code = main(
+        [
+            *("run", f"{tmp_path / 'counted.py'}:objective", "--n-trials", "8"),
+            *("--cpu-slots", "2", "--run-dir", str(tmp_path / "run"), "--quiet"),
+        ]
+    )
+
+    assert code == 0
+    study = optuna.load_study(
+        study_name="counted-objective",
+        storage=JournalStorage(JournalFileBackend(str(tmp_path / "run" / "optuna.journal"))),
+    )
+    trial_pids = Counter(t.user_attrs["pid"] for t in study.get_trials())
+    runs = import_log(tmp_path)
+    # Each of the two workers imported the file once (never the controller) and then ran
+    # trial after trial.
+    assert len(runs) == 2
+    assert {name for _, name in runs} == {"counted"}
+    assert {pid for pid, _ in runs} >= set(trial_pids)
+    assert os.getpid() not in trial_pids
+    assert trial_pids.total() == 8
+
+
+def test_module_target_is_found_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "counted.py").write_text(COUNTED_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.setenv("HYPERFLEET_FAKE_GPUS", "0")
+
+    code = main(["run", "counted:objective", "--n-trials", "2", "--cpu-slots", "1", "--quiet"])
+
+    assert code == 0
+    result = json.loads((tmp_path / "runs/counted-objective/trials/1/result.json").read_text())
+    assert result["state"] == "COMPLETE"
+
+
+def test_closure_and_lambda_objectives(tmp_path: Path) -> None:
+    offset = 100.0  # captured: the closure travels by value
+
+    def closure(trial: optuna.Trial) -> float:
+        return trial.suggest_float("x", 0.0, 1.0) + offset
+
+    for name, objective in [("closure", closure), ("lambda", lambda t: t.suggest_int("n", 3, 3))]:
+        study = optuna.create_study()
+        outcome = hyperfleet.optimize(
+            study, objective, n_trials=3, run_dir=tmp_path / name, display="quiet", **cpu_pool(2)
+        )
+        assert outcome.status == "completed"
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+        low, high = (100.0, 101.0) if name == "closure" else (3.0, 3.0)
+        assert all(low <= (t.value or -1.0) <= high for t in study.trials)
+
+
+def test_factory_objective_gets_its_keyword_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = textwrap.dedent(
+        """\
+        import os
+
+        def make_objective(scale):
+            def objective(trial):
+                trial.set_user_attr("pid", os.getpid())
+                return scale * trial.suggest_float("x", 1.0, 2.0)
+            return objective
+        """
+    )
+    (tmp_path / "forms_factory.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "forms_factory", raising=False)
+    factory = importlib.import_module("forms_factory")
+    study = optuna.create_study()
+    hyperfleet.optimize(
+        study,
+        factory.make_objective,
+        n_trials=3,
+        run_dir=tmp_path / "run",
+        display="quiet",
+        objective_kwargs={"scale": -1.0},
+        **cpu_pool(1),
+    )
+
+    assert all(-2.0 <= (t.value or 0.0) <= -1.0 for t in study.trials)
