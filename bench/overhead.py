@@ -12,12 +12,14 @@ Each reports its steady rate (trials per second between the first and the last f
 so process start-up is not counted) and its wall time including start-up.
 
     python bench/overhead.py --trials 400 --repeats 3
+    python bench/overhead.py --trials 100 --trial-seconds 0.1   # trials that do some work
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -30,9 +32,13 @@ from optuna.storages.journal import JournalFileBackend
 
 import hyperfleet
 
+TRIAL_SECONDS = float(os.environ.get("BENCH_TRIAL_SECONDS", "0"))
+
 
 def objective(trial: optuna.Trial) -> float:
     x = trial.suggest_float("x", -10.0, 10.0)
+    if TRIAL_SECONDS:
+        time.sleep(TRIAL_SECONDS)  # stands in for work; the workers inherit the variable
     return (x - 2.0) ** 2
 
 
@@ -96,7 +102,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trial-seconds", type=float, default=0.0, help="work per trial")
     args = parser.parse_args()
+    global TRIAL_SECONDS
+    TRIAL_SECONDS = args.trial_seconds
+    os.environ["BENCH_TRIAL_SECONDS"] = str(args.trial_seconds)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     rates: dict[str, list[float]] = {name: [] for name in RUNNERS}
@@ -110,7 +120,8 @@ def main() -> None:
                 rates[name].append(_steady_rate(study))
 
     base = statistics.median(rates["optuna-threads"])
-    print(f"{args.trials} trivial trials, 2 slots, journal file, median of {args.repeats}")
+    work = f"{args.trial_seconds * 1000:.0f} ms" if args.trial_seconds else "trivial"
+    print(f"{args.trials} {work} trials, 2 slots, journal file, median of {args.repeats}")
     print(f"{'runner':<18}{'trials/s':>10}{'ms/trial':>10}{'wall s':>9}{'vs threads':>12}")
     for name in RUNNERS:
         rate = statistics.median(rates[name])

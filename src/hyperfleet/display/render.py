@@ -136,7 +136,7 @@ def _gpu_use(state: RunState, index: int) -> str:
 def studies_table(state: RunState, width: int) -> Table:
     table = _table("Studies", width)
     table.add_column("study", no_wrap=True, overflow="ellipsis", max_width=max(12, width // 4))
-    table.add_column("done", justify="right", no_wrap=True)
+    table.add_column("complete", justify="right", no_wrap=True)
     table.add_column("run", justify="right", no_wrap=True)
     table.add_column("pruned", justify="right", no_wrap=True)
     table.add_column("failed", justify="right", no_wrap=True)
