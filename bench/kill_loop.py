@@ -31,7 +31,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-OBJECTIVE = Path(__file__).resolve().parents[1] / "tests" / "failing" / "objectives.py"
+OBJECTIVE = Path(__file__).resolve().parents[1] / "tests" / "support" / "objectives.py"
 RETRY_ATTR = "hyperfleet.retry_of"
 KIND_ATTR = "hyperfleet:fail_kind"
 STUDY = "killed"

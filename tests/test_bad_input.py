@@ -11,10 +11,10 @@ import optuna
 import pytest
 
 import hyperfleet
-from failing.procs import cpu_only_env, run_cli
 from hyperfleet.config import parse_duration
 from hyperfleet.errors import ConfigError, ObjectiveError, ResourceError, RunDirError
 from hyperfleet.resources.inventory import Gpu, Inventory
+from support.procs import cpu_only_env, run_cli
 
 GOOD = """\
 def objective(trial):

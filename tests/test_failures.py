@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from failing.objectives import STDERR_LINE
-from failing.procs import assert_no_leftovers, load_trials, objective, run_cli
+from support.objectives import STDERR_LINE
+from support.procs import assert_no_leftovers, load_trials, objective, run_cli
 
 KIND = "hyperfleet:fail_kind"
 REASON = "hyperfleet:fail_reason"

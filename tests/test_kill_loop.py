@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from failing.procs import cli_command, cpu_only_env, objective, run_cli, wait_until
+from support.procs import cli_command, cpu_only_env, objective, run_cli, wait_until
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "kill_loop.py"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
+
+from support.procs import small_search
 
 OBJECTIVE = """
 import optuna
@@ -26,21 +27,7 @@ def run_cli(tmp_path: Path, *flags: str) -> str:
     out = tmp_path / "out.txt"
     with open(out, "w") as stream:
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hyperfleet.cli",
-                "run",
-                "objective.py:objective",
-                "--n-trials",
-                "5",
-                "--cpu-slots",
-                "2",
-                "--run-dir",
-                "run",
-                "--no-report",
-                *flags,
-            ],
+            small_search(5, *flags),
             cwd=tmp_path,
             stdout=stream,
             stderr=subprocess.PIPE,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hyperfleet.report import write_report
+from support.procs import small_search
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
@@ -52,20 +52,7 @@ def chromium(tmp_path: Path, page: Path, *flags: str) -> subprocess.CompletedPro
 def test_report_draws_every_plot_without_script_errors(tmp_path: Path) -> None:
     (tmp_path / "objective.py").write_text(OBJECTIVE)
     search = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hyperfleet.cli",
-            "run",
-            "objective.py:objective",
-            "--n-trials",
-            "10",
-            "--cpu-slots",
-            "2",
-            "--run-dir",
-            "run",
-            "--no-report",
-        ],
+        small_search(10),
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from failing.procs import assert_no_leftovers, load_trials, objective, run_cli
 from hyperfleet.config import RetryPolicy
 from hyperfleet.errors import ConfigError
+from support.procs import assert_no_leftovers, load_trials, objective, run_cli
 
 RETRY_OF = "hyperfleet.retry_of"
 PID = "hyperfleet:worker_pid"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from failing.procs import (
+from support.procs import (
     assert_no_leftovers,
     cli_command,
     cpu_only_env,

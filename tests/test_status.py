@@ -13,6 +13,7 @@ import pytest
 
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.status import format_status, status
+from support.procs import small_search
 
 # Trial 0 holds its slot until the test creates "release", so the test can look at a run that
 # is still going; the other trials are instant.
@@ -59,20 +60,7 @@ def test_status_while_running_and_after(tmp_path: Path) -> None:
     (tmp_path / "objective.py").write_text(OBJECTIVE)
     run_dir = tmp_path / "run"
     search = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hyperfleet.cli",
-            "run",
-            "objective.py:objective",
-            "--n-trials",
-            "6",
-            "--cpu-slots",
-            "2",
-            "--run-dir",
-            "run",
-            "--no-report",
-        ],
+        small_search(6),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -35,6 +35,14 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "hyperfleet.cli", *args]
 
 
+def small_search(n_trials: int, *flags: str) -> list[str]:
+    """``hyperfleet run objective.py:objective`` on two CPU slots in ``./run``, no report."""
+    return cli_command(
+        "run", "objective.py:objective", "--n-trials", str(n_trials),
+        "--cpu-slots", "2", "--run-dir", "run", "--no-report", *flags,
+    )  # fmt: skip
+
+
 def run_cli(
     args: Sequence[str], cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
