@@ -1,5 +1,5 @@
 """Pruning from real training loops, as ``study.optimize`` would run them: optuna-integration's
-LightGBM callback, and a per-epoch report/should_prune loop as written for PyTorch."""
+LightGBM and XGBoost callbacks, and a per-epoch report/should_prune loop as written for PyTorch."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ def test_lightgbm_pruning_callback(loops: ModuleType, tmp_path: Path) -> None:
     pytest.importorskip("lightgbm")
     pytest.importorskip("optuna_integration.lightgbm")
     trials = run_pruned_search(loops.lightgbm_objective, tmp_path)
+    assert_odd_trials_pruned_early(trials, loops.ROUNDS)
+
+
+def test_xgboost_pruning_callback(loops: ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("xgboost")
+    pytest.importorskip("optuna_integration.xgboost")
+    trials = run_pruned_search(loops.xgboost_objective, tmp_path)
     assert_odd_trials_pruned_early(trials, loops.ROUNDS)
 
 

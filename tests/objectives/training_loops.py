@@ -1,5 +1,5 @@
-"""Real training loops that prune through ``report``/``should_prune``: LightGBM with
-optuna-integration's callback, and an epoch loop as written for PyTorch (with scikit-learn's
+"""Real training loops that prune through ``report``/``should_prune``: LightGBM and
+XGBoost with optuna-integration's callbacks, and an epoch loop as written for PyTorch (with scikit-learn's
 SGDClassifier, so it needs no torch). Even trials all learn the same curve and odd trials get
 a crippled learning rate, so the median pruner has clear losers to stop and no close calls."""
 
@@ -49,6 +49,28 @@ def lightgbm_objective(trial: optuna.Trial) -> float:
         callbacks=[LightGBMPruningCallback(trial, "binary_logloss")],
     )
     return float(booster.best_score["valid_0"]["binary_logloss"])
+
+
+def xgboost_objective(trial: optuna.Trial) -> float:
+    import xgboost as xgb
+    from optuna_integration.xgboost import XGBoostPruningCallback
+
+    params = {
+        "objective": "binary:logistic",
+        "eval_metric": "logloss",
+        "nthread": hyperfleet.current_slot().threads,
+        "eta": learning_rate(trial),
+        "max_depth": trial.suggest_int("max_depth", 3, 3),
+    }
+    booster = xgb.train(
+        params,
+        xgb.DMatrix(X_TRAIN, label=Y_TRAIN),
+        num_boost_round=ROUNDS,
+        evals=[(xgb.DMatrix(X_VALID, label=Y_VALID), "validation")],
+        callbacks=[XGBoostPruningCallback(trial, "validation-logloss")],
+        verbose_eval=False,
+    )
+    return float(booster.eval(xgb.DMatrix(X_VALID, label=Y_VALID)).split(":")[-1])
 
 
 def epoch_loop_objective(trial: optuna.Trial) -> float:
