@@ -26,13 +26,14 @@ class Case:
     reason: str  # a piece of the recorded reason
     traceback: str = ""  # a piece of the traceback, when Python could write one
     flags: tuple[str, ...] = ()
+    stderr: str = ""  # more the end of stderr must hold
 
 
 CASES = [
     Case("raises", "error", "ValueError: boom from the objective", "ValueError"),
     Case("calls_sys_exit", "error", "sys.exit(3)", "SystemExit"),
     Case("calls_os_exit", "crash", "exited with status 7"),
-    Case("segfaults", "crash", "SIGSEGV"),
+    Case("segfaults", "crash", "SIGSEGV", stderr="Fatal Python error: Segmentation fault"),
     Case("killed_from_outside", "crash", "SIGKILL"),
     Case("returns_none", "error", "returned None"),
     Case("returns_nan", "error", "returned NaN"),
@@ -71,6 +72,7 @@ def test_a_failing_trial_fails_alone(tmp_path: Path, case: Case) -> None:
     assert saved["fail_kind"] == case.kind
     assert case.reason in saved["reason"]
     assert STDERR_LINE in saved["stderr_tail"]
+    assert case.stderr in saved["stderr_tail"]
     assert case.traceback in saved["traceback"]
 
     # The search went on, on the same slot, in a fresh worker.

@@ -33,6 +33,8 @@ def optimize(
     trial_timeout: float | str | None = None,
     retry: RetryPolicy | str | None = None,
     max_trials_per_worker: int | None = None,
+    stop_grace: float | str = 30.0,
+    kill_grace: float | str = 5.0,
     display: str = "auto",
     report: bool = True,
     objective_kwargs: dict[str, Any] | None = None,
@@ -44,7 +46,9 @@ def optimize(
     persistent storage adds up to the same total. ``timeout`` bounds this call's wall time.
     With ``objective_kwargs``, ``objective`` is a factory called once per worker with them
     that returns the objective (load a data set there). ``inventory`` replaces the detected
-    GPUs and cores (for tests and dry runs). ``report=False`` skips writing
+    GPUs and cores (for tests and dry runs). After SIGTERM, running trials get ``stop_grace``
+    to finish before they are terminated; a terminated trial's processes get ``kill_grace``
+    between SIGTERM and SIGKILL. ``report=False`` skips writing
     ``run_dir/report/`` at the end.
     """
     settings = RunSettings(
@@ -53,6 +57,8 @@ def optimize(
         trial_timeout=parse_duration(trial_timeout, "trial_timeout"),
         retry=RetryPolicy.parse(retry) if isinstance(retry, str) else retry or RetryPolicy(),
         max_trials_per_worker=max_trials_per_worker,
+        stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
+        kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
     )
     options = PoolOptions(
         gpus=[str(g) for g in gpus] if gpus is not None else None,

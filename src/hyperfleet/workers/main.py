@@ -8,6 +8,7 @@ opens the Optuna storage: every trial call goes to the controller over the conne
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import os
 import signal
@@ -46,6 +47,9 @@ def _watch_lifeline(fd: int) -> None:
 
 def main() -> None:
     _pin_cores_first()
+    # A segfault in the objective then leaves the Python stack of every thread in the trial's
+    # stderr.log (fd 2 is redirected there while a trial runs), not just a signal number.
+    faulthandler.enable(all_threads=True)
     conn_fd, lifeline_fd = int(sys.argv[1]), int(sys.argv[2])
     _watch_lifeline(lifeline_fd)
     from multiprocessing.connection import Connection
