@@ -317,3 +317,11 @@ def test_the_command_line_wants_exactly_one_kind_of_objective(
     assert cli_main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_client_starts_without_importing_optuna() -> None:
+    # A training script pays for the client on every trial; Optuna alone takes ~0.4 s to import.
+    probe = "import sys; from hyperfleet import client; print('optuna' in sys.modules)"
+    command = [sys.executable, "-c", probe]
+    shown = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "False"

@@ -1,20 +1,45 @@
-"""hyperfleet: run any Optuna search on every GPU and CPU slot of a machine."""
+"""hyperfleet: run any Optuna search on every GPU and CPU slot of a machine.
 
-from hyperfleet.api import optimize
-from hyperfleet.config import RetryPolicy
-from hyperfleet.controller.loop import Outcome
-from hyperfleet.errors import (
-    ConfigError,
-    HyperfleetError,
-    ObjectiveError,
-    ResourceError,
-    RunDirError,
-    StorageError,
-    WorkerError,
-)
-from hyperfleet.resources.slots import Slot, current_slot
+Names are imported on first use, so that ``from hyperfleet import client`` in a training script
+does not pay for importing Optuna.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hyperfleet.api import optimize
+    from hyperfleet.config import RetryPolicy
+    from hyperfleet.controller.loop import Outcome
+    from hyperfleet.errors import (
+        ConfigError,
+        HyperfleetError,
+        ObjectiveError,
+        ResourceError,
+        RunDirError,
+        StorageError,
+        WorkerError,
+    )
+    from hyperfleet.resources.slots import Slot, current_slot
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "optimize": "hyperfleet.api",
+    "RetryPolicy": "hyperfleet.config",
+    "Outcome": "hyperfleet.controller.loop",
+    "ConfigError": "hyperfleet.errors",
+    "HyperfleetError": "hyperfleet.errors",
+    "ObjectiveError": "hyperfleet.errors",
+    "ResourceError": "hyperfleet.errors",
+    "RunDirError": "hyperfleet.errors",
+    "StorageError": "hyperfleet.errors",
+    "WorkerError": "hyperfleet.errors",
+    "Slot": "hyperfleet.resources.slots",
+    "current_slot": "hyperfleet.resources.slots",
+}
 
 __all__ = [
     "ConfigError",
@@ -31,3 +56,12 @@ __all__ = [
     "current_slot",
     "optimize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'hyperfleet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

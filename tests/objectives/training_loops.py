@@ -1,7 +1,8 @@
 """Real training loops that prune through ``report``/``should_prune``: LightGBM and
-XGBoost with optuna-integration's callbacks, and an epoch loop as written for PyTorch (with scikit-learn's
-SGDClassifier, so it needs no torch). Even trials all learn the same curve and odd trials get
-a crippled learning rate, so the median pruner has clear losers to stop and no close calls."""
+XGBoost with optuna-integration's callbacks, and an epoch loop as written for PyTorch (with
+scikit-learn's SGDClassifier, so it needs no torch). Even trials all learn the same curve and
+odd trials get a crippled learning rate, so the median pruner has clear losers to stop and no
+close calls."""
 
 from __future__ import annotations
 
