@@ -128,8 +128,11 @@ def test_objective_in_the_users_own_script(tmp_path: Path) -> None:
     controllers = [pid for pid, name in runs if name == "__main__"]
     workers = [pid for pid, name in runs if name != "__main__"]
     assert len(controllers) == 1
-    assert len(workers) == len(set(workers)) == 2
+    # Six trivial trials can all finish before the second worker has imported the script (it
+    # is then shut down), so one or two workers ran it; each ran it once, whatever it ran.
+    assert 1 <= len(workers) == len(set(workers)) <= 2
     assert set(summary["trial_pids"]) <= set(workers)
+    assert controllers[0] not in workers
 
 
 def test_objective_defined_at_an_interactive_prompt(tmp_path: Path) -> None:
@@ -161,9 +164,10 @@ def test_module_level_code_runs_once_per_worker(
     )
     trial_pids = Counter(t.user_attrs["pid"] for t in study.get_trials())
     runs = import_log(tmp_path)
-    # Each of the two workers imported the file once (never the controller) and then ran
-    # trial after trial.
-    assert len(runs) == 2
+    # Each worker imported the file once (never the controller) and then ran trial after
+    # trial. The second worker may be shut down before it got there if the first one ran all
+    # eight trivial trials while it started.
+    assert 1 <= len(runs) == len({pid for pid, _ in runs}) <= 2
     assert {name for _, name in runs} == {"counted"}
     assert {pid for pid, _ in runs} >= set(trial_pids)
     assert os.getpid() not in trial_pids

@@ -12,6 +12,7 @@ import optuna
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.launch import Display, prepare_slots, run_search
+from hyperfleet.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import PoolOptions
 from hyperfleet.rundir import RunDir
@@ -39,6 +40,8 @@ def optimize(
     report: bool = True,
     objective_kwargs: dict[str, Any] | None = None,
     inventory: Inventory | None = None,
+    refit: Callable[[dict[str, Any]], Any] | None = None,
+    force_refit: bool = False,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -49,7 +52,9 @@ def optimize(
     GPUs and cores (for tests and dry runs). After SIGTERM, running trials get ``stop_grace``
     to finish before they are terminated; a terminated trial's processes get ``kill_grace``
     between SIGTERM and SIGKILL. ``report=False`` skips writing
-    ``run_dir/report/`` at the end.
+    ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
+    the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
+    best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
     """
     settings = RunSettings(
         n_trials=n_trials,
@@ -69,6 +74,7 @@ def optimize(
     )
     slots, note = prepare_slots(options, inventory)
     spec = spec_from_callable(objective, objective_kwargs)
+    refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
     folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
     return run_search(
         lambda: study,
@@ -80,6 +86,7 @@ def optimize(
         inventory_note=note,
         run_name=study.study_name,
         report=report,
+        refit=refit_plan,
     )
 
 

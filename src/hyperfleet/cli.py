@@ -14,6 +14,7 @@ from optuna.study import StudyDirection
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.errors import ConfigError, HyperfleetError, StorageError
 from hyperfleet.launch import Display, prepare_slots, run_search
+from hyperfleet.refit import plan_from_cli
 from hyperfleet.resources.inventory import detect_inventory
 from hyperfleet.resources.slots import PoolOptions, plan_slots
 from hyperfleet.rundir import RunDir
@@ -103,6 +104,9 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--quiet", action="store_true", help="print only the final summary")
     add("--plain", action="store_true", help="plain lines instead of the live view")
     add("--no-report", action="store_true", help="do not write RUN_DIR/report/ at the end")
+    add("--refit", help="after the search, run FILE.py:FUNCTION(best_params) in best/refit/")
+    add("--refit-cmd", help='after a --cmd search, run e.g. "python train.py --lr {lr}" once')
+    add("--force-refit", action="store_true", help="refit even if the best params are unchanged")
     add("--debug", action="store_true", help="show Python tracebacks for errors")
     _add_pool_flags(run)
     run.set_defaults(handler=cmd_run)
@@ -133,6 +137,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
     sampler, pruner = make_sampler(args.sampler, args.seed), make_pruner(args.pruner)
     spec, default_name = _objective(args)
+    refit = plan_from_cli(
+        args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit
+    )
     slots, note = prepare_slots(_pool_options(args), None)
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or Path("runs") / study_name)
@@ -165,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         inventory_note=note,
         run_name=study_name,
         report=not args.no_report,
+        refit=refit,
     )
     if outcome.status == "stopped":
         return EXIT_STOPPED

@@ -8,6 +8,7 @@ objective is the study opened, so bad input writes nothing to storage.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import signal
 import sys
@@ -24,7 +25,8 @@ from hyperfleet.controller.loop import Controller, Outcome
 from hyperfleet.display.snapshot import StatusSnapshot
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.events import EventSink, PlainLog
-from hyperfleet.report.best import BestFolder, RunSummary
+from hyperfleet.refit import RefitPlan, run_refit
+from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir
@@ -55,6 +57,7 @@ def run_search(
     inventory_note: str = "",
     run_name: str = "",
     report: bool = True,
+    refit: RefitPlan | None = None,
 ) -> Outcome:
     fresh = not run_dir.exists()
     run_dir.create()
@@ -84,6 +87,8 @@ def run_search(
                 sink.on_message(controller.state, inventory_note)
         with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace, sinks):
             outcome = controller.run()
+        if refit is not None and outcome.study is not None:
+            outcome = _refit(refit, outcome, run_dir, slots[0], controller, sinks)
         if report and outcome.study is not None:
             _final_report(run_dir, outcome.study, controller, sinks)
         return outcome
@@ -94,6 +99,28 @@ def run_search(
             # Bad input (an objective that cannot load) stops before the study is opened: leave
             # no run directory behind, so the next attempt starts as clean as this one.
             shutil.rmtree(run_dir.path, ignore_errors=True)
+
+
+def _refit(
+    plan: RefitPlan,
+    outcome: Outcome,
+    run_dir: RunDir,
+    slot: Slot,
+    controller: Controller,
+    sinks: list[EventSink],
+) -> Outcome:
+    """Refit on the first slot after the search; a failed refit fails the run."""
+
+    def announce(text: str) -> None:
+        for sink in sinks:
+            sink.on_message(controller.state, text)
+
+    assert outcome.study is not None
+    folder = run_dir.path / BEST_NAME / REFIT_NAME
+    result = run_refit(plan, outcome.study, outcome.status, folder, slot.environment(), announce)
+    if result.status == "failed":
+        return dataclasses.replace(outcome, status="failed", message=result.message)
+    return outcome
 
 
 def _final_report(

@@ -9,6 +9,7 @@ on every new best), and the folder is built aside and swapped in, so it is never
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -26,6 +27,7 @@ from hyperfleet.rundir import RunDir, write_json
 from hyperfleet.state import RunState, TrialRecord
 
 BEST_NAME = "best"
+REFIT_NAME = "refit"  # best/refit/: what hyperfleet.refit made from the best parameters
 SUMMARY_NAME = "summary.md"
 
 
@@ -72,6 +74,7 @@ def write_best(run_dir: RunDir, study: optuna.Study, best: list[FrozenTrial]) ->
         _link_tree(run_dir.trial_dir(trial.number), building)
         write_json(building / "params.json", trial.params)
         write_json(building / "best.json", _describe(study, trial))
+        _keep_refit_if_same_params(final, building, trial.params)
     else:
         for trial in best:
             folder = building / f"trial-{trial.number}"
@@ -80,6 +83,22 @@ def write_best(run_dir: RunDir, study: optuna.Study, best: list[FrozenTrial]) ->
         write_json(building / "best.json", {"pareto_front": [_describe(study, t) for t in best]})
     _swap_in(building, final)
     return final
+
+
+def _keep_refit_if_same_params(final: Path, building: Path, params: dict[str, Any]) -> None:
+    """A refit made from the same best parameters still holds: carry ``refit/`` over.
+
+    ``best/`` is rebuilt at every start and on every new best; a refit folder must survive the
+    first and go with the second (then the refit runs again after the search).
+    """
+    old = final / REFIT_NAME
+    try:
+        previous = json.loads((final / "params.json").read_text())
+    except (OSError, ValueError):
+        return
+    if old.is_dir() and previous == json.loads(json.dumps(params, default=str)):
+        shutil.rmtree(building / REFIT_NAME, ignore_errors=True)  # a trial's own "refit" folder
+        os.replace(old, building / REFIT_NAME)
 
 
 def _describe(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
