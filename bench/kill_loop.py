@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-import psutil
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-OBJECTIVE = Path(__file__).resolve().parents[1] / "tests" / "support" / "objectives.py"
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
+from support.procs import processes_of_run  # noqa: E402 (the tests' own leftover check)
+
+OBJECTIVE = TESTS / "support" / "objectives.py"
 RETRY_ATTR = "hyperfleet.retry_of"
 KIND_ATTR = "hyperfleet:fail_kind"
 STUDY = "killed"
@@ -85,22 +88,6 @@ def completions(folder: Path) -> int:
         return 0
 
 
-def run_processes(run_dir: Path) -> list[int]:
-    """Workers (by working directory) and objective children (by command line) of the run."""
-    marker = str(run_dir.resolve())
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "hyperfleet.workers.main" in cmdline and proc.cwd().startswith(marker):
-                found.append(proc.pid)
-        except psutil.Error:
-            continue
-    return found
-
-
 def wait_for(condition: object, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -129,8 +116,8 @@ def one_round(
     proc.wait()
     if proc.stderr:
         proc.stderr.close()
-    if not wait_for(lambda: not run_processes(run_dir), 10):
-        problem += f" workers left after the kill: {run_processes(run_dir)}"
+    if not wait_for(lambda: not processes_of_run(run_dir), 10):
+        problem += f" workers left after the kill: {processes_of_run(run_dir)}"
     return True, problem.strip()
 
 
@@ -204,7 +191,7 @@ def kill_loop(
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if final.returncode != 0:
         report.problems.append(f"final run exited with {final.returncode}: {final.stderr[-500:]}")
-    if not wait_for(lambda: not run_processes(run_dir), 10):
+    if not wait_for(lambda: not processes_of_run(run_dir), 10):
         report.problems.append("workers left after the final run")
     trials = load_trials(run_dir)
     report.problems += check(trials, (folder / "log").read_text(), n_trials)
