@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hyperfleet.controller.bookkeeping import REASON_ATTR, SLOT_ATTR
 from hyperfleet.display import format as fmt
 from hyperfleet.display.snapshot import STATUS_NAME
 from hyperfleet.errors import RunDirError
+from hyperfleet.report import tables
 from hyperfleet.report.best import best_trials
 from hyperfleet.rundir import JOURNAL_NAME
 from hyperfleet.storage import open_storage
@@ -168,31 +170,21 @@ def _slots(snapshot: dict[str, Any], now: float, alive: bool) -> list[dict[str, 
 
 def _slots_from_trials(trials: list[tuple[optuna.Study, FrozenTrial]]) -> list[dict[str, Any]]:
     """Without a snapshot (a run from an older version): busy time from the trials' own times."""
-    spans = [
-        (str(t.system_attrs.get(SLOT_ATTR, "?")), t.datetime_start, t.datetime_complete)
-        for _, t in trials
-        if t.datetime_start is not None and t.datetime_complete is not None
+    finished = [
+        t for _, t in trials if t.datetime_start is not None and t.datetime_complete is not None
     ]
-    if not spans:
-        return []
-    first = min(s for _, s, _ in spans)
-    last = max(e for _, _, e in spans)
-    elapsed = max(1e-9, (last - first).total_seconds())
-    busy: dict[str, float] = {}
-    done: dict[str, int] = {}
-    for name, start, end in spans:
-        busy[name] = busy.get(name, 0.0) + (end - start).total_seconds()
-        done[name] = done.get(name, 0) + 1
+    busy, fractions = tables.busy_seconds(finished), tables.busy_fractions(finished)
+    done = Counter(tables.slot_of(t) for t in finished)
     return [
         {
             "name": name,
             "state": "unknown",
             "trial": None,
             "trials_done": done[name],
-            "busy_s": busy[name],
-            "busy_fraction": min(1.0, busy[name] / elapsed),
+            "busy_s": seconds,
+            "busy_fraction": fractions[name],
         }
-        for name in sorted(busy)
+        for name, seconds in busy.items()
     ]
 
 

@@ -109,6 +109,14 @@ def slot_of(trial: FrozenTrial) -> str:
     return str(trial.system_attrs.get(SLOT_ATTR, "")) or "unknown"
 
 
+def busy_seconds(trials: list[FrozenTrial]) -> dict[str, float]:
+    """Each slot's time spent running the given trials, by slot name."""
+    busy: dict[str, float] = {}
+    for trial in trials:
+        busy[slot_of(trial)] = busy.get(slot_of(trial), 0.0) + (duration_seconds(trial) or 0.0)
+    return dict(sorted(busy.items()))
+
+
 def busy_fractions(trials: list[FrozenTrial]) -> dict[str, float]:
     """Each slot's busy time over the span from the first trial's start to the last's end."""
     if not trials:
@@ -116,7 +124,4 @@ def busy_fractions(trials: list[FrozenTrial]) -> dict[str, float]:
     first = min(t.datetime_start for t in trials if t.datetime_start is not None)
     last = max(t.datetime_complete for t in trials if t.datetime_complete is not None)
     span = max(1e-9, (last - first).total_seconds())
-    busy: dict[str, float] = {}
-    for trial in trials:
-        busy[slot_of(trial)] = busy.get(slot_of(trial), 0.0) + (duration_seconds(trial) or 0.0)
-    return {slot: min(1.0, seconds / span) for slot, seconds in sorted(busy.items())}
+    return {slot: min(1.0, seconds / span) for slot, seconds in busy_seconds(trials).items()}
