@@ -418,7 +418,7 @@ class _Session:
         if self.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at step {self.pruned_at}")
         if status != 0:
-            raise CommandError(f"{_describe_status(status)}; {self._stderr_summary()}")
+            raise CommandError(f"{describe_exit(status)}; {self._stderr_summary()}")
         if self.result is not None:
             return self.result  # type: ignore[no-any-return]
         found = last_result_line(self.stdout_tail.decode(errors="replace"))
@@ -453,10 +453,11 @@ def last_result_line(stdout: str) -> float | list[float] | None:
     return None
 
 
-def _describe_status(status: int) -> str:
+def describe_exit(status: int, who: str = "the command") -> str:
+    """``who was killed by signal SIGSEGV`` or ``who exited with status 3``."""
     if status < 0:
-        return f"the command was killed by signal {signal.Signals(-status).name}"
-    return f"the command exited with status {status}"
+        return f"{who} was killed by signal {signal.Signals(-status).name}"
+    return f"{who} exited with status {status}"
 
 
 def _write_all(fd: int, data: bytes) -> None:

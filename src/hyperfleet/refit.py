@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hyperfleet.errors import ConfigError, ObjectiveError
+from hyperfleet.rundir import write_json
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ class CommandRefit:
 
     def __call__(self, params: dict[str, Any]) -> dict[str, Any]:
         from hyperfleet import client
+        from hyperfleet.command import describe_exit
 
         number = int(os.environ.get(client.TRIAL_NUMBER_ENV) or -1)
         argv = self.template.render(params, number)
@@ -155,7 +157,7 @@ class CommandRefit:
         except OSError as exc:
             raise RefitError(f"the command {argv[0]!r} could not start ({exc.strerror})") from None
         if status != 0:
-            raise RefitError(f"{_describe_status(status, 'the command')}; {_stderr_end()}")
+            raise RefitError(f"{describe_exit(status)}; {_stderr_end()}")
         return {"argv": argv, "exit_status": status}
 
 
@@ -203,7 +205,7 @@ def run_refit(
     failure = _run_child(plan, best.params, best.number, folder, slot_env)
     if failure:
         return _said(announce, RefitOutcome("failed", f"refit failed: {failure}"))
-    _write_json(folder / CACHE_NAME, _cache_entry(plan, best.params, best.number))
+    write_json(folder / CACHE_NAME, _cache_entry(plan, best.params, best.number))
     took = time.monotonic() - started
     return _said(announce, RefitOutcome("ran", f"refit done in {took:.1f}s: {folder}"))
 
@@ -289,21 +291,15 @@ def _run_child(
 
 
 def _failure_reason(folder: Path, status: int) -> str:
+    from hyperfleet.command import describe_exit
+
     failure = folder / FAILURE_NAME
     try:
         reason = str(json.loads(failure.read_text())["reason"])
         failure.unlink()
     except (OSError, ValueError, KeyError):
-        reason = _describe_status(status, "the refit process")
+        reason = describe_exit(status, "the refit process")
     return f"{reason} (see {folder / 'stderr.log'})"
-
-
-def _describe_status(status: int, who: str) -> str:
-    import signal
-
-    if status < 0:
-        return f"{who} was killed by signal {signal.Signals(-status).name}"
-    return f"{who} exited with status {status}"
 
 
 def _stderr_end() -> str:
@@ -316,17 +312,14 @@ def _stderr_end() -> str:
     return f"the last line of its stderr: {last}" if last else "its stderr was empty"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    from hyperfleet.rundir import write_json
-
-    write_json(path, data)
-
-
 # ----- the refit process ----------------------------------------------------------------------
 
 
 def main() -> None:
-    _pin_to_slot_cores()
+    # As a worker does, before the refit imports anything that starts threads.
+    from hyperfleet.workers.main import pin_cores_first
+
+    pin_cores_first()
     request: RefitRequest = pickle.loads(sys.stdin.buffer.read())
     _detach_stdin()
     from hyperfleet import client
@@ -338,9 +331,9 @@ def main() -> None:
         value = _call_refit(request, folder)
     except BaseException as exc:  # SystemExit too: it is the refit's failure, told in one line
         traceback.print_exc()
-        _write_json(folder / FAILURE_NAME, {"reason": _one_line(exc)})
+        write_json(folder / FAILURE_NAME, {"reason": _one_line(exc)})
         sys.exit(1)
-    _write_json(folder / RESULT_NAME, _result(request, value))
+    write_json(folder / RESULT_NAME, _result(request, value))
 
 
 def _call_refit(request: RefitRequest, folder: Path) -> Any:
@@ -376,17 +369,6 @@ def _one_line(exc: BaseException) -> str:
         return str(exc)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _pin_to_slot_cores() -> None:
-    # As a worker does, before the refit imports anything that starts threads.
-    from hyperfleet.resources.slots import SLOT_ENV, current_slot
-
-    if os.environ.get(SLOT_ENV) and hasattr(os, "sched_setaffinity"):
-        cores = current_slot().cores
-        if cores:
-            with contextlib.suppress(OSError):  # containers may forbid it
-                os.sched_setaffinity(0, cores)
 
 
 def _detach_stdin() -> None:

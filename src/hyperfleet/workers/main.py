@@ -16,7 +16,7 @@ import sys
 import threading
 
 
-def _pin_cores_first() -> None:
+def pin_cores_first() -> None:
     # Before anything else is imported, so every thread a library starts inherits the affinity.
     raw = os.environ.get("HYPERFLEET_SLOT")
     if raw and hasattr(os, "sched_setaffinity"):
@@ -46,7 +46,7 @@ def _watch_lifeline(fd: int) -> None:
 
 
 def main() -> None:
-    _pin_cores_first()
+    pin_cores_first()
     # A segfault in the objective then leaves the Python stack of every thread in the trial's
     # stderr.log (fd 2 is redirected there while a trial runs), not just a signal number.
     faulthandler.enable(all_threads=True)
