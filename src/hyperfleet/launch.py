@@ -64,16 +64,11 @@ def run_search(
     run_dir.lock()
     run_log = open(run_dir.run_log, "a")  # noqa: SIM115 (closed in finally)
     controller: Controller | None = None
+
+    def get_study() -> optuna.Study | None:  # the run-folder sinks read it once it is open
+        return controller.study if controller is not None else None
+
     try:
-        opened: list[optuna.Study] = []  # the run-folder sinks read the study once it is open
-
-        def open_and_keep() -> optuna.Study:
-            opened.append(open_study())
-            return opened[-1]
-
-        def get_study() -> optuna.Study | None:
-            return opened[-1] if opened else None
-
         sinks = [
             PlainLog(run_log),
             StatusSnapshot(run_dir.path, get_study),
@@ -81,51 +76,40 @@ def run_search(
             RunSummary(run_dir, get_study),
             *_screen_sinks(display),
         ]
-        controller = Controller(open_and_keep, spec, slots, settings, run_dir, sinks, run_name)
+        controller = Controller(open_study, spec, slots, settings, run_dir, sinks, run_name)
         if inventory_note.startswith("no GPU"):
-            for sink in sinks:
-                sink.on_message(controller.state, inventory_note)
-        with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace, sinks):
+            controller.announce(inventory_note)
+        with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace):
             outcome = controller.run()
         if refit is not None and outcome.study is not None:
-            outcome = _refit(refit, outcome, run_dir, slots[0], controller, sinks)
+            outcome = _refit(refit, outcome, run_dir, slots[0], controller)
         if report and outcome.study is not None:
-            _final_report(run_dir, outcome.study, controller, sinks)
+            _final_report(run_dir, outcome.study, controller)
         return outcome
     finally:
         run_log.close()
         run_dir.unlock()
-        if fresh and (controller is None or not controller.study_opened):
+        if fresh and (controller is None or controller.study is None):
             # Bad input (an objective that cannot load) stops before the study is opened: leave
             # no run directory behind, so the next attempt starts as clean as this one.
             shutil.rmtree(run_dir.path, ignore_errors=True)
 
 
 def _refit(
-    plan: RefitPlan,
-    outcome: Outcome,
-    run_dir: RunDir,
-    slot: Slot,
-    controller: Controller,
-    sinks: list[EventSink],
+    plan: RefitPlan, outcome: Outcome, run_dir: RunDir, slot: Slot, controller: Controller
 ) -> Outcome:
     """Refit on the first slot after the search; a failed refit fails the run."""
-
-    def announce(text: str) -> None:
-        for sink in sinks:
-            sink.on_message(controller.state, text)
-
     assert outcome.study is not None
     folder = run_dir.path / BEST_NAME / REFIT_NAME
-    result = run_refit(plan, outcome.study, outcome.status, folder, slot.environment(), announce)
+    result = run_refit(
+        plan, outcome.study, outcome.status, folder, slot.environment(), controller.announce
+    )
     if result.status == "failed":
         return dataclasses.replace(outcome, status="failed", message=result.message)
     return outcome
 
 
-def _final_report(
-    run_dir: RunDir, study: optuna.Study, controller: Controller, sinks: list[EventSink]
-) -> None:
+def _final_report(run_dir: RunDir, study: optuna.Study, controller: Controller) -> None:
     """The report is a bonus: missing plotting libraries or a plotting bug cost one line, never
     the search's result."""
     from hyperfleet.report import write_report
@@ -137,8 +121,7 @@ def _final_report(
         text = f"report skipped: {exc}"
     except Exception as exc:
         text = f"report failed ({type(exc).__name__}: {exc}); retry with: hyperfleet report DIR"
-    for sink in sinks:
-        sink.on_message(controller.state, text)
+    controller.announce(text)
 
 
 def _screen_sinks(display: Display) -> list[EventSink]:
@@ -175,9 +158,7 @@ def _quiet_optuna() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(
-    controller: Controller, grace: float, sinks: list[EventSink]
-) -> Iterator[None]:
+def _stop_on_signals(controller: Controller, grace: float) -> Iterator[None]:
     """First Ctrl+C: finish running trials. Second: terminate them. SIGTERM: the first, then
     the second after ``grace`` seconds (what SLURM and cloud preemption expect)."""
     if threading.current_thread() is not threading.main_thread():

@@ -124,8 +124,13 @@ class Controller:
         return self._stop_level
 
     @property
-    def study_opened(self) -> bool:
-        return self._study is not None
+    def study(self) -> optuna.Study | None:
+        """The study, once a worker has loaded the objective and it was opened."""
+        return self._study
+
+    def announce(self, text: str) -> None:
+        """A one-line notice to every view (screen, run.log)."""
+        self._emit("on_message", text)
 
     # ----- the loop ------------------------------------------------------------------------
 
