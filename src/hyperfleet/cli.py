@@ -145,11 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir or Path("runs") / study_name)
     run_dir.check_writable()
     storage = _open_existing_storage(args.storage, run_dir)
-    asked = [StudyDirection[name.upper()] for name in args.direction or []]
-    directions = (
-        _check_directions(storage, study_name, args.direction) if storage is not None else asked
-    )
-    directions = directions or [StudyDirection.MINIMIZE]
+    directions = _check_directions(storage, study_name, args.direction)
 
     def open_study() -> optuna.Study:
         return optuna.create_study(
@@ -228,10 +224,13 @@ def _default_study_name(target: str) -> str:
 
 
 def _check_directions(
-    storage: optuna.storages.BaseStorage, study_name: str, wanted: list[str] | None
+    storage: optuna.storages.BaseStorage | None, study_name: str, wanted: list[str] | None
 ) -> list[StudyDirection]:
-    """The directions to use; an existing study must not be asked for others."""
+    """The directions to use; an existing study (``storage`` None: none yet) must not be asked
+    for others."""
     asked = [StudyDirection[name.upper()] for name in wanted or []]
+    if storage is None:
+        return asked or [StudyDirection.MINIMIZE]
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
