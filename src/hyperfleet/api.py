@@ -11,7 +11,7 @@ import optuna
 
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.controller.loop import Outcome
-from hyperfleet.launch import Display, prepare_slots, run_search
+from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import PoolOptions
@@ -76,17 +76,17 @@ def optimize(
     spec = spec_from_callable(objective, objective_kwargs)
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
     folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
+    search = single_search(
+        study.study_name, lambda: study, spec, slots, settings, folder, refit_plan
+    )
     return run_search(
-        lambda: study,
-        spec,
-        slots,
+        search,
         settings,
         folder,
         Display(display),
         inventory_note=note,
         run_name=study.study_name,
         report=report,
-        refit=refit_plan,
     )
 
 

@@ -9,17 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
-from optuna.study import StudyDirection
 
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
-from hyperfleet.errors import ConfigError, HyperfleetError, StorageError
-from hyperfleet.launch import Display, prepare_slots, run_search
+from hyperfleet.controller.loop import Outcome
+from hyperfleet.errors import ConfigError, HyperfleetError
+from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_cli
 from hyperfleet.resources.inventory import detect_inventory
 from hyperfleet.resources.slots import PoolOptions, plan_slots
 from hyperfleet.rundir import RunDir
 from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
-from hyperfleet.storage import open_storage
+from hyperfleet.storage import check_directions, existing_storage, open_storage
 from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
 from hyperfleet.workers.protocol import ObjectiveSpec
 
@@ -65,10 +65,14 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run = commands.add_parser(
         "run",
         help="run a search",
-        description="Run FILE.py:FUNCTION, or a command (--cmd, --space), on every slot.",
+        description="Run FILE.py:FUNCTION, or a command (--cmd, --space), on every slot; or "
+        "every study of a campaign file (CAMPAIGN.toml) in one shared pool.",
     )
     run.add_argument(
-        "target", nargs="?", help="the objective: FILE.py:FUNCTION or MODULE:FUNCTION (or --cmd)"
+        "target",
+        nargs="?",
+        help="the objective: FILE.py:FUNCTION or MODULE:FUNCTION (or --cmd), or a campaign "
+        "file CAMPAIGN.toml",
     )
     add = run.add_argument
     add("--cmd", help='a command to run per trial instead, e.g. "python train.py --lr {lr}"')
@@ -107,6 +111,11 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--refit", help="after the search, run FILE.py:FUNCTION(best_params) in best/refit/")
     add("--refit-cmd", help='after a --cmd search, run e.g. "python train.py --lr {lr}" once')
     add("--force-refit", action="store_true", help="refit even if the best params are unchanged")
+    add(
+        "--sequential",
+        action="store_true",
+        help="campaign files: run the studies (or stages) one after another, in file order",
+    )
     add("--debug", action="store_true", help="show Python tracebacks for errors")
     _add_pool_flags(run)
     run.set_defaults(handler=cmd_run)
@@ -134,6 +143,12 @@ def _pool_options(args: argparse.Namespace) -> PoolOptions:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Every check comes before anything is written: bad input leaves no run directory behind.
+    from hyperfleet.campaign import is_campaign_file
+
+    if args.target is not None and is_campaign_file(args.target):
+        return cmd_campaign(args)
+    if args.sequential:
+        raise ConfigError("--sequential orders the studies of a campaign file; give one.")
     settings = _run_settings(args)
     sampler, pruner = make_sampler(args.sampler, args.seed), make_pruner(args.pruner)
     spec, default_name = _objective(args)
@@ -144,8 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or Path("runs") / study_name)
     run_dir.check_writable()
-    storage = _open_existing_storage(args.storage, run_dir)
-    directions = _check_directions(storage, study_name, args.direction)
+    storage = existing_storage(args.storage, run_dir)
+    directions = check_directions(storage, study_name, args.direction)
 
     def open_study() -> optuna.Study:
         return optuna.create_study(
@@ -157,19 +172,80 @@ def cmd_run(args: argparse.Namespace) -> int:
             load_if_exists=True,
         )
 
-    mode = "quiet" if args.quiet else "plain" if args.plain else "auto"
+    search = single_search(study_name, open_study, spec, slots, settings, run_dir, refit)
     outcome = run_search(
-        open_study,
-        spec,
-        slots,
+        search,
         settings,
         run_dir,
-        Display(mode),
+        _display(args),
         inventory_note=note,
         run_name=study_name,
         report=not args.no_report,
-        refit=refit,
     )
+    return _exit_status(outcome)
+
+
+# Flags that describe one study or the pool: a campaign file sets them itself.
+_NOT_FOR_CAMPAIGNS = (
+    "cmd", "space", "n_trials", "timeout", "direction", "study_name", "storage", "seed",
+    "trial_timeout", "max_trials_per_worker", "refit", "refit_cmd", "gpus", "cpu_slots",
+    "threads_per_slot",
+)  # fmt: skip
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    """``hyperfleet run campaign.toml``: every study of the file in one pool."""
+    from hyperfleet.campaign import load_campaign
+    from hyperfleet.campaign_search import campaign_search, campaign_settings
+
+    defaults = build_parser().parse_args(["run"])
+    given = [
+        name
+        for name in (*_NOT_FOR_CAMPAIGNS, "sampler", "pruner", "retry")
+        if getattr(args, name) != getattr(defaults, name)
+    ]
+    given += [n for n in ("trials_per_gpu", "gpus_per_trial") if getattr(args, n) != 1]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(
+            f"{flags}: a campaign file sets these for each study or in [pool]; "
+            f"set them in {args.target} instead."
+        )
+    campaign = load_campaign(args.target)
+    settings = campaign_settings(
+        campaign,
+        stop_grace=parse_duration(args.stop_grace, "stop grace") or 30.0,
+        kill_grace=parse_duration(args.kill_grace, "kill grace") or 5.0,
+    )
+    run_dir = RunDir(
+        args.run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
+    )
+    run_dir.check_writable()
+    inventory = detect_inventory()
+    search = campaign_search(
+        campaign,
+        run_dir,
+        inventory,
+        sequential=args.sequential or None,
+        force_refit=args.force_refit,
+    )
+    outcome = run_search(
+        search,
+        settings,
+        run_dir,
+        _display(args),
+        inventory_note=inventory.note,
+        run_name=campaign.settings.name,
+        report=not args.no_report,
+    )
+    return _exit_status(outcome)
+
+
+def _display(args: argparse.Namespace) -> Display:
+    return Display("quiet" if args.quiet else "plain" if args.plain else "auto")
+
+
+def _exit_status(outcome: Outcome) -> int:
     if outcome.status == "stopped":
         return EXIT_STOPPED
     if outcome.status == "failed":
@@ -188,14 +264,6 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         retry=RetryPolicy.parse(args.retry),
         max_trials_per_worker=args.max_trials_per_worker,
     )
-
-
-def _open_existing_storage(url: str | None, run_dir: RunDir) -> optuna.storages.BaseStorage | None:
-    """The storage to check the study against, or None while the default journal is absent
-    (it is created with the run directory, once every check has passed)."""
-    if url is None and not run_dir.journal.exists():
-        return None
-    return open_storage(url, run_dir.journal)
 
 
 def _objective(args: argparse.Namespace) -> tuple[ObjectiveSpec, str]:
@@ -221,29 +289,6 @@ def _objective(args: argparse.Namespace) -> tuple[ObjectiveSpec, str]:
 def _default_study_name(target: str) -> str:
     location, _, name = target.rpartition(":")
     return f"{Path(location).stem if location.endswith('.py') else location}-{name}"
-
-
-def _check_directions(
-    storage: optuna.storages.BaseStorage | None, study_name: str, wanted: list[str] | None
-) -> list[StudyDirection]:
-    """The directions to use; an existing study (``storage`` None: none yet) must not be asked
-    for others."""
-    asked = [StudyDirection[name.upper()] for name in wanted or []]
-    if storage is None:
-        return asked or [StudyDirection.MINIMIZE]
-    try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return asked or [StudyDirection.MINIMIZE]
-    existing = list(storage.get_study_directions(study_id))
-    if asked and asked != existing:
-        raise StorageError(
-            f"study {study_name!r} already exists with direction(s) "
-            f"{[d.name.lower() for d in existing]}, but {wanted} were asked for; "
-            "pass the same --direction flags, or a new --study-name "
-            "or --run-dir to start another study."
-        )
-    return existing
 
 
 def cmd_resources(args: argparse.Namespace) -> int:
@@ -285,10 +330,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hyperfleet.report import write_report
+    from hyperfleet.report import write_reports
 
-    folder = write_report(args.run_dir, top=args.top)
-    print(f"report written to {folder / 'index.html'}")
+    for folder in write_reports(args.run_dir, top=args.top):
+        print(f"report written to {folder / 'index.html'}")
     return EXIT_OK
 
 

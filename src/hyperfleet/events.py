@@ -39,14 +39,20 @@ def format_values(values: list[float] | None) -> str:
     return ", ".join(f"{v:.6g}" for v in values)
 
 
-def trial_start_line(record: TrialRecord) -> str:
+def trial_name(record: TrialRecord, state: RunState) -> str:
+    """ "trial 7", or "trial 7 of xgb-iris" when the run has several studies."""
+    several = len(state.studies) > 1
+    return f"trial {record.number}" + (f" of {record.study}" if several else "")
+
+
+def trial_start_line(record: TrialRecord, state: RunState) -> str:
     retry = f" (repeats trial {record.retry_of})" if record.retry_of is not None else ""
-    return f"trial {record.number} started on {record.slot}{retry}"
+    return f"{trial_name(record, state)} started on {record.slot}{retry}"
 
 
-def trial_end_line(record: TrialRecord) -> str:
+def trial_end_line(record: TrialRecord, state: RunState) -> str:
     took = f" in {record.duration:.1f}s" if record.duration is not None else ""
-    text = f"trial {record.number} {record.state.lower()} on {record.slot}{took}"
+    text = f"{trial_name(record, state)} {record.state.lower()} on {record.slot}{took}"
     if record.state == "COMPLETE":
         text += f": {format_values(record.values)} {record.params}"
     elif record.reason:
@@ -73,10 +79,10 @@ class PlainLog(EventSink):
         self._line(f"run {state.run_name} in {state.run_dir} on {len(state.slots)} slots: {slots}")
 
     def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._line(trial_start_line(record))
+        self._line(trial_start_line(record, state))
 
     def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._line(trial_end_line(record))
+        self._line(trial_end_line(record, state))
 
     def on_message(self, state: RunState, text: str) -> None:
         self._line(text)

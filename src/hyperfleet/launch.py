@@ -14,20 +14,21 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import TextIO
 
 import optuna
 
 from hyperfleet.config import RunSettings
-from hyperfleet.controller.loop import Controller, Outcome
+from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
 from hyperfleet.display.snapshot import StatusSnapshot
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.events import EventSink, PlainLog
 from hyperfleet.refit import RefitPlan, run_refit
 from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.shapes import Pool, single_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -42,22 +43,50 @@ class Display:
     stream: TextIO | None = None
 
 
+@dataclass(frozen=True)
+class Search:
+    """What one run executes: its studies, the pool they share, and the refits that follow."""
+
+    plans: list[StudyPlan]
+    pool: Pool
+    refits: dict[str, RefitPlan] = field(default_factory=dict)  # by study name
+    sequential: bool = False
+
+
 def prepare_slots(options: PoolOptions, inventory: Inventory | None) -> tuple[list[Slot], str]:
     inventory = inventory if inventory is not None else detect_inventory()
     return plan_slots(inventory, options), inventory.note
 
 
-def run_search(
+def single_search(
+    name: str,
     open_study: Callable[[], optuna.Study],
     spec: ObjectiveSpec,
     slots: list[Slot],
+    settings: RunSettings,
+    run_dir: RunDir,
+    refit: RefitPlan | None = None,
+) -> Search:
+    """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN`` run."""
+    plan = StudyPlan(
+        name=name,
+        spec=spec,
+        open_study=open_study,
+        folder=run_dir,
+        slots=tuple(slot.name for slot in slots),
+        n_trials=settings.n_trials,
+    )
+    return Search([plan], single_pool(slots), {name: refit} if refit is not None else {})
+
+
+def run_search(
+    search: Search,
     settings: RunSettings,
     run_dir: RunDir,
     display: Display,
     inventory_note: str = "",
     run_name: str = "",
     report: bool = True,
-    refit: RefitPlan | None = None,
 ) -> Outcome:
     fresh = not run_dir.exists()
     run_dir.create()
@@ -68,23 +97,40 @@ def run_search(
     def get_study() -> optuna.Study | None:  # the run-folder sinks read it once it is open
         return controller.study if controller is not None else None
 
+    def get_studies() -> list[optuna.Study]:
+        return list(controller.studies.values()) if controller is not None else []
+
     try:
         sinks = [
             PlainLog(run_log),
             StatusSnapshot(run_dir.path, get_study),
-            BestFolder(run_dir, get_study),
-            RunSummary(run_dir, get_study),
+            *[
+                BestFolder(plan.folder, _getter(lambda: controller, plan.name))
+                for plan in search.plans
+            ],
+            RunSummary(run_dir, get_studies),
             *_screen_sinks(display),
         ]
-        controller = Controller(open_study, spec, slots, settings, run_dir, sinks, run_name)
+        controller = Controller(
+            search.plans, search.pool, settings, run_dir, sinks, run_name, search.sequential
+        )
         if inventory_note.startswith("no GPU"):
             controller.announce(inventory_note)
+        for note in search.pool.notes:
+            controller.announce(note)
         with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace):
             outcome = controller.run()
-        if refit is not None and outcome.study is not None:
-            outcome = _refit(refit, outcome, run_dir, slots[0], controller)
-        if report and outcome.study is not None:
-            _final_report(run_dir, outcome.study, controller)
+        for plan in search.plans:
+            study = controller.studies.get(plan.name)
+            refit = search.refits.get(plan.name)
+            if refit is not None and study is not None:
+                slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
+                outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
+        if report:
+            for plan in search.plans:
+                study = controller.studies.get(plan.name)
+                if study is not None:
+                    _final_report(plan.folder, study, controller)
         return outcome
     finally:
         run_log.close()
@@ -95,28 +141,46 @@ def run_search(
             shutil.rmtree(run_dir.path, ignore_errors=True)
 
 
+def _getter(
+    get_controller: Callable[[], Controller | None], name: str
+) -> Callable[[], optuna.Study | None]:
+    def get() -> optuna.Study | None:
+        controller = get_controller()
+        return controller.studies.get(name) if controller is not None else None
+
+    return get
+
+
 def _refit(
-    plan: RefitPlan, outcome: Outcome, run_dir: RunDir, slot: Slot, controller: Controller
+    plan: RefitPlan,
+    outcome: Outcome,
+    study: optuna.Study,
+    folder: RunDir,
+    slot: Slot,
+    controller: Controller,
 ) -> Outcome:
-    """Refit on the first slot after the search; a failed refit fails the run."""
-    assert outcome.study is not None
-    folder = run_dir.path / BEST_NAME / REFIT_NAME
+    """Refit on the study's first slot after the search; a failed refit fails the run."""
     result = run_refit(
-        plan, outcome.study, outcome.status, folder, slot.environment(), controller.announce
+        plan,
+        study,
+        outcome.status,
+        folder.path / BEST_NAME / REFIT_NAME,
+        slot.environment(),
+        controller.announce,
     )
     if result.status == "failed":
         return dataclasses.replace(outcome, status="failed", message=result.message)
     return outcome
 
 
-def _final_report(run_dir: RunDir, study: optuna.Study, controller: Controller) -> None:
+def _final_report(folder: RunDir, study: optuna.Study, controller: Controller) -> None:
     """The report is a bonus: missing plotting libraries or a plotting bug cost one line, never
     the search's result."""
     from hyperfleet.report import write_report
 
     try:
-        folder = write_report(run_dir.path, study=study)
-        text = f"report: {folder / 'index.html'}"
+        written = write_report(folder.path, study=study)
+        text = f"report: {written / 'index.html'}"
     except HyperfleetError as exc:
         text = f"report skipped: {exc}"
     except Exception as exc:

@@ -104,12 +104,16 @@ def plan_from_callable(refit: Callable[[dict[str, Any]], Any], force: bool = Fal
     return RefitPlan(spec_from_callable(refit), name, force)
 
 
-def plan_from_command(command: str, space_path: Path, force: bool = False) -> RefitPlan:
-    """A refit command whose placeholders are checked against the search space of ``--cmd``."""
+def plan_from_command(
+    command: str, space_path: Path, force: bool = False, launch_dir: Path | None = None
+) -> RefitPlan:
+    """A refit command whose placeholders are checked against the search space of ``--cmd``;
+    its relative file names are found from ``launch_dir`` (default: the current folder)."""
     from hyperfleet.command import CommandObjective
     from hyperfleet.space import load_space
 
-    template = CommandObjective(command, load_space(space_path))  # checks every placeholder
+    # Checks every placeholder.
+    template = CommandObjective(command, load_space(space_path), launch_dir=launch_dir)
     return replace(plan_from_callable(CommandRefit(template), force), target=f"cmd: {command}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import IO, Any
 from hyperfleet.errors import RunDirError
 
 LOCK_NAME = ".hyperfleet.lock"
+STUDIES_NAME = "studies"  # a campaign's studies each get a folder in there
 JOURNAL_NAME = "optuna.journal"
 
 
@@ -44,6 +46,10 @@ class RunDir:
 
     def trial_dir(self, number: int) -> Path:
         return self.path / "trials" / str(number)
+
+    def study_folder(self, name: str) -> RunDir:
+        """``studies/<name>/``: a campaign study's trials, ``best/`` and ``report/``."""
+        return RunDir(self.path / STUDIES_NAME / re.sub(r"[^\w.=+-]+", "_", name))
 
     def check_writable(self) -> None:
         """Fail now, creating nothing, if the directory could not be created or written later."""

@@ -6,13 +6,17 @@ import fcntl
 import os
 import re
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
+
+if TYPE_CHECKING:
+    from hyperfleet.rundir import RunDir
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 # "scheme:" followed by a slash: meant as a URL even when the "//" is missing.
@@ -121,3 +125,34 @@ def _open_rdb(url: str) -> BaseStorage:
             f"cannot open the database {url!r}: {first_line}. Check that it is running and "
             "reachable and that its driver is installed."
         ) from None
+
+
+def existing_storage(url: str | None, run_dir: RunDir) -> BaseStorage | None:
+    """The storage to check the study against, or None while the default journal is absent
+    (it is created with the run directory, once every check has passed)."""
+    if url is None and not run_dir.journal.exists():
+        return None
+    return open_storage(url, run_dir.journal)
+
+
+def check_directions(
+    storage: BaseStorage | None, study_name: str, wanted: list[str] | None
+) -> list[StudyDirection]:
+    """The directions to use; an existing study (``storage`` None: none yet) must not be asked
+    for others."""
+    asked = [StudyDirection[name.upper()] for name in wanted or []]
+    if storage is None:
+        return asked or [StudyDirection.MINIMIZE]
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return asked or [StudyDirection.MINIMIZE]
+    existing = list(storage.get_study_directions(study_id))
+    if asked and asked != existing:
+        raise StorageError(
+            f"study {study_name!r} already exists with direction(s) "
+            f"{[d.name.lower() for d in existing]}, but {wanted} were asked for; "
+            "ask for the same direction(s) (--direction, or direction in a campaign file), or "
+            "use a new study name or run folder to start another study."
+        )
+    return existing

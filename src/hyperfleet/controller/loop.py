@@ -1,8 +1,11 @@
-"""The controller: one process that owns the study, asks and tells, and keeps every slot busy.
+"""The controller: one process that owns the studies, asks and tells, and keeps every slot busy.
 
-One thread, one loop. Each step launches a trial on every idle worker the budget allows, then
-waits for the first of: a worker's message (a trial call to answer, a result), a worker's exit,
-a trial's deadline, a stop request, or the next display tick. Nothing waits for a batch.
+One thread, one loop. Each step gives every free slot a trial of the study the fair-share
+policy picks (see :mod:`hyperfleet.controller.policy`), then waits for the first of: a worker's
+message (a trial call to answer, a result), a worker's exit, a trial's deadline, a stop request,
+or the next display tick. Nothing waits for a batch.
+
+A single search is a campaign of one study that may use every slot.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from optuna.trial import TrialState
 
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle
 from hyperfleet.errors import ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.resources.monitor import GpuMonitor
+from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
 from hyperfleet.rundir import RunDir
 from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
@@ -45,8 +50,37 @@ TICK_SECONDS = 1.0
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 
 
+@dataclass(frozen=True)
+class StudyPlan:
+    """One study of the run: how to open it, its objective, where it may run and its budget."""
+
+    name: str
+    spec: ObjectiveSpec
+    open_study: Callable[[], optuna.Study]
+    folder: RunDir  # its trial folders go in folder/trials/<number>/
+    slots: tuple[str, ...]  # the slots it may use
+    n_trials: int | None = None
+    timeout: float | None = None  # seconds, counted from its first trial in this run
+    weight: float = 1.0
+    priority: int = 0
+    stage: int = 0  # order in a sequential run
+
+
+@dataclass
+class StudyRun:
+    """A study while it runs: the opened study and what counts against its budget."""
+
+    plan: StudyPlan
+    view: StudyView
+    study: optuna.Study | None = None
+    finished: int = 0  # finished trials that count against the budget
+    running: int = 0
+    first_launch: float | None = None  # monotonic
+
+
 @dataclass
 class ActiveTrial:
+    run: StudyRun
     trial: optuna.Trial
     record: TrialRecord
     started: float  # monotonic
@@ -57,28 +91,39 @@ class ActiveTrial:
 
 @dataclass
 class Outcome:
-    """How the run ended: "completed" (budget or time reached), "stopped" or "failed"."""
+    """How the run ended: "completed" (budget or time reached), "stopped" or "failed".
+
+    ``study`` is the first study (the only one of a single search); ``studies`` holds them all.
+    """
 
     status: str
     message: str = ""
     study: optuna.Study | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    studies: list[optuna.Study] = field(default_factory=list)
 
 
 class Controller:
     def __init__(
         self,
-        open_study: Callable[[], optuna.Study],
-        objective: ObjectiveSpec,
-        slots: list[Slot],
+        plans: list[StudyPlan],
+        pool: Pool,
         settings: RunSettings,
         run_dir: RunDir,
         sinks: list[EventSink],
         run_name: str = "",
+        sequential: bool = False,
     ) -> None:
-        self._open_study = open_study
-        self._spec = objective
-        self._slots = slots
+        used = {name for plan in plans for name in plan.slots}
+        self._slots = [slot for slot in pool.slots if slot.name in used]
+        self._runs = {
+            plan.name: StudyRun(plan, StudyView(plan.name, (), n_trials=plan.n_trials))
+            for plan in plans
+        }
+        self._ledger = Ledger(pool.needs)
+        self._book = ShareBook()
+        self._cost = {slot.name: _slot_cost(slot) for slot in self._slots}
+        self._sequential = sequential
         self._settings = settings
         self._run_dir = run_dir
         self._sinks = sinks
@@ -87,23 +132,22 @@ class Controller:
         self._kill_at: dict[str, float] = {}
         self._start_failures: dict[str, int] = {}
         self._dead_slots: set[str] = set()
-        self._study: optuna.Study | None = None
-        self._finished = 0
+        self._opened = False
         self._stop_level = 0
         self._announced_level = 0
         self._hard_stop_at: float | None = None
         self._deadline: float | None = None
-        self._any_ready = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
-        self._monitor = GpuMonitor(_gpus_of(slots))
+        self._monitor = GpuMonitor(_gpus_of(self._slots))
         self._cpu: dict[str, psutil.Process] = {}
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
             run_dir=str(run_dir.path),
             timeout=settings.timeout,
         )
-        self.state.slots = [SlotView(s.name, s.kind, s.gpus, s.cores) for s in slots]
+        self.state.slots = [SlotView(s.name, s.kind, s.gpus, s.cores) for s in self._slots]
+        self.state.studies = [run.view for run in self._runs.values()]
 
     # ----- stopping, from signal handlers or other threads -------------------------------
 
@@ -125,8 +169,13 @@ class Controller:
 
     @property
     def study(self) -> optuna.Study | None:
-        """The study, once a worker has loaded the objective and it was opened."""
-        return self._study
+        """The first study, once every objective has loaded in a worker and it was opened."""
+        return next(iter(self._runs.values())).study
+
+    @property
+    def studies(self) -> dict[str, optuna.Study]:
+        """Every opened study, by name, in the order they were given."""
+        return {name: run.study for name, run in self._runs.items() if run.study is not None}
 
     def announce(self, text: str) -> None:
         """A one-line notice to every view (screen, run.log)."""
@@ -141,28 +190,36 @@ class Controller:
         try:
             for slot in self._slots:
                 self._start_worker(slot)
-            self._wait_first_ready()
+            self._wait_until_loaded()
             if self._stop_level:
                 return self._outcome()
-            self._study = self._open_study()
-            self._prepare_study(self._study)
+            for run in self._runs.values():
+                run.study = run.plan.open_study()
+                self._prepare_study(run)
+            self._opened = True
             self._emit("on_start")
             self._loop()
         finally:
             self._close()
         return self._outcome()
 
-    def _wait_first_ready(self) -> None:
-        """Open no storage before the objective has loaded in a worker: bad input writes nothing."""
-        while not self._any_ready:
+    def _wait_until_loaded(self) -> None:
+        """Open no storage before every study's objective has loaded in a worker: bad input
+        writes nothing."""
+        while not all(self._has_ready_worker(run) for run in self._runs.values()):
             if self._stop_level:
                 return
-            if len(self._dead_slots) == len(self._slots):
-                raise WorkerError(
-                    "every worker died while starting; see the logs in "
-                    f"{self._run_dir.workers_dir}."
-                )
+            for run in self._runs.values():
+                if all(name in self._dead_slots for name in run.plan.slots):
+                    raise WorkerError(
+                        f"every worker that could run study {run.plan.name!r} died while "
+                        f"starting; see the logs in {self._run_dir.workers_dir}."
+                    )
             self._step(timeout=TICK_SECONDS)
+
+    def _has_ready_worker(self, run: StudyRun) -> bool:
+        workers = (self._workers.get(name) for name in run.plan.slots)
+        return any(worker is not None and worker.ready for worker in workers)
 
     def _loop(self) -> None:
         next_tick = time.monotonic()
@@ -171,8 +228,8 @@ class Controller:
             if self._stop_level >= 2:
                 self._interrupt_running()
                 return
-            self._launch_on_idle_workers()
-            if not self._active and not self._can_launch():
+            self._launch_on_free_slots()
+            if not self._active and not any(self._has_work(r) for r in self._runs.values()):
                 return
             if len(self._dead_slots) == len(self._slots):
                 return
@@ -211,35 +268,68 @@ class Controller:
             self._on_finished(name, worker, message)
         elif isinstance(message, Ready):
             worker.ready = True
-            self._any_ready = True
             self._start_failures[name] = 0
             view = self.state.slot(name)
             view.state, view.pid = "idle", message.pid
         elif isinstance(message, LoadFailed):
-            self._on_load_failed(name, worker, message)
+            self._on_load_failed(name, message)
 
     # ----- launching -----------------------------------------------------------------------
 
-    def _can_launch(self) -> bool:
-        if self._stop_level or self._study is None:
+    def _has_work(self, run: StudyRun) -> bool:
+        """May the study start another trial now (stop, deadlines, budget)?"""
+        if self._stop_level or run.study is None:
             return False
-        if self._deadline is not None and time.monotonic() >= self._deadline:
+        now = time.monotonic()
+        if self._deadline is not None and now >= self._deadline:
             return False
-        n_trials = self._settings.n_trials
-        return n_trials is None or self._finished + len(self._active) < n_trials
+        timeout, first = run.plan.timeout, run.first_launch
+        if timeout is not None and first is not None and now >= first + timeout:
+            return False
+        if all(name in self._dead_slots for name in run.plan.slots):
+            return False
+        n_trials = run.plan.n_trials
+        return n_trials is None or run.finished + run.running < n_trials
 
-    def _launch_on_idle_workers(self) -> None:
-        for name, worker in self._workers.items():
-            if worker.ready and name not in self._active and self._can_launch():
-                self._launch(name, worker)
+    def _free_slots(self) -> list[str]:
+        """Slots with an idle worker whose resources are free, fullest GPU first (packing)."""
+        free = [
+            name
+            for name, worker in self._workers.items()
+            if worker.ready and name not in self._active and self._ledger.fits(name)
+        ]
+        order = {slot.name: i for i, slot in enumerate(self._slots)}
+        return sorted(free, key=lambda name: (-self._ledger.load(name), order[name]))
 
-    def _launch(self, name: str, worker: WorkerHandle) -> None:
-        study = self._require_study()
+    def _launch_on_free_slots(self) -> None:
+        while True:
+            free = self._free_slots()
+            if not free:
+                return
+            demands = [
+                StudyDemand(
+                    name=run.plan.name,
+                    slots=frozenset(run.plan.slots),
+                    has_work=self._has_work(run),
+                    weight=run.plan.weight,
+                    priority=run.plan.priority,
+                    stage=run.plan.stage,
+                )
+                for run in self._runs.values()
+            ]
+            choice = pick(demands, free, self._book, self._cost, self._sequential)
+            if choice is None:
+                return
+            study_name, slot_name = choice
+            self._launch(slot_name, self._workers[slot_name], self._runs[study_name])
+
+    def _launch(self, name: str, worker: WorkerHandle, run: StudyRun) -> None:
+        study = _opened(run)
         trial = study.ask()
         books.set_system_attr(trial, books.RUN_ATTR, self._run_dir.identity)
         books.set_system_attr(trial, books.SLOT_ATTR, name)
         books.set_system_attr(trial, books.PID_ATTR, worker.pid)
-        trial_dir = self._run_dir.trial_dir(trial.number)
+        trial_dir = run.plan.folder.trial_dir(trial.number)
         trial_dir.mkdir(parents=True, exist_ok=True)
         retry_of = trial.user_attrs.get(books.RETRY_ATTR)
         record = TrialRecord(
@@ -252,9 +342,17 @@ class Controller:
         )
         now = time.monotonic()
         timeout = self._settings.trial_timeout
-        self._active[name] = ActiveTrial(trial, record, now, now + timeout if timeout else None)
+        self._active[name] = ActiveTrial(
+            run, trial, record, now, now + timeout if timeout else None
+        )
+        self._ledger.claim(name)
+        self._book.start(run.plan.name, name, self._cost[name])
+        run.running += 1
+        if run.first_launch is None:
+            run.first_launch = now
         worker.conn.send(
             RunTrial(
+                objective=run.plan.name,
                 number=trial.number,
                 trial_dir=str(trial_dir),
                 datetime_start=trial.datetime_start,
@@ -268,7 +366,7 @@ class Controller:
             study.study_name,
             time.time(),
         )
-        self._refresh_study_view()
+        self._refresh_study_view(run)
         self._emit("on_trial_start", record)
 
     # ----- answering trial calls -----------------------------------------------------------
@@ -278,7 +376,7 @@ class Controller:
         try:
             if active is None or call.name.startswith("_"):
                 raise RuntimeError(f"hyperfleet: no trial is running for call {call.name!r}")
-            target: Any = active.trial if call.target.startswith("trial") else self._study
+            target: Any = active.trial if call.target.startswith("trial") else active.run.study
             attr = getattr(target, call.name)
             value = attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
             reply = Reply(value=value)
@@ -296,7 +394,7 @@ class Controller:
         if active is None:
             return
         worker.trials_run += 1
-        failed = self._tell_finished(name, finished)
+        failed = self._tell_finished(name, active, finished)
         limit = self._settings.max_trials_per_worker
         if failed:
             # A failed trial may leave the process broken (a CUDA context after an OOM, half-set
@@ -305,9 +403,9 @@ class Controller:
         elif limit is not None and worker.trials_run >= limit and not self._stop_level:
             self._replace_worker(name, worker, graceful=True)
 
-    def _tell_finished(self, name: str, finished: Finished) -> bool:
+    def _tell_finished(self, name: str, active: ActiveTrial, finished: Finished) -> bool:
         """Record how the objective ended; True when the trial failed."""
-        study = self._require_study()
+        study = _opened(active.run)
         if finished.outcome == "pruned":
             self._tell(name, TrialState.PRUNED)
             return False
@@ -361,7 +459,11 @@ class Controller:
         traceback_text: str = "",
     ) -> None:
         active = self._active.pop(name)
-        study = self._require_study()
+        self._ledger.release(name)
+        self._book.stop(name)
+        run = active.run
+        run.running -= 1
+        study = _opened(run)
         if state == TrialState.FAIL:
             books.set_system_attr(active.trial, books.KIND_ATTR, kind)
             books.set_system_attr(active.trial, books.REASON_ATTR, reason)
@@ -374,13 +476,13 @@ class Controller:
             study, frozen, kind, self._settings.retry
         )
         if not retried:
-            self._finished += 1
+            run.finished += 1
         record = books.record_from_frozen(study.study_name, frozen)
         record.slot = name
-        books.write_trial_files(self._run_dir.trial_dir(frozen.number), record, traceback_text)
+        books.write_trial_files(run.plan.folder.trial_dir(frozen.number), record, traceback_text)
         self._mark_slot_idle(name, record)
         self.state.recent.appendleft(record)
-        self._refresh_study_view()
+        self._refresh_study_view(run)
         self._emit("on_trial_end", record)
 
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
@@ -449,8 +551,13 @@ class Controller:
     # ----- workers -------------------------------------------------------------------------
 
     def _start_worker(self, slot: Slot) -> None:
+        specs = {
+            run.plan.name: run.plan.spec
+            for run in self._runs.values()
+            if slot.name in run.plan.slots
+        }
         self._workers[slot.name] = WorkerHandle(
-            slot, self._spec, self._run_dir.workers_dir, self._run_dir.path
+            slot, specs, self._run_dir.workers_dir, self._run_dir.path
         )
         view = self.state.slot(slot.name)
         view.state, view.pid = "starting", self._workers[slot.name].pid
@@ -471,13 +578,15 @@ class Controller:
         else:
             self._replace_worker(name, worker, graceful=False)
 
-    def _on_load_failed(self, name: str, worker: WorkerHandle, failure: LoadFailed) -> None:
-        if not self._any_ready:
+    def _on_load_failed(self, name: str, failure: LoadFailed) -> None:
+        if not self._opened:
             # Show the user's own frames; a traceback without any says no more than the message.
             frames = failure.traceback.rstrip() if '  File "' in failure.traceback else ""
+            run = self._runs[failure.study]
+            where = f" (study {run.plan.name!r})" if len(self._runs) > 1 else ""
             raise ObjectiveError(
-                f"the objective {self._spec.describe()} could not be loaded: {failure.message}"
-                + (f"\n{frames}" if frames else "")
+                f"the objective {run.plan.spec.describe()}{where} could not be loaded: "
+                f"{failure.message}" + (f"\n{frames}" if frames else "")
             )
         self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
 
@@ -504,17 +613,14 @@ class Controller:
 
     # ----- study state ---------------------------------------------------------------------
 
-    def _require_study(self) -> optuna.Study:
-        if self._study is None:
-            raise RuntimeError("the study is not open yet")
-        return self._study
-
-    def _prepare_study(self, study: optuna.Study) -> None:
+    def _prepare_study(self, run: StudyRun) -> None:
         """Resume: fail what a dead controller left running, repeat what the policy allows."""
+        study = _opened(run)
         private = is_private_journal(study._storage, self._run_dir.journal)
         leftovers = books.fail_interrupted_leftovers(study, self._run_dir.identity, private)
         for trial in leftovers:
-            self._emit("on_message", f"trial {trial.number} was left running: marked interrupted")
+            label = self._trial_label(run, trial.number)
+            self._emit("on_message", f"{label} was left running: marked interrupted")
         trials = study.get_trials(deepcopy=False)
         retried = books.retried_numbers(trials)
         for trial in trials:
@@ -522,30 +628,28 @@ class Controller:
                 kind = str(trial.system_attrs.get(books.KIND_ATTR, "error"))
                 if books.maybe_retry(study, trial, kind, self._settings.retry):
                     retried.add(trial.number)
-                    self._emit("on_message", f"trial {trial.number} ({kind}) will be repeated")
+                    label = self._trial_label(run, trial.number)
+                    self._emit("on_message", f"{label} ({kind}) will be repeated")
         trials = study.get_trials(deepcopy=False)
-        self._finished = sum(books.counts_against_budget(t, retried) for t in trials)
-        view = StudyView(
-            study.study_name,
-            tuple(d.name for d in study.directions),
-            n_trials=self._settings.n_trials,
-        )
-        self.state.studies = [view]
-        self._refresh_study_view(trials)
+        run.finished = sum(books.counts_against_budget(t, retried) for t in trials)
+        run.view.directions = tuple(d.name for d in study.directions)
+        self._refresh_study_view(run, trials)
 
-    def _refresh_study_view(self, trials: list[optuna.trial.FrozenTrial] | None = None) -> None:
-        study = self._study
-        if study is None or not self.state.studies:
-            return
-        view = self.state.studies[0]
+    def _trial_label(self, run: StudyRun, number: int) -> str:
+        return f"trial {number}" + (f" of {run.plan.name}" if len(self._runs) > 1 else "")
+
+    def _refresh_study_view(
+        self, run: StudyRun, trials: list[optuna.trial.FrozenTrial] | None = None
+    ) -> None:
+        study, view = _opened(run), run.view
         if trials is None:
             trials = study.get_trials(deepcopy=False)
         states = [t.state for t in trials]
         view.complete = states.count(TrialState.COMPLETE)
         view.pruned = states.count(TrialState.PRUNED)
         view.failed = states.count(TrialState.FAIL)
-        view.running = len(self._active)
-        view.finished = self._finished
+        view.running = run.running
+        view.finished = run.finished
         best = _best_trial(study, trials)
         if best is not None:
             view.best_number, view.best_values = best.number, list(best.values)
@@ -577,25 +681,45 @@ class Controller:
             getattr(sink, hook)(self.state, *args)
 
     def _outcome(self) -> Outcome:
-        study = self._study
-        counts = {}
-        if study is not None:
-            trials = study.get_trials(deepcopy=False)
-            counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        studies = list(self.studies.values())
+        counts = {s.name.lower(): 0 for s in TrialState}
+        for study in studies:
+            for trial in study.get_trials(deepcopy=False):
+                counts[trial.state.name.lower()] += 1
+        counts = counts if studies else {}
         self.state.stopping = self._stop_level
         self._emit("on_end")
-        if self._study is not None and len(self._dead_slots) == len(self._slots):
-            return Outcome("failed", "every slot stopped; see the worker logs", study, counts)
+        first = studies[0] if studies else None
+        if studies and len(self._dead_slots) == len(self._slots):
+            return Outcome(
+                "failed", "every slot stopped; see the worker logs", first, counts, studies
+            )
         if self._stop_level:
-            return Outcome("stopped", "stopped before the budget was reached", study, counts)
+            return Outcome(
+                "stopped", "stopped before the budget was reached", first, counts, studies
+            )
         if counts.get("fail") and not counts.get("complete") and not counts.get("pruned"):
             return Outcome(
                 "failed",
                 "every trial failed; see the reasons in the trials/ folders",
-                study,
+                first,
                 counts,
+                studies,
             )
-        return Outcome("completed", "", study, counts)
+        return Outcome("completed", "", first, counts, studies)
+
+
+def _opened(run: StudyRun) -> optuna.Study:
+    if run.study is None:
+        raise RuntimeError(f"the study {run.plan.name!r} is not open yet")
+    return run.study
+
+
+def _slot_cost(slot: Slot) -> float:
+    """What a trial on the slot holds, for fair shares: GPUs (fractions too), else cores."""
+    if slot.kind == "gpu":
+        return len(slot.gpus) * slot.gpu_share
+    return float(max(1, len(slot.cores)))
 
 
 def _best_trial(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> Any:

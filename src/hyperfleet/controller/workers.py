@@ -22,7 +22,9 @@ from hyperfleet.workers.protocol import ObjectiveSpec, Shutdown, WorkerSetup
 
 
 class WorkerHandle:
-    def __init__(self, slot: Slot, spec: ObjectiveSpec, log_dir: Path, cwd: Path) -> None:
+    def __init__(
+        self, slot: Slot, specs: dict[str, ObjectiveSpec], log_dir: Path, cwd: Path
+    ) -> None:
         self.slot = slot
         self.trials_run = 0
         self.ready = False
@@ -52,7 +54,7 @@ class WorkerHandle:
             os.close(lifeline_read)
         self.conn = Connection(parent_sock.detach())
         self.exit_fd = _pidfd(self.process.pid)
-        self.conn.send(WorkerSetup(spec, slot.name))
+        self.conn.send(WorkerSetup(specs, slot.name))
 
     @property
     def pid(self) -> int:

@@ -55,6 +55,20 @@ def write_report(run_dir: str | Path, top: int = 5, study: optuna.Study | None =
     return folder
 
 
+def write_reports(run_dir: str | Path, top: int = 5) -> list[Path]:
+    """``hyperfleet report``: the run's report, or for a campaign one per study (in
+    ``studies/<name>/report/``)."""
+    from hyperfleet.rundir import RunDir
+    from hyperfleet.status import open_run
+
+    path = Path(run_dir).absolute()
+    studies = open_run(path).studies
+    if len(studies) <= 1:
+        return [write_report(path, top)]
+    folders = [RunDir(path).study_folder(study.study_name).path for study in studies]
+    return [write_report(f, top, study=s) for f, s in zip(folders, studies, strict=True)]
+
+
 def _the_study(path: Path) -> optuna.Study:
     from hyperfleet.status import open_run
 

@@ -140,16 +140,16 @@ def _swap_in(building: Path, final: Path) -> None:
 
 
 class RunSummary(EventSink):
-    def __init__(self, run_dir: RunDir, get_study: Callable[[], optuna.Study | None]) -> None:
+    def __init__(self, run_dir: RunDir, get_studies: Callable[[], list[optuna.Study]]) -> None:
         self._run_dir = run_dir
-        self._get_study = get_study
+        self._get_studies = get_studies
 
     def on_end(self, state: RunState) -> None:
-        text = summary_markdown(state, self._get_study())
+        text = summary_markdown(state, self._get_studies())
         (self._run_dir.path / SUMMARY_NAME).write_text(text)
 
 
-def summary_markdown(state: RunState, study: optuna.Study | None) -> str:
+def summary_markdown(state: RunState, studies: list[optuna.Study]) -> str:
     elapsed = time.time() - state.started
     lines = [
         f"# {state.run_name}",
@@ -159,7 +159,7 @@ def summary_markdown(state: RunState, study: optuna.Study | None) -> str:
         f"ran {fmt.duration(elapsed)}" + (" (stopped early)" if state.stopping else ""),
         "",
     ]
-    if study is not None:
+    for study in studies:
         lines += _study_section(study)
     lines += _slots_section(state, elapsed)
     lines += [
@@ -167,13 +167,20 @@ def summary_markdown(state: RunState, study: optuna.Study | None) -> str:
         "",
         "- `optuna.journal`: the Optuna storage (optuna-dashboard opens it)",
         "- `run.log`: one line per trial start and end",
-        "- `trials/<number>/`: `params.json`, `result.json`, `stdout.log`, `stderr.log` and "
-        "what the objective wrote",
-        "- `best/`: the best trial's folder (`best.json` says which)",
-        "- `report/index.html`: plots and tables (`hyperfleet report` rewrites it)",
+        *_folder_lines(len(studies) > 1),
         "",
     ]
     return "\n".join(lines)
+
+
+def _folder_lines(campaign: bool) -> list[str]:
+    where = "`studies/<study>/`" if campaign else "the run folder"
+    return [
+        f"- `trials/<number>/` in {where}: `params.json`, `result.json`, `stdout.log`, "
+        "`stderr.log` and what the objective wrote",
+        f"- `best/` in {where}: the best trial's folder (`best.json` says which)",
+        f"- `report/index.html` in {where}: plots and tables (`hyperfleet report` rewrites it)",
+    ]
 
 
 def _study_section(study: optuna.Study) -> list[str]:

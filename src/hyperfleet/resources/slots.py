@@ -45,6 +45,7 @@ class Slot:
     gpu_kind: str = ""  # "cuda", "mps" or "fake" for GPU slots
     cores: tuple[int, ...] = ()
     threads: int = 1
+    gpu_share: float = 1.0  # the fraction of each of its GPUs (1/4 when four slots share one)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -96,7 +97,7 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
         for k in range(options.trials_per_gpu):
             slot_cores = _take_cores(cores, next_core, gpu_threads)
             next_core += gpu_threads
-            slots.append(_gpu_slot(group, k, slot_cores, gpu_threads))
+            slots.append(_gpu_slot(group, k, slot_cores, gpu_threads, 1 / options.trials_per_gpu))
     slots.extend(_cpu_slots(options, cores, next_core, has_gpu_slots=bool(slots)))
     return slots
 
@@ -142,7 +143,9 @@ def _take_cores(cores: list[int], start: int, count: int) -> tuple[int, ...]:
     return tuple(sorted({cores[(start + i) % len(cores)] for i in range(count)}))
 
 
-def _gpu_slot(group: tuple[Gpu, ...], k: int, cores: tuple[int, ...], threads: int) -> Slot:
+def _gpu_slot(
+    group: tuple[Gpu, ...], k: int, cores: tuple[int, ...], threads: int, share: float
+) -> Slot:
     ids = "+".join(str(g.index) for g in group)
     return Slot(
         name=f"gpu{ids}#{k}",
@@ -152,6 +155,7 @@ def _gpu_slot(group: tuple[Gpu, ...], k: int, cores: tuple[int, ...], threads: i
         gpu_kind=group[0].kind,
         cores=cores,
         threads=threads,
+        gpu_share=share,
     )
 
 

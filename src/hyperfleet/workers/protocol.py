@@ -37,7 +37,10 @@ class ObjectiveSpec:
 
 @dataclass(frozen=True)
 class WorkerSetup:
-    objective: ObjectiveSpec
+    """The objectives of every study that may use this worker's slot, by study name; the worker
+    loads each once, before it says it is ready."""
+
+    objectives: dict[str, ObjectiveSpec]
     slot_name: str
 
 
@@ -50,6 +53,7 @@ class Ready:
 class LoadFailed:
     message: str
     traceback: str
+    study: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class StudyInfo:
 
 @dataclass(frozen=True)
 class RunTrial:
+    objective: str  # the study's name: which of the worker's objectives to call
     number: int
     trial_dir: str
     datetime_start: datetime.datetime | None

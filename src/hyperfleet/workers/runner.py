@@ -34,11 +34,13 @@ Objective = Callable[[optuna.Trial], Any]
 
 def serve(conn: Connection) -> None:
     setup: WorkerSetup = conn.recv()
-    try:
-        objective = load_objective(setup.objective)
-    except BaseException as exc:  # the user's import may raise anything, even SystemExit
-        conn.send(LoadFailed(f"{type(exc).__name__}: {exc}", user_traceback(exc)))
-        return
+    objectives: dict[str, Objective] = {}
+    for study, spec in setup.objectives.items():
+        try:
+            objectives[study] = load_objective(spec)
+        except BaseException as exc:  # the user's import may raise anything, even SystemExit
+            conn.send(LoadFailed(f"{type(exc).__name__}: {exc}", user_traceback(exc), study))
+            return
     # What the objective's module loaded (libraries, a data set) lives for the whole worker;
     # freezing it keeps the per-trial collection below from scanning it again every trial
     # (tens of milliseconds once scikit-learn or torch is imported).
@@ -51,7 +53,7 @@ def serve(conn: Connection) -> None:
         if isinstance(message, Shutdown):
             return
         if isinstance(message, RunTrial):
-            finished = run_trial(channel, objective, message)
+            finished = run_trial(channel, objectives[message.objective], message)
             _send_finished(conn, finished)
             _free_memory()
 

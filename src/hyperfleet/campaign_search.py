@@ -1,0 +1,187 @@
+"""A campaign file turned into one search: its studies, the pool they share, their refits.
+
+Every study lives in the same storage (by default ``RUN_DIR/optuna.journal``) under its own
+name, and keeps its trial folders, ``best/`` and ``report/`` in ``RUN_DIR/studies/<name>/``.
+Named experiments and grid points are enqueued once: a resumed campaign finds them in the
+storage (the trial's ``experiment`` user attribute) and does not enqueue them again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hyperfleet.campaign import Campaign, Experiment, StudySpec
+from hyperfleet.config import RetryPolicy, RunSettings
+from hyperfleet.controller.loop import StudyPlan
+from hyperfleet.errors import ResourceError
+from hyperfleet.launch import Search
+from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target
+from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.shapes import Pool, plan_pool
+from hyperfleet.rundir import RunDir
+from hyperfleet.samplers import make_pruner, make_sampler
+from hyperfleet.storage import check_directions, existing_storage, open_storage
+from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
+from hyperfleet.workers.protocol import ObjectiveSpec
+
+EXPERIMENT_ATTR = "experiment"
+
+
+def campaign_settings(campaign: Campaign, stop_grace: float, kill_grace: float) -> RunSettings:
+    settings = campaign.settings
+    return RunSettings(
+        timeout=settings.timeout,
+        trial_timeout=settings.trial_timeout,
+        retry=RetryPolicy.parse(settings.retry),
+        max_trials_per_worker=settings.max_trials_per_worker,
+        stop_grace=stop_grace,
+        kill_grace=kill_grace,
+    )
+
+
+def campaign_search(
+    campaign: Campaign,
+    run_dir: RunDir,
+    inventory: Inventory,
+    sequential: bool | None = None,
+    force_refit: bool = False,
+) -> Search:
+    """Check everything that can be checked without running an objective, and plan the run.
+
+    ``sequential`` overrides the file's ``sequential`` when given."""
+    pool = plan_pool(inventory, campaign.pool, [study.shape for study in campaign.studies])
+    for study in campaign.studies:
+        _check_placeable(campaign, study, pool)
+    storage = _SharedStorage(campaign.settings.storage, run_dir)
+    existing = existing_storage(campaign.settings.storage, run_dir)
+    stages = _stage_numbers(campaign.studies)
+    plans = [
+        _plan(campaign, study, pool, run_dir, storage.get, existing, stages[study.name])
+        for study in campaign.studies
+    ]
+    refits = {
+        study.name: plan
+        for study in campaign.studies
+        if (plan := _refit_plan(campaign, study, force_refit)) is not None
+    }
+    in_order = campaign.settings.sequential if sequential is None else sequential
+    return Search(plans, pool, refits, in_order)
+
+
+class _SharedStorage:
+    """One storage for every study, opened when the first study is (after every check)."""
+
+    def __init__(self, url: str | None, run_dir: RunDir) -> None:
+        self._url, self._run_dir = url, run_dir
+        self._storage: optuna.storages.BaseStorage | None = None
+
+    def get(self) -> optuna.storages.BaseStorage:
+        if self._storage is None:
+            self._storage = open_storage(self._url, self._run_dir.journal)
+        return self._storage
+
+
+def _check_placeable(campaign: Campaign, study: StudySpec, pool: Pool) -> None:
+    if pool.eligible.get(study.shape):
+        return
+    why = "; ".join(pool.notes) or "the pool has no slot of that shape"
+    raise ResourceError(
+        f"{campaign.path}:{study.line}: study {study.name!r} needs {study.shape.describe()}, "
+        f"but no slot of the pool can run it ({why}). Give its slot a fallback_cpus, change "
+        "its slot, or change [pool]."
+    )
+
+
+def _stage_numbers(studies: tuple[StudySpec, ...]) -> dict[str, int]:
+    """Stages in order of first appearance; a study without a stage is a stage of its own."""
+    numbers: dict[str, int] = {}
+    result = {}
+    for study in studies:
+        key = study.stage or f"\0{study.name}"
+        result[study.name] = numbers.setdefault(key, len(numbers))
+    return result
+
+
+def _plan(
+    campaign: Campaign,
+    study: StudySpec,
+    pool: Pool,
+    run_dir: RunDir,
+    storage: Callable[[], optuna.storages.BaseStorage],
+    existing: optuna.storages.BaseStorage | None,
+    stage: int,
+) -> StudyPlan:
+    directions = check_directions(existing, study.name, list(study.directions))
+
+    def open_study() -> optuna.Study:
+        opened = optuna.create_study(
+            storage=storage(),
+            study_name=study.name,
+            sampler=make_sampler(study.sampler, study.seed),
+            pruner=make_pruner(study.pruner),
+            directions=directions,
+            load_if_exists=True,
+        )
+        _enqueue_experiments(opened, (*study.experiments, *_grid_points(study.grid)))
+        return opened
+
+    return StudyPlan(
+        name=study.name,
+        spec=_objective(study, campaign.path.parent),
+        open_study=open_study,
+        folder=run_dir.study_folder(study.name),
+        slots=tuple(pool.eligible[study.shape]),
+        n_trials=study.n_trials,
+        timeout=study.timeout,
+        weight=study.weight,
+        priority=study.priority,
+        stage=stage,
+    )
+
+
+def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:
+    if study.target is not None:
+        return spec_from_target(study.target, study.args)
+    from hyperfleet.command import CommandObjective
+    from hyperfleet.space import load_space
+
+    assert study.cmd is not None and study.space is not None  # the file's checks promise it
+    return spec_from_callable(CommandObjective(study.cmd, load_space(study.space), launch_dir=base))
+
+
+def _grid_points(grid: dict[str, list[Any]] | None) -> list[Experiment]:
+    """Every point of the grid as a named experiment ("depth=3,eta=0.1").
+
+    Enqueued rather than left to Optuna's GridSampler, which stops the study from inside
+    ``tell`` (allowed only in ``study.optimize``) and picks points at random; this way a resumed
+    campaign runs exactly the points not yet in the storage, in order."""
+    if not grid:
+        return []
+    names = list(grid)
+    return [
+        Experiment(
+            ",".join(f"{n}={v}" for n, v in zip(names, values, strict=True)),
+            dict(zip(names, values, strict=True)),
+        )
+        for values in itertools.product(*(grid[n] for n in names))
+    ]
+
+
+def _enqueue_experiments(study: optuna.Study, experiments: tuple[Experiment, ...]) -> None:
+    known = {t.user_attrs.get(EXPERIMENT_ATTR) for t in study.get_trials(deepcopy=False)}
+    for experiment in experiments:
+        if experiment.name not in known:
+            study.enqueue_trial(experiment.params, user_attrs={EXPERIMENT_ATTR: experiment.name})
+
+
+def _refit_plan(campaign: Campaign, study: StudySpec, force: bool) -> RefitPlan | None:
+    if study.refit is not None:
+        return plan_from_target(study.refit, force)
+    if study.refit_cmd is not None and study.space is not None:
+        return plan_from_command(study.refit_cmd, study.space, force, campaign.path.parent)
+    return None

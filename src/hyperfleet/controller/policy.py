@@ -1,0 +1,170 @@
+"""Which study of a campaign gets a free slot: the fair-share policy.
+
+A campaign runs many studies on one pool of slots. Whenever slots are free the controller calls
+:func:`pick` in a loop (pick, launch, ``book.start``, drop the slot from the free list) until it
+returns ``None``. The rules, in the order they are applied:
+
+1. **Work and stage.** Only studies that can start another trial (``has_work``) are eligible; a
+   study that reaches its budget stops being eligible at once, so its share goes to the others.
+   In sequential mode only the studies of the lowest ``stage`` that still has work are eligible:
+   a later stage starts only once every earlier study has nothing left to start.
+2. **Slot sets.** A study may only use the slots in its ``slots`` set (this is how CPU-shape
+   studies are kept off GPU slots and the other way round). A study that can use none of the free
+   slots is passed over, so the slot goes to someone who can use it.
+3. **Priority.** Among the studies that can use a free slot, only those of the highest priority
+   compete. A lower-priority study therefore gets exactly the slots no higher-priority study can
+   use now, and everything once the higher ones run out of work: no slot is left idle while an
+   eligible study could use it.
+4. **Fair share.** Among those, the study furthest below its fair share wins: the smallest
+   share it would hold after taking the slot, (running cost + slot cost) / weight. Ties go to the
+   smallest cumulative usage (cost x seconds, finished and running trials) divided by weight,
+   then to the earliest study in file order.
+
+Why shares are measured on the *current allocation* rather than on cumulative usage alone: at
+start, and whenever many slots free up together, every study has the same history, so a
+usage-only rule would hand every free slot to the same study. Comparing what each study holds
+now makes the allocation follow the weights at every moment (weights 2:1 on 6 slots give 4:2,
+even while all 6 are being filled).
+
+Why the share *after* taking the slot rather than the share held now: when the slots cannot be
+split exactly by weight (weights 2:1 on 5 slots), the last slot is a close call. Compared on
+what they would hold, both studies tie (4/2 against 2/1), so cumulative usage decides and the
+odd slot alternates between them over time. Compared on what they hold now (3/2 against 1/1),
+the same study would win it every time and the other would drift away from its share for good.
+It also counts the size of the slot on offer: a study is not handed a two-GPU slot ahead of a
+study that would only take half a GPU and stay further below its share.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from hyperfleet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StudyDemand:
+    """What one study of a campaign asks for, as seen at the moment of a decision."""
+
+    name: str
+    slots: frozenset[str]  # the slots it may use
+    has_work: bool = True  # budget and time left to start another trial
+    weight: float = 1.0
+    priority: int = 0  # bigger number = higher priority
+    stage: int = 0  # used only in sequential mode
+
+    def __post_init__(self) -> None:
+        # A zero or negative weight would make the share undefined (or reward running more).
+        if not self.weight > 0:
+            raise ConfigError(
+                f"study {self.name!r}: weight must be a positive number, got {self.weight!r}; "
+                "set `weight` to a value above 0 (1 is the default share)."
+            )
+
+
+@dataclass(frozen=True)
+class _Lease:
+    study: str
+    cost: float
+    started_at: float
+
+
+class ShareBook:
+    """What each study holds now and has used so far.
+
+    The clock is injected so that usage (cost x seconds) can be tested with a fake one.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._leases: dict[str, _Lease] = {}  # by slot
+        self._finished_usage: dict[str, float] = {}  # by study
+
+    def start(self, study: str, slot: str, cost: float) -> None:
+        """A trial of ``study`` begins on ``slot``, which costs ``cost``."""
+        if slot in self._leases:
+            held_by = self._leases[slot].study
+            raise ValueError(f"slot {slot!r} is already held by study {held_by!r}")
+        self._leases[slot] = _Lease(study, cost, self._clock())
+
+    def stop(self, slot: str) -> None:
+        """The trial on ``slot`` ended; its cost-seconds move to the study's finished usage."""
+        lease = self._leases.pop(slot, None)
+        if lease is None:
+            raise ValueError(f"slot {slot!r} holds no trial")
+        spent = lease.cost * (self._clock() - lease.started_at)
+        self._finished_usage[lease.study] = self._finished_usage.get(lease.study, 0.0) + spent
+
+    def running_cost(self, study: str) -> float:
+        return sum(lease.cost for lease in self._leases.values() if lease.study == study)
+
+    def usage(self, study: str) -> float:
+        """Cost-seconds used: finished trials plus the running ones up to now."""
+        now = self._clock()
+        running = sum(
+            lease.cost * (now - lease.started_at)
+            for lease in self._leases.values()
+            if lease.study == study
+        )
+        return self._finished_usage.get(study, 0.0) + running
+
+    def running(self, study: str) -> int:
+        return sum(1 for lease in self._leases.values() if lease.study == study)
+
+
+def pick(
+    demands: Sequence[StudyDemand],
+    free_slots: Sequence[str],
+    book: ShareBook,
+    slot_cost: Mapping[str, float],
+    sequential: bool = False,
+) -> tuple[str, str] | None:
+    """The (study, slot) to launch next, or None when no eligible study can use any free slot.
+
+    `demands` are in file order; `free_slots` in the caller's order of preference: the chosen study
+    gets the first free slot in that order that it may use. `slot_cost` gives the cost of every
+    slot (e.g. 0.5 for half a GPU, 2 for two GPUs, the number of cores for a CPU slot).
+    """
+    unpriced = [slot for slot in free_slots if slot not in slot_cost]
+    if unpriced:
+        raise ValueError(f"free slots without a cost: {unpriced}")
+    candidates = _candidates(_eligible(demands, sequential), free_slots)
+    if not candidates:
+        return None
+    top_priority = max(demand.priority for _, demand, _ in candidates)
+    contenders = [entry for entry in candidates if entry[1].priority == top_priority]
+
+    def furthest_below_share(entry: tuple[int, StudyDemand, str]) -> tuple[float, float, int]:
+        file_index, demand, slot = entry
+        return (
+            (book.running_cost(demand.name) + slot_cost[slot]) / demand.weight,
+            book.usage(demand.name) / demand.weight,
+            file_index,
+        )
+
+    _, chosen, slot = min(contenders, key=furthest_below_share)
+    return chosen.name, slot
+
+
+def _eligible(demands: Sequence[StudyDemand], sequential: bool) -> list[tuple[int, StudyDemand]]:
+    """Studies that may start a trial now, with their file-order index."""
+    with_work = [(index, demand) for index, demand in enumerate(demands) if demand.has_work]
+    if not sequential or not with_work:
+        return with_work
+    # A later stage waits for every study of an earlier one, even one whose slots are all busy.
+    current_stage = min(demand.stage for _, demand in with_work)
+    return [(index, demand) for index, demand in with_work if demand.stage == current_stage]
+
+
+def _candidates(
+    eligible: Sequence[tuple[int, StudyDemand]], free_slots: Sequence[str]
+) -> list[tuple[int, StudyDemand, str]]:
+    """Each eligible study that may use a free slot, with the first such slot in caller order."""
+    candidates = []
+    for index, demand in eligible:
+        slot = next((slot for slot in free_slots if slot in demand.slots), None)
+        if slot is not None:
+            candidates.append((index, demand, slot))
+    return candidates
