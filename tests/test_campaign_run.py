@@ -315,3 +315,19 @@ def test_summary_lists_every_study(tmp_path: Path) -> None:
     assert "## Study `one`" in summary and "## Study `two`" in summary
     best = json.loads((run_dir / "studies" / "two" / "best" / "best.json").read_text())
     assert best["study"] == "two"
+
+
+def test_resources_shows_each_studys_slots_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hyperfleet.cli import main
+
+    write_campaign(tmp_path, THREE_SHAPES)
+    monkeypatch.setenv("HYPERFLEET_FAKE_GPUS", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert main(["resources", str(tmp_path / "campaign.toml")]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert "gpu0:2#0, gpu1:2#0, gpu0:2#1, gpu1:2#1" in lines["half"]
+    assert lines["pair"].endswith("slots: gpu0+1")
+    assert "slots: cpu" in lines["cores"] and "gpu" not in lines["cores"].split("slots:")[1]
+    assert not (tmp_path / "runs").exists()

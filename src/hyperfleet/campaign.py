@@ -753,7 +753,7 @@ def _n_trials(
 def _shape(table: _Table, pool: PoolSpec) -> Shape:
     value = table.get("slot")
     if value is None or value == "gpu":
-        shape = Shape(gpus=1 / pool.trials_per_gpu, fallback_cpus=pool.threads_per_slot)
+        shape = Shape(gpus=1 / pool.trials_per_gpu, fallback_cpus=pool.threads_per_slot or 1)
     elif value == "cpu":
         shape = Shape(cpus=pool.threads_per_slot)
     elif isinstance(value, Mapping):

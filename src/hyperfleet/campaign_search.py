@@ -17,6 +17,7 @@ import optuna
 
 from hyperfleet.campaign import Campaign, Experiment, StudySpec
 from hyperfleet.config import RetryPolicy, RunSettings
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR
 from hyperfleet.controller.loop import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
@@ -28,8 +29,6 @@ from hyperfleet.samplers import make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
 from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
 from hyperfleet.workers.protocol import ObjectiveSpec
-
-EXPERIMENT_ATTR = "experiment"
 
 
 def campaign_settings(campaign: Campaign, stop_grace: float, kill_grace: float) -> RunSettings:

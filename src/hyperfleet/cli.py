@@ -15,8 +15,8 @@ from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_cli
-from hyperfleet.resources.inventory import detect_inventory
-from hyperfleet.resources.slots import PoolOptions, plan_slots
+from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir
 from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     _add_run(commands)
     resources = commands.add_parser("resources", help="show the GPUs, cores and slots found")
+    resources.add_argument(
+        "campaign", nargs="?", help="a campaign file: show its pool and each study's slots"
+    )
     _add_pool_flags(resources)
     resources.set_defaults(handler=cmd_resources)
     status = commands.add_parser("status", help="show a run's progress (while it runs or after)")
@@ -297,13 +300,40 @@ def cmd_resources(args: argparse.Namespace) -> int:
     for gpu in inventory.gpus:
         print(f"  {gpu.index}: {gpu.name} {gpu.uuid} {gpu.memory_total_mib} MiB")
     print(f"CPU cores: {len(inventory.cores)}")
-    slots = plan_slots(inventory, _pool_options(args))
+    if args.campaign is not None:
+        return _campaign_resources(args.campaign, inventory)
+    _print_slots(plan_slots(inventory, _pool_options(args)))
+    return EXIT_OK
+
+
+def _print_slots(slots: Sequence[Slot]) -> None:
     print(f"Slots ({len(slots)}):")
     for slot in slots:
         gpus = ",".join(str(g) for g in slot.gpus) or "-"
+        share = f" share={slot.gpu_share:.3g}" if slot.kind == "gpu" and slot.gpu_share < 1 else ""
         print(
-            f"  {slot.name:<14} gpus={gpus:<8} cores={_ranges(slot.cores)} threads={slot.threads}"
+            f"  {slot.name:<14} gpus={gpus:<8} cores={_ranges(slot.cores)} "
+            f"threads={slot.threads}{share}"
         )
+
+
+def _campaign_resources(path: str, inventory: Inventory) -> int:
+    """The pool a campaign file would get on this machine, and which slots each study may use."""
+    from hyperfleet.campaign import load_campaign
+    from hyperfleet.resources.shapes import plan_pool
+
+    campaign = load_campaign(path)
+    pool = plan_pool(inventory, campaign.pool, [study.shape for study in campaign.studies])
+    _print_slots(pool.slots)
+    for note in pool.notes:
+        print(f"Note: {note}")
+    print(f"Studies ({len(campaign.studies)}):")
+    name_width = max(len(study.name) for study in campaign.studies)
+    shape_width = max(len(study.shape.describe()) for study in campaign.studies)
+    for study in campaign.studies:
+        slots = ", ".join(pool.eligible.get(study.shape, ())) or "none: it cannot run here"
+        shape = study.shape.describe()
+        print(f"  {study.name:<{name_width}}  {shape:<{shape_width}}  slots: {slots}")
     return EXIT_OK
 
 

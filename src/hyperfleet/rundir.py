@@ -72,7 +72,7 @@ class RunDir:
 
     def create(self) -> None:
         try:
-            for folder in (self.path, self.path / "trials", self.workers_dir):
+            for folder in (self.path, self.workers_dir):  # trials/ comes with the first trial
                 folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-"):
                 pass

@@ -21,6 +21,7 @@ from hyperfleet.rundir import tail, write_json
 from hyperfleet.state import TrialRecord
 
 RETRY_ATTR = "hyperfleet.retry_of"
+EXPERIMENT_ATTR = "experiment"  # a campaign's named experiment (or grid point) a trial runs
 RUN_ATTR = "hyperfleet:run"
 SLOT_ATTR = "hyperfleet:slot"
 PID_ATTR = "hyperfleet:worker_pid"
@@ -93,7 +94,10 @@ def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: Retr
     trials = study.get_trials(deepcopy=False)
     if not policy.allows(kind, attempts_before(trials, trial)):
         return False
-    study.enqueue_trial(intended_params(trial), user_attrs={RETRY_ATTR: trial.number})
+    attrs: dict[str, Any] = {RETRY_ATTR: trial.number}
+    if EXPERIMENT_ATTR in trial.user_attrs:  # a repeated experiment keeps its name
+        attrs[EXPERIMENT_ATTR] = trial.user_attrs[EXPERIMENT_ATTR]
+    study.enqueue_trial(intended_params(trial), user_attrs=attrs)
     return True
 
 
