@@ -331,3 +331,57 @@ def test_resources_shows_each_studys_slots_before_anything_runs(
     assert lines["pair"].endswith("slots: gpu0+1")
     assert "slots: cpu" in lines["cores"] and "gpu" not in lines["cores"].split("slots:")[1]
     assert not (tmp_path / "runs").exists()
+
+
+TRAIN_SCRIPT = """
+import argparse, json
+parser = argparse.ArgumentParser()
+parser.add_argument("--x", type=float)
+parser.add_argument("--offset", type=float)
+parser.add_argument("--save")
+args = parser.parse_args()
+if args.save:
+    open(args.save, "w").write(str(args.x))
+print(json.dumps({"value": args.x * args.x + args.offset}))
+"""
+
+
+def test_a_training_script_per_matrix_value_with_a_refit_that_runs_once(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
+    (tmp_path / "space.toml").write_text(
+        '[params.x]\ntype = "float"\nlow = -2.0\nhigh = 2.0\n'
+    )
+    write_campaign(
+        tmp_path,
+        """
+        [[study]]
+        name = "script-{offset}"
+        cmd = "python train.py --x {x} --offset {offset}"
+        space = "space.toml"
+        slot = "cpu"
+        n_trials = 3
+        matrix = { offset = [10, 20] }
+        refit_cmd = "python train.py --x {x} --offset {offset} --save model.txt"
+        """,
+    )
+    elsewhere = tmp_path / "elsewhere"  # paths are relative to the campaign file, not the cwd
+    elsewhere.mkdir()
+    command = ["run", "../campaign.toml", "--plain", "--no-report"]
+    first = run_cli(command, elsewhere, 180)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_dir = elsewhere / "runs" / "campaign"
+    for offset in (10, 20):
+        trials = load_trials(run_dir, f"script-{offset}")
+        assert len(trials) == 3
+        for trial in trials:
+            assert trial.value == pytest.approx(trial.params["x"] ** 2 + offset, abs=1e-6)
+        refit = run_dir / "studies" / f"script-{offset}" / "best" / "refit"
+        best_x = min(trials, key=lambda t: t.value or 0.0).params["x"]
+        assert float((refit / "model.txt").read_text()) == pytest.approx(best_x)
+    assert first.stdout.count("refit done") == 2
+    again = run_cli(command, elsewhere, 180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("refit skipped: best parameters unchanged") == 2
+    forced = run_cli([*command, "--force-refit"], elsewhere, 180)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert forced.stdout.count("refit done") == 2
