@@ -162,3 +162,14 @@ def test_live_view_draws_on_tick_and_prints_the_summary_at_the_end() -> None:
     assert "gpu0#0" in output
     assert "slot gpu1#0 stopped: its worker keeps dying" in output
     assert "study mnist: 12 complete, 3 pruned, 1 failed; best trial 9: 0.0123" in output
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_with_several_studies_each_last_trial_says_its_study(width: int) -> None:
+    state = make_state()
+    state.studies.append(StudyView("cifar", ("MAXIMIZE",), n_trials=10))
+    state.recent[0].study = "cifar"
+    lines = draw(state, width)
+    assert all(len(line) <= width for line in lines)
+    assert row(lines, "16")[:3] == ["16", "cifar", "gpu1#0"]
+    assert row(lines, "15")[:3] == ["15", "mnist", "gpu0#0"]

@@ -310,10 +310,8 @@ def _print_slots(slots: Sequence[Slot]) -> None:
     print(f"Slots ({len(slots)}):")
     for slot in slots:
         gpus = ",".join(str(g) for g in slot.gpus) or "-"
-        share = f" share={slot.gpu_share:.3g}" if slot.kind == "gpu" and slot.gpu_share < 1 else ""
         print(
-            f"  {slot.name:<14} gpus={gpus:<8} cores={_ranges(slot.cores)} "
-            f"threads={slot.threads}{share}"
+            f"  {slot.name:<14} gpus={gpus:<8} cores={_ranges(slot.cores)} threads={slot.threads}"
         )
 
 

@@ -166,15 +166,20 @@ def best_text(study: StudyView) -> str:
 
 def recent_table(state: RunState, width: int) -> Table:
     table = _table("Last trials", width)
+    several = len(state.studies) > 1  # then each row says which study the trial belongs to
     table.add_column("trial", justify="right", no_wrap=True)
+    if several:
+        table.add_column("study", no_wrap=True, overflow="ellipsis", max_width=max(8, width // 5))
     table.add_column("slot", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True, overflow="ellipsis")
     table.add_column("took", justify="right", no_wrap=True)
     table.add_column("params / reason", no_wrap=True, overflow="ellipsis", ratio=1)
     for record in list(state.recent)[:RECENT_ROWS]:
+        study = [record.study] if several else []
         table.add_row(
             str(record.number),
+            *study,
             record.slot,
             Text(record.state, style=STATE_STYLES.get(record.state, "")),
             fmt.values(record.values),

@@ -1,0 +1,204 @@
+"""A campaign file: one TOML file declaring a pool of slots and the Optuna studies sharing it.
+
+``hyperfleet run campaign.toml`` reads it with :func:`load_campaign`, which only parses and
+checks: it runs nothing and writes nothing (it reads the search space files and parses the
+objective files a study names, without importing them)::
+
+    [campaign]                 # optional
+    name = "tabular"           # default: the file's stem; the run folder is runs/<name>
+    timeout = "2h"             # stop starting trials after this long
+
+    [pool]                     # optional
+    gpus = "all"               # or [0, 1] (indices or UUID strings), or [] for none
+    trials_per_gpu = 2
+
+    [defaults]                 # optional: any study key, for every [[study]] that lacks it
+    direction = "maximize"
+
+    [[study]]                  # one or more
+    name = "xgb-{dataset}"
+    objective = "models.py:make_xgb"
+    args = { dataset = "{dataset}" }
+    matrix = { dataset = ["iris", "wine"] }   # one study per combination
+    n_trials = 40
+
+Every mistake raises :class:`~hyperfleet.errors.ConfigError` starting with ``FILE:LINE:``,
+naming the table (``[[study]] #2 'xgb'``) and the key. TOML gives no positions, so the line is
+found by scanning the text: the key's first assignment inside its table, else the table's
+header line.
+
+The package splits the work: :mod:`~hyperfleet.campaign.source` reads the file and points at
+its lines, :mod:`~hyperfleet.campaign.studies` checks each ``[[study]]`` table and
+:mod:`~hyperfleet.campaign.matrix` expands it over its matrix; this module holds the results'
+types and the ``[campaign]`` and ``[pool]`` tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hyperfleet.campaign.source import (
+    Source,
+    Table,
+    boolean,
+    check_keys,
+    duration,
+    integer,
+    parse_toml,
+    read,
+    string,
+    top_table,
+)
+from hyperfleet.config import RetryPolicy
+from hyperfleet.errors import ConfigError
+from hyperfleet.resources.shapes import PoolSpec, Shape
+
+TABLES = ("campaign", "pool", "defaults", "study")
+CAMPAIGN_KEYS = (
+    "name",
+    "run_dir",
+    "storage",
+    "sequential",
+    "timeout",
+    "trial_timeout",
+    "retry",
+    "max_trials_per_worker",
+)
+POOL_KEYS = ("gpus", "trials_per_gpu", "cpu_slots", "threads_per_slot")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A point to evaluate before the sampler's own suggestions (Optuna's enqueue_trial)."""
+
+    name: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """One study after matrix expansion, with every default filled in and every path absolute."""
+
+    name: str
+    index: int  # 0-based position after expansion, in file order
+    line: int  # the [[study]] header line, for later messages
+    target: str | None  # "ABS/PATH/FILE.py:FUNCTION" or "MODULE:FUNCTION"
+    args: dict[str, Any] | None  # factory arguments (None: target is the objective itself)
+    cmd: str | None
+    space: Path | None
+    directions: tuple[str, ...]
+    sampler: str
+    seed: int | None
+    pruner: str
+    n_trials: int | None
+    timeout: float | None
+    shape: Shape
+    weight: float
+    priority: int
+    stage: str  # "" when not given
+    experiments: tuple[Experiment, ...]
+    experiments_only: bool
+    grid: dict[str, list[Any]] | None
+    refit: str | None
+    refit_cmd: str | None
+    matrix_values: dict[str, Any]  # the combination that made this study ({} without a matrix)
+
+
+@dataclass(frozen=True)
+class CampaignSettings:
+    name: str
+    run_dir: Path | None
+    storage: str | None
+    sequential: bool
+    timeout: float | None
+    trial_timeout: float | None
+    retry: str
+    max_trials_per_worker: int | None
+
+
+@dataclass(frozen=True)
+class Campaign:
+    path: Path  # absolute
+    settings: CampaignSettings
+    pool: PoolSpec
+    studies: tuple[StudySpec, ...]
+
+
+def is_campaign_file(target: str) -> bool:
+    """Whether ``hyperfleet run TARGET`` names a campaign file rather than an objective."""
+    path = Path(target)
+    return path.suffix.lower() == ".toml" and path.is_file()
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    """Parse and check a campaign file; see the module's documentation for the format."""
+    # Imported here, not at the top: the study modules build this module's dataclasses.
+    from hyperfleet.campaign.studies import STUDY_KEYS, StudyContext, studies
+
+    file = Path(path)
+    text = read(file)
+    source = Source(str(file), text.splitlines())
+    document = parse_toml(source, text)
+    check_keys(Table(source, "", 0, "the file", document), TABLES, "table")
+    campaign_table = top_table(source, document, "campaign", CAMPAIGN_KEYS)
+    pool_table = top_table(source, document, "pool", POOL_KEYS)
+    defaults_table = top_table(source, document, "defaults", STUDY_KEYS)
+    settings = _settings(campaign_table, default_name=file.stem)
+    pool = _pool(pool_table)
+    context = StudyContext(file.resolve().parent, settings, pool, defaults_table)
+    specs = studies(source, document, context)
+    return Campaign(file.resolve(), settings, pool, specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# [campaign] and [pool]
+
+
+def _settings(table: Table, default_name: str) -> CampaignSettings:
+    name = string(table, "name", '"tabular"') or default_name
+    if "/" in name or "\\" in name:
+        table.fail("name", f"{name!r} names a folder under runs/, so it cannot hold a slash.")
+    run_dir = string(table, "run_dir", '"runs/tabular"')
+    retry = string(table, "retry", '"interrupted=1,crash=1"') or ""
+    try:
+        RetryPolicy.parse(retry)
+    except ConfigError as exc:
+        table.fail("retry", str(exc))
+    return CampaignSettings(
+        name=name,
+        run_dir=Path(run_dir) if run_dir is not None else None,
+        storage=string(table, "storage", '"sqlite:///campaign.db"'),
+        sequential=bool(boolean(table, "sequential")),
+        timeout=duration(table, "timeout"),
+        trial_timeout=duration(table, "trial_timeout"),
+        retry=retry,
+        max_trials_per_worker=integer(table, "max_trials_per_worker", minimum=1),
+    )
+
+
+def _pool(table: Table) -> PoolSpec:
+    trials_per_gpu = integer(table, "trials_per_gpu", minimum=1)
+    return PoolSpec(
+        gpus=_pool_gpus(table),
+        trials_per_gpu=1 if trials_per_gpu is None else trials_per_gpu,
+        cpu_slots=integer(table, "cpu_slots", minimum=0),
+        threads_per_slot=integer(table, "threads_per_slot", minimum=1),
+    )
+
+
+def _pool_gpus(table: Table) -> list[str] | None:
+    value = table.get("gpus")
+    if value is None or value == "all":
+        return None
+    how = 'write gpus = "all", a list of indices or UUIDs such as [0, 1], or [] for none.'
+    if not isinstance(value, list):
+        table.fail("gpus", f"{value!r} is not a list of GPUs; {how}")
+    gpus = []
+    for item in value:
+        valid_index = isinstance(item, int) and not isinstance(item, bool) and item >= 0
+        if not valid_index and not (isinstance(item, str) and item.strip()):
+            table.fail("gpus", f"{item!r} is neither a GPU index nor a UUID; {how}")
+        gpus.append(str(item).strip())
+    return gpus
