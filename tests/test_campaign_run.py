@@ -292,7 +292,7 @@ def test_flags_that_a_campaign_file_sets_are_refused(tmp_path: Path, flag: list[
     assert flag[0] in done.stderr and "campaign.toml" in done.stderr
 
 
-def test_summary_lists_every_study(tmp_path: Path) -> None:
+def test_summary_lists_every_study_and_each_study_gets_its_report(tmp_path: Path) -> None:
     write_campaign(
         tmp_path,
         """
@@ -315,6 +315,12 @@ def test_summary_lists_every_study(tmp_path: Path) -> None:
     assert "## Study `one`" in summary and "## Study `two`" in summary
     best = json.loads((run_dir / "studies" / "two" / "best" / "best.json").read_text())
     assert best["study"] == "two"
+    report = run_cli(["report", str(run_dir)], tmp_path, 120)
+    assert report.returncode == 0, report.stderr
+    for name in ("one", "two"):
+        page = run_dir / "studies" / name / "report" / "index.html"
+        assert f"report written to {page}" in report.stdout
+        assert name in page.read_text()
 
 
 def test_resources_shows_each_studys_slots_before_anything_runs(
