@@ -622,6 +622,9 @@ class Controller:
             label = self._trial_label(run, trial.number)
             self._emit("on_message", f"{label} was left running: marked interrupted")
         trials = study.get_trials(deepcopy=False)
+        for trial in leftovers:  # the dead controller never wrote how these trials ended
+            record = books.record_from_frozen(study.study_name, trials[trial.number])
+            books.write_trial_files(run.plan.folder.trial_dir(trial.number), record)
         retried = books.retried_numbers(trials)
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried:
