@@ -354,9 +354,7 @@ print(json.dumps({"value": args.x * args.x + args.offset}))
 
 def test_a_training_script_per_matrix_value_with_a_refit_that_runs_once(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
-    (tmp_path / "space.toml").write_text(
-        '[params.x]\ntype = "float"\nlow = -2.0\nhigh = 2.0\n'
-    )
+    (tmp_path / "space.toml").write_text('[params.x]\ntype = "float"\nlow = -2.0\nhigh = 2.0\n')
     write_campaign(
         tmp_path,
         """
@@ -391,3 +389,27 @@ def test_a_training_script_per_matrix_value_with_a_refit_that_runs_once(tmp_path
     forced = run_cli([*command, "--force-refit"], elsewhere, 180)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert forced.stdout.count("refit done") == 2
+
+
+def test_run_campaign_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hyperfleet
+    from hyperfleet.resources.inventory import Gpu, Inventory
+
+    write_campaign(tmp_path, THREE_SHAPES)
+    monkeypatch.chdir(tmp_path)
+    two_gpus = Inventory(
+        gpus=tuple(Gpu(i, f"GPU-fake-{i}", "Fake GPU", kind="fake") for i in range(2)),
+        cores=(0, 1),
+    )
+    outcome = hyperfleet.run_campaign(
+        "campaign.toml", run_dir="here", display="quiet", report=False, inventory=two_gpus
+    )
+    assert outcome.status == "completed"
+    assert {s.study_name: len(s.trials) for s in outcome.studies} == {
+        "half": 6,
+        "pair": 3,
+        "cores": 6,
+    }
+    assert outcome.counts["complete"] == 15
+    pair = load_trials(tmp_path / "here", "pair")
+    assert all(sorted(t.user_attrs["visible"].split(",")) == ["0", "1"] for t in pair)

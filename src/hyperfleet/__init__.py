@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hyperfleet.api import optimize
+    from hyperfleet.api import optimize, run_campaign
     from hyperfleet.config import RetryPolicy
     from hyperfleet.controller.loop import Outcome
     from hyperfleet.errors import (
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "optimize": "hyperfleet.api",
+    "run_campaign": "hyperfleet.api",
     "RetryPolicy": "hyperfleet.config",
     "Outcome": "hyperfleet.controller.loop",
     "ConfigError": "hyperfleet.errors",
@@ -55,6 +56,7 @@ __all__ = [
     "__version__",
     "current_slot",
     "optimize",
+    "run_campaign",
 ]
 
 

@@ -13,7 +13,7 @@ from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_callable
-from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions
 from hyperfleet.rundir import RunDir
 from hyperfleet.workers.packaging import spec_from_callable
@@ -95,3 +95,45 @@ def default_run_dir(study: optuna.Study) -> Path:
     if isinstance(study._storage, optuna.storages.InMemoryStorage):
         return Path("runs") / f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path("runs") / study.study_name
+
+
+def run_campaign(
+    path: str | Path,
+    *,
+    sequential: bool | None = None,
+    run_dir: str | Path | None = None,
+    stop_grace: float | str = 30.0,
+    kill_grace: float | str = 5.0,
+    display: str = "auto",
+    report: bool = True,
+    force_refit: bool = False,
+    inventory: Inventory | None = None,
+) -> Outcome:
+    """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
+
+    ``sequential`` overrides the file's ``sequential``; ``run_dir`` its ``run_dir`` (default
+    ``runs/<campaign name>``). The other keywords are those of :func:`optimize`.
+    """
+    from hyperfleet.campaign import load_campaign
+    from hyperfleet.campaign_search import campaign_search, campaign_settings
+
+    campaign = load_campaign(path)
+    settings = campaign_settings(
+        campaign,
+        stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
+        kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
+    )
+    chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
+    folder = RunDir(chosen)
+    folder.check_writable()
+    inventory = inventory if inventory is not None else detect_inventory()
+    search = campaign_search(campaign, folder, inventory, sequential, force_refit)
+    return run_search(
+        search,
+        settings,
+        folder,
+        Display(display),
+        inventory_note=inventory.note,
+        run_name=campaign.settings.name,
+        report=report,
+    )

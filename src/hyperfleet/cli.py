@@ -198,8 +198,7 @@ _NOT_FOR_CAMPAIGNS = (
 
 def cmd_campaign(args: argparse.Namespace) -> int:
     """``hyperfleet run campaign.toml``: every study of the file in one pool."""
-    from hyperfleet.campaign import load_campaign
-    from hyperfleet.campaign_search import campaign_search, campaign_settings
+    from hyperfleet.api import run_campaign
 
     defaults = build_parser().parse_args(["run"])
     given = [
@@ -214,32 +213,15 @@ def cmd_campaign(args: argparse.Namespace) -> int:
             f"{flags}: a campaign file sets these for each study or in [pool]; "
             f"set them in {args.target} instead."
         )
-    campaign = load_campaign(args.target)
-    settings = campaign_settings(
-        campaign,
-        stop_grace=parse_duration(args.stop_grace, "stop grace") or 30.0,
-        kill_grace=parse_duration(args.kill_grace, "kill grace") or 5.0,
-    )
-    run_dir = RunDir(
-        args.run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
-    )
-    run_dir.check_writable()
-    inventory = detect_inventory()
-    search = campaign_search(
-        campaign,
-        run_dir,
-        inventory,
+    outcome = run_campaign(
+        args.target,
         sequential=args.sequential or None,
-        force_refit=args.force_refit,
-    )
-    outcome = run_search(
-        search,
-        settings,
-        run_dir,
-        _display(args),
-        inventory_note=inventory.note,
-        run_name=campaign.settings.name,
+        run_dir=args.run_dir,
+        stop_grace=args.stop_grace,
+        kill_grace=args.kill_grace,
+        display=_display(args).mode,
         report=not args.no_report,
+        force_refit=args.force_refit,
     )
     return _exit_status(outcome)
 
