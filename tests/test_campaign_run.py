@@ -413,3 +413,21 @@ def test_run_campaign_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert outcome.counts["complete"] == 15
     pair = load_trials(tmp_path / "here", "pair")
     assert all(sorted(t.user_attrs["visible"].split(",")) == ["0", "1"] for t in pair)
+
+
+def test_a_two_gpu_study_with_priority_keeps_its_gpus_until_done(tmp_path: Path) -> None:
+    campaign = THREE_SHAPES.replace("    n_trials = 3\n", "    n_trials = 3\n    priority = 1\n")
+    assert campaign != THREE_SHAPES
+    write_campaign(tmp_path, campaign)
+    done = run_cli(
+        ["run", "campaign.toml", "--plain", "--no-report"], tmp_path, 180, fake_gpu_env(2)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = tmp_path / "runs" / "shapes"
+    half, pair = load_trials(run_dir, "half"), load_trials(run_dir, "pair")
+    assert len(half) == 6 and len(pair) == 3
+    first = min(t.datetime_start for t in pair if t.datetime_start)
+    last = max(t.datetime_complete for t in pair if t.datetime_complete)
+    # Once the pair has its GPUs it keeps them: no half-GPU trial starts until it is done.
+    assert not [t for t in half if t.datetime_start and first <= t.datetime_start <= last]
+    assert not any(overlaps(p, h) for p in pair for h in half)

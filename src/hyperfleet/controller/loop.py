@@ -291,19 +291,24 @@ class Controller:
         n_trials = run.plan.n_trials
         return n_trials is None or run.finished + run.running < n_trials
 
-    def _free_slots(self) -> list[str]:
-        """Slots with an idle worker whose resources are free, fullest GPU first (packing)."""
-        free = [
+    def _idle_slots(self) -> tuple[list[str], list[str]]:
+        """Idle slots with a ready worker: those whose resources are free, fullest GPU first
+        (packing), and those that wait for running trials to give some back, nearest first."""
+        order = {slot.name: i for i, slot in enumerate(self._slots)}
+        idle = [
             name
             for name, worker in self._workers.items()
-            if worker.ready and name not in self._active and self._ledger.fits(name)
+            if worker.ready and name not in self._active
         ]
-        order = {slot.name: i for i, slot in enumerate(self._slots)}
-        return sorted(free, key=lambda name: (-self._ledger.load(name), order[name]))
+        free = [name for name in idle if self._ledger.fits(name)]
+        blocked = [name for name in idle if not self._ledger.fits(name)]
+        free.sort(key=lambda name: (-self._ledger.load(name), order[name]))
+        blocked.sort(key=lambda name: (self._ledger.load(name), order[name]))
+        return free, blocked
 
     def _launch_on_free_slots(self) -> None:
         while True:
-            free = self._free_slots()
+            free, blocked = self._idle_slots()
             if not free:
                 return
             demands = [
@@ -317,7 +322,15 @@ class Controller:
                 )
                 for run in self._runs.values()
             ]
-            choice = pick(demands, free, self._book, self._cost, self._sequential)
+            choice = pick(
+                demands,
+                free,
+                self._book,
+                self._cost,
+                self._sequential,
+                blocked_slots=blocked,
+                overlaps=self._ledger.overlaps,
+            )
             if choice is None:
                 return
             study_name, slot_name = choice

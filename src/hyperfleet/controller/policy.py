@@ -33,6 +33,14 @@ odd slot alternates between them over time. Compared on what they hold now (3/2 
 the same study would win it every time and the other would drift away from its share for good.
 It also counts the size of the slot on offer: a study is not handed a two-GPU slot ahead of a
 study that would only take half a GPU and stay further below its share.
+
+**Waiting for a bigger slot.** Slots of different shapes overlap: a two-GPU slot cannot start
+while half-GPU trials hold either GPU. Left alone, such a study could wait for ever, since every
+half that frees up is taken again at once. So when an eligible study can use none of the free
+slots but waits for one of ``blocked_slots`` (idle, but its resources are partly held), the
+studies of *lower* priority may no longer start on anything that overlaps it; its resources
+drain and it starts. Studies of the same priority are not held back (no slot idles for a study
+that is not ahead of them): give the big study a higher priority to have it wait this way.
 """
 
 from __future__ import annotations
@@ -120,17 +128,26 @@ def pick(
     book: ShareBook,
     slot_cost: Mapping[str, float],
     sequential: bool = False,
+    blocked_slots: Sequence[str] = (),
+    overlaps: Callable[[str, str], bool] = lambda a, b: False,
 ) -> tuple[str, str] | None:
     """The (study, slot) to launch next, or None when no eligible study can use any free slot.
 
     `demands` are in file order; `free_slots` in the caller's order of preference: the chosen study
     gets the first free slot in that order that it may use. `slot_cost` gives the cost of every
     slot (e.g. 0.5 for half a GPU, 2 for two GPUs, the number of cores for a CPU slot).
+    `blocked_slots` are idle slots that cannot start now because running trials hold part of
+    what they need, best first; `overlaps` says whether two slots share a resource.
     """
     unpriced = [slot for slot in free_slots if slot not in slot_cost]
     if unpriced:
         raise ValueError(f"free slots without a cost: {unpriced}")
-    candidates = _candidates(_eligible(demands, sequential), free_slots)
+    eligible = _eligible(demands, sequential)
+    candidates = _candidates(eligible, free_slots)
+    waiting = _waiting(eligible, candidates, blocked_slots)
+    if waiting is not None:
+        priority, reserved = waiting
+        candidates = _candidates(eligible, free_slots, reserved, priority, overlaps)
     if not candidates:
         return None
     top_priority = max(demand.priority for _, demand, _ in candidates)
@@ -159,12 +176,41 @@ def _eligible(demands: Sequence[StudyDemand], sequential: bool) -> list[tuple[in
 
 
 def _candidates(
-    eligible: Sequence[tuple[int, StudyDemand]], free_slots: Sequence[str]
+    eligible: Sequence[tuple[int, StudyDemand]],
+    free_slots: Sequence[str],
+    reserved: Sequence[str] = (),
+    reserved_for: int = 0,
+    overlaps: Callable[[str, str], bool] = lambda a, b: False,
 ) -> list[tuple[int, StudyDemand, str]]:
-    """Each eligible study that may use a free slot, with the first such slot in caller order."""
+    """Each eligible study that may use a free slot, with the first such slot in caller order.
+
+    A study of priority below ``reserved_for`` may not use a slot that overlaps a reserved one."""
     candidates = []
     for index, demand in eligible:
-        slot = next((slot for slot in free_slots if slot in demand.slots), None)
-        if slot is not None:
-            candidates.append((index, demand, slot))
+        usable = [s for s in free_slots if s in demand.slots]
+        if demand.priority < reserved_for:
+            usable = [s for s in usable if not any(overlaps(s, r) for r in reserved)]
+        if usable:
+            candidates.append((index, demand, usable[0]))
     return candidates
+
+
+def _waiting(
+    eligible: Sequence[tuple[int, StudyDemand]],
+    candidates: Sequence[tuple[int, StudyDemand, str]],
+    blocked_slots: Sequence[str],
+) -> tuple[int, list[str]] | None:
+    """The highest priority among studies that can use no free slot but wait for a blocked one,
+    and the blocked slot each of them waits for (the first of its own in caller order)."""
+    served = {demand.name for _, demand, _ in candidates}
+    waits = [
+        (demand.priority, slot)
+        for _, demand in eligible
+        if demand.name not in served
+        for slot in [next((s for s in blocked_slots if s in demand.slots), None)]
+        if slot is not None
+    ]
+    if not waits:
+        return None
+    top = max(priority for priority, _ in waits)
+    return top, [slot for priority, slot in waits if priority == top]

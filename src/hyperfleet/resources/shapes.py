@@ -214,6 +214,10 @@ class Ledger:
         """
         return max((self._used.get(name, 0.0) for name in self._needs_of(slot)), default=0.0)
 
+    def overlaps(self, slot: str, other: str) -> bool:
+        """Whether the two slots need any resource in common (they cannot both run in full)."""
+        return not self._needs_of(slot).keys().isdisjoint(self._needs_of(other))
+
     def _needs_of(self, slot: str) -> dict[str, float]:
         try:
             return self._needs[slot]
