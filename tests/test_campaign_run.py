@@ -212,6 +212,9 @@ def test_named_experiments_run_first_and_a_grid_covers_every_point(tmp_path: Pat
         "deep": {"depth": 8, "eta": 0.3},
         "middle": {"depth": 5, "eta": 0.2},
     }
+    experiments = run_dir / "studies" / "named" / "experiments"
+    for name, params in ran.items():
+        assert json.loads((experiments / name / "params.json").read_text()) == params
     grid = load_trials(run_dir, "grid")
     points = sorted((t.params["depth"], t.params["eta"]) for t in grid)
     assert points == [(1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]

@@ -49,7 +49,17 @@ class RunDir:
 
     def study_folder(self, name: str) -> RunDir:
         """``studies/<name>/``: a campaign study's trials, ``best/`` and ``report/``."""
-        return RunDir(self.path / STUDIES_NAME / re.sub(r"[^\w.=+-]+", "_", name))
+        return RunDir(self.path / STUDIES_NAME / folder_name(name))
+
+    def link_experiment(self, name: str, trial_dir: Path) -> None:
+        """``experiments/<name>``: a link to the folder of the trial that runs the named
+        experiment (the newest one, when a repeat runs it again)."""
+        link = self.path / "experiments" / folder_name(name)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        building = link.with_name(f".{link.name}.new")
+        building.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(trial_dir, link.parent), building)
+        os.replace(building, link)  # atomic: the link is never missing or half made
 
     def check_writable(self) -> None:
         """Fail now, creating nothing, if the directory could not be created or written later."""
@@ -105,6 +115,12 @@ class RunDir:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+def folder_name(name: str) -> str:
+    """A study or experiment name as a folder name: characters other than letters, digits and
+    ``.=+-_`` become ``_``."""
+    return re.sub(r"[^\w.=+-]+", "_", name)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -344,6 +344,9 @@ class Controller:
         books.set_system_attr(trial, books.PID_ATTR, worker.pid)
         trial_dir = run.plan.folder.trial_dir(trial.number)
         trial_dir.mkdir(parents=True, exist_ok=True)
+        experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
+        if experiment is not None:
+            run.plan.folder.link_experiment(str(experiment), trial_dir)
         retry_of = trial.user_attrs.get(books.RETRY_ATTR)
         record = TrialRecord(
             study=study.study_name,
