@@ -1,7 +1,8 @@
 """Three studies of unequal size: one shared pool against one worker process per resource.
 
-The launcher people hand-write for such a campaign pins each model family to a resource: XGBoost on gpu0,
-LightGBM on gpu1, CatBoost on the CPU, one worker process per resource, each running its own
+The launcher people hand-write for such a campaign pins each model family to a resource:
+XGBoost on gpu0, LightGBM on gpu1, CatBoost on the CPU, one worker process per resource, each
+running its own
 study (``study.optimize``, its own journal file, ``CUDA_VISIBLE_DEVICES`` set in the process)
 until its budget is done. When the budgets differ, gpu1 sits idle once the small study is done
 while gpu0 still works through the large one. A campaign runs the same three studies in one pool
