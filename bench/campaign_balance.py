@@ -2,12 +2,11 @@
 
 The launcher people hand-write for such a campaign pins each model family to a resource:
 XGBoost on gpu0, LightGBM on gpu1, CatBoost on the CPU, one worker process per resource, each
-running its own
-study (``study.optimize``, its own journal file, ``CUDA_VISIBLE_DEVICES`` set in the process)
-until its budget is done. When the budgets differ, gpu1 sits idle once the small study is done
-while gpu0 still works through the large one. A campaign runs the same three studies in one pool
-(``slot = { gpus = 1 }`` for the two GPU studies, ``slot = "cpu"`` for the third, one CPU slot),
-and hands gpu1 to the large study as soon as the small one is done.
+running its own study (``study.optimize``, its own journal file, ``CUDA_VISIBLE_DEVICES`` set in
+the process) until its budget is done. When the budgets differ, gpu1 sits idle once the small
+study is done while gpu0 still works through the large one. A campaign runs the same three
+studies in one pool (``slot = { gpus = 1 }`` for the two GPU studies, ``slot = "cpu"`` for the
+third, one CPU slot), and hands gpu1 to the large study as soon as the small one is done.
 
 Trials only sleep (a fixed time per study), so the figures do not depend on this machine's CPU;
 the GPUs are fake (``HYPERFLEET_FAKE_GPUS=2``). The ratio depends entirely on the budgets and
