@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from hyperfleet.errors import ConfigError, ResourceError
 from hyperfleet.resources.inventory import Gpu, Inventory, select_gpus
-from hyperfleet.resources.slots import Slot, _gpu_slot, _take_cores
+from hyperfleet.resources.slots import Slot, gpu_slot, split_gpus, take_cores
 
 # 0.333 is accepted as 1/3; 0.3 is not a share of the form 1/k.
 _SHARE_TOLERANCE = 2e-3
@@ -361,8 +361,8 @@ def _plan_gpu_side(
         for index in range(key.per_gpu):
             for group in groups[key]:
                 start = starts[group[0].index] + index * key.cpus
-                slot_cores = _take_cores(cores, start, key.cpus)
-                slot = _gpu_slot(group, index, slot_cores, len(slot_cores), key.share)
+                slot_cores = take_cores(cores, start, key.cpus)
+                slot = gpu_slot(group, index, slot_cores, len(slot_cores), key.share)
                 if not plain:
                     slot = replace(slot, name=_gpu_name(group, index, key, keys))
                 plan.add(key, slot, {f"gpu{gpu.index}": key.share for gpu in group})
@@ -376,8 +376,7 @@ def _groups(gpus: tuple[Gpu, ...], count: int) -> list[tuple[Gpu, ...]]:
             f"to the pool; ask for {len(gpus)} or fewer GPUs in its slot, or add GPUs to the "
             "pool's gpus."
         )
-    whole = len(gpus) // count * count
-    return [gpus[i : i + count] for i in range(0, whole, count)]
+    return split_gpus(gpus, count)
 
 
 def _core_blocks(

@@ -95,9 +95,9 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
     next_core = 0
     for group in groups:
         for k in range(options.trials_per_gpu):
-            slot_cores = _take_cores(cores, next_core, gpu_threads)
+            slot_cores = take_cores(cores, next_core, gpu_threads)
             next_core += gpu_threads
-            slots.append(_gpu_slot(group, k, slot_cores, gpu_threads, 1 / options.trials_per_gpu))
+            slots.append(gpu_slot(group, k, slot_cores, gpu_threads, 1 / options.trials_per_gpu))
     slots.extend(_cpu_slots(options, cores, next_core, has_gpu_slots=bool(slots)))
     return slots
 
@@ -125,6 +125,11 @@ def _gpu_groups(gpus: tuple[Gpu, ...], per_trial: int) -> list[tuple[Gpu, ...]]:
             f"gpus_per_trial={per_trial} but only {len(gpus)} GPU(s) are available; "
             f"pass --gpus-per-trial {len(gpus)} or less."
         )
+    return split_gpus(gpus, per_trial)
+
+
+def split_gpus(gpus: tuple[Gpu, ...], per_trial: int) -> list[tuple[Gpu, ...]]:
+    """Consecutive groups of ``per_trial`` GPUs; a remainder that makes no group is left out."""
     whole = len(gpus) // per_trial * per_trial
     return [tuple(gpus[i : i + per_trial]) for i in range(0, whole, per_trial)]
 
@@ -138,12 +143,12 @@ def _gpu_slot_threads(options: PoolOptions, n_cores: int, n_gpu_slots: int) -> i
     return 1
 
 
-def _take_cores(cores: list[int], start: int, count: int) -> tuple[int, ...]:
+def take_cores(cores: list[int], start: int, count: int) -> tuple[int, ...]:
     # Past the end we wrap around: more slots than cores share cores rather than fail.
     return tuple(sorted({cores[(start + i) % len(cores)] for i in range(count)}))
 
 
-def _gpu_slot(
+def gpu_slot(
     group: tuple[Gpu, ...], k: int, cores: tuple[int, ...], threads: int, share: float
 ) -> Slot:
     ids = "+".join(str(g.index) for g in group)
@@ -168,7 +173,7 @@ def _cpu_slots(
         free = cores  # every core went to GPU slots: CPU slots share them
     slots = []
     for k in range(count):
-        slot_cores = _take_cores(free, k * threads, threads)
+        slot_cores = take_cores(free, k * threads, threads)
         slots.append(Slot(name=f"cpu#{k}", kind="cpu", cores=slot_cores, threads=threads))
     return slots
 
