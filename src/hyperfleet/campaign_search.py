@@ -56,8 +56,8 @@ def campaign_search(
     pool = plan_pool(inventory, campaign.pool, [study.shape for study in campaign.studies])
     for study in campaign.studies:
         _check_placeable(campaign, study, pool)
-    storage = _SharedStorage(campaign.settings.storage, run_dir)
     existing = existing_storage(campaign.settings.storage, run_dir)
+    storage = _SharedStorage(campaign.settings.storage, run_dir, existing)
     stages = _stage_numbers(campaign.studies)
     plans = [
         _plan(campaign, study, pool, run_dir, storage.get, existing, stages[study.name])
@@ -73,11 +73,14 @@ def campaign_search(
 
 
 class _SharedStorage:
-    """One storage for every study, opened when the first study is (after every check)."""
+    """One storage for every study: the one already opened to check a resumed campaign, else
+    opened when the first study is (after every check, so bad input creates no journal)."""
 
-    def __init__(self, url: str | None, run_dir: RunDir) -> None:
+    def __init__(
+        self, url: str | None, run_dir: RunDir, existing: optuna.storages.BaseStorage | None
+    ) -> None:
         self._url, self._run_dir = url, run_dir
-        self._storage: optuna.storages.BaseStorage | None = None
+        self._storage = existing
 
     def get(self) -> optuna.storages.BaseStorage:
         if self._storage is None:

@@ -59,26 +59,30 @@ def write_reports(run_dir: str | Path, top: int = 5) -> list[Path]:
     """``hyperfleet report``: the run's report, or for a campaign one per study (in
     ``studies/<name>/report/``)."""
     from hyperfleet.rundir import RunDir
-    from hyperfleet.status import open_run
 
+    _require_plotting()  # before opening the storage, as write_report does
     path = Path(run_dir).absolute()
-    studies = open_run(path).studies
-    if len(studies) <= 1:
-        return [write_report(path, top)]
+    studies = _stored_studies(path)
+    if len(studies) == 1:
+        return [write_report(path, top, study=studies[0])]
     folders = [RunDir(path).study_folder(study.study_name).path for study in studies]
     return [write_report(f, top, study=s) for f, s in zip(folders, studies, strict=True)]
 
 
 def _the_study(path: Path) -> optuna.Study:
+    return _stored_studies(path)[0]
+
+
+def _stored_studies(path: Path) -> list[optuna.Study]:
     from hyperfleet.status import open_run
 
-    run = open_run(path)
-    if not run.studies:
+    studies = open_run(path).studies
+    if not studies:
         raise ReportError(
             f"the storage of {path} holds no study (or it was in memory); run a search there "
             "with a persistent storage first."
         )
-    return run.studies[0]
+    return studies
 
 
 def _require_plotting() -> None:
