@@ -100,14 +100,14 @@ def run_search(
     def get_studies() -> list[optuna.Study]:
         return list(controller.studies.values()) if controller is not None else []
 
+    def study_named(name: str) -> Callable[[], optuna.Study | None]:
+        return lambda: controller.studies.get(name) if controller is not None else None
+
     try:
         sinks = [
             PlainLog(run_log),
             StatusSnapshot(run_dir.path, get_study),
-            *[
-                BestFolder(plan.folder, _getter(lambda: controller, plan.name))
-                for plan in search.plans
-            ],
+            *[BestFolder(plan.folder, study_named(plan.name)) for plan in search.plans],
             RunSummary(run_dir, get_studies),
             *_screen_sinks(display),
         ]
@@ -122,15 +122,14 @@ def run_search(
             outcome = controller.run()
         for plan in search.plans:
             study = controller.studies.get(plan.name)
+            if study is None:
+                continue
             refit = search.refits.get(plan.name)
-            if refit is not None and study is not None:
+            if refit is not None:
                 slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
                 outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
-        if report:
-            for plan in search.plans:
-                study = controller.studies.get(plan.name)
-                if study is not None:
-                    _final_report(plan.folder, study, controller)
+            if report:
+                _final_report(plan.folder, study, controller)
         return outcome
     finally:
         run_log.close()
@@ -139,16 +138,6 @@ def run_search(
             # Bad input (an objective that cannot load) stops before the study is opened: leave
             # no run directory behind, so the next attempt starts as clean as this one.
             shutil.rmtree(run_dir.path, ignore_errors=True)
-
-
-def _getter(
-    get_controller: Callable[[], Controller | None], name: str
-) -> Callable[[], optuna.Study | None]:
-    def get() -> optuna.Study | None:
-        controller = get_controller()
-        return controller.studies.get(name) if controller is not None else None
-
-    return get
 
 
 def _refit(
