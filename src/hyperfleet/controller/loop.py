@@ -73,8 +73,8 @@ class StudyRun:
     plan: StudyPlan
     view: StudyView
     study: optuna.Study | None = None
-    finished: int = 0  # finished trials that count against the budget
-    running: int = 0
+    # Finished trials that count against the budget; the running ones are in the share book.
+    finished: int = 0
     first_launch: float | None = None  # monotonic
 
 
@@ -289,7 +289,7 @@ class Controller:
         if all(name in self._dead_slots for name in run.plan.slots):
             return False
         n_trials = run.plan.n_trials
-        return n_trials is None or run.finished + run.running < n_trials
+        return n_trials is None or run.finished + self._book.running(run.plan.name) < n_trials
 
     def _idle_slots(self) -> tuple[list[str], list[str]]:
         """Idle slots with a ready worker: those whose resources are free, fullest GPU first
@@ -363,7 +363,6 @@ class Controller:
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
-        run.running += 1
         if run.first_launch is None:
             run.first_launch = now
         worker.conn.send(
@@ -478,7 +477,6 @@ class Controller:
         self._ledger.release(name)
         self._book.stop(name)
         run = active.run
-        run.running -= 1
         study = _opened(run)
         if state == TrialState.FAIL:
             books.set_system_attr(active.trial, books.KIND_ATTR, kind)
@@ -667,7 +665,7 @@ class Controller:
         view.complete = states.count(TrialState.COMPLETE)
         view.pruned = states.count(TrialState.PRUNED)
         view.failed = states.count(TrialState.FAIL)
-        view.running = run.running
+        view.running = self._book.running(run.plan.name)
         view.finished = run.finished
         best = _best_trial(study, trials)
         if best is not None:
