@@ -196,8 +196,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 # Flags that describe one study or the pool: a campaign file sets them itself.
 _NOT_FOR_CAMPAIGNS = (
     "cmd", "space", "n_trials", "timeout", "direction", "study_name", "storage", "seed",
-    "trial_timeout", "max_trials_per_worker", "refit", "refit_cmd", "gpus", "cpu_slots",
-    "threads_per_slot",
+    "trial_timeout", "max_trials_per_worker", "refit", "refit_cmd", "sampler", "pruner",
+    "retry", "gpus", "trials_per_gpu", "gpus_per_trial", "cpu_slots", "threads_per_slot",
 )  # fmt: skip
 
 
@@ -206,12 +206,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     from hyperfleet.api import run_campaign
 
     defaults = build_parser().parse_args(["run"])
-    given = [
-        name
-        for name in (*_NOT_FOR_CAMPAIGNS, "sampler", "pruner", "retry")
-        if getattr(args, name) != getattr(defaults, name)
-    ]
-    given += [n for n in ("trials_per_gpu", "gpus_per_trial") if getattr(args, n) != 1]
+    given = [n for n in _NOT_FOR_CAMPAIGNS if getattr(args, n) != getattr(defaults, n)]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ConfigError(
