@@ -48,6 +48,7 @@ class Report:
     trials: int = 0
     complete: int = 0
     interrupted: int = 0
+    longest_chain: int = 0  # most interruptions of one trial's parameters in a row
     wall_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -67,9 +68,7 @@ def command(run_dir: Path, n_trials: int, slots: int) -> list[str]:
         str(n_trials),
         "--cpu-slots",
         str(slots),
-        # Trials may be interrupted several times in a row; each time they must be repeated.
-        "--retry",
-        "interrupted=1000",
+        # No retry rule: interrupted trials must be repeated however often they are interrupted.
         "--quiet",
         "--no-report",
     ]
@@ -167,6 +166,14 @@ def intended(trial: FrozenTrial, trials: list[FrozenTrial]) -> dict[str, object]
     return intended(trials[int(trial.user_attrs[RETRY_ATTR])], trials)
 
 
+def chain_length(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
+    """How many earlier attempts this trial repeats (2: a repeat of a repeat)."""
+    count = 0
+    while RETRY_ATTR in trial.user_attrs:
+        trial, count = trials[int(trial.user_attrs[RETRY_ATTR])], count + 1
+    return count
+
+
 def _same_params(repeat: FrozenTrial, wanted: dict[str, object]) -> bool:
     # A repeat killed before its first suggest has no params yet; its own repeat is checked.
     return not wanted or not repeat.params or repeat.params == wanted
@@ -198,6 +205,7 @@ def kill_loop(
     report.trials = len(trials)
     report.complete = sum(t.state == TrialState.COMPLETE for t in trials)
     report.interrupted = sum(t.state == TrialState.FAIL for t in trials)
+    report.longest_chain = max((chain_length(t, trials) for t in trials), default=0)
     report.wall_s = round(time.monotonic() - started, 1)
     return report
 

@@ -775,7 +775,7 @@ storage = "sqlite:///x.db"
 sequential = true
 timeout = "2h"
 trial_timeout = 600
-retry = "interrupted=1,crash=1"
+retry = "oom=1,crash=1"
 max_trials_per_worker = 100
 
 [pool]
@@ -800,7 +800,7 @@ stage = "first"
         "sqlite:///x.db",
     )
     assert (settings.sequential, settings.timeout, settings.trial_timeout) == (True, 7200.0, 600.0)
-    assert (settings.retry, settings.max_trials_per_worker) == ("interrupted=1,crash=1", 100)
+    assert (settings.retry, settings.max_trials_per_worker) == ("oom=1,crash=1", 100)
     assert campaign.pool.gpus == ["0", "GPU-1234"]
     assert (campaign.pool.trials_per_gpu, campaign.pool.cpu_slots) == (2, 4)
     assert campaign.pool.threads_per_slot == 2

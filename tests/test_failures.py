@@ -31,13 +31,25 @@ class Case:
 
 CASES = [
     Case("raises", "error", "ValueError: boom from the objective", "ValueError"),
-    Case("calls_sys_exit", "error", "sys.exit(3)", "SystemExit"),
+    Case("calls_sys_exit", "crash", "the objective called sys.exit(3)", "SystemExit"),
     Case("calls_os_exit", "crash", "exited with status 7"),
     Case("segfaults", "crash", "SIGSEGV", stderr="Fatal Python error: Segmentation fault"),
     Case("killed_from_outside", "crash", "SIGKILL"),
     Case("returns_none", "error", "returned None"),
     Case("returns_nan", "error", "returned NaN"),
-    Case("returns_string", "error", "'not a number', which is not a number"),
+    Case("returns_string", "error", "returned 'not a number', a string, not a number"),
+    # Values that pass float() but that Optuna's tell refuses must fail the trial, not the run.
+    Case("returns_numeric_string", "error", "returned '1.5', a string, not a number"),
+    Case("returns_huge_int", "error", "a number too large for a float"),
+    Case("returns_a_dict", "error", "a dict, not a number"),
+    Case(
+        "returns_string_among_two",
+        "error",
+        "returned '2.0', a string",
+        flags=("--direction", "minimize", "--direction", "minimize"),
+    ),
+    # The controller tells every trial; an objective that tries is told so and fails alone.
+    Case("tells_itself", "error", "trial.study.tell is not available", "RuntimeError"),
     Case(
         "returns_one_of_two",
         "error",

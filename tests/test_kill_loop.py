@@ -30,6 +30,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     assert report.complete == 60
     # Every failure is an interrupted trial, each repeated by one more trial.
     assert report.trials == 60 + report.interrupted
+    # Kills came often enough to interrupt a repeat of an interrupted trial, which must run again.
+    assert report.longest_chain >= 2
 
 
 def test_the_checks_catch_a_completed_trial_run_twice(tmp_path: Path) -> None:

@@ -15,13 +15,19 @@ RETRY_OF = "hyperfleet.retry_of"
 PID = "hyperfleet:worker_pid"
 
 
-def test_retry_rules_parse_on_top_of_the_defaults() -> None:
-    policy = RetryPolicy.parse("crash=2, error=1")
-    assert policy.limits == {"interrupted": 1, "crash": 2, "error": 1}
-    assert RetryPolicy.parse("interrupted=0").limits == {"interrupted": 0}
-    assert RetryPolicy().allows("interrupted", 0)
-    assert not RetryPolicy().allows("interrupted", 1)
+def test_retry_rules_parse() -> None:
+    assert RetryPolicy.parse("crash=2, error=1").limits == {"crash": 2, "error": 1}
+    assert RetryPolicy().limits == {}
     assert not RetryPolicy().allows("error", 0)
+    assert RetryPolicy.parse("oom=1").allows("oom", 0)
+    assert not RetryPolicy.parse("oom=1").allows("oom", 1)
+
+
+def test_interrupted_trials_are_always_repeated_and_never_limited() -> None:
+    assert RetryPolicy().allows("interrupted", 0)
+    assert RetryPolicy().allows("interrupted", 1000)
+    with pytest.raises(ConfigError, match="always run again"):
+        RetryPolicy.parse("interrupted=1")
 
 
 @pytest.mark.parametrize("text", ["crash=x", "bogus=1", "crash", "crash=-1"])

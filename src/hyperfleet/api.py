@@ -77,7 +77,14 @@ def optimize(
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
     folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
     search = single_search(
-        study.study_name, lambda: study, spec, slots, settings, folder, refit_plan
+        study.study_name,
+        lambda: study,
+        spec,
+        slots,
+        settings,
+        folder,
+        refit_plan,
+        stored_trials=lambda: study.get_trials(deepcopy=False),
     )
     return run_search(
         search,

@@ -17,7 +17,7 @@ import optuna
 
 from hyperfleet.campaign import Campaign, Experiment, StudySpec
 from hyperfleet.config import RetryPolicy, RunSettings
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_trials
 from hyperfleet.controller.loop import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
@@ -143,6 +143,7 @@ def _plan(
         weight=study.weight,
         priority=study.priority,
         stage=stage,
+        stored_trials=lambda: stored_trials(existing, study.name),
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
+from hyperfleet.controller.bookkeeping import stored_trials
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
@@ -100,7 +101,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--pruner", default="median", help=f"one of {', '.join(PRUNERS)} (default median)")
     add("--seed", type=int, help="seed for the sampler")
     add("--trial-timeout", help="fail a trial that runs longer than this (e.g. 10m)")
-    add("--retry", default="", help="retries per failure reason, e.g. interrupted=1,crash=2")
+    add("--retry", default="", help="retries per failure reason, e.g. crash=2,oom=1")
     add("--max-trials-per-worker", type=int, help="restart a worker after this many trials")
     add(
         "--stop-grace",
@@ -180,7 +181,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             load_if_exists=True,
         )
 
-    search = single_search(study_name, open_study, spec, slots, settings, run_dir, refit)
+    search = single_search(
+        study_name,
+        open_study,
+        spec,
+        slots,
+        settings,
+        run_dir,
+        refit,
+        stored_trials=lambda: stored_trials(storage, study_name),
+    )
     outcome = run_search(
         search,
         settings,

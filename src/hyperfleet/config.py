@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from hyperfleet.errors import ConfigError
 
 FAIL_KINDS = ("interrupted", "crash", "oom", "timeout", "error")
+RETRY_KINDS = FAIL_KINDS[1:]  # an interrupted trial is always run again
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
 
 
@@ -41,24 +42,38 @@ def _parse_duration_text(text: str, what: str) -> float:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How many times a failed trial's parameters are tried again, per reason."""
+    """How many times a failed trial's parameters are tried again, per reason.
 
-    limits: dict[str, int] = field(default_factory=lambda: {"interrupted": 1})
+    An interrupted trial (the controller stopped or died while it ran) is not part of the
+    policy: an interruption says nothing about the trial, so it is always run again and never
+    counts against a limit.
+    """
+
+    limits: dict[str, int] = field(default_factory=dict)
 
     def allows(self, kind: str, retries_so_far: int) -> bool:
+        """May a trial that failed with ``kind`` run again, after ``retries_so_far`` earlier
+        failures of that same kind in its chain of repeats?"""
+        if kind == "interrupted":
+            return True
         return retries_so_far < self.limits.get(kind, 0)
 
     @classmethod
     def parse(cls, text: str) -> RetryPolicy:
-        """From "interrupted=1,crash=2,oom=0"; reasons not named keep their defaults."""
-        limits = dict(cls().limits)
+        """From "crash=2,oom=1,error=0"; reasons not named are not retried."""
+        limits: dict[str, int] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             kind, _, number = item.partition("=")
             kind = kind.strip()
-            if kind not in FAIL_KINDS or not number.strip().isdigit():
+            if kind == "interrupted":
+                raise ConfigError(
+                    f"retry rule {item!r} is not needed: interrupted trials are always run "
+                    "again and never count against a limit; remove it from the retry rules."
+                )
+            if kind not in RETRY_KINDS or not number.strip().isdigit():
                 raise ConfigError(
                     f"cannot read retry rule {item!r}; write REASON=MAX with REASON one of "
-                    f"{', '.join(FAIL_KINDS)}, for example --retry interrupted=1,crash=2."
+                    f"{', '.join(RETRY_KINDS)}, for example --retry crash=2,oom=1."
                 )
             limits[kind] = int(number)
         return cls(limits)

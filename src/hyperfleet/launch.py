@@ -19,6 +19,7 @@ from types import FrameType
 from typing import TextIO
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
@@ -66,6 +67,7 @@ def single_search(
     settings: RunSettings,
     run_dir: RunDir,
     refit: RefitPlan | None = None,
+    stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None,
 ) -> Search:
     """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN`` run."""
     plan = StudyPlan(
@@ -75,6 +77,7 @@ def single_search(
         folder=run_dir,
         slots=tuple(slot.name for slot in slots),
         n_trials=settings.n_trials,
+        stored_trials=stored_trials,
     )
     return Search([plan], single_pool(slots), {name: refit} if refit is not None else {})
 

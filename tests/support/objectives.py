@@ -89,6 +89,30 @@ def returns_string(trial: optuna.Trial) -> Any:
     return "not a number" if _fails(trial) else 1.0
 
 
+def returns_numeric_string(trial: optuna.Trial) -> Any:
+    return "1.5" if _fails(trial) else 1.0
+
+
+def returns_huge_int(trial: optuna.Trial) -> Any:
+    return 10**400 if _fails(trial) else 1.0
+
+
+def returns_string_among_two(trial: optuna.Trial) -> Any:
+    """For a study with two objectives."""
+    return (1.0, "2.0") if _fails(trial) else (1.0, 2.0)
+
+
+def tells_itself(trial: optuna.Trial) -> Any:
+    """Calls the study's tell on its own trial, as ask-and-tell code might."""
+    if _fails(trial):
+        trial.study.tell(trial.number, 5.0)
+    return 1.0
+
+
+def returns_a_dict(trial: optuna.Trial) -> Any:
+    return {"accuracy": 0.9} if _fails(trial) else 1.0
+
+
 def returns_one_of_two(trial: optuna.Trial) -> Any:
     """For a study with two objectives."""
     return 1.0 if _fails(trial) else (1.0, 2.0)

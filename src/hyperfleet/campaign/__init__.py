@@ -161,7 +161,7 @@ def _settings(table: Table, default_name: str) -> CampaignSettings:
     if "/" in name or "\\" in name:
         table.fail("name", f"{name!r} names a folder under runs/, so it cannot hold a slash.")
     run_dir = string(table, "run_dir", '"runs/tabular"')
-    retry = string(table, "retry", '"interrupted=1,crash=1"') or ""
+    retry = string(table, "retry", '"crash=1,oom=1"') or ""
     try:
         RetryPolicy.parse(retry)
     except ConfigError as exc:

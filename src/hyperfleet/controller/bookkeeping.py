@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RetryPolicy
@@ -44,30 +45,57 @@ def set_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
 
 
 def classify_error(error_type: str, message: str) -> str:
-    """ "oom" for a framework's out-of-memory error, else "error"."""
+    """ "oom" for a framework's out-of-memory error, "crash" for ``sys.exit`` (the objective
+    ended its process, as ``os._exit`` would), else "error"."""
+    if error_type == "SystemExit":
+        return "crash"
     if error_type in _OOM_TYPES or any(text in message for text in _OOM_TEXTS):
         return "oom"
     return "error"
 
 
-def invalid_values_reason(study: optuna.Study, value: Any) -> str | None:
-    """Why Optuna would refuse this return value (it then marks the trial FAIL), or None."""
+def objective_values(study: optuna.Study, value: Any) -> tuple[list[float] | None, str]:
+    """The objective's return value as the floats ``study.tell`` takes, or (None, why not).
+
+    Everything a user's objective may return is checked here, so that no value can make the
+    controller's ``tell`` raise: strings (even "1.5"), numbers too large for a float, NaN, the
+    wrong number of values.
+    """
     if value is None:
-        return "the objective returned None, not a number"
+        return None, "the objective returned None, not a number"
     values: Sequence[Any] = value if isinstance(value, (list, tuple)) else [value]
-    for v in values:
-        try:
-            number = float(v)
-        except (TypeError, ValueError):
-            return f"the objective returned {v!r}, which is not a number"
-        if math.isnan(number):
-            return "the objective returned NaN"
     if len(values) != len(study.directions):
-        return (
+        return None, (
             f"the objective returned {len(values)} value(s) but the study has "
             f"{len(study.directions)} objective(s)"
         )
-    return None
+    floats = []
+    for v in values:
+        number, problem = _as_float(v)
+        if number is None:
+            return None, problem
+        floats.append(number)
+    return floats, ""
+
+
+def _as_float(value: Any) -> tuple[float | None, str]:
+    shown = _short_repr(value)
+    if isinstance(value, (str, bytes)):  # float("1.5") works, Optuna's tell does not
+        return None, f"the objective returned {shown}, a string, not a number"
+    try:
+        number = float(value)
+    except OverflowError:
+        return None, f"the objective returned {shown}, a number too large for a float"
+    except (TypeError, ValueError):
+        return None, f"the objective returned {shown}, a {type(value).__name__}, not a number"
+    if math.isnan(number):
+        return None, "the objective returned NaN"
+    return number, ""
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -80,19 +108,20 @@ def counts_against_budget(trial: FrozenTrial, retried: set[int]) -> bool:
     return trial.state == TrialState.FAIL and trial.number not in retried
 
 
-def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int:
-    """How many earlier trials this one repeats, following the chain of retries."""
+def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str) -> int:
+    """How many earlier attempts of this trial's parameters failed with ``kind``, following
+    the chain of retries (interrupted attempts in the chain do not count against the others)."""
     count, current = 0, trial
     while RETRY_ATTR in current.user_attrs:
-        count += 1
         current = trials[int(current.user_attrs[RETRY_ATTR])]
+        count += current.system_attrs.get(KIND_ATTR) == kind
     return count
 
 
 def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: RetryPolicy) -> bool:
     """Enqueue the trial's parameters again if the policy allows; True when it did."""
     trials = study.get_trials(deepcopy=False)
-    if not policy.allows(kind, attempts_before(trials, trial)):
+    if not policy.allows(kind, attempts_before(trials, trial, kind)):
         return False
     attrs: dict[str, Any] = {RETRY_ATTR: trial.number}
     if EXPERIMENT_ATTR in trial.user_attrs:  # a repeated experiment keeps its name
@@ -130,6 +159,18 @@ def fail_interrupted_leftovers(
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         failed.append(trial)
     return failed
+
+
+def stored_trials(storage: BaseStorage | None, study_name: str) -> list[FrozenTrial] | None:
+    """The trials of a study already in ``storage``, or None when there is no such study;
+    reads only, so it may run before bad input is ruled out."""
+    if storage is None:
+        return None
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return storage.get_all_trials(study_id, deepcopy=False)
 
 
 def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:

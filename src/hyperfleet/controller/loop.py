@@ -21,7 +21,7 @@ from typing import Any
 
 import optuna
 import psutil
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
@@ -64,6 +64,9 @@ class StudyPlan:
     weight: float = 1.0
     priority: int = 0
     stage: int = 0  # order in a sequential run
+    # The study's trials already in storage, read without creating anything (None: no such
+    # study yet); lets a run whose budget is already reached say so without starting workers.
+    stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
 
 
 @dataclass
@@ -75,6 +78,10 @@ class StudyRun:
     study: optuna.Study | None = None
     # Finished trials that count against the budget; the running ones are in the share book.
     finished: int = 0
+    # A storage other controllers may write (not this run directory's own journal): the budget
+    # is then recounted from storage, and their running trials count too.
+    shared: bool = False
+    foreign_running: int = 0
     first_launch: float | None = None  # monotonic
 
 
@@ -188,20 +195,46 @@ class Controller:
         if self._settings.timeout is not None:
             self._deadline = started + self._settings.timeout
         try:
+            if self._budgets_already_reached():
+                self._open_studies()
+                return self._outcome()
             for slot in self._slots:
                 self._start_worker(slot)
             self._wait_until_loaded()
             if self._stop_level:
                 return self._outcome()
-            for run in self._runs.values():
-                run.study = run.plan.open_study()
-                self._prepare_study(run)
-            self._opened = True
-            self._emit("on_start")
+            self._open_studies()
             self._loop()
         finally:
             self._close()
         return self._outcome()
+
+    def _open_studies(self) -> None:
+        for run in self._runs.values():
+            run.study = run.plan.open_study()
+            self._prepare_study(run)
+        self._opened = True
+        self._emit("on_start")
+
+    def _budgets_already_reached(self) -> bool:
+        """True when every study has all its trials already (and none left running): the run
+        says so in one line per study instead of starting workers for nothing."""
+        reached = []
+        for run in self._runs.values():
+            trials = run.plan.stored_trials()
+            if trials is None or run.plan.n_trials is None:
+                return False
+            if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+                return False  # leftovers to mark, or repeats and experiments still to run
+            retried = books.retried_numbers(trials)
+            used = sum(books.counts_against_budget(t, retried) for t in trials)
+            if used < run.plan.n_trials:
+                return False
+            label = self._study_label(run)
+            reached.append(f"{label} already has {used} of its {run.plan.n_trials} trials")
+        for line in reached:
+            self.announce(f"{line}: nothing to run; raise n_trials (--n-trials) to run more")
+        return True
 
     def _wait_until_loaded(self) -> None:
         """Open no storage before every study's objective has loaded in a worker: bad input
@@ -289,7 +322,8 @@ class Controller:
         if all(name in self._dead_slots for name in run.plan.slots):
             return False
         n_trials = run.plan.n_trials
-        return n_trials is None or run.finished + self._book.running(run.plan.name) < n_trials
+        used = run.finished + self._book.running(run.plan.name) + run.foreign_running
+        return n_trials is None or used < n_trials
 
     def _idle_slots(self) -> tuple[list[str], list[str]]:
         """Idle slots with a ready worker: those whose resources are free, fullest GPU first
@@ -307,10 +341,14 @@ class Controller:
         return free, blocked
 
     def _launch_on_free_slots(self) -> None:
+        recounted = False
         while True:
             free, blocked = self._idle_slots()
             if not free:
                 return
+            if not recounted:
+                self._recount_shared_budgets()
+                recounted = True
             demands = [
                 StudyDemand(
                     name=run.plan.name,
@@ -335,6 +373,18 @@ class Controller:
                 return
             study_name, slot_name = choice
             self._launch(slot_name, self._workers[slot_name], self._runs[study_name])
+
+    def _recount_shared_budgets(self) -> None:
+        """On a storage other controllers share, the study's trials are counted from storage
+        before slots are handed out, so that several runs together keep to ``n_trials``."""
+        for run in self._runs.values():
+            if not run.shared or run.study is None or run.plan.n_trials is None:
+                continue
+            trials = run.study.get_trials(deepcopy=False)
+            retried = books.retried_numbers(trials)
+            run.finished = sum(books.counts_against_budget(t, retried) for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            run.foreign_running = max(0, running - self._book.running(run.plan.name))
 
     def _launch(self, name: str, worker: WorkerHandle, run: StudyRun) -> None:
         study = _opened(run)
@@ -389,12 +439,15 @@ class Controller:
     def _answer(self, name: str, worker: WorkerHandle, call: Call) -> None:
         active = self._active.get(name)
         try:
-            if active is None or call.name.startswith("_"):
+            if active is None:
                 raise RuntimeError(f"hyperfleet: no trial is running for call {call.name!r}")
+            _check_call_allowed(call)
             target: Any = active.trial if call.target.startswith("trial") else active.run.study
             attr = getattr(target, call.name)
             value = attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
             reply = Reply(value=value)
+        except OSError:
+            raise  # the storage itself failed (a full disk): nothing more can be recorded
         except Exception as exc:  # the objective gets the very exception Optuna raised
             reply = Reply(error=exc)
         try:
@@ -425,9 +478,9 @@ class Controller:
             self._tell(name, TrialState.PRUNED)
             return False
         if finished.outcome == "returned":
-            problem = books.invalid_values_reason(study, finished.value)
-            if problem is None:
-                self._tell(name, TrialState.COMPLETE, finished.value)
+            values, problem = books.objective_values(study, finished.value)
+            if values is not None:
+                self._tell(name, TrialState.COMPLETE, values)
                 return False
             self._tell(name, TrialState.FAIL, kind="error", reason=problem)
         elif finished.outcome == "error":
@@ -435,6 +488,8 @@ class Controller:
             reason = f"{finished.error_type}: {finished.message}"
             if kind == "oom":
                 reason = f"out of memory: {reason}"
+            elif finished.error_type == "SystemExit":
+                reason = f"the objective called {finished.message}"
             self._tell(
                 name, TrialState.FAIL, kind=kind, reason=reason, traceback_text=finished.traceback
             )
@@ -478,14 +533,9 @@ class Controller:
         self._book.stop(name)
         run = active.run
         study = _opened(run)
-        if state == TrialState.FAIL:
-            books.set_system_attr(active.trial, books.KIND_ATTR, kind)
-            books.set_system_attr(active.trial, books.REASON_ATTR, reason)
-            if traceback_text:
-                books.set_system_attr(active.trial, books.TRACEBACK_ATTR, traceback_text[-8000:])
-        frozen = study.tell(
-            active.trial, values if state == TrialState.COMPLETE else None, state=state
-        )
+        frozen = _store_end(study, active.trial, state, values, kind, reason, traceback_text)
+        state = frozen.state
+        kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
         retried = state == TrialState.FAIL and books.maybe_retry(
             study, frozen, kind, self._settings.retry
         )
@@ -649,8 +699,24 @@ class Controller:
                     self._emit("on_message", f"{label} ({kind}) will be repeated")
         trials = study.get_trials(deepcopy=False)
         run.finished = sum(books.counts_against_budget(t, retried) for t in trials)
+        run.shared = not private
         run.view.directions = tuple(d.name for d in study.directions)
+        self._announce_budget(run)
         self._refresh_study_view(run, trials)
+
+    def _announce_budget(self, run: StudyRun) -> None:
+        """What a resumed run (or one sharing its storage) works toward, in one line."""
+        n_trials = run.plan.n_trials
+        if n_trials is None or not (run.finished or run.shared):
+            return
+        shared = "; trials of other runs on the same storage count too" if run.shared else ""
+        self.announce(
+            f"{self._study_label(run)}: {run.finished} of {n_trials} trials finished already, "
+            f"this run adds up to {max(0, n_trials - run.finished)}{shared}"
+        )
+
+    def _study_label(self, run: StudyRun) -> str:
+        return f"study {run.plan.name}" if len(self._runs) > 1 else "the study"
 
     def _trial_label(self, run: StudyRun, number: int) -> str:
         return f"trial {number}" + (f" of {run.plan.name}" if len(self._runs) > 1 else "")
@@ -756,3 +822,84 @@ def _gpus_of(slots: list[Slot]) -> tuple[Any, ...]:
         for index, uuid in zip(slot.gpus, slot.gpu_uuids, strict=False):
             seen.setdefault(index, Gpu(index=index, uuid=uuid, name="", kind=slot.gpu_kind))
     return tuple(seen.values())
+
+
+# What an objective may call on its trial and on ``trial.study`` through the worker's proxy.
+# Anything else (``study.tell``, ``study.ask``, ``study.optimize``, a bound method that would
+# carry the storage to the worker) would let the objective write the storage behind the
+# controller's back, so it is refused with an error the objective sees.
+_TRIAL_METHODS = frozenset(
+    {
+        "suggest_float", "suggest_int", "suggest_categorical", "suggest_uniform",
+        "suggest_loguniform", "suggest_discrete_uniform", "report", "should_prune",
+        "set_user_attr", "set_system_attr", "set_constraint",
+    }
+)  # fmt: skip
+_TRIAL_ATTRS = frozenset(
+    {"params", "distributions", "user_attrs", "system_attrs", "constraints", "relative_params",
+     "datetime_start", "number"}
+)  # fmt: skip
+_STUDY_METHODS = frozenset({"set_user_attr", "set_system_attr", "get_trials", "enqueue_trial"})
+_STUDY_ATTRS = frozenset(
+    {"best_trial", "best_trials", "best_value", "best_params", "trials", "user_attrs",
+     "system_attrs", "study_name", "directions", "direction", "metric_names"}
+)  # fmt: skip
+_ALLOWED = {
+    "trial": _TRIAL_METHODS,
+    "trial_attr": _TRIAL_ATTRS,
+    "study": _STUDY_METHODS,
+    "study_attr": _STUDY_ATTRS,
+}
+
+
+def _check_call_allowed(call: Call) -> None:
+    allowed = _ALLOWED.get(call.target, frozenset())
+    if call.name not in allowed:
+        owner = "trial" if call.target.startswith("trial") else "trial.study"
+        raise RuntimeError(
+            f"hyperfleet: {owner}.{call.name} is not available inside an objective run by "
+            "hyperfleet: the controller asks and tells every trial itself (return the value "
+            f"instead of calling tell). Available: {', '.join(sorted(allowed))}."
+        )
+
+
+def _store_end(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    state: TrialState,
+    values: Any,
+    kind: str,
+    reason: str,
+    traceback_text: str,
+) -> optuna.trial.FrozenTrial:
+    """Record how the trial ended. Whatever the objective did, this never raises for the
+    trial's sake: if Optuna refuses the result, the trial is failed with the refusal as its
+    reason. Only a failing storage (OSError: a full disk, a vanished file) propagates."""
+    try:
+        if state == TrialState.FAIL:
+            books.set_system_attr(trial, books.KIND_ATTR, kind)
+            books.set_system_attr(trial, books.REASON_ATTR, reason)
+            if traceback_text:
+                books.set_system_attr(trial, books.TRACEBACK_ATTR, traceback_text[-8000:])
+        return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+    except OSError:
+        raise
+    except Exception as exc:
+        return _fail_refused(study, trial, exc)
+
+
+def _fail_refused(
+    study: optuna.Study, trial: optuna.Trial, exc: Exception
+) -> optuna.trial.FrozenTrial:
+    storage, trial_id = study._storage, trial._trial_id  # no public accessor for either
+    stored = storage.get_trial(trial_id)
+    if stored.state.is_finished():  # told already (a sampler's after_trial raised, say)
+        return stored
+    storage.set_trial_system_attr(trial_id, books.KIND_ATTR, "error")
+    storage.set_trial_system_attr(
+        trial_id,
+        books.REASON_ATTR,
+        f"Optuna refused the trial's result: {type(exc).__name__}: {exc}",
+    )
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return storage.get_trial(trial_id)
