@@ -3,7 +3,8 @@
     python bench/kill_loop.py --kills 200 --n-trials 300
 
 Each round starts ``hyperfleet run`` on the same run directory, waits for a random number of new
-trial completions (0 to --max-wait, from a seeded generator), kills the controller with SIGKILL,
+trial completions (0 to --max-wait, from a seeded generator; every other round, the start of a
+repeated trial if that comes first), kills the controller with SIGKILL,
 and checks that every worker and every process the objective started is gone within a few
 seconds. After the last kill the command runs to the end. Then the study and the objective's
 log must show: exactly N completed trials, every failure an interrupted one that was repeated
@@ -96,14 +97,39 @@ def wait_for(condition: object, timeout: float) -> bool:
     return bool(condition())  # type: ignore[operator]
 
 
+def repeats_started(folder: Path) -> int:
+    """How many "start" lines repeat the parameters of an earlier one (a retry starting)."""
+    try:
+        lines = (folder / "log").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    params = [line.split()[2] for line in lines if line.startswith("start ")]
+    return len(params) - len(set(params))
+
+
 def one_round(
-    cmd: list[str], env: dict[str, str], folder: Path, rng: random.Random, max_wait: int
+    cmd: list[str],
+    env: dict[str, str],
+    folder: Path,
+    rng: random.Random,
+    max_wait: int,
+    at_repeat: bool = False,
 ) -> tuple[bool, str]:
-    """Start the controller, wait for some completions, SIGKILL it. (killed, problem)."""
+    """Start the controller, wait for some completions, SIGKILL it. (killed, problem).
+
+    With ``at_repeat``, kill as soon as a repeat of an interrupted trial starts, if one does
+    first: a repeat interrupted in its turn must be repeated again."""
     run_dir = Path(cmd[cmd.index("--run-dir") + 1])
     wanted = completions(folder) + rng.randint(0, max_wait)
+    repeats = repeats_started(folder) + 1 if at_repeat else None
+
+    def reached_kill_point() -> bool:
+        if repeats is not None and repeats_started(folder) >= repeats:
+            return True
+        return completions(folder) >= wanted
+
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    reached = wait_for(lambda: completions(folder) >= wanted or proc.poll() is not None, 60)
+    reached = wait_for(lambda: reached_kill_point() or proc.poll() is not None, 60)
     if proc.poll() is not None:
         stderr = proc.stderr.read().decode() if proc.stderr else ""
         proc.wait()
@@ -189,7 +215,9 @@ def kill_loop(
     report = Report()
     while report.kills < kills:
         report.rounds += 1
-        killed, problem = one_round(cmd, env, folder, rng, max_wait)
+        # Every other round aims at the repeat the round before may have left to run.
+        at_repeat = report.rounds % 2 == 0
+        killed, problem = one_round(cmd, env, folder, rng, max_wait, at_repeat)
         report.kills += killed
         if problem:
             report.problems.append(f"round {report.rounds}: {problem}")
