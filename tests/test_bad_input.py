@@ -69,9 +69,9 @@ CASES = [
     ),
     Bad("url-scheme", ("good.py:objective", "--storage", "redis2://h/0"), ("unknown scheme",)),
     Bad(
-        "database-unreachable",
+        "database-folder-missing",
         ("good.py:objective", "--storage", "sqlite:///no/such/folder/x.db"),
-        ("cannot open the database", "reachable"),
+        ("cannot create the SQLite database", "folder", "does not exist", "mkdir -p"),
     ),
     Bad("gpu-index", ("good.py:objective", "--gpus", "7"), ("GPU '7' does not exist",), 4),
     Bad("gpu-uuid", ("good.py:objective", "--gpus", "GPU-nope"), ("does not exist",), 4),

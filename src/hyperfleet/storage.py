@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import os
 import re
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalFileSymlinkLock
 from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
@@ -21,10 +24,18 @@ if TYPE_CHECKING:
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 # "scheme:" followed by a slash: meant as a URL even when the "//" is missing.
 _LOOKS_LIKE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+# How every record Optuna writes to a journal file begins (JournalStorage._write_log, dumped
+# with separators=(",", ":")): a cut-off last line must be a piece of such a record.
+_RECORD_START = b'{"op_code":'
+_SQLITE_HEADER = b"SQLite format 3\x00"
+JournalLock = JournalFileOpenLock | JournalFileSymlinkLock  # KernelFileLock is an open lock
 
 
 def open_storage(url: str | None, default_journal: Path) -> BaseStorage:
-    """A journal file in the run directory by default; any Optuna storage URL or journal path."""
+    """A journal file in the run directory by default; any Optuna storage URL or journal path.
+
+    A journal or SQLite file meant to lie in a folder of the run directory (``default_journal``'s
+    folder) that does not exist yet gets that folder, once the run directory exists."""
     if url is None:
         return open_private_journal(default_journal)
     if "://" not in url and _LOOKS_LIKE_URL.match(url):
@@ -34,13 +45,59 @@ def open_storage(url: str | None, default_journal: Path) -> BaseStorage:
         )
     scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
     if not scheme:
-        return _open_journal_path(Path(url).absolute())
+        path = _normal(Path(url))
+        _make_folder_in_run_dir(path, default_journal.parent)
+        return _open_journal_path(path)
     if scheme not in RDB_SCHEMES:
         raise StorageError(
             f"storage URL {url!r} has an unknown scheme {scheme!r}; use sqlite:///path.db, "
             "postgresql://user:pass@host/db, mysql://..., or a path to a journal file."
         )
-    return _open_rdb(url)
+    return _open_rdb(url, default_journal.parent)
+
+
+def _storage_file(url: str) -> Path | None:
+    """The local file a ``--storage`` value names (a journal path or an SQLite database), or
+    None for a server, an in-memory database, or a value that is not a valid storage URL
+    (``open_storage`` says what is wrong with it)."""
+    if "://" not in url:
+        return None if _LOOKS_LIKE_URL.match(url) else _normal(Path(url))
+    if url.split(":", 1)[0].split("+", 1)[0] != "sqlite":
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(url).database
+    except (ArgumentError, ValueError):
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return _normal(Path(database))
+
+
+def _normal(path: Path) -> Path:
+    """Absolute, with ``..`` resolved as the path reads (sqlite and open() see it so too)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    folder = _normal(folder)
+    return path == folder or folder in path.parents
+
+
+def _make_folder_in_run_dir(file: Path, run_dir: Path) -> None:
+    """Make the missing folder of a storage file that belongs in the (existing) run directory."""
+    folder = file.parent
+    if folder.exists() or not run_dir.is_dir() or not _inside(folder, run_dir):
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the folder {folder} for the storage ({exc.strerror}); "
+            "give a --storage path in a folder you can write to."
+        ) from None
 
 
 def open_private_journal(path: Path) -> BaseStorage:
@@ -50,25 +107,17 @@ def open_private_journal(path: Path) -> BaseStorage:
     the next run for its 30 s grace period; a kernel lock dies with its holder. A line half
     written when the power went is cut off, since appending after it would corrupt the file.
     """
-    repair_journal_tail(path)
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=KernelFileLock(path)))
+    return _open_journal(
+        path,
+        KernelFileLock(path),
+        "restore it from a backup, or pass a new --run-dir to start another study",
+    )
 
 
 def is_private_journal(storage: BaseStorage, path: Path) -> bool:
     """True when ``storage`` is the journal at ``path``; no other controller can write to it."""
     backend = getattr(storage, "_backend", None)  # JournalStorage keeps its backend private
     return isinstance(backend, JournalFileBackend) and Path(backend._file_path) == path
-
-
-def repair_journal_tail(path: Path) -> None:
-    """Drop an incomplete last line (a write cut off by a crash, never acknowledged)."""
-    try:
-        with open(path, "rb+") as handle:
-            data = handle.read()
-            if data and not data.endswith(b"\n"):
-                handle.truncate(data.rfind(b"\n") + 1)
-    except FileNotFoundError:
-        pass
 
 
 class KernelFileLock(JournalFileOpenLock):
@@ -92,6 +141,155 @@ class KernelFileLock(JournalFileOpenLock):
             self._handle = None
 
 
+class _CheckedBackend(JournalFileBackend):
+    """A journal file backend that remembers how far reading got, so that a line Optuna cannot
+    replay is named by its number. Counting costs nothing next to decoding the line."""
+
+    def __init__(self, file_path: str, lock_obj: JournalLock) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        self.lines_read = 0  # lines handed out, from the first line of the file
+        self.unreadable_line = 0  # the line reading stopped at; 0 while reading went well
+
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        self.lines_read = log_number_from
+        logs = super().read_logs(log_number_from)
+        while True:
+            try:
+                log = next(logs)
+            except StopIteration:
+                return
+            except Exception:
+                # Optuna raises a line's decoding error when it reaches the next line.
+                self.unreadable_line = self.lines_read + 1
+                raise
+            self.lines_read += 1
+            yield log
+
+
+def _open_journal(path: Path, lock: JournalLock, fix: str) -> JournalStorage:
+    """Open the journal file at ``path``: replay it, refuse it untouched if any complete line
+    cannot be replayed, and cut off a last line that a killed writer left without its newline.
+
+    Reading needs no lock (Optuna's replay skips an unfinished last line, and so may a live
+    writer's append in progress). Only when the last line is unfinished is ``lock`` taken: the
+    lock every writer of the file holds around each append, Optuna's default
+    ``JournalFileSymlinkLock`` for a journal given with ``--storage`` (other hyperfleet
+    controllers and plain Optuna processes may be writing it) and the controller's kernel lock
+    for the run directory's own journal. Holding it, the lines finished meanwhile are replayed
+    and the end is judged again: a line still unfinished then has no live writer, and is cut
+    off before anything is appended after it. If the lock cannot be taken because the folder
+    is read-only, nothing can be appended through this storage either: the file is left alone.
+    """
+    try:
+        backend = _CheckedBackend(str(path), lock)  # creates an absent file, as Optuna does
+        storage = _replayed(path, backend, fix, lambda: JournalStorage(backend))
+    except OSError as exc:
+        raise StorageError(f"cannot open the journal {path} ({exc.strerror}); {fix}.") from None
+    if _unfinished_tail(path, fix) is None or not _try_acquire(lock):
+        return storage
+    try:
+        _replayed(path, backend, fix, storage.get_all_studies)  # reads the lines added since
+        end = _unfinished_tail(path, fix)
+        if end is not None:
+            with open(path, "rb+") as handle:
+                handle.truncate(end)
+    except OSError as exc:
+        raise StorageError(
+            f"the journal {path} ends with a record cut off by a crash, and cutting it off "
+            f"failed ({exc.strerror}); make the file writable and run again."
+        ) from None
+    finally:
+        lock.release()
+    return storage
+
+
+T = TypeVar("T")
+
+
+def _replayed(path: Path, backend: _CheckedBackend, fix: str, replay: Callable[[], T]) -> T:
+    """``replay()``, with any error reading or applying a line of the journal said as such."""
+    try:
+        return replay()
+    except OSError:
+        raise
+    except Exception as exc:  # JSON, KeyError, AssertionError, ...: all mean unreadable
+        line = backend.unreadable_line or backend.lines_read
+        raise _unreadable(path, line, exc, fix) from None
+
+
+def _try_acquire(lock: JournalLock) -> bool:
+    try:
+        lock.acquire()
+    except PermissionError:  # a read-only folder: no lock file can be made there
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            return False
+        raise
+    return True
+
+
+def _unfinished_tail(path: Path, fix: str) -> int | None:
+    """Where an unfinished last line starts, or None if the journal ends with a newline.
+
+    Refuses a damaged last complete line (Optuna's replay skips it without a word, then fails
+    once anything is appended after it), and a last line that is not the start of a record."""
+    end, last_line, tail = _journal_end(path)
+    if last_line:
+        try:
+            json.loads(last_line)
+        except ValueError as exc:
+            raise _unreadable(path, _line_count(path, end), exc, fix) from None
+    if not tail:
+        return None
+    if not (tail.startswith(_RECORD_START) or _RECORD_START.startswith(tail)):
+        line = _line_count(path, end) + 1
+        detail = f"its last line ({line}) is neither a record nor the start of one"
+        raise _not_a_journal(path, detail, fix)
+    return end
+
+
+def _journal_end(path: Path, block: int = 1 << 16) -> tuple[int, bytes, bytes]:
+    """Where the complete lines end, the last complete line, and what follows it (a line
+    without its newline); read from the end, whatever the size of the file."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        while True:
+            start = max(0, size - block)
+            handle.seek(start)
+            data = handle.read(size - start)
+            end = data.rfind(b"\n") + 1
+            begin = data.rfind(b"\n", 0, end - 1) + 1 if end else 0
+            if start == 0 or begin > 0:
+                return start + end, data[begin:end], data[end:]
+            block *= 4
+
+
+def _line_count(path: Path, end: int) -> int:
+    """The number of lines in the first ``end`` bytes (only to name a bad line)."""
+    with open(path, "rb") as handle:
+        return handle.read(end).count(b"\n")
+
+
+def _unreadable(path: Path, line: int, exc: Exception, fix: str) -> StorageError:
+    """The message for a journal whose ``line`` (counted from 1) cannot be replayed."""
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        return _not_a_journal(path, f"line {max(line, 1)} is not JSON", fix)
+    return _not_a_journal(path, f"line {max(line, 1)} is not a record Optuna can replay", fix)
+
+
+def _not_a_journal(path: Path, detail: str, fix: str) -> StorageError:
+    with open(path, "rb") as handle:
+        if handle.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER:
+            return StorageError(
+                f"{path} is an SQLite database, not a journal file; pass it as "
+                f"--storage sqlite:///{path}."
+            )
+    return StorageError(
+        f"{path} is not an Optuna journal that can be read: {detail}. It was left unchanged; {fix}."
+    )
+
+
 def _open_journal_path(path: Path) -> BaseStorage:
     if path.is_dir():
         raise StorageError(
@@ -103,10 +301,15 @@ def _open_journal_path(path: Path) -> BaseStorage:
             f"cannot create the journal file {path}: its folder does not exist or cannot be "
             "written; create the folder or give another --storage path."
         )
-    return JournalStorage(JournalFileBackend(str(path)))
+    # Optuna's default lock for this path: other processes writing the file share it.
+    return _open_journal(
+        path,
+        JournalFileSymlinkLock(str(path)),
+        "restore it from a backup, or pass a new --storage path",
+    )
 
 
-def _open_rdb(url: str) -> BaseStorage:
+def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -117,10 +320,23 @@ def _open_rdb(url: str) -> BaseStorage:
             f"storage URL {url!r} is malformed; write it as dialect://user:pass@host/db "
             "or sqlite:///path/to/file.db."
         ) from None
+    file = _storage_file(url)
+    if file is not None:
+        _make_folder_in_run_dir(file, run_dir)
+        if not file.parent.is_dir():
+            raise StorageError(
+                f"cannot create the SQLite database {file}: its folder {file.parent} does not "
+                f"exist; create it (mkdir -p {file.parent}) or give a path in an existing folder."
+            )
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as exc:  # drivers raise their own types; all mean "cannot use it"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if file is not None:
+            raise StorageError(
+                f"cannot open the SQLite database {file}: {first_line}. Check that it is an "
+                "SQLite database you can read and write, or give another --storage path."
+            ) from None
         raise StorageError(
             f"cannot open the database {url!r}: {first_line}. Check that it is running and "
             "reachable and that its driver is installed."
@@ -128,9 +344,13 @@ def _open_rdb(url: str) -> BaseStorage:
 
 
 def existing_storage(url: str | None, run_dir: RunDir) -> BaseStorage | None:
-    """The storage to check the study against, or None while the default journal is absent
-    (it is created with the run directory, once every check has passed)."""
-    if url is None and not run_dir.journal.exists():
+    """The storage to check the study against, or None while there is none yet: the default
+    journal, or a storage file in a folder of the run directory that does not exist yet, is
+    created with the run directory, once every check has passed."""
+    if url is None:
+        return open_storage(url, run_dir.journal) if run_dir.journal.exists() else None
+    file = _storage_file(url)
+    if file is not None and not file.parent.exists() and _inside(file.parent, run_dir.path):
         return None
     return open_storage(url, run_dir.journal)
 
