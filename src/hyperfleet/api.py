@@ -16,6 +16,7 @@ from hyperfleet.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions
 from hyperfleet.rundir import RunDir
+from hyperfleet.storage import controller_study
 from hyperfleet.workers.packaging import spec_from_callable
 
 
@@ -78,7 +79,7 @@ def optimize(
     folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
     search = single_search(
         study.study_name,
-        lambda: study,
+        lambda: controller_study(study),
         spec,
         slots,
         settings,

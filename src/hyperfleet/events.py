@@ -61,17 +61,25 @@ def trial_end_line(record: TrialRecord, state: RunState) -> str:
 
 
 class PlainLog(EventSink):
-    """Timestamped lines, one per trial start and end, for files, pipes and CI logs."""
+    """Timestamped lines, one per trial start and end, for files, pipes and CI logs.
+
+    Trial lines are flushed with the controller's tick (about once a second), notices at once:
+    a flush per trial would cost the controller a system call per line for short trials.
+    """
 
     def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
         self._stream = stream if stream is not None else sys.stdout
         self._quiet = quiet
 
-    def _line(self, text: str, summary: bool = False) -> None:
+    def _line(self, text: str, summary: bool = False, flush: bool = True) -> None:
         if self._quiet and not summary:  # --quiet still prints the final summary
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._stream.write(f"{stamp} {text}\n")
+        if flush:
+            self._stream.flush()
+
+    def on_tick(self, state: RunState) -> None:
         self._stream.flush()
 
     def on_start(self, state: RunState) -> None:
@@ -79,10 +87,10 @@ class PlainLog(EventSink):
         self._line(f"run {state.run_name} in {state.run_dir} on {len(state.slots)} slots: {slots}")
 
     def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._line(trial_start_line(record, state))
+        self._line(trial_start_line(record, state), flush=False)
 
     def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._line(trial_end_line(record, state))
+        self._line(trial_end_line(record, state), flush=False)
 
     def on_message(self, state: RunState, text: str) -> None:
         self._line(text)

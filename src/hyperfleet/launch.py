@@ -110,7 +110,7 @@ def run_search(
         sinks = [
             PlainLog(run_log),
             StatusSnapshot(run_dir.path, get_study),
-            *[BestFolder(plan.folder, study_named(plan.name)) for plan in search.plans],
+            *[BestFolder(plan.folder, study_named(plan.name), plan.name) for plan in search.plans],
             RunSummary(run_dir, get_studies),
             *_screen_sinks(display),
         ]

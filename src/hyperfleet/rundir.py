@@ -125,9 +125,13 @@ def folder_name(name: str) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Write atomically (temporary file, then rename), so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, default=str, sort_keys=True) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str, sort_keys=True) + "\n")
+    try:
+        tmp.write_text(text)
+    except FileNotFoundError:  # the folder is made only when needed: trials write two a trial
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
     os.replace(tmp, path)
 
 

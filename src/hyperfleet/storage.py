@@ -7,9 +7,9 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
@@ -17,6 +17,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, Jou
 from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
+from hyperfleet.journal import CheckedBackend, GroupCommitBackend, PlacingJournalStorage
 
 if TYPE_CHECKING:
     from hyperfleet.rundir import RunDir
@@ -111,6 +112,7 @@ def open_private_journal(path: Path) -> BaseStorage:
         path,
         KernelFileLock(path),
         "restore it from a backup, or pass a new --run-dir to start another study",
+        shared=False,
     )
 
 
@@ -141,32 +143,7 @@ class KernelFileLock(JournalFileOpenLock):
             self._handle = None
 
 
-class _CheckedBackend(JournalFileBackend):
-    """A journal file backend that remembers how far reading got, so that a line Optuna cannot
-    replay is named by its number. Counting costs nothing next to decoding the line."""
-
-    def __init__(self, file_path: str, lock_obj: JournalLock) -> None:
-        super().__init__(file_path, lock_obj=lock_obj)
-        self.lines_read = 0  # lines handed out, from the first line of the file
-        self.unreadable_line = 0  # the line reading stopped at; 0 while reading went well
-
-    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
-        self.lines_read = log_number_from
-        logs = super().read_logs(log_number_from)
-        while True:
-            try:
-                log = next(logs)
-            except StopIteration:
-                return
-            except Exception:
-                # Optuna raises a line's decoding error when it reaches the next line.
-                self.unreadable_line = self.lines_read + 1
-                raise
-            self.lines_read += 1
-            yield log
-
-
-def _open_journal(path: Path, lock: JournalLock, fix: str) -> JournalStorage:
+def _open_journal(path: Path, lock: JournalLock, fix: str, shared: bool) -> JournalStorage:
     """Open the journal file at ``path``: replay it, refuse it untouched if any complete line
     cannot be replayed, and cut off a last line that a killed writer left without its newline.
 
@@ -181,8 +158,9 @@ def _open_journal(path: Path, lock: JournalLock, fix: str) -> JournalStorage:
     is read-only, nothing can be appended through this storage either: the file is left alone.
     """
     try:
-        backend = _CheckedBackend(str(path), lock)  # creates an absent file, as Optuna does
-        storage = _replayed(path, backend, fix, lambda: JournalStorage(backend))
+        # Creates an absent file, as Optuna does.
+        backend = GroupCommitBackend(str(path), lock, shared=shared)
+        storage = _replayed(path, backend, fix, lambda: PlacingJournalStorage(backend))
     except OSError as exc:
         raise StorageError(f"cannot open the journal {path} ({exc.strerror}); {fix}.") from None
     if _unfinished_tail(path, fix) is None or not _try_acquire(lock):
@@ -206,7 +184,7 @@ def _open_journal(path: Path, lock: JournalLock, fix: str) -> JournalStorage:
 T = TypeVar("T")
 
 
-def _replayed(path: Path, backend: _CheckedBackend, fix: str, replay: Callable[[], T]) -> T:
+def _replayed(path: Path, backend: CheckedBackend, fix: str, replay: Callable[[], T]) -> T:
     """``replay()``, with any error reading or applying a line of the journal said as such."""
     try:
         return replay()
@@ -302,10 +280,32 @@ def _open_journal_path(path: Path) -> BaseStorage:
             "written; create the folder or give another --storage path."
         )
     # Optuna's default lock for this path: other processes writing the file share it.
+    return open_shared_journal(path, JournalFileSymlinkLock(str(path)))
+
+
+def open_shared_journal(path: Path, lock: JournalLock) -> BaseStorage:
+    """A journal file other processes may write too, each append holding ``lock`` (the lock
+    they use); its records are committed once per controller step, not once per record."""
     return _open_journal(
-        path,
-        JournalFileSymlinkLock(str(path)),
-        "restore it from a backup, or pass a new --storage path",
+        path, lock, "restore it from a backup, or pass a new --storage path", shared=True
+    )
+
+
+def controller_study(study: optuna.Study) -> optuna.Study:
+    """The study the controller runs: the user's own, except that a journal file opened with
+    Optuna's file backend is reopened through :func:`open_shared_journal`, which commits once
+    per step and repairs a torn last line. The user's study object reads the same file, so it
+    sees every trial after the run."""
+    storage = study._storage  # no public accessor
+    backend = getattr(storage, "_backend", None)
+    if type(storage) is not JournalStorage or type(backend) is not JournalFileBackend:
+        return study
+    lock = backend._lock  # the lock the user's backend writes under (private, no accessor)
+    if not isinstance(lock, (JournalFileOpenLock, JournalFileSymlinkLock)):
+        return study  # a lock of the user's own making: leave their backend alone
+    ours = open_shared_journal(Path(backend._file_path), lock)
+    return optuna.load_study(
+        study_name=study.study_name, storage=ours, sampler=study.sampler, pruner=study.pruner
     )
 
 

@@ -11,6 +11,7 @@ A single search is a campaign of one study that may use every slot.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import socket
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import optuna
 import psutil
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RunSettings
@@ -29,6 +31,7 @@ from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle
 from hyperfleet.errors import ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
+from hyperfleet.journal import PlacingJournalStorage, commit
 from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
@@ -148,6 +151,9 @@ class Controller:
         self._wake_w.setblocking(False)
         self._monitor = GpuMonitor(_gpus_of(self._slots))
         self._cpu: dict[str, psutil.Process] = {}
+        # What users and workers see of the storage's new records waits for them to be durable:
+        # one commit per loop step, then these run in order (see _flush).
+        self._after_commit: list[Callable[[], None]] = []
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
             run_dir=str(run_dir.path),
@@ -262,6 +268,7 @@ class Controller:
                 self._interrupt_running()
                 return
             self._launch_on_free_slots()
+            self._flush()
             if not self._active and not any(self._has_work(r) for r in self._runs.values()):
                 return
             if len(self._dead_slots) == len(self._slots):
@@ -272,6 +279,15 @@ class Controller:
                 next_tick = now + TICK_SECONDS
             self._step(timeout=max(0.0, min(next_tick, self._next_deadline()) - now))
             self._enforce_deadlines()
+
+    def _flush(self) -> None:
+        """Commit what this step wrote to the storage (one ``fsync`` for a journal), then let
+        what depends on it happen: trial files, run log lines, trials sent to workers."""
+        for study in self.studies.values():
+            commit(study._storage)  # the study's storage has no public accessor
+        effects, self._after_commit = self._after_commit, []
+        for effect in effects:
+            effect()
 
     def _step(self, timeout: float) -> None:
         waitables: list[Any] = [self._wake_r]
@@ -388,10 +404,7 @@ class Controller:
 
     def _launch(self, name: str, worker: WorkerHandle, run: StudyRun) -> None:
         study = _opened(run)
-        trial = study.ask()
-        books.set_system_attr(trial, books.RUN_ATTR, self._run_dir.identity)
-        books.set_system_attr(trial, books.SLOT_ATTR, name)
-        books.set_system_attr(trial, books.PID_ATTR, worker.pid)
+        trial = self._ask_placed(study, name, worker.pid)
         trial_dir = run.plan.folder.trial_dir(trial.number)
         trial_dir.mkdir(parents=True, exist_ok=True)
         experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
@@ -415,15 +428,14 @@ class Controller:
         self._book.start(run.plan.name, name, self._cost[name])
         if run.first_launch is None:
             run.first_launch = now
-        worker.conn.send(
-            RunTrial(
-                objective=run.plan.name,
-                number=trial.number,
-                trial_dir=str(trial_dir),
-                datetime_start=trial.datetime_start,
-                study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
-            )
+        message = RunTrial(
+            objective=run.plan.name,
+            number=trial.number,
+            trial_dir=str(trial_dir),
+            datetime_start=trial.datetime_start,
+            study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
         )
+        self._after_commit.append(functools.partial(worker.conn.send, message))
         view = self.state.slot(name)
         view.state, view.trial, view.study, view.since = (
             "busy",
@@ -431,8 +443,28 @@ class Controller:
             study.study_name,
             time.time(),
         )
-        self._refresh_study_view(run)
-        self._emit("on_trial_start", record)
+        run.view.running = self._book.running(run.plan.name)
+        self._after_commit.append(functools.partial(self._emit, "on_trial_start", record))
+
+    def _ask_placed(self, study: optuna.Study, slot: str, pid: int) -> optuna.Trial:
+        """A new trial, marked with where it runs; in the record that creates it when the
+        storage can, else (a queued trial, another storage) in three more writes."""
+        placement: dict[str, Any] = {
+            books.RUN_ATTR: self._run_dir.identity,
+            books.SLOT_ATTR: slot,
+            books.PID_ATTR: pid,
+        }
+        storage = study._storage  # the study's storage has no public accessor
+        if not isinstance(storage, PlacingJournalStorage):
+            trial = study.ask()
+        else:
+            with storage.placing(placement):
+                trial = study.ask()
+            if books.SLOT_ATTR in storage.get_trial(trial._trial_id).system_attrs:
+                return trial
+        for key, value in placement.items():
+            books.set_system_attr(trial, key, value)
+        return trial
 
     # ----- answering trial calls -----------------------------------------------------------
 
@@ -543,11 +575,14 @@ class Controller:
             run.finished += 1
         record = books.record_from_frozen(study.study_name, frozen)
         record.slot = name
-        books.write_trial_files(run.plan.folder.trial_dir(frozen.number), record, traceback_text)
         self._mark_slot_idle(name, record)
         self.state.recent.appendleft(record)
-        self._refresh_study_view(run)
-        self._emit("on_trial_end", record)
+        self._count_trial_end(run, frozen)
+        trial_dir = run.plan.folder.trial_dir(frozen.number)
+        self._after_commit.append(
+            functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
+        )
+        self._after_commit.append(functools.partial(self._emit, "on_trial_end", record))
 
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
         view = self.state.slot(name)
@@ -666,6 +701,8 @@ class Controller:
         return next(s for s in self._slots if s.name == name)
 
     def _close(self) -> None:
+        with contextlib.suppress(OSError):  # a full disk was said already; stop all the same
+            self._flush()
         for worker in list(self._workers.values()):
             worker.shutdown() if worker.ready else worker.kill()
         self._workers.clear()
@@ -699,7 +736,8 @@ class Controller:
                     self._emit("on_message", f"{label} ({kind}) will be repeated")
         trials = study.get_trials(deepcopy=False)
         run.finished = sum(books.counts_against_budget(t, retried) for t in trials)
-        run.shared = not private
+        in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
+        run.shared = not (private or in_memory)  # others could be writing the same study
         run.view.directions = tuple(d.name for d in study.directions)
         self._announce_budget(run)
         self._refresh_study_view(run, trials)
@@ -737,6 +775,26 @@ class Controller:
         if best is not None:
             view.best_number, view.best_values = best.number, list(best.values)
             view.best_params = dict(best.params)
+
+    def _count_trial_end(self, run: StudyRun, trial: FrozenTrial) -> None:
+        """The study's counts and best trial after one more ended, without reading every
+        trial again (that would cost more per trial the larger the study grows)."""
+        view = run.view
+        if trial.state == TrialState.COMPLETE:
+            view.complete += 1
+        elif trial.state == TrialState.PRUNED:
+            view.pruned += 1
+        elif trial.state == TrialState.FAIL:
+            view.failed += 1
+        view.running = self._book.running(run.plan.name)
+        view.finished = run.finished
+        if trial.state != TrialState.COMPLETE or trial.values is None or len(trial.values) != 1:
+            return
+        if _CONSTRAINTS_KEY in trial.system_attrs:  # feasibility decides: let Optuna judge
+            self._refresh_study_view(run)
+        elif _improves(trial.values[0], view.best_values, _opened(run).direction):
+            view.best_number, view.best_values = trial.number, list(trial.values)
+            view.best_params = dict(trial.params)
 
     def _tick(self) -> None:
         self.state.gpus = self._monitor.sample()
@@ -903,3 +961,13 @@ def _fail_refused(
     )
     storage.set_trial_state_values(trial_id, TrialState.FAIL)
     return storage.get_trial(trial_id)
+
+
+_CONSTRAINTS_KEY = "constraints"  # where Optuna keeps a trial's constraint values
+
+
+def _improves(value: float, best: list[float] | None, direction: StudyDirection) -> bool:
+    if best is None:
+        return True
+    return value < best[0] if direction == StudyDirection.MINIMIZE else value > best[0]
+

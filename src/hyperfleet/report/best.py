@@ -29,6 +29,7 @@ from hyperfleet.state import RunState, TrialRecord
 BEST_NAME = "best"
 REFIT_NAME = "refit"  # best/refit/: what hyperfleet.refit made from the best parameters
 SUMMARY_NAME = "summary.md"
+PARETO_EVERY_SECONDS = 2.0
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -41,19 +42,49 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 class BestFolder(EventSink):
-    def __init__(self, run_dir: RunDir, get_study: Callable[[], optuna.Study | None]) -> None:
+    """Keeps ``best/`` of one study current. With one objective the controller's view says
+    when the best trial changes, so the folder is rebuilt only then; a Pareto front costs more
+    to compute, so it is rebuilt at most every few seconds, and at the end."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        get_study: Callable[[], optuna.Study | None],
+        name: str = "",
+        every: float = PARETO_EVERY_SECONDS,
+    ) -> None:
         self._run_dir = run_dir
         self._get_study = get_study
+        self._name = name
+        self._every = every
         self._shown: list[int] = []
+        self._stale = False
+        self._last = 0.0
 
     def on_start(self, state: RunState) -> None:
         self._refresh()  # a resumed run may already have a best trial
 
     def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        if record.state == "COMPLETE":
+        if record.state != "COMPLETE" or (self._name and record.study != self._name):
+            return
+        view = next((s for s in state.studies if s.name == record.study), None)
+        if view is not None and len(view.directions) == 1:
+            if [view.best_number] != self._shown:
+                self._refresh()
+            return
+        self._stale = True
+        self.on_tick(state)
+
+    def on_tick(self, state: RunState) -> None:
+        if self._stale and time.monotonic() - self._last >= self._every:
+            self._refresh()
+
+    def on_end(self, state: RunState) -> None:
+        if self._stale:
             self._refresh()
 
     def _refresh(self) -> None:
+        self._stale, self._last = False, time.monotonic()
         study = self._get_study()
         if study is None:
             return

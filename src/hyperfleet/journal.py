@@ -1,0 +1,196 @@
+"""The journal file as the controller writes it: group commit, and trials placed as created.
+
+Both classes keep the file byte-compatible with Optuna's ``JournalFileBackend`` (one JSON record
+per line, written the same way), so optuna-dashboard and ``optuna.load_study`` read it while a
+search runs.
+
+- :class:`CheckedBackend` is Optuna's file backend that remembers how far reading got, so a line
+  Optuna cannot replay is named by its number.
+- :class:`GroupCommitBackend` is for the run directory's own journal, which only the controller
+  holding the run lock writes. Optuna's backend takes a lock, opens the file, writes and
+  ``fsync``s for every record, then reads its own record back from the file; this one appends
+  with one ``write`` per record, hands the records back from memory, and makes them durable with
+  one ``fsync`` per :meth:`commit`, which the controller calls once per loop step, before anything
+  a user can see depends on them (a trial's ``result.json``, the run log, the next trial sent to
+  a slot). A crash of the controller loses nothing it wrote (the kernel has it); a crash of the
+  machine loses at most the records of the last step, whose trials come back as interrupted.
+- :class:`PlacingJournalStorage` writes where a new trial runs (run, slot, worker) into the
+  record that creates it, instead of three more records after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+from collections.abc import Generator, Iterator
+from typing import Any
+
+from optuna.storages import JournalStorage
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+
+class CheckedBackend(JournalFileBackend):
+    """Optuna's journal file backend, counting the lines it hands out. Counting costs nothing
+    next to decoding a line."""
+
+    def __init__(self, file_path: str, lock_obj: Any) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        self.lines_read = 0  # lines handed out, from the first line of the file
+        self.unreadable_line = 0  # the line reading stopped at; 0 while reading went well
+
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        self.lines_read = log_number_from
+        logs = super().read_logs(log_number_from)
+        while True:
+            try:
+                log = next(logs)
+            except StopIteration:
+                return
+            except Exception:
+                # Optuna raises a line's decoding error when it reaches the next line.
+                self.unreadable_line = self.lines_read + 1
+                raise
+            self.lines_read += 1
+            yield log
+
+
+class GroupCommitBackend(CheckedBackend):
+    """A journal file written with one ``fsync`` per :meth:`commit`.
+
+    ``shared=False``: the run directory's own journal, which no one else writes (the run lock
+    says so); records are appended without a lock and handed back to the replay from memory.
+    ``shared=True``: a journal other processes may write too (``--storage``, or the study's own
+    journal in ``hyperfleet.optimize``); each append holds ``lock_obj``, the lock those writers
+    take, and records are read back from the file, where theirs are interleaved with ours.
+    """
+
+    def __init__(self, file_path: str, lock_obj: Any, shared: bool = False) -> None:
+        super().__init__(file_path, lock_obj)
+        self._shared = shared
+        self._fd = -1
+        self._unread: list[dict[str, Any]] = []  # appended, not yet handed to the replay
+        self._unread_from = -1  # the log number of _unread[0]; -1 until the file was read
+        self._dirty = False
+
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        if not self._shared and log_number_from == self._unread_from:
+            logs, self._unread = self._unread, []
+            self._unread_from += len(logs)
+            self.lines_read = self._unread_from
+            yield from logs
+            return
+        # The first replay, or any replay of a shared file: the file holds every record.
+        count = 0
+        for log in super().read_logs(log_number_from):
+            count += 1
+            yield log
+        self._unread, self._unread_from = [], log_number_from + count
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if self._unread_from < 0:  # nothing read yet: records must follow the file's own
+            list(self.read_logs(0))
+        data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
+        if self._shared:
+            with _held(self._lock):
+                _write_all(self._file(), data)
+        else:
+            _write_all(self._file(), data)
+            self._unread.extend(logs)
+        self._dirty = True
+
+    def commit(self) -> None:
+        """Make every record appended so far durable (one ``fsync``)."""
+        if self._dirty:
+            os.fsync(self._file())
+            self._dirty = False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.commit()
+            os.close(self._fd)
+            self._fd = -1
+
+    def _file(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return self._fd
+
+
+@contextlib.contextmanager
+def _held(lock: Any) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class PlacingJournalStorage(JournalStorage):
+    """A journal storage whose next created trial can carry system attributes from birth.
+
+    ``study.ask()`` creates a trial with no attributes; the controller then marks where it runs.
+    Inside :meth:`placing`, a trial that ``ask`` creates carries those marks in its creating
+    record. A trial ``ask`` takes from the queue (``enqueue_trial``) already exists: the caller
+    sees that the marks are missing and writes them itself.
+    """
+
+    def __init__(self, backend: BaseJournalBackend) -> None:
+        super().__init__(backend)
+        self._placement: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def placing(self, system_attrs: dict[str, Any]) -> Iterator[None]:
+        self._placement = system_attrs
+        try:
+            yield
+        finally:
+            self._placement = None
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        if template_trial is None and self._placement is not None:
+            template_trial = _running_trial(self._placement)
+        return super().create_new_trial(study_id, template_trial)
+
+    def commit(self) -> None:
+        commit = getattr(self._backend, "commit", None)
+        if commit is not None:
+            commit()
+
+    def close(self) -> None:
+        close = getattr(self._backend, "close", None)
+        if close is not None:
+            close()
+
+
+def _running_trial(system_attrs: dict[str, Any]) -> FrozenTrial:
+    """What ``create_new_trial`` writes for a plain new trial, plus ``system_attrs``."""
+    return FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.datetime.now(),
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs=dict(system_attrs),
+        intermediate_values={},
+        trial_id=-1,
+    )
+
+
+def commit(storage: Any) -> None:
+    """Make what the controller wrote durable, for storages that group their commits; every
+    other storage commits each write itself."""
+    if isinstance(storage, PlacingJournalStorage):
+        storage.commit()
