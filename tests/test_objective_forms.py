@@ -236,3 +236,129 @@ def test_factory_objective_gets_its_keyword_arguments(
     )
 
     assert all(-2.0 <= (t.value or 0.0) <= -1.0 for t in study.trials)
+
+
+# A plugin module, loaded from its file under a name no import statement finds.
+PLUGIN_MODULE = """\
+import os
+from pathlib import Path
+
+with open(Path(__file__).with_name("imports.log"), "a") as log:
+    log.write(f"{os.getpid()} {__name__}\\n")
+
+SHIFT = 5.0
+
+
+def shifted(x):
+    return x + SHIFT
+
+
+def objective(trial):
+    return shifted(trial.suggest_float("x", 0.0, 1.0))
+
+
+def make_closure(base):
+    def closure(trial):
+        return shifted(trial.suggest_float("x", 0.0, 1.0)) + base
+
+    return closure
+"""
+
+PLUGIN_DRIVER = """\
+import importlib.util, json, os, sys, types
+import optuna
+import hyperfleet
+from hyperfleet.resources.inventory import Inventory
+
+spec = importlib.util.spec_from_file_location("loaded_plugin", sys.argv[1])
+plugin = importlib.util.module_from_spec(spec)
+sys.modules["loaded_plugin"] = plugin
+spec.loader.exec_module(plugin)
+
+# A module that exists only in memory: no file to import it from in a worker.
+in_memory = types.ModuleType("in_memory_plugin")
+sys.modules["in_memory_plugin"] = in_memory
+exec("K = 7.0\\ndef objective(t):\\n    return t.suggest_float('x', 0, 1) + K", vars(in_memory))
+
+results = {}
+for name, objective in [
+    ("function", plugin.objective),
+    ("closure", plugin.make_closure(100.0)),
+    ("in_memory", in_memory.objective),
+]:
+    study = optuna.create_study()
+    outcome = hyperfleet.optimize(
+        study, objective, n_trials=2, run_dir=os.path.join(sys.argv[2], name), display="quiet",
+        report=False, inventory=Inventory(gpus=(), cores=(min(os.sched_getaffinity(0)),)),
+        cpu_slots=1,
+    )
+    results[name] = [outcome.status, [t.value for t in study.trials]]
+print(json.dumps(results))
+"""
+
+STDIN_SCRIPT = """\
+import json, os, sys
+import optuna
+import hyperfleet
+from hyperfleet.resources.inventory import Inventory
+
+OFFSET = 3.0
+
+
+def objective(trial):
+    return trial.suggest_float("x", 0.0, 1.0) + OFFSET
+
+
+if __name__ == "__main__":
+    study = optuna.create_study()
+    outcome = hyperfleet.optimize(
+        study, objective, n_trials=2, run_dir="run", display="quiet", report=False,
+        inventory=Inventory(gpus=(), cores=(min(os.sched_getaffinity(0)),)), cpu_slots=1,
+    )
+    print(json.dumps([outcome.status, [t.value for t in study.trials]]))
+"""
+
+
+def test_objective_from_a_module_loaded_from_its_file(tmp_path: Path) -> None:
+    # As plugin loaders and pytest's importlib mode do: the module is in sys.modules under a
+    # name that a fresh worker cannot import, so workers import the file under that name.
+    plugin = tmp_path / "plugins" / "objectives.py"
+    plugin.parent.mkdir()
+    plugin.write_text(PLUGIN_MODULE)
+    (tmp_path / "drive.py").write_text(PLUGIN_DRIVER)
+    result = run_python(["drive.py", str(plugin), str(tmp_path / "runs")], cwd=tmp_path)
+
+    results = json.loads(result.stdout.splitlines()[-1])
+    assert {name: status for name, (status, _) in results.items()} == {
+        "function": "completed",
+        "closure": "completed",
+        "in_memory": "completed",
+    }
+    # Each value went through the module's globals: SHIFT, and K of the in-memory module.
+    ranges = {"function": (5.0, 6.0), "closure": (105.0, 106.0), "in_memory": (7.0, 8.0)}
+    for name, (_, values) in results.items():
+        low, high = ranges[name]
+        assert len(values) == 2 and all(low <= v <= high for v in values), (name, values)
+    runs = import_log(plugin.parent)
+    assert {name for _, name in runs} == {"loaded_plugin"}
+    # The driver loaded it once; the worker of each of the two searches that used it, once.
+    assert len(runs) == 3
+
+
+def test_script_piped_on_stdin(tmp_path: Path) -> None:
+    # `python - < search.py`: __main__ has no file a worker could re-run, so the objective and
+    # the globals it uses travel by value.
+    result = subprocess.run(
+        [sys.executable, "-"],
+        input=STDIN_SCRIPT,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_SECONDS,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    status, values = json.loads(result.stdout.splitlines()[-1])
+    assert status == "completed"
+    assert len(values) == 2 and all(3.0 <= v <= 4.0 for v in values)

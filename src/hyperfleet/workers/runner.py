@@ -63,6 +63,8 @@ def load_objective(spec: ObjectiveSpec) -> Objective:
         # The objective lives in the user's script: re-run its module-level code here, as
         # multiprocessing's spawn does, so pickled references to __main__ resolve.
         multiprocessing.spawn.prepare(spec.main_preparation)
+    for name, path in spec.module_files.items():
+        import_file_as(name, Path(path))
     if spec.kind == "pickle":
         obj = pickle.loads(spec.payload)
     elif spec.kind == "file":
@@ -80,7 +82,16 @@ def import_file(path: str) -> Any:
     """Import a user's script as a module named after the file, never as ``__main__``."""
     file = Path(path).resolve()
     sys.path.insert(0, str(file.parent))
-    name = file.stem
+    return import_file_as(file.stem, file)
+
+
+def import_file_as(name: str, file: Path) -> Any:
+    """Import ``file`` as module ``name``, registered in sys.modules so that pickles naming
+    ``name`` resolve; once per worker, even when several studies' objectives need it."""
+    loaded = sys.modules.get(name)
+    loaded_file = getattr(loaded, "__file__", None)
+    if loaded_file and os.path.isfile(loaded_file) and os.path.samefile(loaded_file, file):
+        return loaded
     module_spec = importlib.util.spec_from_file_location(name, file)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
