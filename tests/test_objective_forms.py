@@ -21,8 +21,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.cli import main
+from hyperfleet.cli import main, objective_kwargs
 from hyperfleet.resources.inventory import Inventory
+from support.procs import load_trials, run_cli
 
 ALLOWED_CORES = tuple(sorted(os.sched_getaffinity(0)))
 SCRIPT_SECONDS = 120
@@ -362,3 +363,97 @@ def test_script_piped_on_stdin(tmp_path: Path) -> None:
     status, values = json.loads(result.stdout.splitlines()[-1])
     assert status == "completed"
     assert len(values) == 2 and all(3.0 <= v <= 4.0 for v in values)
+
+
+FACTORIES = """\
+def make_objective(dataset, scale=1):
+    def objective(trial):
+        trial.set_user_attr("dataset", dataset)
+        trial.set_user_attr("scale", scale)
+        return scale * trial.suggest_float("x", 0.0, 1.0)
+
+    return objective
+
+
+def make_without_arguments():
+    return make_objective("iris")
+
+
+def make_seeded(dataset, *, seed):
+    return make_objective(dataset, seed)
+"""
+
+
+def factory_search(folder: Path, target: str, *flags: str) -> list[str]:
+    (folder / "search.py").write_text(FACTORIES)
+    return [
+        *("run", f"search.py:{target}", *flags, "--n-trials", "2", "--cpu-slots", "1"),
+        *("--run-dir", "run", "--no-report", "--quiet"),
+    ]
+
+
+def test_factory_target_without_its_arguments_fails_each_trial_saying_how_to_pass_them(
+    tmp_path: Path,
+) -> None:
+    # make_objective(dataset) takes one argument, as an objective does: only the run shows
+    # that it returns a function instead of a value.
+    result = run_cli(factory_search(tmp_path, "make_objective"), cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr
+    trials = load_trials(tmp_path / "run", "search-make_objective")
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    for trial in trials:
+        assert trial.system_attrs["hyperfleet:fail_kind"] == "error"
+        reason = trial.system_attrs["hyperfleet:fail_reason"]
+        assert "make_objective returned the function make_objective.<locals>.objective" in reason
+        assert "--objective-arg NAME=VALUE" in reason
+
+
+def test_factory_target_gets_its_objective_args(tmp_path: Path) -> None:
+    flags = ("--objective-arg", "dataset=wine", "--objective-arg", "scale=2")
+    result = run_cli(factory_search(tmp_path, "make_objective", *flags), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    trials = load_trials(tmp_path / "run", "search-make_objective")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [(t.user_attrs["dataset"], t.user_attrs["scale"]) for t in trials] == [("wine", 2)] * 2
+    assert all(0.0 <= (t.value or -1.0) <= 2.0 for t in trials)
+
+
+def test_objective_arg_values_are_literals_else_strings() -> None:
+    flags = ["n=3", "lr=1e-3", "flag=true", "name=higgs", 'words="a b"', "sizes=[1, 2]"]
+    flags += ["table={depth = 2}", "padded=007", "empty="]
+
+    assert objective_kwargs(flags) == {
+        **{"n": 3, "lr": 1e-3, "flag": True, "name": "higgs", "words": "a b"},
+        **{"sizes": [1, 2], "table": {"depth": 2}, "padded": "007", "empty": ""},
+    }
+
+
+@pytest.mark.parametrize(
+    ("target", "flags", "message"),
+    [
+        ("make_without_arguments", [], "takes no arguments, but an objective takes the trial"),
+        ("make_seeded", [], "needs 2 arguments (dataset, seed)"),
+        ("make_objective", ["--objective-arg", "dataset"], "write NAME=VALUE"),
+        ("make_objective", ["--objective-arg", "datset=wine"], "no parameter 'datset'"),
+        ("make_seeded", ["--objective-arg", "dataset=wine"], "add --objective-arg seed=VALUE"),
+    ],
+)
+def test_factory_target_mistakes_stop_before_anything_is_written(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    flags: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    code = main(factory_search(tmp_path, target, *flags))
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -261,6 +261,99 @@ def _search_working_directory() -> None:
         sys.path.insert(0, cwd)
 
 
+def check_target_parameters(spec: ObjectiveSpec, target: str) -> None:
+    """The parameters of a command-line TARGET fit how workers will call it: with the trial
+    alone, or, given ``--objective-arg``, as a factory with those keyword arguments.
+
+    Read from the source, never run, so a mistake stops the run before anything is written.
+    Only plain functions are checked: a decorator may change what a function takes, and
+    classes and other callables are left to the run.
+    """
+    source = _source_file(spec)
+    function = _plain_function(source, spec.name) if source is not None else None
+    if function is None:
+        return
+    if spec.factory_kwargs is None:
+        _check_takes_a_trial(function, target)
+    else:
+        _check_takes_keywords(function, target, spec.factory_kwargs)
+
+
+def _source_file(spec: ObjectiveSpec) -> Path | None:
+    if spec.kind == "file":
+        return Path(spec.location)
+    found = importlib.util.find_spec(spec.location) if spec.kind == "module" else None
+    origin = found.origin if found is not None else None
+    return Path(origin) if origin and origin.endswith(".py") and os.path.isfile(origin) else None
+
+
+def _plain_function(source: Path, name: str) -> ast.FunctionDef | None:
+    """The top-level ``def name`` without decorators that the module ends up with, if any."""
+    binding: ast.stmt | None = None
+    for node in ast.parse(source.read_text(), filename=str(source)).body:
+        if name in _names_bound_by(node):
+            binding = node
+    if isinstance(binding, ast.FunctionDef) and not binding.decorator_list:
+        return binding
+    return None
+
+
+def _names_bound_by(node: ast.stmt) -> set[str]:
+    return top_level_names(ast.Module(body=[node], type_ignores=[]))
+
+
+def _check_takes_a_trial(function: ast.FunctionDef, target: str) -> None:
+    args = function.args
+    positional = [*args.posonlyargs, *args.args]
+    if not positional and args.vararg is None and not args.kwonlyargs:
+        location = target.rpartition(":")[0]
+        raise ObjectiveError(
+            f"{target} takes no arguments, but an objective takes the trial. If it returns the "
+            f"objective, assign that at the top of {location} (objective = {function.name}()) "
+            f"and run {location}:objective."
+        )
+    if not positional and args.vararg is None:
+        names = ", ".join(a.arg for a in args.kwonlyargs)
+        raise ObjectiveError(
+            f"{target} takes only keyword arguments ({names}), but an objective takes the trial. "
+            "If it makes the objective, pass them with --objective-arg NAME=VALUE."
+        )
+    required = _required_parameters(function)
+    keyword_only = {a.arg for a in args.kwonlyargs}
+    if len(required) > 1 or keyword_only.intersection(required):
+        raise ObjectiveError(
+            f"{target} needs {len(required)} arguments ({', '.join(required)}), but an objective "
+            "takes one, the trial. If it makes the objective, pass them with --objective-arg "
+            "NAME=VALUE, one flag each."
+        )
+
+
+def _check_takes_keywords(function: ast.FunctionDef, target: str, kwargs: dict[str, Any]) -> None:
+    args = function.args
+    by_keyword = [a.arg for a in (*args.args, *args.kwonlyargs)]
+    unknown = [name for name in kwargs if name not in by_keyword]
+    if unknown and args.kwarg is None:
+        raise ObjectiveError(
+            f"{target} has no parameter {unknown[0]!r} (it takes: {', '.join(by_keyword) or 'none'}"
+            f"); fix the name given with --objective-arg {unknown[0]}=VALUE."
+        )
+    missing = [name for name in _required_parameters(function) if name not in kwargs]
+    if missing:
+        raise ObjectiveError(
+            f"{target} also needs {', '.join(missing)}; add --objective-arg {missing[0]}=VALUE."
+        )
+
+
+def _required_parameters(function: ast.FunctionDef) -> list[str]:
+    """The parameters without a default value, in order."""
+    args = function.args
+    positional = [*args.posonlyargs, *args.args]
+    without_default = positional[: len(positional) - len(args.defaults)]
+    defaults = zip(args.kwonlyargs, args.kw_defaults, strict=True)
+    keyword_only = [a for a, default in defaults if default is None]
+    return [a.arg for a in (*without_default, *keyword_only)]
+
+
 def check_file_defines(path: Path, name: str) -> None:
     """The file exists, parses, and defines ``name`` at top level; it is not run here."""
     if not path.is_file():

@@ -7,6 +7,7 @@ import gc
 import importlib
 import importlib.util
 import multiprocessing.spawn
+import numbers
 import os
 import pickle
 import sys
@@ -128,7 +129,27 @@ def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Fini
             return Finished(
                 "error", error_type=type(exc).__name__, message=_describe(exc), traceback=text
             )
+    return _returned(value, objective)
+
+
+def _returned(value: Any, objective: Objective) -> Finished:
+    if callable(value) and not isinstance(value, numbers.Number):
+        # A factory given as the objective: without its arguments it was called with the
+        # trial, and returned the objective instead of running it.
+        return Finished("error", error_type="TypeError", message=_factory_hint(value, objective))
     return Finished("returned", value=_plain(value))
+
+
+def _factory_hint(value: Any, objective: Objective) -> str:
+    caller = getattr(objective, "__qualname__", "the objective")
+    name = getattr(value, "__qualname__", None)
+    kind = "class" if isinstance(value, type) else "function"
+    what = f"the {kind} {name}" if name else f"a callable {type(value).__name__}"
+    return (
+        f"{caller} returned {what}, not a value: it looks like a factory; pass its arguments "
+        "with --objective-arg NAME=VALUE (objective_kwargs= in Python), or give the objective "
+        "itself."
+    )
 
 
 def _describe(exc: BaseException) -> str:
