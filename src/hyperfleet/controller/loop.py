@@ -631,7 +631,7 @@ class Controller:
         """Resume: fail what a dead controller left running, repeat what the policy allows."""
         study = _opened(run)
         private = is_private_journal(study._storage, self._run_dir.journal)
-        leftovers = books.fail_interrupted_leftovers(study, self._run_dir.identity, private)
+        leftovers = books.fail_interrupted_leftovers(study, self._run_dir.marks, private)
         for trial in leftovers:
             label = self._trial_label(run, trial.number)
             self._emit("on_message", f"{label} was left running: marked interrupted")
