@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,11 +98,14 @@ def optimize(
 def refuse_inside_a_worker(function: str) -> None:
     """A worker imports the user's script to find the objective (as multiprocessing's spawn
     does); a script that starts the search at its top level would start it again there."""
-    if os.environ.get(WORKER_PID_ENV) == str(os.getpid()):
-        raise ObjectiveError(
-            f"the script calls hyperfleet.{function} when it is imported (each worker imports "
-            f"it to find the objective); put the call under `if __name__ == \"__main__\":`."
-        )
+    if os.environ.get(WORKER_PID_ENV) != str(os.getpid()):
+        return
+    caller = sys._getframe(2)  # the line that called hyperfleet.optimize or run_campaign
+    where = f"{Path(caller.f_code.co_filename).name}, line {caller.f_lineno},"
+    raise ObjectiveError(
+        f"{where} calls hyperfleet.{function} when the script is imported (each worker imports "
+        f"it to find the objective); put the call under `if __name__ == \"__main__\":`."
+    )
 
 
 def default_run_dir(study: optuna.Study) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from hyperfleet.errors import HyperfleetError
 from hyperfleet.workers.protocol import (
     Finished,
     LoadFailed,
@@ -91,6 +92,8 @@ def import_file(path: str) -> Any:
 
 def user_traceback(exc: BaseException) -> str:
     """The traceback without hyperfleet's and importlib's own frames."""
+    if isinstance(exc, HyperfleetError):
+        return ""  # raised on purpose (a search started on import): its message says where
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
