@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import shutil
 import signal
 import sys
@@ -31,7 +30,7 @@ from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.shapes import Pool, single_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
-from hyperfleet.rundir import RunDir, RunDirGone, RunOwner
+from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.workers.protocol import ObjectiveSpec
 
@@ -168,14 +167,6 @@ def _run_to_the_end(
     return outcome
 
 
-# What a full disk, a used-up quota or the file size limit (ulimit -f) makes writes fail with.
-_NO_ROOM = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EFBIG: "the file size limit (ulimit -f) is reached",
-}
-
-
 class RunDirGuard(EventSink):
     """Stops the run at its next event once the run directory was deleted or moved: writing on
     would make a new folder (or a new, empty journal) at its path."""
@@ -212,11 +203,11 @@ def _run_folder_lost(
     except RunDirGone as gone:
         message = f"{gone}; run the same command again to start it anew"
     else:
-        if not isinstance(exc, OSError) or exc.errno not in _NO_ROOM:
+        if not isinstance(exc, OSError) or exc.errno not in NO_ROOM:
             raise exc
-        where = exc.filename or run_dir.path
+        where = exc.filename or f"in {run_dir.path}"  # a failed write names no file
         message = (
-            f"{_NO_ROOM[exc.errno]}: cannot write {where} ({exc.strerror}); make room and "
+            f"{NO_ROOM[exc.errno]}: cannot write {where} ({exc.strerror}); make room and "
             "run the same command again to resume"
         )
     for sink in screen:  # the views end as after any run; the run folder's sinks cannot

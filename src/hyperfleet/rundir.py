@@ -7,6 +7,7 @@ It holds everything needed to understand a search without hyperfleet, and it is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -27,6 +28,12 @@ JOURNAL_NAME = "optuna.journal"
 # A study or campaign name becomes a folder name, which file systems limit to 255 bytes; the
 # margin leaves room for what is built from it (".<name>.new", "trial-<n>").
 MAX_NAME_BYTES = 128
+# What a full disk, a used-up quota or the file size limit (ulimit -f) makes writes fail with.
+NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file size limit (ulimit -f) is reached",
+}
 
 
 @dataclass(frozen=True)
