@@ -126,7 +126,7 @@ def test_a_run_folder_deleted_during_the_run_stops_it_with_one_line(tmp_path: Pa
 @pytest.mark.parametrize(
     ("name", "problem"),
     [
-        ("x" * 300, "is 300 bytes long; it names a folder, so it may have at most 128"),
+        ("x" * 300, "is 300 bytes long, too long for a folder name: use at most 128 bytes"),
         ("../../escape", "cannot hold a slash"),
         ("..", "cannot be '.' or '..'"),
     ],

@@ -104,7 +104,7 @@ def refuse_inside_a_worker(function: str) -> None:
     where = f"{Path(caller.f_code.co_filename).name}, line {caller.f_lineno},"
     raise ObjectiveError(
         f"{where} calls hyperfleet.{function} when the script is imported (each worker imports "
-        f"it to find the objective); put the call under `if __name__ == \"__main__\":`."
+        f'it to find the objective); put the call under `if __name__ == "__main__":`.'
     )
 
 

@@ -238,8 +238,8 @@ def check_folder_name(name: str, what: str, fix: str) -> None:
         problem = "names a folder, so it cannot be '.' or '..'"
     elif len(name.encode()) > MAX_NAME_BYTES:
         problem = (
-            f"is {len(name.encode())} bytes long; it names a folder, so it may have at most "
-            f"{MAX_NAME_BYTES} (characters, where they are ASCII)"
+            f"is {len(name.encode())} bytes long, too long for a folder name: use at most "
+            f"{MAX_NAME_BYTES} bytes ({MAX_NAME_BYTES} ASCII characters)"
         )
     if problem:
         shown = name if len(name) <= 40 else name[:40] + "..."
