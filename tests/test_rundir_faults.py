@@ -117,7 +117,7 @@ def test_a_run_folder_deleted_during_the_run_stops_it_with_one_line(tmp_path: Pa
     line = one_line(run.stderr)
     assert line == (
         f"hyperfleet: run failed: the run directory {run_dir} was deleted or moved during the "
-        "run; run the same command again to start it anew"
+        "run; run the same command again to start a new one there"
     )
     assert not run_dir.exists()  # not made again, half empty, by the stopping run
     assert_no_leftovers(run_dir)

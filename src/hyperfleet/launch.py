@@ -201,7 +201,7 @@ def _run_folder_lost(
     try:
         run_dir.check_still_there()
     except RunDirGone as gone:
-        message = f"{gone}; run the same command again to start it anew"
+        message = f"{gone}; run the same command again to start a new one there"
     else:
         if not isinstance(exc, OSError) or exc.errno not in NO_ROOM:
             raise exc
