@@ -25,7 +25,7 @@ from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_cli
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
-from hyperfleet.rundir import RunDir
+from hyperfleet.rundir import RunDir, check_folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
 from hyperfleet.workers.packaging import (
@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     slots, note = prepare_slots(_pool_options(args), None)
     study_name = args.study_name or default_name
-    run_dir = RunDir(args.run_dir or Path("runs") / study_name)
+    run_dir = RunDir(args.run_dir or default_run_dir(study_name))
     run_dir.check_writable()
     storage = existing_storage(args.storage, run_dir)
     directions = check_directions(storage, study_name, args.direction)
@@ -335,6 +335,13 @@ def _literal(text: str) -> Any:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def default_run_dir(study_name: str) -> Path:
+    check_folder_name(
+        study_name, "study name", "give another --study-name, or --run-dir to choose the folder."
+    )
+    return Path("runs") / study_name
 
 
 def _default_study_name(target: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 
+from hyperfleet.errors import HyperfleetError
 from hyperfleet.workers.protocol import (
     Finished,
     LoadFailed,
@@ -103,6 +104,8 @@ def import_file_as(name: str, file: Path) -> Any:
 
 def user_traceback(exc: BaseException) -> str:
     """The traceback without hyperfleet's and importlib's own frames."""
+    if isinstance(exc, HyperfleetError):
+        return ""  # raised on purpose (a search started on import): its message says where
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
