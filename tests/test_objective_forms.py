@@ -21,8 +21,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.cli import main
+from hyperfleet.cli import main, objective_kwargs
 from hyperfleet.resources.inventory import Inventory
+from support.procs import load_trials, run_cli
 
 ALLOWED_CORES = tuple(sorted(os.sched_getaffinity(0)))
 SCRIPT_SECONDS = 120
@@ -236,3 +237,223 @@ def test_factory_objective_gets_its_keyword_arguments(
     )
 
     assert all(-2.0 <= (t.value or 0.0) <= -1.0 for t in study.trials)
+
+
+# A plugin module, loaded from its file under a name no import statement finds.
+PLUGIN_MODULE = """\
+import os
+from pathlib import Path
+
+with open(Path(__file__).with_name("imports.log"), "a") as log:
+    log.write(f"{os.getpid()} {__name__}\\n")
+
+SHIFT = 5.0
+
+
+def shifted(x):
+    return x + SHIFT
+
+
+def objective(trial):
+    return shifted(trial.suggest_float("x", 0.0, 1.0))
+
+
+def make_closure(base):
+    def closure(trial):
+        return shifted(trial.suggest_float("x", 0.0, 1.0)) + base
+
+    return closure
+"""
+
+PLUGIN_DRIVER = """\
+import importlib.util, json, os, sys, types
+import optuna
+import hyperfleet
+from hyperfleet.resources.inventory import Inventory
+
+spec = importlib.util.spec_from_file_location("loaded_plugin", sys.argv[1])
+plugin = importlib.util.module_from_spec(spec)
+sys.modules["loaded_plugin"] = plugin
+spec.loader.exec_module(plugin)
+
+# A module that exists only in memory: no file to import it from in a worker.
+in_memory = types.ModuleType("in_memory_plugin")
+sys.modules["in_memory_plugin"] = in_memory
+exec("K = 7.0\\ndef objective(t):\\n    return t.suggest_float('x', 0, 1) + K", vars(in_memory))
+
+results = {}
+for name, objective in [
+    ("function", plugin.objective),
+    ("closure", plugin.make_closure(100.0)),
+    ("in_memory", in_memory.objective),
+]:
+    study = optuna.create_study()
+    outcome = hyperfleet.optimize(
+        study, objective, n_trials=2, run_dir=os.path.join(sys.argv[2], name), display="quiet",
+        report=False, inventory=Inventory(gpus=(), cores=(min(os.sched_getaffinity(0)),)),
+        cpu_slots=1,
+    )
+    results[name] = [outcome.status, [t.value for t in study.trials]]
+print(json.dumps(results))
+"""
+
+STDIN_SCRIPT = """\
+import json, os, sys
+import optuna
+import hyperfleet
+from hyperfleet.resources.inventory import Inventory
+
+OFFSET = 3.0
+
+
+def objective(trial):
+    return trial.suggest_float("x", 0.0, 1.0) + OFFSET
+
+
+if __name__ == "__main__":
+    study = optuna.create_study()
+    outcome = hyperfleet.optimize(
+        study, objective, n_trials=2, run_dir="run", display="quiet", report=False,
+        inventory=Inventory(gpus=(), cores=(min(os.sched_getaffinity(0)),)), cpu_slots=1,
+    )
+    print(json.dumps([outcome.status, [t.value for t in study.trials]]))
+"""
+
+
+def test_objective_from_a_module_loaded_from_its_file(tmp_path: Path) -> None:
+    # As plugin loaders and pytest's importlib mode do: the module is in sys.modules under a
+    # name that a fresh worker cannot import, so workers import the file under that name.
+    plugin = tmp_path / "plugins" / "objectives.py"
+    plugin.parent.mkdir()
+    plugin.write_text(PLUGIN_MODULE)
+    (tmp_path / "drive.py").write_text(PLUGIN_DRIVER)
+    result = run_python(["drive.py", str(plugin), str(tmp_path / "runs")], cwd=tmp_path)
+
+    results = json.loads(result.stdout.splitlines()[-1])
+    assert {name: status for name, (status, _) in results.items()} == {
+        "function": "completed",
+        "closure": "completed",
+        "in_memory": "completed",
+    }
+    # Each value went through the module's globals: SHIFT, and K of the in-memory module.
+    ranges = {"function": (5.0, 6.0), "closure": (105.0, 106.0), "in_memory": (7.0, 8.0)}
+    for name, (_, values) in results.items():
+        low, high = ranges[name]
+        assert len(values) == 2 and all(low <= v <= high for v in values), (name, values)
+    runs = import_log(plugin.parent)
+    assert {name for _, name in runs} == {"loaded_plugin"}
+    # The driver loaded it once; the worker of each of the two searches that used it, once.
+    assert len(runs) == 3
+
+
+def test_script_piped_on_stdin(tmp_path: Path) -> None:
+    # `python - < search.py`: __main__ has no file a worker could re-run, so the objective and
+    # the globals it uses travel by value.
+    result = subprocess.run(
+        [sys.executable, "-"],
+        input=STDIN_SCRIPT,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_SECONDS,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    status, values = json.loads(result.stdout.splitlines()[-1])
+    assert status == "completed"
+    assert len(values) == 2 and all(3.0 <= v <= 4.0 for v in values)
+
+
+FACTORIES = """\
+def make_objective(dataset, scale=1):
+    def objective(trial):
+        trial.set_user_attr("dataset", dataset)
+        trial.set_user_attr("scale", scale)
+        return scale * trial.suggest_float("x", 0.0, 1.0)
+
+    return objective
+
+
+def make_without_arguments():
+    return make_objective("iris")
+
+
+def make_seeded(dataset, *, seed):
+    return make_objective(dataset, seed)
+"""
+
+
+def factory_search(folder: Path, target: str, *flags: str) -> list[str]:
+    (folder / "search.py").write_text(FACTORIES)
+    return [
+        *("run", f"search.py:{target}", *flags, "--n-trials", "2", "--cpu-slots", "1"),
+        *("--run-dir", "run", "--no-report", "--quiet"),
+    ]
+
+
+def test_factory_target_without_its_arguments_fails_each_trial_saying_how_to_pass_them(
+    tmp_path: Path,
+) -> None:
+    # make_objective(dataset) takes one argument, as an objective does: only the run shows
+    # that it returns a function instead of a value.
+    result = run_cli(factory_search(tmp_path, "make_objective"), cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr
+    trials = load_trials(tmp_path / "run", "search-make_objective")
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    for trial in trials:
+        assert trial.system_attrs["hyperfleet:fail_kind"] == "error"
+        reason = trial.system_attrs["hyperfleet:fail_reason"]
+        assert "make_objective returned the function make_objective.<locals>.objective" in reason
+        assert "--objective-arg NAME=VALUE" in reason
+
+
+def test_factory_target_gets_its_objective_args(tmp_path: Path) -> None:
+    flags = ("--objective-arg", "dataset=wine", "--objective-arg", "scale=2")
+    result = run_cli(factory_search(tmp_path, "make_objective", *flags), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    trials = load_trials(tmp_path / "run", "search-make_objective")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [(t.user_attrs["dataset"], t.user_attrs["scale"]) for t in trials] == [("wine", 2)] * 2
+    assert all(0.0 <= (t.value or -1.0) <= 2.0 for t in trials)
+
+
+def test_objective_arg_values_are_literals_else_strings() -> None:
+    flags = ["n=3", "lr=1e-3", "flag=true", "name=higgs", 'words="a b"', "sizes=[1, 2]"]
+    flags += ["table={depth = 2}", "padded=007", "empty="]
+
+    assert objective_kwargs(flags) == {
+        **{"n": 3, "lr": 1e-3, "flag": True, "name": "higgs", "words": "a b"},
+        **{"sizes": [1, 2], "table": {"depth": 2}, "padded": "007", "empty": ""},
+    }
+
+
+@pytest.mark.parametrize(
+    ("target", "flags", "message"),
+    [
+        ("make_without_arguments", [], "takes no arguments, but an objective takes the trial"),
+        ("make_seeded", [], "needs 2 arguments (dataset, seed)"),
+        ("make_objective", ["--objective-arg", "dataset"], "write NAME=VALUE"),
+        ("make_objective", ["--objective-arg", "datset=wine"], "no parameter 'datset'"),
+        ("make_seeded", ["--objective-arg", "dataset=wine"], "add --objective-arg seed=VALUE"),
+    ],
+)
+def test_factory_target_mistakes_stop_before_anything_is_written(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    flags: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    code = main(factory_search(tmp_path, target, *flags))
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

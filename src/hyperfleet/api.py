@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,12 +13,14 @@ import optuna
 
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.controller.loop import Outcome
+from hyperfleet.errors import ObjectiveError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions
-from hyperfleet.rundir import RunDir
+from hyperfleet.rundir import RunDir, check_folder_name
 from hyperfleet.storage import controller_study
+from hyperfleet.workers.main import WORKER_PID_ENV
 from hyperfleet.workers.packaging import spec_from_callable
 
 
@@ -57,6 +61,7 @@ def optimize(
     the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
     best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
     """
+    refuse_inside_a_worker("optimize")
     settings = RunSettings(
         n_trials=n_trials,
         timeout=parse_duration(timeout, "timeout"),
@@ -98,8 +103,23 @@ def optimize(
     )
 
 
+def refuse_inside_a_worker(function: str) -> None:
+    """A worker imports the user's script to find the objective (as multiprocessing's spawn
+    does); a script that starts the search at its top level would start it again there."""
+    if os.environ.get(WORKER_PID_ENV) != str(os.getpid()):
+        return
+    caller = sys._getframe(2)  # the line that called hyperfleet.optimize or run_campaign
+    where = f"{Path(caller.f_code.co_filename).name}, line {caller.f_lineno},"
+    raise ObjectiveError(
+        f"{where} calls hyperfleet.{function} when the script is imported (each worker imports "
+        f'it to find the objective); put the call under `if __name__ == "__main__":`.'
+    )
+
+
 def default_run_dir(study: optuna.Study) -> Path:
     """``runs/<study name>``; an in-memory study cannot resume, so it gets a fresh folder."""
+    fix = "rename the study, or pass run_dir=... to choose its folder."
+    check_folder_name(study.study_name, "study name", fix)
     if isinstance(study._storage, optuna.storages.InMemoryStorage):
         return Path("runs") / f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path("runs") / study.study_name
@@ -125,6 +145,7 @@ def run_campaign(
     from hyperfleet.campaign import load_campaign
     from hyperfleet.campaign_search import campaign_search, campaign_settings
 
+    refuse_inside_a_worker("run_campaign")
     campaign = load_campaign(path)
     settings = campaign_settings(
         campaign,

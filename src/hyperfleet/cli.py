@@ -8,8 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover (exercised on Python 3.10 only)
+    import tomli as tomllib  # type: ignore[import-not-found]
 
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.controller.bookkeeping import stored_trials
@@ -19,10 +25,14 @@ from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_cli
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
-from hyperfleet.rundir import RunDir
+from hyperfleet.rundir import RunDir, check_folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
-from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
+from hyperfleet.workers.packaging import (
+    check_target_parameters,
+    spec_from_callable,
+    spec_from_target,
+)
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
@@ -84,6 +94,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "file CAMPAIGN.toml",
     )
     add = run.add_argument
+    add(
+        "--objective-arg",
+        action="append",
+        metavar="NAME=VALUE",
+        help="TARGET is a factory: call it once per worker with NAME=VALUE (repeatable)",
+    )
     add("--cmd", help='a command to run per trial instead, e.g. "python train.py --lr {lr}"')
     add("--space", type=Path, help="the TOML search space of --cmd (see hyperfleet.space)")
     add("--n-trials", type=int, help="stop when the study has this many finished trials")
@@ -166,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     slots, note = prepare_slots(_pool_options(args), None)
     study_name = args.study_name or default_name
-    run_dir = RunDir(args.run_dir or Path("runs") / study_name)
+    run_dir = RunDir(args.run_dir or default_run_dir(study_name))
     run_dir.check_writable()
     storage = existing_storage(args.storage, run_dir)
     directions = check_directions(storage, study_name, args.direction)
@@ -208,6 +224,7 @@ _NOT_FOR_CAMPAIGNS = (
     "cmd", "space", "n_trials", "timeout", "direction", "study_name", "storage", "seed",
     "trial_timeout", "max_trials_per_worker", "refit", "refit_cmd", "sampler", "pruner",
     "retry", "gpus", "trials_per_gpu", "gpus_per_trial", "cpu_slots", "threads_per_slot",
+    "objective_arg",
 )  # fmt: skip
 
 
@@ -271,7 +288,14 @@ def _objective(args: argparse.Namespace) -> tuple[ObjectiveSpec, str]:
     if args.target is not None:
         if args.space is not None:
             raise ConfigError("--space goes with --cmd; a TARGET function suggests its own.")
-        return spec_from_target(args.target), _default_study_name(args.target)
+        spec = spec_from_target(args.target, objective_kwargs(args.objective_arg))
+        check_target_parameters(spec, args.target)
+        return spec, _default_study_name(args.target)
+    if args.objective_arg:
+        raise ConfigError(
+            "--objective-arg passes arguments to a TARGET factory; a --cmd command takes its "
+            "arguments in the command itself."
+        )
     if args.space is None:
         raise ConfigError("--cmd needs --space FILE.toml, the search space of its parameters.")
     from hyperfleet.command import CommandObjective
@@ -279,6 +303,45 @@ def _objective(args: argparse.Namespace) -> tuple[ObjectiveSpec, str]:
 
     objective = CommandObjective(args.cmd, load_space(args.space))
     return spec_from_callable(objective), objective.script_name
+
+
+def objective_kwargs(items: Sequence[str] | None) -> dict[str, Any] | None:
+    """``--objective-arg NAME=VALUE`` flags as keyword arguments; None without any."""
+    if not items:
+        return None
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ConfigError(
+                f"--objective-arg {item!r}: write NAME=VALUE with a Python parameter name, "
+                "e.g. --objective-arg dataset=higgs."
+            )
+        if name in kwargs:
+            raise ConfigError(f"--objective-arg {name} is given twice; give each name once.")
+        kwargs[name] = _literal(text)
+    return kwargs
+
+
+def _literal(text: str) -> Any:
+    """A JSON or TOML literal as its value (3, 0.5, true, "a b", [1, 2], {a = 1}); any other
+    text as that string, so plain words need no quotes."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def default_run_dir(study_name: str) -> Path:
+    check_folder_name(
+        study_name, "study name", "give another --study-name, or --run-dir to choose the folder."
+    )
+    return Path("runs") / study_name
 
 
 def _default_study_name(target: str) -> str:

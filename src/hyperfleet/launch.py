@@ -31,7 +31,8 @@ from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.shapes import Pool, single_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
-from hyperfleet.rundir import RunDir
+from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
+from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 
@@ -52,6 +53,13 @@ class Search:
     pool: Pool
     refits: dict[str, RefitPlan] = field(default_factory=dict)  # by study name
     sequential: bool = False
+
+    def owner(self, run_dir: RunDir, run_name: str) -> RunOwner:
+        """A single search's study owns the run directory (its folders are the top level); a
+        campaign's studies each have a folder in ``studies/``, so the campaign owns it."""
+        if len(self.plans) == 1 and self.plans[0].folder.path == run_dir.path:
+            return RunOwner("study", self.plans[0].name)
+        return RunOwner("campaign", run_name)
 
 
 def prepare_slots(options: PoolOptions, inventory: Inventory | None) -> tuple[list[Slot], str]:
@@ -91,8 +99,10 @@ def run_search(
     run_name: str = "",
     report: bool = True,
 ) -> Outcome:
+    owner = search.owner(run_dir, run_name)
+    run_dir.check_owner(owner)
     fresh = not run_dir.exists()
-    run_dir.create()
+    run_dir.create(owner)
     run_dir.lock()
     run_log = open(run_dir.run_log, "a")  # noqa: SIM115 (closed in finally)
     controller: Controller | None = None
@@ -106,41 +116,106 @@ def run_search(
     def study_named(name: str) -> Callable[[], optuna.Study | None]:
         return lambda: controller.studies.get(name) if controller is not None else None
 
+    screen = _screen_sinks(display)
     try:
         sinks = [
+            RunDirGuard(run_dir),  # first: nothing is written into a folder made again
             PlainLog(run_log),
             StatusSnapshot(run_dir.path, get_study),
             *[BestFolder(plan.folder, study_named(plan.name), plan.name) for plan in search.plans],
             RunSummary(run_dir, get_studies),
-            *_screen_sinks(display),
+            *screen,
         ]
         controller = Controller(
             search.plans, search.pool, settings, run_dir, sinks, run_name, search.sequential
         )
-        if inventory_note.startswith("no GPU"):
-            controller.announce(inventory_note)
-        for note in search.pool.notes:
-            controller.announce(note)
-        with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace):
-            outcome = controller.run()
-        for plan in search.plans:
-            study = controller.studies.get(plan.name)
-            if study is None:
-                continue
-            refit = search.refits.get(plan.name)
-            if refit is not None:
-                slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
-                outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
-            if report:
-                _final_report(plan.folder, study, controller)
-        return outcome
+        try:
+            return _run_to_the_end(search, controller, settings, inventory_note, report)
+        except (OSError, RunDirGone) as exc:
+            return _run_folder_lost(exc, run_dir, controller, screen)
     finally:
-        run_log.close()
+        with contextlib.suppress(OSError):  # a full disk fails the flush of the last lines
+            run_log.close()
         run_dir.unlock()
         if fresh and (controller is None or controller.study is None):
             # Bad input (an objective that cannot load) stops before the study is opened: leave
             # no run directory behind, so the next attempt starts as clean as this one.
             shutil.rmtree(run_dir.path, ignore_errors=True)
+
+
+def _run_to_the_end(
+    search: Search,
+    controller: Controller,
+    settings: RunSettings,
+    inventory_note: str,
+    report: bool,
+) -> Outcome:
+    """The search, then each study's refit and report."""
+    if inventory_note.startswith("no GPU"):
+        controller.announce(inventory_note)
+    for note in search.pool.notes:
+        controller.announce(note)
+    with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace):
+        outcome = controller.run()
+    for plan in search.plans:
+        study = controller.studies.get(plan.name)
+        if study is None:
+            continue
+        refit = search.refits.get(plan.name)
+        if refit is not None:
+            slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
+            outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
+        if report:
+            _final_report(plan.folder, study, controller)
+    return outcome
+
+
+class RunDirGuard(EventSink):
+    """Stops the run at its next event once the run directory was deleted or moved: writing on
+    would make a new folder (or a new, empty journal) at its path."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self._run_dir = run_dir
+
+    def on_start(self, state: RunState) -> None:
+        self._run_dir.check_still_there()
+
+    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
+        self._run_dir.check_still_there()
+
+    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+        self._run_dir.check_still_there()
+
+    def on_message(self, state: RunState, text: str) -> None:
+        self._run_dir.check_still_there()
+
+    def on_tick(self, state: RunState) -> None:
+        self._run_dir.check_still_there()
+
+    def on_end(self, state: RunState) -> None:
+        self._run_dir.check_still_there()
+
+
+def _run_folder_lost(
+    exc: OSError | RunDirGone, run_dir: RunDir, controller: Controller, screen: list[EventSink]
+) -> Outcome:
+    """A failed run (exit status 1) when the run folder can no longer be written: the input was
+    fine and the storage holds every trial that ended, so running again resumes."""
+    try:
+        run_dir.check_still_there()
+    except RunDirGone as gone:
+        message = f"{gone}; run the same command again to start a new one there"
+    else:
+        if not isinstance(exc, OSError) or exc.errno not in NO_ROOM:
+            raise exc
+        where = exc.filename or f"in {run_dir.path}"  # a failed write names no file
+        message = (
+            f"{NO_ROOM[exc.errno]}: cannot write {where} ({exc.strerror}); make room and "
+            "run the same command again to resume"
+        )
+    for sink in screen:  # the views end as after any run; the run folder's sinks cannot
+        sink.on_end(controller.state)
+    return Outcome("failed", message, controller.study, {}, list(controller.studies.values()))
 
 
 def _refit(

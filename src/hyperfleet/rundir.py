@@ -6,31 +6,81 @@ It holds everything needed to understand a search without hyperfleet, and it is 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import socket
 import tempfile
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from hyperfleet.errors import RunDirError
+from hyperfleet.errors import ConfigError, RunDirError
 
 LOCK_NAME = ".hyperfleet.lock"
+RECORD_NAME = ".hyperfleet-run.json"  # the directory's own id and the study that owns it
 STUDIES_NAME = "studies"  # a campaign's studies each get a folder in there
 JOURNAL_NAME = "optuna.journal"
+# A study or campaign name becomes a folder name, which file systems limit to 255 bytes; the
+# margin leaves room for what is built from it (".<name>.new", "trial-<n>").
+MAX_NAME_BYTES = 128
+# What a full disk, a used-up quota or the file size limit (ulimit -f) makes writes fail with.
+NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file size limit (ulimit -f) is reached",
+}
+
+
+@dataclass(frozen=True)
+class RunOwner:
+    """Who a run directory belongs to: one study (its folders are the directory's top level)
+    or one campaign (each of its studies has a folder in ``studies/``)."""
+
+    kind: str  # "study" or "campaign"
+    name: str
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
+
+class RunDirGone(RunDirError):
+    """The run directory was deleted or moved while the run used it."""
 
 
 class RunDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
         self._lock_file: IO[str] | None = None
+        self._record: dict[str, Any] | None = None
+        self._locked_inode: tuple[int, int] | None = None  # (device, inode) while locked
+
+    @property
+    def record_file(self) -> Path:
+        return self.path / RECORD_NAME
 
     @property
     def identity(self) -> str:
-        """Marks trials started from this directory, so a restart only fails its own leftovers."""
-        return f"{socket.gethostname()}:{self.path}"
+        """Marks trials started from this directory, so a restart only fails its own leftovers.
+
+        A random id kept in the directory: it moves and is copied with the directory (and with
+        its journal), so a run resumed from another path or on another host still knows them.
+        """
+        if self._record is None:
+            self._record = self._read_record()
+        if self._record is None:
+            raise RunDirError(f"the run directory {self.path} has no {RECORD_NAME} yet")
+        return str(self._record["id"])
+
+    @property
+    def marks(self) -> tuple[str, ...]:
+        """Every mark this directory's controllers put on trials: its id, and ``host:path``,
+        the mark of runs made before the directory had an id of its own."""
+        return self.identity, f"{socket.gethostname()}:{self.path}"
 
     @property
     def journal(self) -> Path:
@@ -80,17 +130,63 @@ class RunDir:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def create(self) -> None:
+    def check_owner(self, owner: RunOwner) -> None:
+        """Refuse, writing nothing, a directory that belongs to another study or campaign: its
+        trial folders and ``best/`` would be overwritten."""
+        record = self._read_record()
+        if record is None:
+            return  # a new directory, or one made before directories recorded their owner
+        found = RunOwner(str(record.get("kind")), str(record.get("name")))
+        if found != owner:
+            raise RunDirError(
+                f"the run directory {self.path} belongs to {found.describe()}; running "
+                f"{owner.describe()} there would overwrite its trials/ and best/ folders. "
+                f"Pass another --run-dir for {owner.describe()} (or run_dir=...)."
+            )
+
+    def create(self, owner: RunOwner) -> None:
+        """Make the directory and, once, its record: a fresh id and ``owner``."""
         try:
             for folder in (self.path, self.workers_dir):  # trials/ comes with the first trial
                 folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-"):
                 pass
+            self._write_record_once(owner)
         except OSError as exc:
             raise RunDirError(
                 f"cannot write to the run directory {self.path} ({exc.strerror}); "
                 "pass --run-dir with a folder you can write to."
             ) from None
+        self.check_owner(owner)  # another run may have made the record first
+
+    def _write_record_once(self, owner: RunOwner) -> None:
+        if self.record_file.exists():
+            return
+        record = {"id": uuid.uuid4().hex, "kind": owner.kind, "name": owner.name}
+        building = self.path / f".{RECORD_NAME}.{os.getpid()}.new"
+        try:
+            building.write_text(json.dumps(record, indent=2) + "\n")
+            # A link fails if the name exists: of two runs starting at once, the first one's
+            # record stays, and it is never seen half-written.
+            with contextlib.suppress(FileExistsError):
+                os.link(building, self.record_file)
+        finally:
+            with contextlib.suppress(OSError):
+                building.unlink()
+
+    def _read_record(self) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.record_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise RunDirError(
+                f"{self.record_file} is unreadable; restore it from a backup, or delete it (the "
+                "next run then no longer recognises trials a killed run left RUNNING)."
+            )
+        return record
 
     def lock(self) -> None:
         """Hold an exclusive lock for the life of this process (the kernel drops it on death)."""
@@ -110,11 +206,44 @@ class RunDir:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         self._lock_file = handle
+        found = os.stat(self.path)
+        self._locked_inode = (found.st_dev, found.st_ino)
+
+    def check_still_there(self) -> None:
+        """Raise :class:`RunDirGone` if the locked directory was deleted or moved (a folder
+        made again at its path is another folder)."""
+        try:
+            found = os.stat(self.path)
+            gone = self._locked_inode not in (None, (found.st_dev, found.st_ino))
+        except FileNotFoundError:
+            gone = True
+        if gone:
+            raise RunDirGone(f"the run directory {self.path} was deleted or moved during the run")
 
     def unlock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+def check_folder_name(name: str, what: str, fix: str) -> None:
+    """Refuse a name that would become a folder anywhere but one level down: a path separator,
+    ``.`` or ``..`` (``--study-name ../x`` would write outside ``runs/``), or too long a name."""
+    problem = ""
+    if not name:
+        problem = "is empty"
+    elif "/" in name or "\\" in name or "\0" in name:
+        problem = "names a folder, so it cannot hold a slash"
+    elif name in (".", ".."):
+        problem = "names a folder, so it cannot be '.' or '..'"
+    elif len(name.encode()) > MAX_NAME_BYTES:
+        problem = (
+            f"is {len(name.encode())} bytes long, too long for a folder name: use at most "
+            f"{MAX_NAME_BYTES} bytes ({MAX_NAME_BYTES} ASCII characters)"
+        )
+    if problem:
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise ConfigError(f"the {what} {shown!r} {problem}; {fix}")
 
 
 def folder_name(name: str) -> str:
@@ -128,11 +257,16 @@ def write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, default=str, sort_keys=True) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-    except FileNotFoundError:  # the folder is made only when needed: trials write two a trial
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-    os.replace(tmp, path)
+        try:
+            tmp.write_text(text)
+        except FileNotFoundError:  # the folder is made only when needed: a trial writes two
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk leaves no half-written file behind
+        raise
 
 
 def tail(path: Path, max_bytes: int = 4000) -> str:

@@ -54,6 +54,7 @@ from hyperfleet.campaign.source import (
 from hyperfleet.config import RetryPolicy
 from hyperfleet.errors import ConfigError
 from hyperfleet.resources.shapes import PoolSpec, Shape
+from hyperfleet.rundir import check_folder_name
 
 TABLES = ("campaign", "pool", "defaults", "study")
 CAMPAIGN_KEYS = (
@@ -158,8 +159,10 @@ def load_campaign(path: str | Path) -> Campaign:
 
 def _settings(table: Table, default_name: str) -> CampaignSettings:
     name = string(table, "name", '"tabular"') or default_name
-    if "/" in name or "\\" in name:
-        table.fail("name", f"{name!r} names a folder under runs/, so it cannot hold a slash.")
+    try:
+        check_folder_name(name, "campaign name", "choose another one.")
+    except ConfigError as exc:
+        table.fail("name", str(exc))
     run_dir = string(table, "run_dir", '"runs/tabular"')
     retry = string(table, "retry", '"crash=1,oom=1"') or ""
     try:

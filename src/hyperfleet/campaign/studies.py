@@ -29,6 +29,7 @@ from hyperfleet.campaign.source import (
 )
 from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.resources.shapes import PoolSpec, Shape
+from hyperfleet.rundir import check_folder_name, folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS
 from hyperfleet.space import SearchSpace, load_space
 from hyperfleet.workers.packaging import spec_from_target
@@ -99,8 +100,18 @@ def studies(
         for values in combinations(table):
             spec = expand(blueprint, values, index=len(specs))
             _check_unique(seen, spec.name, table)
+            _check_folder_length(spec.name, table)
             specs.append(spec)
     return tuple(specs)
+
+
+def _check_folder_length(name: str, table: Table) -> None:
+    """A study's folder is ``studies/<name>`` (other characters mapped to ``_``): the name must
+    fit in a folder name."""
+    try:
+        check_folder_name(folder_name(name), "study name", "shorten it.")
+    except ConfigError as exc:
+        table.fail("name", str(exc))
 
 
 def _study_table(source: Source, occurrence: int, data: Any, defaults: Table) -> Table:

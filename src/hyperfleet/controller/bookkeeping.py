@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,20 +138,20 @@ def intended_params(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def fail_interrupted_leftovers(
-    study: optuna.Study, run_identity: str, private_storage: bool = False
+    study: optuna.Study, run_marks: Collection[str], private_storage: bool = False
 ) -> list[FrozenTrial]:
     """Mark trials a dead controller of this run directory left RUNNING as failed, "interrupted".
 
-    A trial is ours when it carries this run's mark. With ``private_storage`` (the run
-    directory's own journal, which no one else writes) so is an unmarked one: the controller
-    died between asking for it and marking it.
+    A trial is ours when it carries one of this run directory's marks (see ``RunDir.marks``).
+    With ``private_storage`` (the run directory's own journal, which no one else writes) so is
+    an unmarked one: the controller died between asking for it and marking it.
     """
     storage = study._storage  # the study's storage has no public accessor
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(RUN_ATTR)
-        if owner != run_identity and not (private_storage and owner is None):
-            continue  # another machine's controller may be running it right now
+        if owner not in run_marks and not (private_storage and owner is None):
+            continue  # another run directory's controller may be running it right now
         storage.set_trial_system_attr(trial._trial_id, KIND_ATTR, "interrupted")
         storage.set_trial_system_attr(
             trial._trial_id, REASON_ATTR, "interrupted: the controller stopped during the trial"

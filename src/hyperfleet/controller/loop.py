@@ -35,7 +35,7 @@ from hyperfleet.journal import PlacingJournalStorage, commit
 from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
-from hyperfleet.rundir import RunDir
+from hyperfleet.rundir import NO_ROOM, RunDir
 from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.storage import is_private_journal
 from hyperfleet.workers.protocol import (
@@ -306,9 +306,16 @@ class Controller:
 
     def _drain(self, name: str, worker: WorkerHandle) -> None:
         """Handle every message the worker has sent; a worker that died sends EOF."""
-        with contextlib.suppress(EOFError, OSError):
+        try:
             while worker.conn.poll():
                 self._handle(name, worker, worker.conn.recv())
+        except EOFError:
+            pass
+        except OSError as exc:
+            # A dead worker's connection fails, and that is handled as its exit; a run folder
+            # that can no longer be written stops the run (see launch.run_search).
+            if exc.errno in NO_ROOM or isinstance(exc, FileNotFoundError):
+                raise
 
     def _handle(self, name: str, worker: WorkerHandle, message: object) -> None:
         if isinstance(message, Call):
@@ -718,7 +725,7 @@ class Controller:
         """Resume: fail what a dead controller left running, repeat what the policy allows."""
         study = _opened(run)
         private = is_private_journal(study._storage, self._run_dir.journal)
-        leftovers = books.fail_interrupted_leftovers(study, self._run_dir.identity, private)
+        leftovers = books.fail_interrupted_leftovers(study, self._run_dir.marks, private)
         for trial in leftovers:
             label = self._trial_label(run, trial.number)
             self._emit("on_message", f"{label} was left running: marked interrupted")

@@ -15,6 +15,11 @@ import signal
 import sys
 import threading
 
+# Holds the worker's pid while it runs: hyperfleet.optimize refuses to start a search inside a
+# worker (a script without an ``if __name__ == "__main__":`` guard, imported there). A pid, not
+# a flag, because the objective's own child processes inherit the environment.
+WORKER_PID_ENV = "HYPERFLEET_WORKER_PID"
+
 
 def pin_cores_first() -> None:
     # Before anything else is imported, so every thread a library starts inherits the affinity.
@@ -47,6 +52,7 @@ def _watch_lifeline(fd: int) -> None:
 
 def main() -> None:
     pin_cores_first()
+    os.environ[WORKER_PID_ENV] = str(os.getpid())
     # A segfault in the objective then leaves the Python stack of every thread in the trial's
     # stderr.log (fd 2 is redirected there while a trial runs), not just a signal number.
     faulthandler.enable(all_threads=True)

@@ -19,7 +19,9 @@ class ObjectiveSpec:
     ``kind`` is "pickle" (``payload`` holds the pickled callable), "file" (``location`` is a
     path to a Python file) or "module" (``location`` is an importable module name); for the last
     two ``name`` is the attribute to take. With ``factory_kwargs`` set, the attribute is a
-    factory called once per worker with them, and returns the objective.
+    factory called once per worker with them, and returns the objective. ``module_files`` maps
+    the modules a pickle names that cannot be imported by name (loaded from a file with
+    ``importlib.util.spec_from_file_location``) to their files, imported first under that name.
     """
 
     kind: str
@@ -28,6 +30,7 @@ class ObjectiveSpec:
     payload: bytes = b""
     main_preparation: dict[str, Any] | None = None  # multiprocessing.spawn data for __main__
     factory_kwargs: dict[str, Any] | None = None
+    module_files: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.kind == "pickle":

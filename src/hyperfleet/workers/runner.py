@@ -7,6 +7,7 @@ import gc
 import importlib
 import importlib.util
 import multiprocessing.spawn
+import numbers
 import os
 import pickle
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import optuna
 
+from hyperfleet.errors import HyperfleetError
 from hyperfleet.workers.protocol import (
     Finished,
     LoadFailed,
@@ -63,6 +65,8 @@ def load_objective(spec: ObjectiveSpec) -> Objective:
         # The objective lives in the user's script: re-run its module-level code here, as
         # multiprocessing's spawn does, so pickled references to __main__ resolve.
         multiprocessing.spawn.prepare(spec.main_preparation)
+    for name, path in spec.module_files.items():
+        import_file_as(name, Path(path))
     if spec.kind == "pickle":
         obj = pickle.loads(spec.payload)
     elif spec.kind == "file":
@@ -80,7 +84,16 @@ def import_file(path: str) -> Any:
     """Import a user's script as a module named after the file, never as ``__main__``."""
     file = Path(path).resolve()
     sys.path.insert(0, str(file.parent))
-    name = file.stem
+    return import_file_as(file.stem, file)
+
+
+def import_file_as(name: str, file: Path) -> Any:
+    """Import ``file`` as module ``name``, registered in sys.modules so that pickles naming
+    ``name`` resolve; once per worker, even when several studies' objectives need it."""
+    loaded = sys.modules.get(name)
+    loaded_file = getattr(loaded, "__file__", None)
+    if loaded_file and os.path.isfile(loaded_file) and os.path.samefile(loaded_file, file):
+        return loaded
     module_spec = importlib.util.spec_from_file_location(name, file)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
@@ -91,6 +104,8 @@ def import_file(path: str) -> Any:
 
 def user_traceback(exc: BaseException) -> str:
     """The traceback without hyperfleet's and importlib's own frames."""
+    if isinstance(exc, HyperfleetError):
+        return ""  # raised on purpose (a search started on import): its message says where
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
@@ -117,7 +132,27 @@ def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Fini
             return Finished(
                 "error", error_type=type(exc).__name__, message=_describe(exc), traceback=text
             )
+    return _returned(value, objective)
+
+
+def _returned(value: Any, objective: Objective) -> Finished:
+    if callable(value) and not isinstance(value, numbers.Number):
+        # A factory given as the objective: without its arguments it was called with the
+        # trial, and returned the objective instead of running it.
+        return Finished("error", error_type="TypeError", message=_factory_hint(value, objective))
     return Finished("returned", value=_plain(value))
+
+
+def _factory_hint(value: Any, objective: Objective) -> str:
+    caller = getattr(objective, "__qualname__", "the objective")
+    name = getattr(value, "__qualname__", None)
+    kind = "class" if isinstance(value, type) else "function"
+    what = f"the {kind} {name}" if name else f"a callable {type(value).__name__}"
+    return (
+        f"{caller} returned {what}, not a value: it looks like a factory; pass its arguments "
+        "with --objective-arg NAME=VALUE (objective_kwargs= in Python), or give the objective "
+        "itself."
+    )
 
 
 def _describe(exc: BaseException) -> str:
