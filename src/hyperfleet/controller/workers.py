@@ -38,6 +38,8 @@ class WorkerHandle:
         self.trials_run = 0
         self.ready = False
         self.marker = secrets.token_hex(8)  # inherited by everything the worker starts
+        # Epoch seconds, as process start times are; a second early for clock granularity.
+        self.started_at = time.time() - 1.0
         self._asked_to_leave = False
         parent_sock, child_sock = socket.socketpair()
         lifeline_read, self._lifeline = os.pipe()
@@ -160,8 +162,10 @@ def stop_workers(workers: Iterable[WorkerHandle], graceful: bool) -> None:
             worker._signal_group(signal.SIGKILL)
     for worker in workers:
         worker.process.wait()
-    unclean = {worker.marker for worker in workers if not worker._left_cleanly()}
-    descendants.kill(descendants.marked(unclean))
+    unclean = [worker for worker in workers if not worker._left_cleanly()]
+    if unclean:
+        since = min(worker.started_at for worker in unclean)
+        descendants.kill(descendants.marked({worker.marker for worker in unclean}, since))
     for worker in workers:
         worker.close()
 
