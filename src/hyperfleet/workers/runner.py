@@ -71,8 +71,8 @@ def _end_trial_processes(kept: set[psutil.Process]) -> None:
 
     Before, so that the slot's next trial (here or in a fresh worker) finds its GPU memory and
     cores free. This worker is their subreaper, so those that left the process group or lost
-    their parent are still found among its descendants. One scan of the process table per
-    trial; the worker's own threads start no process.
+    their parent are still found among its descendants. The worker's own threads start no
+    process, so a trial that left none costs no scan of the process table.
     """
     end_processes([proc for proc in descendants(os.getpid()) if proc not in kept])
 
