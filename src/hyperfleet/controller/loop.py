@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
-from hyperfleet.controller.workers import WorkerHandle
+from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.errors import ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.resources.monitor import GpuMonitor
@@ -199,6 +199,9 @@ class Controller:
                 self._open_studies()
                 return self._outcome()
             for slot in self._slots:
+                # Starting many workers takes a while: a stop asked meanwhile starts no more.
+                if self._stop_level:
+                    break
                 self._start_worker(slot)
             self._wait_until_loaded()
             if self._stop_level:
@@ -673,8 +676,9 @@ class Controller:
         return next(s for s in self._slots if s.name == name)
 
     def _close(self) -> None:
-        for worker in list(self._workers.values()):
-            worker.shutdown() if worker.ready else worker.kill()
+        # All at once: idle workers leave together (a hard stop kills them), starting ones are
+        # killed without waiting for their objective to load.
+        stop_workers(self._workers.values(), graceful=self._stop_level < 2)
         self._workers.clear()
         self._monitor.close()
         self._wake_r.close()
