@@ -24,7 +24,7 @@ import contextlib
 import datetime
 import json
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Container, Generator, Iterator
 from typing import Any
 
 from optuna.storages import JournalStorage
@@ -74,20 +74,33 @@ class GroupCommitBackend(CheckedBackend):
         self._unread: list[dict[str, Any]] = []  # appended, not yet handed to the replay
         self._unread_from = -1  # the log number of _unread[0]; -1 until the file was read
         self._dirty = False
+        # What the replay saw of the queue of enqueued (WAITING) trials, for
+        # PlacingJournalStorage: a trial may have joined it, and trials whose state changed.
+        self.queue_may_have_grown = True
+        self.state_changed: list[int] = []
 
     def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
         if not self._shared and log_number_from == self._unread_from:
             logs, self._unread = self._unread, []
             self._unread_from += len(logs)
             self.lines_read = self._unread_from
-            yield from logs
+            for log in logs:
+                yield self._watch_queue(log)
             return
         # The first replay, or any replay of a shared file: the file holds every record.
         count = 0
         for log in super().read_logs(log_number_from):
             count += 1
-            yield log
+            yield self._watch_queue(log)
         self._unread, self._unread_from = [], log_number_from + count
+
+    def _watch_queue(self, log: dict[str, Any]) -> dict[str, Any]:
+        op_code = log.get("op_code")
+        if op_code == _CREATE_TRIAL and log.get("state") == TrialState.WAITING:
+            self.queue_may_have_grown = True
+        elif op_code == _SET_TRIAL_STATE and isinstance(log.get("trial_id"), int):
+            self.state_changed.append(log["trial_id"])
+        return log
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         if self._unread_from < 0:  # nothing read yet: records must follow the file's own
@@ -128,6 +141,10 @@ def _held(lock: Any) -> Iterator[None]:
         lock.release()
 
 
+# Op codes of Optuna's journal format (part of the file format, so they do not change).
+_CREATE_TRIAL, _SET_TRIAL_STATE = 4, 6
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -145,8 +162,9 @@ class PlacingJournalStorage(JournalStorage):
     """
 
     def __init__(self, backend: BaseJournalBackend) -> None:
-        super().__init__(backend)
         self._placement: dict[str, Any] | None = None
+        self._waiting: dict[int, set[int]] = {}  # the queued trials of each study looked up
+        super().__init__(backend)
 
     @contextlib.contextmanager
     def placing(self, system_attrs: dict[str, Any]) -> Iterator[None]:
@@ -155,6 +173,33 @@ class PlacingJournalStorage(JournalStorage):
             yield
         finally:
             self._placement = None
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        """As Optuna's, except that the queue of enqueued trials, which ``study.ask()`` looks
+        up for every new trial, is answered without going through every trial of the study:
+        that would make each trial cost more the larger the study grows."""
+        backend = self._backend
+        asks_queue = isinstance(states, tuple) and states == (TrialState.WAITING,)
+        if deepcopy or not asks_queue or not isinstance(backend, GroupCommitBackend):
+            return super().get_all_trials(study_id, deepcopy, states)
+        self.get_all_studies()  # replays the records appended since the last look
+        if backend.queue_may_have_grown:
+            self._waiting.clear()
+            backend.queue_may_have_grown = False
+        for trial_id in backend.state_changed:  # a queued trial only ever leaves the queue
+            for queued in self._waiting.values():
+                queued.discard(trial_id)
+        backend.state_changed.clear()
+        if study_id not in self._waiting:
+            trials = super().get_all_trials(study_id, deepcopy=False, states=states)
+            self._waiting[study_id] = {t._trial_id for t in trials}
+        trials = [self.get_trial(trial_id) for trial_id in sorted(self._waiting[study_id])]
+        return [t for t in trials if t.state == TrialState.WAITING]
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         if template_trial is None and self._placement is not None:

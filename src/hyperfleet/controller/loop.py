@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
-from hyperfleet.controller.workers import WorkerHandle
+from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.errors import ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.journal import PlacingJournalStorage, commit
@@ -205,6 +205,9 @@ class Controller:
                 self._open_studies()
                 return self._outcome()
             for slot in self._slots:
+                # Starting many workers takes a while: a stop asked meanwhile starts no more.
+                if self._stop_level:
+                    break
                 self._start_worker(slot)
             self._wait_until_loaded()
             if self._stop_level:
@@ -710,8 +713,9 @@ class Controller:
     def _close(self) -> None:
         with contextlib.suppress(OSError):  # a full disk was said already; stop all the same
             self._flush()
-        for worker in list(self._workers.values()):
-            worker.shutdown() if worker.ready else worker.kill()
+        # All at once: idle workers leave together (a hard stop kills them), starting ones are
+        # killed without waiting for their objective to load.
+        stop_workers(self._workers.values(), graceful=self._stop_level < 2)
         self._workers.clear()
         self._monitor.close()
         self._wake_r.close()

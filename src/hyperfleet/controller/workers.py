@@ -2,23 +2,32 @@
 
 Each worker is a fresh interpreter (never a fork: CUDA must not be inherited) started with its
 slot's environment, in its own session so that the terminal's Ctrl+C reaches only the controller
-and a kill of its process group takes everything the objective started with it.
+and a kill of its process group takes everything the objective started with it. What the
+objective started outside the group is found as described in
+:mod:`hyperfleet.workers.descendants`: among the worker's descendants while it lives, by the
+marker in its environment once it is dead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from hyperfleet.resources.slots import Slot
+from hyperfleet.workers import descendants
 from hyperfleet.workers.protocol import ObjectiveSpec, Shutdown, WorkerSetup
+
+# How long idle workers asked to leave get to exit on their own before they are killed.
+SHUTDOWN_SECONDS = 2.0
 
 
 class WorkerHandle:
@@ -28,6 +37,10 @@ class WorkerHandle:
         self.slot = slot
         self.trials_run = 0
         self.ready = False
+        self.marker = secrets.token_hex(8)  # inherited by everything the worker starts
+        # Epoch seconds, as process start times are; a second early for clock granularity.
+        self.started_at = time.time() - 1.0
+        self._asked_to_leave = False
         parent_sock, child_sock = socket.socketpair()
         lifeline_read, self._lifeline = os.pipe()
         log = open(log_dir / f"{slot.name.replace('#', '-')}.log", "ab")  # noqa: SIM115 (the child keeps it)
@@ -40,7 +53,7 @@ class WorkerHandle:
                     str(child_sock.fileno()),
                     str(lifeline_read),
                 ],
-                env={**os.environ, **slot.environment()},
+                env={**os.environ, **slot.environment(), descendants.MARKER_ENV: self.marker},
                 pass_fds=(child_sock.fileno(), lifeline_read),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
@@ -86,23 +99,32 @@ class WorkerHandle:
         self.kill()
 
     def kill(self) -> None:
-        self._signal_group(signal.SIGKILL)
-        self.process.wait()
-        self.close()
+        """Kill the worker and everything it started, at once."""
+        stop_workers([self], graceful=False)
 
     def shutdown(self) -> None:
-        """Ask an idle worker to leave, then make sure its group is gone."""
-        with contextlib.suppress(OSError):
-            self.conn.send(Shutdown())
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=2)
-        self.kill()
+        """Ask an idle worker to leave, then make sure everything it started is gone."""
+        stop_workers([self], graceful=True)
 
     def _signal_group(self, sig: signal.Signals) -> None:
+        """Signal the worker's process group and every descendant of the worker, so that what
+        left the group (``start_new_session=True``, ``setsid``) is reached too."""
+        # Found before the group is signalled: once the worker is dead its tree is gone.
+        tree = descendants.descendants(self.process.pid) if self.process.poll() is None else []
         # The worker leads its own session, so its pid is its process group id; the group lives
         # on while any process the objective started is still in it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
+        descendants.send(tree, sig)
+
+    def _ask_to_leave(self) -> None:
+        self._asked_to_leave = True
+        with contextlib.suppress(OSError):
+            self.conn.send(Shutdown())
+
+    def _left_cleanly(self) -> bool:
+        # A worker that was asked to leave ends its own processes before it exits with 0.
+        return self._asked_to_leave and self.process.returncode == 0
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -115,6 +137,37 @@ class WorkerHandle:
             with contextlib.suppress(OSError):
                 os.close(self._lifeline)
             self._lifeline = -1
+
+
+def stop_workers(workers: Iterable[WorkerHandle], graceful: bool) -> None:
+    """Stop workers together, so that stopping many takes as long as stopping one.
+
+    ``graceful``: ready (idle) workers are asked to leave and get ``SHUTDOWN_SECONDS``; every
+    other worker, and any that does not leave in time, is killed with all it started. A worker
+    that did not leave cleanly may have left processes that its death re-parented away from its
+    tree: those are found by the worker's marker (one scan for all of them) and killed.
+    """
+    workers = list(workers)
+    for worker in workers:
+        if graceful and worker.ready and worker.process.poll() is None:
+            worker._ask_to_leave()
+        else:
+            worker._signal_group(signal.SIGKILL)
+    deadline = time.monotonic() + SHUTDOWN_SECONDS
+    for worker in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker._signal_group(signal.SIGKILL)
+    for worker in workers:
+        worker.process.wait()
+    unclean = [worker for worker in workers if not worker._left_cleanly()]
+    if unclean:
+        since = min(worker.started_at for worker in unclean)
+        descendants.kill(descendants.marked({worker.marker for worker in unclean}, since))
+    for worker in workers:
+        worker.close()
 
 
 def _pidfd(pid: int) -> int | None:

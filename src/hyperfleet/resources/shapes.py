@@ -29,7 +29,13 @@ from typing import TypeVar
 
 from hyperfleet.errors import ConfigError, ResourceError
 from hyperfleet.resources.inventory import Gpu, Inventory, select_gpus
-from hyperfleet.resources.slots import Slot, gpu_slot, split_gpus, take_cores
+from hyperfleet.resources.slots import (
+    Slot,
+    check_worker_count,
+    gpu_slot,
+    split_gpus,
+    take_cores,
+)
 
 # 0.333 is accepted as 1/3; 0.3 is not a share of the form 1/k.
 _SHARE_TOLERANCE = 2e-3
@@ -290,6 +296,13 @@ def plan_pool(inventory: Inventory, pool: PoolSpec, shapes: Sequence[Shape]) -> 
 
     ordered: list[_Key] = [*gpu_keys, *cpu_keys]
     slots = tuple(slot for key in ordered for slot in plan.slots.get(key, []))
+    check_worker_count(
+        inventory,
+        len(slots),
+        f"the pool's {len(ordered)} slot shape{'s' * (len(ordered) != 1)}",
+        "lower trials_per_gpu or cpu_slots in [pool], or give the studies fewer distinct slot "
+        "shapes (each shape gets its own slots, and each slot its own worker)",
+    )
     eligible: dict[Shape, tuple[str, ...]] = {}
     for shape in shapes:
         if shape == ANY:

@@ -10,6 +10,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+import psutil
+
 from hyperfleet.errors import ConfigError, ResourceError
 from hyperfleet.resources.inventory import Gpu, Inventory, select_gpus
 
@@ -21,6 +23,14 @@ THREAD_ENV_VARS = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
 )
+
+# Every slot gets a warm worker process, so the slot count is a process count, with a cost:
+# beyond 16 workers per core, trials mostly wait for a core, and starting the workers alone
+# (each imports Optuna, about half a CPU-second; torch takes seconds) takes minutes.
+WORKERS_PER_CORE = 16
+# A warm worker holds Python, Optuna and what the objective imported: about 45 MiB with nothing
+# else, hundreds with torch. Counting 100 MiB each refuses only what cannot work anyway.
+WORKER_MEMORY_MIB = 100
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,56 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
             next_core += gpu_threads
             slots.append(gpu_slot(group, k, slot_cores, gpu_threads, 1 / options.trials_per_gpu))
     slots.extend(_cpu_slots(options, cores, next_core, has_gpu_slots=bool(slots)))
+    _check_single_pool_size(inventory, options, len(groups), slots)
     return slots
+
+
+def max_workers(inventory: Inventory) -> tuple[int, str]:
+    """How many worker processes this machine can sensibly run, and why that many."""
+    by_cores = WORKERS_PER_CORE * max(1, len(inventory.cores))
+    memory_mib = psutil.virtual_memory().total // 2**20
+    by_memory = max(1, memory_mib // WORKER_MEMORY_MIB)
+    if by_memory < by_cores:
+        return (
+            by_memory,
+            f"{WORKER_MEMORY_MIB} MiB each in its {memory_mib / 1024:.1f} GiB of memory",
+        )
+    cores = len(inventory.cores)
+    return by_cores, f"{WORKERS_PER_CORE} per core on its {cores} core{'s' * (cores != 1)}"
+
+
+def check_worker_count(inventory: Inventory, count: int, what: str, fix: str) -> None:
+    """Refuse a pool of more slots (one worker process each) than the machine can run.
+
+    ``what`` says where the count comes from, ``fix`` what to pass instead."""
+    limit, why = max_workers(inventory)
+    if count > limit:
+        raise ResourceError(
+            f"{what} make {count} slots, each a worker process: more than this machine can run "
+            f"at once, at most {limit} ({why}); {fix}."
+        )
+
+
+def _check_single_pool_size(
+    inventory: Inventory, options: PoolOptions, n_groups: int, slots: list[Slot]
+) -> None:
+    n_gpu = sum(slot.kind == "gpu" for slot in slots)
+    n_cpu = len(slots) - n_gpu
+    limit, _ = max_workers(inventory)
+    parts = []
+    fixes = []
+    if n_gpu:
+        group = f"{n_groups} GPU{'s' * (n_groups != 1)}"
+        if options.gpus_per_trial > 1:
+            group = f"{n_groups} groups of {options.gpus_per_trial} GPUs"
+        parts.append(f"{group} x --trials-per-gpu {options.trials_per_gpu}")
+        if options.trials_per_gpu > 1:
+            fixes.append(f"--trials-per-gpu {max(1, (limit - n_cpu) // n_groups)} or less")
+    if n_cpu:
+        parts.append(f"{n_cpu} CPU slot{'s' * (n_cpu != 1)}")
+        fixes.append(f"--cpu-slots {max(0, limit - n_gpu)} or less")
+    fix = "pass " + ", or ".join(fixes) if fixes else "use fewer GPUs (--gpus)"
+    check_worker_count(inventory, len(slots), " and ".join(parts), fix)
 
 
 def _check_options(options: PoolOptions) -> None:

@@ -36,7 +36,8 @@ def _watch_lifeline(fd: int) -> None:
     """Kill this worker and everything it started as soon as the controller is gone.
 
     The controller holds the write end of a pipe; the kernel closes it however the controller
-    dies (even SIGKILL), the read below returns, and the whole process group goes.
+    dies (even SIGKILL), the read below returns, and every descendant goes (those that left the
+    process group too: this worker is their subreaper), then the whole process group.
     """
 
     def watch() -> None:
@@ -45,7 +46,12 @@ def _watch_lifeline(fd: int) -> None:
                 pass
         except OSError:
             pass
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+        from hyperfleet.workers.descendants import kill_tree  # already loaded by main()
+
+        try:
+            kill_tree(os.getpid())
+        finally:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="hyperfleet-lifeline", daemon=True).start()
 
@@ -57,6 +63,12 @@ def main() -> None:
     # stderr.log (fd 2 is redirected there while a trial runs), not just a signal number.
     faulthandler.enable(all_threads=True)
     conn_fd, lifeline_fd = int(sys.argv[1]), int(sys.argv[2])
+    from hyperfleet.workers.descendants import become_subreaper
+
+    # Before the objective can start anything: a process it starts that double-forks or whose
+    # parent exits is then re-parented to this worker, where the cleanup after each trial (and
+    # the lifeline) finds it, instead of to init.
+    become_subreaper()
     _watch_lifeline(lifeline_fd)
     from multiprocessing.connection import Connection
 

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 
 from hyperfleet.errors import HyperfleetError
+from hyperfleet.workers.descendants import descendants
+from hyperfleet.workers.descendants import end as end_processes
 from hyperfleet.workers.protocol import (
     Finished,
     LoadFailed,
@@ -48,16 +51,32 @@ def serve(conn: Connection) -> None:
     # (tens of milliseconds once scikit-learn or torch is imported).
     gc.collect()
     gc.freeze()
+    # Processes the objective's module or factory started (a data loader pool, a local server)
+    # belong to the worker, like the data it loaded; anything else is a trial's, and ends with it.
+    loaded_with_objective = set(descendants(os.getpid()))
     conn.send(Ready(pid=os.getpid()))
     channel = Channel(conn)
     while True:
         message = conn.recv()
         if isinstance(message, Shutdown):
+            end_processes(descendants(os.getpid()))
             return
         if isinstance(message, RunTrial):
             finished = run_trial(channel, objectives[message.objective], message)
+            _end_trial_processes(loaded_with_objective)
             _send_finished(conn, finished)
             _free_memory()
+
+
+def _end_trial_processes(kept: set[psutil.Process]) -> None:
+    """End every process the trial started and left running, before its result is reported.
+
+    Before, so that the slot's next trial (here or in a fresh worker) finds its GPU memory and
+    cores free. This worker is their subreaper, so those that left the process group or lost
+    their parent are still found among its descendants. The worker's own threads start no
+    process, so a trial that left none costs no scan of the process table.
+    """
+    end_processes([proc for proc in descendants(os.getpid()) if proc not in kept])
 
 
 def load_objective(spec: ObjectiveSpec) -> Objective:
