@@ -85,6 +85,7 @@ class StudyRun:
     # is then recounted from storage, and their running trials count too.
     shared: bool = False
     foreign_running: int = 0
+    recounted_at: float = float("-inf")  # monotonic
     first_launch: float | None = None  # monotonic
 
 
@@ -402,10 +403,20 @@ class Controller:
 
     def _recount_shared_budgets(self) -> None:
         """On a storage other controllers share, the study's trials are counted from storage
-        before slots are handed out, so that several runs together keep to ``n_trials``."""
+        before slots are handed out, so that several runs together keep to ``n_trials``.
+
+        Counting reads every trial of the study, so it is done about once a tick, and at every
+        hand-out once the budget left is within reach of this run's slots: that is where a
+        stale count could start one trial too many."""
+        now = time.monotonic()
         for run in self._runs.values():
             if not run.shared or run.study is None or run.plan.n_trials is None:
                 continue
+            used = run.finished + self._book.running(run.plan.name) + run.foreign_running
+            near_end = run.plan.n_trials - used <= len(self._slots)
+            if not near_end and now - run.recounted_at < TICK_SECONDS:
+                continue
+            run.recounted_at = now
             trials = run.study.get_trials(deepcopy=False)
             retried = books.retried_numbers(trials)
             run.finished = sum(books.counts_against_budget(t, retried) for t in trials)
