@@ -6,12 +6,17 @@ machinery around it. Three ways run on the same kind of storage, a journal file:
 - ``optuna-threads``: ``study.optimize(objective, n_trials, n_jobs=2)``, Optuna's own threads;
 - ``optuna-processes``: two processes each calling ``study.optimize`` on the shared journal,
   the launcher the seeds hand-write;
-- ``hyperfleet``: ``hyperfleet.optimize`` with two CPU slots (two warm workers, one writer).
+- ``hyperfleet``: ``hyperfleet.optimize`` with two CPU slots (two warm workers, one writer)
+  on the same kind of study as the two above (its journal may be shared with other processes);
+- ``hyperfleet-cli``: ``hyperfleet run`` with two CPU slots and its default storage, the run
+  directory's own journal (no other writer: no lock per record).
 
 Each reports its steady rate (trials per second between the first and the last finished trial,
-so process start-up is not counted) and its wall time including start-up.
+so process start-up is not counted) and its wall time including start-up. Every runner uses
+the same sampler (``--sampler``: TPE, Optuna's default, or random).
 
-    python bench/overhead.py --trials 400 --repeats 3
+    python bench/overhead.py --trials 400 --repeats 3 --sampler random
+    python bench/overhead.py --trials 400 --repeats 3 --sampler tpe
     python bench/overhead.py --trials 100 --trial-seconds 0.1   # trials that do some work
 """
 
@@ -21,6 +26,8 @@ import argparse
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +40,14 @@ from optuna.storages.journal import JournalFileBackend
 import hyperfleet
 
 TRIAL_SECONDS = float(os.environ.get("BENCH_TRIAL_SECONDS", "0"))
+SAMPLER = os.environ.get("BENCH_SAMPLER", "tpe")
+HERE = Path(__file__).resolve()
+
+
+def _sampler() -> optuna.samplers.BaseSampler:
+    if SAMPLER == "random":
+        return optuna.samplers.RandomSampler()
+    return optuna.samplers.TPESampler(constant_liar=True)
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -53,19 +68,21 @@ def _steady_rate(study: optuna.Study) -> float:
 
 
 def run_optuna_threads(folder: Path, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name="bench", storage=_storage(folder))
+    study = optuna.create_study(study_name="bench", storage=_storage(folder), sampler=_sampler())
     study.optimize(objective, n_trials=n_trials, n_jobs=2)
     return study
 
 
 def _process_worker(folder: str, n_trials: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="bench", storage=_storage(Path(folder)))
+    study = optuna.load_study(
+        study_name="bench", storage=_storage(Path(folder)), sampler=_sampler()
+    )
     study.optimize(objective, n_trials=n_trials)
 
 
 def run_optuna_processes(folder: Path, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name="bench", storage=_storage(folder))
+    study = optuna.create_study(study_name="bench", storage=_storage(folder), sampler=_sampler())
     context = multiprocessing.get_context("spawn")
     share = [n_trials // 2, n_trials - n_trials // 2]
     workers = [context.Process(target=_process_worker, args=(str(folder), n)) for n in share]
@@ -77,7 +94,7 @@ def run_optuna_processes(folder: Path, n_trials: int) -> optuna.Study:
 
 
 def run_hyperfleet(folder: Path, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name="bench", storage=_storage(folder))
+    study = optuna.create_study(study_name="bench", storage=_storage(folder), sampler=_sampler())
     hyperfleet.optimize(
         study,
         objective,
@@ -91,10 +108,21 @@ def run_hyperfleet(folder: Path, n_trials: int) -> optuna.Study:
     return study
 
 
+def run_hyperfleet_cli(folder: Path, n_trials: int) -> optuna.Study:
+    run_dir = folder / "run"
+    command = [sys.executable, "-m", "hyperfleet.cli", "run", f"{HERE}:objective"]
+    command += ["--study-name", "bench", "--n-trials", str(n_trials), "--cpu-slots", "2"]
+    command += ["--run-dir", str(run_dir), "--sampler", SAMPLER, "--quiet", "--no-report"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    return optuna.load_study(study_name="bench", storage=_storage(run_dir))
+
+
 RUNNERS: dict[str, Callable[[Path, int], optuna.Study]] = {
     "optuna-threads": run_optuna_threads,
     "optuna-processes": run_optuna_processes,
     "hyperfleet": run_hyperfleet,
+    "hyperfleet-cli": run_hyperfleet_cli,
 }
 
 
@@ -103,10 +131,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trial-seconds", type=float, default=0.0, help="work per trial")
+    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
     args = parser.parse_args()
-    global TRIAL_SECONDS
-    TRIAL_SECONDS = args.trial_seconds
+    global TRIAL_SECONDS, SAMPLER
+    TRIAL_SECONDS, SAMPLER = args.trial_seconds, args.sampler
     os.environ["BENCH_TRIAL_SECONDS"] = str(args.trial_seconds)
+    os.environ["BENCH_SAMPLER"] = args.sampler
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     rates: dict[str, list[float]] = {name: [] for name in RUNNERS}
@@ -121,7 +151,10 @@ def main() -> None:
 
     base = statistics.median(rates["optuna-threads"])
     work = f"{args.trial_seconds * 1000:.0f} ms" if args.trial_seconds else "trivial"
-    print(f"{args.trials} {work} trials, 2 slots, journal file, median of {args.repeats}")
+    print(
+        f"{args.trials} {work} trials, 2 slots, journal file, {args.sampler} sampler, "
+        f"median of {args.repeats}"
+    )
     print(f"{'runner':<18}{'trials/s':>10}{'ms/trial':>10}{'wall s':>9}{'vs threads':>12}")
     for name in RUNNERS:
         rate = statistics.median(rates[name])

@@ -155,6 +155,7 @@ class Controller:
         # What users and workers see of the storage's new records waits for them to be durable:
         # one commit per loop step, then these run in order (see _flush).
         self._after_commit: list[Callable[[], None]] = []
+        self._sends_after_commit: list[Callable[[], None]] = []  # go first: slots wait on them
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
             run_dir=str(run_dir.path),
@@ -289,7 +290,8 @@ class Controller:
         what depends on it happen: trial files, run log lines, trials sent to workers."""
         for study in self.studies.values():
             commit(study._storage)  # the study's storage has no public accessor
-        effects, self._after_commit = self._after_commit, []
+        effects = self._sends_after_commit + self._after_commit
+        self._sends_after_commit, self._after_commit = [], []
         for effect in effects:
             effect()
 
@@ -456,7 +458,7 @@ class Controller:
             datetime_start=trial.datetime_start,
             study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
         )
-        self._after_commit.append(functools.partial(worker.conn.send, message))
+        self._sends_after_commit.append(functools.partial(_send, worker, message))
         view = self.state.slot(name)
         view.state, view.trial, view.study, view.since = (
             "busy",
@@ -992,4 +994,10 @@ def _improves(value: float, best: list[float] | None, direction: StudyDirection)
     if best is None:
         return True
     return value < best[0] if direction == StudyDirection.MINIMIZE else value > best[0]
+
+
+def _send(worker: WorkerHandle, message: RunTrial) -> None:
+    # A worker that died meanwhile is noticed by the loop, which fails its trial as a crash.
+    with contextlib.suppress(ConnectionError):
+        worker.conn.send(message)
 
