@@ -1000,4 +1000,3 @@ def _send(worker: WorkerHandle, message: RunTrial) -> None:
     # A worker that died meanwhile is noticed by the loop, which fails its trial as a crash.
     with contextlib.suppress(ConnectionError):
         worker.conn.send(message)
-
