@@ -35,7 +35,7 @@ from hyperfleet.journal import PlacingJournalStorage, commit
 from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
-from hyperfleet.rundir import NO_ROOM, RunDir
+from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone
 from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.storage import is_private_journal
 from hyperfleet.workers.protocol import (
@@ -288,6 +288,9 @@ class Controller:
         what depends on it happen: trial files, run log lines, trials sent to workers."""
         for study in self.studies.values():
             commit(study._storage)  # the study's storage has no public accessor
+        if self._after_commit:
+            # Writing into a run folder that was deleted or moved would make a new one there.
+            self._run_dir.check_still_there()
         effects = self._sends_after_commit + self._after_commit
         self._sends_after_commit, self._after_commit = [], []
         for effect in effects:
@@ -374,6 +377,8 @@ class Controller:
             if not free:
                 return
             if not recounted:
+                # Trial folders are made below: not in a run folder made again at its path.
+                self._run_dir.check_still_there()
                 self._recount_shared_budgets()
                 recounted = True
             demands = [
@@ -719,7 +724,7 @@ class Controller:
         return next(s for s in self._slots if s.name == name)
 
     def _close(self) -> None:
-        with contextlib.suppress(OSError):  # a full disk was said already; stop all the same
+        with contextlib.suppress(OSError, RunDirGone):  # said already; stop all the same
             self._flush()
         # All at once: idle workers leave together (a hard stop kills them), starting ones are
         # killed without waiting for their objective to load.
