@@ -187,7 +187,7 @@ class PlacingJournalStorage(JournalStorage):
         asks_queue = isinstance(states, tuple) and states == (TrialState.WAITING,)
         if deepcopy or not asks_queue or not isinstance(backend, GroupCommitBackend):
             return super().get_all_trials(study_id, deepcopy, states)
-        self.get_all_studies()  # replays the records appended since the last look
+        self.get_study_directions(study_id)  # replays the records appended since the last look
         if backend.queue_may_have_grown:
             self._waiting.clear()
             backend.queue_may_have_grown = False

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from hyperfleet.config import RunSettings
+from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
 from hyperfleet.display.snapshot import StatusSnapshot
 from hyperfleet.errors import HyperfleetError
@@ -117,23 +118,28 @@ def run_search(
         return lambda: controller.studies.get(name) if controller is not None else None
 
     screen = _screen_sinks(display)
+    files = FileWriter()
     try:
         sinks = [
             RunDirGuard(run_dir),  # first: nothing is written into a folder made again
             PlainLog(run_log),
             StatusSnapshot(run_dir.path, get_study),
-            *[BestFolder(plan.folder, study_named(plan.name), plan.name) for plan in search.plans],
+            *[
+                BestFolder(plan.folder, study_named(plan.name), plan.name, files.drain)
+                for plan in search.plans
+            ],
             RunSummary(run_dir, get_studies),
             *screen,
         ]
         controller = Controller(
-            search.plans, search.pool, settings, run_dir, sinks, run_name, search.sequential
+            search.plans, search.pool, settings, run_dir, sinks, run_name, search.sequential, files
         )
         try:
             return _run_to_the_end(search, controller, settings, inventory_note, report)
         except (OSError, RunDirGone) as exc:
             return _run_folder_lost(exc, run_dir, controller, screen)
     finally:
+        files.close()
         with contextlib.suppress(OSError):  # a full disk fails the flush of the last lines
             run_log.close()
         run_dir.unlock()

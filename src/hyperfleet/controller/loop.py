@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -27,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.errors import ObjectiveError, WorkerError
@@ -122,6 +124,7 @@ class Controller:
         sinks: list[EventSink],
         run_name: str = "",
         sequential: bool = False,
+        files: FileWriter | None = None,
     ) -> None:
         used = {name for plan in plans for name in plan.slots}
         self._slots = [slot for slot in pool.slots if slot.name in used]
@@ -154,6 +157,8 @@ class Controller:
         # one commit per loop step, then these run in order (see _flush).
         self._after_commit: list[Callable[[], None]] = []
         self._sends_after_commit: list[Callable[[], None]] = []  # go first: slots wait on them
+        self._files = files if files is not None else FileWriter()
+        self._trial_folders: set[Path] = set()  # the trials/ folders made so far
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
             run_dir=str(run_dir.path),
@@ -214,6 +219,8 @@ class Controller:
                 return self._outcome()
             self._open_studies()
             self._loop()
+            self._flush(final=True)
+            self._files.drain()  # every trial's files are there when the run returns
         finally:
             self._close()
         return self._outcome()
@@ -283,15 +290,22 @@ class Controller:
             self._step(timeout=max(0.0, min(next_tick, self._next_deadline()) - now))
             self._enforce_deadlines()
 
-    def _flush(self) -> None:
-        """Commit what this step wrote to the storage (one ``fsync`` for a journal), then let
-        what depends on it happen: trial files, run log lines, trials sent to workers."""
+    def _flush(self, final: bool = False) -> None:
+        """Commit what the storage was told (one ``fsync`` for a journal), then let what
+        depends on it happen: trials sent to workers, trial files, run log lines.
+
+        Nothing else waits for the disk: a trial's suggestions and attributes are committed
+        with its end, since until then only its own objective has seen them (and a crash
+        before that makes it an interrupted trial, which runs again)."""
+        self._files.raise_failure()
+        effects = self._sends_after_commit + self._after_commit
+        if not effects and not final:
+            return
         for study in self.studies.values():
             commit(study._storage)  # the study's storage has no public accessor
         if self._after_commit:
             # Writing into a run folder that was deleted or moved would make a new one there.
             self._run_dir.check_still_there()
-        effects = self._sends_after_commit + self._after_commit
         self._sends_after_commit, self._after_commit = [], []
         for effect in effects:
             effect()
@@ -429,7 +443,9 @@ class Controller:
         study = _opened(run)
         trial = self._ask_placed(study, name, worker.pid)
         trial_dir = run.plan.folder.trial_dir(trial.number)
-        trial_dir.mkdir(parents=True, exist_ok=True)
+        if trial_dir.parent not in self._trial_folders:  # the worker makes the trial's own
+            trial_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._trial_folders.add(trial_dir.parent)
         experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
@@ -602,9 +618,8 @@ class Controller:
         self.state.recent.appendleft(record)
         self._count_trial_end(run, frozen)
         trial_dir = run.plan.folder.trial_dir(frozen.number)
-        self._after_commit.append(
-            functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
-        )
+        write = functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
+        self._after_commit.append(functools.partial(self._files.submit, write))
         self._after_commit.append(functools.partial(self._emit, "on_trial_end", record))
 
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
@@ -725,7 +740,8 @@ class Controller:
 
     def _close(self) -> None:
         with contextlib.suppress(OSError, RunDirGone):  # said already; stop all the same
-            self._flush()
+            self._flush(final=True)
+            self._files.drain()
         # All at once: idle workers leave together (a hard stop kills them), starting ones are
         # killed without waiting for their objective to load.
         stop_workers(self._workers.values(), graceful=self._stop_level < 2)

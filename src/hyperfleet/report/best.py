@@ -51,11 +51,13 @@ class BestFolder(EventSink):
         run_dir: RunDir,
         get_study: Callable[[], optuna.Study | None],
         name: str = "",
+        files_written: Callable[[], None] = lambda: None,
         every: float = PARETO_EVERY_SECONDS,
     ) -> None:
         self._run_dir = run_dir
         self._get_study = get_study
         self._name = name
+        self._files_written = files_written  # waits for trial files still being written
         self._every = every
         self._shown: list[int] = []
         self._stale = False
@@ -91,6 +93,7 @@ class BestFolder(EventSink):
         best = best_trials(study)
         numbers = [t.number for t in best]
         if numbers and numbers != self._shown:
+            self._files_written()  # best/ links the best trials' folders: complete them first
             write_best(self._run_dir, study, best)
             self._shown = numbers
 

@@ -137,6 +137,10 @@ def user_traceback(exc: BaseException) -> str:
 
 
 def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Finished:
+    # The worker makes its trial's folder, sparing the controller a file-system call per trial;
+    # not its parents: a run folder deleted meanwhile must not be made again here.
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(message.trial_dir)
     os.chdir(message.trial_dir)
     study = RemoteStudy(channel, message.study)
     trial = RemoteTrial(channel, message.number, message.datetime_start, study)
