@@ -20,7 +20,6 @@ static assignment loses nothing. Both runners alternate, a few times each.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import re
 import statistics
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from common import run_processes
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -90,17 +90,8 @@ def _static_worker(workload: Workload, journal: str) -> None:
 
 
 def run_static(folder: Path, workloads: list[Workload]) -> dict[str, list[FrozenTrial]]:
-    context = multiprocessing.get_context("spawn")
     journals = {w.name: folder / f"{w.name}.journal" for w in workloads}
-    processes = [
-        context.Process(target=_static_worker, args=(w, str(journals[w.name]))) for w in workloads
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"a static worker exited with {process.exitcode}")
+    run_processes(_static_worker, [(w, str(journals[w.name])) for w in workloads])
     return {
         w.name: optuna.load_study(study_name=w.name, storage=_journal(path)).get_trials()
         for w, path in zip(workloads, journals.values(), strict=True)

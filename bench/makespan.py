@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
+from common import run_processes
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -104,17 +104,7 @@ def _optuna_process(journal: str, n_trials: int) -> None:
 def run_optuna_processes(folder: Path, slots: int) -> list[FrozenTrial]:
     journal = folder / "optuna.journal"
     optuna.create_study(study_name=STUDY, storage=_journal(journal))
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_optuna_process, args=(str(journal), len(DURATIONS)))
-        for _ in range(slots)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"an Optuna process exited with {process.exitcode}")
+    run_processes(_optuna_process, [(str(journal), len(DURATIONS)) for _ in range(slots)])
     return optuna.load_study(study_name=STUDY, storage=_journal(journal)).get_trials()
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -38,13 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.distributions import FloatDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from common import PARAMS, build_journal, journal, scratch
 
 THIS_FILE = Path(__file__).resolve()
 STUDY = "restart"
-PARAMS = {f"x{i}": FloatDistribution(-10.0, 10.0) for i in range(4)}
 FIRST_ENV = "BENCH_RESTART_FIRST"  # where the first call writes its time; workers inherit it
 SECONDS_ENV = "BENCH_RESTART_SECONDS"
 GOAL_S = 3.0
@@ -67,30 +63,6 @@ def make_sampler(name: str) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=0, constant_liar=True)
     return optuna.samplers.RandomSampler(seed=0)
-
-
-def _journal(path: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def build_journal(path: Path, n_trials: int) -> None:
-    """A journal of `n_trials` finished trials, written by plain Optuna."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=STUDY, storage=_journal(path))
-    rng = random.Random(n_trials)
-    study.add_trials(
-        optuna.trial.create_trial(
-            params={name: rng.uniform(-10.0, 10.0) for name in PARAMS},
-            distributions=PARAMS,
-            value=rng.uniform(0.0, 400.0),
-        )
-        for _ in range(n_trials)
-    )
-
-
-def _scratch() -> str | None:
-    # Each trial is an fsynced append: 10,000 of them take a minute on a disk, seconds on tmpfs.
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def wait_for(path: Path, process: subprocess.Popen[bytes], what: str) -> float:
@@ -149,7 +121,7 @@ def restart_optuna(run_dir: Path, sampler: str) -> float:
 def optuna_child(run_dir: str, sampler: str, first: str) -> None:
     """What a plain Optuna process does before it can run a trial: load the study, ask."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _journal(Path(run_dir) / "optuna.journal")
+    storage = journal(Path(run_dir) / "optuna.journal")
     study = optuna.load_study(study_name=STUDY, storage=storage, sampler=make_sampler(sampler))
     study.ask()
     Path(first).write_text(repr(time.time()))
@@ -171,7 +143,7 @@ def kill_during_first_trial(run_dir: Path, n_trials: int, sampler: str) -> None:
 
 def check_interrupted(run_dir: Path) -> None:
     """The kill must have landed while a trial ran, or this case measured a cold restart."""
-    trials = optuna.load_study(study_name=STUDY, storage=_journal(run_dir / "optuna.journal"))
+    trials = optuna.load_study(study_name=STUDY, storage=journal(run_dir / "optuna.journal"))
     kinds = [t.system_attrs.get("hyperfleet:fail_kind") for t in trials.get_trials()]
     if "interrupted" not in kinds:
         raise RuntimeError("the killed run left no interrupted trial")
@@ -225,12 +197,12 @@ def main() -> None:
 
     cases = ["cold", "after SIGKILL"] if args.after_kill else ["cold"]
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="restart-journals-", dir=_scratch()) as built:
+    with tempfile.TemporaryDirectory(prefix="restart-journals-", dir=scratch()) as built:
         journals = {}
         for n in args.trials:
             start = time.perf_counter()
             journals[n] = Path(built) / f"{n}.journal"
-            build_journal(journals[n], n)
+            build_journal(journals[n], STUDY, n)
             print(f"built {n} trials in {time.perf_counter() - start:.1f} s", flush=True)
         for n in args.trials:
             for case in cases:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import shutil
 import statistics
 import tempfile
@@ -33,57 +31,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-from optuna.distributions import FloatDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from common import PARAMS, build_journal, journal, scratch
 from optuna.trial import TrialState
 
 import hyperfleet
 
 STUDY = "tpe-cost"
-PARAMS = {f"x{i}": FloatDistribution(-10.0, 10.0) for i in range(4)}
 
 
 def objective(trial: optuna.Trial) -> float:
     return sum(trial.suggest_float(name, -10.0, 10.0) ** 2 for name in PARAMS)
 
 
-def _journal(path: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def build_journal(path: Path, n_trials: int) -> None:
-    study = optuna.create_study(study_name=STUDY, storage=_journal(path))
-    rng = random.Random(n_trials)
-    study.add_trials(
-        optuna.trial.create_trial(
-            params={name: rng.uniform(-10.0, 10.0) for name in PARAMS},
-            distributions=PARAMS,
-            value=rng.uniform(0.0, 400.0),
-        )
-        for _ in range(n_trials)
-    )
-
-
-def _scratch() -> str | None:
-    # Each trial is an fsynced append: 10,000 of them take a minute on a disk, seconds on tmpfs.
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-
-
-def load(journal: Path) -> optuna.Study:
+def load(path: Path) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=0, constant_liar=True)
-    return optuna.load_study(study_name=STUDY, storage=_journal(journal), sampler=sampler)
+    return optuna.load_study(study_name=STUDY, storage=journal(path), sampler=sampler)
 
 
-def run_optuna(folder: Path, journal: Path, n_old: int, n_new: int) -> optuna.Study:
+def run_optuna(folder: Path, source: Path, n_old: int, n_new: int) -> optuna.Study:
     del folder, n_old  # study.optimize counts this call's trials, not the study's
-    study = load(journal)
+    study = load(source)
     study.optimize(objective, n_trials=n_new)
     return study
 
 
-def run_hyperfleet(folder: Path, journal: Path, n_old: int, n_new: int) -> optuna.Study:
-    study = load(journal)
+def run_hyperfleet(folder: Path, source: Path, n_old: int, n_new: int) -> optuna.Study:
+    study = load(source)
     outcome = hyperfleet.optimize(
         study,
         objective,
@@ -125,16 +98,16 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     results: dict[int, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="tpe-cost-journals-", dir=_scratch()) as built:
+    with tempfile.TemporaryDirectory(prefix="tpe-cost-journals-", dir=scratch()) as built:
         for n in args.trials:
-            journal = Path(built) / f"{n}.journal"
-            build_journal(journal, n)
+            built_journal = Path(built) / f"{n}.journal"
+            build_journal(built_journal, STUDY, n)
             times: dict[str, list[float]] = {name: [] for name in RUNNERS}
             for _ in range(args.repeats):
                 for name, runner in RUNNERS.items():  # alternated, so drift hits both alike
                     with tempfile.TemporaryDirectory(prefix="tpe-cost-") as folder:
                         copy = Path(folder) / "optuna.journal"
-                        shutil.copyfile(journal, copy)
+                        shutil.copyfile(built_journal, copy)
                         start = time.perf_counter()
                         study = runner(Path(folder), copy, n, args.new_trials)
                         wall = time.perf_counter() - start

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import statistics
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
+from common import run_processes
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -126,17 +126,9 @@ def _optuna_process(journal: str, sampler: str, seed: int, n_trials: int) -> Non
 def run_optuna_processes(folder: Path, slots: int, sampler: str, n_trials: int) -> None:
     journal = folder / "optuna.journal"
     optuna.create_study(study_name="turnaround", storage=_journal(journal))
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_optuna_process, args=(str(journal), sampler, seed, n_trials))
-        for seed in range(slots)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"an Optuna process exited with {process.exitcode}")
+    run_processes(
+        _optuna_process, [(str(journal), sampler, seed, n_trials) for seed in range(slots)]
+    )
 
 
 RUNNERS: dict[str, Callable[[Path, int, str, int], None]] = {
