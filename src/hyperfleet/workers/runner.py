@@ -63,18 +63,20 @@ def serve(conn: Connection) -> None:
             return
         if isinstance(message, RunTrial):
             finished = run_trial(channel, objectives[message.objective], message)
-            _end_trial_processes(loaded_with_objective)
             _send_finished(conn, finished)
+            # After the result is on its way (the controller records it meanwhile), before this
+            # worker reads its next trial: that trial finds the trial's processes gone, and a
+            # failed trial's worker is replaced, its whole tree ended, by the controller.
+            _end_trial_processes(loaded_with_objective)
             _free_memory()
 
 
 def _end_trial_processes(kept: set[psutil.Process]) -> None:
-    """End every process the trial started and left running, before its result is reported.
-
-    Before, so that the slot's next trial (here or in a fresh worker) finds its GPU memory and
-    cores free. This worker is their subreaper, so those that left the process group or lost
-    their parent are still found among its descendants. The worker's own threads start no
-    process, so a trial that left none costs no scan of the process table.
+    """End every process the trial started and left running, before the worker takes its next
+    trial, so that trial finds the GPU memory and cores free. This worker is their subreaper,
+    so those that left the process group or lost their parent are still found among its
+    descendants. The worker's own threads start no process, so a trial that left none costs no
+    scan of the process table.
     """
     end_processes([proc for proc in descendants(os.getpid()) if proc not in kept])
 
