@@ -218,3 +218,45 @@ def _iso(stamp: float | None) -> str | None:
     if stamp is None:
         return None
     return datetime.datetime.fromtimestamp(stamp).isoformat(timespec="seconds")
+
+
+def store_end(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    state: TrialState,
+    values: Any,
+    kind: str,
+    reason: str,
+    traceback_text: str,
+) -> optuna.trial.FrozenTrial:
+    """Record how the trial ended. Whatever the objective did, this never raises for the
+    trial's sake: if Optuna refuses the result, the trial is failed with the refusal as its
+    reason. Only a failing storage (OSError: a full disk, a vanished file) propagates."""
+    try:
+        if state == TrialState.FAIL:
+            set_system_attr(trial, KIND_ATTR, kind)
+            set_system_attr(trial, REASON_ATTR, reason)
+            if traceback_text:
+                set_system_attr(trial, TRACEBACK_ATTR, traceback_text[-8000:])
+        return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+    except OSError:
+        raise
+    except Exception as exc:
+        return _fail_refused(study, trial, exc)
+
+
+def _fail_refused(
+    study: optuna.Study, trial: optuna.Trial, exc: Exception
+) -> optuna.trial.FrozenTrial:
+    storage, trial_id = study._storage, trial._trial_id  # no public accessor for either
+    stored = storage.get_trial(trial_id)
+    if stored.state.is_finished():  # told already (a sampler's after_trial raised, say)
+        return stored
+    storage.set_trial_system_attr(trial_id, KIND_ATTR, "error")
+    storage.set_trial_system_attr(
+        trial_id,
+        REASON_ATTR,
+        f"Optuna refused the trial's result: {type(exc).__name__}: {exc}",
+    )
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return storage.get_trial(trial_id)

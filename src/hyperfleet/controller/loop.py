@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
@@ -512,7 +513,7 @@ class Controller:
         try:
             if active is None:
                 raise RuntimeError(f"hyperfleet: no trial is running for call {call.name!r}")
-            _check_call_allowed(call)
+            check_call_allowed(call)
             target: Any = active.trial if call.target.startswith("trial") else active.run.study
             attr = getattr(target, call.name)
             value = attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
@@ -604,7 +605,7 @@ class Controller:
         self._book.stop(name)
         run = active.run
         study = _opened(run)
-        frozen = _store_end(study, active.trial, state, values, kind, reason, traceback_text)
+        frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
         state = frozen.state
         kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
         retried = state == TrialState.FAIL and books.maybe_retry(
@@ -920,87 +921,6 @@ def _gpus_of(slots: list[Slot]) -> tuple[Any, ...]:
         for index, uuid in zip(slot.gpus, slot.gpu_uuids, strict=False):
             seen.setdefault(index, Gpu(index=index, uuid=uuid, name="", kind=slot.gpu_kind))
     return tuple(seen.values())
-
-
-# What an objective may call on its trial and on ``trial.study`` through the worker's proxy.
-# Anything else (``study.tell``, ``study.ask``, ``study.optimize``, a bound method that would
-# carry the storage to the worker) would let the objective write the storage behind the
-# controller's back, so it is refused with an error the objective sees.
-_TRIAL_METHODS = frozenset(
-    {
-        "suggest_float", "suggest_int", "suggest_categorical", "suggest_uniform",
-        "suggest_loguniform", "suggest_discrete_uniform", "report", "should_prune",
-        "set_user_attr", "set_system_attr", "set_constraint",
-    }
-)  # fmt: skip
-_TRIAL_ATTRS = frozenset(
-    {"params", "distributions", "user_attrs", "system_attrs", "constraints", "relative_params",
-     "datetime_start", "number"}
-)  # fmt: skip
-_STUDY_METHODS = frozenset({"set_user_attr", "set_system_attr", "get_trials", "enqueue_trial"})
-_STUDY_ATTRS = frozenset(
-    {"best_trial", "best_trials", "best_value", "best_params", "trials", "user_attrs",
-     "system_attrs", "study_name", "directions", "direction", "metric_names"}
-)  # fmt: skip
-_ALLOWED = {
-    "trial": _TRIAL_METHODS,
-    "trial_attr": _TRIAL_ATTRS,
-    "study": _STUDY_METHODS,
-    "study_attr": _STUDY_ATTRS,
-}
-
-
-def _check_call_allowed(call: Call) -> None:
-    allowed = _ALLOWED.get(call.target, frozenset())
-    if call.name not in allowed:
-        owner = "trial" if call.target.startswith("trial") else "trial.study"
-        raise RuntimeError(
-            f"hyperfleet: {owner}.{call.name} is not available inside an objective run by "
-            "hyperfleet: the controller asks and tells every trial itself (return the value "
-            f"instead of calling tell). Available: {', '.join(sorted(allowed))}."
-        )
-
-
-def _store_end(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    state: TrialState,
-    values: Any,
-    kind: str,
-    reason: str,
-    traceback_text: str,
-) -> optuna.trial.FrozenTrial:
-    """Record how the trial ended. Whatever the objective did, this never raises for the
-    trial's sake: if Optuna refuses the result, the trial is failed with the refusal as its
-    reason. Only a failing storage (OSError: a full disk, a vanished file) propagates."""
-    try:
-        if state == TrialState.FAIL:
-            books.set_system_attr(trial, books.KIND_ATTR, kind)
-            books.set_system_attr(trial, books.REASON_ATTR, reason)
-            if traceback_text:
-                books.set_system_attr(trial, books.TRACEBACK_ATTR, traceback_text[-8000:])
-        return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
-    except OSError:
-        raise
-    except Exception as exc:
-        return _fail_refused(study, trial, exc)
-
-
-def _fail_refused(
-    study: optuna.Study, trial: optuna.Trial, exc: Exception
-) -> optuna.trial.FrozenTrial:
-    storage, trial_id = study._storage, trial._trial_id  # no public accessor for either
-    stored = storage.get_trial(trial_id)
-    if stored.state.is_finished():  # told already (a sampler's after_trial raised, say)
-        return stored
-    storage.set_trial_system_attr(trial_id, books.KIND_ATTR, "error")
-    storage.set_trial_system_attr(
-        trial_id,
-        books.REASON_ATTR,
-        f"Optuna refused the trial's result: {type(exc).__name__}: {exc}",
-    )
-    storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    return storage.get_trial(trial_id)
 
 
 _CONSTRAINTS_KEY = "constraints"  # where Optuna keeps a trial's constraint values
