@@ -447,10 +447,12 @@ class Controller:
         if trial_dir.parent not in self._trial_folders:  # the worker makes the trial's own
             trial_dir.parent.mkdir(parents=True, exist_ok=True)
             self._trial_folders.add(trial_dir.parent)
-        experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
+        # Read from storage as stored: trial.user_attrs would deep-copy them, twice a trial.
+        user_attrs = study._storage.get_trial(trial._trial_id).user_attrs
+        experiment = user_attrs.get(books.EXPERIMENT_ATTR)
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
-        retry_of = trial.user_attrs.get(books.RETRY_ATTR)
+        retry_of = user_attrs.get(books.RETRY_ATTR)
         record = TrialRecord(
             study=study.study_name,
             number=trial.number,
