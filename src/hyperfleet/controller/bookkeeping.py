@@ -108,6 +108,12 @@ def counts_against_budget(trial: FrozenTrial, retried: set[int]) -> bool:
     return trial.state == TrialState.FAIL and trial.number not in retried
 
 
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """How many of the study's trials count against ``n_trials``."""
+    retried = retried_numbers(trials)
+    return sum(counts_against_budget(t, retried) for t in trials)
+
+
 def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str) -> int:
     """How many earlier attempts of this trial's parameters failed with ``kind``, following
     the chain of retries (interrupted attempts in the chain do not count against the others)."""
@@ -152,10 +158,8 @@ def fail_interrupted_leftovers(
         owner = trial.system_attrs.get(RUN_ATTR)
         if owner not in run_marks and not (private_storage and owner is None):
             continue  # another run directory's controller may be running it right now
-        storage.set_trial_system_attr(trial._trial_id, KIND_ATTR, "interrupted")
-        storage.set_trial_system_attr(
-            trial._trial_id, REASON_ATTR, "interrupted: the controller stopped during the trial"
-        )
+        reason = "interrupted: the controller stopped during the trial"
+        _set_failure(storage, trial._trial_id, "interrupted", reason)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         failed.append(trial)
     return failed
@@ -234,10 +238,7 @@ def store_end(
     reason. Only a failing storage (OSError: a full disk, a vanished file) propagates."""
     try:
         if state == TrialState.FAIL:
-            set_system_attr(trial, KIND_ATTR, kind)
-            set_system_attr(trial, REASON_ATTR, reason)
-            if traceback_text:
-                set_system_attr(trial, TRACEBACK_ATTR, traceback_text[-8000:])
+            _set_failure(trial.storage, trial._trial_id, kind, reason, traceback_text)
         return study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
     except OSError:
         raise
@@ -252,11 +253,17 @@ def _fail_refused(
     stored = storage.get_trial(trial_id)
     if stored.state.is_finished():  # told already (a sampler's after_trial raised, say)
         return stored
-    storage.set_trial_system_attr(trial_id, KIND_ATTR, "error")
-    storage.set_trial_system_attr(
-        trial_id,
-        REASON_ATTR,
-        f"Optuna refused the trial's result: {type(exc).__name__}: {exc}",
-    )
+    reason = f"Optuna refused the trial's result: {type(exc).__name__}: {exc}"
+    _set_failure(storage, trial_id, "error", reason)
     storage.set_trial_state_values(trial_id, TrialState.FAIL)
     return storage.get_trial(trial_id)
+
+
+def _set_failure(
+    storage: BaseStorage, trial_id: int, kind: str, reason: str, traceback_text: str = ""
+) -> None:
+    """Why a trial failed, in the system attributes every view and ``result.json`` read."""
+    storage.set_trial_system_attr(trial_id, KIND_ATTR, kind)
+    storage.set_trial_system_attr(trial_id, REASON_ATTR, reason)
+    if traceback_text:
+        storage.set_trial_system_attr(trial_id, TRACEBACK_ATTR, traceback_text[-8000:])

@@ -243,8 +243,7 @@ class Controller:
                 return False
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
                 return False  # leftovers to mark, or repeats and experiments still to run
-            retried = books.retried_numbers(trials)
-            used = sum(books.counts_against_budget(t, retried) for t in trials)
+            used = books.budget_used(trials)
             if used < run.plan.n_trials:
                 return False
             label = self._study_label(run)
@@ -367,8 +366,7 @@ class Controller:
         if all(name in self._dead_slots for name in run.plan.slots):
             return False
         n_trials = run.plan.n_trials
-        used = run.finished + self._book.running(run.plan.name)
-        return n_trials is None or used < n_trials
+        return n_trials is None or run.finished + self._book.running(run.plan.name) < n_trials
 
     def _idle_slots(self) -> tuple[list[str], list[str]]:
         """Idle slots with a ready worker: those whose resources are free, fullest GPU first
@@ -436,23 +434,19 @@ class Controller:
         for run in self._runs.values():
             if not run.shared or run.study is None or run.plan.n_trials is None:
                 continue
-            trials = run.study.get_trials(deepcopy=False)
-            retried = books.retried_numbers(trials)
-            run.finished = sum(books.counts_against_budget(t, retried) for t in trials)
+            run.finished = books.budget_used(run.study.get_trials(deepcopy=False))
 
     def _launch(self, name: str, worker: WorkerHandle, run: StudyRun) -> None:
         study = _opened(run)
-        trial = self._ask_placed(study, name, worker.pid)
+        trial, stored = self._ask_placed(study, name, worker.pid)
         trial_dir = run.plan.folder.trial_dir(trial.number)
         if trial_dir.parent not in self._trial_folders:  # the worker makes the trial's own
             trial_dir.parent.mkdir(parents=True, exist_ok=True)
             self._trial_folders.add(trial_dir.parent)
-        # Read from storage as stored: trial.user_attrs would deep-copy them, twice a trial.
-        user_attrs = study._storage.get_trial(trial._trial_id).user_attrs
-        experiment = user_attrs.get(books.EXPERIMENT_ATTR)
+        experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
-        retry_of = user_attrs.get(books.RETRY_ATTR)
+        retry_of = stored.user_attrs.get(books.RETRY_ATTR)
         record = TrialRecord(
             study=study.study_name,
             number=trial.number,
@@ -488,25 +482,29 @@ class Controller:
         run.view.running = self._book.running(run.plan.name)
         self._after_commit.append(functools.partial(self._emit, "on_trial_start", record))
 
-    def _ask_placed(self, study: optuna.Study, slot: str, pid: int) -> optuna.Trial:
-        """A new trial, marked with where it runs; in the record that creates it when the
-        storage can, else (a queued trial, another storage) in three more writes."""
+    def _ask_placed(
+        self, study: optuna.Study, slot: str, pid: int
+    ) -> tuple[optuna.Trial, FrozenTrial]:
+        """A new trial, marked with where it runs, and the trial as stored (read once: its user
+        attributes through ``trial.user_attrs`` would be deep-copied at every look). The marks
+        go in the record that creates the trial when the storage can, else (a queued trial,
+        another storage) in three more writes."""
         placement: dict[str, Any] = {
             books.RUN_ATTR: self._run_dir.identity,
             books.SLOT_ATTR: slot,
             books.PID_ATTR: pid,
         }
         storage = study._storage  # the study's storage has no public accessor
-        if not isinstance(storage, PlacingJournalStorage):
-            trial = study.ask()
-        else:
+        if isinstance(storage, PlacingJournalStorage):
             with storage.placing(placement):
                 trial = study.ask()
-            if books.SLOT_ATTR in storage.get_trial(trial._trial_id).system_attrs:
-                return trial
-        for key, value in placement.items():
-            books.set_system_attr(trial, key, value)
-        return trial
+        else:
+            trial = study.ask()
+        stored = storage.get_trial(trial._trial_id)
+        if books.SLOT_ATTR not in stored.system_attrs:
+            for key, value in placement.items():
+                books.set_system_attr(trial, key, value)
+        return trial, stored
 
     # ----- answering trial calls -----------------------------------------------------------
 
@@ -778,7 +776,7 @@ class Controller:
                     label = self._trial_label(run, trial.number)
                     self._emit("on_message", f"{label} ({kind}) will be repeated")
         trials = study.get_trials(deepcopy=False)
-        run.finished = sum(books.counts_against_budget(t, retried) for t in trials)
+        run.finished = books.budget_used(trials)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
         run.shared = not (private or in_memory)  # others could be writing the same study
         run.view.directions = tuple(d.name for d in study.directions)
