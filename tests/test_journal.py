@@ -5,15 +5,19 @@ looked up without a pass over the study."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
+import hyperfleet
 from hyperfleet.journal import GroupCommitBackend, PlacingJournalStorage, commit
+from hyperfleet.resources.inventory import Inventory
 from hyperfleet.storage import KernelFileLock, open_private_journal, open_shared_journal
 
 
@@ -141,3 +145,23 @@ def test_a_trial_enqueued_by_another_process_is_taken(tmp_path: Path) -> None:
     other.enqueue_trial({"x": 4.0})
 
     assert study.ask().suggest_float("x", 0.0, 10.0) == 4.0
+
+
+def _quick(trial: optuna.trial.Trial) -> float:
+    return trial.suggest_float("x", 0.0, 1.0)
+
+
+def test_a_run_lets_go_of_the_journal_file_at_its_end(tmp_path: Path) -> None:
+    """A process that runs many searches (a notebook) keeps no descriptor per run."""
+    path = tmp_path / "user.journal"
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    study = optuna.create_study(study_name="s", storage=storage)
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    hyperfleet.optimize(
+        study, _quick, n_trials=2, run_dir=tmp_path / "run", display="quiet", report=False,
+        inventory=Inventory(gpus=(), cores=cores), cpu_slots=1,
+    )  # fmt: skip
+
+    assert len(study.get_trials()) == 2
+    open_files = {Path(f.path) for f in psutil.Process().open_files()}
+    assert path not in open_files

@@ -98,8 +98,12 @@ class GroupCommitBackend(CheckedBackend):
         op_code = log.get("op_code")
         if op_code == _CREATE_TRIAL and log.get("state") == TrialState.WAITING:
             self.queue_may_have_grown = True
-        elif op_code == _SET_TRIAL_STATE and isinstance(log.get("trial_id"), int):
-            self.state_changed.append(log["trial_id"])
+        elif op_code == _SET_TRIAL_STATE and not self.queue_may_have_grown:
+            # Kept only while a looked-up queue is: otherwise it is looked up afresh anyway,
+            # and a long replay (hyperfleet status, a resume) would gather every trial here.
+            trial_id = log.get("trial_id")
+            if isinstance(trial_id, int):
+                self.state_changed.append(trial_id)
         return log
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
@@ -245,3 +249,11 @@ def commit(storage: Any) -> None:
     other storage commits each write itself."""
     if isinstance(storage, PlacingJournalStorage):
         storage.commit()
+
+
+def close(storage: Any) -> None:
+    """Commit, and let go of the journal's file descriptor at the end of a run (a process that
+    runs many searches, a notebook, would otherwise keep one per run). A later write opens it
+    again."""
+    if isinstance(storage, PlacingJournalStorage):
+        storage.close()

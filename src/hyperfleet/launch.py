@@ -132,7 +132,14 @@ def run_search(
             *screen,
         ]
         controller = Controller(
-            search.plans, search.pool, settings, run_dir, sinks, run_name, search.sequential, files
+            search.plans,
+            search.pool,
+            settings,
+            run_dir,
+            sinks,
+            run_name,
+            search.sequential,
+            files=files,
         )
         try:
             return _run_to_the_end(search, controller, settings, inventory_note, report)

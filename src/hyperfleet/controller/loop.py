@@ -35,6 +35,7 @@ from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.errors import ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.journal import PlacingJournalStorage, commit
+from hyperfleet.journal import close as close_storage
 from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
@@ -125,7 +126,8 @@ class Controller:
         sinks: list[EventSink],
         run_name: str = "",
         sequential: bool = False,
-        files: FileWriter | None = None,
+        *,
+        files: FileWriter,
     ) -> None:
         used = {name for plan in plans for name in plan.slots}
         self._slots = [slot for slot in pool.slots if slot.name in used]
@@ -158,7 +160,7 @@ class Controller:
         # one commit per loop step, then these run in order (see _flush).
         self._after_commit: list[Callable[[], None]] = []
         self._sends_after_commit: list[Callable[[], None]] = []  # go first: slots wait on them
-        self._files = files if files is not None else FileWriter()
+        self._files = files  # the caller's: the best/ folders wait on it too
         self._trial_folders: set[Path] = set()  # the trials/ folders made so far
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
@@ -743,6 +745,9 @@ class Controller:
         with contextlib.suppress(OSError, RunDirGone):  # said already; stop all the same
             self._flush(final=True)
             self._files.drain()
+        for study in self.studies.values():
+            with contextlib.suppress(OSError):
+                close_storage(study._storage)  # the study's storage has no public accessor
         # All at once: idle workers leave together (a hard stop kills them), starting ones are
         # killed without waiting for their objective to load.
         stop_workers(self._workers.values(), graceful=self._stop_level < 2)
