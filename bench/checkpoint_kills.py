@@ -229,7 +229,8 @@ def main() -> int:
     reports = []
     for checkpoints in (True, False) if args.compare else (True,):
         folder = Path(tempfile.mkdtemp(prefix="checkpoint-kills-"))
-        reports.append(kill_loop(folder, args.kills, plan, checkpoints, args.seed, args.max_between))
+        report = kill_loop(folder, args.kills, plan, checkpoints, args.seed, args.max_between)
+        reports.append(report)
     print(json.dumps([r.__dict__ for r in reports], indent=2))
     return 1 if any(r.problems for r in reports) else 0
 
