@@ -20,6 +20,8 @@ from optuna.trial import TrialState
 
 import hyperfleet
 from hyperfleet import client
+from hyperfleet.config import RunSettings
+from hyperfleet.errors import ConfigError
 from support.procs import (
     assert_no_leftovers,
     cli_command,
@@ -188,3 +190,8 @@ def test_outside_hyperfleet_each_trial_gets_a_fresh_folder(
     assert client.checkpoint_dir().is_dir() and not client.should_stop()
     assert hyperfleet.should_stop(optuna.trial.FixedTrial({})) is False
     assert os.path.isdir(hyperfleet.checkpoint_dir(optuna.trial.FixedTrial({})))
+
+
+def test_an_unknown_keep_policy_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="best, all, none"):
+        RunSettings(keep_checkpoints="last")

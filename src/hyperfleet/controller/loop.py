@@ -603,9 +603,9 @@ class Controller:
 
     def _tell_interrupted(self, name: str, active: ActiveTrial) -> None:
         """The objective raised TrialInterrupted: an interruption (repeated, from its
-        checkpoint) when it was asked to stop, else an error, which a policy must allow to
+        checkpoint) when the run is stopping, else an error, which a policy must allow to
         repeat: a trial that interrupts itself unasked would otherwise run for ever."""
-        if active.stop_asked:
+        if active.stop_asked or self._stop_asked(active):
             reason = "interrupted: it stopped when asked to (SIGTERM); its next attempt continues"
             self._tell(name, TrialState.FAIL, kind="interrupted", reason=reason)
             return

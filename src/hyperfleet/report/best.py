@@ -224,6 +224,8 @@ def _folder_lines(campaign: bool) -> list[str]:
         f"- `trials/<number>/` in {where}: `params.json`, `result.json`, `stdout.log`, "
         "`stderr.log` and what the objective wrote",
         f"- `best/` in {where}: the best trial's folder (`best.json` says which)",
+        f"- `checkpoints/<number>/` in {where}: what a trial and its repeats saved to continue "
+        "(`--keep-checkpoints` says which stay)",
         f"- `report/index.html` in {where}: plots and tables (`hyperfleet report` rewrites it)",
     ]
 
