@@ -682,8 +682,9 @@ class Controller:
         self._after_commit.append(functools.partial(self._files.submit, removal))
 
     def _sweep_checkpoints(self, run: StudyRun) -> None:
-        """Settle every ended chain's checkpoint folder at once (see controller.checkpoints)."""
-        if self._settings.keep_checkpoints == "all":
+        """Settle every ended chain's checkpoint folder at once (see controller.checkpoints).
+        A run whose objective never asked for a folder pays one look at the disk."""
+        if self._settings.keep_checkpoints == "all" or not run.plan.folder.checkpoints_dir.is_dir():
             return
         study = _opened(run)
         trials = study.get_trials(deepcopy=False)
