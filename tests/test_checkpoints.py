@@ -16,11 +16,12 @@ from types import ModuleType
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 import hyperfleet
 from hyperfleet import client
 from hyperfleet.config import RunSettings
+from hyperfleet.controller.checkpoints import sweep
 from hyperfleet.errors import ConfigError
 from support.procs import (
     assert_no_leftovers,
@@ -195,3 +196,33 @@ def test_outside_hyperfleet_each_trial_gets_a_fresh_folder(
 def test_an_unknown_keep_policy_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="best, all, none"):
         RunSettings(keep_checkpoints="last")
+
+
+def _trial(number: int, state: TrialState, **user_attrs: int) -> FrozenTrial:
+    value = float(number) if state == TrialState.COMPLETE else None
+    return FrozenTrial(
+        number=number, state=state, value=value, datetime_start=None, datetime_complete=None,
+        params={}, distributions={}, user_attrs=user_attrs, system_attrs={},
+        intermediate_values={}, trial_id=number,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("keep", "left"),
+    [("best", ["0", "4", "5"]), ("none", ["4", "5"]), ("all", ["0", "1", "2", "4", "5"])],
+)
+def test_a_sweep_removes_only_ended_chains_the_policy_does_not_keep(
+    tmp_path: Path, keep: str, left: list[str]
+) -> None:
+    trials = [
+        _trial(0, TrialState.COMPLETE),  # the best
+        _trial(1, TrialState.PRUNED),
+        _trial(2, TrialState.FAIL),  # interrupted, then completed by its repeat, trial 3
+        _trial(3, TrialState.COMPLETE, **{RETRY_OF: 2, "hyperfleet.first_attempt": 2}),
+        _trial(4, TrialState.FAIL),  # failed for good: a later --retry may continue it
+        _trial(5, TrialState.RUNNING),
+    ]
+    for name in ("0", "1", "2", "4", "5"):
+        (tmp_path / name).mkdir()
+    sweep(tmp_path, trials, keep, best={0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
