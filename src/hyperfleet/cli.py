@@ -134,8 +134,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--keep-checkpoints",
         choices=KEEP_CHECKPOINTS,
         default="best",
-        help="checkpoint folders kept once their trials completed or were pruned: the best "
-        "trial's (default), all or none",
+        help="whose checkpoint folders stay once trials completed or were pruned (default best)",
     )
     add("--quiet", action="store_true", help="print only the final summary")
     add("--plain", action="store_true", help="plain lines instead of the live view")
