@@ -41,6 +41,7 @@ def optimize(
     max_trials_per_worker: int | None = None,
     stop_grace: float | str = 30.0,
     kill_grace: float | str = 5.0,
+    keep_checkpoints: str = "best",
     display: str = "auto",
     report: bool = True,
     objective_kwargs: dict[str, Any] | None = None,
@@ -56,7 +57,9 @@ def optimize(
     that returns the objective (load a data set there). ``inventory`` replaces the detected
     GPUs and cores (for tests and dry runs). After SIGTERM, running trials get ``stop_grace``
     to finish before they are terminated; a terminated trial's processes get ``kill_grace``
-    between SIGTERM and SIGKILL. ``report=False`` skips writing
+    between SIGTERM and SIGKILL. ``keep_checkpoints`` ("best", "all" or "none") says whose
+    checkpoint folders outlive trials that completed or were pruned (see
+    :func:`hyperfleet.checkpoint_dir`). ``report=False`` skips writing
     ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
     the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
     best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
@@ -70,6 +73,7 @@ def optimize(
         max_trials_per_worker=max_trials_per_worker,
         stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
         kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
+        keep_checkpoints=keep_checkpoints,
     )
     options = PoolOptions(
         gpus=[str(g) for g in gpus] if gpus is not None else None,
@@ -132,6 +136,7 @@ def run_campaign(
     run_dir: str | Path | None = None,
     stop_grace: float | str = 30.0,
     kill_grace: float | str = 5.0,
+    keep_checkpoints: str = "best",
     display: str = "auto",
     report: bool = True,
     force_refit: bool = False,
@@ -151,6 +156,7 @@ def run_campaign(
         campaign,
         stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
         kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
+        keep_checkpoints=keep_checkpoints,
     )
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)

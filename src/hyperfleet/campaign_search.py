@@ -31,7 +31,9 @@ from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 
-def campaign_settings(campaign: Campaign, stop_grace: float, kill_grace: float) -> RunSettings:
+def campaign_settings(
+    campaign: Campaign, stop_grace: float, kill_grace: float, keep_checkpoints: str = "best"
+) -> RunSettings:
     settings = campaign.settings
     return RunSettings(
         timeout=settings.timeout,
@@ -40,6 +42,7 @@ def campaign_settings(campaign: Campaign, stop_grace: float, kill_grace: float) 
         max_trials_per_worker=settings.max_trials_per_worker,
         stop_grace=stop_grace,
         kill_grace=kill_grace,
+        keep_checkpoints=keep_checkpoints,
     )
 
 

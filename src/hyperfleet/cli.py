@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover (exercised on Python 3.10 only)
     import tomli as tomllib  # type: ignore[import-not-found]
 
-from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
+from hyperfleet.config import KEEP_CHECKPOINTS, RetryPolicy, RunSettings, parse_duration
 from hyperfleet.controller.bookkeeping import stored_trials
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
@@ -129,6 +129,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--kill-grace",
         default="5s",
         help="how long a trial's processes get between SIGTERM and SIGKILL (default 5s)",
+    )
+    add(
+        "--keep-checkpoints",
+        choices=KEEP_CHECKPOINTS,
+        default="best",
+        help="whose checkpoint folders stay once trials completed or were pruned (default best)",
     )
     add("--quiet", action="store_true", help="print only the final summary")
     add("--plain", action="store_true", help="plain lines instead of the live view")
@@ -246,6 +252,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         stop_grace=args.stop_grace,
         kill_grace=args.kill_grace,
+        keep_checkpoints=args.keep_checkpoints,
         display=_display(args).mode,
         report=not args.no_report,
         force_refit=args.force_refit,
@@ -275,6 +282,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         stop_grace=parse_duration(args.stop_grace, "stop grace") or 30.0,
         retry=RetryPolicy.parse(args.retry),
         max_trials_per_worker=args.max_trials_per_worker,
+        keep_checkpoints=args.keep_checkpoints,
     )
 
 

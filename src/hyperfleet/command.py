@@ -19,16 +19,19 @@ The command line
 
 The environment
     The command also finds its parameters as JSON in ``HYPERFLEET_PARAMS``, its trial number in
-    ``HYPERFLEET_TRIAL_NUMBER``, and in ``HYPERFLEET_CLIENT`` the socket that
-    :mod:`hyperfleet.client` talks to. ``PYTHONUNBUFFERED=1`` is set (unless set already) so
-    that a Python script's output reaches the trial's stdout.log as it is printed.
+    ``HYPERFLEET_TRIAL_NUMBER``, in ``HYPERFLEET_CHECKPOINT_DIR`` the folder it shares with
+    every repeat of the trial (``client.checkpoint_dir()``), and in ``HYPERFLEET_CLIENT`` the
+    socket that :mod:`hyperfleet.client` talks to. ``PYTHONUNBUFFERED=1`` is set (unless set
+    already) so that a Python script's output reaches the trial's stdout.log as it is printed.
 
 The result
     ``client.result(value)``, or else the last line of stdout that is a JSON object with
     ``"value"`` (one objective) or ``"values"`` (several): ``{"value": 0.93}``. Intermediate
     values go through ``client.report(value, step)``; when ``client.should_prune()`` has
     answered True the trial ends as PRUNED however the command exits, and a command still
-    running ``prune_grace`` seconds later is terminated. A command that exits with a non-zero
+    running ``prune_grace`` seconds later is terminated. Likewise, once ``client.should_stop()``
+    has answered True (the run got SIGTERM), the trial ends as interrupted however the command
+    exits, unless it gave its result first. A command that exits with a non-zero
     status fails the trial with the status and the end of its stderr as the reason.
 """
 
@@ -54,7 +57,8 @@ import optuna
 import psutil
 
 from hyperfleet import client
-from hyperfleet.errors import ConfigError, ObjectiveError
+from hyperfleet.checkpoints import checkpoint_dir, should_stop
+from hyperfleet.errors import ConfigError, ObjectiveError, TrialInterrupted
 from hyperfleet.space import RESERVED_NAMES, Param, SearchSpace
 
 STDERR_TAIL_CHARS = 1500
@@ -119,6 +123,7 @@ class CommandObjective:
             **os.environ,
             client.PARAMS_ENV: json.dumps(values),
             client.TRIAL_NUMBER_ENV: str(trial.number),
+            client.CHECKPOINT_ENV: str(checkpoint_dir(trial)),
         }
         env.setdefault("PYTHONUNBUFFERED", "1")
         with _Session(trial, argv, env, self.prune_grace, self.stop_grace) as session:
@@ -226,6 +231,7 @@ class _Session:
         self.open_pipes = 0
         self.result: Any = None
         self.pruned_at: int | None = None
+        self.stop_asked = False  # should_stop() answered True
         self.last_step: int | None = None
         self.signal_at: float | None = None
         self.exited_at: float | None = None
@@ -402,6 +408,9 @@ class _Session:
             if self.pruned_at is None and self.trial.should_prune():
                 self._mark_pruned()
             return self.pruned_at is not None
+        if op == "should_stop":
+            self.stop_asked = self.stop_asked or should_stop(self.trial)
+            return self.stop_asked
         if op == "set_user_attr":
             self.trial.set_user_attr(str(request["key"]), request["value"])
             return None
@@ -417,6 +426,8 @@ class _Session:
     def _outcome(self, status: int) -> float | list[float]:
         if self.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at step {self.pruned_at}")
+        if self.stop_asked and self.result is None:
+            raise TrialInterrupted(f"the command stopped when asked to ({describe_exit(status)})")
         if status != 0:
             raise CommandError(f"{describe_exit(status)}; {self._stderr_summary()}")
         if self.result is not None:

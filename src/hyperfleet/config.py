@@ -9,6 +9,8 @@ from hyperfleet.errors import ConfigError
 
 FAIL_KINDS = ("interrupted", "crash", "oom", "timeout", "error")
 RETRY_KINDS = FAIL_KINDS[1:]  # an interrupted trial is always run again
+# Which trials' checkpoint folders outlive them once they completed or were pruned.
+KEEP_CHECKPOINTS = ("best", "all", "none")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
 
 
@@ -88,8 +90,14 @@ class RunSettings:
     stop_grace: float = 30.0  # seconds between SIGTERM's soft stop and its hard stop
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_trials_per_worker: int | None = None
+    keep_checkpoints: str = "best"
 
     def __post_init__(self) -> None:
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise ConfigError(
+                f"keep_checkpoints={self.keep_checkpoints!r} is not one of "
+                f"{', '.join(KEEP_CHECKPOINTS)}; pass --keep-checkpoints best, all or none."
+            )
         for name in ("n_trials", "max_trials_per_worker"):
             value = getattr(self, name)
             if value is not None and value < 1:

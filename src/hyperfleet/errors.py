@@ -33,3 +33,12 @@ class RunDirError(HyperfleetError):
 
 class WorkerError(HyperfleetError):
     """A worker process could not be started or broke its protocol."""
+
+
+class TrialInterrupted(HyperfleetError):
+    """Raised by an objective that stops early because hyperfleet asked it to.
+
+    After :func:`hyperfleet.should_stop` answers True (the controller got SIGTERM), save the
+    checkpoint and raise this: the trial is recorded as interrupted and its next attempt
+    continues from the checkpoint. Raised when no stop was asked, it fails the trial.
+    """

@@ -25,6 +25,7 @@ LOCK_NAME = ".hyperfleet.lock"
 RECORD_NAME = ".hyperfleet-run.json"  # the directory's own id and the study that owns it
 STUDIES_NAME = "studies"  # a campaign's studies each get a folder in there
 JOURNAL_NAME = "optuna.journal"
+CHECKPOINTS_NAME = "checkpoints"  # one folder per trial and its repeats, made when asked for
 # A study or campaign name becomes a folder name, which file systems limit to 255 bytes; the
 # margin leaves room for what is built from it (".<name>.new", "trial-<n>").
 MAX_NAME_BYTES = 128
@@ -96,6 +97,15 @@ class RunDir:
 
     def trial_dir(self, number: int) -> Path:
         return self.path / "trials" / str(number)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS_NAME
+
+    def checkpoint_dir(self, first_attempt: int) -> Path:
+        """``checkpoints/<n>/``: the folder a trial and every repeat of it share, named after
+        the first attempt's number, so each repeat finds what the attempt before it saved."""
+        return self.checkpoints_dir / str(first_attempt)
 
     def study_folder(self, name: str) -> RunDir:
         """``studies/<name>/``: a campaign study's trials, ``best/`` and ``report/``."""

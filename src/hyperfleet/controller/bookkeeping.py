@@ -22,6 +22,8 @@ from hyperfleet.rundir import tail, write_json
 from hyperfleet.state import TrialRecord
 
 RETRY_ATTR = "hyperfleet.retry_of"
+# The first trial of a chain of repeats: its number names the checkpoint folder they share.
+FIRST_ATTEMPT_ATTR = "hyperfleet.first_attempt"
 EXPERIMENT_ATTR = "experiment"  # a campaign's named experiment (or grid point) a trial runs
 RUN_ATTR = "hyperfleet:run"
 SLOT_ATTR = "hyperfleet:slot"
@@ -129,11 +131,44 @@ def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: Retr
     trials = study.get_trials(deepcopy=False)
     if not policy.allows(kind, attempts_before(trials, trial, kind)):
         return False
-    attrs: dict[str, Any] = {RETRY_ATTR: trial.number}
+    attrs: dict[str, Any] = {RETRY_ATTR: trial.number, FIRST_ATTEMPT_ATTR: first_attempt(trial)}
     if EXPERIMENT_ATTR in trial.user_attrs:  # a repeated experiment keeps its name
         attrs[EXPERIMENT_ATTR] = trial.user_attrs[EXPERIMENT_ATTR]
     study.enqueue_trial(intended_params(trial), user_attrs=attrs)
     return True
+
+
+def first_attempt(trial: FrozenTrial) -> int:
+    """The number of the first trial of this trial's chain of repeats (its own when it repeats
+    none). A repeat enqueued before chains recorded their first attempt names the trial it
+    repeats, which is the best there is without reading the chain."""
+    first = trial.user_attrs.get(FIRST_ATTEMPT_ATTR, trial.user_attrs.get(RETRY_ATTR))
+    return trial.number if first is None else int(first)
+
+
+def inherit_history(study: optuna.Study, trial: optuna.Trial, stored: FrozenTrial) -> set[int]:
+    """Give a repeat the intermediate values its earlier attempts reported, so that pruners
+    judge it on the whole curve; the steps it inherited are returned.
+
+    Every earlier attempt of the chain is read, not only the one it repeats: a controller
+    killed while it copied them into that one left it only part of the curve. A step reported
+    by several attempts keeps the first value, as ``trial.report`` keeps the first report."""
+    storage, study_id = study._storage, study._study_id  # no public accessors for either
+    earlier: list[FrozenTrial] = []
+    number = stored.user_attrs.get(RETRY_ATTR)
+    while number is not None:
+        found = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+        earlier.append(found)
+        number = found.user_attrs.get(RETRY_ATTR)
+    values: dict[int, float] = {}
+    for attempt in reversed(earlier):  # the first attempt first
+        for step, value in attempt.intermediate_values.items():
+            values.setdefault(step, value)
+    for step in sorted(values):
+        storage.set_trial_intermediate_value(trial._trial_id, step, values[step])
+    # The trial object caches what it reported: its pruner and report() must see these too.
+    trial._cached_frozen_trial.intermediate_values.update(values)
+    return set(values)
 
 
 def intended_params(trial: FrozenTrial) -> dict[str, Any]:

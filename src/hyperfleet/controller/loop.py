@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller import checkpoints
 from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
@@ -89,6 +90,7 @@ class StudyRun:
     # finished trials are then recounted from storage, theirs included.
     shared: bool = False
     first_launch: float | None = None  # monotonic
+    best_checkpoint: Path | None = None  # the best trial's, kept by --keep-checkpoints best
 
 
 @dataclass
@@ -100,6 +102,9 @@ class ActiveTrial:
     deadline: float | None
     end_kind: str = ""  # set when the controller itself ends the trial (timeout, interrupted)
     end_reason: str = ""
+    # Steps an earlier attempt reported: the repeat's own reports of them are left out.
+    inherited_steps: set[int] = field(default_factory=set)
+    stop_asked: bool = False  # should_stop() answered True: it may end as interrupted
 
 
 @dataclass
@@ -224,6 +229,8 @@ class Controller:
             self._loop()
             self._flush(final=True)
             self._files.drain()  # every trial's files are there when the run returns
+            for run in self._runs.values():
+                self._sweep_checkpoints(run)
         finally:
             self._close()
         return self._outcome()
@@ -449,6 +456,7 @@ class Controller:
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
         retry_of = stored.user_attrs.get(books.RETRY_ATTR)
+        inherited = books.inherit_history(study, trial, stored) if retry_of is not None else set()
         record = TrialRecord(
             study=study.study_name,
             number=trial.number,
@@ -460,7 +468,7 @@ class Controller:
         now = time.monotonic()
         timeout = self._settings.trial_timeout
         self._active[name] = ActiveTrial(
-            run, trial, record, now, now + timeout if timeout else None
+            run, trial, record, now, now + timeout if timeout else None, inherited_steps=inherited
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
@@ -472,6 +480,7 @@ class Controller:
             trial_dir=str(trial_dir),
             datetime_start=trial.datetime_start,
             study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
+            checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
         )
         self._sends_after_commit.append(functools.partial(_send, worker, message))
         view = self.state.slot(name)
@@ -516,10 +525,7 @@ class Controller:
             if active is None:
                 raise RuntimeError(f"hyperfleet: no trial is running for call {call.name!r}")
             check_call_allowed(call)
-            target: Any = active.trial if call.target.startswith("trial") else active.run.study
-            attr = getattr(target, call.name)
-            value = attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
-            reply = Reply(value=value)
+            reply = Reply(value=self._call_value(active, call))
         except OSError:
             raise  # the storage itself failed (a full disk): nothing more can be recorded
         except Exception as exc:  # the objective gets the very exception Optuna raised
@@ -528,6 +534,22 @@ class Controller:
             worker.conn.send(reply)
         except Exception as exc:  # an unpicklable value or error: say so instead
             worker.conn.send(Reply(error=RuntimeError(f"hyperfleet: cannot send reply: {exc}")))
+
+    def _call_value(self, active: ActiveTrial, call: Call) -> Any:
+        if call.target == "hyperfleet":  # should_stop, the only question for the controller
+            return self._stop_asked(active)
+        if call.name == "report" and _reported_step(call) in active.inherited_steps:
+            return None  # an earlier attempt reported this step; its value stays, as in Optuna
+        target: Any = active.trial if call.target.startswith("trial") else active.run.study
+        attr = getattr(target, call.name)
+        return attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
+
+    def _stop_asked(self, active: ActiveTrial) -> bool:
+        """True once SIGTERM has set a hard stop: the trial should save and stop. A first
+        Ctrl+C lets running trials finish, so it answers False then."""
+        asked = self._hard_stop_at is not None or self._stop_level >= 2
+        active.stop_asked = active.stop_asked or asked
+        return asked
 
     # ----- ending trials -------------------------------------------------------------------
 
@@ -551,6 +573,9 @@ class Controller:
         if finished.outcome == "pruned":
             self._tell(name, TrialState.PRUNED)
             return False
+        if finished.outcome == "interrupted":
+            self._tell_interrupted(name, active)
+            return True
         if finished.outcome == "returned":
             values, problem = books.objective_values(study, finished.value)
             if values is not None:
@@ -575,6 +600,20 @@ class Controller:
                 reason=f"the result cannot be sent back: {finished.message}",
             )
         return True
+
+    def _tell_interrupted(self, name: str, active: ActiveTrial) -> None:
+        """The objective raised TrialInterrupted: an interruption (repeated, from its
+        checkpoint) when the run is stopping, else an error, which a policy must allow to
+        repeat: a trial that interrupts itself unasked would otherwise run for ever."""
+        if active.stop_asked or self._stop_asked(active):
+            reason = "interrupted: it stopped when asked to (SIGTERM); its next attempt continues"
+            self._tell(name, TrialState.FAIL, kind="interrupted", reason=reason)
+            return
+        reason = (
+            "TrialInterrupted: the objective raised it although hyperfleet did not ask the trial "
+            "to stop; raise it only after hyperfleet.should_stop(trial) answers True"
+        )
+        self._tell(name, TrialState.FAIL, kind="error", reason=reason)
 
     def _on_worker_exit(self, name: str, worker: WorkerHandle) -> None:
         active = self._active.get(name)
@@ -620,10 +659,43 @@ class Controller:
         self._mark_slot_idle(name, record)
         self.state.recent.appendleft(record)
         self._count_trial_end(run, frozen)
+        if state in checkpoints.ENDED:
+            self._release_checkpoint(run, frozen)
         trial_dir = run.plan.folder.trial_dir(frozen.number)
         write = functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
         self._after_commit.append(functools.partial(self._files.submit, write))
         self._after_commit.append(functools.partial(self._emit, "on_trial_end", record))
+
+    def _release_checkpoint(self, run: StudyRun, trial: FrozenTrial) -> None:
+        """Remove the checkpoint folder of a chain that ended, unless --keep-checkpoints keeps
+        it; once the storage has the trial's end (a controller killed before that repeats the
+        trial, which needs the folder). The Pareto front is settled by the end-of-run sweep."""
+        keep = self._settings.keep_checkpoints
+        folder: Path | None = run.plan.folder.checkpoint_dir(books.first_attempt(trial))
+        if keep == "all" or (keep == "best" and len(_opened(run).directions) > 1):
+            return
+        if keep == "best" and run.view.best_number == trial.number:
+            folder, run.best_checkpoint = run.best_checkpoint, folder  # the old best's goes
+        if folder is None:
+            return
+        removal = functools.partial(checkpoints.remove, folder)
+        self._after_commit.append(functools.partial(self._files.submit, removal))
+
+    def _sweep_checkpoints(self, run: StudyRun) -> None:
+        """Settle every ended chain's checkpoint folder at once (see controller.checkpoints).
+        A run whose objective never asked for a folder pays one look at the disk."""
+        if self._settings.keep_checkpoints == "all" or not run.plan.folder.checkpoints_dir.is_dir():
+            return
+        study = _opened(run)
+        trials = study.get_trials(deepcopy=False)
+        best = checkpoints.best_numbers(study, trials)
+        checkpoints.sweep(
+            run.plan.folder.checkpoints_dir, trials, self._settings.keep_checkpoints, best
+        )
+        if len(best) == 1:
+            run.best_checkpoint = run.plan.folder.checkpoint_dir(
+                books.first_attempt(trials[next(iter(best))])
+            )
 
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
         view = self.state.slot(name)
@@ -787,6 +859,7 @@ class Controller:
         run.view.directions = tuple(d.name for d in study.directions)
         self._announce_budget(run)
         self._refresh_study_view(run, trials)
+        self._sweep_checkpoints(run)
 
     def _announce_budget(self, run: StudyRun) -> None:
         """What a resumed run (or one sharing its storage) works toward, in one line."""
@@ -935,6 +1008,15 @@ def _improves(value: float, best: list[float] | None, direction: StudyDirection)
     if best is None:
         return True
     return value < best[0] if direction == StudyDirection.MINIMIZE else value > best[0]
+
+
+def _reported_step(call: Call) -> int | None:
+    """The step of a ``trial.report(value, step)`` call, as the objective passed it."""
+    step: Any = call.kwargs.get("step", call.args[1] if len(call.args) > 1 else None)
+    try:
+        return int(step)
+    except (TypeError, ValueError):
+        return None  # Optuna's own report refuses it, with its own message
 
 
 def _send(worker: WorkerHandle, message: RunTrial) -> None:

@@ -2,8 +2,10 @@
 
 ``best/`` is the best trial's folder (its files, ``params.json`` and ``result.json``) plus
 ``best.json``; for a multi-objective study it holds one ``trial-<number>/`` folder per trial of
-the Pareto front. Files are hard-linked when the file system allows (a checkpoint is not copied
-on every new best), and the folder is built aside and swapped in, so it is never half-written.
+the Pareto front. Each also holds ``checkpoint/``, the trial's checkpoint folder, when it kept
+one (see ``--keep-checkpoints``). Files are hard-linked when the file system allows (a
+checkpoint is not copied on every new best), and the folder is built aside and swapped in, so it
+is never half-written.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import SLOT_ATTR
+from hyperfleet.controller.bookkeeping import SLOT_ATTR, first_attempt
 from hyperfleet.display import format as fmt
 from hyperfleet.events import EventSink
 from hyperfleet.rundir import RunDir, write_json
@@ -28,6 +30,7 @@ from hyperfleet.state import RunState, TrialRecord
 
 BEST_NAME = "best"
 REFIT_NAME = "refit"  # best/refit/: what hyperfleet.refit made from the best parameters
+CHECKPOINT_NAME = "checkpoint"  # best/checkpoint/: the best trial's checkpoint folder
 SUMMARY_NAME = "summary.md"
 PARETO_EVERY_SECONDS = 2.0
 
@@ -106,6 +109,7 @@ def write_best(run_dir: RunDir, study: optuna.Study, best: list[FrozenTrial]) ->
     if len(study.directions) == 1:
         trial = best[0]
         _link_tree(run_dir.trial_dir(trial.number), building)
+        _link_checkpoint(run_dir, trial, building)
         write_json(building / "params.json", trial.params)
         write_json(building / "best.json", _describe(study, trial))
         _keep_refit_if_same_params(final, building, trial.params)
@@ -113,6 +117,7 @@ def write_best(run_dir: RunDir, study: optuna.Study, best: list[FrozenTrial]) ->
         for trial in best:
             folder = building / f"trial-{trial.number}"
             _link_tree(run_dir.trial_dir(trial.number), folder)
+            _link_checkpoint(run_dir, trial, folder)
             write_json(folder / "params.json", trial.params)
         write_json(building / "best.json", {"pareto_front": [_describe(study, t) for t in best]})
     _swap_in(building, final)
@@ -145,6 +150,12 @@ def _describe(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         "slot": trial.system_attrs.get(SLOT_ATTR),
         "trial_folder": f"trials/{trial.number}",
     }
+
+
+def _link_checkpoint(run_dir: RunDir, trial: FrozenTrial, folder: Path) -> None:
+    checkpoint = run_dir.checkpoint_dir(first_attempt(trial))
+    if checkpoint.is_dir():
+        _link_tree(checkpoint, folder / CHECKPOINT_NAME)
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -213,6 +224,8 @@ def _folder_lines(campaign: bool) -> list[str]:
         f"- `trials/<number>/` in {where}: `params.json`, `result.json`, `stdout.log`, "
         "`stderr.log` and what the objective wrote",
         f"- `best/` in {where}: the best trial's folder (`best.json` says which)",
+        f"- `checkpoints/<number>/` in {where}: what a trial and its repeats saved to continue "
+        "(`--keep-checkpoints` says which stay)",
         f"- `report/index.html` in {where}: plots and tables (`hyperfleet report` rewrites it)",
     ]
 

@@ -75,11 +75,14 @@ class RunTrial:
     datetime_start: datetime.datetime | None
     study: StudyInfo
     user_attrs: dict[str, Any] = field(default_factory=dict)
+    # The folder this trial shares with its repeats (made when the objective asks for it).
+    checkpoint_dir: str = ""
 
 
 @dataclass(frozen=True)
 class Call:
-    """A method call on the real trial ("trial") or study ("study") in the controller."""
+    """A method call on the real trial ("trial") or study ("study") in the controller, or a
+    question for the controller itself ("hyperfleet": ``should_stop``)."""
 
     target: str
     name: str
@@ -97,7 +100,8 @@ class Reply:
 class Finished:
     """How the objective ended.
 
-    ``outcome`` is "returned" (``value`` holds what it returned), "pruned", "error" (it raised;
+    ``outcome`` is "returned" (``value`` holds what it returned), "pruned", "interrupted" (it
+    raised :class:`~hyperfleet.errors.TrialInterrupted`), "error" (it raised;
     ``error_type``, ``message`` and ``traceback`` say what) or "unsendable" (it returned
     something that cannot be pickled; ``message`` holds its repr).
     """

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 import psutil
 
-from hyperfleet.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError, TrialInterrupted
 from hyperfleet.workers.descendants import descendants
 from hyperfleet.workers.descendants import end as end_processes
 from hyperfleet.workers.protocol import (
@@ -145,12 +145,16 @@ def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Fini
         os.mkdir(message.trial_dir)
     os.chdir(message.trial_dir)
     study = RemoteStudy(channel, message.study)
-    trial = RemoteTrial(channel, message.number, message.datetime_start, study)
+    trial = RemoteTrial(
+        channel, message.number, message.datetime_start, study, message.checkpoint_dir
+    )
     with _output_to(Path(message.trial_dir)):
         try:
             value = objective(trial)
         except optuna.TrialPruned as exc:
             return Finished("pruned", message=str(exc))
+        except TrialInterrupted as exc:  # it stopped when asked to: the controller checks that
+            return Finished("interrupted", message=str(exc))
         except BaseException as exc:  # SystemExit too: a trial's exit must not end the worker
             text = traceback.format_exc()
             sys.stderr.write(text)
