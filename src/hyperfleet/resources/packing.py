@@ -62,6 +62,10 @@ class _Segment:
     start: float
     completions: int = 0
     last_end: float | None = None
+    busy: list[float] = field(default_factory=list)  # utilisation read during the stretch
+
+    def mean_busy(self) -> float | None:
+        return sum(self.busy) / len(self.busy) if self.busy else None
 
     def rate(self) -> float | None:
         if self.last_end is None or self.last_end <= self.start:
@@ -117,6 +121,8 @@ class GpuPacker:
     def decide(self, reading: GpuReading | None, now: float) -> Decision | None:
         """A new worker count, or the reason it holds when that reason is new; else None."""
         self._observe(reading)
+        if reading is not None and reading.busy_pct is not None:
+            self._segment.busy.append(reading.busy_pct)
         if self.pending:
             return None
         if self.workers > self.limit:
@@ -164,10 +170,12 @@ class GpuPacker:
         total = reading.total_mib
         used = reading.used_mib if reading.used_mib is not None else n * per_trial
         memory = f"{100 * used / total:.0f} % memory"
-        busy = "" if reading.busy_pct is None else f", {reading.busy_pct:.0f} % busy"
+        # Busy over the whole stretch at this count: one reading may fall between trials.
+        mean_busy = self._segment.mean_busy()
+        busy = "" if mean_busy is None else f", {mean_busy:.0f} % busy"
         if self._projected_mib(reading, per_trial) + self.settings.margin_fraction * total > total:
             return self._hold("memory", f"stays at {n}: no room for one more trial ({memory})")
-        if reading.busy_pct is not None and reading.busy_pct >= self.settings.busy_target_pct:
+        if mean_busy is not None and mean_busy >= self.settings.busy_target_pct:
             return self._hold("busy", f"stays at {n}: busy ({memory}{busy})")
         self._held_for = ""
         return Decision(n + 1, f"{memory}{busy}")
