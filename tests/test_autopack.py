@@ -100,8 +100,8 @@ def test_out_of_memory_beside_others_runs_again_with_fewer(
     models: ModuleType, tmp_path: Path
 ) -> None:
     """Another process takes 11000 MiB once three trials share the GPU: the next trial to
-    start beside two others runs out of memory, runs again with the same parameters, and the GPU's worker
-    limit drops below the count it ran out at."""
+    start beside two others runs out of memory, runs again with the same parameters, and the
+    GPU's worker limit drops below the count it ran out at."""
     release = threading.Event()
     taken = threading.Event()
 
