@@ -1,9 +1,17 @@
 """Auto packing's decisions (``hyperfleet.resources.packing``), fed readings and trial ends by
-hand: no process, no clock."""
+hand: no process, no clock; and when a pool is packed automatically."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from hyperfleet.config import parse_memory
+from hyperfleet.resources import fakegpu
+from hyperfleet.resources.inventory import Gpu, Inventory
 from hyperfleet.resources.packing import GpuPacker, GpuReading, PackingSettings
+from hyperfleet.resources.slots import PoolOptions, auto_packing, plan_slots
 
 TOTAL = 16384
 
@@ -129,3 +137,29 @@ def test_declared_memory_packs_without_readings() -> None:
             break
         grown = decision.target
     assert grown == 3  # 4 x 4096 + 10 % would not fit in 16384
+
+
+def test_auto_packing_is_planned_only_for_auto_on_gpus_that_can_be_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gpus = tuple(Gpu(index=i, uuid=f"GPU-fake-{i}", name="f", kind="fake") for i in range(2))
+    machine = Inventory(gpus=gpus, cores=(0, 1))
+    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path))
+    auto = PoolOptions(trials_per_gpu="auto", cpu_slots=0)
+    slots = plan_slots(machine, auto)
+    assert [s.name for s in slots] == ["gpu0#0", "gpu1#0"]  # one worker each to start with
+    assert auto_packing(machine, auto, slots) is not None
+    fixed = PoolOptions(trials_per_gpu=2, cpu_slots=0)  # a fixed count means exactly that
+    assert auto_packing(machine, fixed, plan_slots(machine, fixed)) is None
+    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV)
+    assert auto_packing(machine, auto, slots) is None  # nothing to read: one worker each
+    declared = PoolOptions(trials_per_gpu="auto", cpu_slots=0, gpu_memory_mib=2048)
+    packing = auto_packing(machine, declared, slots)
+    assert packing is not None and packing.memory_per_trial_mib == 2048
+
+
+@pytest.mark.parametrize(
+    ("text", "mib"), [("10GiB", 10240), ("512MiB", 512), ("1.5g", 1536), ("300", 300)]
+)
+def test_gpu_memory_is_read_in_mib(text: str, mib: int) -> None:
+    assert parse_memory(text) == mib
