@@ -68,8 +68,9 @@ def workers_over_time(log: list[str]) -> list[int]:
 
 
 def test_a_small_model_grows_until_the_gpu_is_busy(models: ModuleType, tmp_path: Path) -> None:
-    # Each trial keeps the GPU 20 % busy: five of them make it busy (90 % is the target).
-    study, log = run(tmp_path, 90, mib=1000, busy=20.0, seconds=0.25)
+    # Each trial keeps the GPU 22 % busy: four leave it below the 90 % target, five ask for
+    # 110 % of it (each then runs a little slower, as on a real GPU).
+    study, log = run(tmp_path, 160, mib=1000, busy=22.0, seconds=0.25)
     counts = workers_over_time(log)
     assert counts == [1, 2, 3, 4, 5], log
     assert any("gpu0 stays at 5: busy" in line for line in log), log
