@@ -35,12 +35,12 @@ def models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
 
 
 def run(
-    tmp_path: Path, n_trials: int, study: optuna.Study | None = None, **model: Any
+    tmp_path: Path, n_trials: int, factory: str = "make_objective", pool: Any = None, **model: Any
 ) -> tuple[optuna.Study, list[str]]:
-    study = study or optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     outcome = hyperfleet.optimize(
         study,
-        _factory(),
+        getattr(importlib.import_module("fake_gpu_models"), factory),
         n_trials=n_trials,
         run_dir=tmp_path / "run",
         display="quiet",
@@ -48,13 +48,10 @@ def run(
         inventory=detect_inventory(),
         cpu_slots=0,
         objective_kwargs=model,
+        **(pool or {}),
     )
     assert outcome.status == "completed", outcome.message
     return study, (tmp_path / "run" / "run.log").read_text().splitlines()
-
-
-def _factory() -> Any:
-    return importlib.import_module("fake_gpu_models").make_objective
 
 
 def workers_over_time(log: list[str]) -> list[int]:
@@ -146,3 +143,15 @@ def test_out_of_memory_beside_others_runs_again_with_fewer(
     counts = workers_over_time(log)
     after = counts[counts.index(max(counts)) :]
     assert after[-1] < max(counts)
+
+
+def test_declared_memory_packs_a_gpu_that_reads_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.syspath_prepend(str(OBJECTIVES))
+    monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # no state folder: the fake GPU reads nothing
+    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    # 5 GiB per trial on 16 GiB: two fit with the 10 % margin, three do not.
+    study, log = run(tmp_path, 16, "make_sleeper", {"gpu_memory": "5GiB"}, seconds=0.2)
+    assert workers_over_time(log) == [1, 2], log
+    assert {t.system_attrs[books.SLOT_ATTR] for t in study.get_trials()} == {"gpu0#0", "gpu0#1"}

@@ -8,6 +8,7 @@ GPU (or the value of its ``mib`` parameter, when the test enqueues it) and keeps
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import optuna
@@ -20,5 +21,15 @@ def make_objective(mib: int, busy: float, seconds: float) -> Callable[[optuna.Tr
         x = trial.suggest_float("x", 0.0, 1.0)
         fakegpu.work(seconds, mib, busy)
         return x
+
+    return objective
+
+
+def make_sleeper(seconds: float) -> Callable[[optuna.Trial], float]:
+    """A trial that registers nothing: only a declared size (``gpu_memory``) can pack it."""
+
+    def objective(trial: optuna.Trial) -> float:
+        time.sleep(seconds)
+        return trial.suggest_float("x", 0.0, 1.0)
 
     return objective

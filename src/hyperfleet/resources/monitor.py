@@ -96,7 +96,7 @@ def _fake_sample(gpu: Gpu) -> GpuSample:
     """A fake GPU reads as the trials on it say (see :mod:`hyperfleet.resources.fakegpu`);
     without its state folder it cannot tell, as before."""
     reading = fakegpu.read(gpu.index)
-    if reading is None:
-        return GpuSample(gpu.index, None, None, gpu.memory_total_mib)
     total = gpu.memory_total_mib or fakegpu.fake_memory_mib()
+    if reading is None:
+        return GpuSample(gpu.index, None, None, total)
     return GpuSample(gpu.index, reading.busy_pct, reading.used_mib, total, reading.by_pid)
