@@ -39,7 +39,7 @@ import hyperfleet
 MODELS = {"small": (256, 1024, 1500), "large": (2048, 8192, 300)}  # hidden, batch, steps
 OOM_SHARE = 0.60  # of the GPU's memory, per trial of the out-of-memory case
 OOM_SECONDS = 3.0
-DECISION = re.compile(r"gpu0: \d+ -> (\d+) workers")
+DECISION = re.compile(r"gpu0: \d+ -> (\d+) workers?")
 
 
 @dataclass(frozen=True)

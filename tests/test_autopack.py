@@ -23,7 +23,7 @@ from hyperfleet.resources import fakegpu
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
 
 OBJECTIVES = Path(__file__).parent / "objectives"
-DECISION = re.compile(r"gpu0: (\d+) -> (\d+) workers, (.*)")
+DECISION = re.compile(r"gpu0: (\d+) -> (\d+) workers?, (.*)")
 
 
 @pytest.fixture
@@ -86,6 +86,22 @@ def test_a_large_model_grows_only_as_far_as_memory_allows(
     assert workers_over_time(log) == [1, 2], log
     assert any("gpu0 stays at 2: no room for one more trial" in line for line in log), log
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
+
+
+def test_a_worker_that_adds_no_throughput_is_retired(models: ModuleType, tmp_path: Path) -> None:
+    # Half busy, but two trials side by side each run twice as slow (memory bandwidth).
+    study, log = run(tmp_path, 24, mib=2000, busy=50.0, seconds=0.25, saturates=True)
+    assert workers_over_time(log) == [1, 2, 1], log
+    assert any("2 workers ran" in line and "more no longer helps" in line for line in log), log
+    assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
+    last = max(t.datetime_start for t in study.get_trials() if t.datetime_start is not None)
+    retired_at = next(line for line in log if "-> 1 worker," in line)[:19]
+    after = [
+        t.system_attrs[books.SLOT_ATTR]
+        for t in study.get_trials()
+        if t.datetime_start is not None and f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" > retired_at
+    ]
+    assert last is not None and set(after) <= {"gpu0#0"}, after
 
 
 def test_a_trial_that_fills_the_gpu_keeps_it_alone(models: ModuleType, tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ def measured(packer: GpuPacker, workers: int, seconds_per_trial: float, start: f
     packer.ready(workers, start)
     end = start
     for k in range(2 * workers):
-        end = start + seconds_per_trial * (k // workers + 1) + 0.001 * k
-        packer.trial_ended(end)
+        begun = start + seconds_per_trial * (k // workers) + 0.001 * k
+        end = begun + seconds_per_trial
+        packer.trial_ended(begun, end)
     return end
 
 
@@ -43,7 +44,7 @@ def test_no_decision_before_two_rounds_of_trials_ended() -> None:
     packer = GpuPacker("gpu0", PackingSettings())
     packer.observe_trial_memory(1000)
     packer.ready(1, 0.0)
-    packer.trial_ended(1.0)
+    packer.trial_ended(0.0, 1.0)
     assert packer.decide(reading(1000, 20.0), 1.5) is None
 
 

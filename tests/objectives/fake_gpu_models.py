@@ -3,7 +3,8 @@
 
 ``make_objective`` is a factory (passed with ``objective_kwargs``). A trial takes ``mib`` of its
 GPU (or the value of its ``mib`` parameter, when the test enqueues it) and keeps the GPU
-``busy`` per cent busy for ``seconds`` of GPU time.
+``busy`` per cent busy for ``seconds`` of GPU time; with ``saturates`` it slows down beside
+others however busy the GPU reads (a model bound by memory bandwidth).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import optuna
 from hyperfleet.resources import fakegpu
 
 
-def make_objective(mib: int, busy: float, seconds: float) -> Callable[[optuna.Trial], float]:
+def make_objective(
+    mib: int, busy: float, seconds: float, saturates: bool = False
+) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", 0.0, 1.0)
-        fakegpu.work(seconds, mib, busy)
+        fakegpu.work(seconds, mib, busy, saturates)
         return x
 
     return objective

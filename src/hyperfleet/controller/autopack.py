@@ -4,7 +4,8 @@ retire one. The decisions themselves are :mod:`hyperfleet.resources.packing`'s.
 A GPU under auto packing starts with its slot ``gpu<i>#0``. Growing makes ``gpu<i>#1``,
 ``gpu<i>#2``... (the same cores and threads as the first; a slot retired earlier is used
 again). Retiring takes the last slot of the GPU: at once when it is idle, else when its trial
-ends. The first slot is never retired.
+ends; its name is used again only once its worker has exited. The first slot is never
+retired.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class AutoPack:
         self._packers = {i: GpuPacker(f"gpu{i}", settings) for i in self._first}
         self._live = {i: [s] for i, s in self._first.items()}  # slots with a worker, in order
         self._starting: dict[int, set[str]] = {i: {s.name} for i, s in self._first.items()}
-        self._leaving: set[str] = set()  # busy slots to retire when their trial ends
+        self._leaving: set[str] = set()  # retired slots whose worker has not exited yet
         self._by_name = {s.name: s for s in firsts}
         self.messages: list[str] = []  # decisions and their reasons, for the run log
 
@@ -49,11 +50,14 @@ class AutoPack:
         if not self._starting[gpu]:
             self._packers[gpu].ready(len(self._live[gpu]), now)
 
-    def trial_ended(self, name: str, now: float, peak_mib: int | None) -> None:
+    def trial_ended(
+        self, name: str, started: float, now: float, peak_mib: int | None, failed: bool
+    ) -> None:
         gpu = self.gpu_of(name)
         if gpu is None:
             return
-        self._packers[gpu].trial_ended(now)
+        if not failed:  # throughput counts the trials that did their work
+            self._packers[gpu].trial_ended(started, now)
         if peak_mib:
             self._packers[gpu].observe_trial_memory(peak_mib)
 
@@ -65,11 +69,12 @@ class AutoPack:
         return gpu is not None and self._packers[gpu].out_of_memory(sharing)
 
     def leaving(self, name: str) -> bool:
-        """Whether the slot's worker goes once its trial has ended (no new trial for it)."""
-        if name not in self._leaving:
-            return False
+        """Whether the slot was retired: its worker takes no new trial and is not replaced."""
+        return name in self._leaving
+
+    def gone(self, name: str) -> None:
+        """The retired slot's worker has exited: the slot may be used again."""
         self._leaving.discard(name)
-        return True
 
     # ----- what to do -------------------------------------------------------------------
 
@@ -110,7 +115,8 @@ class AutoPack:
         )
 
     def _grow(self, gpu: int) -> Slot:
-        k = len(self._live[gpu])
+        used = {s.name for s in self._live[gpu]} | self._leaving
+        k = next(k for k in range(1, len(used) + 2) if f"gpu{gpu}#{k}" not in used)
         slot = replace(self._first[gpu], name=f"gpu{gpu}#{k}")
         self._live[gpu].append(slot)
         self._by_name[slot.name] = slot
@@ -123,9 +129,8 @@ class AutoPack:
         while len(self._live[gpu]) > max(1, target):
             slot = self._live[gpu].pop()
             self._starting[gpu].discard(slot.name)
-            if slot.name in busy:
-                self._leaving.add(slot.name)
-            else:
+            self._leaving.add(slot.name)
+            if slot.name not in busy:  # a busy one leaves when its trial ends
                 changes.append(Change(slot, start=False))
         if not self._starting[gpu]:  # throughput is measured afresh at the new count
             self._packers[gpu].ready(len(self._live[gpu]), now)
@@ -136,4 +141,5 @@ class AutoPack:
         if decision.target == n:
             self.messages.append(f"gpu{gpu} {decision.reason}")
         else:
-            self.messages.append(f"gpu{gpu}: {n} -> {decision.target} workers, {decision.reason}")
+            workers = f"{decision.target} worker{'s' * (decision.target != 1)}"
+            self.messages.append(f"gpu{gpu}: {n} -> {workers}, {decision.reason}")

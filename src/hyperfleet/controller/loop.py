@@ -349,8 +349,10 @@ class Controller:
         elif isinstance(message, Finished):
             self._on_finished(name, worker, message)
         elif isinstance(message, Ready):
-            worker.ready = True
             self._start_failures[name] = 0
+            if self._autopack is not None and self._autopack.leaving(name):
+                return  # retired while it started: it reads the request to leave next
+            worker.ready = True
             if self._autopack is not None:
                 self._autopack.ready(name, time.monotonic())
             view = self.state.slot(name)
@@ -544,7 +546,8 @@ class Controller:
         failed = self._tell_finished(name, active, finished)
         limit = self._settings.max_trials_per_worker
         if self._autopack is not None:
-            self._autopack.trial_ended(name, time.monotonic(), finished.gpu_peak_mib)
+            ended = (active.started, time.monotonic())
+            self._autopack.trial_ended(name, *ended, finished.gpu_peak_mib, failed)
             if self._autopack.leaving(name):
                 self._park(name, worker, graceful=not failed)
                 return
@@ -599,6 +602,7 @@ class Controller:
         worker.kill()
         del self._workers[name]
         if self._autopack is not None and self._autopack.leaving(name):
+            self._autopack.gone(name)  # retired by auto packing: not replaced
             self.state.slot(name).state = "stopped"
         elif self._start_failures.get(name, 0) >= MAX_START_FAILURES:
             self._give_up_slot(name, "its worker keeps dying before it is ready")
@@ -784,14 +788,16 @@ class Controller:
         self._start_worker(slot)
 
     def _park(self, name: str, worker: WorkerHandle, graceful: bool) -> None:
-        """Retire a worker auto packing no longer wants; its slot may get one again later."""
+        """Retire a worker auto packing no longer wants; its slot may get one again later.
+        An idle one is asked to leave, and its exit is handled (not waited for) like any."""
         if graceful:
-            worker.shutdown()
-        else:
-            worker.kill()
+            worker.ask_to_leave()
+            return
+        worker.kill()  # a failed trial's worker may be broken: it goes at once
         del self._workers[name]
+        if self._autopack is not None:
+            self._autopack.gone(name)
         self.state.slot(name).state = "stopped"
-        self._announce_packing()
 
     def _shared_out_of_memory(self, name: str, kind: str) -> bool:
         """A trial that ran out of memory beside others on its GPU runs again (see AutoPack)."""

@@ -61,16 +61,18 @@ class _Segment:
     workers: int
     start: float
     completions: int = 0
-    last_end: float | None = None
+    # How long the trials that ran wholly within the stretch took. Counting completions over
+    # the stretch instead would credit it with work done before it began.
+    durations: list[float] = field(default_factory=list)
     busy: list[float] = field(default_factory=list)  # utilisation read during the stretch
 
     def mean_busy(self) -> float | None:
         return sum(self.busy) / len(self.busy) if self.busy else None
 
     def rate(self) -> float | None:
-        if self.last_end is None or self.last_end <= self.start:
-            return None
-        return self.completions / (self.last_end - self.start)
+        """Trials per second with every worker busy: workers over the mean trial time."""
+        mean = sum(self.durations) / len(self.durations) if self.durations else 0.0
+        return self.workers / mean if mean > 0 else None
 
 
 @dataclass
@@ -86,7 +88,7 @@ class GpuPacker:
     _segment: _Segment = field(default_factory=lambda: _Segment(1, 0.0))
     _rates: dict[int, float] = field(default_factory=dict)
     _held_for: str = ""
-    _lowered_because: str = "limit lowered"
+    _lowered_because: str = "the most workers one GPU may have"
 
     def __post_init__(self) -> None:
         self.limit = self.limit or self.settings.max_per_gpu
@@ -101,9 +103,11 @@ class GpuPacker:
     def observe_trial_memory(self, mib: int) -> None:
         self.peak_mib = max(self.peak_mib, int(mib))
 
-    def trial_ended(self, now: float) -> None:
-        self._segment.completions += 1
-        self._segment.last_end = now
+    def trial_ended(self, started: float, now: float) -> None:
+        segment = self._segment
+        segment.completions += 1
+        if started >= segment.start:
+            segment.durations.append(now - started)
 
     def out_of_memory(self, sharing: int) -> bool:
         """A trial ran out of memory while ``sharing`` trials (itself included) ran on the GPU:
@@ -135,9 +139,10 @@ class GpuPacker:
         return self._grow_or_hold(reading)
 
     def _measured(self) -> bool:
-        """Enough trials ended at this count to compare its throughput: two rounds of them."""
+        """Enough trials ended at this count to compare its throughput: two rounds of them, one
+        of which ran wholly at this count."""
         segment = self._segment
-        if segment.completions < 2 * segment.workers:
+        if segment.completions < 2 * segment.workers or len(segment.durations) < segment.workers:
             return False
         rate = segment.rate()
         if rate is not None:
@@ -150,6 +155,7 @@ class GpuPacker:
         if now_rate is None or before is None or now_rate >= before * (1 + self.settings.min_gain):
             return None
         self.limit = n - 1
+        self._lowered_because = f"{n} workers ran no more trials per second than {n - 1}"
         return Decision(
             n - 1,
             f"{n} workers ran {now_rate:.3g} trials/s, {n - 1} ran {before:.3g}: "
@@ -159,8 +165,10 @@ class GpuPacker:
     def _grow_or_hold(self, reading: GpuReading | None) -> Decision | None:
         n = self.workers
         if n >= self.limit:
-            return self._hold("limit", f"stays at {n}: the most it may have")
+            return self._hold("limit", f"stays at {n}: {self._lowered_because}")
         per_trial = self._per_trial_mib(reading)
+        if per_trial is None and reading is not None and reading.used_mib is not None:
+            return None  # readings, but no trial seen holding memory yet: wait for one
         if reading is None or reading.total_mib <= 0 or per_trial is None:
             return self._hold(
                 "blind",
