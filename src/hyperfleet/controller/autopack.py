@@ -43,8 +43,11 @@ class AutoPack:
     # ----- what happened ----------------------------------------------------------------
 
     def ready(self, name: str, now: float) -> None:
+        """The slot's worker is ready. Once every worker added is, the GPU's throughput at
+        its new count is measured from now (a worker replaced after a failure changes no
+        count)."""
         gpu = self.gpu_of(name)
-        if gpu is None:
+        if gpu is None or name not in self._starting[gpu]:
             return
         self._starting[gpu].discard(name)
         if not self._starting[gpu]:
