@@ -67,10 +67,13 @@ def workers_over_time(log: list[str]) -> list[int]:
 def test_a_small_model_grows_until_the_gpu_is_busy(models: ModuleType, tmp_path: Path) -> None:
     # Each trial keeps the GPU 22 % busy: four leave it below the 90 % target, five ask for
     # 110 % of it (each then runs a little slower, as on a real GPU).
-    study, log = run(tmp_path, 160, mib=1000, busy=22.0, seconds=0.25)
+    study, log = run(tmp_path, 140, mib=1000, busy=22.0, seconds=0.4)
     counts = workers_over_time(log)
-    assert counts == [1, 2, 3, 4, 5], log
-    assert any("gpu0 stays at 5: busy" in line for line in log), log
+    assert counts[:5] == [1, 2, 3, 4, 5], log
+    # Between two trials a worker leaves the GPU idle; on a loaded machine those gaps can keep
+    # five workers' mean below the target, and a sixth is then rightly tried.
+    assert counts[-1] in (5, 6), log
+    assert any(f"gpu0 stays at {counts[-1]}: busy" in line for line in log), log
     slots = {t.system_attrs[books.SLOT_ATTR] for t in study.get_trials()}
     assert slots >= {f"gpu0#{k}" for k in range(5)}
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
@@ -82,7 +85,7 @@ def test_a_large_model_grows_only_as_far_as_memory_allows(
     models: ModuleType, tmp_path: Path
 ) -> None:
     # 6000 MiB each on 16384: two fit with the margin, three would not.
-    study, log = run(tmp_path, 16, mib=6000, busy=10.0, seconds=0.3)
+    study, log = run(tmp_path, 40, mib=6000, busy=10.0, seconds=0.3)
     assert workers_over_time(log) == [1, 2], log
     assert any("gpu0 stays at 2: no room for one more trial" in line for line in log), log
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())

@@ -93,13 +93,18 @@ def work(seconds: float, mib: int, busy_pct: float, saturates: bool = False) -> 
     index = _own_gpu()
     with hold(mib, busy_pct, index):
         done = 0.0
+        last = time.monotonic()
         while done < seconds:
             asked, sharing = _demand(index)
             time.sleep(_STEP_SECONDS)
             speed = min(1.0, 100.0 / asked) if asked > 0 else 1.0
             if saturates:
                 speed = 1.0 if sharing <= 1 else SWITCH_COST / sharing
-            done += _STEP_SECONDS * speed
+            # Progress by the clock, not by steps: a process the machine's load delays does
+            # not make the fake GPU slower.
+            now = time.monotonic()
+            done += (now - last) * speed
+            last = now
 
 
 def _demand(index: int) -> tuple[float, int]:
