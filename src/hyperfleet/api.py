@@ -6,12 +6,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
+from hyperfleet.config import RetryPolicy, RunSettings, parse_duration, parse_memory
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ObjectiveError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
@@ -31,7 +32,8 @@ def optimize(
     timeout: float | str | None = None,
     *,
     gpus: Sequence[int | str] | None = None,
-    trials_per_gpu: int = 1,
+    trials_per_gpu: int | str = "auto",
+    gpu_memory: str | int | None = None,
     gpus_per_trial: int = 1,
     cpu_slots: int | None = None,
     threads_per_slot: int | None = None,
@@ -55,11 +57,13 @@ def optimize(
     persistent storage adds up to the same total. ``timeout`` bounds this call's wall time.
     With ``objective_kwargs``, ``objective`` is a factory called once per worker with them
     that returns the objective (load a data set there). ``inventory`` replaces the detected
-    GPUs and cores (for tests and dry runs). After SIGTERM, running trials get ``stop_grace``
-    to finish before they are terminated; a terminated trial's processes get ``kill_grace``
-    between SIGTERM and SIGKILL. ``keep_checkpoints`` ("best", "all" or "none") says whose
-    checkpoint folders outlive trials that completed or were pruned (see
-    :func:`hyperfleet.checkpoint_dir`). ``report=False`` skips writing
+    GPUs and cores (for tests and dry runs). ``trials_per_gpu="auto"`` (the default) starts one
+    worker per GPU and adds more while the GPU has memory and time for them; ``gpu_memory``
+    ("10GiB") says what one trial takes, to pack by it instead of by readings. After SIGTERM,
+    running trials get ``stop_grace`` to finish before they are terminated; a terminated
+    trial's processes get ``kill_grace`` between SIGTERM and SIGKILL. ``keep_checkpoints``
+    ("best", "all" or "none") says whose checkpoint folders outlive trials that completed or
+    were pruned (see :func:`hyperfleet.checkpoint_dir`). ``report=False`` skips writing
     ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
     the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
     best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
@@ -81,8 +85,10 @@ def optimize(
         gpus_per_trial=gpus_per_trial,
         cpu_slots=cpu_slots,
         threads_per_slot=threads_per_slot,
+        gpu_memory_mib=parse_memory(gpu_memory),
     )
-    slots, note = prepare_slots(options, inventory)
+    slots, note, packing = prepare_slots(options, inventory)
+    settings = replace(settings, packing=packing)
     spec = spec_from_callable(objective, objective_kwargs)
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
     folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover (exercised on Python 3.10 only)
     import tomli as tomllib  # type: ignore[import-not-found]
 
-from hyperfleet.config import KEEP_CHECKPOINTS, RetryPolicy, RunSettings, parse_duration
+from hyperfleet.config import (
+    KEEP_CHECKPOINTS,
+    RetryPolicy,
+    RunSettings,
+    parse_duration,
+    parse_memory,
+)
 from hyperfleet.controller.bookkeeping import stored_trials
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_cli
 from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.packing import AUTO, parse_trials_per_gpu
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir, check_folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
@@ -155,7 +163,13 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add_pool_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--gpus", help="GPUs to use, by index or UUID, comma-separated (default all visible)")
-    add("--trials-per-gpu", type=int, default=1, help="workers sharing each GPU (default 1)")
+    add(
+        "--trials-per-gpu",
+        type=_trials_per_gpu,
+        default=AUTO,
+        help="workers sharing each GPU, or auto (default): more while the GPU has room",
+    )
+    add("--gpu-memory", help="what one trial takes on its GPU (10GiB): auto packs by it")
     add("--gpus-per-trial", type=int, default=1, help="GPUs given to each worker (default 1)")
     add("--cpu-slots", type=int, help="CPU-only workers (default: one per core left over)")
     add("--threads-per-slot", type=int, help="cores and thread limit of each slot")
@@ -169,7 +183,17 @@ def _pool_options(args: argparse.Namespace) -> PoolOptions:
         gpus_per_trial=args.gpus_per_trial,
         cpu_slots=args.cpu_slots,
         threads_per_slot=args.threads_per_slot,
+        gpu_memory_mib=parse_memory(args.gpu_memory, "--gpu-memory"),
     )
+
+
+def _trials_per_gpu(text: str) -> int | str:
+    try:
+        return parse_trials_per_gpu(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number nor auto; for example --trials-per-gpu 4"
+        ) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -186,7 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     refit = plan_from_cli(
         args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit
     )
-    slots, note = prepare_slots(_pool_options(args), None)
+    slots, note, packing = prepare_slots(_pool_options(args), None)
+    settings = replace(settings, packing=packing)
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or default_run_dir(study_name))
     run_dir.check_writable()
@@ -229,8 +254,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 _NOT_FOR_CAMPAIGNS = (
     "cmd", "space", "n_trials", "timeout", "direction", "study_name", "storage", "seed",
     "trial_timeout", "max_trials_per_worker", "refit", "refit_cmd", "sampler", "pruner",
-    "retry", "gpus", "trials_per_gpu", "gpus_per_trial", "cpu_slots", "threads_per_slot",
-    "objective_arg",
+    "retry", "gpus", "trials_per_gpu", "gpu_memory", "gpus_per_trial", "cpu_slots",
+    "threads_per_slot", "objective_arg",
 )  # fmt: skip
 
 

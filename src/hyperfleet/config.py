@@ -6,12 +6,15 @@ import re
 from dataclasses import dataclass, field
 
 from hyperfleet.errors import ConfigError
+from hyperfleet.resources.packing import PackingSettings
 
 FAIL_KINDS = ("interrupted", "crash", "oom", "timeout", "error")
 RETRY_KINDS = FAIL_KINDS[1:]  # an interrupted trial is always run again
 # Which trials' checkpoint folders outlive them once they completed or were pruned.
 KEEP_CHECKPOINTS = ("best", "all", "none")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?", re.IGNORECASE)
+_MIB_PER_UNIT = {"g": 1024.0, "gb": 1000**3 / 2**20, "gib": 1024.0, "m": 1.0, "mb": 1e6 / 2**20}
 
 
 def parse_duration(text: str | float | int | None, what: str = "timeout") -> float | None:
@@ -40,6 +43,22 @@ def _parse_duration_text(text: str, what: str) -> float:
         )
     scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
     return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def parse_memory(text: str | int | None, what: str = "gpu_memory") -> int | None:
+    """MiB from "10GiB", "10GB", "512MiB" or "10G"; a bare number is MiB; None stays None."""
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    match = _MEMORY.fullmatch(str(text).strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"cannot read {what} {text!r}; write what one trial takes on its GPU, such as "
+            "10GiB or 512MiB."
+        )
+    unit = (match.group(2) or "m").lower()
+    return max(1, round(float(match.group(1)) * _MIB_PER_UNIT.get(unit, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,7 @@ class RunSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_trials_per_worker: int | None = None
     keep_checkpoints: str = "best"
+    packing: PackingSettings | None = None  # None: the workers per GPU are fixed
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:

@@ -30,8 +30,9 @@ from hyperfleet.events import EventSink, PlainLog
 from hyperfleet.refit import RefitPlan, run_refit
 from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, single_pool
-from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
+from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, plan_slots
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -63,9 +64,13 @@ class Search:
         return RunOwner("campaign", run_name)
 
 
-def prepare_slots(options: PoolOptions, inventory: Inventory | None) -> tuple[list[Slot], str]:
+def prepare_slots(
+    options: PoolOptions, inventory: Inventory | None
+) -> tuple[list[Slot], str, PackingSettings | None]:
+    """The pool's first slots, how its GPUs were found, and how auto packing may grow it."""
     inventory = inventory if inventory is not None else detect_inventory()
-    return plan_slots(inventory, options), inventory.note
+    slots = plan_slots(inventory, options)
+    return slots, inventory.note, auto_packing(inventory, options, slots)
 
 
 def single_search(

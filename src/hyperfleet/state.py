@@ -75,6 +75,7 @@ class RunState:
     recent: deque[TrialRecord] = field(default_factory=lambda: deque(maxlen=50))
     gpus: dict[int, GpuSample] = field(default_factory=dict)
     stopping: int = 0  # 0 running, 1 finishing running trials, 2 terminating them
+    packing: list[str] = field(default_factory=list)  # auto packing's decisions, in order
 
     def slot(self, name: str) -> SlotView:
         return next(s for s in self.slots if s.name == name)

@@ -24,6 +24,9 @@ from hyperfleet.state import TrialRecord
 RETRY_ATTR = "hyperfleet.retry_of"
 # The first trial of a chain of repeats: its number names the checkpoint folder they share.
 FIRST_ATTEMPT_ATTR = "hyperfleet.first_attempt"
+# Set on the repeat of a trial that ran out of memory on a shared GPU: that repeat is auto
+# packing's doing and does not count against the retry policy's ``oom`` limit.
+ROOM_RERUN_ATTR = "hyperfleet.rerun_with_more_room"
 EXPERIMENT_ATTR = "experiment"  # a campaign's named experiment (or grid point) a trial runs
 RUN_ATTR = "hyperfleet:run"
 SLOT_ATTR = "hyperfleet:slot"
@@ -121,8 +124,9 @@ def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str
     the chain of retries (interrupted attempts in the chain do not count against the others)."""
     count, current = 0, trial
     while RETRY_ATTR in current.user_attrs:
+        more_room = bool(current.user_attrs.get(ROOM_RERUN_ATTR))
         current = trials[int(current.user_attrs[RETRY_ATTR])]
-        count += current.system_attrs.get(KIND_ATTR) == kind
+        count += current.system_attrs.get(KIND_ATTR) == kind and not more_room
     return count
 
 
@@ -131,11 +135,25 @@ def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: Retr
     trials = study.get_trials(deepcopy=False)
     if not policy.allows(kind, attempts_before(trials, trial, kind)):
         return False
-    attrs: dict[str, Any] = {RETRY_ATTR: trial.number, FIRST_ATTEMPT_ATTR: first_attempt(trial)}
+    _enqueue_again(study, trial, {})
+    return True
+
+
+def rerun_with_more_room(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue the parameters of a trial that ran out of memory on a shared GPU, whatever the
+    retry policy: with fewer trials beside it, it may fit."""
+    _enqueue_again(study, trial, {ROOM_RERUN_ATTR: True})
+
+
+def _enqueue_again(study: optuna.Study, trial: FrozenTrial, extra: dict[str, Any]) -> None:
+    attrs: dict[str, Any] = {
+        RETRY_ATTR: trial.number,
+        FIRST_ATTEMPT_ATTR: first_attempt(trial),
+        **extra,
+    }
     if EXPERIMENT_ATTR in trial.user_attrs:  # a repeated experiment keeps its name
         attrs[EXPERIMENT_ATTR] = trial.user_attrs[EXPERIMENT_ATTR]
     study.enqueue_trial(intended_params(trial), user_attrs=attrs)
-    return True
 
 
 def first_attempt(trial: FrozenTrial) -> int:

@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller import checkpoints
+from hyperfleet.controller.autopack import AutoPack, Change
 from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
@@ -160,6 +161,8 @@ class Controller:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._monitor = GpuMonitor(_gpus_of(self._slots))
+        packing = settings.packing
+        self._autopack = AutoPack(self._slots, packing) if packing is not None else None
         self._cpu: dict[str, psutil.Process] = {}
         # What users and workers see of the storage's new records waits for them to be durable:
         # one commit per loop step, then these run in order (see _flush).
@@ -353,8 +356,12 @@ class Controller:
         elif isinstance(message, Finished):
             self._on_finished(name, worker, message)
         elif isinstance(message, Ready):
-            worker.ready = True
             self._start_failures[name] = 0
+            if self._autopack is not None and self._autopack.leaving(name):
+                return  # retired while it started: it reads the request to leave next
+            worker.ready = True
+            if self._autopack is not None:
+                self._autopack.ready(name, time.monotonic())
             view = self.state.slot(name)
             view.state, view.pid = "idle", message.pid
         elif isinstance(message, LoadFailed):
@@ -560,6 +567,12 @@ class Controller:
         worker.trials_run += 1
         failed = self._tell_finished(name, active, finished)
         limit = self._settings.max_trials_per_worker
+        if self._autopack is not None:
+            ended = (active.started, time.monotonic())
+            self._autopack.trial_ended(name, *ended, finished.gpu_peak_mib, failed)
+            if self._autopack.leaving(name):
+                self._park(name, worker, graceful=not failed)
+                return
         if failed:
             # A failed trial may leave the process broken (a CUDA context after an OOM, half-set
             # globals, threads or children it started): its slot gets a fresh worker.
@@ -627,7 +640,10 @@ class Controller:
         self._kill_at.pop(name, None)
         worker.kill()
         del self._workers[name]
-        if self._start_failures.get(name, 0) >= MAX_START_FAILURES:
+        if self._autopack is not None and self._autopack.leaving(name):
+            self._autopack.gone(name)  # retired by auto packing: not replaced
+            self.state.slot(name).state = "stopped"
+        elif self._start_failures.get(name, 0) >= MAX_START_FAILURES:
             self._give_up_slot(name, "its worker keeps dying before it is ready")
         elif not self._stop_level:
             self._start_worker(self._slot_named(name))
@@ -641,6 +657,7 @@ class Controller:
         reason: str = "",
         traceback_text: str = "",
     ) -> None:
+        rerun = state == TrialState.FAIL and self._shared_out_of_memory(name, kind)
         active = self._active.pop(name)
         self._ledger.release(name)
         self._book.stop(name)
@@ -649,8 +666,11 @@ class Controller:
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
         state = frozen.state
         kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
-        retried = state == TrialState.FAIL and books.maybe_retry(
-            study, frozen, kind, self._settings.retry
+        if rerun:
+            books.rerun_with_more_room(study, frozen)
+        retried = rerun or (
+            state == TrialState.FAIL
+            and books.maybe_retry(study, frozen, kind, self._settings.retry)
         )
         if not retried:
             run.finished += 1
@@ -810,6 +830,71 @@ class Controller:
         self.state.slot(name).state = "stopped"
         self._emit("on_message", f"slot {name} stopped: {why}")
 
+    # ----- auto packing (see controller/autopack.py) ---------------------------------------
+
+    def _pack_gpus(self) -> None:
+        if self._autopack is None or self._stop_level:
+            return
+        pids = {name: worker.pid for name, worker in self._workers.items()}
+        changes = self._autopack.tick(self.state.gpus, pids, set(self._active), time.monotonic())
+        for change in changes:
+            self._apply(change)
+        self._announce_packing()
+
+    def _apply(self, change: Change) -> None:
+        slot = change.slot
+        if not change.start:
+            worker = self._workers.get(slot.name)
+            if worker is not None:
+                self._park(slot.name, worker, graceful=True)
+            return
+        if all(s.name != slot.name for s in self._slots):  # new, not one retired before
+            self._slots.append(slot)
+            self._ledger.add(slot.name)
+            self._cost[slot.name] = _slot_cost(slot)
+            self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
+            first = f"gpu{slot.gpus[0]}#0"
+            for run in self._runs.values():
+                if first in run.plan.slots:
+                    run.plan = replace(run.plan, slots=(*run.plan.slots, slot.name))
+        self._start_worker(slot)
+
+    def _park(self, name: str, worker: WorkerHandle, graceful: bool) -> None:
+        """Retire a worker auto packing no longer wants; its slot may get one again later.
+        An idle one is asked to leave, and its exit is handled (not waited for) like any."""
+        if graceful:
+            worker.ask_to_leave()
+            return
+        worker.kill()  # a failed trial's worker may be broken: it goes at once
+        del self._workers[name]
+        if self._autopack is not None:
+            self._autopack.gone(name)
+        self.state.slot(name).state = "stopped"
+
+    def _shared_out_of_memory(self, name: str, kind: str) -> bool:
+        """A trial that ran out of memory beside others on its GPU runs again (see AutoPack)."""
+        autopack = self._autopack
+        if autopack is None or kind != "oom" or self._stop_level:
+            return False
+        gpu = autopack.gpu_of(name)
+        sharing = sum(autopack.gpu_of(other) == gpu for other in self._active)
+        rerun = autopack.out_of_memory(name, sharing)
+        if rerun:
+            number = self._active[name].record.number
+            self.announce(
+                f"trial {number} ran out of memory on gpu{gpu} beside {sharing - 1} other "
+                "trial(s): it runs again, with fewer beside it"
+            )
+        return rerun
+
+    def _announce_packing(self) -> None:
+        if self._autopack is None:
+            return
+        for text in self._autopack.messages:
+            self.state.packing.append(text)
+            self.announce(text)
+        self._autopack.messages.clear()
+
     def _slot_named(self, name: str) -> Slot:
         return next(s for s in self._slots if s.name == name)
 
@@ -917,6 +1002,7 @@ class Controller:
 
     def _tick(self) -> None:
         self.state.gpus = self._monitor.sample()
+        self._pack_gpus()
         for view in self.state.slots:
             view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
         self.state.stopping = self._stop_level

@@ -207,6 +207,7 @@ def summary_markdown(state: RunState, studies: list[optuna.Study]) -> str:
     for study in studies:
         lines += _study_section(study)
     lines += _slots_section(state, elapsed)
+    lines += _packing_section(state)
     lines += [
         "## Files",
         "",
@@ -251,6 +252,13 @@ def _study_section(study: optuna.Study) -> list[str]:
         params = ", ".join(f"{k}={fmt.number(v)}" for k, v in trial.params.items())
         lines.append(f"| {trial.number} | {fmt.values(trial.values)} | {params} |")
     return [*lines, ""]
+
+
+def _packing_section(state: RunState) -> list[str]:
+    """Auto packing's decisions, each with its reason (none with a fixed trials_per_gpu)."""
+    if not state.packing:
+        return []
+    return ["## GPU packing", "", *(f"- {text}" for text in state.packing), ""]
 
 
 def _slots_section(state: RunState, elapsed: float) -> list[str]:

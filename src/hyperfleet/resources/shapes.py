@@ -182,6 +182,10 @@ class Ledger:
         self._used: dict[str, float] = {}
         self._claimed: set[str] = set()
 
+    def add(self, slot: str, needs: Mapping[str, float] | None = None) -> None:
+        """A slot made while the run goes on (auto packing adds workers to a GPU)."""
+        self._needs.setdefault(slot, dict(needs or {}))
+
     def fits(self, slot: str) -> bool:
         """Whether the slot is idle and every resource it needs has room for it."""
         if slot in self._claimed:

@@ -111,6 +111,9 @@ class Finished:
     error_type: str = ""
     message: str = ""
     traceback: str = ""
+    # The most GPU memory torch reserved during the trial, for auto packing (None: no torch
+    # on a GPU); what torch says is exact where NVML's per-process figures may be missing.
+    gpu_peak_mib: int | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import pickle
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def serve(conn: Connection) -> None:
             return
         if isinstance(message, RunTrial):
             finished = run_trial(channel, objectives[message.objective], message)
-            _send_finished(conn, finished)
+            _send_finished(conn, replace(finished, gpu_peak_mib=_torch_peak_mib()))
             # After the result is on its way (the controller records it meanwhile), before this
             # worker reads its next trial: that trial finds the trial's processes gone, and a
             # failed trial's worker is replaced, its whole tree ended, by the controller.
@@ -231,6 +232,22 @@ def _output_to(trial_dir: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def _torch_peak_mib() -> int | None:
+    """The most memory torch reserved on the GPU since the last trial, then reset; None when
+    the objective did not use torch on a GPU (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        peak = int(torch.cuda.max_memory_reserved()) // (1024 * 1024)
+        torch.cuda.reset_peak_memory_stats()
+    except Exception:  # a broken CUDA context: the trial's own error says what happened
+        return None
+    return peak
 
 
 def _free_memory() -> None:
