@@ -22,6 +22,7 @@ from hyperfleet.controller.loop import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
 from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target
+from hyperfleet.report.campaign import CAMPAIGN_ATTR
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.shapes import Pool, plan_pool
 from hyperfleet.rundir import RunDir
@@ -129,6 +130,7 @@ def _plan(
             directions=directions,
             load_if_exists=True,
         )
+        _label(opened, study)
         _enqueue_experiments(opened, (*study.experiments, *_grid_points(study.grid)))
         return opened
 
@@ -145,6 +147,14 @@ def _plan(
         stage=stage,
         stored_trials=lambda: stored_trials(existing, study.name),
     )
+
+
+def _label(opened: optuna.Study, study: StudySpec) -> None:
+    """Which model and matrix values made the study, kept in the storage for the campaign's
+    table (``hyperfleet report`` and ``status`` rebuild it without the campaign file)."""
+    label = {"family": study.family or study.name, "matrix": study.matrix_values}
+    if opened.user_attrs.get(CAMPAIGN_ATTR) != label:
+        opened.set_user_attr(CAMPAIGN_ATTR, label)
 
 
 def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:

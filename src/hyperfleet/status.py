@@ -7,6 +7,7 @@ storage handles) and ``status.json`` (slots, busy time, whether the controller l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -25,7 +26,8 @@ from hyperfleet.display.snapshot import STATUS_NAME
 from hyperfleet.errors import RunDirError
 from hyperfleet.report import tables
 from hyperfleet.report.best import best_trials
-from hyperfleet.rundir import JOURNAL_NAME
+from hyperfleet.report.campaign import StudyRow, study_rows, text_table
+from hyperfleet.rundir import JOURNAL_NAME, RECORD_NAME
 from hyperfleet.storage import open_storage
 
 
@@ -100,9 +102,23 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         "elapsed_s": _elapsed(snapshot, now, alive),
         "snapshot_age_s": now - float(snapshot["updated"]) if snapshot else None,
         "studies": [_study_status(s) for s in run.studies],
+        "campaign_table": _campaign_table(run) if _is_campaign(run) else None,
         "running": [_running(s, t, now) for s, t in trials if t.state == TrialState.RUNNING],
         "slots": _slots(snapshot, now, alive) if snapshot else _slots_from_trials(trials),
     }
+
+
+def _is_campaign(run: RunData) -> bool:
+    try:
+        record = json.loads((run.path / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        record = {}
+    return len(run.studies) > 1 or (isinstance(record, dict) and record.get("kind") == "campaign")
+
+
+def _campaign_table(run: RunData) -> list[dict[str, Any]]:
+    """The studies side by side, as in the campaign's report and ``summary.md``."""
+    return [dataclasses.asdict(row) for row in study_rows(run.studies)]
 
 
 def _elapsed(snapshot: dict[str, Any] | None, now: float, alive: bool) -> float | None:
@@ -198,6 +214,9 @@ def format_status(data: dict[str, Any]) -> str:
     lines = [f"run {data['run_name']} in {data['run_dir']}: {state}"]
     if data["elapsed_s"] is not None:
         lines[0] += f", {fmt.duration(data['elapsed_s'])} elapsed"
+    if data.get("campaign_table"):
+        lines.append("studies side by side:")
+        lines += text_table([StudyRow(**row) for row in data["campaign_table"]])
     for study in data["studies"]:
         lines += _format_study(study)
     lines.append(f"running trials: {len(data['running'])}")

@@ -174,16 +174,29 @@ def _swap_in(building: Path, final: Path) -> None:
 
 
 class RunSummary(EventSink):
-    def __init__(self, run_dir: RunDir, get_studies: Callable[[], list[optuna.Study]]) -> None:
+    def __init__(
+        self,
+        run_dir: RunDir,
+        get_studies: Callable[[], list[optuna.Study]],
+        campaign: bool = False,
+    ) -> None:
         self._run_dir = run_dir
         self._get_studies = get_studies
+        self._campaign = campaign
 
     def on_end(self, state: RunState) -> None:
-        text = summary_markdown(state, self._get_studies())
+        text = summary_markdown(state, self._get_studies(), self._campaign)
         (self._run_dir.path / SUMMARY_NAME).write_text(text)
 
 
-def summary_markdown(state: RunState, studies: list[optuna.Study]) -> str:
+def summary_markdown(
+    state: RunState, studies: list[optuna.Study], campaign: bool | None = None
+) -> str:
+    """The run's summary; a campaign's (by default: a run of several studies) starts with its
+    studies side by side and points at each study's folder."""
+    from hyperfleet.report.campaign import markdown_table, study_rows
+
+    campaign = len(studies) > 1 if campaign is None else campaign
     elapsed = time.time() - state.started
     lines = [
         f"# {state.run_name}",
@@ -193,6 +206,8 @@ def summary_markdown(state: RunState, studies: list[optuna.Study]) -> str:
         f"ran {fmt.duration(elapsed)}" + (" (stopped early)" if state.stopping else ""),
         "",
     ]
+    if campaign and studies:
+        lines += ["## Studies side by side", "", *markdown_table(study_rows(studies)), ""]
     for study in studies:
         lines += _study_section(study)
     lines += _slots_section(state, elapsed)
@@ -201,19 +216,26 @@ def summary_markdown(state: RunState, studies: list[optuna.Study]) -> str:
         "",
         "- `optuna.journal`: the Optuna storage (optuna-dashboard opens it)",
         "- `run.log`: one line per trial start and end",
-        *_folder_lines(len(studies) > 1),
+        "- `workers/`: what each slot's worker printed outside its trials",
+        *(_campaign_folder_lines() if campaign else _folder_lines("")),
         "",
     ]
     return "\n".join(lines)
 
 
-def _folder_lines(campaign: bool) -> list[str]:
-    where = "`studies/<study>/`" if campaign else "the run folder"
+def _folder_lines(prefix: str) -> list[str]:
     return [
-        f"- `trials/<number>/` in {where}: `params.json`, `result.json`, `stdout.log`, "
+        f"- `{prefix}trials/<number>/`: `params.json`, `result.json`, `stdout.log`, "
         "`stderr.log` and what the objective wrote",
-        f"- `best/` in {where}: the best trial's folder (`best.json` says which)",
-        f"- `report/index.html` in {where}: plots and tables (`hyperfleet report` rewrites it)",
+        f"- `{prefix}best/`: the best trial's folder (`best.json` says which)",
+        f"- `{prefix}report/index.html`: plots and tables (`hyperfleet report` rewrites it)",
+    ]
+
+
+def _campaign_folder_lines() -> list[str]:
+    return [
+        "- `report/index.html`: the studies side by side (`hyperfleet report` rewrites it)",
+        *_folder_lines("studies/<name>/"),
     ]
 
 
