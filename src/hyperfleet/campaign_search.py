@@ -8,6 +8,7 @@ storage (the trial's ``experiment`` user attribute) and does not enqueue them ag
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -193,8 +194,13 @@ def _enqueue_experiments(study: optuna.Study, experiments: tuple[Experiment, ...
 
 
 def _refit_plan(campaign: Campaign, study: StudySpec, force: bool) -> RefitPlan | None:
+    """The study's refit, given the study's ``args`` and matrix values (a refit function that
+    takes ``args`` gets them: the data set a matrix study is for)."""
     if study.refit is not None:
-        return plan_from_target(study.refit, force)
-    if study.refit_cmd is not None and study.space is not None:
-        return plan_from_command(study.refit_cmd, study.space, force, campaign.path.parent)
-    return None
+        plan = plan_from_target(study.refit, force)
+    elif study.refit_cmd is not None:
+        plan = plan_from_command(study.refit_cmd, study.space, force, campaign.path.parent)
+    else:
+        return None
+    args = {**study.matrix_values, **(study.args or {})}
+    return dataclasses.replace(plan, args=args or None)

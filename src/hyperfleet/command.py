@@ -81,13 +81,18 @@ class CommandObjective:
         launch_dir: str | Path | None = None,
         prune_grace: float = 10.0,
         stop_grace: float = 5.0,
+        check: bool = True,
     ) -> None:
         self.space = space
+        # A refit command of an objective study names parameters no space declares: they are
+        # checked when the best trial's are filled in (see hyperfleet.refit.CommandRefit).
+        self.checked = check
         self.launch_dir = str(Path(launch_dir if launch_dir is not None else Path.cwd()).resolve())
         self.prune_grace = prune_grace
         self.stop_grace = stop_grace
         words = split_command(command)
-        check_template(words, space)
+        if check:
+            check_template(words, space)
         self.words = [self._absolute_if_file(word) for word in words]
 
     def _absolute_if_file(self, word: str) -> str:

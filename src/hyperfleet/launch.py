@@ -181,7 +181,7 @@ def _run_to_the_end(
         refit = search.refits.get(plan.name)
         if refit is not None:
             slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
-            outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
+            outcome = _refit(refit, outcome, study, plan, slot, controller)
         if report:
             _final_report(plan.folder, study, controller)
     if report and campaign and controller.studies:
@@ -241,7 +241,7 @@ def _refit(
     plan: RefitPlan,
     outcome: Outcome,
     study: optuna.Study,
-    folder: RunDir,
+    study_plan: StudyPlan,
     slot: Slot,
     controller: Controller,
 ) -> Outcome:
@@ -250,13 +250,14 @@ def _refit(
         plan,
         study,
         outcome.status,
-        folder.path / BEST_NAME / REFIT_NAME,
+        study_plan.folder.path / BEST_NAME / REFIT_NAME,
         slot.environment(),
         controller.announce,
     )
+    refits = {**outcome.refits, study_plan.name: result}
     if result.status == "failed":
-        return dataclasses.replace(outcome, status="failed", message=result.message)
-    return outcome
+        return dataclasses.replace(outcome, status="failed", message=result.message, refits=refits)
+    return dataclasses.replace(outcome, refits=refits)
 
 
 def _final_report(folder: RunDir, study: optuna.Study, controller: Controller) -> None:

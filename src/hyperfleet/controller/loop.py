@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import psutil
@@ -52,6 +52,9 @@ from hyperfleet.workers.protocol import (
     RunTrial,
     StudyInfo,
 )
+
+if TYPE_CHECKING:
+    from hyperfleet.refit import RefitOutcome
 
 TICK_SECONDS = 1.0
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
@@ -107,6 +110,7 @@ class Outcome:
     """How the run ended: "completed" (budget or time reached), "stopped" or "failed".
 
     ``study`` is the first study (the only one of a single search); ``studies`` holds them all.
+    ``refits`` says, by study name, how each refit went and where its output is (``.folder``).
     """
 
     status: str
@@ -114,6 +118,7 @@ class Outcome:
     study: optuna.Study | None = None
     counts: dict[str, int] = field(default_factory=dict)
     studies: list[optuna.Study] = field(default_factory=list)
+    refits: dict[str, RefitOutcome] = field(default_factory=dict)
 
 
 class Controller:
