@@ -33,12 +33,15 @@ from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 
-def campaign_settings(campaign: Campaign, stop_grace: float, kill_grace: float) -> RunSettings:
+def campaign_settings(
+    campaign: Campaign, stop_grace: float, kill_grace: float, retry: RetryPolicy | None = None
+) -> RunSettings:
+    """The run's settings from ``[campaign]``; ``retry`` (``--retry``) replaces its retry."""
     settings = campaign.settings
     return RunSettings(
         timeout=settings.timeout,
         trial_timeout=settings.trial_timeout,
-        retry=RetryPolicy.parse(settings.retry),
+        retry=retry if retry is not None else RetryPolicy.parse(settings.retry),
         max_trials_per_worker=settings.max_trials_per_worker,
         stop_grace=stop_grace,
         kill_grace=kill_grace,

@@ -42,7 +42,8 @@ def format_values(values: list[float] | None) -> str:
 def trial_name(record: TrialRecord, state: RunState) -> str:
     """ "trial 7", or "trial 7 of xgb-iris" when the run has several studies."""
     several = len(state.studies) > 1
-    return f"trial {record.number}" + (f" of {record.study}" if several else "")
+    text = f"trial {record.number}" + (f" of {record.study}" if several else "")
+    return text + (f" (experiment {record.experiment})" if record.experiment else "")
 
 
 def trial_start_line(record: TrialRecord, state: RunState) -> str:

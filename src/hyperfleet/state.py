@@ -24,6 +24,7 @@ class SlotView:
     pid: int | None = None
     trial: int | None = None
     study: str | None = None
+    experiment: str = ""  # the named experiment of the trial it runs, if any
     since: float | None = None  # wall time the current trial started
     trials_done: int = 0
     busy_seconds: float = 0.0
@@ -43,6 +44,7 @@ class TrialRecord:
     start: float = 0.0  # wall time
     end: float | None = None
     retry_of: int | None = None
+    experiment: str = ""  # the named experiment (or grid point) the trial runs, if any
 
     @property
     def duration(self) -> float | None:

@@ -20,7 +20,7 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import REASON_ATTR, SLOT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 from hyperfleet.display import format as fmt
 from hyperfleet.display.snapshot import STATUS_NAME
 from hyperfleet.errors import RunDirError
@@ -137,8 +137,20 @@ def _study_status(study: optuna.Study) -> dict[str, Any]:
         "directions": [d.name.lower() for d in study.directions],
         "counts": counts,
         "total": len(trials),
-        "best": [{"number": t.number, "values": t.values, "params": t.params} for t in best],
+        "best": [
+            {
+                "number": t.number,
+                "values": t.values,
+                "params": t.params,
+                "experiment": t.user_attrs.get(EXPERIMENT_ATTR),
+            }
+            for t in best
+        ],
         "last_failure": _last_failure(trials),
+        "experiments": [
+            {"name": name, "number": t.number, "state": t.state.name.lower(), "values": t.values}
+            for name, t in tables.experiments(trials).items()
+        ],
     }
 
 
@@ -155,6 +167,7 @@ def _running(study: optuna.Study, trial: FrozenTrial, now: float) -> dict[str, A
     return {
         "study": study.study_name,
         "number": trial.number,
+        "experiment": trial.user_attrs.get(EXPERIMENT_ATTR),
         "slot": trial.system_attrs.get(SLOT_ATTR),
         "elapsed_s": now - start if start is not None else None,
         "params": trial.params,
@@ -222,7 +235,7 @@ def format_status(data: dict[str, Any]) -> str:
     lines.append(f"running trials: {len(data['running'])}")
     for trial in data["running"]:
         lines.append(
-            f"  trial {trial['number']} on {trial['slot'] or '?'} for "
+            f"  trial {trial['number']}{_experiment(trial)} on {trial['slot'] or '?'} for "
             f"{fmt.duration(trial['elapsed_s'])}: {fmt.params(trial['params'], 60)}"
         )
     if data["slots"]:
@@ -231,7 +244,7 @@ def format_status(data: dict[str, Any]) -> str:
         on = f", trial {slot['trial']}" if slot["trial"] is not None else ""
         lines.append(
             f"  {slot['name']:<10} {slot['state']:<8} {100 * slot['busy_fraction']:3.0f}% busy, "
-            f"{slot['trials_done']} trials{on}"
+            f"{_count(slot['trials_done'], 'trial')}{on}"
         )
     return "\n".join(lines)
 
@@ -242,7 +255,8 @@ def _format_study(study: dict[str, Any]) -> list[str]:
     best = study["best"]
     if len(best) == 1:
         lines.append(
-            f"  best trial {best[0]['number']}: {fmt.values(best[0]['values'])} "
+            f"  best trial {best[0]['number']}{_experiment(best[0])}: "
+            f"{fmt.values(best[0]['values'])} "
             f"{fmt.params(best[0]['params'], 60)}"
         )
     elif best:
@@ -252,9 +266,28 @@ def _format_study(study: dict[str, Any]) -> list[str]:
                 f"    trial {trial['number']}: {fmt.values(trial['values'])} "
                 f"{fmt.params(trial['params'], 50)}"
             )
+    if study.get("experiments"):
+        shown = ", ".join(_experiment_text(e) for e in study["experiments"])
+        lines.append(f"  experiments: {shown}")
     failure = study["last_failure"]
     if failure:
         lines.append(
             f"  last failure: trial {failure['number']}: {fmt.shorten(failure['reason'], 70)}"
         )
     return lines
+
+
+def _experiment(trial: dict[str, Any]) -> str:
+    return f" (experiment {trial['experiment']})" if trial.get("experiment") else ""
+
+
+def _experiment_text(experiment: dict[str, Any]) -> str:
+    text = f"{experiment['name']} {experiment['state']}"
+    if experiment["values"] is not None:
+        text += f" {fmt.values(experiment['values'])}"
+    return f"{text} (trial {experiment['number']})"
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 trial``, ``2 trials``."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")

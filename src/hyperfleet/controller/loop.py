@@ -250,6 +250,8 @@ class Controller:
                 return False
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
                 return False  # leftovers to mark, or repeats and experiments still to run
+            if books.repeats_due(trials, self._settings.retry):
+                return False  # failed trials (a named experiment) the retry policy repeats
             used = books.budget_used(trials)
             if used < run.plan.n_trials:
                 return False
@@ -461,6 +463,7 @@ class Controller:
             state="RUNNING",
             start=time.time(),
             retry_of=int(retry_of) if retry_of is not None else None,
+            experiment=str(experiment) if experiment is not None else "",
         )
         now = time.monotonic()
         timeout = self._settings.trial_timeout
@@ -486,6 +489,7 @@ class Controller:
             study.study_name,
             time.time(),
         )
+        view.experiment = record.experiment
         run.view.running = self._book.running(run.plan.name)
         self._after_commit.append(functools.partial(self._emit, "on_trial_start", record))
 
@@ -633,6 +637,7 @@ class Controller:
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
         view = self.state.slot(name)
         view.state, view.trial, view.study, view.since = "idle", None, None, None
+        view.experiment = ""
         view.trials_done += 1
         view.busy_seconds += record.duration or 0.0
 
@@ -781,10 +786,10 @@ class Controller:
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried:
                 kind = str(trial.system_attrs.get(books.KIND_ATTR, "error"))
-                if books.maybe_retry(study, trial, kind, self._settings.retry):
+                repeated = books.maybe_retry(study, trial, kind, self._settings.retry)
+                if repeated:
                     retried.add(trial.number)
-                    label = self._trial_label(run, trial.number)
-                    self._emit("on_message", f"{label} ({kind}) will be repeated")
+                self._say_repeat(run, trial, kind, repeated)
         trials = study.get_trials(deepcopy=False)
         run.finished = books.budget_used(trials)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
@@ -792,6 +797,23 @@ class Controller:
         run.view.directions = tuple(d.name for d in study.directions)
         self._announce_budget(run)
         self._refresh_study_view(run, trials)
+
+    def _say_repeat(self, run: StudyRun, trial: FrozenTrial, kind: str, repeated: bool) -> None:
+        """Whether a failed trial of an earlier run runs again; a named experiment that does
+        not is said too, with the retry rule that would repeat it."""
+        label = self._trial_label(run, trial.number)
+        experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
+        if experiment is not None:
+            label = f"experiment {experiment} ({label})"
+        if repeated:
+            self._emit("on_message", f"{label} ({kind}) will be repeated")
+        elif experiment is not None:
+            self._emit(
+                "on_message",
+                f"{label} failed ({kind}) and is not repeated: the retry policy allows no more "
+                f'{kind} retries; to repeat it, raise them (retry = "{kind}=1" in [campaign], '
+                f"or --retry {kind}=1)",
+            )
 
     def _announce_budget(self, run: StudyRun) -> None:
         """What a resumed run (or one sharing its storage) works toward, in one line."""

@@ -103,11 +103,18 @@ def slots_table(state: RunState, width: int, now: float) -> Table:
             slot.name,
             Text(slot.state, style=STATE_STYLES.get(slot.state, "")),
             str(slot.trial) if slot.trial is not None else "-",
-            slot.study or "-",
+            _study_cell(slot),
             fmt.duration(since) if since is not None else "-",
             slot_use(state, slot),
         )
     return table
+
+
+def _study_cell(slot: SlotView) -> str:
+    """The study of the slot's trial, and the named experiment it runs."""
+    if slot.study is None:
+        return "-"
+    return f"{slot.study}: {slot.experiment}" if slot.experiment else slot.study
 
 
 def slot_use(state: RunState, slot: SlotView) -> str:
@@ -190,10 +197,12 @@ def recent_table(state: RunState, width: int) -> Table:
 
 
 def detail_text(record: TrialRecord, max_chars: int) -> str:
-    """Why a trial failed; otherwise its parameters."""
+    """Why a trial failed; otherwise its parameters; after the named experiment it ran."""
+    prefix = f"{record.experiment}: " if record.experiment else ""
+    rest = max(0, max_chars - len(prefix))
     if record.reason:
-        return fmt.shorten(record.reason, max_chars)
-    return fmt.params(record.params, max_chars)
+        return fmt.shorten(prefix + fmt.shorten(record.reason, rest), max_chars)
+    return fmt.shorten(prefix + fmt.params(record.params, rest), max_chars)
 
 
 # ----- footer ------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import SLOT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, SLOT_ATTR
 from hyperfleet.display import format as fmt
 from hyperfleet.events import EventSink
+from hyperfleet.report import tables
 from hyperfleet.rundir import RunDir, write_json
 from hyperfleet.state import RunState, TrialRecord
 
@@ -253,12 +254,29 @@ def _study_section(study: optuna.Study) -> list[str]:
     ]
     best = best_trials(study)
     if not best:
-        return [*lines, "No trial completed.", ""]
+        return [*lines, "No trial completed.", "", *_experiments_section(trials)]
     title = "Best trial" if len(best) == 1 else f"Pareto front ({len(best)} trials)"
     lines += [f"### {title}", "", "| trial | values | parameters |", "|---:|---|---|"]
     for trial in best:
         params = ", ".join(f"{k}={fmt.number(v)}" for k, v in trial.params.items())
-        lines.append(f"| {trial.number} | {fmt.values(trial.values)} | {params} |")
+        lines.append(f"| {_trial_cell(trial)} | {fmt.values(trial.values)} | {params} |")
+    return [*lines, "", *_experiments_section(trials)]
+
+
+def _trial_cell(trial: FrozenTrial) -> str:
+    experiment = trial.user_attrs.get(EXPERIMENT_ATTR)
+    return f"{trial.number} ({experiment})" if experiment is not None else str(trial.number)
+
+
+def _experiments_section(trials: list[FrozenTrial]) -> list[str]:
+    latest = tables.experiments(trials)
+    if not latest:
+        return []
+    lines = ["### Experiments", "", "| experiment | trial | state | values |", "|---|---:|---|---|"]
+    for name, trial in latest.items():
+        lines.append(
+            f"| {name} | {trial.number} | {trial.state.name.lower()} | {fmt.values(trial.values)} |"
+        )
     return [*lines, ""]
 
 
