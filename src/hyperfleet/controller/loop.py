@@ -781,7 +781,7 @@ class Controller:
         trials = study.get_trials(deepcopy=False)
         for trial in leftovers:  # the dead controller never wrote how these trials ended
             record = books.record_from_frozen(study.study_name, trials[trial.number])
-            books.write_trial_files(run.plan.folder.trial_dir(trial.number), record)
+            books.write_trial_files(run.plan.folder.existing_trial_dir(trial.number), record)
         retried = books.retried_numbers(trials)
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried:

@@ -106,16 +106,17 @@ def write_best(run_dir: RunDir, study: optuna.Study, best: list[FrozenTrial]) ->
     building.mkdir(parents=True)
     if len(study.directions) == 1:
         trial = best[0]
-        _link_tree(run_dir.trial_dir(trial.number), building)
+        _link_tree(run_dir.existing_trial_dir(trial.number), building)
         write_json(building / "params.json", trial.params)
-        write_json(building / "best.json", _describe(study, trial))
+        write_json(building / "best.json", _describe(study, trial, run_dir))
         _keep_refit_if_same_params(final, building, trial.params)
     else:
         for trial in best:
             folder = building / f"trial-{trial.number}"
-            _link_tree(run_dir.trial_dir(trial.number), folder)
+            _link_tree(run_dir.existing_trial_dir(trial.number), folder)
             write_json(folder / "params.json", trial.params)
-        write_json(building / "best.json", {"pareto_front": [_describe(study, t) for t in best]})
+        front = [_describe(study, t, run_dir) for t in best]
+        write_json(building / "best.json", {"pareto_front": front})
     _swap_in(building, final)
     return final
 
@@ -136,7 +137,7 @@ def _keep_refit_if_same_params(final: Path, building: Path, params: dict[str, An
         os.replace(old, building / REFIT_NAME)
 
 
-def _describe(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+def _describe(study: optuna.Study, trial: FrozenTrial, run_dir: RunDir) -> dict[str, Any]:
     return {
         "study": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
@@ -144,7 +145,7 @@ def _describe(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         "values": trial.values,
         "params": trial.params,
         "slot": trial.system_attrs.get(SLOT_ATTR),
-        "trial_folder": f"trials/{trial.number}",
+        "trial_folder": str(run_dir.existing_trial_dir(trial.number).relative_to(run_dir.path)),
     }
 
 
