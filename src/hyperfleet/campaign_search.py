@@ -149,6 +149,7 @@ def _plan(
         weight=study.weight,
         priority=study.priority,
         stage=stage,
+        stage_name=study.stage,
         stored_trials=lambda: stored_trials(existing, study.name),
     )
 

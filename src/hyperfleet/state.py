@@ -64,6 +64,10 @@ class StudyView:
     best_number: int | None = None
     best_values: list[float] | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
+    stage: int = 0  # its place in a sequential campaign
+    stage_name: str = ""  # what the campaign file calls that stage ("" without one)
+    timeout: float | None = None  # its own time budget, counted from its first trial
+    ends_at: float | None = None  # wall time its timeout runs out, once its first trial started
 
 
 @dataclass
@@ -77,6 +81,7 @@ class RunState:
     recent: deque[TrialRecord] = field(default_factory=lambda: deque(maxlen=50))
     gpus: dict[int, GpuSample] = field(default_factory=dict)
     stopping: int = 0  # 0 running, 1 finishing running trials, 2 terminating them
+    sequential: bool = False  # stages run one after another
 
     def slot(self, name: str) -> SlotView:
         return next(s for s in self.slots if s.name == name)

@@ -74,6 +74,7 @@ class StudyPlan:
     weight: float = 1.0
     priority: int = 0
     stage: int = 0  # order in a sequential run
+    stage_name: str = ""  # the campaign file's name for the stage, for the live view
     # The study's trials already in storage, read without creating anything (None: no such
     # study yet); lets a run whose budget is already reached say so without starting workers.
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
@@ -136,10 +137,7 @@ class Controller:
     ) -> None:
         used = {name for plan in plans for name in plan.slots}
         self._slots = [slot for slot in pool.slots if slot.name in used]
-        self._runs = {
-            plan.name: StudyRun(plan, StudyView(plan.name, (), n_trials=plan.n_trials))
-            for plan in plans
-        }
+        self._runs = {plan.name: StudyRun(plan, _study_view(plan)) for plan in plans}
         self._ledger = Ledger(pool.needs)
         self._book = ShareBook()
         self._cost = {slot.name: _slot_cost(slot) for slot in self._slots}
@@ -174,6 +172,7 @@ class Controller:
         )
         self.state.slots = [SlotView(s.name, s.kind, s.gpus, s.cores) for s in self._slots]
         self.state.studies = [run.view for run in self._runs.values()]
+        self.state.sequential = sequential
 
     # ----- stopping, from signal handlers or other threads -------------------------------
 
@@ -474,6 +473,8 @@ class Controller:
         self._book.start(run.plan.name, name, self._cost[name])
         if run.first_launch is None:
             run.first_launch = now
+            if run.plan.timeout is not None:
+                run.view.ends_at = time.time() + run.plan.timeout
         message = RunTrial(
             objective=run.plan.name,
             number=trial.number,
@@ -921,6 +922,17 @@ class Controller:
                 studies,
             )
         return Outcome("completed", "", first, counts, studies)
+
+
+def _study_view(plan: StudyPlan) -> StudyView:
+    return StudyView(
+        plan.name,
+        (),
+        n_trials=plan.n_trials,
+        stage=plan.stage,
+        stage_name=plan.stage_name,
+        timeout=plan.timeout,
+    )
 
 
 def _opened(run: StudyRun) -> optuna.Study:
