@@ -272,7 +272,7 @@ def test_rendering_fills_values_and_makes_existing_files_absolute(tmp_path: Path
     assert objective.script_name == "train"
     words = objective.render({"kind": "plain", "x": 1.25}, trial_number=7)
     assert words == [
-        "python",
+        sys.executable,  # "python" is the interpreter hyperfleet runs in
         str(tmp_path.resolve() / "train.py"),
         "out/",
         "--x=1.2",
