@@ -53,7 +53,7 @@ def test_experiment_names_in_log_tables_summary_and_status_and_a_failed_one_is_r
     env = {**cpu_only_env(), "FIXED": "1"}
     again = run_cli(["run", "campaign.toml", "--plain", "--retry", "error=1"], tmp_path, 180, env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "experiment large_x (trial 1) (error) will be repeated" in again.stdout
+    assert "experiment large_x (trial 1) failed (error) and will be repeated" in again.stdout
     assert "trial 2 (experiment large_x) complete" in again.stdout
 
     with open(run_dir / "studies" / "hex" / "report" / "all_trials.csv") as handle:

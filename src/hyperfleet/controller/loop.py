@@ -804,17 +804,19 @@ class Controller:
         not is said too, with the retry rule that would repeat it."""
         label = self._trial_label(run, trial.number)
         experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
-        if experiment is not None:
-            label = f"experiment {experiment} ({label})"
+        if experiment is None:
+            if repeated:
+                self._emit("on_message", f"{label} ({kind}) will be repeated")
+            return
+        failed = f"experiment {experiment} ({label}) failed ({kind})"
         if repeated:
-            self._emit("on_message", f"{label} ({kind}) will be repeated")
-        elif experiment is not None:
-            self._emit(
-                "on_message",
-                f"{label} failed ({kind}) and is not repeated: the retry policy allows no more "
-                f'{kind} retries; to repeat it, raise them (retry = "{kind}=1" in [campaign], '
-                f"or --retry {kind}=1)",
-            )
+            self._emit("on_message", f"{failed} and will be repeated")
+            return
+        self._emit(
+            "on_message",
+            f"{failed} and is not repeated: the retry policy allows no more {kind} retries; "
+            f'to repeat it, raise them (retry = "{kind}=1" in [campaign], or --retry {kind}=1)',
+        )
 
     def _announce_budget(self, run: StudyRun) -> None:
         """What a resumed run (or one sharing its storage) works toward, in one line."""
