@@ -146,12 +146,14 @@ def run_campaign(
     display: str = "auto",
     report: bool = True,
     force_refit: bool = False,
+    retry: RetryPolicy | str | None = None,
     inventory: Inventory | None = None,
 ) -> Outcome:
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
 
     ``sequential`` overrides the file's ``sequential``; ``run_dir`` its ``run_dir`` (default
-    ``runs/<campaign name>``). The other keywords are those of :func:`optimize`.
+    ``runs/<campaign name>``); ``retry`` its ``retry`` (``"crash=1,error=1"``). The other
+    keywords are those of :func:`optimize`.
     """
     from hyperfleet.campaign import load_campaign
     from hyperfleet.campaign_search import campaign_search, campaign_settings
@@ -163,6 +165,7 @@ def run_campaign(
         stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
         kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
         keep_checkpoints=keep_checkpoints,
+        retry=RetryPolicy.parse(retry) if isinstance(retry, str) else retry,
     )
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)

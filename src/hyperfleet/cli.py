@@ -254,9 +254,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 _NOT_FOR_CAMPAIGNS = (
     "cmd", "space", "n_trials", "timeout", "direction", "study_name", "storage", "seed",
     "trial_timeout", "max_trials_per_worker", "refit", "refit_cmd", "sampler", "pruner",
-    "retry", "gpus", "trials_per_gpu", "gpu_memory", "gpus_per_trial", "cpu_slots",
-    "threads_per_slot", "objective_arg",
+    "gpus", "trials_per_gpu", "gpu_memory", "gpus_per_trial", "cpu_slots", "threads_per_slot",
+    "objective_arg",
 )  # fmt: skip
+
+
+_IN_STUDIES = "in each [[study]] or in [defaults] (n_trials, direction, sampler, cmd, ...)"
+_WHERE_IN_A_CAMPAIGN = {
+    "storage": "in [campaign] (storage)",
+    "timeout": "in [campaign] (timeout: the whole campaign's) or in a [[study]] (its own)",
+    "trial_timeout": "in [campaign] (trial_timeout)",
+    "max_trials_per_worker": "in [campaign] (max_trials_per_worker)",
+    "study_name": "as each [[study]]'s name",
+    **{n: f"in [pool] ({n})" for n in ("gpus", "trials_per_gpu", "cpu_slots", "threads_per_slot")},
+    "gpus_per_trial": "as a study's slot (slot = { gpus = 2 })",
+}
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
@@ -267,9 +279,9 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     given = [n for n in _NOT_FOR_CAMPAIGNS if getattr(args, n) != getattr(defaults, n)]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        where = ", ".join(dict.fromkeys(_WHERE_IN_A_CAMPAIGN.get(n, _IN_STUDIES) for n in given))
         raise ConfigError(
-            f"{flags}: a campaign file sets these for each study or in [pool]; "
-            f"set them in {args.target} instead."
+            f"{flags}: a campaign file sets this itself; set it in {args.target}: {where}."
         )
     outcome = run_campaign(
         args.target,
@@ -281,6 +293,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         display=_display(args).mode,
         report=not args.no_report,
         force_refit=args.force_refit,
+        retry=args.retry or None,
     )
     return _exit_status(outcome)
 

@@ -7,7 +7,10 @@ trial folder and holds the slot's GPUs, cores and thread limits, which the comma
 
 The command line
     It is split like a shell would (``shlex``) but run without a shell, so values never need
-    quoting. ``{NAME}`` is replaced by the parameter NAME (a format spec works too: ``{lr:.2e}``)
+    quoting. A command that starts with ``python`` (``python3``, ``python3.12``) runs with the
+    interpreter hyperfleet itself runs in (``sys.executable``), so a virtual environment that is
+    not activated still has its packages; write the interpreter's full path to use another one.
+    ``{NAME}`` is replaced by the parameter NAME (a format spec works too: ``{lr:.2e}``)
     and ``{{``/``}}`` stand for literal braces. Three more placeholders exist: ``{params_json}``
     (all of the trial's parameters as one JSON object), ``{trial_number}`` and ``{launch_dir}``
     (the folder hyperfleet was started from). A word that names a parameter absent from this
@@ -40,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import shlex
 import shutil
@@ -47,6 +51,7 @@ import signal
 import socket
 import string
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,13 +90,18 @@ class CommandObjective:
         launch_dir: str | Path | None = None,
         prune_grace: float = 10.0,
         stop_grace: float = 5.0,
+        check: bool = True,
     ) -> None:
         self.space = space
+        # A refit command of an objective study names parameters no space declares: they are
+        # checked when the best trial's are filled in (see hyperfleet.refit.CommandRefit).
+        self.checked = check
         self.launch_dir = str(Path(launch_dir if launch_dir is not None else Path.cwd()).resolve())
         self.prune_grace = prune_grace
         self.stop_grace = stop_grace
-        words = split_command(command)
-        check_template(words, space)
+        words = with_this_python(split_command(command))
+        if check:
+            check_template(words, space)
         self.words = [self._absolute_if_file(word) for word in words]
 
     def _absolute_if_file(self, word: str) -> str:
@@ -142,6 +152,15 @@ def split_command(command: str | Sequence[str]) -> list[str]:
         words = [str(w) for w in command]
     if not words:
         raise ConfigError("the command is empty; give one such as 'python train.py --lr {lr}'.")
+    return words
+
+
+def with_this_python(words: list[str]) -> list[str]:
+    """A bare ``python`` command runs with hyperfleet's own interpreter: the one found on PATH
+    may be another (a virtual environment that is not activated, a system Python without the
+    script's packages), which fails every trial with ModuleNotFoundError."""
+    if re.fullmatch(r"python(3(\.\d+)?)?", words[0]):
+        return [sys.executable, *words[1:]]
     return words
 
 

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
@@ -133,7 +134,7 @@ def run_search(
                 BestFolder(plan.folder, study_named(plan.name), plan.name, files.drain)
                 for plan in search.plans
             ],
-            RunSummary(run_dir, get_studies),
+            RunSummary(run_dir, get_studies, campaign=owner.kind == "campaign"),
             *screen,
         ]
         controller = Controller(
@@ -147,7 +148,9 @@ def run_search(
             files=files,
         )
         try:
-            return _run_to_the_end(search, controller, settings, inventory_note, report)
+            return _run_to_the_end(
+                search, controller, settings, inventory_note, report, owner.kind == "campaign"
+            )
         except (OSError, RunDirGone) as exc:
             return _run_folder_lost(exc, run_dir, controller, screen)
     finally:
@@ -167,8 +170,9 @@ def _run_to_the_end(
     settings: RunSettings,
     inventory_note: str,
     report: bool,
+    campaign: bool = False,
 ) -> Outcome:
-    """The search, then each study's refit and report."""
+    """The search, then each study's refit and report, and a campaign's own report."""
     if inventory_note.startswith("no GPU"):
         controller.announce(inventory_note)
     for note in search.pool.notes:
@@ -182,9 +186,11 @@ def _run_to_the_end(
         refit = search.refits.get(plan.name)
         if refit is not None:
             slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
-            outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
+            outcome = _refit(refit, outcome, study, plan, slot, controller)
         if report:
             _final_report(plan.folder, study, controller)
+    if report and campaign and controller.studies:
+        _campaign_report(controller)
     return outcome
 
 
@@ -240,7 +246,7 @@ def _refit(
     plan: RefitPlan,
     outcome: Outcome,
     study: optuna.Study,
-    folder: RunDir,
+    study_plan: StudyPlan,
     slot: Slot,
     controller: Controller,
 ) -> Outcome:
@@ -249,13 +255,14 @@ def _refit(
         plan,
         study,
         outcome.status,
-        folder.path / BEST_NAME / REFIT_NAME,
+        study_plan.folder.path / BEST_NAME / REFIT_NAME,
         slot.environment(),
         controller.announce,
     )
+    refits = {**outcome.refits, study_plan.name: result}
     if result.status == "failed":
-        return dataclasses.replace(outcome, status="failed", message=result.message)
-    return outcome
+        return dataclasses.replace(outcome, status="failed", message=result.message, refits=refits)
+    return dataclasses.replace(outcome, refits=refits)
 
 
 def _final_report(folder: RunDir, study: optuna.Study, controller: Controller) -> None:
@@ -270,6 +277,27 @@ def _final_report(folder: RunDir, study: optuna.Study, controller: Controller) -
         text = f"report skipped: {exc}"
     except Exception as exc:
         text = f"report failed ({type(exc).__name__}: {exc}); retry with: hyperfleet report DIR"
+    controller.announce(text)
+
+
+def _campaign_report(controller: Controller) -> None:
+    """The studies side by side in ``report/`` at the campaign's root; a bonus, like the
+    studies' own reports."""
+    from hyperfleet.report.campaign import write_campaign_report
+
+    path = Path(controller.state.run_dir)
+    try:
+        written = write_campaign_report(
+            path, list(controller.studies.values()), controller.state.run_name
+        )
+        text = f"campaign report: {written / 'index.html'}"
+    except ImportError as exc:
+        text = f"campaign report skipped: {exc.name} is missing (pip install 'hyperfleet[report]')"
+    except Exception as exc:
+        text = (
+            f"campaign report failed ({type(exc).__name__}: {exc}); "
+            "retry with: hyperfleet report DIR"
+        )
     controller.announce(text)
 
 

@@ -130,6 +130,18 @@ def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str
     return count
 
 
+def repeats_due(trials: Sequence[FrozenTrial], policy: RetryPolicy) -> bool:
+    """Whether a failed trial not yet repeated is one the policy repeats (on a resume, with a
+    policy that allows more retries than the run that failed it)."""
+    retried = retried_numbers(trials)
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.number not in retried:
+            kind = str(trial.system_attrs.get(KIND_ATTR, "error"))
+            if policy.allows(kind, attempts_before(trials, trial, kind)):
+                return True
+    return False
+
+
 def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: RetryPolicy) -> bool:
     """Enqueue the trial's parameters again if the policy allows; True when it did."""
     trials = study.get_trials(deepcopy=False)
@@ -234,6 +246,7 @@ def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
     start = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
     end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
     retry = trial.user_attrs.get(RETRY_ATTR)
+    experiment = trial.user_attrs.get(EXPERIMENT_ATTR)
     return TrialRecord(
         study=study_name,
         number=trial.number,
@@ -246,6 +259,7 @@ def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
         start=start,
         end=end,
         retry_of=int(retry) if retry is not None else None,
+        experiment=str(experiment) if experiment is not None else "",
     )
 
 
@@ -265,6 +279,8 @@ def write_trial_files(trial_dir: Path, record: TrialRecord, traceback_text: str 
         "duration_s": record.duration,
         "retry_of": record.retry_of,
     }
+    if record.experiment:
+        result["experiment"] = record.experiment
     if record.state == "FAIL":
         result["traceback"] = traceback_text
         result["stderr_tail"] = tail(trial_dir / "stderr.log", 2000)

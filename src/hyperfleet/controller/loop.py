@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import psutil
@@ -55,6 +55,9 @@ from hyperfleet.workers.protocol import (
     StudyInfo,
 )
 
+if TYPE_CHECKING:
+    from hyperfleet.refit import RefitOutcome
+
 TICK_SECONDS = 1.0
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 
@@ -73,6 +76,7 @@ class StudyPlan:
     weight: float = 1.0
     priority: int = 0
     stage: int = 0  # order in a sequential run
+    stage_name: str = ""  # the campaign file's name for the stage, for the live view
     # The study's trials already in storage, read without creating anything (None: no such
     # study yet); lets a run whose budget is already reached say so without starting workers.
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
@@ -113,6 +117,7 @@ class Outcome:
     """How the run ended: "completed" (budget or time reached), "stopped" or "failed".
 
     ``study`` is the first study (the only one of a single search); ``studies`` holds them all.
+    ``refits`` says, by study name, how each refit went and where its output is (``.folder``).
     """
 
     status: str
@@ -120,6 +125,7 @@ class Outcome:
     study: optuna.Study | None = None
     counts: dict[str, int] = field(default_factory=dict)
     studies: list[optuna.Study] = field(default_factory=list)
+    refits: dict[str, RefitOutcome] = field(default_factory=dict)
 
 
 class Controller:
@@ -137,10 +143,7 @@ class Controller:
     ) -> None:
         used = {name for plan in plans for name in plan.slots}
         self._slots = [slot for slot in pool.slots if slot.name in used]
-        self._runs = {
-            plan.name: StudyRun(plan, StudyView(plan.name, (), n_trials=plan.n_trials))
-            for plan in plans
-        }
+        self._runs = {plan.name: StudyRun(plan, _study_view(plan)) for plan in plans}
         self._ledger = Ledger(pool.needs)
         self._book = ShareBook()
         self._cost = {slot.name: _slot_cost(slot) for slot in self._slots}
@@ -177,6 +180,7 @@ class Controller:
         )
         self.state.slots = [SlotView(s.name, s.kind, s.gpus, s.cores) for s in self._slots]
         self.state.studies = [run.view for run in self._runs.values()]
+        self.state.sequential = sequential
 
     # ----- stopping, from signal handlers or other threads -------------------------------
 
@@ -255,6 +259,8 @@ class Controller:
                 return False
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
                 return False  # leftovers to mark, or repeats and experiments still to run
+            if books.repeats_due(trials, self._settings.retry):
+                return False  # failed trials (a named experiment) the retry policy repeats
             used = books.budget_used(trials)
             if used < run.plan.n_trials:
                 return False
@@ -471,6 +477,7 @@ class Controller:
             state="RUNNING",
             start=time.time(),
             retry_of=int(retry_of) if retry_of is not None else None,
+            experiment=str(experiment) if experiment is not None else "",
         )
         now = time.monotonic()
         timeout = self._settings.trial_timeout
@@ -481,6 +488,8 @@ class Controller:
         self._book.start(run.plan.name, name, self._cost[name])
         if run.first_launch is None:
             run.first_launch = now
+            if run.plan.timeout is not None:
+                run.view.ends_at = time.time() + run.plan.timeout
         message = RunTrial(
             objective=run.plan.name,
             number=trial.number,
@@ -497,6 +506,7 @@ class Controller:
             study.study_name,
             time.time(),
         )
+        view.experiment = record.experiment
         run.view.running = self._book.running(run.plan.name)
         self._after_commit.append(functools.partial(self._emit, "on_trial_start", record))
 
@@ -720,6 +730,7 @@ class Controller:
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
         view = self.state.slot(name)
         view.state, view.trial, view.study, view.since = "idle", None, None, None
+        view.experiment = ""
         view.trials_done += 1
         view.busy_seconds += record.duration or 0.0
 
@@ -928,15 +939,15 @@ class Controller:
         trials = study.get_trials(deepcopy=False)
         for trial in leftovers:  # the dead controller never wrote how these trials ended
             record = books.record_from_frozen(study.study_name, trials[trial.number])
-            books.write_trial_files(run.plan.folder.trial_dir(trial.number), record)
+            books.write_trial_files(run.plan.folder.existing_trial_dir(trial.number), record)
         retried = books.retried_numbers(trials)
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried:
                 kind = str(trial.system_attrs.get(books.KIND_ATTR, "error"))
-                if books.maybe_retry(study, trial, kind, self._settings.retry):
+                repeated = books.maybe_retry(study, trial, kind, self._settings.retry)
+                if repeated:
                     retried.add(trial.number)
-                    label = self._trial_label(run, trial.number)
-                    self._emit("on_message", f"{label} ({kind}) will be repeated")
+                self._say_repeat(run, trial, kind, repeated)
         trials = study.get_trials(deepcopy=False)
         run.finished = books.budget_used(trials)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
@@ -945,6 +956,25 @@ class Controller:
         self._announce_budget(run)
         self._refresh_study_view(run, trials)
         self._sweep_checkpoints(run)
+
+    def _say_repeat(self, run: StudyRun, trial: FrozenTrial, kind: str, repeated: bool) -> None:
+        """Whether a failed trial of an earlier run runs again; a named experiment that does
+        not is said too, with the retry rule that would repeat it."""
+        label = self._trial_label(run, trial.number)
+        experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
+        if experiment is None:
+            if repeated:
+                self._emit("on_message", f"{label} ({kind}) will be repeated")
+            return
+        failed = f"experiment {experiment} ({label}) failed ({kind})"
+        if repeated:
+            self._emit("on_message", f"{failed} and will be repeated")
+            return
+        self._emit(
+            "on_message",
+            f"{failed} and is not repeated: the retry policy allows no more {kind} retries; "
+            f'to repeat it, raise them (retry = "{kind}=1" in [campaign], or --retry {kind}=1)',
+        )
 
     def _announce_budget(self, run: StudyRun) -> None:
         """What a resumed run (or one sharing its storage) works toward, in one line."""
@@ -1053,6 +1083,17 @@ class Controller:
                 studies,
             )
         return Outcome("completed", "", first, counts, studies)
+
+
+def _study_view(plan: StudyPlan) -> StudyView:
+    return StudyView(
+        plan.name,
+        (),
+        n_trials=plan.n_trials,
+        stage=plan.stage,
+        stage_name=plan.stage_name,
+        timeout=plan.timeout,
+    )
 
 
 def _opened(run: StudyRun) -> optuna.Study:

@@ -24,6 +24,7 @@ import psutil
 from hyperfleet.errors import HyperfleetError, TrialInterrupted
 from hyperfleet.workers.descendants import descendants
 from hyperfleet.workers.descendants import end as end_processes
+from hyperfleet.workers.main import say
 from hyperfleet.workers.protocol import (
     Finished,
     LoadFailed,
@@ -65,6 +66,7 @@ def serve(conn: Connection) -> None:
         if isinstance(message, RunTrial):
             finished = run_trial(channel, objectives[message.objective], message)
             _send_finished(conn, replace(finished, gpu_peak_mib=_torch_peak_mib()))
+            say(f"trial {message.number} ended: {finished.outcome} {finished.error_type}".rstrip())
             # After the result is on its way (the controller records it meanwhile), before this
             # worker reads its next trial: that trial finds the trial's processes gone, and a
             # failed trial's worker is replaced, its whole tree ended, by the controller.
@@ -149,6 +151,7 @@ def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Fini
     trial = RemoteTrial(
         channel, message.number, message.datetime_start, study, message.checkpoint_dir
     )
+    say(f"trial {message.number} of {message.study.study_name} started in {message.trial_dir}")
     with _output_to(Path(message.trial_dir)):
         try:
             value = objective(trial)
