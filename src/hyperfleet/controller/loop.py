@@ -32,6 +32,7 @@ from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
+from hyperfleet.display.format import duration
 from hyperfleet.errors import ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.journal import PlacingJournalStorage, commit
@@ -67,13 +68,17 @@ class StudyPlan:
     folder: RunDir  # its trial folders go in folder/trials/<number>/
     slots: tuple[str, ...]  # the slots it may use
     n_trials: int | None = None
-    timeout: float | None = None  # seconds, counted from its first trial in this run
+    # Seconds of the study's own clock, which runs while it has a trial running, over every
+    # run (see StudyRun.time_used).
+    timeout: float | None = None
     weight: float = 1.0
     priority: int = 0
     stage: int = 0  # order in a sequential run
     # The study's trials already in storage, read without creating anything (None: no such
     # study yet); lets a run whose budget is already reached say so without starting workers.
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
+    # The seconds of its time budget it used in earlier runs, read the same way.
+    stored_time_used: Callable[[], float] = lambda: 0.0
 
 
 @dataclass
@@ -88,7 +93,32 @@ class StudyRun:
     # A storage other controllers may write (not this run directory's own journal): the
     # finished trials are then recounted from storage, theirs included.
     shared: bool = False
-    first_launch: float | None = None  # monotonic
+    # The time budget's clock: it runs while at least one of the study's trials runs, so a
+    # study waiting for its stage, for a slot or for the next run uses none of it. Earlier
+    # runs' time is kept in the storage with the study (bookkeeping.TIME_USED_ATTR).
+    time_before: float = 0.0  # seconds used by earlier runs
+    time_this_run: float = 0.0  # seconds of the periods that ended in this run
+    clock_since: float | None = None  # monotonic start of the period going on now
+    running: int = 0  # trials running now
+
+    def time_used(self, now: float) -> float:
+        going_on = now - self.clock_since if self.clock_since is not None else 0.0
+        return self.time_before + self.time_this_run + going_on
+
+    def trial_started(self, now: float) -> None:
+        self.running += 1
+        if self.clock_since is None:
+            self.clock_since = now
+
+    def trial_ended(self, now: float) -> None:
+        self.running -= 1
+        if self.running == 0 and self.clock_since is not None:
+            self.time_this_run += now - self.clock_since
+            self.clock_since = None
+
+    def time_left(self, now: float) -> float | None:
+        timeout = self.plan.timeout
+        return None if timeout is None else max(0.0, timeout - self.time_used(now))
 
 
 @dataclass
@@ -210,7 +240,7 @@ class Controller:
             self._deadline = started + self._settings.timeout
         try:
             if self._budgets_already_reached():
-                self._open_studies()
+                self._open_studies(announce=False)  # said already
                 return self._outcome()
             for slot in self._slots:
                 # Starting many workers takes a while: a stop asked meanwhile starts no more.
@@ -228,10 +258,12 @@ class Controller:
             self._close()
         return self._outcome()
 
-    def _open_studies(self) -> None:
+    def _open_studies(self, announce: bool = True) -> None:
         for run in self._runs.values():
             run.study = run.plan.open_study()
             self._prepare_study(run)
+            if announce:
+                self._announce_budget(run)
         self._opened = True
         self._emit("on_start")
 
@@ -241,17 +273,30 @@ class Controller:
         reached = []
         for run in self._runs.values():
             trials = run.plan.stored_trials()
-            if trials is None or run.plan.n_trials is None:
+            if trials is None:
+                return False
+            label = self._study_label(run)
+            run.time_before = run.plan.stored_time_used()
+            timeout = run.plan.timeout
+            if timeout is not None and run.time_before >= timeout:
+                reached.append(
+                    f"{label} already used {duration(run.time_before)} of its "
+                    f"{duration(timeout)}: nothing to run; raise its timeout to run more"
+                )
+                continue
+            if run.plan.n_trials is None:
                 return False
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
                 return False  # leftovers to mark, or repeats and experiments still to run
             used = books.budget_used(trials)
             if used < run.plan.n_trials:
                 return False
-            label = self._study_label(run)
-            reached.append(f"{label} already has {used} of its {run.plan.n_trials} trials")
+            reached.append(
+                f"{label} already has {used} of its {run.plan.n_trials} trials: nothing to "
+                "run; raise n_trials (--n-trials) to run more"
+            )
         for line in reached:
-            self.announce(f"{line}: nothing to run; raise n_trials (--n-trials) to run more")
+            self.announce(line)
         return True
 
     def _wait_until_loaded(self) -> None:
@@ -362,8 +407,7 @@ class Controller:
         now = time.monotonic()
         if self._deadline is not None and now >= self._deadline:
             return False
-        timeout, first = run.plan.timeout, run.first_launch
-        if timeout is not None and first is not None and now >= first + timeout:
+        if run.time_left(now) == 0.0:
             return False
         if all(name in self._dead_slots for name in run.plan.slots):
             return False
@@ -464,8 +508,7 @@ class Controller:
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
-        if run.first_launch is None:
-            run.first_launch = now
+        run.trial_started(now)
         message = RunTrial(
             objective=run.plan.name,
             number=trial.number,
@@ -608,6 +651,8 @@ class Controller:
         run = active.run
         study = _opened(run)
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
+        run.trial_ended(time.monotonic())
+        books.store_time_used(study, run.time_used(time.monotonic()))
         state = frozen.state
         kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
         retried = state == TrialState.FAIL and books.maybe_retry(
@@ -782,21 +827,32 @@ class Controller:
                     self._emit("on_message", f"{label} ({kind}) will be repeated")
         trials = study.get_trials(deepcopy=False)
         run.finished = books.budget_used(trials)
+        run.time_before = books.time_used_of(study)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
         run.shared = not (private or in_memory)  # others could be writing the same study
         run.view.directions = tuple(d.name for d in study.directions)
-        self._announce_budget(run)
         self._refresh_study_view(run, trials)
 
     def _announce_budget(self, run: StudyRun) -> None:
-        """What a resumed run (or one sharing its storage) works toward, in one line."""
-        n_trials = run.plan.n_trials
-        if n_trials is None or not (run.finished or run.shared):
+        """What a resumed run (or one sharing its storage) has left of the study's budgets,
+        trials and time, in one line."""
+        n_trials, timeout = run.plan.n_trials, run.plan.timeout
+        resumed = run.finished or run.time_before
+        if (n_trials is None and timeout is None) or not (resumed or run.shared):
             return
+        used, left, done = [], [], False
+        if n_trials is not None:
+            used.append(f"{run.finished} of {n_trials} trials")
+            left.append(f"{max(0, n_trials - run.finished)} trials")
+            done = run.finished >= n_trials
+        if timeout is not None:
+            used.append(f"{duration(run.time_before)} of {duration(timeout)}")
+            left.append(duration(timeout - run.time_before))
+            done = done or run.time_before >= timeout
+        rest = "nothing left to run" if done else f"this run adds up to {' and '.join(left)}"
         shared = "; trials of other runs on the same storage count too" if run.shared else ""
         self.announce(
-            f"{self._study_label(run)}: {run.finished} of {n_trials} trials finished already, "
-            f"this run adds up to {max(0, n_trials - run.finished)}{shared}"
+            f"{self._study_label(run)}: {' and '.join(used)} used already, {rest}{shared}"
         )
 
     def _study_label(self, run: StudyRun) -> str:
