@@ -46,6 +46,7 @@ from hyperfleet.storage import is_private_journal
 from hyperfleet.workers.protocol import (
     Call,
     Finished,
+    Loaded,
     LoadFailed,
     ObjectiveSpec,
     Ready,
@@ -100,6 +101,11 @@ class StudyRun:
     time_this_run: float = 0.0  # seconds of the periods that ended in this run
     clock_since: float | None = None  # monotonic start of the period going on now
     running: int = 0  # trials running now
+    # Its trials in storage when the run started (None: no such study yet).
+    stored: list[FrozenTrial] | None = None
+    loaded_once: bool = False  # its objective loaded in some worker in this run
+    load_failure: str = ""  # why its objective could not be loaded, once the run went on
+    released: bool = False  # its workers were told to drop its objective
 
     def time_used(self, now: float) -> float:
         going_on = now - self.clock_since if self.clock_since is not None else 0.0
@@ -175,6 +181,9 @@ class Controller:
         self._workers: dict[str, WorkerHandle] = {}
         self._active: dict[str, ActiveTrial] = {}
         self._kill_at: dict[str, float] = {}
+        # Slots whose worker loads a study's objective for the trial it gets next: they hold
+        # the slot's resources and share as that trial will.
+        self._loading: dict[str, StudyRun] = {}
         self._start_failures: dict[str, int] = {}
         self._dead_slots: set[str] = set()
         self._opened = False
@@ -219,6 +228,15 @@ class Controller:
         return self._stop_level
 
     @property
+    def stopped_in_a_hurry(self) -> bool:
+        """Stopped hard (a second Ctrl+C) or by SIGTERM: what follows the run should not wait."""
+        return self._stop_level >= 2 or self._hard_stop_at is not None
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir.path
+
+    @property
     def study(self) -> optuna.Study | None:
         """The first study, once every objective has loaded in a worker and it was opened."""
         return next(iter(self._runs.values())).study
@@ -239,6 +257,7 @@ class Controller:
         if self._settings.timeout is not None:
             self._deadline = started + self._settings.timeout
         try:
+            self._read_stored()
             if self._budgets_already_reached():
                 self._open_studies(announce=False)  # said already
                 return self._outcome()
@@ -267,16 +286,20 @@ class Controller:
         self._opened = True
         self._emit("on_start")
 
+    def _read_stored(self) -> None:
+        for run in self._runs.values():
+            run.stored = run.plan.stored_trials()
+            run.time_before = run.plan.stored_time_used() if run.stored is not None else 0.0
+
     def _budgets_already_reached(self) -> bool:
         """True when every study has all its trials already (and none left running): the run
         says so in one line per study instead of starting workers for nothing."""
         reached = []
         for run in self._runs.values():
-            trials = run.plan.stored_trials()
+            trials = run.stored
             if trials is None:
                 return False
             label = self._study_label(run)
-            run.time_before = run.plan.stored_time_used()
             timeout = run.plan.timeout
             if timeout is not None and run.time_before >= timeout:
                 reached.append(
@@ -300,22 +323,63 @@ class Controller:
         return True
 
     def _wait_until_loaded(self) -> None:
-        """Open no storage before every study's objective has loaded in a worker: bad input
-        writes nothing."""
-        while not all(self._has_ready_worker(run) for run in self._runs.values()):
+        """Open no storage before the objective of every study that starts first has loaded
+        in a worker: bad input writes nothing. Those are all the studies with work left, or in
+        a sequential run those of the first stage with work left; later stages load theirs
+        when they start, and a study whose objective fails then stops alone."""
+        first = self._first_studies()
+        while not all(run.loaded_once for run in first):
             if self._stop_level:
                 return
-            for run in self._runs.values():
+            for run in first:
                 if all(name in self._dead_slots for name in run.plan.slots):
                     raise WorkerError(
                         f"every worker that could run study {run.plan.name!r} died while "
                         f"starting; see the logs in {self._run_dir.workers_dir}."
                     )
+            self._preload(first)
             self._step(timeout=TICK_SECONDS)
 
-    def _has_ready_worker(self, run: StudyRun) -> bool:
-        workers = (self._workers.get(name) for name in run.plan.slots)
-        return any(worker is not None and worker.ready for worker in workers)
+    def _first_studies(self) -> list[StudyRun]:
+        runs = [run for run in self._runs.values() if self._stored_work_left(run)]
+        runs = runs or list(self._runs.values())
+        if self._sequential:
+            stage = min(run.plan.stage for run in runs)
+            runs = [run for run in runs if run.plan.stage == stage]
+        return runs
+
+    def _stored_work_left(self, run: StudyRun) -> bool:
+        """Whether the study has work left, judged from the storage before it is opened."""
+        if run.time_left(time.monotonic()) == 0.0:
+            return False
+        trials, n_trials = run.stored, run.plan.n_trials
+        if trials is None or n_trials is None:
+            return True
+        if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+            return True  # leftovers to repeat, or experiments to run
+        return books.budget_used(trials) < n_trials
+
+    def _preload(self, first: list[StudyRun]) -> None:
+        """Give each ready worker one of the first studies' objectives to load: one nobody
+        holds yet, else (once per worker) the one the fewest hold, so that every slot is
+        ready for a trial when the storage opens."""
+        holders = {run.plan.name: 0 for run in first}
+        for worker in self._workers.values():
+            held = {*worker.loaded, worker.loading or ""}
+            for study in held & holders.keys():
+                holders[study] += 1
+        for name, worker in self._workers.items():
+            if not worker.ready or worker.loading is not None:
+                continue
+            mine = [run for run in first if name in run.plan.slots]
+            unheld = [run for run in mine if not holders[run.plan.name]]
+            holds_one = any(run.plan.name in worker.loaded for run in mine)
+            if not unheld and (holds_one or not mine):
+                continue
+            run = min(unheld or mine, key=lambda r: holders[r.plan.name])
+            worker.load(run.plan.name)
+            holders[run.plan.name] += 1
+            self.state.slot(name).state = "loading"
 
     def _loop(self) -> None:
         next_tick = time.monotonic()
@@ -325,8 +389,10 @@ class Controller:
                 self._interrupt_running()
                 return
             self._launch_on_free_slots()
+            self._release_done_studies()
             self._flush()
-            if not self._active and not any(self._has_work(r) for r in self._runs.values()):
+            busy = self._active or self._loading
+            if not busy and not any(self._has_work(r) for r in self._runs.values()):
                 return
             if len(self._dead_slots) == len(self._slots):
                 return
@@ -395,6 +461,8 @@ class Controller:
             self._start_failures[name] = 0
             view = self.state.slot(name)
             view.state, view.pid = "idle", message.pid
+        elif isinstance(message, Loaded):
+            self._on_loaded(name, worker, message.study)
         elif isinstance(message, LoadFailed):
             self._on_load_failed(name, message)
 
@@ -402,7 +470,7 @@ class Controller:
 
     def _has_work(self, run: StudyRun) -> bool:
         """May the study start another trial now (stop, deadlines, budget)?"""
-        if self._stop_level or run.study is None:
+        if self._stop_level or run.study is None or run.load_failure:
             return False
         now = time.monotonic()
         if self._deadline is not None and now >= self._deadline:
@@ -421,7 +489,7 @@ class Controller:
         idle = [
             name
             for name, worker in self._workers.items()
-            if worker.ready and name not in self._active
+            if worker.ready and worker.loading is None and name not in self._active
         ]
         free = [name for name in idle if self._ledger.fits(name)]
         blocked = [name for name in idle if not self._ledger.fits(name)]
@@ -463,7 +531,60 @@ class Controller:
             if choice is None:
                 return
             study_name, slot_name = choice
-            self._launch(slot_name, self._workers[slot_name], self._runs[study_name])
+            worker, run = self._workers[slot_name], self._runs[study_name]
+            if study_name in worker.loaded:
+                self._launch(slot_name, worker, run)
+            else:
+                self._load_then_launch(slot_name, worker, run)
+
+    def _load_then_launch(self, name: str, worker: WorkerHandle, run: StudyRun) -> None:
+        """The slot's first trial of this study: its worker loads the objective first, holding
+        the slot's resources and share meanwhile; the trial starts once it has loaded."""
+        worker.load(run.plan.name)
+        self._loading[name] = run
+        self._ledger.claim(name)
+        self._book.start(run.plan.name, name, self._cost[name])
+        view = self.state.slot(name)
+        view.state, view.study = "loading", run.plan.name
+
+    def _on_loaded(self, name: str, worker: WorkerHandle, study: str) -> None:
+        worker.loading = None
+        worker.loaded.add(study)
+        run = self._runs[study]
+        run.loaded_once = True
+        self.state.slot(name).state = "idle"
+        if self._loading.pop(name, None) is not None:
+            self._ledger.release(name)
+            self._book.stop(name)
+            if self._has_work(run):
+                self._launch(name, worker, run)
+        if run.released:  # the study ended while this worker was loading it
+            worker.release(study)
+
+    def _release_done_studies(self) -> None:
+        """Have the workers drop the objective (and its data set) of every study that has
+        nothing left to run, so that a sequential run holds one stage's data at a time."""
+        if self._stop_level:
+            return  # everything is dropped at the end anyway
+        loading = {run.plan.name for run in self._loading.values()}
+        for run in self._runs.values():
+            if run.released or run.running or run.plan.name in loading:
+                continue
+            if not self._budget_spent(run):
+                continue
+            run.released = True
+            for worker in self._workers.values():
+                if run.plan.name in worker.loaded:
+                    worker.release(run.plan.name)
+
+    def _budget_spent(self, run: StudyRun) -> bool:
+        """Whether the study is done for good: its trials, its time or its objective."""
+        if run.study is None:
+            return False
+        if run.load_failure or run.time_left(time.monotonic()) == 0.0:
+            return True
+        n_trials = run.plan.n_trials
+        return n_trials is not None and run.finished >= n_trials
 
     def _recount_shared_budgets(self) -> None:
         """On a storage other controllers share, the study's finished trials are counted from
@@ -626,6 +747,9 @@ class Controller:
             if active.end_kind:
                 kind, reason = active.end_kind, active.end_reason
             self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
+        elif self._loading.pop(name, None) is not None:  # died loading: the next worker may
+            self._ledger.release(name)
+            self._book.stop(name)
         elif not worker.ready:
             self._start_failures[name] = self._start_failures.get(name, 0) + 1
         self._kill_at.pop(name, None)
@@ -764,16 +888,29 @@ class Controller:
             self._replace_worker(name, worker, graceful=False)
 
     def _on_load_failed(self, name: str, failure: LoadFailed) -> None:
+        run = self._runs[failure.study]
         if not self._opened:
             # Show the user's own frames; a traceback without any says no more than the message.
             frames = failure.traceback.rstrip() if '  File "' in failure.traceback else ""
-            run = self._runs[failure.study]
             where = f" (study {run.plan.name!r})" if len(self._runs) > 1 else ""
             raise ObjectiveError(
                 f"the objective {run.plan.spec.describe()}{where} could not be loaded: "
                 f"{failure.message}" + (f"\n{frames}" if frames else "")
             )
-        self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
+        if self._loading.pop(name, None) is not None:
+            self._ledger.release(name)
+            self._book.stop(name)
+        if run.loaded_once:  # it loads elsewhere: this slot is what is wrong
+            self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
+            return
+        # A later stage's objective: that study stops, the others go on. The worker exits
+        # after a failed load, and the loop starts a fresh one.
+        run.load_failure = failure.message
+        self._emit(
+            "on_message",
+            f"study {run.plan.name} stopped: its objective {run.plan.spec.describe()} could "
+            f"not be loaded: {failure.message}; see {self._run_dir.workers_dir}",
+        )
 
     def _give_up_slot(self, name: str, why: str) -> None:
         self._dead_slots.add(name)
@@ -837,7 +974,7 @@ class Controller:
         """What a resumed run (or one sharing its storage) has left of the study's budgets,
         trials and time, in one line."""
         n_trials, timeout = run.plan.n_trials, run.plan.timeout
-        resumed = run.finished or run.time_before
+        resumed = run.finished or (timeout is not None and run.time_before)
         if (n_trials is None and timeout is None) or not (resumed or run.shared):
             return
         used, left, done = [], [], False
@@ -937,6 +1074,11 @@ class Controller:
             return Outcome(
                 "failed", "every slot stopped; see the worker logs", first, counts, studies
             )
+        failed = [run for run in self._runs.values() if run.load_failure]
+        if failed:
+            names = ", ".join(run.plan.name for run in failed)
+            message = f"the objective of {names} could not be loaded; see the run log"
+            return Outcome("failed", message, first, counts, studies)
         if self._stop_level:
             return Outcome(
                 "stopped", "stopped before the budget was reached", first, counts, studies
