@@ -23,11 +23,13 @@ class ReportError(HyperfleetError):
     """The report cannot be written."""
 
 
-def write_report(run_dir: str | Path, top: int = 5, study: optuna.Study | None = None) -> Path:
+def write_report(
+    run_dir: str | Path, top: int = 5, study: optuna.Study | None = None, pngs: bool = True
+) -> Path:
     """Write ``RUN_DIR/report/`` from the run's storage and return that folder.
 
     ``study`` skips reopening the storage (the end of a search passes the one it ran, which
-    also covers in-memory storage)."""
+    also covers in-memory storage). ``pngs=False`` leaves out the PNGs, most of the cost."""
     _require_plotting()
     from hyperfleet.report import html, png, tables
 
@@ -44,7 +46,8 @@ def write_report(run_dir: str | Path, top: int = 5, study: optuna.Study | None =
     with warnings.catch_warnings():
         # Optuna's notes on experimental plots and importance targets mean nothing to a reader.
         warnings.simplefilter("ignore")
-        png.write_pngs(folder, study)
+        if pngs:
+            png.write_pngs(folder, study)
         figures = html.build_figures(study)
     meta = (
         f"{len(study.get_trials(deepcopy=False))} trials, "
