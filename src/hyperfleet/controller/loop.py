@@ -458,7 +458,6 @@ class Controller:
             self._on_finished(name, worker, message)
         elif isinstance(message, Ready):
             worker.ready = True
-            self._start_failures[name] = 0
             view = self.state.slot(name)
             view.state, view.pid = "idle", message.pid
         elif isinstance(message, Loaded):
@@ -527,6 +526,7 @@ class Controller:
                 self._sequential,
                 blocked_slots=blocked,
                 overlaps=self._ledger.overlaps,
+                loaded={name: self._workers[name].loaded for name in free},
             )
             if choice is None:
                 return
@@ -549,10 +549,12 @@ class Controller:
 
     def _on_loaded(self, name: str, worker: WorkerHandle, study: str) -> None:
         worker.loading = None
+        self._start_failures[name] = 0
         worker.loaded.add(study)
         run = self._runs[study]
         run.loaded_once = True
-        self.state.slot(name).state = "idle"
+        view = self.state.slot(name)
+        view.state, view.study = "idle", None
         if self._loading.pop(name, None) is not None:
             self._ledger.release(name)
             self._book.stop(name)
@@ -747,11 +749,14 @@ class Controller:
             if active.end_kind:
                 kind, reason = active.end_kind, active.end_reason
             self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
-        elif self._loading.pop(name, None) is not None:  # died loading: the next worker may
-            self._ledger.release(name)
-            self._book.stop(name)
-        elif not worker.ready:
-            self._start_failures[name] = self._start_failures.get(name, 0) + 1
+        else:
+            if self._loading.pop(name, None) is not None:
+                self._ledger.release(name)
+                self._book.stop(name)
+            if not worker.ready or worker.loading is not None:
+                # Died starting or loading an objective (out of memory, a crash in a library):
+                # a slot where this keeps happening is given up, not restarted for ever.
+                self._start_failures[name] = self._start_failures.get(name, 0) + 1
         self._kill_at.pop(name, None)
         worker.kill()
         del self._workers[name]
@@ -776,7 +781,8 @@ class Controller:
         study = _opened(run)
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
         run.trial_ended(time.monotonic())
-        books.store_time_used(study, run.time_used(time.monotonic()))
+        if run.plan.timeout is not None:  # no extra write per trial for the others
+            books.store_time_used(study, run.time_used(time.monotonic()))
         state = frozen.state
         kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
         retried = state == TrialState.FAIL and books.maybe_retry(
@@ -900,6 +906,9 @@ class Controller:
         if self._loading.pop(name, None) is not None:
             self._ledger.release(name)
             self._book.stop(name)
+        worker = self._workers.get(name)
+        if worker is not None:
+            worker.loading = None  # it said why, and exits: not a worker dying unexplained
         if run.loaded_once:  # it loads elsewhere: this slot is what is wrong
             self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
             return
