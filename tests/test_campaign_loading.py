@@ -1,6 +1,6 @@
 """A worker holds the data of the studies it runs now, not of every study that may use its slot:
 in a sequential campaign, each stage's factory is loaded when the stage starts and its data set
-is released when the stage is done."""
+is released when the stage is done; a later stage whose objective cannot load stops alone."""
 
 from __future__ import annotations
 
@@ -66,3 +66,43 @@ def test_a_worker_holds_only_the_data_set_of_the_stage_it_runs(tmp_path: Path) -
         # One data set above the worker's own memory; all three would be 3 x 64 MB.
         extra = rss[study] - rss["baseline"]
         assert MEGABYTES * 0.8 < extra < MEGABYTES * 1.5, (study, rss)
+
+
+BROKEN_LATER = """
+    [campaign]
+    name = "later"
+    sequential = true
+
+    [pool]
+    cpu_slots = 1
+
+    [defaults]
+    objective = "objective.py:make_objective"
+    slot = "cpu"
+    n_trials = 2
+
+    [[study]]
+    name = "fine"
+    args = { megabytes = 0 }
+
+    [[study]]
+    name = "broken"
+    args = { wrong = 1 }
+
+    [[study]]
+    name = "after"
+    args = { megabytes = 0 }
+"""
+
+
+def test_a_later_stage_whose_objective_cannot_load_stops_alone(tmp_path: Path) -> None:
+    (tmp_path / "objective.py").write_text(OBJECTIVE)
+    (tmp_path / "campaign.toml").write_text(textwrap.dedent(BROKEN_LATER))
+    done = run_cli(["run", "campaign.toml", "--plain", "--no-report"], tmp_path, 120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "study broken stopped: its objective" in done.stdout
+    assert "unexpected keyword argument 'wrong'" in done.stdout
+    run_dir = tmp_path / "runs" / "later"
+    for study in ("fine", "after"):  # the stages before and after it ran their trials
+        assert [t.state.name for t in load_trials(run_dir, study)] == ["COMPLETE", "COMPLETE"]
+    assert load_trials(run_dir, "broken") == []
