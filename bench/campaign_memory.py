@@ -1,14 +1,16 @@
-"""Worker memory in a sequential campaign of many data sets: what each worker holds at its peak.
+"""Worker memory and start-up in a sequential campaign of many data sets.
 
 The campaign is the one of the seed write-ups at small scale: 8 data sets x 3 model families,
-one stage per data set, each study's factory allocating its data set (50 MB of touched memory by
-default). Two model families use a (fake) GPU slot, the third a CPU slot. A sampler polls the
-resident set size (RSS) of every worker process of the run and prints, per slot, the largest
-seen; a worker that holds only the data set of the stage it runs stays near one data set above
-its own baseline.
+one stage per data set, each study's factory reading its data set (``--load-seconds``, a sleep
+standing for the file read) and allocating it (50 MB of touched memory by default). Two model
+families use a (fake) GPU slot, the third a CPU slot. A sampler polls the resident set size
+(RSS) of every worker process of the run and prints, per slot, the largest seen: a worker that
+holds only the data set of the stage it runs stays near one data set above its own baseline.
+It also prints when the first trial started: a worker that loads every study's data set before
+its first trial makes that wait grow with the number of studies.
 
     python bench/campaign_memory.py
-    python bench/campaign_memory.py --datasets 4 --megabytes 20
+    python bench/campaign_memory.py --datasets 4 --megabytes 20 --load-seconds 0
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ import psutil
 WORKER_MODULE = "hyperfleet.workers.main"
 
 FACTORY = """
+import time
+
 import numpy as np
 
 
-def make(dataset, model, megabytes):
+def make(dataset, megabytes, load_seconds):
+    time.sleep(load_seconds)  # reading the data set's file
     data = np.ones(megabytes * 2**20 // 8)  # touched: every page is resident
 
     def objective(trial):
@@ -52,6 +57,7 @@ cpu_slots = 1
 
 [defaults]
 objective = "models.py:make"
+args = {{ dataset = "{{dataset}}", megabytes = {megabytes}, load_seconds = {load_seconds} }}
 matrix = {{ dataset = {datasets} }}
 stage = "{{dataset}}"
 n_trials = {trials}
@@ -59,17 +65,14 @@ sampler = "random"
 
 [[study]]
 name = "xgb-{{dataset}}"
-args = {{ dataset = "{{dataset}}", model = "xgb", megabytes = {megabytes} }}
 slot = "gpu"
 
 [[study]]
 name = "lgbm-{{dataset}}"
-args = {{ dataset = "{{dataset}}", model = "lgbm", megabytes = {megabytes} }}
 slot = "gpu"
 
 [[study]]
 name = "cat-{{dataset}}"
-args = {{ dataset = "{{dataset}}", model = "cat", megabytes = {megabytes} }}
 slot = "cpu"
 """
 
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--datasets", type=int, default=8)
     parser.add_argument("--megabytes", type=int, default=50)
     parser.add_argument("--trials", type=int, default=3, help="trials per study")
+    parser.add_argument("--load-seconds", type=float, default=0.5, help="per data set")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -87,38 +91,47 @@ def main() -> None:
         (folder / "campaign.toml").write_text(
             textwrap.dedent(
                 CAMPAIGN.format(
-                    datasets=json.dumps(names), trials=args.trials, megabytes=args.megabytes
+                    datasets=json.dumps(names),
+                    trials=args.trials,
+                    megabytes=args.megabytes,
+                    load_seconds=args.load_seconds,
                 )
             )
         )
-        peaks, wall = run_and_sample(folder)
+        peaks, first, wall = run_and_sample(folder)
     print(
-        f"{args.datasets} data sets x 3 models, {args.megabytes} MB each, sequential, "
-        f"{args.trials} trials per study, {wall:.1f}s"
+        f"{args.datasets} data sets x 3 models, {args.megabytes} MB each read in "
+        f"{args.load_seconds:g}s, sequential, {args.trials} trials per study"
     )
+    print(f"first trial started after {first:.1f}s, run took {wall:.1f}s")
     print(f"{'slot':<10}{'peak RSS MB':>12}")
     for slot, peak in sorted(peaks.items()):
         print(f"{slot:<10}{peak / 2**20:>12.0f}")
 
 
-def run_and_sample(folder: Path) -> tuple[dict[str, int], float]:
+def run_and_sample(folder: Path) -> tuple[dict[str, int], float, float]:
     env = {**os.environ, "HYPERFLEET_FAKE_GPUS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "hyperfleet.cli", "run", "campaign.toml", "--plain"]
     started = time.monotonic()
     process = subprocess.Popen(
-        [*command, "--no-report"], cwd=folder, env=env, stdout=subprocess.DEVNULL
+        [*command, "--no-report"], cwd=folder, env=env, stdout=subprocess.PIPE, text=True
     )
     peaks: dict[str, int] = {}
     done = threading.Event()
     sampler = threading.Thread(target=sample, args=(process.pid, peaks, done))
     sampler.start()
+    first = 0.0
+    assert process.stdout is not None
+    for line in process.stdout:
+        if " started on " in line and not first:
+            first = time.monotonic() - started
     code = process.wait()
     wall = time.monotonic() - started
     done.set()
     sampler.join()
     if code != 0:
         raise SystemExit(f"the campaign exited with status {code}")
-    return peaks, wall
+    return peaks, first, wall
 
 
 def sample(controller: int, peaks: dict[str, int], done: threading.Event) -> None:

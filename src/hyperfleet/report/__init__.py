@@ -29,8 +29,9 @@ def write_report(
     """Write ``RUN_DIR/report/`` from the run's storage and return that folder.
 
     ``study`` skips reopening the storage (the end of a search passes the one it ran, which
-    also covers in-memory storage). ``pngs=False`` leaves out the PNGs, most of the cost."""
-    _require_plotting()
+    also covers in-memory storage). ``pngs=False`` leaves out the PNGs, most of the cost, and
+    does without matplotlib."""
+    _require_plotting(pngs)
     from hyperfleet.report import html, png, tables
 
     if top < 1:
@@ -88,10 +89,12 @@ def _stored_studies(path: Path) -> list[optuna.Study]:
     return studies
 
 
-def _require_plotting() -> None:
+def _require_plotting(pngs: bool = True) -> None:
     try:
-        import matplotlib  # noqa: F401
         import plotly  # noqa: F401
+
+        if pngs:
+            import matplotlib  # noqa: F401
     except ImportError as exc:
         raise ReportError(
             f"the report needs matplotlib and plotly ({exc.name} is missing); install them "
