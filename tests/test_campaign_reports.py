@@ -3,6 +3,7 @@ and after a SIGTERM during the trials none is written."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import textwrap
@@ -65,8 +66,12 @@ def start(folder: Path, hold: bool) -> tuple[subprocess.Popen[str], Path]:
 
 
 def report_processes(controller: int) -> list[psutil.Process]:
-    children = psutil.Process(controller).children()
-    return [proc for proc in children if "hyperfleet.report.batch" in proc.cmdline()]
+    found = []
+    for child in psutil.Process(controller).children():
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
+            if "hyperfleet.report.batch" in child.cmdline():
+                found.append(child)
+    return found
 
 
 def test_sigterm_while_the_reports_are_written_ends_them_at_once(tmp_path: Path) -> None:
