@@ -546,3 +546,16 @@ def test_the_chosen_study_gets_a_slot_whose_worker_holds_its_objective() -> None
     loaded = {"cpu#0": {"b"}, "cpu#1": set(), "cpu#2": {"a"}}
     assert pick(demands, free, ShareBook(), costs, loaded=loaded) == ("a", "cpu#2")
     assert pick(demands, free, ShareBook(), costs) == ("a", "cpu#0")  # caller order otherwise
+
+
+def test_a_stage_whose_slot_loads_for_its_last_trial_is_not_over() -> None:
+    slots = frozenset({"cpu#0", "cpu#1"})
+    last_loading = StudyDemand("a", slots, has_work=False, stage=0, loading=True)
+    demands = [last_loading, StudyDemand("b", slots, stage=1)]
+    costs = {"cpu#0": 1.0, "cpu#1": 1.0}
+    assert pick(demands, ["cpu#0"], ShareBook(), costs, sequential=True) is None
+    done = StudyDemand("a", slots, has_work=False, stage=0)
+    assert pick([done, demands[1]], ["cpu#0"], ShareBook(), costs, sequential=True) == (
+        "b",
+        "cpu#0",
+    )

@@ -507,6 +507,7 @@ class Controller:
                 self._run_dir.check_still_there()
                 self._recount_shared_budgets()
                 recounted = True
+            loading = {run.plan.name for run in self._loading.values()}
             demands = [
                 StudyDemand(
                     name=run.plan.name,
@@ -515,6 +516,7 @@ class Controller:
                     weight=run.plan.weight,
                     priority=run.plan.priority,
                     stage=run.plan.stage,
+                    loading=run.plan.name in loading,
                 )
                 for run in self._runs.values()
             ]

@@ -62,6 +62,9 @@ class StudyDemand:
     weight: float = 1.0
     priority: int = 0  # bigger number = higher priority
     stage: int = 0  # used only in sequential mode
+    # A slot loads its objective for its next trial: that trial is still to start, so its
+    # stage is not over (sequential mode) even when the study has no other trial to start.
+    loading: bool = False
 
     def __post_init__(self) -> None:
         # A zero or negative weight would make the share undefined (or reward running more).
@@ -175,7 +178,7 @@ def _eligible(demands: Sequence[StudyDemand], sequential: bool) -> list[tuple[in
     if not sequential or not with_work:
         return with_work
     # A later stage waits for every study of an earlier one, even one whose slots are all busy.
-    current_stage = min(demand.stage for _, demand in with_work)
+    current_stage = min(d.stage for d in demands if d.has_work or d.loading)
     return [(index, demand) for index, demand in with_work if demand.stage == current_stage]
 
 
