@@ -238,7 +238,7 @@ class Controller:
 
     @property
     def study(self) -> optuna.Study | None:
-        """The first study, once every objective has loaded in a worker and it was opened."""
+        """The first study, once the first studies' objectives loaded and it was opened."""
         return next(iter(self._runs.values())).study
 
     @property
