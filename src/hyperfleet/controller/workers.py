@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers import descendants
-from hyperfleet.workers.protocol import ObjectiveSpec, Shutdown, WorkerSetup
+from hyperfleet.workers.protocol import Load, ObjectiveSpec, Release, Shutdown, WorkerSetup
 
 # How long idle workers asked to leave get to exit on their own before they are killed.
 SHUTDOWN_SECONDS = 2.0
@@ -37,6 +37,8 @@ class WorkerHandle:
         self.slot = slot
         self.trials_run = 0
         self.ready = False
+        self.loaded: set[str] = set()  # the studies whose objective this worker holds
+        self.loading: str | None = None  # the study whose objective it is loading now
         self.marker = secrets.token_hex(8)  # inherited by everything the worker starts
         # Epoch seconds, as process start times are; a second early for clock granularity.
         self.started_at = time.time() - 1.0
@@ -72,6 +74,17 @@ class WorkerHandle:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def load(self, study: str) -> None:
+        self.loading = study
+        # A worker that died meanwhile is noticed by the loop, which frees what it held.
+        with contextlib.suppress(ConnectionError):
+            self.conn.send(Load(study))
+
+    def release(self, study: str) -> None:
+        self.loaded.discard(study)
+        with contextlib.suppress(ConnectionError):
+            self.conn.send(Release(study))
 
     def waitables(self) -> list[object]:
         return [self.conn] if self.exit_fd is None else [self.conn, self.exit_fd]
