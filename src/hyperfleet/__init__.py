@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         StorageError,
         WorkerError,
     )
+    from hyperfleet.pending import PendingTrialsSampler
     from hyperfleet.resources.slots import Slot, current_slot
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ _HOMES = {
     "RunDirError": "hyperfleet.errors",
     "StorageError": "hyperfleet.errors",
     "WorkerError": "hyperfleet.errors",
+    "PendingTrialsSampler": "hyperfleet.pending",
     "Slot": "hyperfleet.resources.slots",
     "current_slot": "hyperfleet.resources.slots",
 }
@@ -47,6 +49,7 @@ __all__ = [
     "HyperfleetError",
     "ObjectiveError",
     "Outcome",
+    "PendingTrialsSampler",
     "ResourceError",
     "RetryPolicy",
     "RunDirError",

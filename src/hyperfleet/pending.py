@@ -9,9 +9,7 @@ its parameters is COMPLETE, with a value chosen by a liar strategy:
 - ``worst``: the worst value finished so far (a constant liar that pushes away from running
   points);
 - ``mean``: the mean of the finished values;
-- ``best``: the best value so far (pulls towards running points: more exploitation);
-- ``nearest``: the value of the finished trial closest to the running one in the normalised
-  search space, a model-free "believer" that guesses what the running trial will score.
+- ``best``: the best value so far (pulls towards running points: more exploitation).
 
 The view goes through Optuna's public sampler API only (the sampler is called with a study
 whose trial lists include the stand-ins), so it works with any sampler. With one slot, no other
@@ -26,39 +24,27 @@ from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.errors import ConfigError
 
-Liar = Callable[[FrozenTrial, Sequence[FrozenTrial], Sequence[StudyDirection]], list[float]]
+# The values a running trial is shown with, from the finished trials and the directions.
+Liar = Callable[[Sequence[FrozenTrial], Sequence[StudyDirection]], list[float]]
 
 
-def _worst(
-    running: FrozenTrial, done: Sequence[FrozenTrial], directions: Sequence[StudyDirection]
-) -> list[float]:
+def _worst(done: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> list[float]:
     return [_pick(d, [t.values[i] for t in done], worst=True) for i, d in enumerate(directions)]
 
 
-def _best(
-    running: FrozenTrial, done: Sequence[FrozenTrial], directions: Sequence[StudyDirection]
-) -> list[float]:
+def _best(done: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> list[float]:
     return [_pick(d, [t.values[i] for t in done], worst=False) for i, d in enumerate(directions)]
 
 
-def _mean(
-    running: FrozenTrial, done: Sequence[FrozenTrial], directions: Sequence[StudyDirection]
-) -> list[float]:
+def _mean(done: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> list[float]:
     return [math.fsum(t.values[i] for t in done) / len(done) for i in range(len(directions))]
-
-
-def _nearest(
-    running: FrozenTrial, done: Sequence[FrozenTrial], directions: Sequence[StudyDirection]
-) -> list[float]:
-    closest = min(done, key=lambda t: _distance(running, t))
-    return list(closest.values)
 
 
 def _pick(direction: StudyDirection, values: list[float], worst: bool) -> float:
@@ -66,28 +52,7 @@ def _pick(direction: StudyDirection, values: list[float], worst: bool) -> float:
     return max(values) if high else min(values)
 
 
-def _distance(a: FrozenTrial, b: FrozenTrial) -> float:
-    """Squared distance over the parameters both trials have, each scaled to [0, 1] (log scale
-    where the distribution is); a parameter only one of them has counts as far apart."""
-    total = 0.0
-    for name in a.params.keys() | b.params.keys():
-        if name not in a.params or name not in b.params:
-            total += 1.0
-            continue
-        total += _gap(a.distributions[name], a.params[name], b.params[name]) ** 2
-    return total
-
-
-def _gap(distribution: BaseDistribution, x: Any, y: Any) -> float:
-    if isinstance(distribution, CategoricalDistribution):
-        return 0.0 if x == y else 1.0
-    low, high = float(distribution.low), float(distribution.high)  # type: ignore[attr-defined]
-    if getattr(distribution, "log", False):
-        low, high, x, y = math.log(low), math.log(high), math.log(x), math.log(y)
-    return 0.0 if high == low else abs(float(x) - float(y)) / (high - low)
-
-
-LIARS: dict[str, Liar] = {"worst": _worst, "mean": _mean, "best": _best, "nearest": _nearest}
+LIARS: dict[str, Liar] = {"worst": _worst, "mean": _mean, "best": _best}
 
 
 class PendingTrialsSampler(BaseSampler):
@@ -167,12 +132,10 @@ def present_running(
     """``trials`` with each running trial other than ``current`` that has parameters replaced
     by a COMPLETE stand-in valued by ``liar``; ``trials`` itself when there is nothing to show."""
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not done:
+    if not done or not any(_is_pending(t, current) for t in trials):
         return trials
-    shown = [
-        _stand_in(t, liar(t, done, directions)) if _is_pending(t, current) else t for t in trials
-    ]
-    return shown if any(a is not b for a, b in zip(shown, trials, strict=True)) else trials
+    values = liar(done, directions)
+    return [_stand_in(t, values) if _is_pending(t, current) else t for t in trials]
 
 
 def _is_pending(trial: FrozenTrial, current: int) -> bool:
@@ -190,7 +153,9 @@ def _stand_in(trial: FrozenTrial, values: list[float]) -> FrozenTrial:
         params=trial.params,
         distributions=trial.distributions,
         user_attrs=trial.user_attrs,
-        system_attrs=trial.system_attrs,
+        # No system attributes: samplers that keep generations there (CMA-ES, NSGA-II) then
+        # never count a guessed value as a result of their generation.
+        system_attrs={},
         intermediate_values=trial.intermediate_values,
         trial_id=trial._trial_id,
     )
