@@ -58,6 +58,8 @@ SETUPS: dict[str, SamplerFactory] = {
     "pending-worst": _pending("worst"),
     "pending-mean": _pending("mean"),
     "pending-best": _pending("best"),
+    # Optuna's GP sampler conditions on running trials itself (qLogEI over their posterior).
+    "gp": lambda slots, seed: optuna.samplers.GPSampler(seed=seed),
     "default": default_sampler,  # what hyperfleet picks for this many slots
 }
 

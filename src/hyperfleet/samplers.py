@@ -41,7 +41,7 @@ def default_sampler(slots: int, seed: int | None = None) -> optuna.samplers.Base
     if slots <= 1:
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     tpe = optuna.samplers.TPESampler(seed=seed, constant_liar=False)
-    return PendingTrialsSampler(tpe, "nearest")
+    return PendingTrialsSampler(tpe, "worst")
 
 
 def sampler_factory(name: str) -> SamplerFactory:
