@@ -55,6 +55,11 @@ SETUPS: dict[str, SamplerFactory] = {
     # among the worst), 10 random startup trials counted among finished trials.
     "tpe-liar": _tpe(),
     "tpe-no-liar": _tpe(constant_liar=False),
+    # Constant liar, and as few random startup trials as a sequential search has (10): the
+    # first wave of ``slots`` trials is random anyway.
+    "tpe-liar-startup": lambda slots, seed: optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=max(1, 11 - slots)
+    ),
     "pending-worst": _pending("worst"),
     "pending-mean": _pending("mean"),
     "pending-best": _pending("best"),
