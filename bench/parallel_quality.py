@@ -34,7 +34,7 @@ import optuna
 from quality_functions import FUNCTIONS, MINIMA
 
 from hyperfleet.pending import PendingTrialsSampler
-from hyperfleet.samplers import default_sampler
+from hyperfleet.samplers import make_sampler
 
 SamplerFactory = Callable[[int, int], optuna.samplers.BaseSampler]  # (slots, seed)
 
@@ -65,7 +65,7 @@ SETUPS: dict[str, SamplerFactory] = {
     "pending-best": _pending("best"),
     # Optuna's GP sampler conditions on running trials itself (qLogEI over their posterior).
     "gp": lambda slots, seed: optuna.samplers.GPSampler(seed=seed),
-    "default": default_sampler,  # what hyperfleet picks for this many slots
+    "default": lambda slots, seed: make_sampler("tpe", seed),  # hyperfleet's default
 }
 
 

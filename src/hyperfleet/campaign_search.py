@@ -124,7 +124,7 @@ def _plan(
         opened = optuna.create_study(
             storage=storage(),
             study_name=study.name,
-            sampler=make_sampler(study.sampler, study.seed, len(pool.eligible[study.shape])),
+            sampler=make_sampler(study.sampler, study.seed),
             pruner=make_pruner(study.pruner),
             directions=directions,
             load_if_exists=True,

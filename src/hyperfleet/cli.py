@@ -26,7 +26,7 @@ from hyperfleet.refit import plan_from_cli
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir, check_folder_name
-from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, sampler_factory
+from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
 from hyperfleet.workers.packaging import (
     check_target_parameters,
@@ -113,11 +113,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--study-name", help="the study's name (default FILE-FUNCTION, or the --cmd script)")
     add("--storage", help="an Optuna storage URL or journal file (default RUN_DIR/optuna.journal)")
     add("--run-dir", type=Path, help="where storage, logs and trial folders go (runs/STUDY)")
-    add(
-        "--sampler",
-        default="auto",
-        help=f"one of {', '.join(SAMPLERS)} (default auto: chosen by the number of slots)",
-    )
+    add("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)} (default tpe)")
     add("--pruner", default="median", help=f"one of {', '.join(PRUNERS)} (default median)")
     add("--seed", type=int, help="seed for the sampler")
     add("--trial-timeout", help="fail a trial that runs longer than this (e.g. 10m)")
@@ -179,14 +175,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sequential:
         raise ConfigError("--sequential orders the studies of a campaign file; give one.")
     settings = _run_settings(args)
-    new_sampler = sampler_factory(args.sampler)  # called once the slots are known
-    pruner = make_pruner(args.pruner)
+    sampler, pruner = make_sampler(args.sampler, args.seed), make_pruner(args.pruner)
     spec, default_name = _objective(args)
     refit = plan_from_cli(
         args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit
     )
     slots, note = prepare_slots(_pool_options(args), None)
-    sampler = new_sampler(args.seed, len(slots))
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or default_run_dir(study_name))
     run_dir.check_writable()
