@@ -10,9 +10,11 @@ are all asked before any of them suggests its parameters, as when every worker i
 first trial in the same step. ``--real`` runs the same search through ``hyperfleet.optimize`` on
 fake-GPU slots instead (trials sleep their drawn duration, scaled down), to check the simulation.
 
-    python bench/parallel_quality.py                                    # the full table
+    python bench/parallel_quality.py --slots 1 --setups tpe-liar --out points.jsonl
+    python bench/parallel_quality.py --slots 4 8 32 --out points.jsonl    # about 20 minutes
     python bench/parallel_quality.py --functions hartmann6 --slots 8 --seeds 5
     python bench/parallel_quality.py --real --functions hartmann6 --slots 8 --setups default
+    python bench/parallel_quality.py --table points.jsonl      # the markdown table of --out
 """
 
 from __future__ import annotations
@@ -43,10 +45,9 @@ def _tpe(**options: object) -> SamplerFactory:
     return lambda slots, seed: optuna.samplers.TPESampler(seed=seed, **options)  # type: ignore[arg-type]
 
 
-def _pending(liar: str, **options: object) -> SamplerFactory:
+def _pending(liar: str) -> SamplerFactory:
     return lambda slots, seed: PendingTrialsSampler(
-        optuna.samplers.TPESampler(seed=seed, constant_liar=False, **options),  # type: ignore[arg-type]
-        liar,
+        optuna.samplers.TPESampler(seed=seed, constant_liar=False), liar
     )
 
 
@@ -67,6 +68,8 @@ SETUPS: dict[str, SamplerFactory] = {
     "gp": lambda slots, seed: optuna.samplers.GPSampler(seed=seed),
     "default": lambda slots, seed: make_sampler("tpe", seed),  # hyperfleet's default
 }
+
+COMPARED = ("tpe-liar", "tpe-liar-startup", "pending-worst", "pending-mean")  # the table's
 
 
 def lognormal_durations(seed: int) -> Iterator[float]:
@@ -129,6 +132,8 @@ def _sleeping_objective(function: str, seed: int) -> Callable[[optuna.Trial], fl
 
 
 def summary(regrets: list[float]) -> dict[str, float]:
+    if len(regrets) < 2:
+        return {"median": regrets[0], "q1": regrets[0], "q3": regrets[0]}
     q1, median, q3 = statistics.quantiles(regrets, n=4, method="inclusive")
     return {"median": median, "q1": q1, "q3": q3}
 
@@ -167,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--functions", nargs="+", default=list(FUNCTIONS), choices=FUNCTIONS)
     parser.add_argument("--slots", nargs="+", type=int, default=[1, 4, 8, 32])
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    parser.add_argument("--setups", nargs="+", default=list(COMPARED), choices=SETUPS)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--real", action="store_true", help="run through hyperfleet itself")
