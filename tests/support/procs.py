@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optuna
 import psutil
@@ -55,6 +56,30 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def campaign_files(folder: Path, campaign: str, objective: str) -> Path:
+    """``objective.py`` and ``campaign.toml`` (``campaign``, dedented) in ``folder``; the
+    campaign file's path."""
+    (folder / "objective.py").write_text(objective)
+    path = folder / "campaign.toml"
+    path.write_text(textwrap.dedent(campaign))
+    return path
+
+
+def signal_when(
+    process: subprocess.Popen[Any], signum: int, condition: Callable[[], T], what: str
+) -> T:
+    """Wait for ``condition`` (90 s at most), send ``signum`` to ``process`` and wait for it to
+    end (60 s at most); it is killed if it still runs then. What ``condition`` returned."""
+    try:
+        found = wait_until(condition, 90, what)
+        process.send_signal(signum)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return found
 
 
 def objective(name: str) -> str:
