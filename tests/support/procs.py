@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import optuna
@@ -20,6 +22,7 @@ from optuna.trial import FrozenTrial
 HERE = Path(__file__).resolve().parent
 OBJECTIVES = HERE / "objectives.py"
 WORKER_MODULE = "hyperfleet.workers.main"
+BENCH = HERE.parents[1] / "bench"
 
 T = TypeVar("T")
 
@@ -80,6 +83,16 @@ def signal_when(
         if process.poll() is None:
             process.kill()
     return found
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/NAME.py`` loaded as the module ``NAME``, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def objective(name: str) -> str:
