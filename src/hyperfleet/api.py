@@ -11,9 +11,11 @@ from typing import Any
 
 import optuna
 
+from hyperfleet.cluster.channel import parse_address
+from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
 from hyperfleet.controller.loop import Outcome
-from hyperfleet.errors import ObjectiveError
+from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory, detect_inventory
@@ -47,6 +49,10 @@ def optimize(
     inventory: Inventory | None = None,
     refit: Callable[[dict[str, Any]], Any] | None = None,
     force_refit: bool = False,
+    listen: str | None = None,
+    token_file: str | Path | None = None,
+    heartbeat: float | str = 2.0,
+    node_timeout: float | str = 10.0,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -60,6 +66,12 @@ def optimize(
     ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
     the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
     best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
+
+    ``listen="HOST:PORT"`` runs the trials on the nodes whose agents connect there (``hyperfleet
+    agent --connect HOST:PORT``), each cut into slots with the pool keywords above, instead of
+    on this machine; ``token_file`` holds the token agents must present (default: one written
+    in ``run_dir``). A node silent for ``node_timeout`` seconds is lost and its trials run
+    again elsewhere; both sides send a heartbeat every ``heartbeat`` seconds.
     """
     refuse_inside_a_worker("optimize")
     settings = RunSettings(
@@ -78,7 +90,8 @@ def optimize(
         cpu_slots=cpu_slots,
         threads_per_slot=threads_per_slot,
     )
-    slots, note = prepare_slots(options, inventory)
+    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout)
+    slots, note = prepare_slots(options, inventory, cluster)
     spec = spec_from_callable(objective, objective_kwargs)
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
     folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
@@ -91,6 +104,7 @@ def optimize(
         folder,
         refit_plan,
         stored_trials=lambda: study.get_trials(deepcopy=False),
+        node_options=options if cluster is not None else None,
     )
     return run_search(
         search,
@@ -100,7 +114,34 @@ def optimize(
         inventory_note=note,
         run_name=study.study_name,
         report=report,
+        cluster=cluster,
     )
+
+
+def cluster_settings(
+    listen: str | None,
+    token_file: str | Path | None,
+    heartbeat: float | str,
+    node_timeout: float | str,
+) -> ClusterSettings | None:
+    """The settings of a run whose slots come from agents; None on a single machine."""
+    if listen is None:
+        if token_file is not None:
+            raise ConfigError("a token file is for agents: give listen=HOST:PORT with it.")
+        return None
+    settings = ClusterSettings(
+        listen=listen,
+        token_file=Path(token_file) if token_file is not None else None,
+        heartbeat=parse_duration(heartbeat, "heartbeat") or 2.0,
+        node_timeout=parse_duration(node_timeout, "node timeout") or 10.0,
+    )
+    parse_address(listen)
+    if settings.node_timeout <= settings.heartbeat:
+        raise ConfigError(
+            f"node timeout {settings.node_timeout:g}s must be longer than the heartbeat "
+            f"{settings.heartbeat:g}s (five heartbeats is a good margin)."
+        )
+    return settings
 
 
 def refuse_inside_a_worker(function: str) -> None:
@@ -136,11 +177,16 @@ def run_campaign(
     report: bool = True,
     force_refit: bool = False,
     inventory: Inventory | None = None,
+    listen: str | None = None,
+    token_file: str | Path | None = None,
+    heartbeat: float | str = 2.0,
+    node_timeout: float | str = 10.0,
 ) -> Outcome:
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
 
     ``sequential`` overrides the file's ``sequential``; ``run_dir`` its ``run_dir`` (default
-    ``runs/<campaign name>``). The other keywords are those of :func:`optimize`.
+    ``runs/<campaign name>``). The other keywords are those of :func:`optimize`; with
+    ``listen``, each node that joins is cut into slots as the file's ``[pool]`` says.
     """
     from hyperfleet.campaign import load_campaign
     from hyperfleet.campaign_search import campaign_search, campaign_settings
@@ -155,14 +201,17 @@ def run_campaign(
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)
     folder.check_writable()
-    inventory = inventory if inventory is not None else detect_inventory()
+    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout)
+    if cluster is None and inventory is None:
+        inventory = detect_inventory()
     search = campaign_search(campaign, folder, inventory, sequential, force_refit)
     return run_search(
         search,
         settings,
         folder,
         Display(display),
-        inventory_note=inventory.note,
+        inventory_note=inventory.note if inventory is not None else "",
         run_name=campaign.settings.name,
         report=report,
+        cluster=cluster,
     )

@@ -33,3 +33,7 @@ class RunDirError(HyperfleetError):
 
 class WorkerError(HyperfleetError):
     """A worker process could not be started or broke its protocol."""
+
+
+class NodeError(HyperfleetError):
+    """An agent cannot reach its controller, or the controller refused it."""

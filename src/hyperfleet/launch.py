@@ -21,6 +21,8 @@ from typing import TextIO
 import optuna
 from optuna.trial import FrozenTrial
 
+from hyperfleet.cluster.hub import ClusterSettings
+from hyperfleet.cluster.pools import NodePlanner, single_search_planner
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
@@ -31,7 +33,7 @@ from hyperfleet.refit import RefitPlan, run_refit
 from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.shapes import Pool, single_pool
-from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
+from hyperfleet.resources.slots import PoolOptions, Slot, current_slot, plan_slots
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -54,6 +56,8 @@ class Search:
     pool: Pool
     refits: dict[str, RefitPlan] = field(default_factory=dict)  # by study name
     sequential: bool = False
+    # Many machines: how to cut a node that joins into slots for the studies.
+    node_planner: NodePlanner | None = None
 
     def owner(self, run_dir: RunDir, run_name: str) -> RunOwner:
         """A single search's study owns the run directory (its folders are the top level); a
@@ -63,7 +67,12 @@ class Search:
         return RunOwner("campaign", run_name)
 
 
-def prepare_slots(options: PoolOptions, inventory: Inventory | None) -> tuple[list[Slot], str]:
+def prepare_slots(
+    options: PoolOptions, inventory: Inventory | None, cluster: ClusterSettings | None = None
+) -> tuple[list[Slot], str]:
+    """This machine's slots and how its GPUs were found; none when agents bring the slots."""
+    if cluster is not None:
+        return [], ""
     inventory = inventory if inventory is not None else detect_inventory()
     return plan_slots(inventory, options), inventory.note
 
@@ -77,8 +86,11 @@ def single_search(
     run_dir: RunDir,
     refit: RefitPlan | None = None,
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None,
+    node_options: PoolOptions | None = None,
 ) -> Search:
-    """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN`` run."""
+    """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN`` run.
+
+    With ``node_options``, nodes that join are cut into slots with them."""
     plan = StudyPlan(
         name=name,
         spec=spec,
@@ -88,7 +100,13 @@ def single_search(
         n_trials=settings.n_trials,
         stored_trials=stored_trials,
     )
-    return Search([plan], single_pool(slots), {name: refit} if refit is not None else {})
+    planner = single_search_planner(name, node_options) if node_options is not None else None
+    return Search(
+        [plan],
+        single_pool(slots),
+        {name: refit} if refit is not None else {},
+        node_planner=planner,
+    )
 
 
 def run_search(
@@ -99,6 +117,7 @@ def run_search(
     inventory_note: str = "",
     run_name: str = "",
     report: bool = True,
+    cluster: ClusterSettings | None = None,
 ) -> Outcome:
     owner = search.owner(run_dir, run_name)
     run_dir.check_owner(owner)
@@ -140,6 +159,8 @@ def run_search(
             run_name,
             search.sequential,
             files=files,
+            cluster=cluster,
+            node_planner=search.node_planner,
         )
         try:
             return _run_to_the_end(search, controller, settings, inventory_note, report)
@@ -176,7 +197,8 @@ def _run_to_the_end(
             continue
         refit = search.refits.get(plan.name)
         if refit is not None:
-            slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
+            # With agents, the refit runs on the controller's machine, unpinned.
+            slot = next((s for s in search.pool.slots if s.name in plan.slots), current_slot())
             outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
         if report:
             _final_report(plan.folder, study, controller)

@@ -43,7 +43,8 @@ class WorkerHandle:
         self._asked_to_leave = False
         parent_sock, child_sock = socket.socketpair()
         lifeline_read, self._lifeline = os.pipe()
-        log = open(log_dir / f"{slot.name.replace('#', '-')}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        log_name = slot.name.replace("#", "-").replace("/", "-")  # node3/gpu1#0: node3-gpu1-0
+        log = open(log_dir / f"{log_name}.log", "ab")  # noqa: SIM115 (the child keeps it)
         try:
             self.process = subprocess.Popen(
                 [

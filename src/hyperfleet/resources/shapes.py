@@ -182,6 +182,17 @@ class Ledger:
         self._used: dict[str, float] = {}
         self._claimed: set[str] = set()
 
+    def add(self, needs: Mapping[str, Mapping[str, float]]) -> None:
+        """Slots that joined the pool (a node that connected)."""
+        for slot, amounts in needs.items():
+            self._needs[slot] = dict(amounts)
+
+    def remove(self, slot: str) -> None:
+        """A slot that left the pool (its node was lost); it holds nothing by then."""
+        if slot in self._claimed:
+            raise RuntimeError(f"slot {slot} was removed while it runs: {self._describe()}")
+        self._needs.pop(slot, None)
+
     def fits(self, slot: str) -> bool:
         """Whether the slot is idle and every resource it needs has room for it."""
         if slot in self._claimed:
