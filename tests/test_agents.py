@@ -1,0 +1,133 @@
+"""Agents started by hand, each playing a node with fake GPUs: a search uses every slot of
+every node, pinned as on one machine; a node killed or stopped loses only its own trials,
+which run again elsewhere; strangers are refused without disturbing the run."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import socket
+import time
+from multiprocessing.connection import AuthenticationError, Client
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from support.nodes import Agent, free_port, node_processes, run_log, start_controller, wait_for_log
+from support.procs import load_trials, wait_until
+
+pytestmark = pytest.mark.cluster
+
+STUDY = "node_objective-where_it_runs"
+
+
+def _trials(folder: Path) -> list:
+    return load_trials(folder / "run", STUDY)
+
+
+def _read_until_closed(sock: socket.socket, timeout: float) -> bool:
+    """True when the controller closes the connection within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(4096):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: Path) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    controller = start_controller(tmp_path, address, 12, 1.0)
+    agents: list[Agent] = []
+    silent = socket.socket()
+    try:
+        wait_for_log(tmp_path, "listening for agents", 30)
+        silent.connect(("127.0.0.1", port))  # connects and says nothing
+        with pytest.raises(AuthenticationError):
+            Client(("127.0.0.1", port), authkey=b"not the token")
+        with socket.create_connection(("127.0.0.1", port)) as garbage:
+            garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
+            assert _read_until_closed(garbage, 5)
+        socket.create_connection(("127.0.0.1", port)).close()  # a stray connection
+        agents = [Agent(tmp_path, address, "nodeA", 2), Agent(tmp_path, address, "nodeB", 1)]
+        assert _read_until_closed(silent, 10), "a silent peer was not cut off"
+        assert controller.wait(120) == 0, controller.stderr
+        for agent in agents:
+            assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        silent.close()
+        controller.stop()
+        for agent in agents:
+            agent.stop()
+    trials = _trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 12
+    slots = {t.user_attrs["slot"] for t in trials}
+    assert slots == {"nodeA/gpu0#0", "nodeA/gpu1#0", "nodeB/gpu0#0"}
+    for trial in trials:
+        node, _, local = trial.user_attrs["slot"].partition("/")
+        assert trial.user_attrs["node"] == node
+        assert trial.user_attrs["cuda_visible_devices"] == local[len("gpu")]
+        assert trial.user_attrs["affinity"] == trial.user_attrs["slot_cores"]
+    log = run_log(tmp_path)
+    assert "node nodeA joined" in log and "node nodeB joined" in log
+    assert log.count("refused a connection") >= 3, log
+    assert "does not hold this run's token" in log
+    assert not node_processes("nodeA") and not node_processes("nodeB")
+
+
+def _lose_node_b(agent: Agent, how: str, folder: Path) -> None:
+    if how == "kill":
+        agent.kill_group()  # the agent and nothing else: its workers lead their own groups
+    else:
+        agent.process.send_signal(signal.SIGSTOP)
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_lost_node_loses_only_its_trials_which_run_again_elsewhere(
+    tmp_path: Path, how: str
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    timing = ("--heartbeat", "0.5s", "--node-timeout", "3s")
+    controller = start_controller(tmp_path, address, 8, 2.0, *timing)
+    a, b = Agent(tmp_path, address, "nodeA", 2), Agent(tmp_path, address, "nodeB", 2)
+    try:
+        wait_for_log(tmp_path, "started on nodeB/", 60)
+        _lose_node_b(b, how, tmp_path)
+        lost_at = time.monotonic()
+        # EOF at once for a killed agent; the node timeout for a stopped one.
+        wait_for_log(tmp_path, "lost: node nodeB", 3 + 3)
+        assert time.monotonic() - lost_at < (2 if how == "kill" else 3 + 2)
+        assert controller.wait(120) == 0, controller.stderr
+        assert a.wait(15) == 0
+        if how == "stop":
+            b.process.send_signal(signal.SIGCONT)  # it finds its controller gone and leaves
+            assert b.wait(10) == 1
+            assert "controller" in b.log.read_text()
+        wait_until(lambda: not node_processes("nodeB"), 10, "nodeB's workers to exit")
+    finally:
+        controller.stop()
+        a.stop()
+        b.stop()
+    trials = _trials(tmp_path)
+    states = collections.Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] == 8
+    assert states[TrialState.RUNNING] == 0
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "no trial was lost"
+    for trial in failed:
+        assert trial.system_attrs["hyperfleet:fail_kind"] == "lost"
+        assert "node nodeB" in trial.system_attrs["hyperfleet:fail_reason"]
+        assert trial.user_attrs.get("slot", "nodeB/").startswith("nodeB/")
+    repeats = [
+        t.user_attrs["hyperfleet.retry_of"] for t in trials if "hyperfleet.retry_of" in t.user_attrs
+    ]
+    assert sorted(repeats) == sorted(t.number for t in failed)  # each once, none twice
+    after_loss = [t for t in trials if t.number > max(t.number for t in failed)]
+    assert all(t.user_attrs["slot"].startswith("nodeA/") for t in after_loss)
