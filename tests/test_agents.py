@@ -5,6 +5,7 @@ which run again elsewhere; strangers are refused without disturbing the run."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal
 import socket
 import time
@@ -14,12 +15,14 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from support.netns import Network, network
 from support.nodes import Agent, free_port, node_processes, run_log, start_controller, wait_for_log
 from support.procs import load_trials, wait_until
 
 pytestmark = pytest.mark.cluster
 
 STUDY = "node_objective-where_it_runs"
+RETRY = "hyperfleet.retry_of"
 
 
 def _trials(folder: Path) -> list:
@@ -82,28 +85,44 @@ def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: 
     assert not node_processes("nodeA") and not node_processes("nodeB")
 
 
-def _lose_node_b(agent: Agent, how: str, folder: Path) -> None:
+def _lose_node_b(agent: Agent, how: str, network: Network | None) -> None:
     if how == "kill":
         agent.kill_group()  # the agent and nothing else: its workers lead their own groups
-    else:
+    elif how == "stop":
         agent.process.send_signal(signal.SIGSTOP)
+    else:
+        assert network is not None
+        network.cut("nodeB")  # packets stop; neither side sees the connection close
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize("how", ["kill", "stop", "cut"])
 def test_a_lost_node_loses_only_its_trials_which_run_again_elsewhere(
     tmp_path: Path, how: str
 ) -> None:
-    address = f"127.0.0.1:{free_port()}"
+    with contextlib.ExitStack() as stack:
+        net = stack.enter_context(network(["nodeA", "nodeB"])) if how == "cut" else None
+        _lose_a_node(tmp_path, how, net)
+
+
+def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
+    host = net.controller_ip if net is not None else "127.0.0.1"
+    address = f"{host}:{free_port(host)}"
     timing = ("--heartbeat", "0.5s", "--node-timeout", "3s")
-    controller = start_controller(tmp_path, address, 8, 2.0, *timing)
-    a, b = Agent(tmp_path, address, "nodeA", 2), Agent(tmp_path, address, "nodeB", 2)
+    controller = start_controller(folder, address, 8, 2.0, *timing)
+    a, b = (
+        Agent(folder, address, node, 2, net.prefix(node) if net is not None else ())
+        for node in ("nodeA", "nodeB")
+    )
     try:
-        wait_for_log(tmp_path, "started on nodeB/", 60)
-        _lose_node_b(b, how, tmp_path)
+        wait_for_log(folder, "started on nodeB/", 60)
+        _lose_node_b(b, how, net)
         lost_at = time.monotonic()
-        # EOF at once for a killed agent; the node timeout for a stopped one.
-        wait_for_log(tmp_path, "lost: node nodeB", 3 + 3)
+        # EOF at once for a killed agent; the node timeout for a stopped or cut-off one.
+        wait_for_log(folder, "lost: node nodeB", 3 + 3)
         assert time.monotonic() - lost_at < (2 if how == "kill" else 3 + 2)
+        if how == "cut":  # the agent hears nothing either, and leaves within the same bound
+            assert b.wait(3 + 3) == 1
+            assert "sent nothing" in b.log.read_text()
         assert controller.wait(120) == 0, controller.stderr
         assert a.wait(15) == 0
         if how == "stop":
@@ -115,7 +134,11 @@ def test_a_lost_node_loses_only_its_trials_which_run_again_elsewhere(
         controller.stop()
         a.stop()
         b.stop()
-    trials = _trials(tmp_path)
+    _check_lost_trials_ran_again(folder)
+
+
+def _check_lost_trials_ran_again(folder: Path) -> None:
+    trials = _trials(folder)
     states = collections.Counter(t.state for t in trials)
     assert states[TrialState.COMPLETE] == 8
     assert states[TrialState.RUNNING] == 0
@@ -125,9 +148,7 @@ def test_a_lost_node_loses_only_its_trials_which_run_again_elsewhere(
         assert trial.system_attrs["hyperfleet:fail_kind"] == "lost"
         assert "node nodeB" in trial.system_attrs["hyperfleet:fail_reason"]
         assert trial.user_attrs.get("slot", "nodeB/").startswith("nodeB/")
-    repeats = [
-        t.user_attrs["hyperfleet.retry_of"] for t in trials if "hyperfleet.retry_of" in t.user_attrs
-    ]
+    repeats = [t.user_attrs[RETRY] for t in trials if RETRY in t.user_attrs]
     assert sorted(repeats) == sorted(t.number for t in failed)  # each once, none twice
     after_loss = [t for t in trials if t.number > max(t.number for t in failed)]
     assert all(t.user_attrs["slot"].startswith("nodeA/") for t in after_loss)
