@@ -15,8 +15,18 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+import hyperfleet
 from support.netns import Network, network
-from support.nodes import Agent, free_port, node_processes, run_log, start_controller, wait_for_log
+from support.nodes import (
+    OBJECTIVE,
+    Agent,
+    free_port,
+    node_processes,
+    run_log,
+    start_controller,
+    wait_for_log,
+    write_token,
+)
 from support.procs import load_trials, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -152,3 +162,60 @@ def _check_lost_trials_ran_again(folder: Path) -> None:
     assert sorted(repeats) == sorted(t.number for t in failed)  # each once, none twice
     after_loss = [t for t in trials if t.number > max(t.number for t in failed)]
     assert all(t.user_attrs["slot"].startswith("nodeA/") for t in after_loss)
+
+
+CAMPAIGN = """
+[campaign]
+name = "multi"
+run_dir = "run"
+
+[pool]
+trials_per_gpu = 2
+cpu_slots = 1
+
+[defaults]
+n_trials = 6
+direction = "maximize"
+
+[[study]]
+name = "half"
+objective = "{objective}:where_it_runs"
+slot = {{ gpus = 0.5 }}
+
+[[study]]
+name = "cpu"
+objective = "{objective}:where_it_runs"
+slot = "cpu"
+"""
+
+
+def test_a_campaign_from_python_uses_every_slot_of_every_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYPERFLEET_TEST_NAP", "0.2")
+    campaign = tmp_path / "campaign.toml"
+    campaign.write_text(CAMPAIGN.format(objective=OBJECTIVE))
+    address = f"127.0.0.1:{free_port()}"
+    token = write_token(tmp_path)
+    agents = [Agent(tmp_path, address, node, 1) for node in ("nodeA", "nodeB")]
+    try:
+        outcome = hyperfleet.run_campaign(
+            campaign, listen=address, token_file=token, display="quiet", report=False
+        )
+        for agent in agents:
+            assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert outcome.status == "completed", outcome.message
+    used = {}
+    for study in outcome.studies:
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+        used[study.study_name] = {t.user_attrs["slot"] for t in trials}
+        for trial in trials:
+            assert trial.user_attrs["node"] == trial.user_attrs["slot"].partition("/")[0]
+    # Every slot of every node, each study on its own shape.
+    assert used["half"] == {f"{n}/gpu0#{k}" for n in ("nodeA", "nodeB") for k in (0, 1)}
+    assert used["cpu"] == {"nodeA/cpu#0", "nodeB/cpu#0"}
