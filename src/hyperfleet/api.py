@@ -53,6 +53,7 @@ def optimize(
     token_file: str | Path | None = None,
     heartbeat: float | str = 2.0,
     node_timeout: float | str = 10.0,
+    ray: str | None = None,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -71,7 +72,9 @@ def optimize(
     agent --connect HOST:PORT``), each cut into slots with the pool keywords above, instead of
     on this machine; ``token_file`` holds the token agents must present (default: one written
     in ``run_dir``). A node silent for ``node_timeout`` seconds is lost and its trials run
-    again elsewhere; both sides send a heartbeat every ``heartbeat`` seconds.
+    again elsewhere; both sides send a heartbeat every ``heartbeat`` seconds. ``ray="auto"``
+    (or a Ray address) has Ray start one agent on each of its nodes, with the node's GPUs
+    reserved through Ray; the controller then listens where Ray does, unless ``listen`` says.
     """
     refuse_inside_a_worker("optimize")
     settings = RunSettings(
@@ -90,7 +93,7 @@ def optimize(
         cpu_slots=cpu_slots,
         threads_per_slot=threads_per_slot,
     )
-    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout)
+    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray)
     slots, note = prepare_slots(options, inventory, cluster)
     spec = spec_from_callable(objective, objective_kwargs)
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
@@ -123,19 +126,22 @@ def cluster_settings(
     token_file: str | Path | None,
     heartbeat: float | str,
     node_timeout: float | str,
+    ray: str | None = None,
 ) -> ClusterSettings | None:
     """The settings of a run whose slots come from agents; None on a single machine."""
-    if listen is None:
+    if listen is None and ray is None:
         if token_file is not None:
             raise ConfigError("a token file is for agents: give listen=HOST:PORT with it.")
         return None
     settings = ClusterSettings(
-        listen=listen,
+        listen=listen or "",
+        ray=ray,
         token_file=Path(token_file) if token_file is not None else None,
         heartbeat=parse_duration(heartbeat, "heartbeat") or 2.0,
         node_timeout=parse_duration(node_timeout, "node timeout") or 10.0,
     )
-    parse_address(listen)
+    if listen:
+        parse_address(listen)
     if settings.node_timeout <= settings.heartbeat:
         raise ConfigError(
             f"node timeout {settings.node_timeout:g}s must be longer than the heartbeat "
@@ -181,6 +187,7 @@ def run_campaign(
     token_file: str | Path | None = None,
     heartbeat: float | str = 2.0,
     node_timeout: float | str = 10.0,
+    ray: str | None = None,
 ) -> Outcome:
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
 
@@ -201,7 +208,7 @@ def run_campaign(
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)
     folder.check_writable()
-    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout)
+    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray)
     if cluster is None and inventory is None:
         inventory = detect_inventory()
     search = campaign_search(campaign, folder, inventory, sequential, force_refit)

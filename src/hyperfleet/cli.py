@@ -163,6 +163,11 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         help="with --listen: the token agents must present (default: RUN_DIR/agent.token, "
         "made once, or $HYPERFLEET_TOKEN)",
     )
+    add(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="run the trials on every node of a Ray cluster: Ray starts one agent per node",
+    )
     add("--heartbeat", default="2s", help="with --listen: seconds between heartbeats (2s)")
     add(
         "--node-timeout",
@@ -291,7 +296,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _cluster(args: argparse.Namespace) -> ClusterSettings | None:
     from hyperfleet.api import cluster_settings
 
-    return cluster_settings(args.listen, args.token_file, args.heartbeat, args.node_timeout)
+    return cluster_settings(
+        args.listen, args.token_file, args.heartbeat, args.node_timeout, args.ray
+    )
 
 
 # Flags that describe one study or the pool: a campaign file sets them itself.
@@ -328,6 +335,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         heartbeat=args.heartbeat,
         node_timeout=args.node_timeout,
+        ray=args.ray,
     )
     return _exit_status(outcome)
 

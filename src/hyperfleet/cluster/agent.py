@@ -175,6 +175,9 @@ def _stop_on_signals(agent: Agent) -> Any:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         agent.stop(f"stopped by {signal.Signals(signum).name}")
 
+    if threading.current_thread() is not threading.main_thread():
+        yield  # inside an engine's task thread: the engine ends the process itself
+        return
     previous = [signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)]
     try:
         yield

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hyperfleet.cluster.channel import ChannelListener, controller_token, parse_address
 from hyperfleet.cluster.messages import (
@@ -39,6 +39,9 @@ from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers.protocol import ObjectiveSpec
 
+if TYPE_CHECKING:
+    from hyperfleet.cluster.ray_launcher import RayLauncher
+
 LOST = "lost"
 
 
@@ -46,8 +49,9 @@ LOST = "lost"
 class ClusterSettings:
     """How the controller meets its agents."""
 
-    listen: str  # HOST:PORT
+    listen: str = ""  # HOST:PORT; "" with an engine: the interface the engine uses
     token_file: Path | None = None
+    ray: str | None = None  # "auto" or a Ray address: Ray starts one agent per node
     heartbeat: float = 2.0  # seconds between heartbeats, both ways
     node_timeout: float = 10.0  # a node silent this long is lost (and so is the controller)
 
@@ -181,12 +185,18 @@ class NodeHub:
         self._ids = itertools.count(1)
         self._closed = threading.Event()
         token, self.token_file = controller_token(settings.token_file, run_dir)
+        self._launcher = _launcher(settings)
+        listen = settings.listen
+        if not listen and self._launcher is not None:
+            listen = f"{self._launcher.listen_host()}:0"
         self._listener = ChannelListener(
-            parse_address(settings.listen), token, self._on_peer, self._on_refused
+            parse_address(listen), token, self._on_peer, self._on_refused
         )
         self.address = self._listener.address
         self._beats = threading.Thread(target=self._beat, name="hyperfleet-beat", daemon=True)
         self._beats.start()
+        if self._launcher is not None:
+            self._launcher.start(f"{self.address[0]}:{self.address[1]}", token, self.lose_node)
 
     def next_worker_id(self) -> int:
         return next(self._ids)
@@ -202,10 +212,23 @@ class NodeHub:
                 events.append(self._events.get_nowait())
         return events
 
-    def agent_command(self) -> str:
+    def start_message(self) -> str:
+        """Where the controller listens, and who starts the agents."""
         host, port = self.address
+        if self.settings.ray is not None:
+            return f"listening for agents on {host}:{port}; Ray starts one on each node"
         token = f" --token-file {self.token_file}" if self.token_file else ""
-        return f"hyperfleet agent --connect {host}:{port}{token}"
+        return (
+            f"listening for agents on {host}:{port}; start one on each node: "
+            f"hyperfleet agent --connect {host}:{port}{token}"
+        )
+
+    def lose_node(self, node: str, reason: str) -> None:
+        """The engine reports the node dead: lose it now rather than at its timeout."""
+        with self._lock:
+            link = self._links.get(node)
+        if link is not None:
+            link.lose(reason)
 
     def close(self) -> None:
         """The run is over: every agent is told, stops its workers and exits."""
@@ -217,6 +240,8 @@ class NodeHub:
         for link in links:
             link.say_goodbye()
         self._beats.join(timeout=2.0)
+        if self._launcher is not None:
+            self._launcher.close()
 
     def _on_peer(self, conn: Connection, first: Any, where: str) -> None:
         if not isinstance(first, Hello) or not _valid_node_name(first.node):
@@ -252,6 +277,14 @@ class NodeHub:
                 links = list(self._links.values())
             for link in links:
                 link.send(Beat())
+
+
+def _launcher(settings: ClusterSettings) -> RayLauncher | None:
+    if settings.ray is None:
+        return None
+    from hyperfleet.cluster.ray_launcher import RayLauncher
+
+    return RayLauncher(settings.ray)
 
 
 def _valid_node_name(name: object) -> bool:

@@ -790,11 +790,7 @@ class Controller:
         if self._cluster is None:
             return
         self._hub = NodeHub(self._cluster, self._run_dir.path, self._wake)
-        host, port = self._hub.address
-        self.announce(
-            f"listening for agents on {host}:{port}; start one on each node: "
-            f"{self._hub.agent_command()}"
-        )
+        self.announce(self._hub.start_message())
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
