@@ -54,6 +54,7 @@ def optimize(
     heartbeat: float | str = 2.0,
     node_timeout: float | str = 10.0,
     ray: str | None = None,
+    slurm: bool = False,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -75,6 +76,7 @@ def optimize(
     again elsewhere; both sides send a heartbeat every ``heartbeat`` seconds. ``ray="auto"``
     (or a Ray address) has Ray start one agent on each of its nodes, with the node's GPUs
     reserved through Ray; the controller then listens where Ray does, unless ``listen`` says.
+    ``slurm=True``, inside an allocation, has ``srun`` start one agent per allocated node.
     """
     refuse_inside_a_worker("optimize")
     settings = RunSettings(
@@ -93,7 +95,7 @@ def optimize(
         cpu_slots=cpu_slots,
         threads_per_slot=threads_per_slot,
     )
-    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray)
+    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray, slurm)
     slots, note = prepare_slots(options, inventory, cluster)
     spec = spec_from_callable(objective, objective_kwargs)
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
@@ -127,15 +129,19 @@ def cluster_settings(
     heartbeat: float | str,
     node_timeout: float | str,
     ray: str | None = None,
+    slurm: bool = False,
 ) -> ClusterSettings | None:
     """The settings of a run whose slots come from agents; None on a single machine."""
-    if listen is None and ray is None:
+    if ray is not None and slurm:
+        raise ConfigError("give one engine: ray or slurm, not both.")
+    if listen is None and ray is None and not slurm:
         if token_file is not None:
             raise ConfigError("a token file is for agents: give listen=HOST:PORT with it.")
         return None
     settings = ClusterSettings(
         listen=listen or "",
         ray=ray,
+        slurm=slurm,
         token_file=Path(token_file) if token_file is not None else None,
         heartbeat=parse_duration(heartbeat, "heartbeat") or 2.0,
         node_timeout=parse_duration(node_timeout, "node timeout") or 10.0,
@@ -188,6 +194,7 @@ def run_campaign(
     heartbeat: float | str = 2.0,
     node_timeout: float | str = 10.0,
     ray: str | None = None,
+    slurm: bool = False,
 ) -> Outcome:
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
 
@@ -208,7 +215,7 @@ def run_campaign(
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)
     folder.check_writable()
-    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray)
+    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray, slurm)
     if cluster is None and inventory is None:
         inventory = detect_inventory()
     search = campaign_search(campaign, folder, inventory, sequential, force_refit)

@@ -168,6 +168,11 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         metavar="auto|ADDRESS",
         help="run the trials on every node of a Ray cluster: Ray starts one agent per node",
     )
+    add(
+        "--slurm",
+        action="store_true",
+        help="inside a SLURM allocation (sbatch, salloc): srun starts one agent per node",
+    )
     add("--heartbeat", default="2s", help="with --listen: seconds between heartbeats (2s)")
     add(
         "--node-timeout",
@@ -297,7 +302,7 @@ def _cluster(args: argparse.Namespace) -> ClusterSettings | None:
     from hyperfleet.api import cluster_settings
 
     return cluster_settings(
-        args.listen, args.token_file, args.heartbeat, args.node_timeout, args.ray
+        args.listen, args.token_file, args.heartbeat, args.node_timeout, args.ray, args.slurm
     )
 
 
@@ -336,6 +341,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         node_timeout=args.node_timeout,
         ray=args.ray,
+        slurm=args.slurm,
     )
     return _exit_status(outcome)
 

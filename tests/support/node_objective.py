@@ -15,7 +15,9 @@ def where_it_runs(trial: optuna.Trial) -> float:
     x = trial.suggest_float("x", 0.0, 1.0)
     slot = hyperfleet.current_slot()
     trial.set_user_attr("slot", slot.name)
-    trial.set_user_attr("node", os.environ.get("HYPERFLEET_TEST_NODE", ""))
+    # The node as the test named it, or as SLURM placed the agent.
+    node = os.environ.get("HYPERFLEET_TEST_NODE") or os.environ.get("SLURMD_NODENAME", "")
+    trial.set_user_attr("node", node)
     trial.set_user_attr("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES"))
     trial.set_user_attr("affinity", sorted(os.sched_getaffinity(0)))
     trial.set_user_attr("slot_cores", list(slot.cores))

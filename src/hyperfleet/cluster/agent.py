@@ -150,7 +150,8 @@ def run_agent(
     connect_to: str, token: bytes, node: str | None, log_dir: Path, patience: float
 ) -> str:
     """Serve one controller until it ends the run; returns why the agent stopped."""
-    name = node or socket.gethostname().split(".")[0]
+    # SLURM may run several slurmd on one host, each with a node name of its own.
+    name = node or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
     if not name or any(c in name for c in "/# \t\n"):
         raise NodeError(f"node name {name!r} cannot name slots; pass --node with a plain name.")
     inventory = detect_inventory()

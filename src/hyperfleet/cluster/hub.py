@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from hyperfleet.cluster.channel import ChannelListener, controller_token, parse_address
 from hyperfleet.cluster.messages import (
@@ -39,9 +39,6 @@ from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers.protocol import ObjectiveSpec
 
-if TYPE_CHECKING:
-    from hyperfleet.cluster.ray_launcher import RayLauncher
-
 LOST = "lost"
 
 
@@ -52,6 +49,7 @@ class ClusterSettings:
     listen: str = ""  # HOST:PORT; "" with an engine: the interface the engine uses
     token_file: Path | None = None
     ray: str | None = None  # "auto" or a Ray address: Ray starts one agent per node
+    slurm: bool = False  # inside an allocation: srun starts one agent per node
     heartbeat: float = 2.0  # seconds between heartbeats, both ways
     node_timeout: float = 10.0  # a node silent this long is lost (and so is the controller)
 
@@ -217,6 +215,8 @@ class NodeHub:
         host, port = self.address
         if self.settings.ray is not None:
             return f"listening for agents on {host}:{port}; Ray starts one on each node"
+        if self.settings.slurm:
+            return f"listening for agents on {host}:{port}; srun starts one on each node"
         token = f" --token-file {self.token_file}" if self.token_file else ""
         return (
             f"listening for agents on {host}:{port}; start one on each node: "
@@ -279,12 +279,26 @@ class NodeHub:
                 link.send(Beat())
 
 
-def _launcher(settings: ClusterSettings) -> RayLauncher | None:
-    if settings.ray is None:
-        return None
-    from hyperfleet.cluster.ray_launcher import RayLauncher
+class Launcher(Protocol):
+    """An engine that starts the agents: it places and kills them, hyperfleet does not."""
 
-    return RayLauncher(settings.ray)
+    def listen_host(self) -> str: ...
+
+    def start(self, connect_to: str, token: bytes, lose: Callable[[str, str], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _launcher(settings: ClusterSettings) -> Launcher | None:
+    if settings.ray is not None:
+        from hyperfleet.cluster.ray_launcher import RayLauncher
+
+        return RayLauncher(settings.ray)
+    if settings.slurm:
+        from hyperfleet.cluster.slurm_launcher import SlurmLauncher
+
+        return SlurmLauncher()
+    return None
 
 
 def _valid_node_name(name: object) -> bool:
