@@ -32,6 +32,8 @@ from support.procs import load_trials, wait_until
 pytestmark = pytest.mark.cluster
 
 STUDY = "node_objective-where_it_runs"
+NODES = (("nodeA", 2), ("nodeB", 1))
+TIMEOUT = 2  # seconds a node may be silent: short, so that the tests are
 RETRY = "hyperfleet.retry_of"
 
 
@@ -57,7 +59,7 @@ def _read_until_closed(sock: socket.socket, timeout: float) -> bool:
 def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
-    controller = start_controller(tmp_path, address, 12, 1.0)
+    controller = start_controller(tmp_path, address, 12)
     agents: list[Agent] = []
     silent = socket.socket()
     try:
@@ -69,7 +71,7 @@ def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: 
             garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
             assert _read_until_closed(garbage, 5)
         socket.create_connection(("127.0.0.1", port)).close()  # a stray connection
-        agents = [Agent(tmp_path, address, "nodeA", 2), Agent(tmp_path, address, "nodeB", 1)]
+        agents = [Agent(tmp_path, address, node, gpus, nap=1.0) for node, gpus in NODES]
         assert _read_until_closed(silent, 10), "a silent peer was not cut off"
         assert controller.wait(120) == 0, controller.stderr
         for agent in agents:
@@ -90,7 +92,8 @@ def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: 
         assert trial.user_attrs["affinity"] == trial.user_attrs["slot_cores"]
     log = run_log(tmp_path)
     assert "node nodeA joined" in log and "node nodeB joined" in log
-    assert log.count("refused a connection") >= 3, log
+    # A wrong token, garbage, a stray connection and a silent peer, while the run went on.
+    assert log.count("refused a connection") == 4, log
     assert "does not hold this run's token" in log
     assert not node_processes("nodeA") and not node_processes("nodeB")
 
@@ -117,10 +120,10 @@ def test_a_lost_node_loses_only_its_trials_which_run_again_elsewhere(
 def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
     host = net.controller_ip if net is not None else "127.0.0.1"
     address = f"{host}:{free_port(host)}"
-    timing = ("--heartbeat", "0.5s", "--node-timeout", "3s")
-    controller = start_controller(folder, address, 8, 2.0, *timing)
+    timing = ("--heartbeat", "0.4s", "--node-timeout", f"{TIMEOUT}s")
+    controller = start_controller(folder, address, 6, *timing)
     a, b = (
-        Agent(folder, address, node, 2, net.prefix(node) if net is not None else ())
+        Agent(folder, address, node, 2, net.prefix(node) if net is not None else (), nap=1.5)
         for node in ("nodeA", "nodeB")
     )
     try:
@@ -128,10 +131,10 @@ def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
         _lose_node_b(b, how, net)
         lost_at = time.monotonic()
         # EOF at once for a killed agent; the node timeout for a stopped or cut-off one.
-        wait_for_log(folder, "lost: node nodeB", 3 + 3)
-        assert time.monotonic() - lost_at < (2 if how == "kill" else 3 + 2)
+        wait_for_log(folder, "lost: node nodeB", TIMEOUT + 3)
+        assert time.monotonic() - lost_at < (1 if how == "kill" else TIMEOUT + 1)
         if how == "cut":  # the agent hears nothing either, and leaves within the same bound
-            assert b.wait(3 + 3) == 1
+            assert b.wait(TIMEOUT + 3) == 1
             assert "sent nothing" in b.log.read_text()
         assert controller.wait(120) == 0, controller.stderr
         assert a.wait(15) == 0
@@ -150,7 +153,7 @@ def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
 def _check_lost_trials_ran_again(folder: Path) -> None:
     trials = _trials(folder)
     states = collections.Counter(t.state for t in trials)
-    assert states[TrialState.COMPLETE] == 8
+    assert states[TrialState.COMPLETE] == 6
     assert states[TrialState.RUNNING] == 0
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed, "no trial was lost"

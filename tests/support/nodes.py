@@ -33,10 +33,8 @@ def write_token(folder: Path) -> Path:
     return path
 
 
-def start_controller(
-    folder: Path, address: str, n_trials: int, nap: float, *flags: str
-) -> BackgroundRun:
-    env = {**cpu_only_env(), "HYPERFLEET_TEST_NAP": str(nap)}
+def start_controller(folder: Path, address: str, n_trials: int, *flags: str) -> BackgroundRun:
+    env = cpu_only_env()
     args = [
         "run", f"{OBJECTIVE}:where_it_runs", "--n-trials", str(n_trials), "--run-dir", "run",
         "--listen", address, "--token-file", str(write_token(folder)), "--cpu-slots", "0",
@@ -49,13 +47,21 @@ class Agent:
     """``hyperfleet agent`` in a session of its own, so a test can kill its whole group."""
 
     def __init__(
-        self, folder: Path, address: str, node: str, gpus: int, prefix: Sequence[str] = ()
+        self,
+        folder: Path,
+        address: str,
+        node: str,
+        gpus: int,
+        prefix: Sequence[str] = (),
+        nap: float = 0.3,
     ) -> None:
+        """``nap``: how long each trial on this node lasts, in seconds."""
         self.node = node
         env = {
             **cpu_only_env(),
             "HYPERFLEET_FAKE_GPUS": str(gpus),
             "HYPERFLEET_TEST_NODE": node,
+            "HYPERFLEET_TEST_NAP": str(nap),
         }
         env.pop("CUDA_VISIBLE_DEVICES")  # fake GPUs are limited by it like real ones
         self.log = folder / f"agent-{node}.log"
