@@ -154,14 +154,12 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--listen",
         metavar="HOST:PORT",
-        help="run the trials on the nodes whose agents connect here (hyperfleet agent), not "
-        "on this machine; HOST is the interface to listen on",
+        help="run the trials on the nodes whose agents connect to this interface and port",
     )
     add(
         "--token-file",
         type=Path,
-        help="with --listen: the token agents must present (default: RUN_DIR/agent.token, "
-        "made once, or $HYPERFLEET_TOKEN)",
+        help="the token agents must present (default $HYPERFLEET_TOKEN, else RUN_DIR/agent.token)",
     )
     add(
         "--ray",
@@ -173,11 +171,11 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="inside a SLURM allocation (sbatch, salloc): srun starts one agent per node",
     )
-    add("--heartbeat", default="2s", help="with --listen: seconds between heartbeats (2s)")
+    add("--heartbeat", default="2s", help="with agents: time between heartbeats (default 2s)")
     add(
         "--node-timeout",
         default="10s",
-        help="with --listen: a node silent this long is lost, its trials run elsewhere (10s)",
+        help="a node silent this long is lost; its trials run elsewhere (default 10s)",
     )
 
 
