@@ -1,109 +1,209 @@
-"""Trials per second on one GPU: warm hyperfleet workers against one fresh process per trial.
+"""Trials per second on one GPU: one fresh process per trial against warm hyperfleet workers at
+fixed packings and under auto packing, and an out-of-memory case.
 
-The trial is the small MLP of the design notes (hidden 256, batch 1024, 1,500 steps on random
-data), small enough that process start-up and an idle GPU dominate. Ways compared, on GPU 0:
+One command runs the whole protocol on GPU 0 and prints Markdown tables for bench/RESULTS.md:
 
-- ``fresh``: one new Python process per trial, one at a time (the launcher the seeds write);
-- ``hyperfleet xN``: ``hyperfleet.optimize`` with ``trials_per_gpu=N`` warm workers on the GPU.
+    python bench/gpu_throughput.py                # everything (about 12 minutes on an H100)
+    python bench/gpu_throughput.py --only small   # one part: fresh, small, large or oom
 
-Rates are finished trials over wall time, start-up included, as a user would see them.
+- ``fresh``: one new Python process per trial, one at a time (the launcher the seeds write),
+  small model;
+- ``small`` and ``large``: ``hyperfleet.optimize`` with 1, 4, 8 and 16 warm workers on the GPU
+  (``trials_per_gpu=N``) and with ``trials_per_gpu="auto"``; the small MLP of the design notes
+  (hidden 256, batch 1024, 1,500 steps) and a large one (hidden 2048, batch 8192);
+- ``oom``: trials that each take 60 % of the GPU's memory, packed by 2 and by auto.
 
-    python bench/gpu_throughput.py --trials 16 --packing 1 4 8
-
-Needs torch with CUDA and an NVIDIA GPU.
+Rates are finished trials over wall time, start-up included, as a user would see them. A run
+with out-of-memory failures counts only its completed trials. Needs torch with CUDA and an
+NVIDIA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 import hyperfleet
 
-HIDDEN, BATCH, STEPS = 256, 1024, 1500
+MODELS = {"small": (256, 1024, 1500), "large": (2048, 8192, 300)}  # hidden, batch, steps
+OOM_SHARE = 0.60  # of the GPU's memory, per trial of the out-of-memory case
+OOM_SECONDS = 3.0
+DECISION = re.compile(r"gpu0: \d+ -> (\d+) workers?")
 
 
-def train_once(lr: float) -> float:
+@dataclass(frozen=True)
+class Result:
+    way: str
+    rate: float  # completed trials per second
+    complete: int
+    failed_oom: int
+    workers: str  # the workers the GPU ended with
+
+
+def train_once(lr: float, model: str) -> float:
     import torch
 
+    hidden, batch, steps = MODELS[model]
     device = "cuda:0"
     torch.manual_seed(0)
-    x = torch.randn(BATCH * 8, 512, device=device)
-    y = torch.randint(0, 10, (BATCH * 8,), device=device)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(512, HIDDEN),
+    x = torch.randn(batch * 8, 512, device=device)
+    y = torch.randint(0, 10, (batch * 8,), device=device)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(512, hidden),
         torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, HIDDEN),
+        torch.nn.Linear(hidden, hidden),
         torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, 10),
+        torch.nn.Linear(hidden, 10),
     ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     loss = torch.zeros((), device=device)
-    for step in range(STEPS):
-        batch = slice((step % 8) * BATCH, (step % 8 + 1) * BATCH)
+    for step in range(steps):
+        rows = slice((step % 8) * batch, (step % 8 + 1) * batch)
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        loss = torch.nn.functional.cross_entropy(net(x[rows]), y[rows])
         loss.backward()
         optimizer.step()
     return float(loss.item())
 
 
-def objective(trial: optuna.Trial) -> float:
-    return train_once(trial.suggest_float("lr", 1e-4, 1e-2, log=True))
+def hold_most_memory(lr: float) -> float:
+    """The out-of-memory case: take OOM_SHARE of the GPU, then compute on it for a while."""
+    import torch
+
+    _, total = torch.cuda.mem_get_info()
+    block = torch.empty(int(total * OOM_SHARE), dtype=torch.uint8, device="cuda:0")
+    a = torch.randn(2048, 2048, device="cuda:0")
+    deadline = time.perf_counter() + OOM_SECONDS
+    while time.perf_counter() < deadline:
+        a = torch.tanh(a @ a)
+        torch.cuda.synchronize()
+    del block
+    return float(a.mean()) * lr
 
 
-def run_fresh(n_trials: int) -> float:
+def make_objective(model: str) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        return hold_most_memory(lr) if model == "oom" else train_once(lr, model)
+
+    return objective
+
+
+def run_fresh(n_trials: int) -> Result:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
     start = time.perf_counter()
     for number in range(n_trials):
         lr = 1e-4 * (100 ** (number / max(n_trials - 1, 1)))
-        subprocess.run([sys.executable, __file__, "--one-trial", str(lr)], env=env, check=True)
-    return n_trials / (time.perf_counter() - start)
+        command = [sys.executable, __file__, "--one-trial", str(lr)]
+        subprocess.run(command, env=env, check=True)
+    rate = n_trials / (time.perf_counter() - start)
+    return Result("fresh process per trial", rate, n_trials, 0, "1")
 
 
-def run_hyperfleet(n_trials: int, per_gpu: int) -> float:
+def run_hyperfleet(model: str, n_trials: int, per_gpu: int | str) -> Result:
     with tempfile.TemporaryDirectory() as folder:
-        study = optuna.create_study(study_name="gpu-bench")
+        run_dir = Path(folder) / "run"
+        study = optuna.create_study(study_name=f"gpu-bench-{model}")
         start = time.perf_counter()
         hyperfleet.optimize(
             study,
-            objective,
+            make_objective,
             n_trials=n_trials,
             gpus=["0"],
             trials_per_gpu=per_gpu,
             cpu_slots=0,
-            run_dir=Path(folder) / "run",
+            run_dir=run_dir,
             display="quiet",
             report=False,
+            objective_kwargs={"model": model},
         )
-        return n_trials / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        log = (run_dir / "run.log").read_text()
+    trials = study.get_trials(deepcopy=False)
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    oom = sum(t.system_attrs.get("hyperfleet:fail_kind") == "oom" for t in trials)
+    if per_gpu == "auto":
+        steps = DECISION.findall(log)
+        workers = " -> ".join(["1", *steps])
+    else:
+        workers = str(per_gpu)
+    return Result(f"hyperfleet {per_gpu}", complete / seconds, complete, oom, workers)
+
+
+def table(title: str, results: list[Result], base: float | None) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| way | trials/s | vs first | completed | failed out of memory | workers on the GPU |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    first = base or (results[0].rate if results else 1.0)
+    for r in results:
+        lines.append(
+            f"| {r.way} | {r.rate:.3f} | {r.rate / first:.2f}x | {r.complete} | "
+            f"{r.failed_oom} | {r.workers} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def card_name() -> str:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        memory = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
+    finally:
+        pynvml.nvmlShutdown()
+    text = name.decode() if isinstance(name, bytes) else name
+    return f"{text}, {memory / 2**30:.0f} GiB"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--packing", type=int, nargs="+", default=[1, 4, 8])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--only", choices=["fresh", "small", "large", "oom"], nargs="+")
+    parser.add_argument("--fresh-trials", type=int, default=8)
+    parser.add_argument("--small-trials", type=int, default=48)
+    parser.add_argument("--large-trials", type=int, default=16)
+    parser.add_argument("--oom-trials", type=int, default=8)
+    parser.add_argument("--packing", nargs="+", default=["1", "4", "8", "16", "auto"])
     parser.add_argument("--one-trial", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_trial is not None:
-        train_once(args.one_trial)
+        train_once(args.one_trial, "small")
         return
-
+    parts = args.only or ["fresh", "small", "large", "oom"]
+    packings: list[int | str] = [p if p == "auto" else int(p) for p in args.packing]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    fresh = run_fresh(args.trials)
-    print(f"{args.trials} trials of an MLP (hidden {HIDDEN}, batch {BATCH}, {STEPS} steps)")
-    print(f"{'way':<16}{'trials/s':>10}{'vs fresh':>10}")
-    print(f"{'fresh':<16}{fresh:>10.3f}{1.0:>9.1f}x")
-    for per_gpu in args.packing:
-        rate = run_hyperfleet(args.trials, per_gpu)
-        print(f"{f'hyperfleet x{per_gpu}':<16}{rate:>10.3f}{rate / fresh:>9.1f}x")
+    print(f"## {time.strftime('%Y-%m-%d')}: GPU throughput on one {card_name()}\n", flush=True)
+    fresh = None
+    if "fresh" in parts:
+        fresh = run_fresh(args.fresh_trials)
+        print(table("small MLP, fresh process per trial", [fresh], None), flush=True)
+    for model, n_trials in (("small", args.small_trials), ("large", args.large_trials)):
+        if model in parts:
+            results = [run_hyperfleet(model, n_trials, p) for p in packings]
+            base = fresh.rate if fresh is not None and model == "small" else None
+            hidden, batch, steps = MODELS[model]
+            title = f"{model} MLP (hidden {hidden}, batch {batch}, {steps} steps)"
+            title += f", {n_trials} trials"
+            note = " (vs the fresh process)" if base else " (vs the first line)"
+            print(table(title + note, results, base), flush=True)
+    if "oom" in parts:
+        results = [run_hyperfleet("oom", args.oom_trials, p) for p in (2, "auto")]
+        title = f"out of memory: {args.oom_trials} trials taking {OOM_SHARE:.0%} of the GPU each"
+        print(table(title, results, None), flush=True)
 
 
 if __name__ == "__main__":

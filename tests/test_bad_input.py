@@ -81,6 +81,11 @@ CASES = [
         ("trials_per_gpu=0", "--trials-per-gpu 1"),
         4,
     ),
+    Bad(
+        "gpu-memory",
+        ("good.py:objective", "--gpu-memory", "lots"),
+        ("cannot read --gpu-memory 'lots'", "10GiB"),
+    ),
     Bad("cpu-slots-negative", ("good.py:objective", "--cpu-slots", "-1"), ("cpu_slots=-1",)),
     Bad("cpu-slots-none-left", ("good.py:objective", "--cpu-slots", "0"), ("cpu_slots=0",)),
     Bad(
@@ -204,6 +209,13 @@ API_CASES = [
     ("trial_timeout", {"trial_timeout": -1}, ConfigError),
     ("retry", {"retry": "bogus=1"}, ConfigError),
     ("trials_per_gpu", {"trials_per_gpu": 0, "inventory": FAKE}, ConfigError),
+    ("trials_per_gpu-word", {"trials_per_gpu": "lots", "inventory": FAKE}, ConfigError),
+    ("gpu_memory", {"gpu_memory": "-2GiB", "inventory": FAKE}, ConfigError),
+    (
+        "gpu_memory-fixed",
+        {"gpu_memory": "1GiB", "trials_per_gpu": 2, "inventory": FAKE},
+        ConfigError,
+    ),
     ("missing-gpu-index", {"gpus": [5], "inventory": FAKE}, ResourceError),
     ("gpus_per_trial", {"gpus_per_trial": 3, "inventory": FAKE}, ResourceError),
     ("objective", {"objective": 5}, ObjectiveError),

@@ -468,17 +468,6 @@ refit_cmd = "python train.py --lr {lr} --save model.pt"  # <-
         "cannot be used together",
     ),
     (
-        "refit_cmd for an objective study",
-        """
-[[study]]
-objective = "models.py:objective"
-n_trials = 5
-refit_cmd = "python train.py --lr {lr}"  # <-
-""",
-        "key 'refit_cmd'",
-        "only works with cmd",
-    ),
-    (
         "bad value inherited from [defaults]",
         """
 [defaults]

@@ -217,7 +217,7 @@ def test_sigkill_of_the_controller_mid_campaign_then_running_again_finishes_ever
         numbers = {number for name, number in interrupted if name == study}
         assert_interrupted_then_repeated(load_trials(run_dir, study), numbers, budget)
         for number in numbers:  # the resume wrote how the dead controller's trials ended
-            folder = run_dir / "studies" / study / "trials" / str(number)
+            folder = run_dir / "studies" / study / "trials" / f"{number:05d}"
             result = json.loads((folder / "result.json").read_text())
             assert (result["state"], result["fail_kind"]) == ("FAIL", "interrupted")
             params = json.loads((folder / "params.json").read_text())

@@ -130,7 +130,7 @@ def test_three_studies_of_different_shapes_each_run_only_on_their_own_slots(
     # Each study keeps its own trial folders; the log names the study of each trial.
     for name, trials in (("half", half), ("pair", pair), ("cores", cores)):
         for trial in trials:
-            assert (run_dir / "studies" / name / "trials" / str(trial.number)).is_dir()
+            assert (run_dir / "studies" / name / "trials" / f"{trial.number:05d}").is_dir()
     log = (run_dir / "run.log").read_text()
     assert "trial 0 of pair started on" in log
 

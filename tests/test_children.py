@@ -79,7 +79,7 @@ def test_a_detached_child_ends_however_the_trial_ends(
 
     trials = load_trials(run_dir, "s")
     assert len(trials) == 1 and trials[0].state != TrialState.COMPLETE, done.stderr
-    assert (run_dir / "trials" / "0" / "child.pid").exists()
+    assert (run_dir / "trials" / "00000" / "child.pid").exists()
     assert_no_leftovers(run_dir, timeout=5)
 
 
@@ -91,7 +91,7 @@ def _start_hanging_run(run_dir: Path, how: str, *extra: str) -> subprocess.Popen
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    pid_file = run_dir / "trials" / "0" / "child.pid"
+    pid_file = run_dir / "trials" / "00000" / "child.pid"
     wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60, "the trial's child")
     return controller
 

@@ -79,7 +79,7 @@ def _space(text: str = CONDITIONAL_SPACE) -> SearchSpace:
 
 
 def _result(run_dir: Path, number: int) -> dict[str, Any]:
-    return dict(json.loads((run_dir / "trials" / str(number) / "result.json").read_text()))
+    return dict(json.loads((run_dir / "trials" / f"{number:05d}" / "result.json").read_text()))
 
 
 def test_a_script_reporting_through_the_client_is_pruned_by_a_median_pruner(
@@ -127,7 +127,7 @@ def test_a_script_reporting_through_the_client_is_pruned_by_a_median_pruner(
     assert trials[1].params == {"kind": "boosted", "x": 2.0, "bonus": 0.5}
     assert trials[1].user_attrs["seen_params"] == {"kind": "boosted", "x": 2.0, "bonus": 0.5}
     # The conditional option is given only to trials that have the parameter.
-    stdout = [(run_dir / "trials" / str(n) / "stdout.log").read_text() for n in range(5)]
+    stdout = [(run_dir / "trials" / f"{n:05d}" / "stdout.log").read_text() for n in range(5)]
     assert "argv ['--x', '1.0']" in stdout[0]
     assert "argv ['--x', '2.0', '--bonus=0.5']" in stdout[1]
     assert '{"value": 2.5}' in stdout[1]
@@ -192,7 +192,7 @@ def test_a_script_printing_a_json_line_runs_on_its_slot_from_the_command_line(
         assert trial.value == pytest.approx((trial.params["x"] - 2) ** 2)
         # The command inherits its slot's GPU: slot gpuN#0 sees CUDA_VISIBLE_DEVICES=N.
         gpu = _result(run_dir, trial.number)["slot"].removeprefix("gpu").split("#")[0]
-        stdout = (run_dir / "trials" / str(trial.number) / "stdout.log").read_text()
+        stdout = (run_dir / "trials" / f"{trial.number:05d}" / "stdout.log").read_text()
         assert stdout.splitlines()[0] == f"gpus {gpu}"
 
 
@@ -272,7 +272,7 @@ def test_rendering_fills_values_and_makes_existing_files_absolute(tmp_path: Path
     assert objective.script_name == "train"
     words = objective.render({"kind": "plain", "x": 1.25}, trial_number=7)
     assert words == [
-        "python",
+        sys.executable,  # "python" is the interpreter hyperfleet runs in
         str(tmp_path.resolve() / "train.py"),
         "out/",
         "--x=1.2",

@@ -79,7 +79,7 @@ def test_a_failing_trial_fails_alone(tmp_path: Path, case: Case) -> None:
     assert failed.system_attrs[KIND] == case.kind
     assert case.reason in failed.system_attrs[REASON]
 
-    saved = json.loads((run_dir / "trials" / "0" / "result.json").read_text())
+    saved = json.loads((run_dir / "trials" / "00000" / "result.json").read_text())
     assert saved["state"] == "FAIL"
     assert saved["fail_kind"] == case.kind
     assert case.reason in saved["reason"]

@@ -130,3 +130,27 @@ def test_cuda_cache_is_freed_between_trials(gpu_torch: ModuleType, tmp_path: Pat
         # The trial really filled the cache, and the next one started with it empty again.
         assert trial.user_attrs["reserved_after_alloc_mib"] >= 64
         assert trial.user_attrs["reserved_at_start_mib"] == 0
+
+
+def test_auto_packing_adds_workers_for_a_small_model(gpu_torch: ModuleType, tmp_path: Path) -> None:
+    first = gpus().gpus[0]
+    study = optuna.create_study()
+    run(study, gpu_torch.small_trainer, 60, tmp_path, gpus=[first.index])  # auto: the default
+
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert f"gpu{first.index}: 1 -> 2 workers" in log, log
+    assert "## GPU packing" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_auto_packing_keeps_a_trial_that_takes_most_of_the_gpu_alone(
+    gpu_torch: ModuleType, tmp_path: Path
+) -> None:
+    first = gpus().gpus[0]
+    study = optuna.create_study()
+    run(study, gpu_torch.most_of_the_gpu, 8, tmp_path, gpus=[first.index])
+
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "-> 2 workers" not in log, log
+    assert {t.system_attrs["hyperfleet:slot"] for t in study.get_trials()} == {
+        f"gpu{first.index}#0"
+    }

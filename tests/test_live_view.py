@@ -173,3 +173,56 @@ def test_with_several_studies_each_last_trial_says_its_study(width: int) -> None
     assert all(len(line) <= width for line in lines)
     assert row(lines, "16")[:3] == ["16", "cifar", "gpu1#0"]
     assert row(lines, "15")[:3] == ["15", "mnist", "gpu0#0"]
+
+
+def campaign_state() -> RunState:
+    """A sequential campaign in its second stage: the iris stage is done, wine runs."""
+    state = make_state()
+    state.run_name, state.sequential = "tabular", True
+    state.studies = [
+        StudyView("xgb-iris", ("MINIMIZE",), n_trials=10, finished=10, stage=0, stage_name="iris"),
+        StudyView("cat-iris", ("MINIMIZE",), n_trials=10, finished=10, stage=0, stage_name="iris"),
+        StudyView(
+            "xgb-wine",
+            ("MINIMIZE",),
+            n_trials=10,
+            finished=4,
+            running=1,
+            stage=1,
+            stage_name="wine",
+            timeout=3600,
+            ends_at=NOW + 1500,
+        ),
+        StudyView("cat-wine", ("MINIMIZE",), stage=1, stage_name="wine", timeout=600),
+    ]
+    state.slots[0].study, state.slots[0].experiment = "xgb-wine", "policy_heavy"
+    state.recent[1].study, state.recent[1].experiment = "xgb-wine", "baseline"
+    return state
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_a_campaign_shows_its_stage_each_studys_budget_left_and_the_time_to_finish(
+    width: int,
+) -> None:
+    lines = draw(campaign_state(), width)
+    assert all(len(line) <= width for line in lines)
+    header = "\n".join(lines[:2])
+    assert "stage wine (2 of 2)" in header
+    # The trials left (6) take about 69 s at this run's pace; cat-wine, with a time budget
+    # only, has not started its 10 minutes yet: the campaign ends when they are over.
+    assert "~10m00s left" in header
+    assert row(lines, "xgb-iris")[:7] == ["xgb-iris", "0", "0", "0", "0", "-", "0"]
+    assert "6, 25m00s" in " ".join(row(lines, "xgb-wine"))
+    assert "10m00s" in row(lines, "cat-wine")
+    shown = "xgb-wine: policy_heavy" if width > 80 else "xgb-wine: polic"
+    assert shown in " ".join(row(lines, "gpu0#0"))
+    assert "baseline: lr=0.00123" in " ".join(row(lines, "15"))
+
+
+def test_the_stage_moves_on_when_the_earlier_one_has_nothing_left() -> None:
+    state = campaign_state()
+    state.studies[1].finished = 7  # cat-iris still has trials to run
+    header = "\n".join(draw(state, 160)[:2])
+    assert "stage iris (1 of 2)" in header
+    state.sequential = False
+    assert "stage" not in "\n".join(draw(state, 160)[:2])

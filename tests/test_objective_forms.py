@@ -186,7 +186,7 @@ def test_module_target_is_found_from_the_working_directory(
     code = main(["run", "counted:objective", "--n-trials", "2", "--cpu-slots", "1", "--quiet"])
 
     assert code == 0
-    result = json.loads((tmp_path / "runs/counted-objective/trials/1/result.json").read_text())
+    result = json.loads((tmp_path / "runs/counted-objective/trials/00001/result.json").read_text())
     assert result["state"] == "COMPLETE"
 
 

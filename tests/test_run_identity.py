@@ -162,7 +162,7 @@ def test_a_second_study_in_a_study_run_folder_is_refused_and_the_first_still_res
     run_dir = tmp_path / "runs" / "j9"
     alpha = run_cli(quick_search("runs/j9", "alpha", 2), tmp_path)
     assert alpha.returncode == 0, alpha.stdout + alpha.stderr
-    first_result = (run_dir / "trials" / "0" / "result.json").read_text()
+    first_result = (run_dir / "trials" / "00000" / "result.json").read_text()
     best = (run_dir / "best" / "best.json").read_text()
 
     beta = run_cli(quick_search("runs/j9", "beta", 2), tmp_path)
@@ -170,7 +170,7 @@ def test_a_second_study_in_a_study_run_folder_is_refused_and_the_first_still_res
     message = beta.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in message
     assert "belongs to study 'alpha'" in message and "--run-dir" in message
-    assert (run_dir / "trials" / "0" / "result.json").read_text() == first_result
+    assert (run_dir / "trials" / "00000" / "result.json").read_text() == first_result
     assert (run_dir / "best" / "best.json").read_text() == best
     assert json.loads(first_result)["study"] == "alpha"
     storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))

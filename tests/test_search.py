@@ -192,7 +192,7 @@ def test_each_trial_runs_in_its_own_folder_with_its_output_there(
 
     for trial in study.get_trials():
         n = trial.number
-        folder = run_dir / "trials" / str(n)
+        folder = run_dir / "trials" / f"{n:05d}"
         assert trial.user_attrs["cwd"] == str(folder)
         stdout = (folder / "stdout.log").read_text()
         assert f"stdout of trial {n}\n" in stdout

@@ -103,7 +103,7 @@ def test_status_while_running_and_after(tmp_path: Path) -> None:
     assert study_status["counts"]["complete"] == 5
     best = study.best_trial
     assert study_status["best"] == [
-        {"number": best.number, "values": best.values, "params": best.params}
+        {"number": best.number, "values": best.values, "params": best.params, "experiment": None}
     ]
     assert study_status["last_failure"]["number"] == 3
     assert "trial three fails on purpose" in study_status["last_failure"]["reason"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hyperfleet.api import optimize, run_campaign
+    from hyperfleet.checkpoints import checkpoint_dir, should_stop
     from hyperfleet.config import RetryPolicy
     from hyperfleet.controller.loop import Outcome
     from hyperfleet.errors import (
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
         ResourceError,
         RunDirError,
         StorageError,
+        TrialInterrupted,
         WorkerError,
     )
     from hyperfleet.resources.slots import Slot, current_slot
@@ -30,6 +32,8 @@ _HOMES = {
     "optimize": "hyperfleet.api",
     "run_campaign": "hyperfleet.api",
     "RetryPolicy": "hyperfleet.config",
+    "checkpoint_dir": "hyperfleet.checkpoints",
+    "should_stop": "hyperfleet.checkpoints",
     "Outcome": "hyperfleet.controller.loop",
     "ConfigError": "hyperfleet.errors",
     "HyperfleetError": "hyperfleet.errors",
@@ -37,6 +41,7 @@ _HOMES = {
     "ResourceError": "hyperfleet.errors",
     "RunDirError": "hyperfleet.errors",
     "StorageError": "hyperfleet.errors",
+    "TrialInterrupted": "hyperfleet.errors",
     "WorkerError": "hyperfleet.errors",
     "Slot": "hyperfleet.resources.slots",
     "current_slot": "hyperfleet.resources.slots",
@@ -52,11 +57,14 @@ __all__ = [
     "RunDirError",
     "Slot",
     "StorageError",
+    "TrialInterrupted",
     "WorkerError",
     "__version__",
+    "checkpoint_dir",
     "current_slot",
     "optimize",
     "run_campaign",
+    "should_stop",
 ]
 
 

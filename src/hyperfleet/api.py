@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import optuna
 
 from hyperfleet.cluster.channel import parse_address
 from hyperfleet.cluster.hub import ClusterSettings
-from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
+from hyperfleet.config import RetryPolicy, RunSettings, parse_duration, parse_memory
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
@@ -33,7 +34,8 @@ def optimize(
     timeout: float | str | None = None,
     *,
     gpus: Sequence[int | str] | None = None,
-    trials_per_gpu: int = 1,
+    trials_per_gpu: int | str = "auto",
+    gpu_memory: str | int | None = None,
     gpus_per_trial: int = 1,
     cpu_slots: int | None = None,
     threads_per_slot: int | None = None,
@@ -43,6 +45,7 @@ def optimize(
     max_trials_per_worker: int | None = None,
     stop_grace: float | str = 30.0,
     kill_grace: float | str = 5.0,
+    keep_checkpoints: str = "best",
     display: str = "auto",
     report: bool = True,
     objective_kwargs: dict[str, Any] | None = None,
@@ -62,9 +65,13 @@ def optimize(
     persistent storage adds up to the same total. ``timeout`` bounds this call's wall time.
     With ``objective_kwargs``, ``objective`` is a factory called once per worker with them
     that returns the objective (load a data set there). ``inventory`` replaces the detected
-    GPUs and cores (for tests and dry runs). After SIGTERM, running trials get ``stop_grace``
-    to finish before they are terminated; a terminated trial's processes get ``kill_grace``
-    between SIGTERM and SIGKILL. ``report=False`` skips writing
+    GPUs and cores (for tests and dry runs). ``trials_per_gpu="auto"`` (the default) starts one
+    worker per GPU and adds more while the GPU has memory and time for them; ``gpu_memory``
+    ("10GiB") says what one trial takes, to pack by it instead of by readings. After SIGTERM,
+    running trials get ``stop_grace`` to finish before they are terminated; a terminated
+    trial's processes get ``kill_grace`` between SIGTERM and SIGKILL. ``keep_checkpoints``
+    ("best", "all" or "none") says whose checkpoint folders outlive trials that completed or
+    were pruned (see :func:`hyperfleet.checkpoint_dir`). ``report=False`` skips writing
     ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
     the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
     best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
@@ -87,6 +94,7 @@ def optimize(
         max_trials_per_worker=max_trials_per_worker,
         stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
         kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
+        keep_checkpoints=keep_checkpoints,
     )
     options = PoolOptions(
         gpus=[str(g) for g in gpus] if gpus is not None else None,
@@ -94,9 +102,11 @@ def optimize(
         gpus_per_trial=gpus_per_trial,
         cpu_slots=cpu_slots,
         threads_per_slot=threads_per_slot,
+        gpu_memory_mib=parse_memory(gpu_memory),
     )
     cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray, slurm)
-    slots, note = prepare_slots(options, inventory, cluster)
+    slots, note, packing = prepare_slots(options, inventory, cluster)
+    settings = replace(settings, packing=packing)
     spec = spec_from_callable(objective, objective_kwargs)
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
     folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
@@ -185,9 +195,11 @@ def run_campaign(
     run_dir: str | Path | None = None,
     stop_grace: float | str = 30.0,
     kill_grace: float | str = 5.0,
+    keep_checkpoints: str = "best",
     display: str = "auto",
     report: bool = True,
     force_refit: bool = False,
+    retry: RetryPolicy | str | None = None,
     inventory: Inventory | None = None,
     listen: str | None = None,
     token_file: str | Path | None = None,
@@ -199,8 +211,9 @@ def run_campaign(
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
 
     ``sequential`` overrides the file's ``sequential``; ``run_dir`` its ``run_dir`` (default
-    ``runs/<campaign name>``). The other keywords are those of :func:`optimize`; with
-    ``listen``, each node that joins is cut into slots as the file's ``[pool]`` says.
+    ``runs/<campaign name>``); ``retry`` its ``retry`` (``"crash=1,error=1"``). The other
+    keywords are those of :func:`optimize`; with ``listen``, ``ray`` or ``slurm``, each node
+    that joins is cut into slots as the file's ``[pool]`` says.
     """
     from hyperfleet.campaign import load_campaign
     from hyperfleet.campaign_search import campaign_search, campaign_settings
@@ -211,6 +224,8 @@ def run_campaign(
         campaign,
         stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
         kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
+        keep_checkpoints=keep_checkpoints,
+        retry=RetryPolicy.parse(retry) if isinstance(retry, str) else retry,
     )
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)

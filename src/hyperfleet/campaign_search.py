@@ -8,6 +8,7 @@ storage (the trial's ``experiment`` user attribute) and does not enqueue them ag
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from hyperfleet.controller.loop import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
 from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target
+from hyperfleet.report.campaign import CAMPAIGN_ATTR
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.shapes import Pool, plan_pool
 from hyperfleet.rundir import RunDir
@@ -32,15 +34,23 @@ from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 
-def campaign_settings(campaign: Campaign, stop_grace: float, kill_grace: float) -> RunSettings:
+def campaign_settings(
+    campaign: Campaign,
+    stop_grace: float,
+    kill_grace: float,
+    retry: RetryPolicy | None = None,
+    keep_checkpoints: str = "best",
+) -> RunSettings:
+    """The run's settings from ``[campaign]``; ``retry`` (``--retry``) replaces its retry."""
     settings = campaign.settings
     return RunSettings(
         timeout=settings.timeout,
         trial_timeout=settings.trial_timeout,
-        retry=RetryPolicy.parse(settings.retry),
+        retry=retry if retry is not None else RetryPolicy.parse(settings.retry),
         max_trials_per_worker=settings.max_trials_per_worker,
         stop_grace=stop_grace,
         kill_grace=kill_grace,
+        keep_checkpoints=keep_checkpoints,
     )
 
 
@@ -138,6 +148,7 @@ def _plan(
             directions=directions,
             load_if_exists=True,
         )
+        _label(opened, study)
         _enqueue_experiments(opened, (*study.experiments, *_grid_points(study.grid)))
         return opened
 
@@ -152,8 +163,17 @@ def _plan(
         weight=study.weight,
         priority=study.priority,
         stage=stage,
+        stage_name=study.stage,
         stored_trials=lambda: stored_trials(existing, study.name),
     )
+
+
+def _label(opened: optuna.Study, study: StudySpec) -> None:
+    """Which model and matrix values made the study, kept in the storage for the campaign's
+    table (``hyperfleet report`` and ``status`` rebuild it without the campaign file)."""
+    label = {"family": study.family or study.name, "matrix": study.matrix_values}
+    if opened.user_attrs.get(CAMPAIGN_ATTR) != label:
+        opened.set_user_attr(CAMPAIGN_ATTR, label)
 
 
 def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:
@@ -192,8 +212,13 @@ def _enqueue_experiments(study: optuna.Study, experiments: tuple[Experiment, ...
 
 
 def _refit_plan(campaign: Campaign, study: StudySpec, force: bool) -> RefitPlan | None:
+    """The study's refit, given the study's ``args`` and matrix values (a refit function that
+    takes ``args`` gets them: the data set a matrix study is for)."""
     if study.refit is not None:
-        return plan_from_target(study.refit, force)
-    if study.refit_cmd is not None and study.space is not None:
-        return plan_from_command(study.refit_cmd, study.space, force, campaign.path.parent)
-    return None
+        plan = plan_from_target(study.refit, force)
+    elif study.refit_cmd is not None:
+        plan = plan_from_command(study.refit_cmd, study.space, force, campaign.path.parent)
+    else:
+        return None
+    args = {**study.matrix_values, **(study.args or {})}
+    return dataclasses.replace(plan, args=args or None)

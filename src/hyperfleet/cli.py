@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,20 @@ else:  # pragma: no cover (exercised on Python 3.10 only)
     import tomli as tomllib  # type: ignore[import-not-found]
 
 from hyperfleet.cluster.hub import ClusterSettings
-from hyperfleet.config import RetryPolicy, RunSettings, parse_duration
+from hyperfleet.config import (
+    KEEP_CHECKPOINTS,
+    RetryPolicy,
+    RunSettings,
+    parse_duration,
+    parse_memory,
+)
 from hyperfleet.controller.bookkeeping import stored_trials
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_cli
 from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.packing import AUTO, parse_trials_per_gpu
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir, check_folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
@@ -132,6 +140,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default="5s",
         help="how long a trial's processes get between SIGTERM and SIGKILL (default 5s)",
     )
+    add(
+        "--keep-checkpoints",
+        choices=KEEP_CHECKPOINTS,
+        default="best",
+        help="whose checkpoint folders stay once trials completed or were pruned (default best)",
+    )
     add("--quiet", action="store_true", help="print only the final summary")
     add("--plain", action="store_true", help="plain lines instead of the live view")
     add("--no-report", action="store_true", help="do not write RUN_DIR/report/ at the end")
@@ -223,7 +237,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def _add_pool_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--gpus", help="GPUs to use, by index or UUID, comma-separated (default all visible)")
-    add("--trials-per-gpu", type=int, default=1, help="workers sharing each GPU (default 1)")
+    add(
+        "--trials-per-gpu",
+        type=_trials_per_gpu,
+        default=AUTO,
+        help="workers sharing each GPU, or auto (default): more while the GPU has room",
+    )
+    add("--gpu-memory", help="what one trial takes on its GPU (10GiB): auto packs by it")
     add("--gpus-per-trial", type=int, default=1, help="GPUs given to each worker (default 1)")
     add("--cpu-slots", type=int, help="CPU-only workers (default: one per core left over)")
     add("--threads-per-slot", type=int, help="cores and thread limit of each slot")
@@ -237,7 +257,17 @@ def _pool_options(args: argparse.Namespace) -> PoolOptions:
         gpus_per_trial=args.gpus_per_trial,
         cpu_slots=args.cpu_slots,
         threads_per_slot=args.threads_per_slot,
+        gpu_memory_mib=parse_memory(args.gpu_memory, "--gpu-memory"),
     )
+
+
+def _trials_per_gpu(text: str) -> int | str:
+    try:
+        return parse_trials_per_gpu(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number nor auto; for example --trials-per-gpu 4"
+        ) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -255,7 +285,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit
     )
     cluster = _cluster(args)
-    slots, note = prepare_slots(_pool_options(args), None, cluster)
+    slots, note, packing = prepare_slots(_pool_options(args), None, cluster)
+    settings = replace(settings, packing=packing)
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or default_run_dir(study_name))
     run_dir.check_writable()
@@ -308,9 +339,21 @@ def _cluster(args: argparse.Namespace) -> ClusterSettings | None:
 _NOT_FOR_CAMPAIGNS = (
     "cmd", "space", "n_trials", "timeout", "direction", "study_name", "storage", "seed",
     "trial_timeout", "max_trials_per_worker", "refit", "refit_cmd", "sampler", "pruner",
-    "retry", "gpus", "trials_per_gpu", "gpus_per_trial", "cpu_slots", "threads_per_slot",
+    "gpus", "trials_per_gpu", "gpu_memory", "gpus_per_trial", "cpu_slots", "threads_per_slot",
     "objective_arg",
 )  # fmt: skip
+
+
+_IN_STUDIES = "in each [[study]] or in [defaults] (n_trials, direction, sampler, cmd, ...)"
+_WHERE_IN_A_CAMPAIGN = {
+    "storage": "in [campaign] (storage)",
+    "timeout": "in [campaign] (timeout: the whole campaign's) or in a [[study]] (its own)",
+    "trial_timeout": "in [campaign] (trial_timeout)",
+    "max_trials_per_worker": "in [campaign] (max_trials_per_worker)",
+    "study_name": "as each [[study]]'s name",
+    **{n: f"in [pool] ({n})" for n in ("gpus", "trials_per_gpu", "cpu_slots", "threads_per_slot")},
+    "gpus_per_trial": "as a study's slot (slot = { gpus = 2 })",
+}
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
@@ -321,9 +364,9 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     given = [n for n in _NOT_FOR_CAMPAIGNS if getattr(args, n) != getattr(defaults, n)]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        where = ", ".join(dict.fromkeys(_WHERE_IN_A_CAMPAIGN.get(n, _IN_STUDIES) for n in given))
         raise ConfigError(
-            f"{flags}: a campaign file sets these for each study or in [pool]; "
-            f"set them in {args.target} instead."
+            f"{flags}: a campaign file sets this itself; set it in {args.target}: {where}."
         )
     outcome = run_campaign(
         args.target,
@@ -331,9 +374,11 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         stop_grace=args.stop_grace,
         kill_grace=args.kill_grace,
+        keep_checkpoints=args.keep_checkpoints,
         display=_display(args).mode,
         report=not args.no_report,
         force_refit=args.force_refit,
+        retry=args.retry or None,
         listen=args.listen,
         token_file=args.token_file,
         heartbeat=args.heartbeat,
@@ -366,6 +411,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         stop_grace=parse_duration(args.stop_grace, "stop grace") or 30.0,
         retry=RetryPolicy.parse(args.retry),
         max_trials_per_worker=args.max_trials_per_worker,
+        keep_checkpoints=args.keep_checkpoints,
     )
 
 

@@ -4,15 +4,22 @@
 
     from hyperfleet import client
 
-    for epoch in range(epochs):
+    state = client.checkpoint_dir() / "state.pt"  # kept for the next attempt of this trial
+    start = load(state) if state.exists() else 0
+    for epoch in range(start, epochs):
         accuracy = train_one_epoch()
         client.report(accuracy, step=epoch)   # intermediate value, for pruning
+        save(state, epoch + 1)
         if client.should_prune():             # the pruner says stop
             sys.exit(0)                       # hyperfleet records the trial as PRUNED
+        if client.should_stop():              # SIGTERM: the run is stopping
+            sys.exit(0)                       # recorded as interrupted; resumed from state.pt
     client.result(accuracy)                   # the final value (also printed as a JSON line)
 
 Run by hand, outside hyperfleet, the same script still works: :func:`report` does nothing,
-:func:`should_prune` answers False and :func:`result` only prints ``{"value": ...}``.
+:func:`should_prune` and :func:`should_stop` answer False, :func:`checkpoint_dir` is a fresh
+temporary folder (removed when the script exits) and :func:`result` only prints
+``{"value": ...}``.
 
 Under hyperfleet, the command's environment names a local socket in ``HYPERFLEET_CLIENT``;
 each call sends one JSON line there and waits for the one-line answer of the trial's worker,
@@ -21,11 +28,15 @@ which forwards it to the real ``optuna.Trial``. This module needs only the stand
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hyperfleet.errors import HyperfleetError
@@ -33,6 +44,7 @@ from hyperfleet.errors import HyperfleetError
 ADDRESS_ENV = "HYPERFLEET_CLIENT"
 PARAMS_ENV = "HYPERFLEET_PARAMS"
 TRIAL_NUMBER_ENV = "HYPERFLEET_TRIAL_NUMBER"
+CHECKPOINT_ENV = "HYPERFLEET_CHECKPOINT_DIR"
 
 
 class ClientError(HyperfleetError):
@@ -89,6 +101,30 @@ def trial_number() -> int | None:
     """This trial's number in the study; None outside hyperfleet."""
     raw = os.environ.get(TRIAL_NUMBER_ENV)
     return int(raw) if raw else None
+
+
+_local_checkpoint_dir: Path | None = None
+
+
+def checkpoint_dir() -> Path:
+    """The folder this trial shares with every repeat of it: what an earlier attempt saved
+    there is still there. Outside hyperfleet, a fresh temporary folder, removed at exit."""
+    global _local_checkpoint_dir
+    given = os.environ.get(CHECKPOINT_ENV)
+    if given:
+        return Path(given)
+    if _local_checkpoint_dir is None:
+        _local_checkpoint_dir = Path(tempfile.mkdtemp(prefix="hyperfleet-checkpoint-"))
+        atexit.register(shutil.rmtree, _local_checkpoint_dir, ignore_errors=True)
+    return _local_checkpoint_dir
+
+
+def should_stop() -> bool:
+    """Whether the run is stopping (it got SIGTERM): save a checkpoint and exit soon. The trial
+    is then recorded as interrupted, and its next attempt continues from the checkpoint."""
+    if not active():
+        return False
+    return bool(_call({"op": "should_stop"}))
 
 
 def report(value: float, step: int) -> None:

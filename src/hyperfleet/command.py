@@ -7,7 +7,10 @@ trial folder and holds the slot's GPUs, cores and thread limits, which the comma
 
 The command line
     It is split like a shell would (``shlex``) but run without a shell, so values never need
-    quoting. ``{NAME}`` is replaced by the parameter NAME (a format spec works too: ``{lr:.2e}``)
+    quoting. A command that starts with ``python`` (``python3``, ``python3.12``) runs with the
+    interpreter hyperfleet itself runs in (``sys.executable``), so a virtual environment that is
+    not activated still has its packages; write the interpreter's full path to use another one.
+    ``{NAME}`` is replaced by the parameter NAME (a format spec works too: ``{lr:.2e}``)
     and ``{{``/``}}`` stand for literal braces. Three more placeholders exist: ``{params_json}``
     (all of the trial's parameters as one JSON object), ``{trial_number}`` and ``{launch_dir}``
     (the folder hyperfleet was started from). A word that names a parameter absent from this
@@ -19,16 +22,19 @@ The command line
 
 The environment
     The command also finds its parameters as JSON in ``HYPERFLEET_PARAMS``, its trial number in
-    ``HYPERFLEET_TRIAL_NUMBER``, and in ``HYPERFLEET_CLIENT`` the socket that
-    :mod:`hyperfleet.client` talks to. ``PYTHONUNBUFFERED=1`` is set (unless set already) so
-    that a Python script's output reaches the trial's stdout.log as it is printed.
+    ``HYPERFLEET_TRIAL_NUMBER``, in ``HYPERFLEET_CHECKPOINT_DIR`` the folder it shares with
+    every repeat of the trial (``client.checkpoint_dir()``), and in ``HYPERFLEET_CLIENT`` the
+    socket that :mod:`hyperfleet.client` talks to. ``PYTHONUNBUFFERED=1`` is set (unless set
+    already) so that a Python script's output reaches the trial's stdout.log as it is printed.
 
 The result
     ``client.result(value)``, or else the last line of stdout that is a JSON object with
     ``"value"`` (one objective) or ``"values"`` (several): ``{"value": 0.93}``. Intermediate
     values go through ``client.report(value, step)``; when ``client.should_prune()`` has
     answered True the trial ends as PRUNED however the command exits, and a command still
-    running ``prune_grace`` seconds later is terminated. A command that exits with a non-zero
+    running ``prune_grace`` seconds later is terminated. Likewise, once ``client.should_stop()``
+    has answered True (the run got SIGTERM), the trial ends as interrupted however the command
+    exits, unless it gave its result first. A command that exits with a non-zero
     status fails the trial with the status and the end of its stderr as the reason.
 """
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import shlex
 import shutil
@@ -44,6 +51,7 @@ import signal
 import socket
 import string
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,7 +62,8 @@ import optuna
 import psutil
 
 from hyperfleet import client
-from hyperfleet.errors import ConfigError, ObjectiveError
+from hyperfleet.checkpoints import checkpoint_dir, should_stop
+from hyperfleet.errors import ConfigError, ObjectiveError, TrialInterrupted
 from hyperfleet.space import RESERVED_NAMES, Param, SearchSpace
 
 STDERR_TAIL_CHARS = 1500
@@ -81,13 +90,18 @@ class CommandObjective:
         launch_dir: str | Path | None = None,
         prune_grace: float = 10.0,
         stop_grace: float = 5.0,
+        check: bool = True,
     ) -> None:
         self.space = space
+        # A refit command of an objective study names parameters no space declares: they are
+        # checked when the best trial's are filled in (see hyperfleet.refit.CommandRefit).
+        self.checked = check
         self.launch_dir = str(Path(launch_dir if launch_dir is not None else Path.cwd()).resolve())
         self.prune_grace = prune_grace
         self.stop_grace = stop_grace
-        words = split_command(command)
-        check_template(words, space)
+        words = with_this_python(split_command(command))
+        if check:
+            check_template(words, space)
         self.words = [self._absolute_if_file(word) for word in words]
 
     def _absolute_if_file(self, word: str) -> str:
@@ -119,6 +133,7 @@ class CommandObjective:
             **os.environ,
             client.PARAMS_ENV: json.dumps(values),
             client.TRIAL_NUMBER_ENV: str(trial.number),
+            client.CHECKPOINT_ENV: str(checkpoint_dir(trial)),
         }
         env.setdefault("PYTHONUNBUFFERED", "1")
         with _Session(trial, argv, env, self.prune_grace, self.stop_grace) as session:
@@ -137,6 +152,15 @@ def split_command(command: str | Sequence[str]) -> list[str]:
         words = [str(w) for w in command]
     if not words:
         raise ConfigError("the command is empty; give one such as 'python train.py --lr {lr}'.")
+    return words
+
+
+def with_this_python(words: list[str]) -> list[str]:
+    """A bare ``python`` command runs with hyperfleet's own interpreter: the one found on PATH
+    may be another (a virtual environment that is not activated, a system Python without the
+    script's packages), which fails every trial with ModuleNotFoundError."""
+    if re.fullmatch(r"python(3(\.\d+)?)?", words[0]):
+        return [sys.executable, *words[1:]]
     return words
 
 
@@ -226,6 +250,7 @@ class _Session:
         self.open_pipes = 0
         self.result: Any = None
         self.pruned_at: int | None = None
+        self.stop_asked = False  # should_stop() answered True
         self.last_step: int | None = None
         self.signal_at: float | None = None
         self.exited_at: float | None = None
@@ -402,6 +427,9 @@ class _Session:
             if self.pruned_at is None and self.trial.should_prune():
                 self._mark_pruned()
             return self.pruned_at is not None
+        if op == "should_stop":
+            self.stop_asked = self.stop_asked or should_stop(self.trial)
+            return self.stop_asked
         if op == "set_user_attr":
             self.trial.set_user_attr(str(request["key"]), request["value"])
             return None
@@ -417,6 +445,8 @@ class _Session:
     def _outcome(self, status: int) -> float | list[float]:
         if self.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned at step {self.pruned_at}")
+        if self.stop_asked and self.result is None:
+            raise TrialInterrupted(f"the command stopped when asked to ({describe_exit(status)})")
         if status != 0:
             raise CommandError(f"{describe_exit(status)}; {self._stderr_summary()}")
         if self.result is not None:

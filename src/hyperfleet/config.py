@@ -6,13 +6,18 @@ import re
 from dataclasses import dataclass, field
 
 from hyperfleet.errors import ConfigError
+from hyperfleet.resources.packing import PackingSettings
 
 FAIL_KINDS = ("interrupted", "crash", "oom", "timeout", "error", "lost")
 RETRY_KINDS = FAIL_KINDS[1:]  # an interrupted trial is always run again
 # A trial whose node was lost says little about its parameters, so it runs again by default; a
 # limit still stops parameters that take their node down with them from doing so for ever.
 DEFAULT_RETRIES = {"lost": 3}
+# Which trials' checkpoint folders outlive them once they completed or were pruned.
+KEEP_CHECKPOINTS = ("best", "all", "none")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?", re.IGNORECASE)
+_MIB_PER_UNIT = {"g": 1024.0, "gb": 1000**3 / 2**20, "gib": 1024.0, "m": 1.0, "mb": 1e6 / 2**20}
 
 
 def parse_duration(text: str | float | int | None, what: str = "timeout") -> float | None:
@@ -41,6 +46,22 @@ def _parse_duration_text(text: str, what: str) -> float:
         )
     scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
     return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def parse_memory(text: str | int | None, what: str = "gpu_memory") -> int | None:
+    """MiB from "10GiB", "10GB", "512MiB" or "10G"; a bare number is MiB; None stays None."""
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    match = _MEMORY.fullmatch(str(text).strip())
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"cannot read {what} {text!r}; write what one trial takes on its GPU, such as "
+            "10GiB or 512MiB."
+        )
+    unit = (match.group(2) or "m").lower()
+    return max(1, round(float(match.group(1)) * _MIB_PER_UNIT.get(unit, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -92,8 +113,15 @@ class RunSettings:
     stop_grace: float = 30.0  # seconds between SIGTERM's soft stop and its hard stop
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_trials_per_worker: int | None = None
+    keep_checkpoints: str = "best"
+    packing: PackingSettings | None = None  # None: the workers per GPU are fixed
 
     def __post_init__(self) -> None:
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            raise ConfigError(
+                f"keep_checkpoints={self.keep_checkpoints!r} is not one of "
+                f"{', '.join(KEEP_CHECKPOINTS)}; pass --keep-checkpoints best, all or none."
+            )
         for name in ("n_trials", "max_trials_per_worker"):
             value = getattr(self, name)
             if value is not None and value < 1:

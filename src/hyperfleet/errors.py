@@ -37,3 +37,12 @@ class WorkerError(HyperfleetError):
 
 class NodeError(HyperfleetError):
     """An agent cannot reach its controller, or the controller refused it."""
+
+
+class TrialInterrupted(HyperfleetError):
+    """Raised by an objective that stops early because hyperfleet asked it to.
+
+    After :func:`hyperfleet.should_stop` answers True (the controller got SIGTERM), save the
+    checkpoint and raise this: the trial is recorded as interrupted and its next attempt
+    continues from the checkpoint. Raised when no stop was asked, it fails the trial.
+    """

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-from hyperfleet.state import RunState, TrialRecord
+from hyperfleet.state import RunState, StudyView, TrialRecord
 
 
 class EventSink:
@@ -42,7 +42,8 @@ def format_values(values: list[float] | None) -> str:
 def trial_name(record: TrialRecord, state: RunState) -> str:
     """ "trial 7", or "trial 7 of xgb-iris" when the run has several studies."""
     several = len(state.studies) > 1
-    return f"trial {record.number}" + (f" of {record.study}" if several else "")
+    text = f"trial {record.number}" + (f" of {record.study}" if several else "")
+    return text + (f" (experiment {record.experiment})" if record.experiment else "")
 
 
 def trial_start_line(record: TrialRecord, state: RunState) -> str:
@@ -104,10 +105,15 @@ def summary_lines(state: RunState) -> list[str]:
     """The final summary, one line per study: what the live view and plain log end with."""
     lines = []
     for study in state.studies:
-        best = format_values(study.best_values)
-        lines.append(
-            f"study {study.name}: {study.complete} complete, {study.pruned} pruned, "
-            f"{study.failed} failed; best trial {study.best_number}: {best} "
-            f"{study.best_params}"
-        )
+        counts = f"{study.complete} complete, {study.pruned} pruned, {study.failed} failed"
+        lines.append(f"study {study.name}: {counts}; {_best_text(study)}")
     return lines
+
+
+def _best_text(study: StudyView) -> str:
+    if study.best_number is not None:
+        best = format_values(study.best_values)
+        return f"best trial {study.best_number}: {best} {study.best_params}"
+    if len(study.directions) > 1 and study.complete:
+        return "its Pareto front is in best/"
+    return "no trial completed"

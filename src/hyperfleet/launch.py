@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
@@ -32,8 +33,9 @@ from hyperfleet.events import EventSink, PlainLog
 from hyperfleet.refit import RefitPlan, run_refit
 from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, single_pool
-from hyperfleet.resources.slots import PoolOptions, Slot, current_slot, plan_slots
+from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, current_slot, plan_slots
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -69,12 +71,14 @@ class Search:
 
 def prepare_slots(
     options: PoolOptions, inventory: Inventory | None, cluster: ClusterSettings | None = None
-) -> tuple[list[Slot], str]:
-    """This machine's slots and how its GPUs were found; none when agents bring the slots."""
+) -> tuple[list[Slot], str, PackingSettings | None]:
+    """The pool's first slots, how its GPUs were found, and how auto packing may grow it;
+    no slot when agents bring them."""
     if cluster is not None:
-        return [], ""
+        return [], "", None
     inventory = inventory if inventory is not None else detect_inventory()
-    return plan_slots(inventory, options), inventory.note
+    slots = plan_slots(inventory, options)
+    return slots, inventory.note, auto_packing(inventory, options, slots)
 
 
 def single_search(
@@ -147,7 +151,7 @@ def run_search(
                 BestFolder(plan.folder, study_named(plan.name), plan.name, files.drain)
                 for plan in search.plans
             ],
-            RunSummary(run_dir, get_studies),
+            RunSummary(run_dir, get_studies, campaign=owner.kind == "campaign"),
             *screen,
         ]
         controller = Controller(
@@ -163,7 +167,9 @@ def run_search(
             node_planner=search.node_planner,
         )
         try:
-            return _run_to_the_end(search, controller, settings, inventory_note, report)
+            return _run_to_the_end(
+                search, controller, settings, inventory_note, report, owner.kind == "campaign"
+            )
         except (OSError, RunDirGone) as exc:
             return _run_folder_lost(exc, run_dir, controller, screen)
     finally:
@@ -183,8 +189,9 @@ def _run_to_the_end(
     settings: RunSettings,
     inventory_note: str,
     report: bool,
+    campaign: bool = False,
 ) -> Outcome:
-    """The search, then each study's refit and report."""
+    """The search, then each study's refit and report, and a campaign's own report."""
     if inventory_note.startswith("no GPU"):
         controller.announce(inventory_note)
     for note in search.pool.notes:
@@ -199,9 +206,11 @@ def _run_to_the_end(
         if refit is not None:
             # With agents, the refit runs on the controller's machine, unpinned.
             slot = next((s for s in search.pool.slots if s.name in plan.slots), current_slot())
-            outcome = _refit(refit, outcome, study, plan.folder, slot, controller)
+            outcome = _refit(refit, outcome, study, plan, slot, controller)
         if report:
             _final_report(plan.folder, study, controller)
+    if report and campaign and controller.studies:
+        _campaign_report(controller)
     return outcome
 
 
@@ -257,7 +266,7 @@ def _refit(
     plan: RefitPlan,
     outcome: Outcome,
     study: optuna.Study,
-    folder: RunDir,
+    study_plan: StudyPlan,
     slot: Slot,
     controller: Controller,
 ) -> Outcome:
@@ -266,13 +275,14 @@ def _refit(
         plan,
         study,
         outcome.status,
-        folder.path / BEST_NAME / REFIT_NAME,
+        study_plan.folder.path / BEST_NAME / REFIT_NAME,
         slot.environment(),
         controller.announce,
     )
+    refits = {**outcome.refits, study_plan.name: result}
     if result.status == "failed":
-        return dataclasses.replace(outcome, status="failed", message=result.message)
-    return outcome
+        return dataclasses.replace(outcome, status="failed", message=result.message, refits=refits)
+    return dataclasses.replace(outcome, refits=refits)
 
 
 def _final_report(folder: RunDir, study: optuna.Study, controller: Controller) -> None:
@@ -287,6 +297,27 @@ def _final_report(folder: RunDir, study: optuna.Study, controller: Controller) -
         text = f"report skipped: {exc}"
     except Exception as exc:
         text = f"report failed ({type(exc).__name__}: {exc}); retry with: hyperfleet report DIR"
+    controller.announce(text)
+
+
+def _campaign_report(controller: Controller) -> None:
+    """The studies side by side in ``report/`` at the campaign's root; a bonus, like the
+    studies' own reports."""
+    from hyperfleet.report.campaign import write_campaign_report
+
+    path = Path(controller.state.run_dir)
+    try:
+        written = write_campaign_report(
+            path, list(controller.studies.values()), controller.state.run_name
+        )
+        text = f"campaign report: {written / 'index.html'}"
+    except ImportError as exc:
+        text = f"campaign report skipped: {exc.name} is missing (pip install 'hyperfleet[report]')"
+    except Exception as exc:
+        text = (
+            f"campaign report failed ({type(exc).__name__}: {exc}); "
+            "retry with: hyperfleet report DIR"
+        )
     controller.announce(text)
 
 

@@ -3,6 +3,11 @@
 A refit is a function ``refit(params: dict) -> Any`` (``--refit train.py:refit``, or
 ``hyperfleet.optimize(..., refit=fn)``) or a command line whose ``{name}`` placeholders are
 filled in like ``--cmd``'s (``--refit-cmd "python train.py --lr {lr} --save model.pt"``).
+In a campaign, a refit function that takes an ``args`` parameter (``refit(params, args)``, or
+``**kwargs``) also gets the study's ``args`` and matrix values as a dict (``{"dataset":
+"wine"}``), so one function refits every study of a matrix; one that does not is called with
+the parameters alone. A campaign's objective study may have a ``refit_cmd`` too: its
+placeholders are then checked against the best trial's parameters when the refit runs.
 
 When it runs
     Once, after a search that ended "completed" (never after a stopped or failed one), in a
@@ -66,6 +71,7 @@ class RefitPlan:
     spec: ObjectiveSpec
     target: str
     force: bool = False
+    args: dict[str, Any] | None = None  # a campaign study's args and matrix values
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class RefitRequest:
     params: dict[str, Any]
     trial_number: int
     folder: str
+    args: dict[str, Any] | None = None
 
 
 # ----- building a plan, checked before anything runs ----------------------------------------
@@ -105,15 +112,18 @@ def plan_from_callable(refit: Callable[[dict[str, Any]], Any], force: bool = Fal
 
 
 def plan_from_command(
-    command: str, space_path: Path, force: bool = False, launch_dir: Path | None = None
+    command: str, space_path: Path | None, force: bool = False, launch_dir: Path | None = None
 ) -> RefitPlan:
-    """A refit command whose placeholders are checked against the search space of ``--cmd``;
-    its relative file names are found from ``launch_dir`` (default: the current folder)."""
+    """A refit command whose placeholders are checked against the search space of ``--cmd``
+    (without one, an objective study's, when the best parameters are filled in); its relative
+    file names are found from ``launch_dir`` (default: the current folder)."""
     from hyperfleet.command import CommandObjective
-    from hyperfleet.space import load_space
+    from hyperfleet.space import SearchSpace, load_space
 
-    # Checks every placeholder.
-    template = CommandObjective(command, load_space(space_path), launch_dir=launch_dir)
+    if space_path is None:
+        template = CommandObjective(command, SearchSpace(()), launch_dir=launch_dir, check=False)
+    else:  # checks every placeholder
+        template = CommandObjective(command, load_space(space_path), launch_dir=launch_dir)
     return replace(plan_from_callable(CommandRefit(template), force), target=f"cmd: {command}")
 
 
@@ -152,6 +162,8 @@ class CommandRefit:
         from hyperfleet.command import describe_exit
 
         number = int(os.environ.get(client.TRIAL_NUMBER_ENV) or -1)
+        if not self.template.checked:
+            _check_placeholders(self.template.words, params)
         argv = self.template.render(params, number)
         env = {**os.environ}
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -165,6 +177,19 @@ class CommandRefit:
         return {"argv": argv, "exit_status": status}
 
 
+def _check_placeholders(words: list[str], params: dict[str, Any]) -> None:
+    from hyperfleet.command import placeholders
+    from hyperfleet.space import RESERVED_NAMES
+
+    known = set(params) | RESERVED_NAMES
+    unknown = sorted({f for word in words for f in placeholders(word)} - known)
+    if unknown:
+        raise RefitError(
+            f"the refit command uses {{{unknown[0]}}}, which is no parameter of the best trial; "
+            f"its placeholders may be {', '.join(sorted(known))}"
+        )
+
+
 class RefitError(Exception):
     """A refit command failed; the message is the reason shown to the user."""
 
@@ -174,10 +199,13 @@ class RefitError(Exception):
 
 @dataclass(frozen=True)
 class RefitOutcome:
-    """How the refit went: ``status`` is "ran", "skipped" or "failed"; ``message`` says it."""
+    """How the refit went: ``status`` is "ran", "skipped" or "failed"; ``message`` says it;
+    ``folder`` is where its output is (``best/refit/``: ``stdout.log``, ``result.json`` and
+    whatever it wrote; after a skip, an earlier refit's, if one ran)."""
 
     status: str
     message: str
+    folder: Path | None = None
 
 
 def run_refit(
@@ -192,7 +220,8 @@ def run_refit(
     needed; ``announce`` is given one line that says what happened."""
     reason = _reason_to_skip(study, run_status)
     if reason:
-        return _said(announce, RefitOutcome("skipped", f"refit skipped: {reason}"))
+        kept = folder if folder.is_dir() else None
+        return _said(announce, RefitOutcome("skipped", f"refit skipped: {reason}", kept))
     best = study.best_trial
     cached = _cached_at(folder, plan, best.params)
     if cached and not plan.force:
@@ -202,16 +231,17 @@ def run_refit(
                 "skipped",
                 f"refit skipped: best parameters unchanged since {cached}; "
                 "--force-refit to run it again",
+                folder,
             ),
         )
     announce(f"refit {plan.target} started with trial {best.number}'s parameters {best.params}")
     started = time.monotonic()
     failure = _run_child(plan, best.params, best.number, folder, slot_env)
     if failure:
-        return _said(announce, RefitOutcome("failed", f"refit failed: {failure}"))
+        return _said(announce, RefitOutcome("failed", f"refit failed: {failure}", folder))
     write_json(folder / CACHE_NAME, _cache_entry(plan, best.params, best.number))
     took = time.monotonic() - started
-    return _said(announce, RefitOutcome("ran", f"refit done in {took:.1f}s: {folder}"))
+    return _said(announce, RefitOutcome("ran", f"refit done in {took:.1f}s: {folder}", folder))
 
 
 def _said(announce: Callable[[str], None], outcome: RefitOutcome) -> RefitOutcome:
@@ -271,7 +301,7 @@ def _run_child(
 
     shutil.rmtree(folder, ignore_errors=True)  # an earlier refit for other parameters
     folder.mkdir(parents=True)
-    request = RefitRequest(plan.spec, dict(params), number, str(folder))
+    request = RefitRequest(plan.spec, dict(params), number, str(folder), plan.args)
     with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "hyperfleet.refit"],
@@ -346,7 +376,25 @@ def _call_refit(request: RefitRequest, folder: Path) -> Any:
     # Loaded as an objective is, though it takes the parameters rather than a trial.
     refit: Callable[[dict[str, Any]], Any] = load_objective(request.spec)  # type: ignore[assignment]
     os.chdir(folder)  # loading may have moved to where hyperfleet was started
+    if request.args is not None and takes_args(refit):
+        return refit(dict(request.params), args=dict(request.args))  # type: ignore[call-arg]
     return refit(dict(request.params))
+
+
+def takes_args(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` can be given ``args=`` (a parameter of that name, or ``**kwargs``):
+    refit functions written before campaigns passed it keep working unchanged."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin or an object without a signature
+        return False
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(
+        (p.name == "args" and p.kind in named) or p.kind == inspect.Parameter.VAR_KEYWORD
+        for p in parameters
+    )
 
 
 def _result(request: RefitRequest, value: Any) -> dict[str, Any]:
@@ -357,6 +405,8 @@ def _result(request: RefitRequest, value: Any) -> dict[str, Any]:
         "trial": request.trial_number,
         "finished": time.strftime(TIME_FORMAT),
     }
+    if request.args is not None:
+        data["args"] = request.args
     value = _plain(value)
     try:
         json.dumps(value)

@@ -25,6 +25,11 @@ LOCK_NAME = ".hyperfleet.lock"
 RECORD_NAME = ".hyperfleet-run.json"  # the directory's own id and the study that owns it
 STUDIES_NAME = "studies"  # a campaign's studies each get a folder in there
 JOURNAL_NAME = "optuna.journal"
+CHECKPOINTS_NAME = "checkpoints"  # one folder per trial and its repeats, made when asked for
+TRIALS_NAME = "trials"
+# Trial folders are zero-padded (trials/00017) so that a listing shows them in order; folders
+# of runs made before are named by the bare number (trials/17) and are still found.
+TRIAL_DIGITS = 5
 # A study or campaign name becomes a folder name, which file systems limit to 255 bytes; the
 # margin leaves room for what is built from it (".<name>.new", "trial-<n>").
 MAX_NAME_BYTES = 128
@@ -95,7 +100,25 @@ class RunDir:
         return self.path / "workers"
 
     def trial_dir(self, number: int) -> Path:
-        return self.path / "trials" / str(number)
+        """The folder of a trial this run starts (no look at the disk: the controller asks once
+        per trial)."""
+        return self.path / TRIALS_NAME / f"{number:0{TRIAL_DIGITS}d}"
+
+    def existing_trial_dir(self, number: int) -> Path:
+        """The folder of a trial that may have run before: under its old, unpadded name when
+        only that one exists."""
+        padded = self.trial_dir(number)
+        old = padded.with_name(str(number))
+        return old if old != padded and not padded.exists() and old.is_dir() else padded
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS_NAME
+
+    def checkpoint_dir(self, first_attempt: int) -> Path:
+        """``checkpoints/<n>/``: the folder a trial and every repeat of it share, named after
+        the first attempt's number, so each repeat finds what the attempt before it saved."""
+        return self.checkpoints_dir / str(first_attempt)
 
     def study_folder(self, name: str) -> RunDir:
         """``studies/<name>/``: a campaign study's trials, ``best/`` and ``report/``."""

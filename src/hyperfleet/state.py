@@ -24,6 +24,7 @@ class SlotView:
     pid: int | None = None
     trial: int | None = None
     study: str | None = None
+    experiment: str = ""  # the named experiment of the trial it runs, if any
     since: float | None = None  # wall time the current trial started
     trials_done: int = 0
     busy_seconds: float = 0.0
@@ -43,6 +44,7 @@ class TrialRecord:
     start: float = 0.0  # wall time
     end: float | None = None
     retry_of: int | None = None
+    experiment: str = ""  # the named experiment (or grid point) the trial runs, if any
 
     @property
     def duration(self) -> float | None:
@@ -62,6 +64,10 @@ class StudyView:
     best_number: int | None = None
     best_values: list[float] | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
+    stage: int = 0  # its place in a sequential campaign
+    stage_name: str = ""  # what the campaign file calls that stage ("" without one)
+    timeout: float | None = None  # its own time budget, counted from its first trial
+    ends_at: float | None = None  # wall time its timeout runs out, once its first trial started
 
 
 @dataclass
@@ -75,6 +81,8 @@ class RunState:
     recent: deque[TrialRecord] = field(default_factory=lambda: deque(maxlen=50))
     gpus: dict[int, GpuSample] = field(default_factory=dict)
     stopping: int = 0  # 0 running, 1 finishing running trials, 2 terminating them
+    packing: list[str] = field(default_factory=list)  # auto packing's decisions, in order
+    sequential: bool = False  # stages run one after another
 
     def slot(self, name: str) -> SlotView:
         return next(s for s in self.slots if s.name == name)

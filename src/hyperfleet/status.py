@@ -7,6 +7,7 @@ storage handles) and ``status.json`` (slots, busy time, whether the controller l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -19,13 +20,14 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import REASON_ATTR, SLOT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 from hyperfleet.display import format as fmt
 from hyperfleet.display.snapshot import STATUS_NAME
 from hyperfleet.errors import RunDirError
 from hyperfleet.report import tables
 from hyperfleet.report.best import best_trials
-from hyperfleet.rundir import JOURNAL_NAME
+from hyperfleet.report.campaign import StudyRow, study_rows, text_table
+from hyperfleet.rundir import JOURNAL_NAME, RECORD_NAME
 from hyperfleet.storage import open_storage
 
 
@@ -100,9 +102,23 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         "elapsed_s": _elapsed(snapshot, now, alive),
         "snapshot_age_s": now - float(snapshot["updated"]) if snapshot else None,
         "studies": [_study_status(s) for s in run.studies],
+        "campaign_table": _campaign_table(run) if _is_campaign(run) else None,
         "running": [_running(s, t, now) for s, t in trials if t.state == TrialState.RUNNING],
         "slots": _slots(snapshot, now, alive) if snapshot else _slots_from_trials(trials),
     }
+
+
+def _is_campaign(run: RunData) -> bool:
+    try:
+        record = json.loads((run.path / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        record = {}
+    return len(run.studies) > 1 or (isinstance(record, dict) and record.get("kind") == "campaign")
+
+
+def _campaign_table(run: RunData) -> list[dict[str, Any]]:
+    """The studies side by side, as in the campaign's report and ``summary.md``."""
+    return [dataclasses.asdict(row) for row in study_rows(run.studies)]
 
 
 def _elapsed(snapshot: dict[str, Any] | None, now: float, alive: bool) -> float | None:
@@ -121,8 +137,20 @@ def _study_status(study: optuna.Study) -> dict[str, Any]:
         "directions": [d.name.lower() for d in study.directions],
         "counts": counts,
         "total": len(trials),
-        "best": [{"number": t.number, "values": t.values, "params": t.params} for t in best],
+        "best": [
+            {
+                "number": t.number,
+                "values": t.values,
+                "params": t.params,
+                "experiment": t.user_attrs.get(EXPERIMENT_ATTR),
+            }
+            for t in best
+        ],
         "last_failure": _last_failure(trials),
+        "experiments": [
+            {"name": name, "number": t.number, "state": t.state.name.lower(), "values": t.values}
+            for name, t in tables.experiments(trials).items()
+        ],
     }
 
 
@@ -139,6 +167,7 @@ def _running(study: optuna.Study, trial: FrozenTrial, now: float) -> dict[str, A
     return {
         "study": study.study_name,
         "number": trial.number,
+        "experiment": trial.user_attrs.get(EXPERIMENT_ATTR),
         "slot": trial.system_attrs.get(SLOT_ATTR),
         "elapsed_s": now - start if start is not None else None,
         "params": trial.params,
@@ -198,12 +227,15 @@ def format_status(data: dict[str, Any]) -> str:
     lines = [f"run {data['run_name']} in {data['run_dir']}: {state}"]
     if data["elapsed_s"] is not None:
         lines[0] += f", {fmt.duration(data['elapsed_s'])} elapsed"
+    if data.get("campaign_table"):
+        lines.append("studies side by side:")
+        lines += text_table([StudyRow(**row) for row in data["campaign_table"]])
     for study in data["studies"]:
         lines += _format_study(study)
     lines.append(f"running trials: {len(data['running'])}")
     for trial in data["running"]:
         lines.append(
-            f"  trial {trial['number']} on {trial['slot'] or '?'} for "
+            f"  trial {trial['number']}{_experiment(trial)} on {trial['slot'] or '?'} for "
             f"{fmt.duration(trial['elapsed_s'])}: {fmt.params(trial['params'], 60)}"
         )
     if data["slots"]:
@@ -212,7 +244,7 @@ def format_status(data: dict[str, Any]) -> str:
         on = f", trial {slot['trial']}" if slot["trial"] is not None else ""
         lines.append(
             f"  {slot['name']:<10} {slot['state']:<8} {100 * slot['busy_fraction']:3.0f}% busy, "
-            f"{slot['trials_done']} trials{on}"
+            f"{_count(slot['trials_done'], 'trial')}{on}"
         )
     return "\n".join(lines)
 
@@ -223,7 +255,8 @@ def _format_study(study: dict[str, Any]) -> list[str]:
     best = study["best"]
     if len(best) == 1:
         lines.append(
-            f"  best trial {best[0]['number']}: {fmt.values(best[0]['values'])} "
+            f"  best trial {best[0]['number']}{_experiment(best[0])}: "
+            f"{fmt.values(best[0]['values'])} "
             f"{fmt.params(best[0]['params'], 60)}"
         )
     elif best:
@@ -233,9 +266,28 @@ def _format_study(study: dict[str, Any]) -> list[str]:
                 f"    trial {trial['number']}: {fmt.values(trial['values'])} "
                 f"{fmt.params(trial['params'], 50)}"
             )
+    if study.get("experiments"):
+        shown = ", ".join(_experiment_text(e) for e in study["experiments"])
+        lines.append(f"  experiments: {shown}")
     failure = study["last_failure"]
     if failure:
         lines.append(
             f"  last failure: trial {failure['number']}: {fmt.shorten(failure['reason'], 70)}"
         )
     return lines
+
+
+def _experiment(trial: dict[str, Any]) -> str:
+    return f" (experiment {trial['experiment']})" if trial.get("experiment") else ""
+
+
+def _experiment_text(experiment: dict[str, Any]) -> str:
+    text = f"{experiment['name']} {experiment['state']}"
+    if experiment["values"] is not None:
+        text += f" {fmt.values(experiment['values'])}"
+    return f"{text} (trial {experiment['number']})"
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 trial``, ``2 trials``."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")

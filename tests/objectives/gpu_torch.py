@@ -69,3 +69,33 @@ def cache_probe(trial: optuna.Trial) -> float:
     total = float(block.sum().item())
     trial.set_user_attr("reserved_after_alloc_mib", torch.cuda.memory_reserved() // MIB)
     return total
+
+
+def small_trainer(trial: optuna.Trial) -> float:
+    """A small MLP for about half a second: it leaves most of a GPU idle, so auto packing
+    should add workers."""
+    torch.manual_seed(trial.number)
+    x = torch.randn(4096, 256, device="cuda:0")
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
+    ).to("cuda:0")
+    optimizer = torch.optim.Adam(model.parameters(), lr=trial.suggest_float("lr", 1e-4, 1e-2))
+    loss = torch.zeros((), device="cuda:0")
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    return float(loss.item())
+
+
+def most_of_the_gpu(trial: optuna.Trial) -> float:
+    """Takes 60 % of the GPU's memory for a second: two such trials cannot share it."""
+    _, total = torch.cuda.mem_get_info()
+    block = torch.empty(int(total * 0.6), dtype=torch.uint8, device="cuda:0")
+    a = torch.randn(1024, 1024, device="cuda:0")
+    for _ in range(50):
+        a = torch.tanh(a @ a)
+    torch.cuda.synchronize()
+    del block
+    return float(a.mean()) + trial.suggest_float("x", 0.0, 1.0)

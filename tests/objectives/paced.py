@@ -1,7 +1,7 @@
 """A 1-D objective whose trials overlap in a chain: trial k ends only once trial k+1 runs.
 
-Trial k touches ``started`` in its own folder (its working directory, ``RUN_DIR/trials/k``)
-after its suggestion, then waits for ``../k+1/started``. With one slot this cannot finish (the
+Trial k touches ``started`` in its own folder (its working directory, ``RUN_DIR/trials/0000k``)
+after its suggestion, then waits for ``../0000<k+1>/started``. With one slot this cannot finish (the
 trial fails at the deadline); with two, every trial is suggested while its predecessor runs,
 which is exactly when constant liar matters. The last trial's number comes from the environment.
 """
@@ -23,7 +23,7 @@ def objective(trial: optuna.Trial) -> float:
     trial.set_user_attr("pid", os.getpid())
     Path("started").touch()
     if trial.number < int(os.environ[LAST_TRIAL_ENV]):
-        wait_for_file(Path("..") / str(trial.number + 1) / "started")
+        wait_for_file(Path("..") / f"{trial.number + 1:05d}" / "started")
     return (x - 0.3) ** 2
 
 

@@ -105,6 +105,7 @@ class StudySpec:
     refit: str | None
     refit_cmd: str | None
     matrix_values: dict[str, Any]  # the combination that made this study ({} without a matrix)
+    family: str = ""  # the [[study]]'s name before expansion ("xgb-{dataset}"): the model
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def expand(blueprint: Blueprint, values: dict[str, Any], index: int) -> StudySpe
         stage="" if stage is None else _fill(table, "stage", stage, values),
         refit_cmd=refit_cmd,
         matrix_values=dict(values),
+        family=string(table, "name", '"xgb-{dataset}"') or blueprint.base_name,
         # Each study gets its own copies: the runner may change one study's tables.
         **copy.deepcopy(blueprint.settings),
     )

@@ -64,7 +64,7 @@ DIRECTIONS = ("minimize", "maximize")
 # A study that sets a key of one side hides the [defaults] keys of the other side, so that
 # [defaults] objective = ... does not clash with a study's own cmd = ... (and so on).
 _EXCLUSIVE_SIDES = (
-    ({"objective", "args"}, {"cmd", "space", "refit_cmd"}),
+    ({"objective", "args"}, {"cmd", "space"}),
     ({"direction"}, {"directions"}),
     ({"refit"}, {"refit_cmd"}),
 )
@@ -215,11 +215,10 @@ def _objective(
     if table.has("refit") and table.has("refit_cmd"):
         table.fail("refit_cmd", "refit and refit_cmd cannot be used together; remove one.")
     if objective is not None:
-        for key in ("space", "refit_cmd"):
-            if table.has(key):
-                table.fail(
-                    key, f"only works with cmd; remove {key} or use cmd instead of objective."
-                )
+        if table.has("space"):
+            table.fail(
+                "space", "only works with cmd; remove space or use cmd instead of objective."
+            )
         target, base_name = _target(table, "objective", folder)
         return target, None, None, base_name
     if table.has("args"):

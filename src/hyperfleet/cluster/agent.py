@@ -107,7 +107,11 @@ class Agent:
         elif isinstance(message, StartWorker):
             self._start(message)
         elif isinstance(message, StopWorker):
-            self._stop_worker(message.worker, message.graceful)
+            worker = self._workers.get(message.worker)
+            if message.graceful and worker is not None:
+                worker.ask_to_leave()  # its exit is reported as any worker's
+            else:
+                self._stop_worker(message.worker)
         elif isinstance(message, SignalWorker):
             worker = self._workers.get(message.worker)
             if worker is not None:
@@ -131,16 +135,15 @@ class Agent:
         if worker.has_exited():
             kind, reason = worker.exit_description()
             self._send(WorkerExited(wid, kind, reason))
-            self._stop_worker(wid, graceful=False)
+            self._stop_worker(wid)
 
-    def _stop_worker(self, wid: int, graceful: bool) -> None:
-        """In the background: a worker asked to leave gets seconds to do so, and the relay
-        must not wait for it."""
+    def _stop_worker(self, wid: int) -> None:
+        """Kill the worker and all it started, in the background: the relay waits for no one."""
         worker = self._workers.pop(wid, None)
         if worker is None:
             return
         thread = threading.Thread(
-            target=stop_workers, args=([worker], graceful), name="hyperfleet-stop", daemon=True
+            target=stop_workers, args=([worker], False), name="hyperfleet-stop", daemon=True
         )
         thread.start()
         self._stopping = [t for t in self._stopping if t.is_alive()] + [thread]

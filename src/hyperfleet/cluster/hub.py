@@ -106,7 +106,9 @@ class NodeLink:
 
     def start_worker(self, slot: Slot, specs: dict[str, ObjectiveSpec], cwd: str) -> RemoteWorker:
         wid = self._hub.next_worker_id()
-        worker = RemoteWorker(slot, wid, self.node, self.forward, self.send)
+        worker = RemoteWorker(
+            slot, wid, self.node, self.forward, self.send, lambda: self._forget(wid)
+        )
         with self._workers_lock:
             if not self.alive:  # lost meanwhile: the loop handles it as any lost worker
                 worker.end(LOST, self._lost_text())
@@ -114,6 +116,10 @@ class NodeLink:
             self._workers[wid] = worker
         self.send(StartWorker(wid, slot, specs, cwd))
         return worker
+
+    def _forget(self, worker: int) -> None:
+        with self._workers_lock:
+            self._workers.pop(worker, None)
 
     def lose(self, reason: str) -> None:
         """End the link: its workers end as lost, the node hears EOF, the loop is told."""

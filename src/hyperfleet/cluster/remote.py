@@ -45,6 +45,7 @@ class RemoteWorker:
         node: str,
         forward: Forward,
         command: Callable[[Any], None],
+        forget: Callable[[], None],
     ) -> None:
         self.slot = slot
         self.id = worker
@@ -53,6 +54,7 @@ class RemoteWorker:
         self.ready = False
         self.pid = 0  # the worker's pid on its node, once the agent says it started
         self._command = command  # sends a message about this worker to its agent
+        self._forget = forget  # its node no longer reports about it
         mine, theirs = socket.socketpair()
         self.conn = RelayConnection(mine.detach(), worker, forward)
         self._inbox: Connection | None = Connection(theirs.detach())
@@ -102,9 +104,15 @@ class RemoteWorker:
     def shutdown(self) -> None:
         self._stop(graceful=True)
 
+    def ask_to_leave(self) -> None:
+        """Leave once idle; its exit comes back as any worker's does."""
+        self.ready = False
+        self._command(StopWorker(self.id, graceful=True))
+
     def _stop(self, graceful: bool) -> None:
         if self._exit is None:
             self._command(StopWorker(self.id, graceful))
+        self._forget()
         self.end("crash", "stopped by the controller")
         self.close()
 

@@ -22,6 +22,11 @@ from hyperfleet.rundir import tail, write_json
 from hyperfleet.state import TrialRecord
 
 RETRY_ATTR = "hyperfleet.retry_of"
+# The first trial of a chain of repeats: its number names the checkpoint folder they share.
+FIRST_ATTEMPT_ATTR = "hyperfleet.first_attempt"
+# Set on the repeat of a trial that ran out of memory on a shared GPU: that repeat is auto
+# packing's doing and does not count against the retry policy's ``oom`` limit.
+ROOM_RERUN_ATTR = "hyperfleet.rerun_with_more_room"
 EXPERIMENT_ATTR = "experiment"  # a campaign's named experiment (or grid point) a trial runs
 RUN_ATTR = "hyperfleet:run"
 SLOT_ATTR = "hyperfleet:slot"
@@ -119,9 +124,22 @@ def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str
     the chain of retries (interrupted attempts in the chain do not count against the others)."""
     count, current = 0, trial
     while RETRY_ATTR in current.user_attrs:
+        more_room = bool(current.user_attrs.get(ROOM_RERUN_ATTR))
         current = trials[int(current.user_attrs[RETRY_ATTR])]
-        count += current.system_attrs.get(KIND_ATTR) == kind
+        count += current.system_attrs.get(KIND_ATTR) == kind and not more_room
     return count
+
+
+def repeats_due(trials: Sequence[FrozenTrial], policy: RetryPolicy) -> bool:
+    """Whether a failed trial not yet repeated is one the policy repeats (on a resume, with a
+    policy that allows more retries than the run that failed it)."""
+    retried = retried_numbers(trials)
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.number not in retried:
+            kind = str(trial.system_attrs.get(KIND_ATTR, "error"))
+            if policy.allows(kind, attempts_before(trials, trial, kind)):
+                return True
+    return False
 
 
 def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: RetryPolicy) -> bool:
@@ -129,11 +147,58 @@ def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: Retr
     trials = study.get_trials(deepcopy=False)
     if not policy.allows(kind, attempts_before(trials, trial, kind)):
         return False
-    attrs: dict[str, Any] = {RETRY_ATTR: trial.number}
+    _enqueue_again(study, trial, {})
+    return True
+
+
+def rerun_with_more_room(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue the parameters of a trial that ran out of memory on a shared GPU, whatever the
+    retry policy: with fewer trials beside it, it may fit."""
+    _enqueue_again(study, trial, {ROOM_RERUN_ATTR: True})
+
+
+def _enqueue_again(study: optuna.Study, trial: FrozenTrial, extra: dict[str, Any]) -> None:
+    attrs: dict[str, Any] = {
+        RETRY_ATTR: trial.number,
+        FIRST_ATTEMPT_ATTR: first_attempt(trial),
+        **extra,
+    }
     if EXPERIMENT_ATTR in trial.user_attrs:  # a repeated experiment keeps its name
         attrs[EXPERIMENT_ATTR] = trial.user_attrs[EXPERIMENT_ATTR]
     study.enqueue_trial(intended_params(trial), user_attrs=attrs)
-    return True
+
+
+def first_attempt(trial: FrozenTrial) -> int:
+    """The number of the first trial of this trial's chain of repeats (its own when it repeats
+    none). A repeat enqueued before chains recorded their first attempt names the trial it
+    repeats, which is the best there is without reading the chain."""
+    first = trial.user_attrs.get(FIRST_ATTEMPT_ATTR, trial.user_attrs.get(RETRY_ATTR))
+    return trial.number if first is None else int(first)
+
+
+def inherit_history(study: optuna.Study, trial: optuna.Trial, stored: FrozenTrial) -> set[int]:
+    """Give a repeat the intermediate values its earlier attempts reported, so that pruners
+    judge it on the whole curve; the steps it inherited are returned.
+
+    Every earlier attempt of the chain is read, not only the one it repeats: a controller
+    killed while it copied them into that one left it only part of the curve. A step reported
+    by several attempts keeps the first value, as ``trial.report`` keeps the first report."""
+    storage, study_id = study._storage, study._study_id  # no public accessors for either
+    earlier: list[FrozenTrial] = []
+    number = stored.user_attrs.get(RETRY_ATTR)
+    while number is not None:
+        found = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+        earlier.append(found)
+        number = found.user_attrs.get(RETRY_ATTR)
+    values: dict[int, float] = {}
+    for attempt in reversed(earlier):  # the first attempt first
+        for step, value in attempt.intermediate_values.items():
+            values.setdefault(step, value)
+    for step in sorted(values):
+        storage.set_trial_intermediate_value(trial._trial_id, step, values[step])
+    # The trial object caches what it reported: its pruner and report() must see these too.
+    trial._cached_frozen_trial.intermediate_values.update(values)
+    return set(values)
 
 
 def intended_params(trial: FrozenTrial) -> dict[str, Any]:
@@ -181,6 +246,7 @@ def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
     start = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
     end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
     retry = trial.user_attrs.get(RETRY_ATTR)
+    experiment = trial.user_attrs.get(EXPERIMENT_ATTR)
     return TrialRecord(
         study=study_name,
         number=trial.number,
@@ -193,6 +259,7 @@ def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
         start=start,
         end=end,
         retry_of=int(retry) if retry is not None else None,
+        experiment=str(experiment) if experiment is not None else "",
     )
 
 
@@ -212,6 +279,8 @@ def write_trial_files(trial_dir: Path, record: TrialRecord, traceback_text: str 
         "duration_s": record.duration,
         "retry_of": record.retry_of,
     }
+    if record.experiment:
+        result["experiment"] = record.experiment
     if record.state == "FAIL":
         result["traceback"] = traceback_text
         result["stderr_tail"] = tail(trial_dir / "stderr.log", 2000)

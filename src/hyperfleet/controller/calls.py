@@ -25,7 +25,10 @@ _STUDY_ATTRS = frozenset(
     {"best_trial", "best_trials", "best_value", "best_params", "trials", "user_attrs",
      "system_attrs", "study_name", "directions", "direction", "metric_names"}
 )  # fmt: skip
+# Answered by the controller itself, not by Optuna (see hyperfleet.checkpoints).
+_HYPERFLEET_QUESTIONS = frozenset({"should_stop"})
 _ALLOWED = {
+    "hyperfleet": _HYPERFLEET_QUESTIONS,
     "trial": _TRIAL_METHODS,
     "trial_attr": _TRIAL_ATTRS,
     "study": _STUDY_METHODS,

@@ -11,16 +11,15 @@ A single search is a campaign of one study that may use every slot.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import psutil
@@ -32,6 +31,8 @@ from hyperfleet.cluster.pools import NodePlanner, on_node
 from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller import checkpoints
+from hyperfleet.controller.autopack import AutoPack, Change
 from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
@@ -57,6 +58,9 @@ from hyperfleet.workers.protocol import (
     StudyInfo,
 )
 
+if TYPE_CHECKING:
+    from hyperfleet.refit import RefitOutcome
+
 Worker = WorkerHandle | RemoteWorker
 TICK_SECONDS = 1.0
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
@@ -76,6 +80,7 @@ class StudyPlan:
     weight: float = 1.0
     priority: int = 0
     stage: int = 0  # order in a sequential run
+    stage_name: str = ""  # the campaign file's name for the stage, for the live view
     # The study's trials already in storage, read without creating anything (None: no such
     # study yet); lets a run whose budget is already reached say so without starting workers.
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
@@ -94,6 +99,7 @@ class StudyRun:
     # finished trials are then recounted from storage, theirs included.
     shared: bool = False
     first_launch: float | None = None  # monotonic
+    best_checkpoint: Path | None = None  # the best trial's, kept by --keep-checkpoints best
 
 
 @dataclass
@@ -105,6 +111,9 @@ class ActiveTrial:
     deadline: float | None
     end_kind: str = ""  # set when the controller itself ends the trial (timeout, interrupted)
     end_reason: str = ""
+    # Steps an earlier attempt reported: the repeat's own reports of them are left out.
+    inherited_steps: set[int] = field(default_factory=set)
+    stop_asked: bool = False  # should_stop() answered True: it may end as interrupted
 
 
 @dataclass
@@ -112,6 +121,7 @@ class Outcome:
     """How the run ended: "completed" (budget or time reached), "stopped" or "failed".
 
     ``study`` is the first study (the only one of a single search); ``studies`` holds them all.
+    ``refits`` says, by study name, how each refit went and where its output is (``.folder``).
     """
 
     status: str
@@ -119,6 +129,7 @@ class Outcome:
     study: optuna.Study | None = None
     counts: dict[str, int] = field(default_factory=dict)
     studies: list[optuna.Study] = field(default_factory=list)
+    refits: dict[str, RefitOutcome] = field(default_factory=dict)
 
 
 class Controller:
@@ -138,10 +149,7 @@ class Controller:
     ) -> None:
         used = {name for plan in plans for name in plan.slots}
         self._slots = [slot for slot in pool.slots if slot.name in used]
-        self._runs = {
-            plan.name: StudyRun(plan, StudyView(plan.name, (), n_trials=plan.n_trials))
-            for plan in plans
-        }
+        self._runs = {plan.name: StudyRun(plan, _study_view(plan)) for plan in plans}
         self._ledger = Ledger(pool.needs)
         self._book = ShareBook()
         self._cost = {slot.name: _slot_cost(slot) for slot in self._slots}
@@ -166,6 +174,8 @@ class Controller:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._monitor = GpuMonitor(_gpus_of(self._slots))
+        packing = settings.packing
+        self._autopack = AutoPack(self._slots, packing) if packing is not None else None
         self._cpu: dict[str, psutil.Process] = {}
         # What users and workers see of the storage's new records waits for them to be durable:
         # one commit per loop step, then these run in order (see _flush).
@@ -180,6 +190,7 @@ class Controller:
         )
         self.state.slots = [SlotView(s.name, s.kind, s.gpus, s.cores) for s in self._slots]
         self.state.studies = [run.view for run in self._runs.values()]
+        self.state.sequential = sequential
 
     # ----- stopping, from signal handlers or other threads -------------------------------
 
@@ -236,6 +247,8 @@ class Controller:
             self._loop()
             self._flush(final=True)
             self._files.drain()  # every trial's files are there when the run returns
+            for run in self._runs.values():
+                self._sweep_checkpoints(run)
         finally:
             self._close()
         return self._outcome()
@@ -257,6 +270,8 @@ class Controller:
                 return False
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
                 return False  # leftovers to mark, or repeats and experiments still to run
+            if books.repeats_due(trials, self._settings.retry):
+                return False  # failed trials (a named experiment) the retry policy repeats
             used = books.budget_used(trials)
             if used < run.plan.n_trials:
                 return False
@@ -359,8 +374,12 @@ class Controller:
         elif isinstance(message, Finished):
             self._on_finished(name, worker, message)
         elif isinstance(message, Ready):
-            worker.ready = True
             self._start_failures[name] = 0
+            if self._autopack is not None and self._autopack.leaving(name):
+                return  # retired while it started: it reads the request to leave next
+            worker.ready = True
+            if self._autopack is not None:
+                self._autopack.ready(name, time.monotonic())
             view = self.state.slot(name)
             view.state, view.pid = "idle", message.pid
         elif isinstance(message, LoadFailed):
@@ -462,6 +481,7 @@ class Controller:
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
         retry_of = stored.user_attrs.get(books.RETRY_ATTR)
+        inherited = books.inherit_history(study, trial, stored) if retry_of is not None else set()
         record = TrialRecord(
             study=study.study_name,
             number=trial.number,
@@ -469,22 +489,26 @@ class Controller:
             state="RUNNING",
             start=time.time(),
             retry_of=int(retry_of) if retry_of is not None else None,
+            experiment=str(experiment) if experiment is not None else "",
         )
         now = time.monotonic()
         timeout = self._settings.trial_timeout
         self._active[name] = ActiveTrial(
-            run, trial, record, now, now + timeout if timeout else None
+            run, trial, record, now, now + timeout if timeout else None, inherited_steps=inherited
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
         if run.first_launch is None:
             run.first_launch = now
+            if run.plan.timeout is not None:
+                run.view.ends_at = time.time() + run.plan.timeout
         message = RunTrial(
             objective=run.plan.name,
             number=trial.number,
             trial_dir=str(trial_dir),
             datetime_start=trial.datetime_start,
             study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
+            checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
         )
         self._sends_after_commit.append(functools.partial(_send, worker, message))
         view = self.state.slot(name)
@@ -494,6 +518,7 @@ class Controller:
             study.study_name,
             time.time(),
         )
+        view.experiment = record.experiment
         run.view.running = self._book.running(run.plan.name)
         self._after_commit.append(functools.partial(self._emit, "on_trial_start", record))
 
@@ -529,10 +554,7 @@ class Controller:
             if active is None:
                 raise RuntimeError(f"hyperfleet: no trial is running for call {call.name!r}")
             check_call_allowed(call)
-            target: Any = active.trial if call.target.startswith("trial") else active.run.study
-            attr = getattr(target, call.name)
-            value = attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
-            reply = Reply(value=value)
+            reply = Reply(value=self._call_value(active, call))
         except OSError:
             raise  # the storage itself failed (a full disk): nothing more can be recorded
         except Exception as exc:  # the objective gets the very exception Optuna raised
@@ -541,6 +563,22 @@ class Controller:
             worker.conn.send(reply)
         except Exception as exc:  # an unpicklable value or error: say so instead
             worker.conn.send(Reply(error=RuntimeError(f"hyperfleet: cannot send reply: {exc}")))
+
+    def _call_value(self, active: ActiveTrial, call: Call) -> Any:
+        if call.target == "hyperfleet":  # should_stop, the only question for the controller
+            return self._stop_asked(active)
+        if call.name == "report" and _reported_step(call) in active.inherited_steps:
+            return None  # an earlier attempt reported this step; its value stays, as in Optuna
+        target: Any = active.trial if call.target.startswith("trial") else active.run.study
+        attr = getattr(target, call.name)
+        return attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)
+
+    def _stop_asked(self, active: ActiveTrial) -> bool:
+        """True once SIGTERM has set a hard stop: the trial should save and stop. A first
+        Ctrl+C lets running trials finish, so it answers False then."""
+        asked = self._hard_stop_at is not None or self._stop_level >= 2
+        active.stop_asked = active.stop_asked or asked
+        return asked
 
     # ----- ending trials -------------------------------------------------------------------
 
@@ -551,6 +589,12 @@ class Controller:
         worker.trials_run += 1
         failed = self._tell_finished(name, active, finished)
         limit = self._settings.max_trials_per_worker
+        if self._autopack is not None:
+            ended = (active.started, time.monotonic())
+            self._autopack.trial_ended(name, *ended, finished.gpu_peak_mib, failed)
+            if self._autopack.leaving(name):
+                self._park(name, worker, graceful=not failed)
+                return
         if failed:
             # A failed trial may leave the process broken (a CUDA context after an OOM, half-set
             # globals, threads or children it started): its slot gets a fresh worker.
@@ -564,6 +608,9 @@ class Controller:
         if finished.outcome == "pruned":
             self._tell(name, TrialState.PRUNED)
             return False
+        if finished.outcome == "interrupted":
+            self._tell_interrupted(name, active)
+            return True
         if finished.outcome == "returned":
             values, problem = books.objective_values(study, finished.value)
             if values is not None:
@@ -589,6 +636,20 @@ class Controller:
             )
         return True
 
+    def _tell_interrupted(self, name: str, active: ActiveTrial) -> None:
+        """The objective raised TrialInterrupted: an interruption (repeated, from its
+        checkpoint) when the run is stopping, else an error, which a policy must allow to
+        repeat: a trial that interrupts itself unasked would otherwise run for ever."""
+        if active.stop_asked or self._stop_asked(active):
+            reason = "interrupted: it stopped when asked to (SIGTERM); its next attempt continues"
+            self._tell(name, TrialState.FAIL, kind="interrupted", reason=reason)
+            return
+        reason = (
+            "TrialInterrupted: the objective raised it although hyperfleet did not ask the trial "
+            "to stop; raise it only after hyperfleet.should_stop(trial) answers True"
+        )
+        self._tell(name, TrialState.FAIL, kind="error", reason=reason)
+
     def _on_worker_exit(self, name: str, worker: Worker) -> None:
         active = self._active.get(name)
         if active is not None:
@@ -604,6 +665,9 @@ class Controller:
         link = self._slot_links.get(name)
         if link is not None and not link.alive:
             self._remove_slot(name)
+        elif self._autopack is not None and self._autopack.leaving(name):
+            self._autopack.gone(name)  # retired by auto packing: not replaced
+            self.state.slot(name).state = "stopped"
         elif self._start_failures.get(name, 0) >= MAX_START_FAILURES:
             self._give_up_slot(name, "its worker keeps dying before it is ready")
         elif not self._stop_level:
@@ -618,6 +682,7 @@ class Controller:
         reason: str = "",
         traceback_text: str = "",
     ) -> None:
+        rerun = state == TrialState.FAIL and self._shared_out_of_memory(name, kind)
         active = self._active.pop(name)
         self._ledger.release(name)
         self._book.stop(name)
@@ -626,8 +691,11 @@ class Controller:
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
         state = frozen.state
         kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
-        retried = state == TrialState.FAIL and books.maybe_retry(
-            study, frozen, kind, self._settings.retry
+        if rerun:
+            books.rerun_with_more_room(study, frozen)
+        retried = rerun or (
+            state == TrialState.FAIL
+            and books.maybe_retry(study, frozen, kind, self._settings.retry)
         )
         if not retried:
             run.finished += 1
@@ -636,14 +704,48 @@ class Controller:
         self._mark_slot_idle(name, record)
         self.state.recent.appendleft(record)
         self._count_trial_end(run, frozen)
+        if state in checkpoints.ENDED:
+            self._release_checkpoint(run, frozen)
         trial_dir = run.plan.folder.trial_dir(frozen.number)
         write = functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
         self._after_commit.append(functools.partial(self._files.submit, write))
         self._after_commit.append(functools.partial(self._emit, "on_trial_end", record))
 
+    def _release_checkpoint(self, run: StudyRun, trial: FrozenTrial) -> None:
+        """Remove the checkpoint folder of a chain that ended, unless --keep-checkpoints keeps
+        it; once the storage has the trial's end (a controller killed before that repeats the
+        trial, which needs the folder). The Pareto front is settled by the end-of-run sweep."""
+        keep = self._settings.keep_checkpoints
+        folder: Path | None = run.plan.folder.checkpoint_dir(books.first_attempt(trial))
+        if keep == "all" or (keep == "best" and len(_opened(run).directions) > 1):
+            return
+        if keep == "best" and run.view.best_number == trial.number:
+            folder, run.best_checkpoint = run.best_checkpoint, folder  # the old best's goes
+        if folder is None:
+            return
+        removal = functools.partial(checkpoints.remove, folder)
+        self._after_commit.append(functools.partial(self._files.submit, removal))
+
+    def _sweep_checkpoints(self, run: StudyRun) -> None:
+        """Settle every ended chain's checkpoint folder at once (see controller.checkpoints).
+        A run whose objective never asked for a folder pays one look at the disk."""
+        if self._settings.keep_checkpoints == "all" or not run.plan.folder.checkpoints_dir.is_dir():
+            return
+        study = _opened(run)
+        trials = study.get_trials(deepcopy=False)
+        best = checkpoints.best_numbers(study, trials)
+        checkpoints.sweep(
+            run.plan.folder.checkpoints_dir, trials, self._settings.keep_checkpoints, best
+        )
+        if len(best) == 1:
+            run.best_checkpoint = run.plan.folder.checkpoint_dir(
+                books.first_attempt(trials[next(iter(best))])
+            )
+
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
         view = self.state.slot(name)
         view.state, view.trial, view.study, view.since = "idle", None, None, None
+        view.experiment = ""
         view.trials_done += 1
         view.busy_seconds += record.duration or 0.0
 
@@ -758,6 +860,71 @@ class Controller:
         self.state.slot(name).state = "stopped"
         self._emit("on_message", f"slot {name} stopped: {why}")
 
+    # ----- auto packing (see controller/autopack.py) ---------------------------------------
+
+    def _pack_gpus(self) -> None:
+        if self._autopack is None or self._stop_level:
+            return
+        pids = {name: worker.pid for name, worker in self._workers.items()}
+        changes = self._autopack.tick(self.state.gpus, pids, set(self._active), time.monotonic())
+        for change in changes:
+            self._apply(change)
+        self._announce_packing()
+
+    def _apply(self, change: Change) -> None:
+        slot = change.slot
+        if not change.start:
+            worker = self._workers.get(slot.name)
+            if worker is not None:
+                self._park(slot.name, worker, graceful=True)
+            return
+        if all(s.name != slot.name for s in self._slots):  # new, not one retired before
+            self._slots.append(slot)
+            self._ledger.add(slot.name)
+            self._cost[slot.name] = _slot_cost(slot)
+            self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
+            first = f"gpu{slot.gpus[0]}#0"
+            for run in self._runs.values():
+                if first in run.plan.slots:
+                    run.plan = replace(run.plan, slots=(*run.plan.slots, slot.name))
+        self._start_worker(slot)
+
+    def _park(self, name: str, worker: Worker, graceful: bool) -> None:
+        """Retire a worker auto packing no longer wants; its slot may get one again later.
+        An idle one is asked to leave, and its exit is handled (not waited for) like any."""
+        if graceful:
+            worker.ask_to_leave()
+            return
+        worker.kill()  # a failed trial's worker may be broken: it goes at once
+        del self._workers[name]
+        if self._autopack is not None:
+            self._autopack.gone(name)
+        self.state.slot(name).state = "stopped"
+
+    def _shared_out_of_memory(self, name: str, kind: str) -> bool:
+        """A trial that ran out of memory beside others on its GPU runs again (see AutoPack)."""
+        autopack = self._autopack
+        if autopack is None or kind != "oom" or self._stop_level:
+            return False
+        gpu = autopack.gpu_of(name)
+        sharing = sum(autopack.gpu_of(other) == gpu for other in self._active)
+        rerun = autopack.out_of_memory(name, sharing)
+        if rerun:
+            number = self._active[name].record.number
+            self.announce(
+                f"trial {number} ran out of memory on gpu{gpu} beside {sharing - 1} other "
+                "trial(s): it runs again, with fewer beside it"
+            )
+        return rerun
+
+    def _announce_packing(self) -> None:
+        if self._autopack is None:
+            return
+        for text in self._autopack.messages:
+            self.state.packing.append(text)
+            self.announce(text)
+        self._autopack.messages.clear()
+
     def _slot_named(self, name: str) -> Slot:
         return next(s for s in self._slots if s.name == name)
 
@@ -830,12 +997,12 @@ class Controller:
             return
         used = {name for names in pool.study_slots.values() for name in names}
         slots = [slot for slot in pool.slots if slot.name in used]
-        self._ledger.add({slot.name: pool.needs[slot.name] for slot in slots})
         for run in self._runs.values():
             extra = pool.study_slots.get(run.plan.name, ())
-            run.plan = dataclasses.replace(run.plan, slots=run.plan.slots + extra)
+            run.plan = replace(run.plan, slots=run.plan.slots + extra)
         for slot in slots:
             self._slots.append(slot)
+            self._ledger.add(slot.name, pool.needs[slot.name])
             self._cost[slot.name] = _slot_cost(slot)
             self._slot_links[slot.name] = link
             self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
@@ -872,7 +1039,7 @@ class Controller:
         for run in self._runs.values():
             if name in run.plan.slots:
                 kept = tuple(slot for slot in run.plan.slots if slot != name)
-                run.plan = dataclasses.replace(run.plan, slots=kept)
+                run.plan = replace(run.plan, slots=kept)
 
     # ----- study state ---------------------------------------------------------------------
 
@@ -887,15 +1054,15 @@ class Controller:
         trials = study.get_trials(deepcopy=False)
         for trial in leftovers:  # the dead controller never wrote how these trials ended
             record = books.record_from_frozen(study.study_name, trials[trial.number])
-            books.write_trial_files(run.plan.folder.trial_dir(trial.number), record)
+            books.write_trial_files(run.plan.folder.existing_trial_dir(trial.number), record)
         retried = books.retried_numbers(trials)
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried:
                 kind = str(trial.system_attrs.get(books.KIND_ATTR, "error"))
-                if books.maybe_retry(study, trial, kind, self._settings.retry):
+                repeated = books.maybe_retry(study, trial, kind, self._settings.retry)
+                if repeated:
                     retried.add(trial.number)
-                    label = self._trial_label(run, trial.number)
-                    self._emit("on_message", f"{label} ({kind}) will be repeated")
+                self._say_repeat(run, trial, kind, repeated)
         trials = study.get_trials(deepcopy=False)
         run.finished = books.budget_used(trials)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
@@ -903,6 +1070,26 @@ class Controller:
         run.view.directions = tuple(d.name for d in study.directions)
         self._announce_budget(run)
         self._refresh_study_view(run, trials)
+        self._sweep_checkpoints(run)
+
+    def _say_repeat(self, run: StudyRun, trial: FrozenTrial, kind: str, repeated: bool) -> None:
+        """Whether a failed trial of an earlier run runs again; a named experiment that does
+        not is said too, with the retry rule that would repeat it."""
+        label = self._trial_label(run, trial.number)
+        experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
+        if experiment is None:
+            if repeated:
+                self._emit("on_message", f"{label} ({kind}) will be repeated")
+            return
+        failed = f"experiment {experiment} ({label}) failed ({kind})"
+        if repeated:
+            self._emit("on_message", f"{failed} and will be repeated")
+            return
+        self._emit(
+            "on_message",
+            f"{failed} and is not repeated: the retry policy allows no more {kind} retries; "
+            f'to repeat it, raise them (retry = "{kind}=1" in [campaign], or --retry {kind}=1)',
+        )
 
     def _announce_budget(self, run: StudyRun) -> None:
         """What a resumed run (or one sharing its storage) works toward, in one line."""
@@ -960,6 +1147,7 @@ class Controller:
 
     def _tick(self) -> None:
         self.state.gpus = self._monitor.sample()
+        self._pack_gpus()
         for view in self.state.slots:
             view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
         self.state.stopping = self._stop_level
@@ -1012,6 +1200,17 @@ class Controller:
         return Outcome("completed", "", first, counts, studies)
 
 
+def _study_view(plan: StudyPlan) -> StudyView:
+    return StudyView(
+        plan.name,
+        (),
+        n_trials=plan.n_trials,
+        stage=plan.stage,
+        stage_name=plan.stage_name,
+        timeout=plan.timeout,
+    )
+
+
 def _opened(run: StudyRun) -> optuna.Study:
     if run.study is None:
         raise RuntimeError(f"the study {run.plan.name!r} is not open yet")
@@ -1051,6 +1250,15 @@ def _improves(value: float, best: list[float] | None, direction: StudyDirection)
     if best is None:
         return True
     return value < best[0] if direction == StudyDirection.MINIMIZE else value > best[0]
+
+
+def _reported_step(call: Call) -> int | None:
+    """The step of a ``trial.report(value, step)`` call, as the objective passed it."""
+    step: Any = call.kwargs.get("step", call.args[1] if len(call.args) > 1 else None)
+    try:
+        return int(step)
+    except (TypeError, ValueError):
+        return None  # Optuna's own report refuses it, with its own message
 
 
 def _send(worker: Worker, message: RunTrial) -> None:

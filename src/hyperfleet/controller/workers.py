@@ -107,6 +107,12 @@ class WorkerHandle:
         """Ask an idle worker to leave, then make sure everything it started is gone."""
         stop_workers([self], graceful=True)
 
+    def ask_to_leave(self) -> None:
+        """Ask an idle worker to leave, without waiting: its exit is noticed like any other.
+        It takes no trial meanwhile (it is no longer ready)."""
+        self.ready = False
+        self._ask_to_leave()
+
     def _signal_group(self, sig: signal.Signals) -> None:
         """Signal the worker's process group and every descendant of the worker, so that what
         left the group (``start_new_session=True``, ``setsid``) is reached too."""

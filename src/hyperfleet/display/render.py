@@ -34,7 +34,7 @@ def render(state: RunState, width: int, now: float | None = None) -> RenderableT
     return Group(
         header(state, now, width),
         slots_table(state, width, now),
-        studies_table(state, width),
+        studies_table(state, width, now),
         recent_table(state, width),
         footer(state),
     )
@@ -48,15 +48,51 @@ def header(state: RunState, now: float, width: int) -> Text:
     text = Text()
     text.append("hyperfleet ", style="bold")
     text.append(state.run_name, style="bold cyan")
+    stage = stage_text(state, now)
+    if stage:
+        text.append(f"  {stage}", style="bold")
     text.append(f"  elapsed {fmt.duration(elapsed)}")
-    progress = progress_text(state, elapsed)
+    progress = progress_text(state, elapsed, now)
     # On a narrow terminal the progress goes on its own line rather than wrapping mid-phrase.
     text.append("\n" if len(text) + 2 + len(progress) > width else "  ")
     text.append(progress)
     return text
 
 
-def progress_text(state: RunState, elapsed: float) -> str:
+def stage_text(state: RunState, now: float) -> str:
+    """Where a sequential campaign is: ``stage iris (2 of 3)``; "" when it has one stage."""
+    stages = sorted({s.stage for s in state.studies})
+    if not state.sequential or len(stages) < 2:
+        return ""
+    waiting = [s.stage for s in state.studies if not study_done(s, now)]
+    current = min(waiting) if waiting else stages[-1]
+    names = [s.stage_name or s.name for s in state.studies if s.stage == current]
+    return f"stage {names[0]} ({stages.index(current) + 1} of {len(stages)})"
+
+
+def study_done(study: StudyView, now: float) -> bool:
+    """Nothing left to run: its trials all finished, or its time is up and none still runs."""
+    if study.running:
+        return False
+    if study.n_trials is not None and study.finished >= study.n_trials:
+        return True
+    return study.ends_at is not None and now >= study.ends_at
+
+
+def budget_left(study: StudyView, now: float) -> str:
+    """What the study may still run: ``12`` trials, ``41m`` of its time, or both; "-" for
+    neither (it runs until the campaign's timeout)."""
+    parts = []
+    if study.n_trials is not None:
+        parts.append(str(max(0, study.n_trials - study.finished)))
+    if study.ends_at is not None:
+        parts.append(fmt.duration(max(0.0, study.ends_at - now)))
+    elif study.timeout is not None:
+        parts.append(fmt.duration(study.timeout))
+    return ", ".join(parts) or "-"
+
+
+def progress_text(state: RunState, elapsed: float, now: float | None = None) -> str:
     """Budget, progress and an estimate of the time left."""
     parts = []
     budget = sum(s.n_trials or 0 for s in state.studies)
@@ -67,23 +103,38 @@ def progress_text(state: RunState, elapsed: float) -> str:
         parts.append(f"{finished} trials")
     if state.timeout is not None:
         parts.append(f"timeout {fmt.duration(state.timeout)}")
-    left = time_left(state, elapsed)
+    left = time_left(state, elapsed, now)
     if left is not None:
         parts.append(f"~{fmt.duration(left)} left")
     return "  ".join(parts)
 
 
-def time_left(state: RunState, elapsed: float) -> float | None:
-    """The sooner of the timeout and the trial budget at this run's pace so far."""
+def time_left(state: RunState, elapsed: float, now: float | None = None) -> float | None:
+    """The sooner of the run's timeout and the time its studies still need: the trials left at
+    this run's pace so far, or for a study with a time budget only, what is left of it."""
+    now = state.started + elapsed if now is None else now
+    needed: list[float | None] = []
+    budget = sum(s.n_trials or 0 for s in state.studies)
+    done_here = sum(s.trials_done for s in state.slots)  # trials this run, not resumed ones
+    if budget:
+        remaining = max(0, budget - sum(s.finished for s in state.studies))
+        pace_known = done_here and elapsed > 0
+        needed.append(remaining * elapsed / done_here if pace_known else None)
+    for study in state.studies:
+        if study.n_trials is None and not study_done(study, now):
+            needed.append(_time_budget_left(study, now))
     estimates = []
     if state.timeout is not None:
         estimates.append(max(0.0, state.timeout - elapsed))
-    budget = sum(s.n_trials or 0 for s in state.studies)
-    done_here = sum(s.trials_done for s in state.slots)  # trials this run, not resumed ones
-    if budget and done_here and elapsed > 0:
-        remaining = max(0, budget - sum(s.finished for s in state.studies))
-        estimates.append(remaining * elapsed / done_here)
+    if needed and None not in needed:
+        estimates.append(max(n for n in needed if n is not None))
     return min(estimates) if estimates else None
+
+
+def _time_budget_left(study: StudyView, now: float) -> float | None:
+    if study.ends_at is not None:
+        return max(0.0, study.ends_at - now)
+    return study.timeout  # not started yet: all of it (None: no limit of its own)
 
 
 # ----- slots -------------------------------------------------------------------------------
@@ -103,11 +154,18 @@ def slots_table(state: RunState, width: int, now: float) -> Table:
             slot.name,
             Text(slot.state, style=STATE_STYLES.get(slot.state, "")),
             str(slot.trial) if slot.trial is not None else "-",
-            slot.study or "-",
+            _study_cell(slot),
             fmt.duration(since) if since is not None else "-",
             slot_use(state, slot),
         )
     return table
+
+
+def _study_cell(slot: SlotView) -> str:
+    """The study of the slot's trial, and the named experiment it runs."""
+    if slot.study is None:
+        return "-"
+    return f"{slot.study}: {slot.experiment}" if slot.experiment else slot.study
 
 
 def slot_use(state: RunState, slot: SlotView) -> str:
@@ -133,7 +191,8 @@ def _gpu_use(state: RunState, index: int) -> str:
 # ----- studies -----------------------------------------------------------------------------
 
 
-def studies_table(state: RunState, width: int) -> Table:
+def studies_table(state: RunState, width: int, now: float | None = None) -> Table:
+    now = time.time() if now is None else now
     table = _table("Studies", width)
     table.add_column("study", no_wrap=True, overflow="ellipsis", max_width=max(12, width // 4))
     table.add_column("complete", justify="right", no_wrap=True)
@@ -141,8 +200,12 @@ def studies_table(state: RunState, width: int) -> Table:
     table.add_column("pruned", justify="right", no_wrap=True)
     table.add_column("failed", justify="right", no_wrap=True)
     table.add_column("best", justify="right", no_wrap=True, overflow="ellipsis")
+    several = len(state.studies) > 1  # one study's budget is the header's progress already
+    if several:
+        table.add_column("left", justify="right", no_wrap=True)
     table.add_column("best params", no_wrap=True, overflow="ellipsis", ratio=1)
     for study in state.studies:
+        left = [budget_left(study, now)] if several else []
         table.add_row(
             study.name,
             str(study.complete),
@@ -150,6 +213,7 @@ def studies_table(state: RunState, width: int) -> Table:
             str(study.pruned),
             Text(str(study.failed), style="red" if study.failed else ""),
             best_text(study),
+            *left,
             fmt.params(study.best_params, max(10, width - 45)),
         )
     return table
@@ -190,10 +254,12 @@ def recent_table(state: RunState, width: int) -> Table:
 
 
 def detail_text(record: TrialRecord, max_chars: int) -> str:
-    """Why a trial failed; otherwise its parameters."""
+    """Why a trial failed; otherwise its parameters; after the named experiment it ran."""
+    prefix = f"{record.experiment}: " if record.experiment else ""
+    rest = max(0, max_chars - len(prefix))
     if record.reason:
-        return fmt.shorten(record.reason, max_chars)
-    return fmt.params(record.params, max_chars)
+        return fmt.shorten(prefix + fmt.shorten(record.reason, rest), max_chars)
+    return fmt.shorten(prefix + fmt.params(record.params, rest), max_chars)
 
 
 # ----- footer ------------------------------------------------------------------------------

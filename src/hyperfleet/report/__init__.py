@@ -57,7 +57,8 @@ def write_report(run_dir: str | Path, top: int = 5, study: optuna.Study | None =
 
 def write_reports(run_dir: str | Path, top: int = 5) -> list[Path]:
     """``hyperfleet report``: the run's report, or for a campaign one per study (in
-    ``studies/<name>/report/``)."""
+    ``studies/<name>/report/``) and the campaign's own, first (see
+    :mod:`hyperfleet.report.campaign`)."""
     from hyperfleet.rundir import RunDir
 
     _require_plotting()  # before opening the storage, as write_report does
@@ -65,8 +66,11 @@ def write_reports(run_dir: str | Path, top: int = 5) -> list[Path]:
     studies = _stored_studies(path)
     if len(studies) == 1:
         return [write_report(path, top, study=studies[0])]
+    from hyperfleet.report.campaign import write_campaign_report
+
     folders = [RunDir(path).study_folder(study.study_name).path for study in studies]
-    return [write_report(f, top, study=s) for f, s in zip(folders, studies, strict=True)]
+    written = [write_report(f, top, study=s) for f, s in zip(folders, studies, strict=True)]
+    return [write_campaign_report(path, studies), *written]
 
 
 def _the_study(path: Path) -> optuna.Study:

@@ -2,8 +2,10 @@
 
 ``best/`` is the best trial's folder (its files, ``params.json`` and ``result.json``) plus
 ``best.json``; for a multi-objective study it holds one ``trial-<number>/`` folder per trial of
-the Pareto front. Files are hard-linked when the file system allows (a checkpoint is not copied
-on every new best), and the folder is built aside and swapped in, so it is never half-written.
+the Pareto front. Each also holds ``checkpoint/``, the trial's checkpoint folder, when it kept
+one (see ``--keep-checkpoints``). Files are hard-linked when the file system allows (a
+checkpoint is not copied on every new best), and the folder is built aside and swapped in, so it
+is never half-written.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import SLOT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, SLOT_ATTR, first_attempt
 from hyperfleet.display import format as fmt
 from hyperfleet.events import EventSink
+from hyperfleet.report import tables
 from hyperfleet.rundir import RunDir, write_json
 from hyperfleet.state import RunState, TrialRecord
 
 BEST_NAME = "best"
 REFIT_NAME = "refit"  # best/refit/: what hyperfleet.refit made from the best parameters
+CHECKPOINT_NAME = "checkpoint"  # best/checkpoint/: the best trial's checkpoint folder
 SUMMARY_NAME = "summary.md"
 PARETO_EVERY_SECONDS = 2.0
 
@@ -105,16 +109,19 @@ def write_best(run_dir: RunDir, study: optuna.Study, best: list[FrozenTrial]) ->
     building.mkdir(parents=True)
     if len(study.directions) == 1:
         trial = best[0]
-        _link_tree(run_dir.trial_dir(trial.number), building)
+        _link_tree(run_dir.existing_trial_dir(trial.number), building)
+        _link_checkpoint(run_dir, trial, building)
         write_json(building / "params.json", trial.params)
-        write_json(building / "best.json", _describe(study, trial))
+        write_json(building / "best.json", _describe(study, trial, run_dir))
         _keep_refit_if_same_params(final, building, trial.params)
     else:
         for trial in best:
             folder = building / f"trial-{trial.number}"
-            _link_tree(run_dir.trial_dir(trial.number), folder)
+            _link_tree(run_dir.existing_trial_dir(trial.number), folder)
+            _link_checkpoint(run_dir, trial, folder)
             write_json(folder / "params.json", trial.params)
-        write_json(building / "best.json", {"pareto_front": [_describe(study, t) for t in best]})
+        front = [_describe(study, t, run_dir) for t in best]
+        write_json(building / "best.json", {"pareto_front": front})
     _swap_in(building, final)
     return final
 
@@ -135,7 +142,7 @@ def _keep_refit_if_same_params(final: Path, building: Path, params: dict[str, An
         os.replace(old, building / REFIT_NAME)
 
 
-def _describe(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+def _describe(study: optuna.Study, trial: FrozenTrial, run_dir: RunDir) -> dict[str, Any]:
     return {
         "study": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
@@ -143,8 +150,14 @@ def _describe(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         "values": trial.values,
         "params": trial.params,
         "slot": trial.system_attrs.get(SLOT_ATTR),
-        "trial_folder": f"trials/{trial.number}",
+        "trial_folder": str(run_dir.existing_trial_dir(trial.number).relative_to(run_dir.path)),
     }
+
+
+def _link_checkpoint(run_dir: RunDir, trial: FrozenTrial, folder: Path) -> None:
+    checkpoint = run_dir.checkpoint_dir(first_attempt(trial))
+    if checkpoint.is_dir():
+        _link_tree(checkpoint, folder / CHECKPOINT_NAME)
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -174,16 +187,29 @@ def _swap_in(building: Path, final: Path) -> None:
 
 
 class RunSummary(EventSink):
-    def __init__(self, run_dir: RunDir, get_studies: Callable[[], list[optuna.Study]]) -> None:
+    def __init__(
+        self,
+        run_dir: RunDir,
+        get_studies: Callable[[], list[optuna.Study]],
+        campaign: bool = False,
+    ) -> None:
         self._run_dir = run_dir
         self._get_studies = get_studies
+        self._campaign = campaign
 
     def on_end(self, state: RunState) -> None:
-        text = summary_markdown(state, self._get_studies())
+        text = summary_markdown(state, self._get_studies(), self._campaign)
         (self._run_dir.path / SUMMARY_NAME).write_text(text)
 
 
-def summary_markdown(state: RunState, studies: list[optuna.Study]) -> str:
+def summary_markdown(
+    state: RunState, studies: list[optuna.Study], campaign: bool | None = None
+) -> str:
+    """The run's summary; a campaign's (by default: a run of several studies) starts with its
+    studies side by side and points at each study's folder."""
+    from hyperfleet.report.campaign import markdown_table, study_rows
+
+    campaign = len(studies) > 1 if campaign is None else campaign
     elapsed = time.time() - state.started
     lines = [
         f"# {state.run_name}",
@@ -193,27 +219,39 @@ def summary_markdown(state: RunState, studies: list[optuna.Study]) -> str:
         f"ran {fmt.duration(elapsed)}" + (" (stopped early)" if state.stopping else ""),
         "",
     ]
+    if campaign and studies:
+        lines += ["## Studies side by side", "", *markdown_table(study_rows(studies)), ""]
     for study in studies:
         lines += _study_section(study)
     lines += _slots_section(state, elapsed)
+    lines += _packing_section(state)
     lines += [
         "## Files",
         "",
         "- `optuna.journal`: the Optuna storage (optuna-dashboard opens it)",
         "- `run.log`: one line per trial start and end",
-        *_folder_lines(len(studies) > 1),
+        "- `workers/`: what each slot's worker printed outside its trials",
+        *(_campaign_folder_lines() if campaign else _folder_lines("")),
         "",
     ]
     return "\n".join(lines)
 
 
-def _folder_lines(campaign: bool) -> list[str]:
-    where = "`studies/<study>/`" if campaign else "the run folder"
+def _folder_lines(prefix: str) -> list[str]:
     return [
-        f"- `trials/<number>/` in {where}: `params.json`, `result.json`, `stdout.log`, "
+        f"- `{prefix}trials/<number>/`: `params.json`, `result.json`, `stdout.log`, "
         "`stderr.log` and what the objective wrote",
-        f"- `best/` in {where}: the best trial's folder (`best.json` says which)",
-        f"- `report/index.html` in {where}: plots and tables (`hyperfleet report` rewrites it)",
+        f"- `{prefix}best/`: the best trial's folder (`best.json` says which)",
+        f"- `{prefix}checkpoints/<number>/`: what a trial and its repeats saved to continue "
+        "(`--keep-checkpoints` says which stay)",
+        f"- `{prefix}report/index.html`: plots and tables (`hyperfleet report` rewrites it)",
+    ]
+
+
+def _campaign_folder_lines() -> list[str]:
+    return [
+        "- `report/index.html`: the studies side by side (`hyperfleet report` rewrites it)",
+        *_folder_lines("studies/<name>/"),
     ]
 
 
@@ -231,13 +269,37 @@ def _study_section(study: optuna.Study) -> list[str]:
     ]
     best = best_trials(study)
     if not best:
-        return [*lines, "No trial completed.", ""]
+        return [*lines, "No trial completed.", "", *_experiments_section(trials)]
     title = "Best trial" if len(best) == 1 else f"Pareto front ({len(best)} trials)"
     lines += [f"### {title}", "", "| trial | values | parameters |", "|---:|---|---|"]
     for trial in best:
         params = ", ".join(f"{k}={fmt.number(v)}" for k, v in trial.params.items())
-        lines.append(f"| {trial.number} | {fmt.values(trial.values)} | {params} |")
+        lines.append(f"| {_trial_cell(trial)} | {fmt.values(trial.values)} | {params} |")
+    return [*lines, "", *_experiments_section(trials)]
+
+
+def _trial_cell(trial: FrozenTrial) -> str:
+    experiment = trial.user_attrs.get(EXPERIMENT_ATTR)
+    return f"{trial.number} ({experiment})" if experiment is not None else str(trial.number)
+
+
+def _experiments_section(trials: list[FrozenTrial]) -> list[str]:
+    latest = tables.experiments(trials)
+    if not latest:
+        return []
+    lines = ["### Experiments", "", "| experiment | trial | state | values |", "|---|---:|---|---|"]
+    for name, trial in latest.items():
+        lines.append(
+            f"| {name} | {trial.number} | {trial.state.name.lower()} | {fmt.values(trial.values)} |"
+        )
     return [*lines, ""]
+
+
+def _packing_section(state: RunState) -> list[str]:
+    """Auto packing's decisions, each with its reason (none with a fixed trials_per_gpu)."""
+    if not state.packing:
+        return []
+    return ["## GPU packing", "", *(f"- {text}" for text in state.packing), ""]
 
 
 def _slots_section(state: RunState, elapsed: float) -> list[str]:

@@ -201,7 +201,7 @@ def render_page(
 ) -> str:
     from plotly.offline import get_plotlyjs
 
-    sections = [_figure_section(f) for f in figures]
+    sections = [figure_section(f) for f in figures]
     sections.append(_top_table_section(study, top))
     return PAGE.format(
         title=html.escape(f"hyperfleet report: {study.study_name}"),
@@ -211,7 +211,7 @@ def render_page(
     )
 
 
-def _figure_section(figure: Figure) -> str:
+def figure_section(figure: Figure) -> str:
     heading = f"<h2>{html.escape(figure.title)}</h2>"
     if figure.figure is None:
         note = f'<p class="note">{html.escape(figure.note)}</p>'

@@ -1,7 +1,8 @@
 """The trials as rows: ``all_trials.csv``, ``top_trials.csv`` and the report's table.
 
-One row per trial with its number, state, value(s), parameters (``param_<name>``), slot, start,
-end, duration and failure reason: all straight from the storage.
+One row per trial with its number, state, the named experiment it ran (a campaign's
+``experiments`` and ``grid``; only when a trial ran one), value(s), parameters
+(``param_<name>``), slot, start, end, duration and failure reason: all straight from the storage.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import REASON_ATTR, SLOT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 
 
 def value_columns(study: optuna.Study) -> list[str]:
@@ -33,9 +34,11 @@ def param_names(trials: list[FrozenTrial]) -> list[str]:
 
 
 def columns(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
+    experiments = any(EXPERIMENT_ATTR in t.user_attrs for t in trials)
     return [
         "number",
         "state",
+        *(["experiment"] if experiments else []),
         *value_columns(study),
         *[f"param_{p}" for p in param_names(trials)],
         "slot",
@@ -48,6 +51,8 @@ def columns(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
 
 def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
+    if EXPERIMENT_ATTR in trial.user_attrs:  # the column exists only when a trial has one
+        row["experiment"] = trial.user_attrs[EXPERIMENT_ATTR]
     values = trial.values or [None] * len(study.directions)
     row.update(zip(value_columns(study), values, strict=True))
     row.update({f"param_{name}": value for name, value in trial.params.items()})
@@ -57,6 +62,17 @@ def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     row["duration_s"] = duration_seconds(trial)
     row["reason"] = trial.system_attrs.get(REASON_ATTR, "")
     return row
+
+
+def experiments(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
+    """Each named experiment's latest trial (a repeat replaces a failed one), in the order the
+    experiments first ran."""
+    latest: dict[str, FrozenTrial] = {}
+    for trial in trials:
+        name = trial.user_attrs.get(EXPERIMENT_ATTR)
+        if name is not None:
+            latest[str(name)] = trial
+    return latest
 
 
 def duration_seconds(trial: FrozenTrial) -> float | None:

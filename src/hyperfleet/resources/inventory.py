@@ -11,6 +11,7 @@ import platform
 from dataclasses import dataclass, field
 
 from hyperfleet.errors import ResourceError
+from hyperfleet.resources.fakegpu import fake_memory_mib
 
 FAKE_GPUS_ENV = "HYPERFLEET_FAKE_GPUS"
 
@@ -63,8 +64,9 @@ def _fake_inventory(value: str, cores: tuple[int, ...]) -> Inventory:
             f"{FAKE_GPUS_ENV}={value!r} is not a number; set it to how many fake GPUs to "
             "pretend to have (for example 4), or unset it."
         ) from None
+    memory = fake_memory_mib()
     gpus = [
-        Gpu(index=i, uuid=f"GPU-fake-{i}", name="Fake GPU", memory_total_mib=16384, kind="fake")
+        Gpu(index=i, uuid=f"GPU-fake-{i}", name="Fake GPU", memory_total_mib=memory, kind="fake")
         for i in range(count)
     ]
     # A user's list in CUDA_VISIBLE_DEVICES limits fake GPUs as it limits real ones, so tests

@@ -1,11 +1,17 @@
-"""GPU utilisation and memory, read through NVML about once a second for the live view."""
+"""GPU utilisation and memory, read through NVML about once a second for the live view and
+for auto packing (which also needs the memory each process holds)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
+from hyperfleet.resources import fakegpu
 from hyperfleet.resources.inventory import Gpu
+
+_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -14,6 +20,8 @@ class GpuSample:
     utilization_pct: float | None  # None when the GPU cannot tell (fake GPUs, MPS)
     memory_used_mib: int | None
     memory_total_mib: int
+    # MiB each process holds on the GPU; None when the driver does not say (in some containers)
+    process_mib: dict[int, int] | None = None
 
 
 class GpuMonitor:
@@ -42,6 +50,10 @@ class GpuMonitor:
         return {gpu.index: self._sample_one(gpu) for gpu in self._gpus}
 
     def _sample_one(self, gpu: Gpu) -> GpuSample:
+        if gpu.kind == "fake":
+            return _fake_sample(gpu)
+        if gpu.kind == "mps":  # one device on the machine's unified memory; no figures to read
+            return GpuSample(gpu.index, None, None, psutil.virtual_memory().total // _MIB)
         handle = self._handles.get(gpu.index)
         if handle is None or self._nvml is None:
             return GpuSample(gpu.index, None, None, gpu.memory_total_mib)
@@ -50,10 +62,27 @@ class GpuMonitor:
             memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
         except Exception:
             return GpuSample(gpu.index, None, None, gpu.memory_total_mib)
-        mib = 1024 * 1024
         return GpuSample(
-            gpu.index, float(util.gpu), int(memory.used) // mib, int(memory.total) // mib
+            gpu.index,
+            float(util.gpu),
+            int(memory.used) // _MIB,
+            int(memory.total) // _MIB,
+            self._process_mib(handle),
         )
+
+    def _process_mib(self, handle: Any) -> dict[int, int] | None:
+        """MiB per process; None when any process's figure is missing (no per-process view)."""
+        try:
+            processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except Exception:
+            return None
+        held: dict[int, int] = {}
+        for process in processes:
+            used = getattr(process, "usedGpuMemory", None)
+            if used is None:
+                return None
+            held[int(process.pid)] = held.get(int(process.pid), 0) + int(used) // _MIB
+        return held
 
     def close(self) -> None:
         if self._nvml is not None:
@@ -61,3 +90,13 @@ class GpuMonitor:
                 self._nvml.nvmlShutdown()
             finally:
                 self._nvml = None
+
+
+def _fake_sample(gpu: Gpu) -> GpuSample:
+    """A fake GPU reads as the trials on it say (see :mod:`hyperfleet.resources.fakegpu`);
+    without its state folder it cannot tell, as before."""
+    reading = fakegpu.read(gpu.index)
+    total = gpu.memory_total_mib or fakegpu.fake_memory_mib()
+    if reading is None:
+        return GpuSample(gpu.index, None, None, total)
+    return GpuSample(gpu.index, reading.busy_pct, reading.used_mib, total, reading.by_pid)

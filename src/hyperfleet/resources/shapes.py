@@ -182,10 +182,9 @@ class Ledger:
         self._used: dict[str, float] = {}
         self._claimed: set[str] = set()
 
-    def add(self, needs: Mapping[str, Mapping[str, float]]) -> None:
-        """Slots that joined the pool (a node that connected)."""
-        for slot, amounts in needs.items():
-            self._needs[slot] = dict(amounts)
+    def add(self, slot: str, needs: Mapping[str, float] | None = None) -> None:
+        """A slot made while the run goes on (auto packing adds workers to a GPU)."""
+        self._needs.setdefault(slot, dict(needs or {}))
 
     def remove(self, slot: str) -> None:
         """A slot that left the pool (its node was lost); it holds nothing by then."""

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 from hyperfleet.errors import ConfigError, ResourceError
+from hyperfleet.resources import fakegpu
 from hyperfleet.resources.inventory import Gpu, Inventory, select_gpus
+from hyperfleet.resources.packing import AUTO, MAX_WORKERS_PER_GPU, PackingSettings
 
 SLOT_ENV = "HYPERFLEET_SLOT"
 THREAD_ENV_VARS = (
@@ -38,10 +40,17 @@ class PoolOptions:
     """How to cut the machine into slots. ``None`` means "decide from the machine"."""
 
     gpus: list[str] | None = None
-    trials_per_gpu: int = 1
+    # "auto": one worker per GPU to start with, more while the GPU has room (see packing.py)
+    trials_per_gpu: int | str = 1
     gpus_per_trial: int = 1
     cpu_slots: int | None = None
     threads_per_slot: int | None = None
+    gpu_memory_mib: int | None = None  # what one trial takes on its GPU, if the user knows
+
+    @property
+    def workers_per_gpu(self) -> int:
+        """The workers each GPU starts with: one under auto packing."""
+        return 1 if self.trials_per_gpu == AUTO else int(self.trials_per_gpu)
 
 
 @dataclass(frozen=True)
@@ -104,18 +113,38 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
     gpus = select_gpus(inventory, options.gpus)
     groups = _gpu_groups(gpus, options.gpus_per_trial)
     cores = list(inventory.cores) or [0]
-    n_gpu_slots = len(groups) * options.trials_per_gpu
+    per_gpu = options.workers_per_gpu
+    n_gpu_slots = len(groups) * per_gpu
     gpu_threads = _gpu_slot_threads(options, len(cores), n_gpu_slots)
     slots: list[Slot] = []
     next_core = 0
     for group in groups:
-        for k in range(options.trials_per_gpu):
+        for k in range(per_gpu):
             slot_cores = take_cores(cores, next_core, gpu_threads)
             next_core += gpu_threads
-            slots.append(gpu_slot(group, k, slot_cores, gpu_threads, 1 / options.trials_per_gpu))
+            slots.append(gpu_slot(group, k, slot_cores, gpu_threads, 1 / per_gpu))
     slots.extend(_cpu_slots(options, cores, next_core, has_gpu_slots=bool(slots)))
     _check_single_pool_size(inventory, options, len(groups), slots)
     return slots
+
+
+def auto_packing(
+    inventory: Inventory, options: PoolOptions, slots: list[Slot]
+) -> PackingSettings | None:
+    """How auto packing may grow this pool (None with a fixed ``trials_per_gpu``): up to 16
+    workers per GPU, fewer where the machine cannot run that many processes."""
+    gpus = {slot.gpus[0] for slot in slots if slot.kind == "gpu" and len(slot.gpus) == 1}
+    if options.trials_per_gpu != AUTO or not gpus:
+        return None
+    readable = any(g.kind != "fake" for g in inventory.gpus) or fakegpu.state_folder()
+    if not readable and options.gpu_memory_mib is None:
+        return None  # fake GPUs without their state folder read nothing: one worker each
+    limit, _ = max_workers(inventory)
+    room = max(0, limit - len(slots)) // len(gpus)
+    return PackingSettings(
+        max_per_gpu=min(MAX_WORKERS_PER_GPU, 1 + room),
+        memory_per_trial_mib=options.gpu_memory_mib,
+    )
 
 
 def max_workers(inventory: Inventory) -> tuple[int, str]:
@@ -157,7 +186,7 @@ def _check_single_pool_size(
         if options.gpus_per_trial > 1:
             group = f"{n_groups} groups of {options.gpus_per_trial} GPUs"
         parts.append(f"{group} x --trials-per-gpu {options.trials_per_gpu}")
-        if options.trials_per_gpu > 1:
+        if options.workers_per_gpu > 1:
             fixes.append(f"--trials-per-gpu {max(1, (limit - n_cpu) // n_groups)} or less")
     if n_cpu:
         parts.append(f"{n_cpu} CPU slot{'s' * (n_cpu != 1)}")
@@ -167,8 +196,18 @@ def _check_single_pool_size(
 
 
 def _check_options(options: PoolOptions) -> None:
+    if isinstance(options.trials_per_gpu, str) and options.trials_per_gpu != AUTO:
+        raise ConfigError(
+            f'trials_per_gpu={options.trials_per_gpu!r} is neither a number nor "auto"; pass '
+            "--trials-per-gpu auto (fill each GPU to what it can take) or a number such as 4."
+        )
+    if options.gpu_memory_mib is not None and options.trials_per_gpu != AUTO:
+        raise ConfigError(
+            f"gpu_memory is set but trials_per_gpu={options.trials_per_gpu} fixes the workers "
+            "per GPU; pass --trials-per-gpu auto to pack trials by their memory."
+        )
     checks = [
-        (options.trials_per_gpu, "trials_per_gpu", 1),
+        (options.workers_per_gpu, "trials_per_gpu", 1),
         (options.gpus_per_trial, "gpus_per_trial", 1),
         (options.threads_per_slot, "threads_per_slot", 1),
         (options.cpu_slots, "cpu_slots", 0),

@@ -3,6 +3,10 @@
 It is started by the controller with its slot's environment already set (GPUs, thread limits),
 pins itself to its cores, loads the objective once, then runs trial after trial. It never
 opens the Optuna storage: every trial call goes to the controller over the connection.
+
+Its stdout and stderr are its log, ``RUN_DIR/workers/<slot>.log``: a line when it starts and
+one per trial it runs, and whatever the objective's module printed while it loaded (a trial's
+own output goes to the trial's folder).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 # Holds the worker's pid while it runs: hyperfleet.optimize refuses to start a search inside a
 # worker (a script without an ``if __name__ == "__main__":`` guard, imported there). A pid, not
@@ -56,8 +61,25 @@ def _watch_lifeline(fd: int) -> None:
     threading.Thread(target=watch, name="hyperfleet-lifeline", daemon=True).start()
 
 
+def say(text: str) -> None:
+    """A timestamped line in the worker's log (its stdout, outside any trial); flushed with
+    what the objective's module printed before it, so a worker killed later loses none."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}", flush=True)
+
+
+def _say_started() -> None:
+    slot = json.loads(os.environ.get("HYPERFLEET_SLOT") or "{}")
+    cores = ",".join(str(c) for c in slot.get("cores", ())) or "any"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    say(
+        f"worker {os.getpid()} for slot {slot.get('name', '?')} started: {sys.executable}, "
+        f"cores {cores}, CUDA_VISIBLE_DEVICES={visible if visible is not None else '(unset)'}"
+    )
+
+
 def main() -> None:
     pin_cores_first()
+    _say_started()
     os.environ[WORKER_PID_ENV] = str(os.getpid())
     # A segfault in the objective then leaves the Python stack of every thread in the trial's
     # stderr.log (fd 2 is redirected there while a trial runs), not just a signal number.

@@ -75,11 +75,14 @@ class RunTrial:
     datetime_start: datetime.datetime | None
     study: StudyInfo
     user_attrs: dict[str, Any] = field(default_factory=dict)
+    # The folder this trial shares with its repeats (made when the objective asks for it).
+    checkpoint_dir: str = ""
 
 
 @dataclass(frozen=True)
 class Call:
-    """A method call on the real trial ("trial") or study ("study") in the controller."""
+    """A method call on the real trial ("trial") or study ("study") in the controller, or a
+    question for the controller itself ("hyperfleet": ``should_stop``)."""
 
     target: str
     name: str
@@ -97,7 +100,8 @@ class Reply:
 class Finished:
     """How the objective ended.
 
-    ``outcome`` is "returned" (``value`` holds what it returned), "pruned", "error" (it raised;
+    ``outcome`` is "returned" (``value`` holds what it returned), "pruned", "interrupted" (it
+    raised :class:`~hyperfleet.errors.TrialInterrupted`), "error" (it raised;
     ``error_type``, ``message`` and ``traceback`` say what) or "unsendable" (it returned
     something that cannot be pickled; ``message`` holds its repr).
     """
@@ -107,6 +111,9 @@ class Finished:
     error_type: str = ""
     message: str = ""
     traceback: str = ""
+    # The most GPU memory torch reserved during the trial, for auto packing (None: no torch
+    # on a GPU); what torch says is exact where NVML's per-process figures may be missing.
+    gpu_peak_mib: int | None = None
 
 
 @dataclass(frozen=True)

@@ -74,13 +74,23 @@ class RemoteTrial(optuna.Trial):
     """Behaves like ``optuna.Trial``; every call is answered by the controller's real trial."""
 
     def __init__(
-        self, channel: Channel, number: int, start: datetime.datetime | None, study: RemoteStudy
+        self,
+        channel: Channel,
+        number: int,
+        start: datetime.datetime | None,
+        study: RemoteStudy,
+        checkpoint_dir: str = "",
     ) -> None:
         # optuna.Trial.__init__ would reach for storage; this object never does.
         self._channel = channel
         self._number = number
         self._datetime_start = start
         self.study = study  # type: ignore[assignment]
+        self._checkpoint_dir = checkpoint_dir  # see hyperfleet.checkpoint_dir
+
+    def _stop_asked(self) -> bool:
+        """Whether the controller wants running trials to stop soon (see hyperfleet.should_stop)."""
+        return bool(self._channel.call("hyperfleet", "should_stop"))
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self._channel.call("trial", name, *args, **kwargs)

@@ -13,6 +13,7 @@ import pickle
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from typing import Any
 import optuna
 import psutil
 
-from hyperfleet.errors import HyperfleetError
+from hyperfleet.errors import HyperfleetError, TrialInterrupted
 from hyperfleet.workers.descendants import descendants
 from hyperfleet.workers.descendants import end as end_processes
+from hyperfleet.workers.main import say
 from hyperfleet.workers.protocol import (
     Finished,
     LoadFailed,
@@ -63,7 +65,8 @@ def serve(conn: Connection) -> None:
             return
         if isinstance(message, RunTrial):
             finished = run_trial(channel, objectives[message.objective], message)
-            _send_finished(conn, finished)
+            _send_finished(conn, replace(finished, gpu_peak_mib=_torch_peak_mib()))
+            say(f"trial {message.number} ended: {finished.outcome} {finished.error_type}".rstrip())
             # After the result is on its way (the controller records it meanwhile), before this
             # worker reads its next trial: that trial finds the trial's processes gone, and a
             # failed trial's worker is replaced, its whole tree ended, by the controller.
@@ -145,12 +148,17 @@ def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Fini
         os.mkdir(message.trial_dir)
     os.chdir(message.trial_dir)
     study = RemoteStudy(channel, message.study)
-    trial = RemoteTrial(channel, message.number, message.datetime_start, study)
+    trial = RemoteTrial(
+        channel, message.number, message.datetime_start, study, message.checkpoint_dir
+    )
+    say(f"trial {message.number} of {message.study.study_name} started in {message.trial_dir}")
     with _output_to(Path(message.trial_dir)):
         try:
             value = objective(trial)
         except optuna.TrialPruned as exc:
             return Finished("pruned", message=str(exc))
+        except TrialInterrupted as exc:  # it stopped when asked to: the controller checks that
+            return Finished("interrupted", message=str(exc))
         except BaseException as exc:  # SystemExit too: a trial's exit must not end the worker
             text = traceback.format_exc()
             sys.stderr.write(text)
@@ -227,6 +235,22 @@ def _output_to(trial_dir: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def _torch_peak_mib() -> int | None:
+    """The most memory torch reserved on the GPU since the last trial, then reset; None when
+    the objective did not use torch on a GPU (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        peak = int(torch.cuda.max_memory_reserved()) // (1024 * 1024)
+        torch.cuda.reset_peak_memory_stats()
+    except Exception:  # a broken CUDA context: the trial's own error says what happened
+        return None
+    return peak
 
 
 def _free_memory() -> None:

@@ -1,0 +1,363 @@
+"""The campaign's own report: its studies side by side.
+
+``RUN_DIR/report/`` at a campaign's root holds ``index.html`` (the studies' table, each
+study's best value over time, and the slots' timeline of every study) and ``studies.csv``;
+``summary.md`` and ``hyperfleet status`` show the same table. Which model and which matrix
+values made a study is kept in the study's user attribute ``hyperfleet:campaign`` (written when
+the campaign opens it), so the table can be rebuilt from the storage alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR
+from hyperfleet.display import format as fmt
+from hyperfleet.report import tables
+
+CAMPAIGN_ATTR = "hyperfleet:campaign"  # {"family": "xgb-{dataset}", "matrix": {...}}
+REPORT_DIR = "report"
+TABLE_NAME = "studies.csv"
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One study of the campaign, as its table shows it."""
+
+    name: str
+    family: str  # the [[study]] name before matrix expansion: which model
+    matrix: dict[str, Any]  # the matrix values that made it (which data set)
+    best_number: int | None
+    best_values: list[float] | None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_experiment: str = ""
+    trials: int = 0  # finished: complete, pruned or failed
+    failed: int = 0
+    running: int = 0
+    seconds: float = 0.0  # how long at least one of its trials was running
+
+
+def study_rows(studies: list[optuna.Study], now: datetime | None = None) -> list[StudyRow]:
+    return [study_row(study, now) for study in studies]
+
+
+def study_row(study: optuna.Study, now: datetime | None = None) -> StudyRow:
+    trials = study.get_trials(deepcopy=False)
+    label = study.user_attrs.get(CAMPAIGN_ATTR) or {}
+    states = [t.state for t in trials]
+    best = _best(study, trials)
+    return StudyRow(
+        name=study.study_name,
+        family=str(label.get("family") or study.study_name),
+        matrix=dict(label.get("matrix") or {}),
+        best_number=best.number if best is not None else None,
+        best_values=list(best.values) if best is not None else None,
+        best_params=dict(best.params) if best is not None else {},
+        best_experiment=str(best.user_attrs.get(EXPERIMENT_ATTR, "")) if best else "",
+        trials=sum(s.is_finished() for s in states),
+        failed=states.count(TrialState.FAIL),
+        running=states.count(TrialState.RUNNING),
+        seconds=running_seconds(trials, now or datetime.now()),
+    )
+
+
+def _best(study: optuna.Study, trials: list[FrozenTrial]) -> FrozenTrial | None:
+    # Several objectives have no single best trial; the study's own report shows the front.
+    if len(study.directions) > 1 or not any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    return study.best_trial
+
+
+def running_seconds(trials: list[FrozenTrial], now: datetime) -> float:
+    """The time at least one trial ran: the union of the trials' spans, so the gap between a
+    stopped run and its resume does not count, nor do trials running side by side twice."""
+    spans = sorted(
+        (t.datetime_start, t.datetime_complete or now)
+        for t in trials
+        if t.datetime_start is not None
+        and (t.datetime_complete is not None or t.state == TrialState.RUNNING)
+    )
+    total, end = 0.0, None
+    for start, stop in spans:
+        start = start if end is None else max(start, end)
+        if stop > start:
+            total += (stop - start).total_seconds()
+            end = stop
+    return total
+
+
+def matrix_names(rows: list[StudyRow]) -> list[str]:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row.matrix))
+    return list(names)
+
+
+# ----- the table as text ---------------------------------------------------------------------
+
+HEADINGS = ("study", "best", "trial", "trials", "time", "best parameters")
+
+
+def table_cells(row: StudyRow, variables: list[str]) -> list[str]:
+    """The row's cells, in the order of :func:`table_headings`."""
+    trial = "-" if row.best_number is None else str(row.best_number)
+    if row.best_experiment:
+        trial += f" ({row.best_experiment})"
+    trials = f"{row.trials}" + (f" ({row.failed} failed)" if row.failed else "")
+    if row.running:
+        trials += f", {row.running} running"
+    return [
+        row.name,
+        *[fmt.number(row.matrix.get(v, "")) for v in variables],
+        fmt.values(row.best_values),
+        trial,
+        trials,
+        fmt.duration(row.seconds),
+        " ".join(f"{k}={fmt.number(v)}" for k, v in row.best_params.items()) or "-",
+    ]
+
+
+def table_headings(variables: list[str]) -> list[str]:
+    return [HEADINGS[0], *variables, *HEADINGS[1:]]
+
+
+def markdown_table(rows: list[StudyRow]) -> list[str]:
+    variables = matrix_names(rows)
+    headings = table_headings(variables)
+    right = {"best", "trial", "trials", "time"}
+    lines = [
+        "| " + " | ".join(headings) + " |",
+        "|" + "|".join("---:" if h in right else "---" for h in headings) + "|",
+    ]
+    for row in rows:
+        cells = [c.replace("|", "\\|") for c in table_cells(row, variables)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def text_table(rows: list[StudyRow], indent: str = "  ") -> list[str]:
+    """Aligned columns for the terminal; the parameters last, as long as they are."""
+    variables = matrix_names(rows)
+    grid = [table_headings(variables), *(table_cells(row, variables) for row in rows)]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]) - 1)]
+    return [
+        indent + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
+        for line in grid
+    ]
+
+
+# ----- the report folder ---------------------------------------------------------------------
+
+
+def write_campaign_report(run_dir: Path, studies: list[optuna.Study], name: str = "") -> Path:
+    """``RUN_DIR/report/index.html`` and ``studies.csv``; returns the folder."""
+    from hyperfleet.report import html as pages
+
+    folder = run_dir / REPORT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = study_rows(studies)
+    write_table_csv(folder / TABLE_NAME, rows)
+    figures = [
+        pages.Figure("best-over-time", "Best value over time", best_over_time_figure(studies)),
+        pages.Figure("timeline", "Trials per slot, all studies", timeline_figure(studies)),
+    ]
+    figures = [
+        f
+        if f.figure is not None and pages.figure_has_data(f.figure.to_plotly_json())
+        else pages.Figure(f.key, f.title, None, "not drawn: no finished trials to show yet")
+        for f in figures
+    ]
+    meta = (
+        f"{len(studies)} studies, {sum(r.trials for r in rows)} trials; "
+        f"written {time.strftime('%Y-%m-%d %H:%M:%S')} from {run_dir}"
+    )
+    (folder / "index.html").write_text(render_page(name or run_dir.name, rows, figures, meta))
+    return folder
+
+
+def write_table_csv(path: Path, rows: list[StudyRow]) -> None:
+    variables = matrix_names(rows)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["study", "model", *variables, *CSV_COLUMNS])
+        for row in rows:
+            writer.writerow(
+                [
+                    row.name,
+                    row.family,
+                    *[row.matrix.get(v, "") for v in variables],
+                    ", ".join(str(v) for v in row.best_values or []),
+                    row.best_number,
+                    row.best_experiment,
+                    row.trials,
+                    row.failed,
+                    row.running,
+                    round(row.seconds, 3),
+                    " ".join(f"{k}={v}" for k, v in row.best_params.items()),
+                ]
+            )
+
+
+CSV_COLUMNS = (
+    "best_value",
+    "best_trial",
+    "best_experiment",
+    "trials",
+    "failed",
+    "running",
+    "seconds",
+    "best_params",
+)
+
+
+def render_page(title: str, rows: list[StudyRow], figures: list[Any], meta: str) -> str:
+    from plotly.offline import get_plotlyjs
+
+    from hyperfleet.report import html as pages
+
+    sections = [_table_section(rows), _grid_section(rows)]
+    sections += [pages.figure_section(f) for f in figures]
+    return pages.PAGE.format(
+        title=html.escape(f"hyperfleet campaign: {title}"),
+        meta=html.escape(meta),
+        plotlyjs=get_plotlyjs(),
+        sections="\n".join(s for s in sections if s),
+    )
+
+
+def _table_section(rows: list[StudyRow]) -> str:
+    variables = matrix_names(rows)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table_headings(variables))
+    body = []
+    for row in rows:
+        link = f'<a href="../studies/{html.escape(_folder(row.name))}/report/index.html">'
+        cells = table_cells(row, variables)
+        first = f"<td>{link}{html.escape(cells[0])}</a></td>"
+        rest = "".join(f"<td>{html.escape(c)}</td>" for c in cells[1:])
+        body.append(f"<tr>{first}{rest}</tr>")
+    return (
+        '<section id="studies"><h2>Studies</h2>\n'
+        f'<table id="studies-table"><thead><tr>{head}</tr></thead>\n'
+        f"<tbody>{''.join(body)}</tbody></table></section>"
+    )
+
+
+def _grid_section(rows: list[StudyRow]) -> str:
+    """Best values as model x matrix values, when the studies come from a matrix."""
+    variables = matrix_names(rows)
+    if not variables:
+        return ""
+    columns = list(dict.fromkeys(_combination(row, variables) for row in rows))
+    families = list(dict.fromkeys(row.family for row in rows))
+    cell = {(row.family, _combination(row, variables)): row for row in rows}
+    head = "<th>model</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for family in families:
+        cells = []
+        for column in columns:
+            row = cell.get((family, column))
+            cells.append(f"<td>{html.escape(fmt.values(row.best_values)) if row else ''}</td>")
+        body.append(f"<tr><td>{html.escape(family)}</td>{''.join(cells)}</tr>")
+    return (
+        f'<section id="grid"><h2>Best value: model x {html.escape(", ".join(variables))}</h2>\n'
+        f'<table id="best-grid"><thead><tr>{head}</tr></thead>\n'
+        f"<tbody>{''.join(body)}</tbody></table></section>"
+    )
+
+
+def _combination(row: StudyRow, variables: list[str]) -> str:
+    return ", ".join(fmt.number(row.matrix[v]) for v in variables if v in row.matrix) or "-"
+
+
+def _folder(name: str) -> str:
+    from hyperfleet.rundir import folder_name
+
+    return folder_name(name)
+
+
+# ----- figures -------------------------------------------------------------------------------
+
+
+def best_over_time_figure(studies: list[optuna.Study]) -> Any:
+    """Each single-objective study's best value so far, at the time each trial completed."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    for study in studies:
+        if len(study.directions) > 1:
+            continue
+        times, best = _best_so_far(study)
+        if times:
+            figure.add_trace(
+                go.Scatter(
+                    x=times, y=best, name=study.study_name, mode="lines+markers", line_shape="hv"
+                )
+            )
+    figure.update_layout(xaxis={"type": "date", "title": "time"}, yaxis={"title": "best value"})
+    return figure
+
+
+def _best_so_far(study: optuna.Study) -> tuple[list[str], list[float]]:
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.datetime_complete is not None and t.values is not None
+    ]
+    complete.sort(key=lambda t: t.datetime_complete or datetime.min)
+    better = min if study.direction == StudyDirection.MINIMIZE else max
+    times: list[str] = []
+    best: list[float] = []
+    for trial in complete:
+        value = trial.values[0] if not best else better(best[-1], trial.values[0])
+        times.append(_iso_ms(trial.datetime_complete))
+        best.append(value)
+    return times, best
+
+
+def timeline_figure(studies: list[optuna.Study]) -> Any:
+    """One row per slot, one bar per trial, one colour per study."""
+    import plotly.graph_objects as go
+
+    finished = {s.study_name: tables.finished_trials(s) for s in studies}
+    everything = [t for trials in finished.values() for t in trials]
+    fractions = tables.busy_fractions(everything)
+    label = {slot: f"{slot} ({100 * share:.0f}% busy)" for slot, share in fractions.items()}
+    figure = go.Figure()
+    for name, trials in finished.items():
+        if not trials:
+            continue
+        figure.add_trace(
+            go.Bar(
+                orientation="h",
+                name=name,
+                y=[label[tables.slot_of(t)] for t in trials],
+                base=[_iso_ms(t.datetime_start) for t in trials],
+                x=[1000 * (tables.duration_seconds(t) or 0.0) for t in trials],
+                hovertext=[
+                    f"{name} trial {t.number} {t.state.name.lower()} in "
+                    f"{tables.duration_seconds(t)}s"
+                    for t in trials
+                ],
+            )
+        )
+    figure.update_layout(
+        barmode="overlay",
+        xaxis={"type": "date", "title": "time"},
+        yaxis={"title": "slot", "categoryorder": "category descending"},
+        height=max(300, 60 + 40 * len(fractions)),
+    )
+    return figure
+
+
+def _iso_ms(stamp: Any) -> str:
+    return str(stamp.isoformat(timespec="milliseconds"))

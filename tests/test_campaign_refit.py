@@ -1,0 +1,108 @@
+"""Refits in a matrix campaign know which study they are for: a refit function that takes
+``args`` gets the study's matrix values, and ``refit_cmd`` works for objective studies."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+OBJECTIVE = """
+import json
+
+
+def make(dataset):
+    def objective(trial):
+        return (trial.suggest_float("x", -1.0, 1.0) - 0.5) ** 2 + len(dataset)
+    return objective
+
+
+def refit(params, args):
+    with open(f"submission-{args['dataset']}.json", "w") as out:
+        json.dump({"x": params["x"], "args": args}, out)
+    return args["dataset"]
+"""
+
+SAVE = """
+import sys
+open(f"model-{sys.argv[1]}.txt", "w").write(sys.argv[2])
+"""
+
+CAMPAIGN = """
+[pool]
+cpu_slots = 2
+
+[defaults]
+slot = "cpu"
+n_trials = 2
+matrix = { dataset = ["iris", "wine"] }
+args = { dataset = "{dataset}" }
+objective = "objective.py:make"
+
+[[study]]
+name = "fn-{dataset}"
+refit = "objective.py:refit"
+
+[[study]]
+name = "cmd-{dataset}"
+refit_cmd = "python save.py {dataset} {x}"
+"""
+
+
+def test_each_refit_of_a_matrix_campaign_gets_its_studys_args(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hyperfleet
+
+    (tmp_path / "objective.py").write_text(OBJECTIVE)
+    (tmp_path / "save.py").write_text(SAVE)
+    (tmp_path / "campaign.toml").write_text(textwrap.dedent(CAMPAIGN))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    outcome = hyperfleet.run_campaign("campaign.toml", display="quiet", report=False)
+    assert outcome.status == "completed", outcome.message
+    studies = tmp_path / "runs" / "campaign" / "studies"
+    assert set(outcome.refits) == {"fn-iris", "fn-wine", "cmd-iris", "cmd-wine"}
+    for dataset in ("iris", "wine"):
+        best_x = json.loads((studies / f"fn-{dataset}" / "best" / "params.json").read_text())["x"]
+        folder = outcome.refits[f"fn-{dataset}"].folder
+        assert outcome.refits[f"fn-{dataset}"].status == "ran"
+        assert folder == studies / f"fn-{dataset}" / "best" / "refit"
+        written = json.loads((folder / f"submission-{dataset}.json").read_text())
+        assert written == {"x": best_x, "args": {"dataset": dataset}}
+        result = json.loads((folder / "result.json").read_text())
+        assert result["value"] == dataset and result["args"] == {"dataset": dataset}
+
+        cmd_folder = outcome.refits[f"cmd-{dataset}"].folder
+        assert cmd_folder == studies / f"cmd-{dataset}" / "best" / "refit"
+        best_x = json.loads((studies / f"cmd-{dataset}" / "best" / "params.json").read_text())["x"]
+        assert float((cmd_folder / f"model-{dataset}.txt").read_text()) == pytest.approx(best_x)
+
+
+def test_a_refit_cmd_placeholder_no_best_parameter_has_fails_the_refit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hyperfleet
+
+    (tmp_path / "objective.py").write_text(OBJECTIVE)
+    (tmp_path / "campaign.toml").write_text(
+        textwrap.dedent(
+            """
+            [[study]]
+            name = "one"
+            objective = "objective.py:make"
+            args = { dataset = "iris" }
+            slot = "cpu"
+            n_trials = 1
+            refit_cmd = "python -c pass {depth}"
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    outcome = hyperfleet.run_campaign("campaign.toml", display="quiet", report=False)
+    assert outcome.status == "failed"
+    assert "uses {depth}, which is no parameter of the best trial" in outcome.message
+    assert outcome.refits["one"].status == "failed"
