@@ -132,7 +132,8 @@ def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
         lost_at = time.monotonic()
         # EOF at once for a killed agent; the node timeout for a stopped or cut-off one.
         wait_for_log(folder, "lost: node nodeB", TIMEOUT + 3)
-        assert time.monotonic() - lost_at < (1 if how == "kill" else TIMEOUT + 1)
+        # run.log lines are flushed once a second: the bound has that second on top.
+        assert time.monotonic() - lost_at < (2 if how == "kill" else TIMEOUT + 2)
         if how == "cut":  # the agent hears nothing either, and leaves within the same bound
             assert b.wait(TIMEOUT + 3) == 1
             assert "sent nothing" in b.log.read_text()
