@@ -42,6 +42,7 @@ from hyperfleet.cluster.messages import (
     Beat,
     Goodbye,
     Hello,
+    Joined,
     Relay,
     StartWorker,
     WorkerStarted,
@@ -120,6 +121,7 @@ def play_node(address: tuple[str, int], index: int, slots: int, results: Any) ->
     cores = tuple(range(max(1, -(-slots // 16))))  # a node that may run this many workers
     conn.send(Hello(f"load{index}", Inventory(gpus=gpus, cores=cores), os.getpid()))
     conn.recv()  # the welcome
+    conn.send(Joined(shares_run_dir=True))  # the same machine: the run directory is here
     node = Node(conn)
     node.run()
     results.put((node.trials, node.first, node.last, node.waits))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import shutil
 import signal
 import socket
 import time
@@ -223,3 +225,28 @@ def test_a_campaign_from_python_uses_every_slot_of_every_node(
     # Every slot of every node, each study on its own shape.
     assert used["half"] == {f"{n}/gpu0#{k}" for n in ("nodeA", "nodeB") for k in (0, 1)}
     assert used["cpu"] == {"nodeA/cpu#0", "nodeB/cpu#0"}
+
+
+def test_a_node_that_does_not_see_the_run_directory_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a node without the shared disk needs root and unshare (a mount namespace)")
+    address = f"127.0.0.1:{free_port()}"
+    controller = start_controller(tmp_path, address, 4)
+    wait_for_log(tmp_path, "listening for agents", 30)
+    # A node of its own mount namespace, where the run directory is an empty disk.
+    hidden = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              f'mount -t tmpfs none "{tmp_path / "run"}" && exec "$0" "$@"']  # fmt: skip
+    agents = [Agent(tmp_path, address, "nodeA", 1), Agent(tmp_path, address, "nodeX", 1, hidden)]
+    try:
+        assert agents[1].wait(30) == 1
+        assert controller.wait(120) == 0, controller.stderr
+        assert agents[0].wait(15) == 0
+    finally:
+        controller.stop()
+        for agent in agents:
+            agent.stop()
+    assert "does not see the run directory" in agents[1].log.read_text()
+    log = run_log(tmp_path)
+    assert "node nodeA joined" in log and "it shares the run directory" in log
+    assert f"node nodeX does not see the run directory {tmp_path / 'run'}" in log
+    assert {t.user_attrs["slot"] for t in _trials(tmp_path)} == {"nodeA/gpu0#0"}

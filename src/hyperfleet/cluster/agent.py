@@ -26,6 +26,7 @@ from hyperfleet.cluster.messages import (
     Beat,
     Goodbye,
     Hello,
+    Joined,
     Refused,
     Relay,
     SignalWorker,
@@ -36,8 +37,9 @@ from hyperfleet.cluster.messages import (
     WorkerStarted,
 )
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
-from hyperfleet.errors import NodeError
+from hyperfleet.errors import HyperfleetError, NodeError
 from hyperfleet.resources.inventory import detect_inventory
+from hyperfleet.rundir import RunDir
 
 
 class Agent:
@@ -63,7 +65,8 @@ class Agent:
                 self._conn.close()
 
     def stop(self, why: str) -> None:
-        self.ended_by = why
+        """End the agent; the first reason is the one it exits with."""
+        self.ended_by = self.ended_by or why
 
     def _step(self) -> None:
         waitables: list[Any] = [self._conn]
@@ -92,7 +95,7 @@ class Agent:
 
     def _from_controller(self) -> None:
         try:
-            while self._conn.poll():
+            while not self.ended_by and self._conn.poll():
                 self._last_heard = time.monotonic()
                 self._handle(self._conn.recv())
         except (EOFError, OSError):
@@ -118,6 +121,8 @@ class Agent:
                 worker._signal_group(signal.Signals(message.signum))
         elif isinstance(message, Goodbye):
             self.stop("goodbye")
+        elif isinstance(message, Refused):
+            self.stop(f"the controller refused this node: {message.reason}")
 
     def _start(self, message: StartWorker) -> None:
         # The controller's run directory when this node shares it, else the agent's own.
@@ -162,14 +167,24 @@ def run_agent(
     conn.send(Hello(name, inventory, os.getpid()))
     if not conn.poll(patience):
         raise NodeError("the controller said nothing after the hello; is it a hyperfleet run?")
-    answer = conn.recv()
-    if isinstance(answer, Refused):
-        raise NodeError(f"the controller refused node {name}: {answer.reason}")
+    welcome = conn.recv()
+    if isinstance(welcome, Refused):
+        raise NodeError(f"the controller refused node {name}: {welcome.reason}")
+    conn.send(Joined(shares_run_dir(welcome)))
     log_dir.mkdir(parents=True, exist_ok=True)
-    agent = Agent(conn, answer, log_dir)
+    agent = Agent(conn, welcome, log_dir)
     with _stop_on_signals(agent):
         agent.run()
     return agent.ended_by
+
+
+def shares_run_dir(welcome: Welcome) -> bool:
+    """Whether this node sees the controller's run directory itself (same id), not merely a
+    folder at the same path."""
+    try:
+        return RunDir(welcome.run_dir).identity == welcome.run_id
+    except (HyperfleetError, OSError):
+        return False
 
 
 @contextlib.contextmanager

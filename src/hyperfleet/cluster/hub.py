@@ -22,11 +22,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from hyperfleet.cluster.channel import ChannelListener, controller_token, parse_address
+from hyperfleet.cluster.channel import (
+    HANDSHAKE_SECONDS,
+    ChannelListener,
+    controller_token,
+    parse_address,
+)
 from hyperfleet.cluster.messages import (
     Beat,
     Goodbye,
     Hello,
+    Joined,
     Refused,
     Relay,
     StartWorker,
@@ -180,8 +186,11 @@ class NodeHub:
     """Listens for agents; knows every node's link. Its threads only queue events and wake the
     loop; the loop alone changes the pool."""
 
-    def __init__(self, settings: ClusterSettings, run_dir: Path, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, settings: ClusterSettings, run_dir: Path, run_id: str, wake: Callable[[], None]
+    ) -> None:
         self.settings = settings
+        self._run_dir, self._run_id = run_dir, run_id
         self._wake = wake
         self._events: queue.SimpleQueue[NodeEvent] = queue.SimpleQueue()
         self._links: dict[str, NodeLink] = {}
@@ -265,7 +274,28 @@ class NodeHub:
             self._links[first.node] = link
         if old is not None:  # the node came back before its old link was found lost
             old.lose("connected again")
-        link.send(Welcome(self.settings.heartbeat, self.settings.node_timeout))
+        link.send(
+            Welcome(
+                self.settings.heartbeat,
+                self.settings.node_timeout,
+                str(self._run_dir),
+                self._run_id,
+            )
+        )
+        joined = conn.recv() if conn.poll(HANDSHAKE_SECONDS) else None
+        if not isinstance(joined, Joined) or not joined.shares_run_dir:
+            why = (
+                f"node {first.node} does not see the run directory {self._run_dir}: its "
+                "trials write their folders there, so put it on a disk every node shares (NFS, "
+                "Lustre) at the same path"
+                if isinstance(joined, Joined)
+                else f"node {first.node} did not answer the welcome"
+            )
+            link.send(Refused(why))
+            self.forget(link)
+            link.say_goodbye()
+            self.post(Refusal(where, why))
+            return
         self.post(NodeJoined(link, first.inventory))
         link.start()
 

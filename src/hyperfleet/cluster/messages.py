@@ -25,10 +25,21 @@ class Hello:
 
 @dataclass(frozen=True)
 class Welcome:
-    """The controller's answer: the heartbeat both sides keep, in seconds."""
+    """The controller's answer: the heartbeat both sides keep, in seconds, and the run
+    directory the trial folders go in, with its id, for the agent to check it sees the same."""
 
     heartbeat: float
     node_timeout: float
+    run_dir: str = ""
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The agent's answer to the welcome: whether this node sees the controller's run
+    directory (a disk both share), where its trials must write their folders."""
+
+    shares_run_dir: bool
 
 
 @dataclass(frozen=True)
