@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -250,3 +251,39 @@ def test_a_node_that_does_not_see_the_run_directory_is_refused(tmp_path: Path) -
     assert "node nodeA joined" in log and "it shares the run directory" in log
     assert f"node nodeX does not see the run directory {tmp_path / 'run'}" in log
     assert {t.user_attrs["slot"] for t in _trials(tmp_path)} == {"nodeA/gpu0#0"}
+
+
+def test_a_controller_killed_at_any_moment_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """The kill loop of a single machine, with agents: SIGKILL the controller at random
+    moments, start it (and agents, as a supervisor would) again, until the budget is reached."""
+    address = f"127.0.0.1:{free_port()}"
+    rng = random.Random(12)
+    for round_number in range(3):
+        controller = start_controller(tmp_path, address, 10)
+        agent = Agent(tmp_path, address, "nodeA", 2, nap=0.4)
+        try:
+            if round_number < 2:
+                done = _completed_in_log(tmp_path) + rng.randint(1, 3)
+                wait_until(lambda d=done: _completed_in_log(tmp_path) >= d, 60, "completions")
+                controller.kill()
+                assert agent.wait(10) == 1  # its controller gone, it leaves, and its workers
+                wait_until(lambda: not node_processes("nodeA"), 10, "nodeA's workers to exit")
+            else:
+                assert controller.wait(120) == 0, controller.stderr
+                assert agent.wait(15) == 0
+        finally:
+            controller.stop()
+            agent.stop()
+    trials = _trials(tmp_path)
+    states = collections.Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] == 10 and states[TrialState.RUNNING] == 0
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "no kill landed while a trial ran"
+    for trial in failed:
+        assert trial.system_attrs["hyperfleet:fail_kind"] == "interrupted"
+    repeats = [t.user_attrs[RETRY] for t in trials if RETRY in t.user_attrs]
+    assert sorted(repeats) == sorted(t.number for t in failed)  # each once, none twice
+
+
+def _completed_in_log(folder: Path) -> int:
+    return run_log(folder).count(" complete on ")
