@@ -226,9 +226,16 @@ def main() -> None:
         new = args.new_trials if sampler == "random" else args.new_tpe_trials
         for finished in args.studies:
             for slots in args.slots:
+                # Every slot runs a few trials, so that each has waits to measure.
                 with tempfile.TemporaryDirectory() as tmp:
                     r = one_run(
-                        Path(tmp), slots, args.connections, sampler, finished, new, args.profile
+                        Path(tmp),
+                        slots,
+                        args.connections,
+                        sampler,
+                        finished,
+                        max(new, 2 * slots),
+                        args.profile,
                     )
                 print(
                     f"{sampler:<7} {finished:>6} {slots:>5} {r['per_s']:>9.0f} "

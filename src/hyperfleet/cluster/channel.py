@@ -34,7 +34,7 @@ def parse_address(text: str, what: str = "--listen") -> tuple[str, int]:
     if not sep:
         host, port = text.strip(), "0"
     host = host.strip("[]")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or host.isdigit() or not port.isdigit() or int(port) > 65535:
         raise ConfigError(
             f"{what} {text!r}: write HOST:PORT, the address of an interface of this machine "
             "and a port, for example 10.0.0.5:7000 (HOST alone picks a free port)."
