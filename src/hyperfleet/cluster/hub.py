@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,8 +140,7 @@ class NodeLink:
             self._workers.clear()
         for worker in workers:
             worker.end(LOST, self._lost_text())
-        with self._send_lock, contextlib.suppress(OSError):
-            self._conn.close()
+        self._hang_up()
         self._hub.forget(self)
         self._hub.post(NodeLeft(self, reason))
 
@@ -147,6 +148,22 @@ class NodeLink:
         self.send(Goodbye())
         with self._workers_lock:
             self.alive = False
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """The node hears EOF. The descriptor itself is closed by the reader thread once it
+        sees that (or here, when it never started): closing it under a thread that waits on it
+        could hand its number to a new socket the thread would then read."""
+        # Not under the send lock: a send stuck on a silent node's full buffer returns then.
+        with (
+            contextlib.suppress(OSError, ValueError),
+            socket.socket(fileno=os.dup(self._conn.fileno())) as sock,
+        ):
+            sock.shutdown(socket.SHUT_RDWR)
+        if not self._thread.is_alive():
+            self._close()
+
+    def _close(self) -> None:
         with self._send_lock, contextlib.suppress(OSError):
             self._conn.close()
 
@@ -165,6 +182,8 @@ class NodeLink:
             self.lose("closed its connection")
         except Exception as exc:  # a message that cannot be unpickled here: the node is broken
             self.lose(f"sent what cannot be read ({type(exc).__name__}: {exc})")
+        finally:
+            self._close()
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Relay):
