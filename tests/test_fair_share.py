@@ -536,3 +536,26 @@ def test_at_equal_priority_no_slot_idles_for_the_two_gpu_study() -> None:
     assert len(half_times) == 12 and len(pair_times) == 3
     assert min(pair_times) >= max(half_times)
     assert 1.0 in half_times  # GPU 0 restarted at once, not held for the pair
+
+
+def test_the_chosen_study_gets_a_slot_whose_worker_holds_its_objective() -> None:
+    slots = frozenset({"cpu#0", "cpu#1", "cpu#2"})
+    demands = [StudyDemand("a", slots), StudyDemand("b", slots)]
+    free = ["cpu#0", "cpu#1", "cpu#2"]
+    costs = dict.fromkeys(free, 1.0)
+    loaded = {"cpu#0": {"b"}, "cpu#1": set(), "cpu#2": {"a"}}
+    assert pick(demands, free, ShareBook(), costs, loaded=loaded) == ("a", "cpu#2")
+    assert pick(demands, free, ShareBook(), costs) == ("a", "cpu#0")  # caller order otherwise
+
+
+def test_a_stage_whose_slot_loads_for_its_last_trial_is_not_over() -> None:
+    slots = frozenset({"cpu#0", "cpu#1"})
+    last_loading = StudyDemand("a", slots, has_work=False, stage=0, loading=True)
+    demands = [last_loading, StudyDemand("b", slots, stage=1)]
+    costs = {"cpu#0": 1.0, "cpu#1": 1.0}
+    assert pick(demands, ["cpu#0"], ShareBook(), costs, sequential=True) is None
+    done = StudyDemand("a", slots, has_work=False, stage=0)
+    assert pick([done, demands[1]], ["cpu#0"], ShareBook(), costs, sequential=True) == (
+        "b",
+        "cpu#0",
+    )

@@ -19,7 +19,7 @@ import optuna
 from hyperfleet.campaign import Campaign, Experiment, StudySpec
 from hyperfleet.cluster.pools import campaign_planner
 from hyperfleet.config import RetryPolicy, RunSettings
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_trials
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
 from hyperfleet.controller.loop import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
@@ -165,6 +165,7 @@ def _plan(
         stage=stage,
         stage_name=study.stage,
         stored_trials=lambda: stored_trials(existing, study.name),
+        stored_time_used=lambda: stored_time_used(existing, study.name),
     )
 
 

@@ -200,18 +200,44 @@ def _run_to_the_end(
         outcome = controller.run()
     for plan in search.plans:
         study = controller.studies.get(plan.name)
-        if study is None:
-            continue
         refit = search.refits.get(plan.name)
-        if refit is not None:
+        if study is not None and refit is not None:
             # With agents, the refit runs on the controller's machine, unpinned.
             slot = next((s for s in search.pool.slots if s.name in plan.slots), current_slot())
             outcome = _refit(refit, outcome, study, plan, slot, controller)
-        if report:
-            _final_report(plan.folder, study, controller)
-    if report and campaign and controller.studies:
-        _campaign_report(controller)
+    if report:
+        _final_reports(search, controller, campaign)
     return outcome
+
+
+def _final_reports(search: Search, controller: Controller, campaign: bool) -> None:
+    """One study's report here; a campaign's all at once, in a few processes, then the
+    campaign's own. A hard stop (a second Ctrl+C) or a SIGTERM writes none: a scheduler's grace
+    period would not wait."""
+    run_dir = controller.run_dir
+    if controller.stopped_in_a_hurry:
+        controller.announce(f"reports skipped; write them with: hyperfleet report {run_dir}")
+        return
+    from hyperfleet.report.batch import ReportsInterrupted, interrupt_on_signals, write_in_parallel
+
+    folders = {
+        plan.name: plan.folder.path for plan in search.plans if plan.name in controller.studies
+    }
+    try:
+        with interrupt_on_signals():
+            if len(folders) > 1:
+                controller.announce(
+                    f"writing the reports of {len(folders)} studies; Ctrl+C skips them"
+                )
+            if len(folders) == 1:
+                plan = next(plan for plan in search.plans if plan.name in folders)
+                _final_report(plan.folder, controller.studies[plan.name], controller)
+            elif folders:
+                write_in_parallel(run_dir, folders, controller.announce)
+            if campaign and folders:
+                _campaign_report(controller)
+    except ReportsInterrupted:
+        controller.announce(f"reports stopped; write them with: hyperfleet report {run_dir}")
 
 
 class RunDirGuard(EventSink):

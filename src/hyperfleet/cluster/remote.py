@@ -20,6 +20,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from hyperfleet.cluster.messages import SignalWorker, StopWorker
+from hyperfleet.controller.workers import ObjectiveLoading
 from hyperfleet.resources.slots import Slot
 
 # The loop hands a message over; this sends it to the node as bytes for the worker.
@@ -37,7 +38,7 @@ class RelayConnection(Connection):
         self._forward(self._worker, bytes(ForkingPickler.dumps(obj)))
 
 
-class RemoteWorker:
+class RemoteWorker(ObjectiveLoading):
     def __init__(
         self,
         slot: Slot,
@@ -47,6 +48,7 @@ class RemoteWorker:
         command: Callable[[Any], None],
         forget: Callable[[], None],
     ) -> None:
+        super().__init__()
         self.slot = slot
         self.id = worker
         self.node = node

@@ -34,6 +34,8 @@ PID_ATTR = "hyperfleet:worker_pid"
 KIND_ATTR = "hyperfleet:fail_kind"
 REASON_ATTR = "hyperfleet:fail_reason"
 TRACEBACK_ATTR = "hyperfleet:traceback"
+# A study system attribute: the seconds of its time budget used so far, over every run.
+TIME_USED_ATTR = "hyperfleet:time_used"
 
 _OOM_TYPES = ("OutOfMemoryError", "MemoryError")
 _OOM_TEXTS = (
@@ -240,6 +242,28 @@ def stored_trials(storage: BaseStorage | None, study_name: str) -> list[FrozenTr
     except KeyError:
         return None
     return storage.get_all_trials(study_id, deepcopy=False)
+
+
+def stored_time_used(storage: BaseStorage | None, study_name: str) -> float:
+    """The seconds of its time budget the study used in earlier runs (0 for a new study)."""
+    if storage is None:
+        return 0.0
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return 0.0
+    return float(storage.get_study_system_attrs(study_id).get(TIME_USED_ATTR, 0.0))
+
+
+def time_used_of(study: optuna.Study) -> float:
+    """The seconds of its time budget an opened study used in earlier runs."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return float(attrs.get(TIME_USED_ATTR, 0.0))
+
+
+def store_time_used(study: optuna.Study, seconds: float) -> None:
+    # Optuna exposes no public setter for a study's system attributes.
+    study._storage.set_study_system_attr(study._study_id, TIME_USED_ATTR, round(seconds, 3))
 
 
 def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:

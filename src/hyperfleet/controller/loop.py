@@ -37,6 +37,7 @@ from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
+from hyperfleet.display.format import duration
 from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.journal import PlacingJournalStorage, commit
@@ -50,6 +51,7 @@ from hyperfleet.storage import is_private_journal
 from hyperfleet.workers.protocol import (
     Call,
     Finished,
+    Loaded,
     LoadFailed,
     ObjectiveSpec,
     Ready,
@@ -76,7 +78,9 @@ class StudyPlan:
     folder: RunDir  # its trial folders go in folder/trials/<number>/
     slots: tuple[str, ...]  # the slots it may use
     n_trials: int | None = None
-    timeout: float | None = None  # seconds, counted from its first trial in this run
+    # Seconds of the study's own clock, which runs while it has a trial running, over every
+    # run (see StudyRun.time_used).
+    timeout: float | None = None
     weight: float = 1.0
     priority: int = 0
     stage: int = 0  # order in a sequential run
@@ -84,6 +88,8 @@ class StudyPlan:
     # The study's trials already in storage, read without creating anything (None: no such
     # study yet); lets a run whose budget is already reached say so without starting workers.
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
+    # The seconds of its time budget it used in earlier runs, read the same way.
+    stored_time_used: Callable[[], float] = lambda: 0.0
 
 
 @dataclass
@@ -98,8 +104,38 @@ class StudyRun:
     # A storage other controllers may write (not this run directory's own journal): the
     # finished trials are then recounted from storage, theirs included.
     shared: bool = False
-    first_launch: float | None = None  # monotonic
     best_checkpoint: Path | None = None  # the best trial's, kept by --keep-checkpoints best
+    # The time budget's clock: it runs while at least one of the study's trials runs, so a
+    # study waiting for its stage, for a slot or for the next run uses none of it. Earlier
+    # runs' time is kept in the storage with the study (bookkeeping.TIME_USED_ATTR).
+    time_before: float = 0.0  # seconds used by earlier runs
+    time_this_run: float = 0.0  # seconds of the periods that ended in this run
+    clock_since: float | None = None  # monotonic start of the period going on now
+    running: int = 0  # trials running now
+    # Its trials in storage when the run started (None: no such study yet).
+    stored: list[FrozenTrial] | None = None
+    loaded_once: bool = False  # its objective loaded in some worker in this run
+    load_failure: str = ""  # why its objective could not be loaded, once the run went on
+    released: bool = False  # its workers were told to drop its objective
+
+    def time_used(self, now: float) -> float:
+        going_on = now - self.clock_since if self.clock_since is not None else 0.0
+        return self.time_before + self.time_this_run + going_on
+
+    def trial_started(self, now: float) -> None:
+        self.running += 1
+        if self.clock_since is None:
+            self.clock_since = now
+
+    def trial_ended(self, now: float) -> None:
+        self.running -= 1
+        if self.running == 0 and self.clock_since is not None:
+            self.time_this_run += now - self.clock_since
+            self.clock_since = None
+
+    def time_left(self, now: float) -> float | None:
+        timeout = self.plan.timeout
+        return None if timeout is None else max(0.0, timeout - self.time_used(now))
 
 
 @dataclass
@@ -164,6 +200,9 @@ class Controller:
         self._slot_links: dict[str, NodeLink] = {}
         self._active: dict[str, ActiveTrial] = {}
         self._kill_at: dict[str, float] = {}
+        # Slots whose worker loads a study's objective for the trial it gets next: they hold
+        # the slot's resources and share as that trial will.
+        self._loading: dict[str, StudyRun] = {}
         self._start_failures: dict[str, int] = {}
         self._dead_slots: set[str] = set()
         self._opened = False
@@ -211,8 +250,17 @@ class Controller:
         return self._stop_level
 
     @property
+    def stopped_in_a_hurry(self) -> bool:
+        """Stopped hard (a second Ctrl+C) or by SIGTERM: what follows the run should not wait."""
+        return self._stop_level >= 2 or self._hard_stop_at is not None
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir.path
+
+    @property
     def study(self) -> optuna.Study | None:
-        """The first study, once every objective has loaded in a worker and it was opened."""
+        """The first study, once the first studies' objectives loaded and it was opened."""
         return next(iter(self._runs.values())).study
 
     @property
@@ -231,8 +279,9 @@ class Controller:
         if self._settings.timeout is not None:
             self._deadline = started + self._settings.timeout
         try:
+            self._read_stored()
             if self._budgets_already_reached():
-                self._open_studies()
+                self._open_studies(announce=False)  # said already
                 return self._outcome()
             self._listen()
             for slot in self._slots:
@@ -253,20 +302,37 @@ class Controller:
             self._close()
         return self._outcome()
 
-    def _open_studies(self) -> None:
+    def _open_studies(self, announce: bool = True) -> None:
         for run in self._runs.values():
             run.study = run.plan.open_study()
             self._prepare_study(run)
+            if announce:
+                self._announce_budget(run)
         self._opened = True
         self._emit("on_start")
+
+    def _read_stored(self) -> None:
+        for run in self._runs.values():
+            run.stored = run.plan.stored_trials()
+            run.time_before = run.plan.stored_time_used() if run.stored is not None else 0.0
 
     def _budgets_already_reached(self) -> bool:
         """True when every study has all its trials already (and none left running): the run
         says so in one line per study instead of starting workers for nothing."""
         reached = []
         for run in self._runs.values():
-            trials = run.plan.stored_trials()
-            if trials is None or run.plan.n_trials is None:
+            trials = run.stored
+            if trials is None:
+                return False
+            label = self._study_label(run)
+            timeout = run.plan.timeout
+            if timeout is not None and run.time_before >= timeout:
+                reached.append(
+                    f"{label} already used {duration(run.time_before)} of its "
+                    f"{duration(timeout)}: nothing to run; raise its timeout to run more"
+                )
+                continue
+            if run.plan.n_trials is None:
                 return False
             if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
                 return False  # leftovers to mark, or repeats and experiments still to run
@@ -275,29 +341,72 @@ class Controller:
             used = books.budget_used(trials)
             if used < run.plan.n_trials:
                 return False
-            label = self._study_label(run)
-            reached.append(f"{label} already has {used} of its {run.plan.n_trials} trials")
+            reached.append(
+                f"{label} already has {used} of its {run.plan.n_trials} trials: nothing to "
+                "run; raise n_trials (--n-trials) to run more"
+            )
         for line in reached:
-            self.announce(f"{line}: nothing to run; raise n_trials (--n-trials) to run more")
+            self.announce(line)
         return True
 
     def _wait_until_loaded(self) -> None:
-        """Open no storage before every study's objective has loaded in a worker: bad input
-        writes nothing."""
-        while not all(self._has_ready_worker(run) for run in self._runs.values()):
+        """Open no storage before the objective of every study that starts first has loaded
+        in a worker: bad input writes nothing. Those are all the studies with work left, or in
+        a sequential run those of the first stage with work left; later stages load theirs
+        when they start, and a study whose objective fails then stops alone."""
+        first = self._first_studies()
+        while not all(run.loaded_once for run in first):
             if self._stop_level:
                 return
-            for run in self._runs.values():
+            for run in first:
                 if self._all_dead(run.plan.slots):
                     raise WorkerError(
                         f"every worker that could run study {run.plan.name!r} died while "
                         f"starting; see the logs in {self._run_dir.workers_dir}."
                     )
+            self._preload(first)
             self._step(timeout=TICK_SECONDS)
 
-    def _has_ready_worker(self, run: StudyRun) -> bool:
-        workers = (self._workers.get(name) for name in run.plan.slots)
-        return any(worker is not None and worker.ready for worker in workers)
+    def _first_studies(self) -> list[StudyRun]:
+        runs = [run for run in self._runs.values() if self._stored_work_left(run)]
+        runs = runs or list(self._runs.values())
+        if self._sequential:
+            stage = min(run.plan.stage for run in runs)
+            runs = [run for run in runs if run.plan.stage == stage]
+        return runs
+
+    def _stored_work_left(self, run: StudyRun) -> bool:
+        """Whether the study has work left, judged from the storage before it is opened."""
+        if run.time_left(time.monotonic()) == 0.0:
+            return False
+        trials, n_trials = run.stored, run.plan.n_trials
+        if trials is None or n_trials is None:
+            return True
+        if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+            return True  # leftovers to repeat, or experiments to run
+        return books.budget_used(trials) < n_trials
+
+    def _preload(self, first: list[StudyRun]) -> None:
+        """Give each ready worker one of the first studies' objectives to load: one nobody
+        holds yet, else (once per worker) the one the fewest hold, so that every slot is
+        ready for a trial when the storage opens."""
+        holders = {run.plan.name: 0 for run in first}
+        for worker in self._workers.values():
+            held = {*worker.loaded, worker.loading or ""}
+            for study in held & holders.keys():
+                holders[study] += 1
+        for name, worker in self._workers.items():
+            if not worker.ready or worker.loading is not None:
+                continue
+            mine = [run for run in first if name in run.plan.slots]
+            unheld = [run for run in mine if not holders[run.plan.name]]
+            holds_one = any(run.plan.name in worker.loaded for run in mine)
+            if not unheld and (holds_one or not mine):
+                continue
+            run = min(unheld or mine, key=lambda r: holders[r.plan.name])
+            worker.load(run.plan.name)
+            holders[run.plan.name] += 1
+            self.state.slot(name).state = "loading"
 
     def _loop(self) -> None:
         next_tick = time.monotonic()
@@ -307,8 +416,10 @@ class Controller:
                 self._interrupt_running()
                 return
             self._launch_on_free_slots()
+            self._release_done_studies()
             self._flush()
-            if not self._active and not any(self._has_work(r) for r in self._runs.values()):
+            busy = self._active or self._loading
+            if not busy and not any(self._has_work(r) for r in self._runs.values()):
                 return
             if self._hub is None and len(self._dead_slots) == len(self._slots):
                 return
@@ -374,7 +485,6 @@ class Controller:
         elif isinstance(message, Finished):
             self._on_finished(name, worker, message)
         elif isinstance(message, Ready):
-            self._start_failures[name] = 0
             if self._autopack is not None and self._autopack.leaving(name):
                 return  # retired while it started: it reads the request to leave next
             worker.ready = True
@@ -382,6 +492,8 @@ class Controller:
                 self._autopack.ready(name, time.monotonic())
             view = self.state.slot(name)
             view.state, view.pid = "idle", message.pid
+        elif isinstance(message, Loaded):
+            self._on_loaded(name, worker, message.study)
         elif isinstance(message, LoadFailed):
             self._on_load_failed(name, message)
 
@@ -389,13 +501,12 @@ class Controller:
 
     def _has_work(self, run: StudyRun) -> bool:
         """May the study start another trial now (stop, deadlines, budget)?"""
-        if self._stop_level or run.study is None:
+        if self._stop_level or run.study is None or run.load_failure:
             return False
         now = time.monotonic()
         if self._deadline is not None and now >= self._deadline:
             return False
-        timeout, first = run.plan.timeout, run.first_launch
-        if timeout is not None and first is not None and now >= first + timeout:
+        if run.time_left(now) == 0.0:
             return False
         if self._all_dead(run.plan.slots):
             return False
@@ -409,7 +520,7 @@ class Controller:
         idle = [
             name
             for name, worker in self._workers.items()
-            if worker.ready and name not in self._active
+            if worker.ready and worker.loading is None and name not in self._active
         ]
         free = [name for name in idle if self._ledger.fits(name)]
         blocked = [name for name in idle if not self._ledger.fits(name)]
@@ -428,6 +539,7 @@ class Controller:
                 self._run_dir.check_still_there()
                 self._recount_shared_budgets()
                 recounted = True
+            loading = {run.plan.name for run in self._loading.values()}
             demands = [
                 StudyDemand(
                     name=run.plan.name,
@@ -436,6 +548,7 @@ class Controller:
                     weight=run.plan.weight,
                     priority=run.plan.priority,
                     stage=run.plan.stage,
+                    loading=run.plan.name in loading,
                 )
                 for run in self._runs.values()
             ]
@@ -447,11 +560,67 @@ class Controller:
                 self._sequential,
                 blocked_slots=blocked,
                 overlaps=self._ledger.overlaps,
+                loaded={name: self._workers[name].loaded for name in free},
             )
             if choice is None:
                 return
             study_name, slot_name = choice
-            self._launch(slot_name, self._workers[slot_name], self._runs[study_name])
+            worker, run = self._workers[slot_name], self._runs[study_name]
+            if study_name in worker.loaded:
+                self._launch(slot_name, worker, run)
+            else:
+                self._load_then_launch(slot_name, worker, run)
+
+    def _load_then_launch(self, name: str, worker: Worker, run: StudyRun) -> None:
+        """The slot's first trial of this study: its worker loads the objective first, holding
+        the slot's resources and share meanwhile; the trial starts once it has loaded."""
+        worker.load(run.plan.name)
+        self._loading[name] = run
+        self._ledger.claim(name)
+        self._book.start(run.plan.name, name, self._cost[name])
+        view = self.state.slot(name)
+        view.state, view.study = "loading", run.plan.name
+
+    def _on_loaded(self, name: str, worker: Worker, study: str) -> None:
+        worker.loading = None
+        self._start_failures[name] = 0
+        worker.loaded.add(study)
+        run = self._runs[study]
+        run.loaded_once = True
+        view = self.state.slot(name)
+        view.state, view.study = "idle", None
+        if self._loading.pop(name, None) is not None:
+            self._ledger.release(name)
+            self._book.stop(name)
+            if self._has_work(run):
+                self._launch(name, worker, run)
+        if run.released:  # the study ended while this worker was loading it
+            worker.release(study)
+
+    def _release_done_studies(self) -> None:
+        """Have the workers drop the objective (and its data set) of every study that has
+        nothing left to run, so that a sequential run holds one stage's data at a time."""
+        if self._stop_level:
+            return  # everything is dropped at the end anyway
+        loading = {run.plan.name for run in self._loading.values()}
+        for run in self._runs.values():
+            if run.released or run.running or run.plan.name in loading:
+                continue
+            if not self._budget_spent(run):
+                continue
+            run.released = True
+            for worker in self._workers.values():
+                if run.plan.name in worker.loaded:
+                    worker.release(run.plan.name)
+
+    def _budget_spent(self, run: StudyRun) -> bool:
+        """Whether the study is done for good: its trials, its time or its objective."""
+        if run.study is None:
+            return False
+        if run.load_failure or run.time_left(time.monotonic()) == 0.0:
+            return True
+        n_trials = run.plan.n_trials
+        return n_trials is not None and run.finished >= n_trials
 
     def _recount_shared_budgets(self) -> None:
         """On a storage other controllers share, the study's finished trials are counted from
@@ -498,10 +667,10 @@ class Controller:
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
-        if run.first_launch is None:
-            run.first_launch = now
-            if run.plan.timeout is not None:
-                run.view.ends_at = time.time() + run.plan.timeout
+        run.trial_started(now)
+        left = run.time_left(now)
+        if left is not None:  # for the view: when the budget runs out if trials keep running
+            run.view.ends_at = time.time() + left
         message = RunTrial(
             objective=run.plan.name,
             number=trial.number,
@@ -657,8 +826,14 @@ class Controller:
             if active.end_kind:
                 kind, reason = active.end_kind, active.end_reason
             self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
-        elif not worker.ready:
-            self._start_failures[name] = self._start_failures.get(name, 0) + 1
+        else:
+            if self._loading.pop(name, None) is not None:
+                self._ledger.release(name)
+                self._book.stop(name)
+            if not worker.ready or worker.loading is not None:
+                # Died starting or loading an objective (out of memory, a crash in a library):
+                # a slot where this keeps happening is given up, not restarted for ever.
+                self._start_failures[name] = self._start_failures.get(name, 0) + 1
         self._kill_at.pop(name, None)
         worker.kill()
         del self._workers[name]
@@ -689,6 +864,9 @@ class Controller:
         run = active.run
         study = _opened(run)
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
+        run.trial_ended(time.monotonic())
+        if run.plan.timeout is not None:  # no extra write per trial for the others
+            books.store_time_used(study, run.time_used(time.monotonic()))
         state = frozen.state
         kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
         if rerun:
@@ -841,16 +1019,32 @@ class Controller:
             self._replace_worker(name, worker, graceful=False)
 
     def _on_load_failed(self, name: str, failure: LoadFailed) -> None:
+        run = self._runs[failure.study]
         if not self._opened:
             # Show the user's own frames; a traceback without any says no more than the message.
             frames = failure.traceback.rstrip() if '  File "' in failure.traceback else ""
-            run = self._runs[failure.study]
             where = f" (study {run.plan.name!r})" if len(self._runs) > 1 else ""
             raise ObjectiveError(
                 f"the objective {run.plan.spec.describe()}{where} could not be loaded: "
                 f"{failure.message}" + (f"\n{frames}" if frames else "")
             )
-        self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
+        if self._loading.pop(name, None) is not None:
+            self._ledger.release(name)
+            self._book.stop(name)
+        worker = self._workers.get(name)
+        if worker is not None:
+            worker.loading = None  # it said why, and exits: not a worker dying unexplained
+        if run.loaded_once:  # it loads elsewhere: this slot is what is wrong
+            self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
+            return
+        # A later stage's objective: that study stops, the others go on. The worker exits
+        # after a failed load, and the loop starts a fresh one.
+        run.load_failure = failure.message
+        self._emit(
+            "on_message",
+            f"study {run.plan.name} stopped: its objective {run.plan.spec.describe()} could "
+            f"not be loaded: {failure.message}; see {self._run_dir.workers_dir}",
+        )
 
     def _give_up_slot(self, name: str, why: str) -> None:
         self._dead_slots.add(name)
@@ -1065,10 +1259,10 @@ class Controller:
                 self._say_repeat(run, trial, kind, repeated)
         trials = study.get_trials(deepcopy=False)
         run.finished = books.budget_used(trials)
+        run.time_before = books.time_used_of(study)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
         run.shared = not (private or in_memory)  # others could be writing the same study
         run.view.directions = tuple(d.name for d in study.directions)
-        self._announce_budget(run)
         self._refresh_study_view(run, trials)
         self._sweep_checkpoints(run)
 
@@ -1092,14 +1286,25 @@ class Controller:
         )
 
     def _announce_budget(self, run: StudyRun) -> None:
-        """What a resumed run (or one sharing its storage) works toward, in one line."""
-        n_trials = run.plan.n_trials
-        if n_trials is None or not (run.finished or run.shared):
+        """What a resumed run (or one sharing its storage) has left of the study's budgets,
+        trials and time, in one line."""
+        n_trials, timeout = run.plan.n_trials, run.plan.timeout
+        resumed = run.finished or (timeout is not None and run.time_before)
+        if (n_trials is None and timeout is None) or not (resumed or run.shared):
             return
+        used, left, done = [], [], False
+        if n_trials is not None:
+            used.append(f"{run.finished} of {n_trials} trials")
+            left.append(f"{max(0, n_trials - run.finished)} trials")
+            done = run.finished >= n_trials
+        if timeout is not None:
+            used.append(f"{duration(run.time_before)} of {duration(timeout)}")
+            left.append(duration(timeout - run.time_before))
+            done = done or run.time_before >= timeout
+        rest = "nothing left to run" if done else f"this run adds up to {' and '.join(left)}"
         shared = "; trials of other runs on the same storage count too" if run.shared else ""
         self.announce(
-            f"{self._study_label(run)}: {run.finished} of {n_trials} trials finished already, "
-            f"this run adds up to {max(0, n_trials - run.finished)}{shared}"
+            f"{self._study_label(run)}: {' and '.join(used)} used already, {rest}{shared}"
         )
 
     def _study_label(self, run: StudyRun) -> str:
@@ -1185,6 +1390,11 @@ class Controller:
             return Outcome(
                 "failed", "every slot stopped; see the worker logs", first, counts, studies
             )
+        failed = [run for run in self._runs.values() if run.load_failure]
+        if failed:
+            names = ", ".join(run.plan.name for run in failed)
+            message = f"the objective of {names} could not be loaded; see the run log"
+            return Outcome("failed", message, first, counts, studies)
         if self._stop_level:
             return Outcome(
                 "stopped", "stopped before the budget was reached", first, counts, studies

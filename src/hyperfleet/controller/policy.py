@@ -46,7 +46,7 @@ that is not ahead of them): give the big study a higher priority to have it wait
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from hyperfleet.errors import ConfigError
@@ -62,6 +62,9 @@ class StudyDemand:
     weight: float = 1.0
     priority: int = 0  # bigger number = higher priority
     stage: int = 0  # used only in sequential mode
+    # A slot loads its objective for its next trial: that trial is still to start, so its
+    # stage is not over (sequential mode) even when the study has no other trial to start.
+    loading: bool = False
 
     def __post_init__(self) -> None:
         # A zero or negative weight would make the share undefined (or reward running more).
@@ -130,6 +133,7 @@ def pick(
     sequential: bool = False,
     blocked_slots: Sequence[str] = (),
     overlaps: Callable[[str, str], bool] = lambda a, b: False,
+    loaded: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[str, str] | None:
     """The (study, slot) to launch next, or None when no eligible study can use any free slot.
 
@@ -137,17 +141,20 @@ def pick(
     gets the first free slot in that order that it may use. `slot_cost` gives the cost of every
     slot (e.g. 0.5 for half a GPU, 2 for two GPUs, the number of cores for a CPU slot).
     `blocked_slots` are idle slots that cannot start now because running trials hold part of
-    what they need, best first; `overlaps` says whether two slots share a resource.
+    what they need, best first; `overlaps` says whether two slots share a resource. `loaded`
+    names the studies whose objective each slot's worker holds: the chosen study gets one of
+    those slots first, since any other must load it before the trial starts.
     """
     unpriced = [slot for slot in free_slots if slot not in slot_cost]
     if unpriced:
         raise ValueError(f"free slots without a cost: {unpriced}")
     eligible = _eligible(demands, sequential)
-    candidates = _candidates(eligible, free_slots)
+    loaded = loaded or {}
+    candidates = _candidates(eligible, free_slots, loaded)
     waiting = _waiting(eligible, candidates, blocked_slots)
     if waiting is not None:
         priority, reserved = waiting
-        candidates = _candidates(eligible, free_slots, reserved, priority, overlaps)
+        candidates = _candidates(eligible, free_slots, loaded, reserved, priority, overlaps)
     if not candidates:
         return None
     top_priority = max(demand.priority for _, demand, _ in candidates)
@@ -171,18 +178,20 @@ def _eligible(demands: Sequence[StudyDemand], sequential: bool) -> list[tuple[in
     if not sequential or not with_work:
         return with_work
     # A later stage waits for every study of an earlier one, even one whose slots are all busy.
-    current_stage = min(demand.stage for _, demand in with_work)
+    current_stage = min(d.stage for d in demands if d.has_work or d.loading)
     return [(index, demand) for index, demand in with_work if demand.stage == current_stage]
 
 
 def _candidates(
     eligible: Sequence[tuple[int, StudyDemand]],
     free_slots: Sequence[str],
+    loaded: Mapping[str, Collection[str]],
     reserved: Sequence[str] = (),
     reserved_for: int = 0,
     overlaps: Callable[[str, str], bool] = lambda a, b: False,
 ) -> list[tuple[int, StudyDemand, str]]:
-    """Each eligible study that may use a free slot, with the first such slot in caller order.
+    """Each eligible study that may use a free slot, with the first such slot in caller order,
+    one whose worker holds the study's objective first.
 
     A study of priority below ``reserved_for`` may not use a slot that overlaps a reserved one."""
     candidates = []
@@ -190,6 +199,7 @@ def _candidates(
         usable = [s for s in free_slots if s in demand.slots]
         if demand.priority < reserved_for:
             usable = [s for s in usable if not any(overlaps(s, r) for r in reserved)]
+        usable.sort(key=lambda s: demand.name not in loaded.get(s, ()))  # stable: caller order
         if usable:
             candidates.append((index, demand, usable[0]))
     return candidates

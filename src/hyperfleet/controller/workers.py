@@ -24,16 +24,39 @@ from pathlib import Path
 
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers import descendants
-from hyperfleet.workers.protocol import ObjectiveSpec, Shutdown, WorkerSetup
+from hyperfleet.workers.protocol import Load, ObjectiveSpec, Release, Shutdown, WorkerSetup
 
 # How long idle workers asked to leave get to exit on their own before they are killed.
 SHUTDOWN_SECONDS = 2.0
 
 
-class WorkerHandle:
+class ObjectiveLoading:
+    """Which studies' objectives a worker holds, as the controller asked: the same for a
+    worker here and one on another node (whose ``conn`` relays to it)."""
+
+    conn: Connection
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()  # the studies whose objective this worker holds
+        self.loading: str | None = None  # the study whose objective it is loading now
+
+    def load(self, study: str) -> None:
+        self.loading = study
+        # A worker that died meanwhile is noticed by the loop, which frees what it held.
+        with contextlib.suppress(ConnectionError):
+            self.conn.send(Load(study))
+
+    def release(self, study: str) -> None:
+        self.loaded.discard(study)
+        with contextlib.suppress(ConnectionError):
+            self.conn.send(Release(study))
+
+
+class WorkerHandle(ObjectiveLoading):
     def __init__(
         self, slot: Slot, specs: dict[str, ObjectiveSpec], log_dir: Path, cwd: Path
     ) -> None:
+        super().__init__()
         self.slot = slot
         self.trials_run = 0
         self.ready = False

@@ -23,12 +23,15 @@ class ReportError(HyperfleetError):
     """The report cannot be written."""
 
 
-def write_report(run_dir: str | Path, top: int = 5, study: optuna.Study | None = None) -> Path:
+def write_report(
+    run_dir: str | Path, top: int = 5, study: optuna.Study | None = None, pngs: bool = True
+) -> Path:
     """Write ``RUN_DIR/report/`` from the run's storage and return that folder.
 
     ``study`` skips reopening the storage (the end of a search passes the one it ran, which
-    also covers in-memory storage)."""
-    _require_plotting()
+    also covers in-memory storage). ``pngs=False`` leaves out the PNGs, most of the cost, and
+    does without matplotlib."""
+    _require_plotting(pngs)
     from hyperfleet.report import html, png, tables
 
     if top < 1:
@@ -44,7 +47,8 @@ def write_report(run_dir: str | Path, top: int = 5, study: optuna.Study | None =
     with warnings.catch_warnings():
         # Optuna's notes on experimental plots and importance targets mean nothing to a reader.
         warnings.simplefilter("ignore")
-        png.write_pngs(folder, study)
+        if pngs:
+            png.write_pngs(folder, study)
         figures = html.build_figures(study)
     meta = (
         f"{len(study.get_trials(deepcopy=False))} trials, "
@@ -89,10 +93,12 @@ def _stored_studies(path: Path) -> list[optuna.Study]:
     return studies
 
 
-def _require_plotting() -> None:
+def _require_plotting(pngs: bool = True) -> None:
     try:
-        import matplotlib  # noqa: F401
         import plotly  # noqa: F401
+
+        if pngs:
+            import matplotlib  # noqa: F401
     except ImportError as exc:
         raise ReportError(
             f"the report needs matplotlib and plotly ({exc.name} is missing); install them "

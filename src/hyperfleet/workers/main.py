@@ -1,8 +1,8 @@
 """The worker process: ``python -m hyperfleet.workers.main CONN_FD LIFELINE_FD``.
 
 It is started by the controller with its slot's environment already set (GPUs, thread limits),
-pins itself to its cores, loads the objective once, then runs trial after trial. It never
-opens the Optuna storage: every trial call goes to the controller over the connection.
+pins itself to its cores, loads each study's objective when asked, then runs trial after trial.
+It never opens the Optuna storage: every trial call goes to the controller over the connection.
 
 Its stdout and stderr are its log, ``RUN_DIR/workers/<slot>.log``: a line when it starts and
 one per trial it runs, and whatever the objective's module printed while it loaded (a trial's

@@ -40,8 +40,10 @@ class ObjectiveSpec:
 
 @dataclass(frozen=True)
 class WorkerSetup:
-    """The objectives of every study that may use this worker's slot, by study name; the worker
-    loads each once, before it says it is ready."""
+    """The objectives of every study that may use this worker's slot, by study name. The worker
+    loads none of them before it says it is ready: each is loaded when the controller sends
+    :class:`Load`, before the study's first trial on this slot, and dropped at :class:`Release`,
+    once the study has nothing left to run."""
 
     objectives: dict[str, ObjectiveSpec]
     slot_name: str
@@ -50,6 +52,21 @@ class WorkerSetup:
 @dataclass(frozen=True)
 class Ready:
     pid: int
+
+
+@dataclass(frozen=True)
+class Load:
+    study: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    study: str
+
+
+@dataclass(frozen=True)
+class Release:
+    study: str
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""Inside a worker: load the objective once, then run each trial the controller sends."""
+"""Inside a worker: load each study's objective when the controller asks, before the study's
+first trial here; run each trial the controller sends; drop an objective once its study is
+done."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import importlib
 import importlib.util
@@ -27,9 +30,12 @@ from hyperfleet.workers.descendants import end as end_processes
 from hyperfleet.workers.main import say
 from hyperfleet.workers.protocol import (
     Finished,
+    Load,
+    Loaded,
     LoadFailed,
     ObjectiveSpec,
     Ready,
+    Release,
     RunTrial,
     Shutdown,
     WorkerSetup,
@@ -42,36 +48,57 @@ Objective = Callable[[optuna.Trial], Any]
 def serve(conn: Connection) -> None:
     setup: WorkerSetup = conn.recv()
     objectives: dict[str, Objective] = {}
-    for study, spec in setup.objectives.items():
-        try:
-            objectives[study] = load_objective(spec)
-        except BaseException as exc:  # the user's import may raise anything, even SystemExit
-            conn.send(LoadFailed(f"{type(exc).__name__}: {exc}", user_traceback(exc), study))
-            return
-    # What the objective's module loaded (libraries, a data set) lives for the whole worker;
-    # freezing it keeps the per-trial collection below from scanning it again every trial
-    # (tens of milliseconds once scikit-learn or torch is imported).
-    gc.collect()
-    gc.freeze()
-    # Processes the objective's module or factory started (a data loader pool, a local server)
-    # belong to the worker, like the data it loaded; anything else is a trial's, and ends with it.
-    loaded_with_objective = set(descendants(os.getpid()))
     conn.send(Ready(pid=os.getpid()))
+    # Processes an objective's module or factory started (a data loader pool, a local server)
+    # belong to the worker, like the data it loaded; anything else is a trial's, and ends with it.
+    loaded_with_objectives: set[psutil.Process] = set()
     channel = Channel(conn)
     while True:
         message = conn.recv()
         if isinstance(message, Shutdown):
             end_processes(descendants(os.getpid()))
             return
-        if isinstance(message, RunTrial):
+        if isinstance(message, Load):
+            try:
+                objectives[message.study] = load_objective(setup.objectives[message.study])
+            except BaseException as exc:  # the user's import may raise anything, SystemExit too
+                text = f"{type(exc).__name__}: {exc}"
+                conn.send(LoadFailed(text, user_traceback(exc), message.study))
+                return  # half-run module code may have left anything behind: a fresh worker
+            _keep_loaded()
+            loaded_with_objectives = set(descendants(os.getpid()))
+            conn.send(Loaded(message.study))
+        elif isinstance(message, Release):
+            objectives.pop(message.study, None)
+            _drop_released()
+        elif isinstance(message, RunTrial):
             finished = run_trial(channel, objectives[message.objective], message)
             _send_finished(conn, replace(finished, gpu_peak_mib=_torch_peak_mib()))
             say(f"trial {message.number} ended: {finished.outcome} {finished.error_type}".rstrip())
             # After the result is on its way (the controller records it meanwhile), before this
             # worker reads its next trial: that trial finds the trial's processes gone, and a
             # failed trial's worker is replaced, its whole tree ended, by the controller.
-            _end_trial_processes(loaded_with_objective)
+            _end_trial_processes(loaded_with_objectives)
             _free_memory()
+
+
+def _keep_loaded() -> None:
+    """What an objective's module loaded (libraries, a data set) lives until its study is done;
+    freezing it keeps the per-trial collection from scanning it again every trial (tens of
+    milliseconds once scikit-learn or torch is imported)."""
+    gc.collect()
+    gc.freeze()
+
+
+def _drop_released() -> None:
+    """Free a released objective's data: unfrozen, so that the objects it held in reference
+    cycles are collected too, and the freed heap handed back to the system (glibc keeps it
+    otherwise, and the worker's resident memory would not go down)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # Linux; elsewhere the OS gets it later
 
 
 def _end_trial_processes(kept: set[psutil.Process]) -> None:
