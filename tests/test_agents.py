@@ -175,6 +175,7 @@ CAMPAIGN = """
 [campaign]
 name = "multi"
 run_dir = "run"
+listen = "{address}"
 
 [pool]
 trials_per_gpu = 2
@@ -196,20 +197,18 @@ slot = "cpu"
 """
 
 
-def test_a_campaign_from_python_uses_every_slot_of_every_node(
+def test_a_campaign_file_that_listens_uses_every_slot_of_every_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HYPERFLEET_TEST_NAP", "0.2")
     campaign = tmp_path / "campaign.toml"
-    campaign.write_text(CAMPAIGN.format(objective=OBJECTIVE))
     address = f"127.0.0.1:{free_port()}"
+    campaign.write_text(CAMPAIGN.format(objective=OBJECTIVE, address=address))
     token = write_token(tmp_path)
     agents = [Agent(tmp_path, address, node, 1) for node in ("nodeA", "nodeB")]
     try:
-        outcome = hyperfleet.run_campaign(
-            campaign, listen=address, token_file=token, display="quiet", report=False
-        )
+        outcome = hyperfleet.run_campaign(campaign, token_file=token, display="quiet", report=False)
         for agent in agents:
             assert agent.wait(15) == 0, agent.log.read_text()
     finally:

@@ -230,7 +230,14 @@ def run_campaign(
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)
     folder.check_writable()
-    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray, slurm)
+    cluster = cluster_settings(
+        listen or campaign.settings.listen,
+        token_file,
+        heartbeat,
+        node_timeout,
+        ray or campaign.settings.ray,
+        slurm or campaign.settings.slurm,
+    )
     if cluster is None and inventory is None:
         inventory = detect_inventory()
     search = campaign_search(campaign, folder, inventory, sequential, force_refit)
