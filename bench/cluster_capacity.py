@@ -5,9 +5,9 @@
 
 A load generator plays the agents: ``--connections`` processes (4 by default) each connect to a
 real controller (``hyperfleet run --listen``) with the run's token, say hello with a node of
-fake GPUs, and answer for every worker the controller starts there, at once: ready, then for
-each trial the four ``suggest_float`` calls of :func:`objective` (each a round trip through the
-controller's sampler) and a result. Trials take no time, so the controller is the only limit.
+fake GPUs, and answer for every worker the controller starts there, at once: ready, loaded,
+then for each trial the four ``suggest_float`` calls of :func:`objective` (each a round trip
+through the controller's sampler) and a result. Trials take no time, so the controller is the only limit.
 The study starts with ``--studies`` finished trials (written by plain Optuna) and runs
 ``--new-trials`` more (fewer for TPE, whose cost grows with the study).
 
@@ -48,7 +48,7 @@ from hyperfleet.cluster.messages import (
     WorkerStarted,
 )
 from hyperfleet.resources.inventory import Gpu, Inventory
-from hyperfleet.workers.protocol import Call, Finished, Ready, Reply, RunTrial
+from hyperfleet.workers.protocol import Call, Finished, Load, Loaded, Ready, Reply, RunTrial
 
 TOKEN = "capacity-bench-token"
 STUDY = "capacity"
@@ -102,6 +102,8 @@ class Node:
             self._next(worker)
         elif isinstance(message, Reply):
             self._next(worker)
+        elif isinstance(message, Load):  # the objective "loads" at once
+            self.conn.send(Relay(worker, _pack(Loaded(message.study))))
 
     def _next(self, worker: int) -> None:
         step = self.step[worker]
