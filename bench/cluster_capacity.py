@@ -7,9 +7,9 @@ A load generator plays the agents: ``--connections`` processes (4 by default) ea
 real controller (``hyperfleet run --listen``) with the run's token, say hello with a node of
 fake GPUs, and answer for every worker the controller starts there, at once: ready, loaded,
 then for each trial the four ``suggest_float`` calls of :func:`objective` (each a round trip
-through the controller's sampler) and a result. Trials take no time, so the controller is the only limit.
-The study starts with ``--studies`` finished trials (written by plain Optuna) and runs
-``--new-trials`` more (fewer for TPE, whose cost grows with the study).
+through the controller's sampler) and a result. Trials take no time, so the controller is the
+only limit. The study starts with ``--studies`` finished trials (written by plain Optuna) and
+runs ``--new-trials`` more (fewer for TPE, whose cost grows with the study).
 
 Figures: trials/s over the run (first trial sent to last result), and each slot's wait for its
 next trial (from the result it sent to the next trial it receives), from the load generator's
