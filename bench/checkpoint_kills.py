@@ -18,11 +18,8 @@ import argparse
 import functools
 import importlib.util
 import json
-import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,18 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(TESTS))
-from support.procs import processes_of_run  # noqa: E402 (the tests' own leftover check)
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+sys.path[:0] = [str(HERE), str(TESTS)]  # common (also when the tests load this file), support
+from common import final_run, kill_round  # noqa: E402
+
+from support.procs import cpu_only_env, load_trials  # noqa: E402
 
 OBJECTIVE = TESTS / "objectives" / "checkpointed.py"
 STUDY = "checkpointed"
-POLL = 0.02  # seconds between looks at a condition
 _LINE = re.compile(r"(attempt|step|saved|stopped) (\d+) (\S+) (.*)")
 
 
@@ -91,9 +87,8 @@ def command(run_dir: Path, plan: Plan, *extra: str) -> list[str]:
 
 
 def environment(folder: Path, plan: Plan, checkpoints: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYPERFLEET_FAKE_GPUS"}
+    env = cpu_only_env()
     env.update(
-        CUDA_VISIBLE_DEVICES="",
         TEST_FOLDER=str(folder),
         CHECKPOINT_STEPS=str(plan.steps),
         CHECKPOINT_EVERY=str(plan.every),
@@ -117,42 +112,12 @@ def steps_run(folder: Path) -> int:
     return sum(event == "step" for event, *_ in log_lines(folder))
 
 
-def wait_for(condition: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(POLL)
-    return bool(condition())  # type: ignore[operator]
-
-
 def one_round(
     cmd: list[str], env: dict[str, str], folder: Path, rng: random.Random, max_between: int
 ) -> tuple[bool, str]:
     """Start the controller, wait for some more steps, SIGKILL it. (killed, problem)."""
-    run_dir = Path(cmd[cmd.index("--run-dir") + 1])
     wanted = steps_run(folder) + rng.randint(1, max_between)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    reached = wait_for(lambda: steps_run(folder) >= wanted or proc.poll() is not None, 60)
-    if proc.poll() is not None:
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
-        proc.wait()
-        if proc.returncode != 0:
-            return False, f"controller exited with {proc.returncode}: {stderr.strip()[-500:]}"
-        return False, ""
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
-    problem = "" if reached else "no progress within 60s"
-    if not wait_for(lambda: not processes_of_run(run_dir), 10):
-        problem += f" workers left after the kill: {processes_of_run(run_dir)}"
-    return True, problem.strip()
-
-
-def load_trials(run_dir: Path) -> list[FrozenTrial]:
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
-    return optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+    return kill_round(cmd, env, lambda: steps_run(folder) >= wanted)
 
 
 def check(trials: list[FrozenTrial], folder: Path, plan: Plan, checkpoints: bool) -> list[str]:
@@ -212,10 +177,9 @@ def kill_loop(
             report.problems.append(f"kill {report.kills}: {problem}")
         if not killed:
             break  # the budget was reached before the planned kills
-    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if final.returncode != 0:
-        report.problems.append(f"final run exited with {final.returncode}: {final.stderr[-500:]}")
-    trials = load_trials(run_dir)
+    if problem := final_run(cmd, env):
+        report.problems.append(problem)
+    trials = load_trials(run_dir, STUDY)
     report.problems += check(trials, folder, plan, checkpoints)
     report.steps_needed = plan.n_trials * plan.steps
     report.steps_run = steps_run(folder)

@@ -1,4 +1,5 @@
-"""What several benchmarks share: journals, a big study built fast, Optuna processes side by side.
+"""What several benchmarks share: journals, a big study built fast, Optuna processes side by side,
+killing a controller and running it again.
 
 Benchmarks run as scripts (``python bench/NAME.py``), so this folder is on ``sys.path`` and they
 import this module by name.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,3 +61,56 @@ def run_processes(target: Callable[..., None], args: Sequence[tuple[Any, ...]]) 
         process.join()
         if process.exitcode != 0:
             raise RuntimeError(f"an Optuna process exited with {process.exitcode}")
+
+
+POLL = 0.02  # seconds between looks at a condition
+
+
+def wait_for(condition: Callable[[], object], timeout: float) -> bool:
+    """Whether ``condition()`` became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(POLL)
+    return bool(condition())
+
+
+def _processes_of_run(run_dir: Path) -> list[str]:
+    # The tests' own leftover check; the benchmarks that kill put tests/ on sys.path.
+    from support.procs import processes_of_run
+
+    return processes_of_run(run_dir)
+
+
+def kill_round(
+    cmd: list[str], env: dict[str, str], kill_point: Callable[[], bool]
+) -> tuple[bool, str]:
+    """Start the controller ``cmd``, wait for ``kill_point()`` (60 s at most), SIGKILL it and
+    check its workers are gone within 10 s. (killed, problem): not killed when the controller
+    ended first; a problem when it failed, made no progress or left workers."""
+    run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reached = wait_for(lambda: kill_point() or proc.poll() is not None, 60)
+    if proc.poll() is not None:
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        proc.wait()
+        if proc.returncode != 0:
+            return False, f"controller exited with {proc.returncode}: {stderr.strip()[-500:]}"
+        return False, ""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+    problem = "" if reached else "no progress within 60s"
+    if not wait_for(lambda: not _processes_of_run(run_dir), 10):
+        problem += f" workers left after the kill: {_processes_of_run(run_dir)}"
+    return True, problem.strip()
+
+
+def final_run(cmd: list[str], env: dict[str, str]) -> str:
+    """Run the controller ``cmd`` to the end after the kills: a problem if it failed, else ''."""
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    if final.returncode != 0:
+        return f"final run exited with {final.returncode}: {final.stderr[-500:]}"
+    return ""

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,20 +23,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(TESTS))
-from support.procs import processes_of_run  # noqa: E402 (the tests' own leftover check)
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+sys.path[:0] = [str(HERE), str(TESTS)]  # common (also when the tests load this file), support
+from common import final_run, kill_round, wait_for  # noqa: E402
+
+from support.procs import cpu_only_env, load_trials, processes_of_run  # noqa: E402
 
 OBJECTIVE = TESTS / "support" / "objectives.py"
 RETRY_ATTR = "hyperfleet.retry_of"
 KIND_ATTR = "hyperfleet:fail_kind"
 STUDY = "killed"
-POLL = 0.02  # seconds between looks at a condition
 
 
 @dataclass
@@ -76,9 +72,7 @@ def command(run_dir: Path, n_trials: int, slots: int) -> list[str]:
 
 
 def environment(folder: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYPERFLEET_FAKE_GPUS"}
-    env.update(CUDA_VISIBLE_DEVICES="", TEST_FOLDER=str(folder))
-    return env
+    return {**cpu_only_env(), "TEST_FOLDER": str(folder)}
 
 
 def completions(folder: Path) -> int:
@@ -86,15 +80,6 @@ def completions(folder: Path) -> int:
         return (folder / "log").read_text().count("end ")
     except FileNotFoundError:
         return 0
-
-
-def wait_for(condition: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(POLL)
-    return bool(condition())  # type: ignore[operator]
 
 
 def repeats_started(folder: Path) -> int:
@@ -119,7 +104,6 @@ def one_round(
 
     With ``at_repeat``, kill as soon as a repeat of an interrupted trial starts, if one does
     first: a repeat interrupted in its turn must be repeated again."""
-    run_dir = Path(cmd[cmd.index("--run-dir") + 1])
     wanted = completions(folder) + rng.randint(0, max_wait)
     repeats = repeats_started(folder) + 1 if at_repeat else None
 
@@ -128,27 +112,7 @@ def one_round(
             return True
         return completions(folder) >= wanted
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    reached = wait_for(lambda: reached_kill_point() or proc.poll() is not None, 60)
-    if proc.poll() is not None:
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
-        proc.wait()
-        if proc.returncode != 0:
-            return False, f"controller exited with {proc.returncode}: {stderr.strip()[-500:]}"
-        return False, ""
-    problem = "" if reached else "no progress within 60s"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
-    if not wait_for(lambda: not processes_of_run(run_dir), 10):
-        problem += f" workers left after the kill: {processes_of_run(run_dir)}"
-    return True, problem.strip()
-
-
-def load_trials(run_dir: Path) -> list[FrozenTrial]:
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
-    return optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+    return kill_round(cmd, env, reached_kill_point)
 
 
 def check(trials: list[FrozenTrial], log: str, n_trials: int) -> list[str]:
@@ -223,12 +187,11 @@ def kill_loop(
             report.problems.append(f"round {report.rounds}: {problem}")
         if not killed:
             break  # the budget was reached before the planned kills
-    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if final.returncode != 0:
-        report.problems.append(f"final run exited with {final.returncode}: {final.stderr[-500:]}")
+    if problem := final_run(cmd, env):
+        report.problems.append(problem)
     if not wait_for(lambda: not processes_of_run(run_dir), 10):
         report.problems.append("workers left after the final run")
-    trials = load_trials(run_dir)
+    trials = load_trials(run_dir, STUDY)
     report.problems += check(trials, (folder / "log").read_text(), n_trials)
     report.trials = len(trials)
     report.complete = sum(t.state == TrialState.COMPLETE for t in trials)

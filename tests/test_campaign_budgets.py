@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import textwrap
 from pathlib import Path
 
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from support.procs import cli_command, cpu_only_env, load_trials, run_cli, wait_until
+from support.procs import (
+    campaign_files,
+    cli_command,
+    cpu_only_env,
+    load_trials,
+    run_cli,
+    signal_when,
+)
 
 TIMEOUT = 1.5  # each study's time budget, seconds
 TRIAL_SECONDS = 0.1
@@ -72,20 +78,15 @@ def finished(run_dir: Path, study: str) -> int:
 
 
 def test_a_resumed_sequential_campaign_keeps_each_studys_time_budget(tmp_path: Path) -> None:
-    (tmp_path / "objective.py").write_text(OBJECTIVE)
-    (tmp_path / "campaign.toml").write_text(textwrap.dedent(CAMPAIGN))
+    campaign_files(tmp_path, CAMPAIGN, OBJECTIVE)
     run_dir = tmp_path / "runs" / "timed"
     with (tmp_path / "first.out").open("w") as out:
         first_run = subprocess.Popen(
             cli_command(*RUN), cwd=tmp_path, env=cpu_only_env(), stdout=out, stderr=out
         )
-        try:
-            wait_until(lambda: (tmp_path / "started-second").exists(), 90, "the second stage")
-            first_run.send_signal(signal.SIGINT)  # the running trial finishes, nothing starts
-            first_run.wait(timeout=60)
-        finally:
-            if first_run.poll() is None:
-                first_run.kill()
+        second = tmp_path / "started-second"
+        # SIGINT: the running trial finishes, nothing starts.
+        signal_when(first_run, signal.SIGINT, second.exists, "the second stage")
     first_trials = finished(run_dir, "first")
     first_time = time_used(run_dir, "first")
     # The first study ran until its clock reached the budget, plus the trial running then.

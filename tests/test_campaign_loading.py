@@ -4,10 +4,9 @@ is released when the stage is done; a later stage whose objective cannot load st
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
-from support.procs import load_trials, run_cli
+from support.procs import campaign_files, load_trials, run_cli
 
 MEGABYTES = 64  # each data set
 
@@ -52,8 +51,7 @@ CAMPAIGN = f"""
 
 
 def test_a_worker_holds_only_the_data_set_of_the_stage_it_runs(tmp_path: Path) -> None:
-    (tmp_path / "objective.py").write_text(OBJECTIVE)
-    (tmp_path / "campaign.toml").write_text(textwrap.dedent(CAMPAIGN))
+    campaign_files(tmp_path, CAMPAIGN, OBJECTIVE)
     done = run_cli(["run", "campaign.toml", "--plain", "--no-report"], tmp_path, 120)
     assert done.returncode == 0, done.stdout + done.stderr
     run_dir = tmp_path / "runs" / "memory"
@@ -96,8 +94,7 @@ BROKEN_LATER = """
 
 
 def test_a_later_stage_whose_objective_cannot_load_stops_alone(tmp_path: Path) -> None:
-    (tmp_path / "objective.py").write_text(OBJECTIVE)
-    (tmp_path / "campaign.toml").write_text(textwrap.dedent(BROKEN_LATER))
+    campaign_files(tmp_path, BROKEN_LATER, OBJECTIVE)
     done = run_cli(["run", "campaign.toml", "--plain", "--no-report"], tmp_path, 120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "study broken stopped: its objective" in done.stdout

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from support.procs import campaign_files
 
 OBJECTIVE = """
 import json
@@ -56,9 +57,8 @@ def test_each_refit_of_a_matrix_campaign_gets_its_studys_args(
 ) -> None:
     import hyperfleet
 
-    (tmp_path / "objective.py").write_text(OBJECTIVE)
+    campaign_files(tmp_path, CAMPAIGN, OBJECTIVE)
     (tmp_path / "save.py").write_text(SAVE)
-    (tmp_path / "campaign.toml").write_text(textwrap.dedent(CAMPAIGN))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     outcome = hyperfleet.run_campaign("campaign.toml", display="quiet", report=False)
@@ -86,19 +86,18 @@ def test_a_refit_cmd_placeholder_no_best_parameter_has_fails_the_refit(
 ) -> None:
     import hyperfleet
 
-    (tmp_path / "objective.py").write_text(OBJECTIVE)
-    (tmp_path / "campaign.toml").write_text(
-        textwrap.dedent(
-            """
-            [[study]]
-            name = "one"
-            objective = "objective.py:make"
-            args = { dataset = "iris" }
-            slot = "cpu"
-            n_trials = 1
-            refit_cmd = "python -c pass {depth}"
-            """
-        )
+    campaign_files(
+        tmp_path,
+        """
+        [[study]]
+        name = "one"
+        objective = "objective.py:make"
+        args = { dataset = "iris" }
+        slot = "cpu"
+        n_trials = 1
+        refit_cmd = "python -c pass {depth}"
+        """,
+        OBJECTIVE,
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

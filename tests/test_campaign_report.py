@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from hyperfleet.report.html import figure_specs
-from support.procs import run_cli
+from support.procs import campaign_files, run_cli
 from test_report_browser import CHROMIUM, chromium
 
 OBJECTIVE = """
@@ -52,8 +51,7 @@ STUDIES = ("xgb-iris", "xgb-bad", "cat-iris", "cat-bad")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("campaign")
-    (folder / "objective.py").write_text(OBJECTIVE)
-    (folder / "campaign.toml").write_text(textwrap.dedent(CAMPAIGN))
+    campaign_files(folder, CAMPAIGN, OBJECTIVE)
     done = run_cli(["run", "campaign.toml", "--plain"], folder, 240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"campaign report: {folder / 'runs/compare/report/index.html'}" in done.stdout

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import textwrap
 from pathlib import Path
 
 import psutil
 
-from support.procs import cli_command, cpu_only_env, wait_until
+from support.procs import campaign_files, cli_command, cpu_only_env, signal_when
 
 OBJECTIVE = """
 import time
@@ -52,8 +51,7 @@ CAMPAIGN = """
 
 
 def start(folder: Path, hold: bool) -> tuple[subprocess.Popen[str], Path]:
-    (folder / "objective.py").write_text(OBJECTIVE)
-    (folder / "campaign.toml").write_text(textwrap.dedent(CAMPAIGN))
+    campaign_files(folder, CAMPAIGN, OBJECTIVE)
     if hold:
         (folder / "hold").touch()
     output = folder / "controller.out"
@@ -76,13 +74,9 @@ def report_processes(controller: int) -> list[psutil.Process]:
 
 def test_sigterm_while_the_reports_are_written_ends_them_at_once(tmp_path: Path) -> None:
     process, output = start(tmp_path, hold=False)
-    try:
-        batch = wait_until(lambda: report_processes(process.pid), 90, "the report processes")
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    batch = signal_when(
+        process, signal.SIGTERM, lambda: report_processes(process.pid), "the report processes"
+    )
     assert "reports stopped; write them with: hyperfleet report" in output.read_text()
     _, alive = psutil.wait_procs(batch, timeout=10)
     assert not alive  # the report processes were killed with the run, not left writing
@@ -90,12 +84,6 @@ def test_sigterm_while_the_reports_are_written_ends_them_at_once(tmp_path: Path)
 
 def test_after_a_sigterm_during_the_trials_no_report_is_written(tmp_path: Path) -> None:
     process, output = start(tmp_path, hold=True)
-    try:
-        wait_until(lambda: (tmp_path / "started").exists(), 90, "the first trial")
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    signal_when(process, signal.SIGTERM, (tmp_path / "started").exists, "the first trial")
     assert "reports skipped; write them with: hyperfleet report" in output.read_text()
     assert not list((tmp_path / "runs" / "reports").glob("studies/*/report/index.html"))

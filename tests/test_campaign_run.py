@@ -7,14 +7,13 @@ environment and slot really say, from inside the objective, and when each trial 
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from support.procs import cpu_only_env, run_cli
+from support.procs import campaign_files, cpu_only_env, run_cli
 
 OBJECTIVE = """
 import os
@@ -46,10 +45,7 @@ def plain(trial):
 
 
 def write_campaign(folder: Path, text: str) -> Path:
-    (folder / "objective.py").write_text(OBJECTIVE)
-    path = folder / "campaign.toml"
-    path.write_text(textwrap.dedent(text))
-    return path
+    return campaign_files(folder, text, OBJECTIVE)
 
 
 def fake_gpu_env(count: int) -> dict[str, str]:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import optuna
 import pytest
@@ -25,6 +24,7 @@ from hyperfleet.controller.checkpoints import sweep
 from hyperfleet.errors import ConfigError
 from support.procs import (
     assert_no_leftovers,
+    bench_script,
     cli_command,
     cpu_only_env,
     load_trials,
@@ -33,21 +33,11 @@ from support.procs import (
 )
 
 HERE = Path(__file__).resolve().parent
-BENCH = HERE.parent / "bench" / "checkpoint_kills.py"
 COUNTER = f"{HERE / 'objectives' / 'checkpointed.py'}:counter"
 SCRIPT = HERE / "objectives" / "checkpointed_script.py"
 KIND = "hyperfleet:fail_kind"
 REASON = "hyperfleet:fail_reason"
 RETRY_OF = "hyperfleet.retry_of"
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("checkpoint_kills", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["checkpoint_kills"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def _env(folder: Path, **settings: str) -> dict[str, str]:
@@ -66,7 +56,7 @@ def _state(folder: Path) -> int:
 def test_a_killed_controller_costs_at_most_one_checkpoint_interval_per_kill(
     tmp_path: Path,
 ) -> None:
-    bench = _bench()
+    bench = bench_script("checkpoint_kills")
     plan = bench.Plan(n_trials=2, steps=12, every=3, step_seconds=0.05, slots=1)
     report = bench.kill_loop(tmp_path, kills=3, plan=plan, seed=1, max_between=5)
     # Whole curves, each repeat started at its chain's last checkpoint, in its chain's folder.

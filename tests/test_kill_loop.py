@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
-from support.procs import cli_command, cpu_only_env, objective, run_cli, wait_until
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "kill_loop.py"
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kill_loop", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kill_loop"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from support.procs import bench_script, cli_command, cpu_only_env, objective, run_cli, wait_until
 
 
 def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
-    bench = _bench()
+    bench = bench_script("kill_loop")
     report = bench.kill_loop(tmp_path, kills=10, n_trials=60, slots=2, seed=3, max_wait=3)
     assert report.problems == []
     assert report.kills == 10
@@ -36,7 +22,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
 
 def test_the_checks_catch_a_completed_trial_run_twice(tmp_path: Path) -> None:
     """The kill loop's verdict can fail: a log with one trial started twice is refused."""
-    bench = _bench()
+    bench = bench_script("kill_loop")
     log = "start 0 0.5\nend 0 0.5\nstart 0 0.5\nend 0 0.5\n"
     assert any("started twice" in p for p in bench.check([], log, 0))
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         TrialInterrupted,
         WorkerError,
     )
+    from hyperfleet.pending import PendingTrialsSampler
     from hyperfleet.resources.slots import Slot, current_slot
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ _HOMES = {
     "StorageError": "hyperfleet.errors",
     "TrialInterrupted": "hyperfleet.errors",
     "WorkerError": "hyperfleet.errors",
+    "PendingTrialsSampler": "hyperfleet.pending",
     "Slot": "hyperfleet.resources.slots",
     "current_slot": "hyperfleet.resources.slots",
 }
@@ -52,6 +54,7 @@ __all__ = [
     "HyperfleetError",
     "ObjectiveError",
     "Outcome",
+    "PendingTrialsSampler",
     "ResourceError",
     "RetryPolicy",
     "RunDirError",

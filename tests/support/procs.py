@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from types import ModuleType
+from typing import Any, TypeVar
 
 import optuna
 import psutil
@@ -19,6 +22,7 @@ from optuna.trial import FrozenTrial
 HERE = Path(__file__).resolve().parent
 OBJECTIVES = HERE / "objectives.py"
 WORKER_MODULE = "hyperfleet.workers.main"
+BENCH = HERE.parents[1] / "bench"
 
 T = TypeVar("T")
 
@@ -55,6 +59,40 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def campaign_files(folder: Path, campaign: str, objective: str) -> Path:
+    """``objective.py`` and ``campaign.toml`` (``campaign``, dedented) in ``folder``; the
+    campaign file's path."""
+    (folder / "objective.py").write_text(objective)
+    path = folder / "campaign.toml"
+    path.write_text(textwrap.dedent(campaign))
+    return path
+
+
+def signal_when(
+    process: subprocess.Popen[Any], signum: int, condition: Callable[[], T], what: str
+) -> T:
+    """Wait for ``condition`` (90 s at most), send ``signum`` to ``process`` and wait for it to
+    end (60 s at most); it is killed if it still runs then. What ``condition`` returned."""
+    try:
+        found = wait_until(condition, 90, what)
+        process.send_signal(signum)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return found
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/NAME.py`` loaded as the module ``NAME``, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def objective(name: str) -> str:

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR
 from hyperfleet.display import format as fmt
+from hyperfleet.report import html as pages
 from hyperfleet.report import tables
 
 CAMPAIGN_ATTR = "hyperfleet:campaign"  # {"family": "xgb-{dataset}", "matrix": {...}}
@@ -161,8 +162,6 @@ def text_table(rows: list[StudyRow], indent: str = "  ") -> list[str]:
 
 def write_campaign_report(run_dir: Path, studies: list[optuna.Study], name: str = "") -> Path:
     """``RUN_DIR/report/index.html`` and ``studies.csv``; returns the folder."""
-    from hyperfleet.report import html as pages
-
     folder = run_dir / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     rows = study_rows(studies)
@@ -319,7 +318,7 @@ def _best_so_far(study: optuna.Study) -> tuple[list[str], list[float]]:
     best: list[float] = []
     for trial in complete:
         value = trial.values[0] if not best else better(best[-1], trial.values[0])
-        times.append(_iso_ms(trial.datetime_complete))
+        times.append(pages.iso_ms(trial.datetime_complete))
         best.append(value)
     return times, best
 
@@ -329,35 +328,15 @@ def timeline_figure(studies: list[optuna.Study]) -> Any:
     import plotly.graph_objects as go
 
     finished = {s.study_name: tables.finished_trials(s) for s in studies}
-    everything = [t for trials in finished.values() for t in trials]
-    fractions = tables.busy_fractions(everything)
-    label = {slot: f"{slot} ({100 * share:.0f}% busy)" for slot, share in fractions.items()}
+    labels = pages.slot_labels([t for trials in finished.values() for t in trials])
     figure = go.Figure()
     for name, trials in finished.items():
         if not trials:
             continue
-        figure.add_trace(
-            go.Bar(
-                orientation="h",
-                name=name,
-                y=[label[tables.slot_of(t)] for t in trials],
-                base=[_iso_ms(t.datetime_start) for t in trials],
-                x=[1000 * (tables.duration_seconds(t) or 0.0) for t in trials],
-                hovertext=[
-                    f"{name} trial {t.number} {t.state.name.lower()} in "
-                    f"{tables.duration_seconds(t)}s"
-                    for t in trials
-                ],
-            )
-        )
-    figure.update_layout(
-        barmode="overlay",
-        xaxis={"type": "date", "title": "time"},
-        yaxis={"title": "slot", "categoryorder": "category descending"},
-        height=max(300, 60 + 40 * len(fractions)),
-    )
+        hovertext = [
+            f"{name} trial {t.number} {t.state.name.lower()} in {tables.duration_seconds(t)}s"
+            for t in trials
+        ]
+        figure.add_trace(pages.timeline_bars(name, trials, labels, hovertext))
+    pages.timeline_layout(figure, len(labels))
     return figure
-
-
-def _iso_ms(stamp: Any) -> str:
-    return str(stamp.isoformat(timespec="milliseconds"))

@@ -96,38 +96,64 @@ def timeline_figure(trials: list[FrozenTrial]) -> Any:
     """A Gantt chart: one row per slot (labelled with its busy share), one bar per trial."""
     import plotly.graph_objects as go
 
-    fractions = tables.busy_fractions(trials)
-    label = {slot: f"{slot} ({100 * share:.0f}% busy)" for slot, share in fractions.items()}
+    labels = slot_labels(trials)
     figure = go.Figure()
     for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
         chosen = [t for t in trials if t.state == state]
         if not chosen:
             continue
         figure.add_trace(
-            go.Bar(
-                orientation="h",
-                name=state.name.lower(),
-                y=[label[tables.slot_of(t)] for t in chosen],
-                base=[_iso_ms(t.datetime_start) for t in chosen],
-                x=[1000 * (tables.duration_seconds(t) or 0.0) for t in chosen],
-                text=[f"#{t.number}" for t in chosen],
-                hovertext=[
+            timeline_bars(
+                state.name.lower(),
+                chosen,
+                labels,
+                [
                     f"trial {t.number} {t.state.name.lower()} in {tables.duration_seconds(t)}s"
                     for t in chosen
                 ],
+                text=[f"#{t.number}" for t in chosen],
                 marker_color=STATE_COLORS[state.name],
             )
         )
+    timeline_layout(figure, len(labels))
+    return figure
+
+
+def slot_labels(trials: list[FrozenTrial]) -> dict[str, str]:
+    """Each slot the trials ran on, labelled with its busy share: the timeline's rows."""
+    fractions = tables.busy_fractions(trials)
+    return {slot: f"{slot} ({100 * share:.0f}% busy)" for slot, share in fractions.items()}
+
+
+def timeline_bars(
+    name: str, trials: list[FrozenTrial], labels: dict[str, str], hovertext: list[str], **style: Any
+) -> Any:
+    """One trace of a slot timeline: a bar per trial, on its slot's row, from start to end."""
+    import plotly.graph_objects as go
+
+    return go.Bar(
+        orientation="h",
+        name=name,
+        y=[labels[tables.slot_of(t)] for t in trials],
+        base=[iso_ms(t.datetime_start) for t in trials],
+        x=[1000 * (tables.duration_seconds(t) or 0.0) for t in trials],
+        hovertext=hovertext,
+        **style,
+    )
+
+
+def timeline_layout(figure: Any, n_slots: int) -> None:
+    """A slot timeline's axes: time across, one row per slot, tall enough for ``n_slots``."""
     figure.update_layout(
         barmode="overlay",
         xaxis={"type": "date", "title": "time"},
         yaxis={"title": "slot", "categoryorder": "category descending"},
-        height=max(300, 60 + 40 * len(fractions)),
+        height=max(300, 60 + 40 * n_slots),
     )
-    return figure
 
 
-def _iso_ms(stamp: Any) -> str:
+def iso_ms(stamp: Any) -> str:
+    """A datetime as plotly reads it on a date axis, to the millisecond."""
     return str(stamp.isoformat(timespec="milliseconds"))
 
 
