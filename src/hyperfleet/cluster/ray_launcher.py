@@ -24,11 +24,15 @@ WATCH_SECONDS = 2.0  # how often the node list is read
 
 def agent_task(connect_to: str, token: str, node: str) -> str:
     """What each Ray task runs: the agent, until its controller ends the run."""
+    import tempfile
     from pathlib import Path
 
     from hyperfleet.cluster.agent import run_agent
 
-    return run_agent(connect_to, token.encode(), node, Path("hyperfleet-agent-logs"), 60.0)
+    # A Ray worker's working folder is Ray's, not the user's: worker logs go to the node's
+    # temporary folder.
+    logs = Path(tempfile.gettempdir()) / "hyperfleet-agent-logs"
+    return run_agent(connect_to, token.encode(), node, logs, 60.0)
 
 
 class RayLauncher:
