@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from support.procs import campaign_files, load_trials, run_cli
 
 MEGABYTES = 64  # each data set
@@ -69,7 +71,7 @@ def test_a_worker_holds_only_the_data_set_of_the_stage_it_runs(tmp_path: Path) -
 BROKEN_LATER = """
     [campaign]
     name = "later"
-    sequential = true
+    sequential = SEQUENTIAL
 
     [pool]
     cpu_slots = 1
@@ -93,8 +95,11 @@ BROKEN_LATER = """
 """
 
 
-def test_a_later_stage_whose_objective_cannot_load_stops_alone(tmp_path: Path) -> None:
-    campaign_files(tmp_path, BROKEN_LATER, OBJECTIVE)
+@pytest.mark.parametrize("sequential", ["true", "false"])
+def test_a_study_whose_objective_cannot_load_stops_alone(tmp_path: Path, sequential: str) -> None:
+    # In a sequential run the broken study is a later stage; in a parallel one the first trial
+    # starts as soon as one study has loaded, and the broken one fails while the others run.
+    campaign_files(tmp_path, BROKEN_LATER.replace("SEQUENTIAL", sequential), OBJECTIVE)
     done = run_cli(["run", "campaign.toml", "--plain", "--no-report"], tmp_path, 120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "study broken stopped: its objective" in done.stdout

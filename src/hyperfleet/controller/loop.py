@@ -350,14 +350,15 @@ class Controller:
         return True
 
     def _wait_until_loaded(self) -> None:
-        """Open no storage before the objective of every study that starts first has loaded
-        in a worker: bad input writes nothing. Those are all the studies with work left, or in
-        a sequential run those of the first stage with work left; later stages load theirs
-        when they start, and a study whose objective fails then stops alone."""
-        first = self._first_studies()
-        while not all(run.loaded_once for run in first):
+        """Open no storage before the objective of a study that starts first has loaded in a
+        worker: bad input writes nothing. Those are all the studies with work left, or in a
+        sequential run those of the first stage with work left. The first trial starts as soon
+        as one of them has loaded (a campaign's first trial does not wait for every data set);
+        the others go on loading, and a study whose objective fails then stops alone."""
+        while not any(run.loaded_once for run in self._first_studies()):
             if self._stop_level:
                 return
+            first = [run for run in self._first_studies() if not run.load_failure]
             for run in first:
                 if self._all_dead(run.plan.slots):
                     raise WorkerError(
@@ -1020,7 +1021,7 @@ class Controller:
 
     def _on_load_failed(self, name: str, failure: LoadFailed) -> None:
         run = self._runs[failure.study]
-        if not self._opened:
+        if not self._opened and not self._another_may_start(run):
             # Show the user's own frames; a traceback without any says no more than the message.
             frames = failure.traceback.rstrip() if '  File "' in failure.traceback else ""
             where = f" (study {run.plan.name!r})" if len(self._runs) > 1 else ""
@@ -1045,6 +1046,11 @@ class Controller:
             f"study {run.plan.name} stopped: its objective {run.plan.spec.describe()} could "
             f"not be loaded: {failure.message}; see {self._run_dir.workers_dir}",
         )
+
+    def _another_may_start(self, failed: StudyRun) -> bool:
+        """Whether a study that starts first, other than ``failed``, may still load: the run
+        then goes on without ``failed``; otherwise nothing can run and nothing is written."""
+        return any(run is not failed and not run.load_failure for run in self._first_studies())
 
     def _give_up_slot(self, name: str, why: str) -> None:
         self._dead_slots.add(name)
