@@ -182,7 +182,7 @@ trials_per_gpu = 2
 cpu_slots = 1
 
 [defaults]
-n_trials = 6
+n_trials = 16
 direction = "maximize"
 
 [[study]]
@@ -218,7 +218,7 @@ def test_a_campaign_file_that_listens_uses_every_slot_of_every_node(
     used = {}
     for study in outcome.studies:
         trials = study.get_trials()
-        assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 16
         used[study.study_name] = {t.user_attrs["slot"] for t in trials}
         for trial in trials:
             assert trial.user_attrs["node"] == trial.user_attrs["slot"].partition("/")[0]
