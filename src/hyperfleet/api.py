@@ -12,9 +12,11 @@ from typing import Any
 
 import optuna
 
+from hyperfleet.cluster.channel import parse_address
+from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration, parse_memory
 from hyperfleet.controller.loop import Outcome
-from hyperfleet.errors import ObjectiveError
+from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory, detect_inventory
@@ -50,6 +52,12 @@ def optimize(
     inventory: Inventory | None = None,
     refit: Callable[[dict[str, Any]], Any] | None = None,
     force_refit: bool = False,
+    listen: str | None = None,
+    token_file: str | Path | None = None,
+    heartbeat: float | str = 2.0,
+    node_timeout: float | str = 10.0,
+    ray: str | None = None,
+    slurm: bool = False,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -67,6 +75,15 @@ def optimize(
     ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
     the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
     best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
+
+    ``listen="HOST:PORT"`` runs the trials on the nodes whose agents connect there (``hyperfleet
+    agent --connect HOST:PORT``), each cut into slots with the pool keywords above, instead of
+    on this machine; ``token_file`` holds the token agents must present (default: one written
+    in ``run_dir``). A node silent for ``node_timeout`` seconds is lost and its trials run
+    again elsewhere; both sides send a heartbeat every ``heartbeat`` seconds. ``ray="auto"``
+    (or a Ray address) has Ray start one agent on each of its nodes, with the node's GPUs
+    reserved through Ray; the controller then listens where Ray does, unless ``listen`` says.
+    ``slurm=True``, inside an allocation, has ``srun`` start one agent per allocated node.
     """
     refuse_inside_a_worker("optimize")
     settings = RunSettings(
@@ -87,7 +104,8 @@ def optimize(
         threads_per_slot=threads_per_slot,
         gpu_memory_mib=parse_memory(gpu_memory),
     )
-    slots, note, packing = prepare_slots(options, inventory)
+    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray, slurm)
+    slots, note, packing = prepare_slots(options, inventory, cluster)
     settings = replace(settings, packing=packing)
     spec = spec_from_callable(objective, objective_kwargs)
     refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
@@ -101,6 +119,7 @@ def optimize(
         folder,
         refit_plan,
         stored_trials=lambda: study.get_trials(deepcopy=False),
+        node_options=options if cluster is not None else None,
     )
     return run_search(
         search,
@@ -110,7 +129,41 @@ def optimize(
         inventory_note=note,
         run_name=study.study_name,
         report=report,
+        cluster=cluster,
     )
+
+
+def cluster_settings(
+    listen: str | None,
+    token_file: str | Path | None,
+    heartbeat: float | str,
+    node_timeout: float | str,
+    ray: str | None = None,
+    slurm: bool = False,
+) -> ClusterSettings | None:
+    """The settings of a run whose slots come from agents; None on a single machine."""
+    if ray is not None and slurm:
+        raise ConfigError("give one engine: ray or slurm, not both.")
+    if listen is None and ray is None and not slurm:
+        if token_file is not None:
+            raise ConfigError("a token file is for agents: give listen=HOST:PORT with it.")
+        return None
+    settings = ClusterSettings(
+        listen=listen or "",
+        ray=ray,
+        slurm=slurm,
+        token_file=Path(token_file) if token_file is not None else None,
+        heartbeat=parse_duration(heartbeat, "heartbeat") or 2.0,
+        node_timeout=parse_duration(node_timeout, "node timeout") or 10.0,
+    )
+    if listen:
+        parse_address(listen)
+    if settings.node_timeout <= settings.heartbeat:
+        raise ConfigError(
+            f"node timeout {settings.node_timeout:g}s must be longer than the heartbeat "
+            f"{settings.heartbeat:g}s (five heartbeats is a good margin)."
+        )
+    return settings
 
 
 def refuse_inside_a_worker(function: str) -> None:
@@ -148,12 +201,19 @@ def run_campaign(
     force_refit: bool = False,
     retry: RetryPolicy | str | None = None,
     inventory: Inventory | None = None,
+    listen: str | None = None,
+    token_file: str | Path | None = None,
+    heartbeat: float | str = 2.0,
+    node_timeout: float | str = 10.0,
+    ray: str | None = None,
+    slurm: bool = False,
 ) -> Outcome:
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
 
     ``sequential`` overrides the file's ``sequential``; ``run_dir`` its ``run_dir`` (default
     ``runs/<campaign name>``); ``retry`` its ``retry`` (``"crash=1,error=1"``). The other
-    keywords are those of :func:`optimize`.
+    keywords are those of :func:`optimize`; with ``listen``, ``ray`` or ``slurm``, each node
+    that joins is cut into slots as the file's ``[pool]`` says.
     """
     from hyperfleet.campaign import load_campaign
     from hyperfleet.campaign_search import campaign_search, campaign_settings
@@ -170,14 +230,24 @@ def run_campaign(
     chosen = run_dir or campaign.settings.run_dir or Path("runs") / campaign.settings.name
     folder = RunDir(chosen)
     folder.check_writable()
-    inventory = inventory if inventory is not None else detect_inventory()
+    cluster = cluster_settings(
+        listen or campaign.settings.listen,
+        token_file,
+        heartbeat,
+        node_timeout,
+        ray or campaign.settings.ray,
+        slurm or campaign.settings.slurm,
+    )
+    if cluster is None and inventory is None:
+        inventory = detect_inventory()
     search = campaign_search(campaign, folder, inventory, sequential, force_refit)
     return run_search(
         search,
         settings,
         folder,
         Display(display),
-        inventory_note=inventory.note,
+        inventory_note=inventory.note if inventory is not None else "",
         run_name=campaign.settings.name,
         report=report,
+        cluster=cluster,
     )

@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 
 from hyperfleet.campaign import Campaign, Experiment, StudySpec
+from hyperfleet.cluster.pools import campaign_planner
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
 from hyperfleet.controller.loop import StudyPlan
@@ -56,16 +57,24 @@ def campaign_settings(
 def campaign_search(
     campaign: Campaign,
     run_dir: RunDir,
-    inventory: Inventory,
+    inventory: Inventory | None,
     sequential: bool | None = None,
     force_refit: bool = False,
 ) -> Search:
     """Check everything that can be checked without running an objective, and plan the run.
 
-    ``sequential`` overrides the file's ``sequential`` when given."""
-    pool = plan_pool(inventory, campaign.pool, [study.shape for study in campaign.studies])
+    ``sequential`` overrides the file's ``sequential`` when given. Without an ``inventory``
+    the slots come from the nodes that join, each cut as ``[pool]`` says."""
+    shapes = [(study.name, study.shape) for study in campaign.studies]
+    planner = campaign_planner(campaign.pool, shapes) if inventory is None else None
+    pool = (
+        plan_pool(inventory, campaign.pool, [shape for _, shape in shapes])
+        if inventory is not None
+        else Pool(slots=(), needs={}, eligible={})
+    )
     for study in campaign.studies:
-        _check_placeable(campaign, study, pool)
+        if inventory is not None:
+            _check_placeable(campaign, study, pool)
     existing = existing_storage(campaign.settings.storage, run_dir)
     storage = _SharedStorage(campaign.settings.storage, run_dir, existing)
     stages = _stage_numbers(campaign.studies)
@@ -79,7 +88,7 @@ def campaign_search(
         if (plan := _refit_plan(campaign, study, force_refit)) is not None
     }
     in_order = campaign.settings.sequential if sequential is None else sequential
-    return Search(plans, pool, refits, in_order)
+    return Search(plans, pool, refits, in_order, node_planner=planner)
 
 
 class _SharedStorage:
@@ -148,7 +157,7 @@ def _plan(
         spec=_objective(study, campaign.path.parent),
         open_study=open_study,
         folder=run_dir.study_folder(study.name),
-        slots=tuple(pool.eligible[study.shape]),
+        slots=tuple(pool.eligible.get(study.shape, ())),
         n_trials=study.n_trials,
         timeout=study.timeout,
         weight=study.weight,

@@ -18,6 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover (exercised on Python 3.10 only)
     import tomli as tomllib  # type: ignore[import-not-found]
 
+from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import (
     KEEP_CHECKPOINTS,
     RetryPolicy,
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command")
     _add_run(commands)
+    _add_agent(commands)
     resources = commands.add_parser("resources", help="show the GPUs, cores and slots found")
     resources.add_argument(
         "campaign", nargs="?", help="a campaign file: show its pool and each study's slots"
@@ -157,7 +159,79 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add("--debug", action="store_true", help="show Python tracebacks for errors")
     _add_pool_flags(run)
+    _add_cluster_flags(run)
     run.set_defaults(handler=cmd_run)
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--listen",
+        metavar="HOST:PORT",
+        help="run the trials on the nodes whose agents connect to this interface and port",
+    )
+    add(
+        "--token-file",
+        type=Path,
+        help="the token agents must present (default $HYPERFLEET_TOKEN, else RUN_DIR/agent.token)",
+    )
+    add(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="run the trials on every node of a Ray cluster: Ray starts one agent per node",
+    )
+    add(
+        "--slurm",
+        action="store_true",
+        help="inside a SLURM allocation (sbatch, salloc): srun starts one agent per node",
+    )
+    add("--heartbeat", default="2s", help="with agents: time between heartbeats (default 2s)")
+    add(
+        "--node-timeout",
+        default="10s",
+        help="a node silent this long is lost; its trials run elsewhere (default 10s)",
+    )
+
+
+def _add_agent(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    agent = commands.add_parser(
+        "agent",
+        help="serve a controller's search with this node's slots",
+        description="Connect to a controller started with --listen, start a warm pinned "
+        "worker for each slot of this node, and relay their trials; exits when the run ends "
+        "or the controller is gone.",
+    )
+    add = agent.add_argument
+    add("--connect", required=True, metavar="HOST:PORT", help="the controller's --listen address")
+    add("--token-file", type=Path, help="the controller's token file (or set $HYPERFLEET_TOKEN)")
+    add("--node", help="this node's name in slot names (default: the host name)")
+    add(
+        "--log-dir",
+        type=Path,
+        default=Path("hyperfleet-agent-logs"),
+        help="where each worker's own log goes (default ./hyperfleet-agent-logs)",
+    )
+    add(
+        "--patience",
+        default="60s",
+        help="how long to keep trying to reach the controller at start (default 60s)",
+    )
+    add("--debug", action="store_true", help="show Python tracebacks for errors")
+    agent.set_defaults(handler=cmd_agent)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from hyperfleet.cluster.agent import run_agent
+    from hyperfleet.cluster.channel import read_token
+
+    patience = parse_duration(args.patience, "patience") or 60.0
+    ended_by = run_agent(
+        args.connect, read_token(args.token_file), args.node, args.log_dir, patience
+    )
+    if ended_by == "goodbye":
+        return EXIT_OK
+    print(f"hyperfleet agent: stopped: {ended_by}", file=sys.stderr)
+    return EXIT_STOPPED if ended_by.startswith("stopped by") else EXIT_FAILED
 
 
 def _add_pool_flags(parser: argparse.ArgumentParser) -> None:
@@ -210,7 +284,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     refit = plan_from_cli(
         args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit
     )
-    slots, note, packing = prepare_slots(_pool_options(args), None)
+    cluster = _cluster(args)
+    slots, note, packing = prepare_slots(_pool_options(args), None, cluster)
     settings = replace(settings, packing=packing)
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or default_run_dir(study_name))
@@ -237,6 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir,
         refit,
         stored_trials=lambda: stored_trials(storage, study_name),
+        node_options=_pool_options(args) if cluster is not None else None,
     )
     outcome = run_search(
         search,
@@ -246,8 +322,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         inventory_note=note,
         run_name=study_name,
         report=not args.no_report,
+        cluster=cluster,
     )
     return _exit_status(outcome)
+
+
+def _cluster(args: argparse.Namespace) -> ClusterSettings | None:
+    from hyperfleet.api import cluster_settings
+
+    return cluster_settings(
+        args.listen, args.token_file, args.heartbeat, args.node_timeout, args.ray, args.slurm
+    )
 
 
 # Flags that describe one study or the pool: a campaign file sets them itself.
@@ -294,6 +379,12 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         report=not args.no_report,
         force_refit=args.force_refit,
         retry=args.retry or None,
+        listen=args.listen,
+        token_file=args.token_file,
+        heartbeat=args.heartbeat,
+        node_timeout=args.node_timeout,
+        ray=args.ray,
+        slurm=args.slurm,
     )
     return _exit_status(outcome)
 

@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from hyperfleet.errors import ConfigError
 from hyperfleet.resources.packing import PackingSettings
 
-FAIL_KINDS = ("interrupted", "crash", "oom", "timeout", "error")
+FAIL_KINDS = ("interrupted", "crash", "oom", "timeout", "error", "lost")
 RETRY_KINDS = FAIL_KINDS[1:]  # an interrupted trial is always run again
+# A trial whose node was lost says little about its parameters, so it runs again by default; a
+# limit still stops parameters that take their node down with them from doing so for ever.
+DEFAULT_RETRIES = {"lost": 3}
 # Which trials' checkpoint folders outlive them once they completed or were pruned.
 KEEP_CHECKPOINTS = ("best", "all", "none")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
@@ -67,7 +70,8 @@ class RetryPolicy:
 
     An interrupted trial (the controller stopped or died while it ran) is not part of the
     policy: an interruption says nothing about the trial, so it is always run again and never
-    counts against a limit.
+    counts against a limit. A trial lost with its node runs again up to
+    ``DEFAULT_RETRIES["lost"]`` times unless the policy says otherwise (``lost=0``).
     """
 
     limits: dict[str, int] = field(default_factory=dict)
@@ -77,7 +81,7 @@ class RetryPolicy:
         failures of that same kind in its chain of repeats?"""
         if kind == "interrupted":
             return True
-        return retries_so_far < self.limits.get(kind, 0)
+        return retries_so_far < self.limits.get(kind, DEFAULT_RETRIES.get(kind, 0))
 
     @classmethod
     def parse(cls, text: str) -> RetryPolicy:

@@ -35,6 +35,10 @@ class WorkerError(HyperfleetError):
     """A worker process could not be started or broke its protocol."""
 
 
+class NodeError(HyperfleetError):
+    """An agent cannot reach its controller, or the controller refused it."""
+
+
 class TrialInterrupted(HyperfleetError):
     """Raised by an objective that stops early because hyperfleet asked it to.
 

@@ -22,6 +22,8 @@ from typing import TextIO
 import optuna
 from optuna.trial import FrozenTrial
 
+from hyperfleet.cluster.hub import ClusterSettings
+from hyperfleet.cluster.pools import NodePlanner, single_search_planner
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
@@ -33,7 +35,7 @@ from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, single_pool
-from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, plan_slots
+from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, current_slot, plan_slots
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -56,6 +58,8 @@ class Search:
     pool: Pool
     refits: dict[str, RefitPlan] = field(default_factory=dict)  # by study name
     sequential: bool = False
+    # Many machines: how to cut a node that joins into slots for the studies.
+    node_planner: NodePlanner | None = None
 
     def owner(self, run_dir: RunDir, run_name: str) -> RunOwner:
         """A single search's study owns the run directory (its folders are the top level); a
@@ -66,9 +70,12 @@ class Search:
 
 
 def prepare_slots(
-    options: PoolOptions, inventory: Inventory | None
+    options: PoolOptions, inventory: Inventory | None, cluster: ClusterSettings | None = None
 ) -> tuple[list[Slot], str, PackingSettings | None]:
-    """The pool's first slots, how its GPUs were found, and how auto packing may grow it."""
+    """The pool's first slots, how its GPUs were found, and how auto packing may grow it;
+    no slot when agents bring them."""
+    if cluster is not None:
+        return [], "", None
     inventory = inventory if inventory is not None else detect_inventory()
     slots = plan_slots(inventory, options)
     return slots, inventory.note, auto_packing(inventory, options, slots)
@@ -83,8 +90,11 @@ def single_search(
     run_dir: RunDir,
     refit: RefitPlan | None = None,
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None,
+    node_options: PoolOptions | None = None,
 ) -> Search:
-    """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN`` run."""
+    """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN`` run.
+
+    With ``node_options``, nodes that join are cut into slots with them."""
     plan = StudyPlan(
         name=name,
         spec=spec,
@@ -94,7 +104,13 @@ def single_search(
         n_trials=settings.n_trials,
         stored_trials=stored_trials,
     )
-    return Search([plan], single_pool(slots), {name: refit} if refit is not None else {})
+    planner = single_search_planner(name, node_options) if node_options is not None else None
+    return Search(
+        [plan],
+        single_pool(slots),
+        {name: refit} if refit is not None else {},
+        node_planner=planner,
+    )
 
 
 def run_search(
@@ -105,6 +121,7 @@ def run_search(
     inventory_note: str = "",
     run_name: str = "",
     report: bool = True,
+    cluster: ClusterSettings | None = None,
 ) -> Outcome:
     owner = search.owner(run_dir, run_name)
     run_dir.check_owner(owner)
@@ -146,6 +163,8 @@ def run_search(
             run_name,
             search.sequential,
             files=files,
+            cluster=cluster,
+            node_planner=search.node_planner,
         )
         try:
             return _run_to_the_end(
@@ -183,7 +202,8 @@ def _run_to_the_end(
         study = controller.studies.get(plan.name)
         refit = search.refits.get(plan.name)
         if study is not None and refit is not None:
-            slot = next(s for s in search.pool.slots if s.name == plan.slots[0])
+            # With agents, the refit runs on the controller's machine, unpinned.
+            slot = next((s for s in search.pool.slots if s.name in plan.slots), current_slot())
             outcome = _refit(refit, outcome, study, plan, slot, controller)
     if report:
         _final_reports(search, controller, campaign)

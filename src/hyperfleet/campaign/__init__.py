@@ -7,6 +7,7 @@ objective files a study names, without importing them)::
     [campaign]                 # optional
     name = "tabular"           # default: the file's stem; the run folder is runs/<name>
     timeout = "2h"             # stop starting trials after this long
+    ray = "auto"               # or slurm = true, or listen = "HOST:PORT": on many machines
 
     [pool]                     # optional
     gpus = "all"               # or [0, 1] (indices or UUID strings), or [] for none
@@ -66,6 +67,9 @@ CAMPAIGN_KEYS = (
     "trial_timeout",
     "retry",
     "max_trials_per_worker",
+    "ray",
+    "slurm",
+    "listen",
 )
 POOL_KEYS = ("gpus", "trials_per_gpu", "cpu_slots", "threads_per_slot")
 
@@ -118,6 +122,10 @@ class CampaignSettings:
     trial_timeout: float | None
     retry: str
     max_trials_per_worker: int | None
+    # Many machines: the engine that starts one agent per node, or where to wait for agents.
+    ray: str | None = None
+    slurm: bool = False
+    listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,9 @@ def _settings(table: Table, default_name: str) -> CampaignSettings:
         trial_timeout=duration(table, "trial_timeout"),
         retry=retry,
         max_trials_per_worker=integer(table, "max_trials_per_worker", minimum=1),
+        ray=string(table, "ray", '"auto"'),
+        slurm=bool(boolean(table, "slurm")),
+        listen=string(table, "listen", '"10.0.0.5:7000"'),
     )
 
 

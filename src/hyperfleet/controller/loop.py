@@ -26,6 +26,9 @@ import psutil
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from hyperfleet.cluster.hub import ClusterSettings, NodeHub, NodeJoined, NodeLeft, NodeLink
+from hyperfleet.cluster.pools import NodePlanner, on_node
+from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller import checkpoints
@@ -35,7 +38,7 @@ from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.display.format import duration
-from hyperfleet.errors import ObjectiveError, WorkerError
+from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.journal import PlacingJournalStorage, commit
 from hyperfleet.journal import close as close_storage
@@ -60,6 +63,7 @@ from hyperfleet.workers.protocol import (
 if TYPE_CHECKING:
     from hyperfleet.refit import RefitOutcome
 
+Worker = WorkerHandle | RemoteWorker
 TICK_SECONDS = 1.0
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 
@@ -176,6 +180,8 @@ class Controller:
         sequential: bool = False,
         *,
         files: FileWriter,
+        cluster: ClusterSettings | None = None,
+        node_planner: NodePlanner | None = None,
     ) -> None:
         used = {name for plan in plans for name in plan.slots}
         self._slots = [slot for slot in pool.slots if slot.name in used]
@@ -187,7 +193,11 @@ class Controller:
         self._settings = settings
         self._run_dir = run_dir
         self._sinks = sinks
-        self._workers: dict[str, WorkerHandle] = {}
+        self._workers: dict[str, Worker] = {}
+        # Many machines: the agents' nodes, and which node each remote slot is on.
+        self._cluster, self._node_planner = cluster, node_planner
+        self._hub: NodeHub | None = None
+        self._slot_links: dict[str, NodeLink] = {}
         self._active: dict[str, ActiveTrial] = {}
         self._kill_at: dict[str, float] = {}
         # Slots whose worker loads a study's objective for the trial it gets next: they hold
@@ -273,6 +283,7 @@ class Controller:
             if self._budgets_already_reached():
                 self._open_studies(announce=False)  # said already
                 return self._outcome()
+            self._listen()
             for slot in self._slots:
                 # Starting many workers takes a while: a stop asked meanwhile starts no more.
                 if self._stop_level:
@@ -349,7 +360,7 @@ class Controller:
                 return
             first = [run for run in self._first_studies() if not run.load_failure]
             for run in first:
-                if all(name in self._dead_slots for name in run.plan.slots):
+                if self._all_dead(run.plan.slots):
                     raise WorkerError(
                         f"every worker that could run study {run.plan.name!r} died while "
                         f"starting; see the logs in {self._run_dir.workers_dir}."
@@ -411,7 +422,7 @@ class Controller:
             busy = self._active or self._loading
             if not busy and not any(self._has_work(r) for r in self._runs.values()):
                 return
-            if len(self._dead_slots) == len(self._slots):
+            if self._hub is None and len(self._dead_slots) == len(self._slots):
                 return
             now = time.monotonic()
             if now >= next_tick:
@@ -448,6 +459,7 @@ class Controller:
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
+            self._take_node_events()
         for name, worker in list(self._workers.items()):
             if worker.conn in ready:
                 self._drain(name, worker)
@@ -455,7 +467,7 @@ class Controller:
                 self._drain(name, worker)
                 self._on_worker_exit(name, worker)
 
-    def _drain(self, name: str, worker: WorkerHandle) -> None:
+    def _drain(self, name: str, worker: Worker) -> None:
         """Handle every message the worker has sent; a worker that died sends EOF."""
         try:
             while worker.conn.poll():
@@ -468,7 +480,7 @@ class Controller:
             if exc.errno in NO_ROOM or isinstance(exc, FileNotFoundError):
                 raise
 
-    def _handle(self, name: str, worker: WorkerHandle, message: object) -> None:
+    def _handle(self, name: str, worker: Worker, message: object) -> None:
         if isinstance(message, Call):
             self._answer(name, worker, message)
         elif isinstance(message, Finished):
@@ -497,7 +509,7 @@ class Controller:
             return False
         if run.time_left(now) == 0.0:
             return False
-        if all(name in self._dead_slots for name in run.plan.slots):
+        if self._all_dead(run.plan.slots):
             return False
         n_trials = run.plan.n_trials
         return n_trials is None or run.finished + self._book.running(run.plan.name) < n_trials
@@ -560,7 +572,7 @@ class Controller:
             else:
                 self._load_then_launch(slot_name, worker, run)
 
-    def _load_then_launch(self, name: str, worker: WorkerHandle, run: StudyRun) -> None:
+    def _load_then_launch(self, name: str, worker: Worker, run: StudyRun) -> None:
         """The slot's first trial of this study: its worker loads the objective first, holding
         the slot's resources and share meanwhile; the trial starts once it has loaded."""
         worker.load(run.plan.name)
@@ -570,7 +582,7 @@ class Controller:
         view = self.state.slot(name)
         view.state, view.study = "loading", run.plan.name
 
-    def _on_loaded(self, name: str, worker: WorkerHandle, study: str) -> None:
+    def _on_loaded(self, name: str, worker: Worker, study: str) -> None:
         worker.loading = None
         self._start_failures[name] = 0
         worker.loaded.add(study)
@@ -628,7 +640,7 @@ class Controller:
                 continue
             run.finished = books.budget_used(run.study.get_trials(deepcopy=False))
 
-    def _launch(self, name: str, worker: WorkerHandle, run: StudyRun) -> None:
+    def _launch(self, name: str, worker: Worker, run: StudyRun) -> None:
         study = _opened(run)
         trial, stored = self._ask_placed(study, name, worker.pid)
         trial_dir = run.plan.folder.trial_dir(trial.number)
@@ -706,7 +718,7 @@ class Controller:
 
     # ----- answering trial calls -----------------------------------------------------------
 
-    def _answer(self, name: str, worker: WorkerHandle, call: Call) -> None:
+    def _answer(self, name: str, worker: Worker, call: Call) -> None:
         active = self._active.get(name)
         try:
             if active is None:
@@ -740,7 +752,7 @@ class Controller:
 
     # ----- ending trials -------------------------------------------------------------------
 
-    def _on_finished(self, name: str, worker: WorkerHandle, finished: Finished) -> None:
+    def _on_finished(self, name: str, worker: Worker, finished: Finished) -> None:
         active = self._active.get(name)
         if active is None:
             return
@@ -808,7 +820,7 @@ class Controller:
         )
         self._tell(name, TrialState.FAIL, kind="error", reason=reason)
 
-    def _on_worker_exit(self, name: str, worker: WorkerHandle) -> None:
+    def _on_worker_exit(self, name: str, worker: Worker) -> None:
         active = self._active.get(name)
         if active is not None:
             kind, reason = worker.exit_description()
@@ -826,7 +838,10 @@ class Controller:
         self._kill_at.pop(name, None)
         worker.kill()
         del self._workers[name]
-        if self._autopack is not None and self._autopack.leaving(name):
+        link = self._slot_links.get(name)
+        if link is not None and not link.alive:
+            self._remove_slot(name)
+        elif self._autopack is not None and self._autopack.leaving(name):
             self._autopack.gone(name)  # retired by auto packing: not replaced
             self.state.slot(name).state = "stopped"
         elif self._start_failures.get(name, 0) >= MAX_START_FAILURES:
@@ -978,13 +993,17 @@ class Controller:
             for run in self._runs.values()
             if slot.name in run.plan.slots
         }
-        self._workers[slot.name] = WorkerHandle(
-            slot, specs, self._run_dir.workers_dir, self._run_dir.path
-        )
+        link = self._slot_links.get(slot.name)
+        if link is not None:
+            self._workers[slot.name] = link.start_worker(slot, specs, str(self._run_dir.path))
+        else:
+            self._workers[slot.name] = WorkerHandle(
+                slot, specs, self._run_dir.workers_dir, self._run_dir.path
+            )
         view = self.state.slot(slot.name)
-        view.state, view.pid = "starting", self._workers[slot.name].pid
+        view.state, view.pid = "starting", self._workers[slot.name].pid or None
 
-    def _replace_worker(self, name: str, worker: WorkerHandle, graceful: bool) -> None:
+    def _replace_worker(self, name: str, worker: Worker, graceful: bool) -> None:
         if graceful:
             worker.shutdown()
         else:
@@ -992,7 +1011,7 @@ class Controller:
         del self._workers[name]
         self._start_worker(self._slot_named(name))
 
-    def _retire_worker(self, name: str, worker: WorkerHandle) -> None:
+    def _retire_worker(self, name: str, worker: Worker) -> None:
         """Kill the worker's whole process group; start a fresh one unless the run is stopping."""
         if self._stop_level:
             worker.kill()
@@ -1070,7 +1089,7 @@ class Controller:
                     run.plan = replace(run.plan, slots=(*run.plan.slots, slot.name))
         self._start_worker(slot)
 
-    def _park(self, name: str, worker: WorkerHandle, graceful: bool) -> None:
+    def _park(self, name: str, worker: Worker, graceful: bool) -> None:
         """Retire a worker auto packing no longer wants; its slot may get one again later.
         An idle one is asked to leave, and its exit is handled (not waited for) like any."""
         if graceful:
@@ -1118,13 +1137,109 @@ class Controller:
                 close_storage(study._storage)  # the study's storage has no public accessor
         # All at once: idle workers leave together (a hard stop kills them), starting ones are
         # killed without waiting for their objective to load.
-        stop_workers(self._workers.values(), graceful=self._stop_level < 2)
+        local = [w for w in self._workers.values() if isinstance(w, WorkerHandle)]
+        stop_workers(local, graceful=self._stop_level < 2)
+        if self._hub is not None:
+            self._hub.close()  # every agent stops its workers and exits
+        for worker in self._workers.values():
+            worker.close()
         self._workers.clear()
         self._monitor.close()
         self._wake_r.close()
         self._wake_w.close()
         for view in self.state.slots:
             view.state = "stopped"
+
+    # ----- nodes (many machines) -----------------------------------------------------------
+
+    def _listen(self) -> None:
+        """With a cluster, wait for agents; say where, and how to start one."""
+        if self._cluster is None:
+            return
+        self._hub = NodeHub(self._cluster, self._run_dir.path, self._run_dir.identity, self._wake)
+        self.announce(self._hub.start_message())
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"n")
+
+    def _all_dead(self, slots: tuple[str, ...]) -> bool:
+        """Every one of these slots was given up. With a cluster, a study with no slot yet
+        waits for nodes to join instead."""
+        if self._hub is not None:
+            return bool(slots) and all(name in self._dead_slots for name in slots)
+        return all(name in self._dead_slots for name in slots)
+
+    def _take_node_events(self) -> None:
+        if self._hub is None:
+            return
+        for event in self._hub.take_events():
+            if isinstance(event, NodeJoined):
+                self._add_node(event)
+            elif isinstance(event, NodeLeft):
+                self.announce(
+                    f"node {event.link.node} lost: it {event.reason}; its running trials run "
+                    "again elsewhere"
+                )
+            else:
+                self.announce(f"refused a connection from {event.where}: {event.reason}")
+
+    def _add_node(self, joined: NodeJoined) -> None:
+        link = joined.link
+        if self._node_planner is None or not link.alive or self._stop_level:
+            return
+        self._drop_node_slots(link.node)  # an earlier link of the same node, lost
+        try:
+            pool = on_node(link.node, self._node_planner(joined.inventory))
+        except HyperfleetError as exc:
+            self.announce(f"node {link.node} not used: {exc}")
+            link.lose("cannot be used here")
+            return
+        used = {name for names in pool.study_slots.values() for name in names}
+        slots = [slot for slot in pool.slots if slot.name in used]
+        for run in self._runs.values():
+            extra = pool.study_slots.get(run.plan.name, ())
+            run.plan = replace(run.plan, slots=run.plan.slots + extra)
+        for slot in slots:
+            self._slots.append(slot)
+            self._ledger.add(slot.name, pool.needs[slot.name])
+            self._cost[slot.name] = _slot_cost(slot)
+            self._slot_links[slot.name] = link
+            self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
+            self._start_worker(slot)
+        gpus = len({gpu for slot in slots for gpu in slot.gpus})
+        self.announce(
+            f"node {link.node} joined from {link.where}: {len(slots)} slots, {gpus} GPUs, "
+            f"{len(joined.inventory.cores)} cores; it shares the run directory"
+        )
+
+    def _drop_node_slots(self, node: str) -> None:
+        """Before a node's new link takes its slot names: the old link's workers end as lost
+        now, if the loop has not handled them yet."""
+        for name, link in list(self._slot_links.items()):
+            if link.node != node:
+                continue
+            worker = self._workers.get(name)
+            if worker is not None:
+                link.lose("connected again")
+                self._drain(name, worker)
+                self._on_worker_exit(name, worker)
+            elif name in self._slot_links:
+                self._remove_slot(name)
+
+    def _remove_slot(self, name: str) -> None:
+        """A lost node's slot leaves the pool (its trial was ended already)."""
+        self._slot_links.pop(name, None)
+        self._slots = [slot for slot in self._slots if slot.name != name]
+        self._cost.pop(name, None)
+        self._ledger.remove(name)
+        self._dead_slots.discard(name)
+        self._start_failures.pop(name, None)
+        self.state.slots = [view for view in self.state.slots if view.name != name]
+        for run in self._runs.values():
+            if name in run.plan.slots:
+                kept = tuple(slot for slot in run.plan.slots if slot != name)
+                run.plan = replace(run.plan, slots=kept)
 
     # ----- study state ---------------------------------------------------------------------
 
@@ -1251,7 +1366,7 @@ class Controller:
 
     def _cpu_percent(self, view: SlotView) -> float | None:
         worker = self._workers.get(view.name)
-        if worker is None:
+        if not isinstance(worker, WorkerHandle):  # none, or on another node
             return None
         process = self._cpu.get(view.name)
         if process is None or process.pid != worker.pid:
@@ -1277,7 +1392,7 @@ class Controller:
         self.state.stopping = self._stop_level
         self._emit("on_end")
         first = studies[0] if studies else None
-        if studies and len(self._dead_slots) == len(self._slots):
+        if studies and self._slots and len(self._dead_slots) == len(self._slots):
             return Outcome(
                 "failed", "every slot stopped; see the worker logs", first, counts, studies
             )
@@ -1362,7 +1477,7 @@ def _reported_step(call: Call) -> int | None:
         return None  # Optuna's own report refuses it, with its own message
 
 
-def _send(worker: WorkerHandle, message: RunTrial) -> None:
+def _send(worker: Worker, message: RunTrial) -> None:
     # A worker that died meanwhile is noticed by the loop, which fails its trial as a crash.
     with contextlib.suppress(ConnectionError):
         worker.conn.send(message)

@@ -30,22 +30,44 @@ from hyperfleet.workers.protocol import Load, ObjectiveSpec, Release, Shutdown, 
 SHUTDOWN_SECONDS = 2.0
 
 
-class WorkerHandle:
+class ObjectiveLoading:
+    """Which studies' objectives a worker holds, as the controller asked: the same for a
+    worker here and one on another node (whose ``conn`` relays to it)."""
+
+    conn: Connection
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()  # the studies whose objective this worker holds
+        self.loading: str | None = None  # the study whose objective it is loading now
+
+    def load(self, study: str) -> None:
+        self.loading = study
+        # A worker that died meanwhile is noticed by the loop, which frees what it held.
+        with contextlib.suppress(ConnectionError):
+            self.conn.send(Load(study))
+
+    def release(self, study: str) -> None:
+        self.loaded.discard(study)
+        with contextlib.suppress(ConnectionError):
+            self.conn.send(Release(study))
+
+
+class WorkerHandle(ObjectiveLoading):
     def __init__(
         self, slot: Slot, specs: dict[str, ObjectiveSpec], log_dir: Path, cwd: Path
     ) -> None:
+        super().__init__()
         self.slot = slot
         self.trials_run = 0
         self.ready = False
-        self.loaded: set[str] = set()  # the studies whose objective this worker holds
-        self.loading: str | None = None  # the study whose objective it is loading now
         self.marker = secrets.token_hex(8)  # inherited by everything the worker starts
         # Epoch seconds, as process start times are; a second early for clock granularity.
         self.started_at = time.time() - 1.0
         self._asked_to_leave = False
         parent_sock, child_sock = socket.socketpair()
         lifeline_read, self._lifeline = os.pipe()
-        log = open(log_dir / f"{slot.name.replace('#', '-')}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        log_name = slot.name.replace("#", "-").replace("/", "-")  # node3/gpu1#0: node3-gpu1-0
+        log = open(log_dir / f"{log_name}.log", "ab")  # noqa: SIM115 (the child keeps it)
         try:
             self.process = subprocess.Popen(
                 [
@@ -74,17 +96,6 @@ class WorkerHandle:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    def load(self, study: str) -> None:
-        self.loading = study
-        # A worker that died meanwhile is noticed by the loop, which frees what it held.
-        with contextlib.suppress(ConnectionError):
-            self.conn.send(Load(study))
-
-    def release(self, study: str) -> None:
-        self.loaded.discard(study)
-        with contextlib.suppress(ConnectionError):
-            self.conn.send(Release(study))
 
     def waitables(self) -> list[object]:
         return [self.conn] if self.exit_fd is None else [self.conn, self.exit_fd]

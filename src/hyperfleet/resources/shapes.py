@@ -186,6 +186,12 @@ class Ledger:
         """A slot made while the run goes on (auto packing adds workers to a GPU)."""
         self._needs.setdefault(slot, dict(needs or {}))
 
+    def remove(self, slot: str) -> None:
+        """A slot that left the pool (its node was lost); it holds nothing by then."""
+        if slot in self._claimed:
+            raise RuntimeError(f"slot {slot} was removed while it runs: {self._describe()}")
+        self._needs.pop(slot, None)
+
     def fits(self, slot: str) -> bool:
         """Whether the slot is idle and every resource it needs has room for it."""
         if slot in self._claimed:

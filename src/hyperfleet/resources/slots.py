@@ -68,6 +68,11 @@ class Slot:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
+    def node(self) -> str:
+        """The node the slot is on (``node3`` for ``node3/gpu1#0``); "" on a single machine."""
+        return self.name.rpartition("/")[0]
+
+    @property
     def device(self) -> str:
         """The device string for frameworks: "cuda:0" (the slot's first GPU), "mps" or "cpu"."""
         if self.kind == "cpu":

@@ -1,0 +1,251 @@
+"""Controller capacity at cluster scale: many remote slots over a few agent connections.
+
+    python bench/cluster_capacity.py                                   # the full table
+    python bench/cluster_capacity.py --slots 64 --samplers random --studies 1000
+
+A load generator plays the agents: ``--connections`` processes (4 by default) each connect to a
+real controller (``hyperfleet run --listen``) with the run's token, say hello with a node of
+fake GPUs, and answer for every worker the controller starts there, at once: ready, loaded,
+then for each trial the four ``suggest_float`` calls of :func:`objective` (each a round trip
+through the controller's sampler) and a result. Trials take no time, so the controller is the
+only limit. The study starts with ``--studies`` finished trials (written by plain Optuna) and
+runs ``--new-trials`` more (fewer for TPE, whose cost grows with the study).
+
+Figures: trials/s over the run (first trial sent to last result), and each slot's wait for its
+next trial (from the result it sent to the next trial it receives), from the load generator's
+clock; the controller's CPU seconds per trial say how much of it the controller spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import pickle
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psutil
+from common import PARAMS, build_journal
+
+from hyperfleet.cluster.channel import connect
+from hyperfleet.cluster.messages import (
+    Beat,
+    Goodbye,
+    Hello,
+    Joined,
+    Relay,
+    StartWorker,
+    WorkerStarted,
+)
+from hyperfleet.resources.inventory import Gpu, Inventory
+from hyperfleet.workers.protocol import Call, Finished, Load, Loaded, Ready, Reply, RunTrial
+
+TOKEN = "capacity-bench-token"
+STUDY = "capacity"
+NAMES = list(PARAMS)
+
+
+def objective(trial: optuna.Trial) -> float:
+    """What each played trial does: four suggestions, no work."""
+    return sum(trial.suggest_float(name, -10.0, 10.0) for name in NAMES)
+
+
+def _pack(message: Any) -> bytes:
+    return bytes(ForkingPickler.dumps(message))
+
+
+class Node:
+    """One played agent: every worker answers the moment it is asked."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.step: dict[int, int] = {}  # worker -> suggestions made in its current trial
+        self.sent_result: dict[int, float] = {}
+        self.waits: list[float] = []
+        self.trials = 0
+        self.first = self.last = 0.0
+
+    def run(self) -> None:
+        last_beat = time.monotonic()
+        while True:
+            if not self.conn.poll(1.0):
+                continue
+            message = self.conn.recv()
+            if isinstance(message, Goodbye):
+                return
+            if isinstance(message, StartWorker):
+                self.conn.send(WorkerStarted(message.worker, os.getpid()))
+                self.conn.send(Relay(message.worker, _pack(Ready(os.getpid()))))
+            elif isinstance(message, Relay):
+                self._on_relay(message.worker, pickle.loads(message.payload))
+            if time.monotonic() - last_beat > 1.0:
+                self.conn.send(Beat())
+                last_beat = time.monotonic()
+
+    def _on_relay(self, worker: int, message: Any) -> None:
+        now = time.time()
+        if isinstance(message, RunTrial):
+            if worker in self.sent_result:
+                self.waits.append(now - self.sent_result.pop(worker))
+            self.first = self.first or now
+            self.step[worker] = 0
+            self._next(worker)
+        elif isinstance(message, Reply):
+            self._next(worker)
+        elif isinstance(message, Load):  # the objective "loads" at once
+            self.conn.send(Relay(worker, _pack(Loaded(message.study))))
+
+    def _next(self, worker: int) -> None:
+        step = self.step[worker]
+        if step < len(NAMES):
+            self.step[worker] = step + 1
+            call = Call("trial", "suggest_float", (NAMES[step], -10.0, 10.0), {})
+            self.conn.send(Relay(worker, _pack(call)))
+            return
+        self.conn.send(Relay(worker, _pack(Finished("returned", value=1.0))))
+        self.sent_result[worker] = self.last = time.time()
+        self.trials += 1
+
+
+def play_node(address: tuple[str, int], index: int, slots: int, results: Any) -> None:
+    conn = connect(address, TOKEN.encode(), patience=60.0)
+    gpus = tuple(Gpu(i, f"GPU-bench-{i}", "Bench GPU", kind="fake") for i in range(slots))
+    cores = tuple(range(max(1, -(-slots // 16))))  # a node that may run this many workers
+    conn.send(Hello(f"load{index}", Inventory(gpus=gpus, cores=cores), os.getpid()))
+    conn.recv()  # the welcome
+    conn.send(Joined(shares_run_dir=True))  # the same machine: the run directory is here
+    node = Node(conn)
+    node.run()
+    results.put((node.trials, node.first, node.last, node.waits))
+
+
+def controller_command(
+    run_dir: Path, token: Path, port: int, sampler: str, n_trials: int, profile: Path | None
+) -> list[str]:
+    python = [sys.executable]
+    if profile is not None:
+        python += ["-m", "cProfile", "-o", str(profile)]
+    return [
+        *python, "-m", "hyperfleet.cli", "run", f"{Path(__file__)}:objective",
+        "--study-name", STUDY, "--run-dir", str(run_dir), "--n-trials", str(n_trials),
+        "--sampler", sampler, "--seed", "1", "--listen", f"127.0.0.1:{port}",
+        "--token-file", str(token), "--cpu-slots", "0", "--quiet", "--no-report",
+    ]  # fmt: skip
+
+
+def one_run(
+    folder: Path,
+    slots: int,
+    connections: int,
+    sampler: str,
+    finished: int,
+    new: int,
+    profile: Path | None = None,
+) -> dict[str, float]:
+    run_dir = folder / "run"
+    run_dir.mkdir()
+    build_journal(run_dir / "optuna.journal", STUDY, finished)
+    token = folder / "token"
+    token.write_text(TOKEN)
+    port = _free_port()
+    controller = subprocess.Popen(
+        controller_command(run_dir, token, port, sampler, finished + new, profile),
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        stdout=subprocess.DEVNULL,
+    )
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    players = [
+        context.Process(
+            target=play_node, args=(("127.0.0.1", port), i, slots // connections, results)
+        )
+        for i in range(connections)
+    ]
+    for player in players:
+        player.start()
+    cpu_before = _cpu(controller.pid)
+    outcomes = [results.get(timeout=900) for _ in players]
+    cpu = _cpu(controller.pid) - cpu_before
+    controller.wait(timeout=60)
+    for player in players:
+        player.join()
+    trials = sum(o[0] for o in outcomes)
+    first = min(o[1] for o in outcomes if o[1])
+    last = max(o[2] for o in outcomes)
+    waits = sorted(w for o in outcomes for w in o[3])
+    return {
+        "trials": trials,
+        "per_s": (trials - 1) / (last - first),
+        "p50_ms": 1000 * statistics.median(waits),
+        "p99_ms": 1000 * waits[int(0.99 * (len(waits) - 1))],
+        "max_ms": 1000 * waits[-1],
+        "cpu_ms": 1000 * cpu / trials,
+    }
+
+
+def _cpu(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", type=int, nargs="+", default=[8, 64, 512])
+    parser.add_argument("--samplers", nargs="+", default=["random", "tpe"])
+    parser.add_argument("--studies", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--new-trials", type=int, default=3000, help="random sampler")
+    parser.add_argument("--new-tpe-trials", type=int, default=300)
+    parser.add_argument(
+        "--profile", type=Path, help="profile the controller (one configuration) into this file"
+    )
+    args = parser.parse_args()
+    print(f"{args.connections} agent connections; waits: from a slot's result to its next trial")
+    print(
+        f"{'sampler':<7} {'study':>6} {'slots':>5} {'trials/s':>9} {'wait p50':>9} "
+        f"{'p99':>7} {'max ms':>7} {'ctl cpu ms/trial':>17}"
+    )
+    for sampler in args.samplers:
+        new = args.new_trials if sampler == "random" else args.new_tpe_trials
+        for finished in args.studies:
+            for slots in args.slots:
+                # Every slot runs a few trials, so that each has waits to measure.
+                with tempfile.TemporaryDirectory() as tmp:
+                    r = one_run(
+                        Path(tmp),
+                        slots,
+                        args.connections,
+                        sampler,
+                        finished,
+                        max(new, 2 * slots),
+                        args.profile,
+                    )
+                print(
+                    f"{sampler:<7} {finished:>6} {slots:>5} {r['per_s']:>9.0f} "
+                    f"{r['p50_ms']:>9.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.1f} "
+                    f"{r['cpu_ms']:>17.2f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

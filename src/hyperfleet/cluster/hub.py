@@ -1,0 +1,360 @@
+"""The controller's side of many machines: it listens for agents and keeps one link per node.
+
+Each link has a reader thread that forwards every worker message into that worker's local
+connection (see :mod:`hyperfleet.cluster.remote`) and notes when it last heard the node. A
+node is lost when its connection closes or when it has been silent for ``node_timeout``
+seconds (it sends a heartbeat every ``heartbeat`` seconds, and so does the controller). A lost
+node's workers end with the kind ``lost``; the loop hears of nodes joining and leaving through
+:meth:`NodeHub.take_events`, after being woken. A node that connects again is a new link with
+new workers: the old link's threads forward nothing once it is lost, so nothing late from it
+reaches a trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Protocol
+
+from hyperfleet.cluster.channel import (
+    HANDSHAKE_SECONDS,
+    ChannelListener,
+    controller_token,
+    parse_address,
+)
+from hyperfleet.cluster.messages import (
+    Beat,
+    Goodbye,
+    Hello,
+    Joined,
+    Refused,
+    Relay,
+    StartWorker,
+    Welcome,
+    WorkerExited,
+    WorkerStarted,
+)
+from hyperfleet.cluster.remote import RemoteWorker
+from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.slots import Slot
+from hyperfleet.workers.protocol import ObjectiveSpec
+
+LOST = "lost"
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How the controller meets its agents."""
+
+    listen: str = ""  # HOST:PORT; "" with an engine: the interface the engine uses
+    token_file: Path | None = None
+    ray: str | None = None  # "auto" or a Ray address: Ray starts one agent per node
+    slurm: bool = False  # inside an allocation: srun starts one agent per node
+    heartbeat: float = 2.0  # seconds between heartbeats, both ways
+    node_timeout: float = 10.0  # a node silent this long is lost (and so is the controller)
+
+
+@dataclass(frozen=True)
+class NodeJoined:
+    link: NodeLink
+    inventory: Inventory
+
+
+@dataclass(frozen=True)
+class NodeLeft:
+    link: NodeLink
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    where: str
+    reason: str
+
+
+NodeEvent = NodeJoined | NodeLeft | Refusal
+
+
+class NodeLink:
+    """One agent's connection, from the hello to its loss."""
+
+    def __init__(self, conn: Connection, node: str, where: str, hub: NodeHub) -> None:
+        self.node, self.where = node, where
+        self._conn = conn
+        self._hub = hub
+        self._send_lock = threading.Lock()
+        self._workers: dict[int, RemoteWorker] = {}
+        self._workers_lock = threading.Lock()
+        self.alive = True
+        self.lost_reason = ""
+        self._thread = threading.Thread(
+            target=self._read, name=f"hyperfleet-node-{node}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, message: Any) -> None:
+        """Best effort: a send to a lost node is dropped (its workers end as lost anyway)."""
+        if not self.alive:
+            return
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            self._conn.send(message)
+
+    def forward(self, worker: int, payload: bytes) -> None:
+        self.send(Relay(worker, payload))
+
+    def start_worker(self, slot: Slot, specs: dict[str, ObjectiveSpec], cwd: str) -> RemoteWorker:
+        wid = self._hub.next_worker_id()
+        worker = RemoteWorker(
+            slot, wid, self.node, self.forward, self.send, lambda: self._forget(wid)
+        )
+        with self._workers_lock:
+            if not self.alive:  # lost meanwhile: the loop handles it as any lost worker
+                worker.end(LOST, self._lost_text())
+                return worker
+            self._workers[wid] = worker
+        self.send(StartWorker(wid, slot, specs, cwd))
+        return worker
+
+    def _forget(self, worker: int) -> None:
+        with self._workers_lock:
+            self._workers.pop(worker, None)
+
+    def lose(self, reason: str) -> None:
+        """End the link: its workers end as lost, the node hears EOF, the loop is told."""
+        with self._workers_lock:
+            if not self.alive:
+                return
+            self.alive = False
+            self.lost_reason = reason
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for worker in workers:
+            worker.end(LOST, self._lost_text())
+        self._hang_up()
+        self._hub.forget(self)
+        self._hub.post(NodeLeft(self, reason))
+
+    def say_goodbye(self) -> None:
+        self.send(Goodbye())
+        with self._workers_lock:
+            self.alive = False
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """The node hears EOF. The descriptor itself is closed by the reader thread once it
+        sees that (or here, when it never started): closing it under a thread that waits on it
+        could hand its number to a new socket the thread would then read."""
+        # Not under the send lock: a send stuck on a silent node's full buffer returns then.
+        with (
+            contextlib.suppress(OSError, ValueError),
+            socket.socket(fileno=os.dup(self._conn.fileno())) as sock,
+        ):
+            sock.shutdown(socket.SHUT_RDWR)
+        if not self._thread.is_alive():
+            self._close()
+
+    def _close(self) -> None:
+        with self._send_lock, contextlib.suppress(OSError):
+            self._conn.close()
+
+    def _lost_text(self) -> str:
+        return f"lost: node {self.node} {self.lost_reason}"
+
+    def _read(self) -> None:
+        timeout = self._hub.settings.node_timeout
+        try:
+            while self.alive:
+                if not self._conn.poll(timeout):
+                    self.lose(f"sent no heartbeat for {timeout:g}s")
+                    return
+                self._handle(self._conn.recv())
+        except (EOFError, OSError, ValueError):
+            self.lose("closed its connection")
+        except Exception as exc:  # a message that cannot be unpickled here: the node is broken
+            self.lose(f"sent what cannot be read ({type(exc).__name__}: {exc})")
+        finally:
+            self._close()
+
+    def _handle(self, message: Any) -> None:
+        if isinstance(message, Relay):
+            worker = self._workers.get(message.worker)
+            if worker is not None:
+                worker.deliver(message.payload)
+        elif isinstance(message, WorkerStarted):
+            worker = self._workers.get(message.worker)
+            if worker is not None:
+                worker.pid = message.pid
+        elif isinstance(message, WorkerExited):
+            with self._workers_lock:
+                worker = self._workers.pop(message.worker, None)
+            if worker is not None:
+                worker.end(message.kind, message.reason)
+
+
+class NodeHub:
+    """Listens for agents; knows every node's link. Its threads only queue events and wake the
+    loop; the loop alone changes the pool."""
+
+    def __init__(
+        self, settings: ClusterSettings, run_dir: Path, run_id: str, wake: Callable[[], None]
+    ) -> None:
+        self.settings = settings
+        self._run_dir, self._run_id = run_dir, run_id
+        self._wake = wake
+        self._events: queue.SimpleQueue[NodeEvent] = queue.SimpleQueue()
+        self._links: dict[str, NodeLink] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = threading.Event()
+        token, self.token_file = controller_token(settings.token_file, run_dir)
+        self._launcher = _launcher(settings)
+        listen = settings.listen
+        if not listen and self._launcher is not None:
+            listen = f"{self._launcher.listen_host()}:0"
+        self._listener = ChannelListener(
+            parse_address(listen), token, self._on_peer, self._on_refused
+        )
+        self.address = self._listener.address
+        self._beats = threading.Thread(target=self._beat, name="hyperfleet-beat", daemon=True)
+        self._beats.start()
+        if self._launcher is not None:
+            self._launcher.start(f"{self.address[0]}:{self.address[1]}", token, self.lose_node)
+
+    def next_worker_id(self) -> int:
+        return next(self._ids)
+
+    def post(self, event: NodeEvent) -> None:
+        self._events.put(event)
+        self._wake()
+
+    def take_events(self) -> list[NodeEvent]:
+        events = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                events.append(self._events.get_nowait())
+        return events
+
+    def start_message(self) -> str:
+        """Where the controller listens, and who starts the agents."""
+        host, port = self.address
+        if self.settings.ray is not None:
+            return f"listening for agents on {host}:{port}; Ray starts one on each node"
+        if self.settings.slurm:
+            return f"listening for agents on {host}:{port}; srun starts one on each node"
+        token = f" --token-file {self.token_file}" if self.token_file else ""
+        return (
+            f"listening for agents on {host}:{port}; start one on each node: "
+            f"hyperfleet agent --connect {host}:{port}{token}"
+        )
+
+    def lose_node(self, node: str, reason: str) -> None:
+        """The engine reports the node dead: lose it now rather than at its timeout."""
+        with self._lock:
+            link = self._links.get(node)
+        if link is not None:
+            link.lose(reason)
+
+    def close(self) -> None:
+        """The run is over: every agent is told, stops its workers and exits."""
+        self._closed.set()
+        self._listener.close()
+        with self._lock:
+            links = list(self._links.values())
+            self._links.clear()
+        for link in links:
+            link.say_goodbye()
+        self._beats.join(timeout=2.0)
+        if self._launcher is not None:
+            self._launcher.close()
+
+    def _on_peer(self, conn: Connection, first: Any, where: str) -> None:
+        if not isinstance(first, Hello) or not _valid_node_name(first.node):
+            with contextlib.suppress(OSError):
+                conn.send(Refused("the first message must be a hello with a node name"))
+            conn.close()
+            self.post(Refusal(where, "its first message was not an agent's hello"))
+            return
+        link = NodeLink(conn, first.node, where, self)
+        with self._lock:
+            if self._closed.is_set():
+                conn.close()
+                return
+            old = self._links.get(first.node)
+            self._links[first.node] = link
+        if old is not None:  # the node came back before its old link was found lost
+            old.lose("connected again")
+        link.send(
+            Welcome(
+                self.settings.heartbeat,
+                self.settings.node_timeout,
+                str(self._run_dir),
+                self._run_id,
+            )
+        )
+        joined = conn.recv() if conn.poll(HANDSHAKE_SECONDS) else None
+        if not isinstance(joined, Joined) or not joined.shares_run_dir:
+            why = (
+                f"node {first.node} does not see the run directory {self._run_dir}: its "
+                "trials write their folders there, so put it on a disk every node shares (NFS, "
+                "Lustre) at the same path"
+                if isinstance(joined, Joined)
+                else f"node {first.node} did not answer the welcome"
+            )
+            link.send(Refused(why))
+            self.forget(link)
+            link.say_goodbye()
+            self.post(Refusal(where, why))
+            return
+        self.post(NodeJoined(link, first.inventory))
+        link.start()
+
+    def _on_refused(self, where: str, reason: str) -> None:
+        self.post(Refusal(where, reason))
+
+    def forget(self, link: NodeLink) -> None:
+        with self._lock:
+            if self._links.get(link.node) is link:
+                del self._links[link.node]
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self.settings.heartbeat):
+            with self._lock:
+                links = list(self._links.values())
+            for link in links:
+                link.send(Beat())
+
+
+class Launcher(Protocol):
+    """An engine that starts the agents: it places and kills them, hyperfleet does not."""
+
+    def listen_host(self) -> str: ...
+
+    def start(self, connect_to: str, token: bytes, lose: Callable[[str, str], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _launcher(settings: ClusterSettings) -> Launcher | None:
+    if settings.ray is not None:
+        from hyperfleet.cluster.ray_launcher import RayLauncher
+
+        return RayLauncher(settings.ray)
+    if settings.slurm:
+        from hyperfleet.cluster.slurm_launcher import SlurmLauncher
+
+        return SlurmLauncher()
+    return None
+
+
+def _valid_node_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and not any(c in name for c in "/# \t\n")

@@ -1,0 +1,104 @@
+"""What a controller and an agent say to each other over their one connection.
+
+Everything travels as pickles over a ``multiprocessing.connection`` authenticated with the
+run's token (see :mod:`hyperfleet.cluster.channel`). A worker's own messages are relayed as the
+bytes the worker pickled, tagged with the worker's id, and never unpickled on the way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.slots import Slot
+from hyperfleet.workers.protocol import ObjectiveSpec
+
+
+@dataclass(frozen=True)
+class Hello:
+    """An agent's first message: who it is and what its node has."""
+
+    node: str
+    inventory: Inventory
+    pid: int
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The controller's answer: the heartbeat both sides keep, in seconds, and the run
+    directory the trial folders go in, with its id, for the agent to check it sees the same."""
+
+    heartbeat: float
+    node_timeout: float
+    run_dir: str = ""
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The agent's answer to the welcome: whether this node sees the controller's run
+    directory (a disk both share), where its trials must write their folders."""
+
+    shares_run_dir: bool
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The controller will not use this node; ``reason`` says why and what to change."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartWorker:
+    worker: int  # the id every later message about this worker carries
+    slot: Slot
+    specs: dict[str, ObjectiveSpec]
+    cwd: str  # the controller's run directory; the agent's own folder if this node lacks it
+
+
+@dataclass(frozen=True)
+class WorkerStarted:
+    worker: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Relay:
+    """One message to or from a worker, as the pickled bytes its sender wrote."""
+
+    worker: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """A worker died on the node; ``kind`` and ``reason`` as a local worker's exit says them."""
+
+    worker: int
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    worker: int
+    graceful: bool  # an idle worker may leave on its own; else killed with all it started
+
+
+@dataclass(frozen=True)
+class SignalWorker:
+    """Signal the worker's process group and descendants (a trial's timeout)."""
+
+    worker: int
+    signum: int
+
+
+@dataclass(frozen=True)
+class Beat:
+    """Nothing to say: the sender is alive."""
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """The run is over: the agent stops its workers and exits with status 0."""

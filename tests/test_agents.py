@@ -1,0 +1,288 @@
+"""Agents started by hand, each playing a node with fake GPUs: a search uses every slot of
+every node, pinned as on one machine; a node killed or stopped loses only its own trials,
+which run again elsewhere; strangers are refused without disturbing the run."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import time
+from multiprocessing.connection import AuthenticationError, Client
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+import hyperfleet
+from support.netns import Network, network
+from support.nodes import (
+    OBJECTIVE,
+    Agent,
+    free_port,
+    node_processes,
+    run_log,
+    start_controller,
+    wait_for_log,
+    write_token,
+)
+from support.procs import load_trials, wait_until
+
+pytestmark = pytest.mark.cluster
+
+STUDY = "node_objective-where_it_runs"
+NODES = (("nodeA", 2), ("nodeB", 1))
+TIMEOUT = 2  # seconds a node may be silent: short, so that the tests are
+RETRY = "hyperfleet.retry_of"
+
+
+def _trials(folder: Path) -> list:
+    return load_trials(folder / "run", STUDY)
+
+
+def _read_until_closed(sock: socket.socket, timeout: float) -> bool:
+    """True when the controller closes the connection within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(4096):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: Path) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    controller = start_controller(tmp_path, address, 12)
+    agents: list[Agent] = []
+    silent = socket.socket()
+    try:
+        wait_for_log(tmp_path, "listening for agents", 30)
+        silent.connect(("127.0.0.1", port))  # connects and says nothing
+        with pytest.raises(AuthenticationError):
+            Client(("127.0.0.1", port), authkey=b"not the token")
+        with socket.create_connection(("127.0.0.1", port)) as garbage:
+            garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
+            assert _read_until_closed(garbage, 5)
+        socket.create_connection(("127.0.0.1", port)).close()  # a stray connection
+        agents = [Agent(tmp_path, address, node, gpus, nap=1.0) for node, gpus in NODES]
+        assert _read_until_closed(silent, 10), "a silent peer was not cut off"
+        assert controller.wait(120) == 0, controller.stderr
+        for agent in agents:
+            assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        silent.close()
+        controller.stop()
+        for agent in agents:
+            agent.stop()
+    trials = _trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 12
+    slots = {t.user_attrs["slot"] for t in trials}
+    assert slots == {"nodeA/gpu0#0", "nodeA/gpu1#0", "nodeB/gpu0#0"}
+    for trial in trials:
+        node, _, local = trial.user_attrs["slot"].partition("/")
+        assert trial.user_attrs["node"] == node
+        assert trial.user_attrs["cuda_visible_devices"] == local[len("gpu")]
+        assert trial.user_attrs["affinity"] == trial.user_attrs["slot_cores"]
+    log = run_log(tmp_path)
+    assert "node nodeA joined" in log and "node nodeB joined" in log
+    # A wrong token, garbage, a stray connection and a silent peer, while the run went on.
+    assert log.count("refused a connection") == 4, log
+    assert "does not hold this run's token" in log
+    assert not node_processes("nodeA") and not node_processes("nodeB")
+
+
+def _lose_node_b(agent: Agent, how: str, network: Network | None) -> None:
+    if how == "kill":
+        agent.kill_group()  # the agent and nothing else: its workers lead their own groups
+    elif how == "stop":
+        agent.process.send_signal(signal.SIGSTOP)
+    else:
+        assert network is not None
+        network.cut("nodeB")  # packets stop; neither side sees the connection close
+
+
+@pytest.mark.parametrize("how", ["kill", "stop", "cut"])
+def test_a_lost_node_loses_only_its_trials_which_run_again_elsewhere(
+    tmp_path: Path, how: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        net = stack.enter_context(network(["nodeA", "nodeB"])) if how == "cut" else None
+        _lose_a_node(tmp_path, how, net)
+
+
+def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
+    host = net.controller_ip if net is not None else "127.0.0.1"
+    address = f"{host}:{free_port(host)}"
+    timing = ("--heartbeat", "0.4s", "--node-timeout", f"{TIMEOUT}s")
+    controller = start_controller(folder, address, 6, *timing)
+    a, b = (
+        Agent(folder, address, node, 2, net.prefix(node) if net is not None else (), nap=1.5)
+        for node in ("nodeA", "nodeB")
+    )
+    try:
+        wait_for_log(folder, "started on nodeB/", 60)
+        _lose_node_b(b, how, net)
+        lost_at = time.monotonic()
+        # EOF at once for a killed agent; the node timeout for a stopped or cut-off one.
+        wait_for_log(folder, "lost: node nodeB", TIMEOUT + 3)
+        # run.log lines are flushed once a second: the bound has that second on top.
+        assert time.monotonic() - lost_at < (2 if how == "kill" else TIMEOUT + 2)
+        if how == "cut":  # the agent hears nothing either, and leaves within the same bound
+            assert b.wait(TIMEOUT + 3) == 1
+            assert "sent nothing" in b.log.read_text()
+        assert controller.wait(120) == 0, controller.stderr
+        assert a.wait(15) == 0
+        if how == "stop":
+            b.process.send_signal(signal.SIGCONT)  # it finds its controller gone and leaves
+            assert b.wait(10) == 1
+            assert "controller" in b.log.read_text()
+        wait_until(lambda: not node_processes("nodeB"), 10, "nodeB's workers to exit")
+    finally:
+        controller.stop()
+        a.stop()
+        b.stop()
+    _check_lost_trials_ran_again(folder)
+
+
+def _check_lost_trials_ran_again(folder: Path) -> None:
+    trials = _trials(folder)
+    states = collections.Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] == 6
+    assert states[TrialState.RUNNING] == 0
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "no trial was lost"
+    for trial in failed:
+        assert trial.system_attrs["hyperfleet:fail_kind"] == "lost"
+        assert "node nodeB" in trial.system_attrs["hyperfleet:fail_reason"]
+        assert trial.user_attrs.get("slot", "nodeB/").startswith("nodeB/")
+    repeats = [t.user_attrs[RETRY] for t in trials if RETRY in t.user_attrs]
+    assert sorted(repeats) == sorted(t.number for t in failed)  # each once, none twice
+    after_loss = [t for t in trials if t.number > max(t.number for t in failed)]
+    assert all(t.user_attrs["slot"].startswith("nodeA/") for t in after_loss)
+
+
+CAMPAIGN = """
+[campaign]
+name = "multi"
+run_dir = "run"
+listen = "{address}"
+
+[pool]
+trials_per_gpu = 2
+cpu_slots = 1
+
+[defaults]
+n_trials = 16
+direction = "maximize"
+
+[[study]]
+name = "half"
+objective = "{objective}:where_it_runs"
+slot = {{ gpus = 0.5 }}
+
+[[study]]
+name = "cpu"
+objective = "{objective}:where_it_runs"
+slot = "cpu"
+"""
+
+
+def test_a_campaign_file_that_listens_uses_every_slot_of_every_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYPERFLEET_TEST_NAP", "0.2")
+    campaign = tmp_path / "campaign.toml"
+    address = f"127.0.0.1:{free_port()}"
+    campaign.write_text(CAMPAIGN.format(objective=OBJECTIVE, address=address))
+    token = write_token(tmp_path)
+    agents = [Agent(tmp_path, address, node, 1) for node in ("nodeA", "nodeB")]
+    try:
+        outcome = hyperfleet.run_campaign(campaign, token_file=token, display="quiet", report=False)
+        for agent in agents:
+            assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert outcome.status == "completed", outcome.message
+    used = {}
+    for study in outcome.studies:
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 16
+        used[study.study_name] = {t.user_attrs["slot"] for t in trials}
+        for trial in trials:
+            assert trial.user_attrs["node"] == trial.user_attrs["slot"].partition("/")[0]
+    # Every slot of every node, each study on its own shape.
+    assert used["half"] == {f"{n}/gpu0#{k}" for n in ("nodeA", "nodeB") for k in (0, 1)}
+    assert used["cpu"] == {"nodeA/cpu#0", "nodeB/cpu#0"}
+
+
+def test_a_node_that_does_not_see_the_run_directory_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a node without the shared disk needs root and unshare (a mount namespace)")
+    address = f"127.0.0.1:{free_port()}"
+    controller = start_controller(tmp_path, address, 4)
+    wait_for_log(tmp_path, "listening for agents", 30)
+    # A node of its own mount namespace, where the run directory is an empty disk.
+    hidden = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              f'mount -t tmpfs none "{tmp_path / "run"}" && exec "$0" "$@"']  # fmt: skip
+    agents = [Agent(tmp_path, address, "nodeA", 1), Agent(tmp_path, address, "nodeX", 1, hidden)]
+    try:
+        assert agents[1].wait(30) == 1
+        assert controller.wait(120) == 0, controller.stderr
+        assert agents[0].wait(15) == 0
+    finally:
+        controller.stop()
+        for agent in agents:
+            agent.stop()
+    assert "does not see the run directory" in agents[1].log.read_text()
+    log = run_log(tmp_path)
+    assert "node nodeA joined" in log and "it shares the run directory" in log
+    assert f"node nodeX does not see the run directory {tmp_path / 'run'}" in log
+    assert {t.user_attrs["slot"] for t in _trials(tmp_path)} == {"nodeA/gpu0#0"}
+
+
+def test_a_controller_killed_at_any_moment_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """The kill loop of a single machine, with agents: SIGKILL the controller at random
+    moments, start it (and agents, as a supervisor would) again, until the budget is reached."""
+    address = f"127.0.0.1:{free_port()}"
+    rng = random.Random(12)
+    for round_number in range(3):
+        controller = start_controller(tmp_path, address, 10)
+        agent = Agent(tmp_path, address, "nodeA", 2, nap=0.4)
+        try:
+            if round_number < 2:
+                done = _completed_in_log(tmp_path) + rng.randint(1, 3)
+                wait_until(lambda d=done: _completed_in_log(tmp_path) >= d, 60, "completions")
+                controller.kill()
+                assert agent.wait(10) == 1  # its controller gone, it leaves, and its workers
+                wait_until(lambda: not node_processes("nodeA"), 10, "nodeA's workers to exit")
+            else:
+                assert controller.wait(120) == 0, controller.stderr
+                assert agent.wait(15) == 0
+        finally:
+            controller.stop()
+            agent.stop()
+    trials = _trials(tmp_path)
+    states = collections.Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] == 10 and states[TrialState.RUNNING] == 0
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "no kill landed while a trial ran"
+    for trial in failed:
+        assert trial.system_attrs["hyperfleet:fail_kind"] == "interrupted"
+    repeats = [t.user_attrs[RETRY] for t in trials if RETRY in t.user_attrs]
+    assert sorted(repeats) == sorted(t.number for t in failed)  # each once, none twice
+
+
+def _completed_in_log(folder: Path) -> int:
+    return run_log(folder).count(" complete on ")
