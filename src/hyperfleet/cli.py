@@ -18,6 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover (exercised on Python 3.10 only)
     import tomli as tomllib  # type: ignore[import-not-found]
 
+from hyperfleet.campaign import POOL_KEYS
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import (
     KEEP_CHECKPOINTS,
@@ -285,7 +286,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit
     )
     cluster = _cluster(args)
-    slots, note, packing = prepare_slots(_pool_options(args), None, cluster)
+    options = _pool_options(args)
+    slots, note, packing = prepare_slots(options, None, cluster)
     settings = replace(settings, packing=packing)
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or default_run_dir(study_name))
@@ -312,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir,
         refit,
         stored_trials=lambda: stored_trials(storage, study_name),
-        node_options=_pool_options(args) if cluster is not None else None,
+        node_options=options if cluster is not None else None,
     )
     outcome = run_search(
         search,
@@ -351,8 +353,9 @@ _WHERE_IN_A_CAMPAIGN = {
     "trial_timeout": "in [campaign] (trial_timeout)",
     "max_trials_per_worker": "in [campaign] (max_trials_per_worker)",
     "study_name": "as each [[study]]'s name",
-    **{n: f"in [pool] ({n})" for n in ("gpus", "trials_per_gpu", "cpu_slots", "threads_per_slot")},
+    **{n: f"in [pool] ({n})" for n in POOL_KEYS},
     "gpus_per_trial": "as a study's slot (slot = { gpus = 2 })",
+    "gpu_memory": "nowhere yet: a campaign packs its GPUs by their readings; drop --gpu-memory",
 }
 
 

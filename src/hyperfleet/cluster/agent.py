@@ -35,6 +35,7 @@ from hyperfleet.cluster.messages import (
     Welcome,
     WorkerExited,
     WorkerStarted,
+    valid_node_name,
 )
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.errors import HyperfleetError, NodeError
@@ -160,7 +161,7 @@ def run_agent(
     """Serve one controller until it ends the run; returns why the agent stopped."""
     # SLURM may run several slurmd on one host, each with a node name of its own.
     name = node or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
-    if not name or any(c in name for c in "/# \t\n"):
+    if not valid_node_name(name):
         raise NodeError(f"node name {name!r} cannot name slots; pass --node with a plain name.")
     inventory = detect_inventory()
     conn = connect(parse_address(connect_to, "--connect"), token, patience)

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
@@ -154,12 +155,11 @@ def _cut(peer: socket.socket) -> None:
 
 
 def _refusal(exc: Exception) -> str:
-    name = type(exc).__name__
-    if name == "AuthenticationError":
+    if isinstance(exc, AuthenticationError):
         return "it does not hold this run's token"
     if isinstance(exc, EOFError):
         return f"it hung up or said nothing within {HANDSHAKE_SECONDS:g}s"
-    return f"it does not speak hyperfleet's protocol ({name})"
+    return f"it does not speak hyperfleet's protocol ({type(exc).__name__})"
 
 
 def connect(address: tuple[str, int], token: bytes, patience: float) -> Connection:

@@ -41,6 +41,7 @@ from hyperfleet.cluster.messages import (
     Welcome,
     WorkerExited,
     WorkerStarted,
+    valid_node_name,
 )
 from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.resources.inventory import Inventory
@@ -278,7 +279,7 @@ class NodeHub:
             self._launcher.close()
 
     def _on_peer(self, conn: Connection, first: Any, where: str) -> None:
-        if not isinstance(first, Hello) or not _valid_node_name(first.node):
+        if not isinstance(first, Hello) or not valid_node_name(first.node):
             with contextlib.suppress(OSError):
                 conn.send(Refused("the first message must be a hello with a node name"))
             conn.close()
@@ -354,7 +355,3 @@ def _launcher(settings: ClusterSettings) -> Launcher | None:
 
         return SlurmLauncher()
     return None
-
-
-def _valid_node_name(name: object) -> bool:
-    return isinstance(name, str) and bool(name) and not any(c in name for c in "/# \t\n")

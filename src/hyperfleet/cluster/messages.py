@@ -14,6 +14,11 @@ from hyperfleet.resources.slots import Slot
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 
+def valid_node_name(name: object) -> bool:
+    """A node's name goes into slot names (``node/gpu0#1``): no separators, no blanks."""
+    return isinstance(name, str) and bool(name) and not any(c in name for c in "/# \t\n")
+
+
 @dataclass(frozen=True)
 class Hello:
     """An agent's first message: who it is and what its node has."""
