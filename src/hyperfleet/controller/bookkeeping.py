@@ -139,15 +139,20 @@ def repeats_due(trials: Sequence[FrozenTrial], policy: RetryPolicy) -> bool:
     for trial in trials:
         if trial.state == TrialState.FAIL and trial.number not in retried:
             kind = str(trial.system_attrs.get(KIND_ATTR, "error"))
-            if policy.allows(kind, attempts_before(trials, trial, kind)):
+            if _policy_repeats(trials, trial, kind, policy):
                 return True
     return False
 
 
+def _policy_repeats(
+    trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str, policy: RetryPolicy
+) -> bool:
+    return policy.allows(kind, attempts_before(trials, trial, kind))
+
+
 def maybe_retry(study: optuna.Study, trial: FrozenTrial, kind: str, policy: RetryPolicy) -> bool:
     """Enqueue the trial's parameters again if the policy allows; True when it did."""
-    trials = study.get_trials(deepcopy=False)
-    if not policy.allows(kind, attempts_before(trials, trial, kind)):
+    if not _policy_repeats(study.get_trials(deepcopy=False), trial, kind, policy):
         return False
     _enqueue_again(study, trial, {})
     return True
@@ -232,33 +237,40 @@ def fail_interrupted_leftovers(
     return failed
 
 
-def stored_trials(storage: BaseStorage | None, study_name: str) -> list[FrozenTrial] | None:
-    """The trials of a study already in ``storage``, or None when there is no such study;
-    reads only, so it may run before bad input is ruled out."""
+def stored_study_id(storage: BaseStorage | None, study_name: str) -> int | None:
+    """The id of a study already in ``storage``, or None when there is no such study; reads
+    only, so it may run before bad input is ruled out."""
     if storage is None:
         return None
     try:
-        study_id = storage.get_study_id_from_name(study_name)
+        return storage.get_study_id_from_name(study_name)
     except KeyError:
+        return None
+
+
+def stored_trials(storage: BaseStorage | None, study_name: str) -> list[FrozenTrial] | None:
+    """The trials of a study already in ``storage``, or None when there is no such study."""
+    study_id = stored_study_id(storage, study_name)
+    if storage is None or study_id is None:
         return None
     return storage.get_all_trials(study_id, deepcopy=False)
 
 
 def stored_time_used(storage: BaseStorage | None, study_name: str) -> float:
     """The seconds of its time budget the study used in earlier runs (0 for a new study)."""
-    if storage is None:
+    study_id = stored_study_id(storage, study_name)
+    if storage is None or study_id is None:
         return 0.0
-    try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return 0.0
-    return float(storage.get_study_system_attrs(study_id).get(TIME_USED_ATTR, 0.0))
+    return _time_used(storage, study_id)
 
 
 def time_used_of(study: optuna.Study) -> float:
     """The seconds of its time budget an opened study used in earlier runs."""
-    attrs = study._storage.get_study_system_attrs(study._study_id)
-    return float(attrs.get(TIME_USED_ATTR, 0.0))
+    return _time_used(study._storage, study._study_id)  # no public accessors for either
+
+
+def _time_used(storage: BaseStorage, study_id: int) -> float:
+    return float(storage.get_study_system_attrs(study_id).get(TIME_USED_ATTR, 0.0))
 
 
 def store_time_used(study: optuna.Study, seconds: float) -> None:

@@ -746,7 +746,7 @@ class Controller:
     def _stop_asked(self, active: ActiveTrial) -> bool:
         """True once SIGTERM has set a hard stop: the trial should save and stop. A first
         Ctrl+C lets running trials finish, so it answers False then."""
-        asked = self._hard_stop_at is not None or self._stop_level >= 2
+        asked = self.stopped_in_a_hurry
         active.stop_asked = active.stop_asked or asked
         return asked
 
