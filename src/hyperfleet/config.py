@@ -17,7 +17,14 @@ DEFAULT_RETRIES = {"lost": 3}
 KEEP_CHECKPOINTS = ("best", "all", "none")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
 _MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?", re.IGNORECASE)
-_MIB_PER_UNIT = {"g": 1024.0, "gb": 1000**3 / 2**20, "gib": 1024.0, "m": 1.0, "mb": 1e6 / 2**20}
+_MIB_PER_UNIT = {
+    "g": 1024.0,
+    "gb": 1000**3 / 2**20,
+    "gib": 1024.0,
+    "m": 1.0,
+    "mb": 1e6 / 2**20,
+    "mib": 1.0,
+}
 
 
 def parse_duration(text: str | float | int | None, what: str = "timeout") -> float | None:
@@ -61,7 +68,7 @@ def parse_memory(text: str | int | None, what: str = "gpu_memory") -> int | None
             "10GiB or 512MiB."
         )
     unit = (match.group(2) or "m").lower()
-    return max(1, round(float(match.group(1)) * _MIB_PER_UNIT.get(unit, 1.0)))
+    return max(1, round(float(match.group(1)) * _MIB_PER_UNIT[unit]))
 
 
 @dataclass(frozen=True)

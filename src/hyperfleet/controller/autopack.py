@@ -27,7 +27,7 @@ class Change:
 
 class AutoPack:
     def __init__(self, slots: list[Slot], settings: PackingSettings) -> None:
-        firsts = [s for s in slots if s.kind == "gpu" and len(s.gpus) == 1]
+        firsts = [s for s in slots if s.packable]
         self._first = {s.gpus[0]: s for s in firsts}
         self._packers = {i: GpuPacker(f"gpu{i}", settings) for i in self._first}
         self._live = {i: [s] for i, s in self._first.items()}  # slots with a worker, in order

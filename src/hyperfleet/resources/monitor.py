@@ -29,6 +29,8 @@ class GpuMonitor:
 
     def __init__(self, gpus: tuple[Gpu, ...]) -> None:
         self._gpus = gpus
+        # MPS: one device on the machine's unified memory, which does not change while we run.
+        self._unified_mib = psutil.virtual_memory().total // _MIB
         self._handles: dict[int, Any] = {}
         self._nvml: Any = None
         if any(g.kind == "cuda" for g in gpus):
@@ -53,7 +55,7 @@ class GpuMonitor:
         if gpu.kind == "fake":
             return _fake_sample(gpu)
         if gpu.kind == "mps":  # one device on the machine's unified memory; no figures to read
-            return GpuSample(gpu.index, None, None, psutil.virtual_memory().total // _MIB)
+            return GpuSample(gpu.index, None, None, self._unified_mib)
         handle = self._handles.get(gpu.index)
         if handle is None or self._nvml is None:
             return GpuSample(gpu.index, None, None, gpu.memory_total_mib)

@@ -73,6 +73,11 @@ class Slot:
         return self.name.rpartition("/")[0]
 
     @property
+    def packable(self) -> bool:
+        """Whether auto packing may put more workers on this slot's GPU: a slot of one GPU."""
+        return self.kind == "gpu" and len(self.gpus) == 1
+
+    @property
     def device(self) -> str:
         """The device string for frameworks: "cuda:0" (the slot's first GPU), "mps" or "cpu"."""
         if self.kind == "cpu":
@@ -133,7 +138,7 @@ def auto_packing(
 ) -> PackingSettings | None:
     """How auto packing may grow this pool (None with a fixed ``trials_per_gpu``): up to 16
     workers per GPU, fewer where the machine cannot run that many processes."""
-    gpus = {slot.gpus[0] for slot in slots if slot.kind == "gpu" and len(slot.gpus) == 1}
+    gpus = {slot.gpus[0] for slot in slots if slot.packable}
     if options.trials_per_gpu != AUTO or not gpus:
         return None
     readable = any(g.kind != "fake" for g in inventory.gpus) or fakegpu.state_folder()
