@@ -85,10 +85,9 @@ def budget_left(study: StudyView, now: float) -> str:
     parts = []
     if study.n_trials is not None:
         parts.append(str(max(0, study.n_trials - study.finished)))
-    if study.ends_at is not None:
-        parts.append(fmt.duration(max(0.0, study.ends_at - now)))
-    elif study.timeout is not None:
-        parts.append(fmt.duration(study.timeout))
+    left = _time_budget_left(study, now)
+    if left is not None:
+        parts.append(fmt.duration(left))
     return ", ".join(parts) or "-"
 
 

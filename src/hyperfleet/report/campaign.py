@@ -170,12 +170,7 @@ def write_campaign_report(run_dir: Path, studies: list[optuna.Study], name: str 
         pages.Figure("best-over-time", "Best value over time", best_over_time_figure(studies)),
         pages.Figure("timeline", "Trials per slot, all studies", timeline_figure(studies)),
     ]
-    figures = [
-        f
-        if f.figure is not None and pages.figure_has_data(f.figure.to_plotly_json())
-        else pages.Figure(f.key, f.title, None, "not drawn: no finished trials to show yet")
-        for f in figures
-    ]
+    figures = [pages.check_has_data(f) for f in figures]
     meta = (
         f"{len(studies)} studies, {sum(r.trials for r in rows)} trials; "
         f"written {time.strftime('%Y-%m-%d %H:%M:%S')} from {run_dir}"
@@ -221,8 +216,6 @@ CSV_COLUMNS = (
 
 def render_page(title: str, rows: list[StudyRow], figures: list[Any], meta: str) -> str:
     from plotly.offline import get_plotlyjs
-
-    from hyperfleet.report import html as pages
 
     sections = [_table_section(rows), _grid_section(rows)]
     sections += [pages.figure_section(f) for f in figures]

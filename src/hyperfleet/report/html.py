@@ -56,7 +56,7 @@ def build_figures(study: optuna.Study) -> list[Figure]:
     trials = tables.finished_trials(study)
     figures.append(Figure("timeline", "Trials per slot", timeline_figure(trials)))
     figures.append(Figure("durations", "Trial durations", durations_figure(trials)))
-    return [_check_has_data(f) for f in figures]
+    return [check_has_data(f) for f in figures]
 
 
 def _first_objective(study: optuna.Study) -> tuple[Callable[[FrozenTrial], float], str]:
@@ -72,7 +72,8 @@ def _make(key: str, title: str, maker: Callable[[], Any]) -> Figure:
         return Figure(key, title, None, f"not drawn: {exc}")
 
 
-def _check_has_data(figure: Figure) -> Figure:
+def check_has_data(figure: Figure) -> Figure:
+    """The figure, or in its place a note when it has no points to draw."""
     if figure.figure is not None and not figure_has_data(figure.figure.to_plotly_json()):
         return Figure(figure.key, figure.title, None, "not drawn: no finished trials to show yet")
     return figure
