@@ -453,6 +453,8 @@ class Controller:
 
     def _step(self, timeout: float) -> None:
         waitables: list[Any] = [self._wake_r]
+        if self._hub is not None:
+            waitables.extend(self._hub.waitables())
         for worker in self._workers.values():
             waitables.extend(worker.waitables())
         ready = wait(waitables, timeout=timeout)
@@ -460,8 +462,10 @@ class Controller:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
             self._take_node_events()
+        if self._hub is not None:
+            self._hub.pump(ready)  # remote workers' messages into their inboxes
         for name, worker in list(self._workers.items()):
-            if worker.conn in ready:
+            if worker.conn in ready or worker.has_news():
                 self._drain(name, worker)
             if self._workers.get(name) is worker and worker.has_exited():
                 self._drain(name, worker)

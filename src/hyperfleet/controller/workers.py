@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any, Protocol
 
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers import descendants
@@ -30,11 +31,24 @@ from hyperfleet.workers.protocol import Load, ObjectiveSpec, Release, Shutdown, 
 SHUTDOWN_SECONDS = 2.0
 
 
+class MessageConnection(Protocol):
+    """What the loop reads a worker's messages from and sends it messages through: a pipe to a
+    local worker, an inbox for a remote one."""
+
+    def poll(self) -> bool: ...
+
+    def recv(self) -> Any: ...
+
+    def send(self, obj: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ObjectiveLoading:
     """Which studies' objectives a worker holds, as the controller asked: the same for a
     worker here and one on another node (whose ``conn`` relays to it)."""
 
-    conn: Connection
+    conn: MessageConnection
 
     def __init__(self) -> None:
         self.loaded: set[str] = set()  # the studies whose objective this worker holds
@@ -89,7 +103,7 @@ class WorkerHandle(ObjectiveLoading):
             log.close()
             child_sock.close()
             os.close(lifeline_read)
-        self.conn = Connection(parent_sock.detach())
+        self.conn: Connection = Connection(parent_sock.detach())
         self.exit_fd = _pidfd(self.process.pid)
         self.conn.send(WorkerSetup(specs, slot.name))
 
@@ -99,6 +113,10 @@ class WorkerHandle(ObjectiveLoading):
 
     def waitables(self) -> list[object]:
         return [self.conn] if self.exit_fd is None else [self.conn, self.exit_fd]
+
+    def has_news(self) -> bool:
+        """Messages that came other than through :meth:`waitables` (a remote worker's do)."""
+        return False
 
     def has_exited(self) -> bool:
         return self.process.poll() is not None
