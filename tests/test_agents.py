@@ -20,7 +20,12 @@ import pytest
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.cluster.trialfiles import COPIED_LOG_BYTES, collect_logs
+from hyperfleet.cluster.trialfiles import (
+    COPIED_LOG_BYTES,
+    TrialLogs,
+    collect_logs,
+    trial_folder,
+)
 from support.netns import Network, network
 from support.nodes import (
     OBJECTIVE,
@@ -296,6 +301,19 @@ def test_a_huge_log_comes_back_as_its_end_with_a_note(tmp_path: Path) -> None:
     note = f"[hyperfleet: the first 10 bytes of this log are left out; see {where} on node3]\n"
     assert logs.logs["stdout.log"] == note.encode() + b"b" * COPIED_LOG_BYTES
     assert logs.logs["stderr.log"] == b"short\n"
+
+
+def test_logs_a_node_sends_go_only_into_the_run_directory(tmp_path: Path) -> None:
+    assert trial_folder(tmp_path, TrialLogs("trials/00003", {"stderr.log": b""})) == (
+        tmp_path / "trials" / "00003"
+    )
+    for folder, logs in [
+        ("../elsewhere", {"stdout.log": b""}),
+        ("/etc", {"stdout.log": b""}),
+        ("trials/00003", {"params.json": b"{}"}),
+        ("trials/00003", {"stdout.log": "not bytes"}),
+    ]:
+        assert trial_folder(tmp_path, TrialLogs(folder, logs)) is None  # type: ignore[arg-type]
 
 
 def test_a_controller_killed_at_any_moment_loses_and_repeats_nothing(tmp_path: Path) -> None:

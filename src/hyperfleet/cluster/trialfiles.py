@@ -119,11 +119,14 @@ def _tail_with_note(path: Path, where: str) -> bytes:
 def trial_folder(run_dir: Path, logs: TrialLogs) -> Path | None:
     """Where a node's trial logs go in the run directory; None for a folder that is not a
     trial's (a path out of the run directory, a name that is not a log)."""
+    if not isinstance(logs.folder, str) or not isinstance(logs.logs, dict):
+        return None
     relative = PurePosixPath(logs.folder)
     if relative.is_absolute() or os.pardir in relative.parts or not relative.parts:
         return None
-    if any(name not in LOG_NAMES for name in logs.logs):
-        return None
+    for name, data in logs.logs.items():
+        if name not in LOG_NAMES or not isinstance(data, bytes):
+            return None
     return run_dir.joinpath(*relative.parts)
 
 
