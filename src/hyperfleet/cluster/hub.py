@@ -9,11 +9,16 @@ which also finds the silent ones). A lost node's workers end with the kind ``los
 hears of nodes joining and leaving through :meth:`NodeHub.take_events`, after being woken. A
 node that connects again is a new link with new workers: a lost link is read no more, so
 nothing late from it reaches a trial.
+
+A node that does not see the run directory sends each trial's logs; the loop hands them to
+the controller's file writer, ahead of the trial's result (see
+:mod:`hyperfleet.cluster.trialfiles`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -47,6 +52,14 @@ from hyperfleet.cluster.messages import (
     valid_node_name,
 )
 from hyperfleet.cluster.remote import RemoteWorker
+from hyperfleet.cluster.trialfiles import (
+    NodeRunFolder,
+    TrialLogs,
+    run_folder_note,
+    trial_folder,
+    write_logs,
+)
+from hyperfleet.controller.files import FileWriter
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -92,6 +105,7 @@ class NodeLink:
 
     def __init__(self, conn: Connection, node: str, where: str, hub: NodeHub) -> None:
         self.node, self.where = node, where
+        self.own_folder = ""  # the node's own run folder, when it does not see the run's
         self._conn = conn
         self._hub = hub
         self._send_lock = threading.Lock()
@@ -186,6 +200,11 @@ class NodeLink:
                 return not readable
         return False
 
+    def run_folder_note(self) -> str:
+        """Where this node's trial folders are, in one line."""
+        own = NodeRunFolder(str(self._hub.run_dir), self.own_folder) if self.own_folder else None
+        return run_folder_note(self.node, own)
+
     def _lost_text(self) -> str:
         return f"lost: node {self.node} {self.lost_reason}"
 
@@ -215,6 +234,8 @@ class NodeLink:
                 worker = self._workers.pop(message.worker, None)
             if worker is not None:
                 worker.end(message.kind, message.reason)
+        elif isinstance(message, TrialLogs):
+            self._hub.write_logs(message)
 
 
 class NodeHub:
@@ -222,10 +243,16 @@ class NodeHub:
     loop; the loop alone changes the pool."""
 
     def __init__(
-        self, settings: ClusterSettings, run_dir: Path, run_id: str, wake: Callable[[], None]
+        self,
+        settings: ClusterSettings,
+        run_dir: Path,
+        run_id: str,
+        wake: Callable[[], None],
+        files: FileWriter,
     ) -> None:
         self.settings = settings
-        self._run_dir, self._run_id = run_dir, run_id
+        self.run_dir, self._run_id = run_dir, run_id
+        self._files = files  # the controller's file writer: nodes' trial logs go through it
         self._wake = wake
         self._events: queue.SimpleQueue[NodeEvent] = queue.SimpleQueue()
         self._links: dict[str, NodeLink] = {}
@@ -333,27 +360,30 @@ class NodeHub:
             Welcome(
                 self.settings.heartbeat,
                 self.settings.node_timeout,
-                str(self._run_dir),
+                str(self.run_dir),
                 self._run_id,
             )
         )
         joined = conn.recv() if conn.poll(HANDSHAKE_SECONDS) else None
-        if not isinstance(joined, Joined) or not joined.shares_run_dir:
-            why = (
-                f"node {first.node} does not see the run directory {self._run_dir}: its "
-                "trials write their folders there, so put it on a disk every node shares (NFS, "
-                "Lustre) at the same path"
-                if isinstance(joined, Joined)
-                else f"node {first.node} did not answer the welcome"
-            )
+        if not isinstance(joined, Joined):
+            why = f"node {first.node} did not answer the welcome"
             link.send(Refused(why))
             self.forget(link)
             link.say_goodbye()
             link.close()
             self.post(Refusal(where, why))
             return
+        if not joined.shares_run_dir:
+            link.own_folder = joined.local_run_dir
         link.joined = True
         self.post(NodeJoined(link, first.inventory))
+
+    def write_logs(self, logs: TrialLogs) -> None:
+        """Queue a node's trial logs for the file writer; what is not a trial's log is dropped
+        (the node is authenticated, but its paths never leave the run directory)."""
+        folder = trial_folder(self.run_dir, logs)
+        if folder is not None:
+            self._files.queue(functools.partial(write_logs, folder, logs.logs))
 
     def _on_refused(self, where: str, reason: str) -> None:
         self.post(Refusal(where, reason))

@@ -1160,7 +1160,9 @@ class Controller:
         """With a cluster, wait for agents; say where, and how to start one."""
         if self._cluster is None:
             return
-        self._hub = NodeHub(self._cluster, self._run_dir.path, self._run_dir.identity, self._wake)
+        self._hub = NodeHub(
+            self._cluster, self._run_dir.path, self._run_dir.identity, self._wake, self._files
+        )
         self.announce(self._hub.start_message())
 
     def _wake(self) -> None:
@@ -1214,7 +1216,7 @@ class Controller:
         gpus = len({gpu for slot in slots for gpu in slot.gpus})
         self.announce(
             f"node {link.node} joined from {link.where}: {len(slots)} slots, {gpus} GPUs, "
-            f"{len(joined.inventory.cores)} cores; it shares the run directory"
+            f"{len(joined.inventory.cores)} cores; {link.run_folder_note()}"
         )
 
     def _drop_node_slots(self, node: str) -> None:

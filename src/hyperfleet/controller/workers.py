@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,7 +68,12 @@ class ObjectiveLoading:
 
 class WorkerHandle(ObjectiveLoading):
     def __init__(
-        self, slot: Slot, specs: dict[str, ObjectiveSpec], log_dir: Path, cwd: Path
+        self,
+        slot: Slot,
+        specs: dict[str, ObjectiveSpec],
+        log_dir: Path,
+        cwd: Path,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.slot = slot
@@ -91,7 +96,12 @@ class WorkerHandle(ObjectiveLoading):
                     str(child_sock.fileno()),
                     str(lifeline_read),
                 ],
-                env={**os.environ, **slot.environment(), descendants.MARKER_ENV: self.marker},
+                env={
+                    **os.environ,
+                    **(extra_env or {}),
+                    **slot.environment(),
+                    descendants.MARKER_ENV: self.marker,
+                },
                 pass_fds=(child_sock.fileno(), lifeline_read),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
