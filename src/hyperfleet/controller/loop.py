@@ -521,16 +521,19 @@ class Controller:
     def _idle_slots(self) -> tuple[list[str], list[str]]:
         """Idle slots with a ready worker: those whose resources are free, fullest GPU first
         (packing), and those that wait for running trials to give some back, nearest first."""
-        order = {slot.name: i for i, slot in enumerate(self._slots)}
         idle = [
-            name
-            for name, worker in self._workers.items()
-            if worker.ready and worker.loading is None and name not in self._active
+            slot.name
+            for slot in self._slots
+            if (worker := self._workers.get(slot.name)) is not None
+            and worker.ready
+            and worker.loading is None
+            and slot.name not in self._active
         ]
         free = [name for name in idle if self._ledger.fits(name)]
         blocked = [name for name in idle if not self._ledger.fits(name)]
-        free.sort(key=lambda name: (-self._ledger.load(name), order[name]))
-        blocked.sort(key=lambda name: (self._ledger.load(name), order[name]))
+        # Sorting is stable: equal loads keep the slots' order.
+        free.sort(key=lambda name: -self._ledger.load(name))
+        blocked.sort(key=self._ledger.load)
         return free, blocked
 
     def _launch_on_free_slots(self) -> None:
