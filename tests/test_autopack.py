@@ -253,6 +253,8 @@ def test_auto_studies_of_a_campaign_share_the_workers_each_gpu_grows(
     assert {t.system_attrs[books.SLOT_ATTR] for t in every} == {"gpu0#0", "gpu0#1"}
     # The two studies' trials ran side by side on the GPU.
     assert any(side_by_side(a, b) for a in trials["a"] for b in trials["b"]), log
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "## GPU packing" in summary and "gpu0: 1 -> 2 workers, " in summary
 
 
 def side_by_side(a: FrozenTrial, b: FrozenTrial) -> bool:
