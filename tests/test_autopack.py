@@ -182,18 +182,19 @@ def test_declared_memory_packs_a_gpu_that_reads_nothing(
 
 
 def run_campaign(
-    tmp_path: Path, text: str, until: str
+    tmp_path: Path, text: str, until: str | None = None
 ) -> tuple[dict[str, list[FrozenTrial]], list[str]]:
-    """Run the campaign file ``text`` on the fake GPUs, stopped as by Ctrl+C once the run log
-    has a line with ``until`` (the budgets only cap it); each study's trials, and the run log.
-    However slowly a loaded machine starts the workers, the decision looked for is made."""
+    """Run the campaign file ``text`` on the fake GPUs; each study's trials, and the run log.
+    With ``until``, stop it as by Ctrl+C once the run log has a line with it (the budgets only
+    cap it): however slowly a loaded machine starts the workers, the decision looked for is
+    made."""
     path = tmp_path / "campaign.toml"
     path.write_text(text.replace("MODELS", str(OBJECTIVES / "fake_gpu_models.py")))
     log = tmp_path / "run" / "run.log"
     seen, done = threading.Event(), threading.Event()
 
     def stop_once_logged() -> None:
-        while not done.is_set():
+        while until is not None and not done.is_set():
             if log.exists() and until in log.read_text():
                 seen.set()
                 os.kill(os.getpid(), signal.SIGINT)  # running trials finish
@@ -214,8 +215,8 @@ def run_campaign(
         done.set()
         watcher.join()
     lines = log.read_text().splitlines()
-    assert seen.is_set(), lines
-    assert outcome.status == "stopped", outcome.message
+    assert seen.is_set() == (until is not None), lines
+    assert outcome.status == ("completed" if until is None else "stopped"), outcome.message
     return {study.study_name: study.get_trials() for study in outcome.studies}, lines
 
 
@@ -288,3 +289,41 @@ def test_a_campaign_study_packs_by_its_declared_gpu_memory(
     assert any("gpu0 stays at 2: no room for one more trial" in line for line in log), log
     slots = {t.system_attrs[books.SLOT_ATTR] for t in trials["sleeper"]}
     assert slots == {"gpu0#0", "gpu0#1"}
+
+
+def test_fixed_shares_wait_until_no_auto_packed_trial_holds_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A GPU is packed automatically or cut into fixed shares, never both at once. The
+    half-GPU study's objective loads slowly, so the auto study has the GPU first and grows to
+    two workers; whenever the half study gets the GPU, no half trial runs beside an
+    auto-packed one, on either worker."""
+    monkeypatch.setenv(FAKE_GPUS_ENV, "1")
+    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    trials, log = run_campaign(
+        tmp_path,
+        """
+        [pool]
+        cpu_slots = 0
+
+        [defaults]
+        objective = "MODELS:make_sleeper"
+
+        [[study]]
+        name = "auto"
+        args = { seconds = 0.15 }
+        n_trials = 32
+        slot = { gpu_memory = "6GiB" }
+
+        [[study]]
+        name = "half"
+        args = { seconds = 0.15, load_seconds = 3.0 }
+        n_trials = 4
+        slot = { gpus = 0.5 }
+        """,
+    )
+    assert 2 in workers_over_time(log), log
+    assert any(t.system_attrs[books.SLOT_ATTR] == "gpu0#1" for t in trials["auto"])
+    assert len(trials["half"]) == 4
+    for half in trials["half"]:
+        assert not any(side_by_side(half, auto) for auto in trials["auto"]), half.number
