@@ -362,7 +362,8 @@ _WHERE_IN_A_CAMPAIGN = {
     "study_name": "as each [[study]]'s name",
     **{n: f"in [pool] ({n})" for n in POOL_KEYS},
     "gpus_per_trial": "as a study's slot (slot = { gpus = 2 })",
-    "gpu_memory": "nowhere yet: a campaign packs its GPUs by their readings; drop --gpu-memory",
+    "trials_per_gpu": 'in [pool] (trials_per_gpu), or as a study\'s slot = { gpus = "auto" }',
+    "gpu_memory": 'as a study\'s slot (slot = { gpus = "auto", gpu_memory = "10GiB" })',
 }
 
 

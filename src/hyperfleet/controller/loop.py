@@ -214,7 +214,8 @@ class Controller:
         self._wake_w.setblocking(False)
         self._monitor = GpuMonitor(_gpus_of(self._slots))
         packing = settings.packing
-        self._autopack = AutoPack(self._slots, packing) if packing is not None else None
+        packed = [slot for slot in self._slots if slot.name in pool.packed]
+        self._autopack = AutoPack(packed, packing) if packing is not None else None
         self._cpu: dict[str, psutil.Process] = {}
         # What users and workers see of the storage's new records waits for them to be durable:
         # one commit per loop step, then these run in order (see _flush).
@@ -1076,6 +1077,8 @@ class Controller:
         changes = self._autopack.tick(self.state.gpus, pids, set(self._active), time.monotonic())
         for change in changes:
             self._apply(change)
+        if changes:  # a GPU's auto-packed trials share it: each holds 1/n of it
+            self._cost.update(self._autopack.costs())
         self._announce_packing()
 
     def _apply(self, change: Change) -> None:
@@ -1086,11 +1089,11 @@ class Controller:
                 self._park(slot.name, worker, graceful=True)
             return
         if all(s.name != slot.name for s in self._slots):  # new, not one retired before
+            first = f"gpu{slot.gpus[0]}#0"
             self._slots.append(slot)
-            self._ledger.add(slot.name)
+            self._ledger.add(slot.name, together_with=first)  # the GPU's workers hold it as one
             self._cost[slot.name] = _slot_cost(slot)
             self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
-            first = f"gpu{slot.gpus[0]}#0"
             for run in self._runs.values():
                 if first in run.plan.slots:
                     run.plan = replace(run.plan, slots=(*run.plan.slots, slot.name))
