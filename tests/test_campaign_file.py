@@ -89,6 +89,16 @@ trials_per_gpus = 2  # <-
         "did you mean 'trials_per_gpu'?",
     ),
     (
+        "trials_per_gpu neither a number nor auto",
+        """
+[pool]
+trials_per_gpu = "lots"  # <-
+"""
+        + STUDY,
+        "[pool], key 'trials_per_gpu'",
+        'neither a whole number nor "auto"',
+    ),
+    (
         "unknown key in [campaign]",
         """
 [campaign]
@@ -862,7 +872,10 @@ def test_settings_defaults_and_pool_gpu_forms(tmp_path: Path) -> None:
     )
     assert (settings.timeout, settings.trial_timeout, settings.retry) == (None, None, "")
     assert campaign.pool.gpus is None
-    assert campaign.pool.trials_per_gpu == 1
+    assert campaign.pool.trials_per_gpu is None  # auto packing, as for a single search
+    assert campaign.studies[0].shape == Shape(gpus=1.0, fallback_cpus=1, auto=True)
+    said = load_campaign(write_campaign(tmp_path, '[pool]\ntrials_per_gpu = "auto"\n' + STUDY))
+    assert said.pool.trials_per_gpu is None
     no_gpus = load_campaign(write_campaign(tmp_path, "[pool]\ngpus = []\n" + STUDY))
     assert no_gpus.pool.gpus == []
 

@@ -11,7 +11,7 @@ objective files a study names, without importing them)::
 
     [pool]                     # optional
     gpus = "all"               # or [0, 1] (indices or UUID strings), or [] for none
-    trials_per_gpu = 2
+    trials_per_gpu = 2         # slot = "gpu" is half a GPU; default "auto": auto packing
 
     [defaults]                 # optional: any study key, for every [[study]] that lacks it
     direction = "maximize"
@@ -195,10 +195,17 @@ def _settings(table: Table, default_name: str) -> CampaignSettings:
 
 
 def _pool(table: Table) -> PoolSpec:
-    trials_per_gpu = integer(table, "trials_per_gpu", minimum=1)
+    value = table.get("trials_per_gpu")
+    auto = value in (None, "auto")
+    if isinstance(value, str) and not auto:
+        table.fail(
+            "trials_per_gpu",
+            f'{value!r} is neither a whole number nor "auto"; write trials_per_gpu = 2, or '
+            'leave it out (or "auto") to pack each GPU with what it can take.',
+        )
     return PoolSpec(
         gpus=_pool_gpus(table),
-        trials_per_gpu=1 if trials_per_gpu is None else trials_per_gpu,
+        trials_per_gpu=None if auto else integer(table, "trials_per_gpu", minimum=1),
         cpu_slots=integer(table, "cpu_slots", minimum=0),
         threads_per_slot=integer(table, "threads_per_slot", minimum=1),
     )

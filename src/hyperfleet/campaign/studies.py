@@ -366,7 +366,7 @@ def _n_trials(
 def _shape(table: Table, pool: PoolSpec) -> Shape:
     value = table.get("slot")
     if value is None or value == "gpu":
-        shape = Shape(gpus=1 / pool.trials_per_gpu, fallback_cpus=pool.threads_per_slot or 1)
+        shape = _gpu_shape(pool)
     elif value == "cpu":
         shape = Shape(cpus=pool.threads_per_slot)
     elif isinstance(value, Mapping):
@@ -381,6 +381,15 @@ def _shape(table: Table, pool: PoolSpec) -> Shape:
     # reports values of the wrong type too.
     shape.check(f"{table.source.file}:{table.line('slot')}: {table.label}, key 'slot'")
     return dataclasses.replace(shape, gpus=float(shape.gpus))
+
+
+def _gpu_shape(pool: PoolSpec) -> Shape:
+    """The slot "gpu": packed by what each GPU can take, as for a single search, unless
+    [pool] trials_per_gpu fixes the share."""
+    fallback = pool.threads_per_slot or 1
+    if pool.trials_per_gpu is None:
+        return Shape(gpus=1.0, fallback_cpus=fallback, auto=True)
+    return Shape(gpus=1 / pool.trials_per_gpu, fallback_cpus=fallback)
 
 
 def _shape_table(table: Table, value: Mapping[str, Any]) -> Shape:

@@ -173,15 +173,17 @@ class PoolSpec:
     """The [pool] table of a campaign file."""
 
     gpus: list[str] | None = None  # GPUs to use (index or UUID); None: every visible GPU; []: none
-    # The share of a study whose slot is just "gpu": 1/trials_per_gpu. The campaign parser turns
-    # such a slot into Shape(gpus=1/trials_per_gpu); plan_pool itself only checks the value.
-    trials_per_gpu: int = 1
+    # The share of a study whose slot is just "gpu": 1/trials_per_gpu, or None for auto packing
+    # (the default, as for a single search). The campaign parser turns such a slot into
+    # Shape(gpus=1/trials_per_gpu) or an auto shape; plan_pool itself only checks the value.
+    trials_per_gpu: int | None = None
     cpu_slots: int | None = None  # if set, the CPU side is cpu_slots * threads_per_slot cores
     threads_per_slot: int | None = None  # default cores of a CPU trial (1 when None)
 
     def check(self, where: str) -> None:
         """Raise ConfigError naming ``where`` ("campaign.toml: [pool]") for impossible values."""
-        _check_count(self.trials_per_gpu, f"{where}: trials_per_gpu", "")
+        if self.trials_per_gpu is not None:
+            _check_count(self.trials_per_gpu, f"{where}: trials_per_gpu", 'or "auto"')
         _check_count(self.threads_per_slot, f"{where}: threads_per_slot", "or leave it out")
         if self.cpu_slots is not None and (
             isinstance(self.cpu_slots, bool)
