@@ -26,6 +26,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -137,7 +138,13 @@ class NodeLink:
     def start_worker(self, slot: Slot, specs: dict[str, ObjectiveSpec], cwd: str) -> RemoteWorker:
         wid = self._hub.next_worker_id()
         worker = RemoteWorker(
-            slot, wid, self.node, self.forward, self.send, lambda: self._forget(wid)
+            slot,
+            wid,
+            self.node,
+            self.forward,
+            self.send,
+            lambda: self._forget(wid),
+            self._hub.attention,
         )
         with self._workers_lock:
             if not self.alive:  # lost meanwhile: the loop handles it as any lost worker
@@ -257,6 +264,8 @@ class NodeHub:
         self._events: queue.SimpleQueue[NodeEvent] = queue.SimpleQueue()
         self._links: dict[str, NodeLink] = {}
         self._reading: list[NodeLink] = []  # joined and not lost: the loop's alone
+        # Remote workers with a message or an end for the loop, appended from any thread.
+        self.attention: deque[RemoteWorker] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = threading.Event()
@@ -305,6 +314,14 @@ class NodeHub:
         for link in self._reading:
             if link.conn in ready:
                 link.pump()
+
+    def take_attention(self) -> list[RemoteWorker]:
+        """The remote workers with news since the last call, each once, oldest first."""
+        news: dict[RemoteWorker, None] = {}
+        with contextlib.suppress(IndexError):
+            while True:
+                news[self.attention.popleft()] = None
+        return list(news)
 
     def start_message(self) -> str:
         """Where the controller listens, and who starts the agents."""

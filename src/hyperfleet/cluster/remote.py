@@ -69,6 +69,7 @@ class RemoteWorker(ObjectiveLoading):
         forward: Forward,
         command: Callable[[Any], None],
         forget: Callable[[], None],
+        attention: deque[RemoteWorker],
     ) -> None:
         super().__init__()
         self.slot = slot
@@ -81,11 +82,15 @@ class RemoteWorker(ObjectiveLoading):
         self._forget = forget  # its node no longer reports about it
         self.conn: Inbox = Inbox(worker, forward)
         self._exit: tuple[str, str] | None = None
+        # Where it says it has news for the loop: a message, or its end. The loop looks at
+        # these workers only, not at every remote worker at every step.
+        self._attention = attention
 
     # ----- called by the node's link ---------------------------------------------------------
 
     def deliver(self, payload: bytes) -> None:
         self.conn.deliver(payload)
+        self._attention.append(self)
 
     def end(self, kind: str, reason: str) -> None:
         """The worker is gone: say why, then end its inbox so the loop notices. Also called
@@ -94,14 +99,12 @@ class RemoteWorker(ObjectiveLoading):
         if self._exit is None:
             self._exit = (kind, reason)
         self.conn.end()
+        self._attention.append(self)
 
     # ----- the face of a WorkerHandle -------------------------------------------------------
 
     def waitables(self) -> list[object]:
         return []  # the loop waits on the node's connection instead
-
-    def has_news(self) -> bool:
-        return self.conn.poll()
 
     def has_exited(self) -> bool:
         return self._exit is not None

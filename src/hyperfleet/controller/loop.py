@@ -453,24 +453,37 @@ class Controller:
             effect()
 
     def _step(self, timeout: float) -> None:
+        local = [(n, w) for n, w in self._workers.items() if isinstance(w, WorkerHandle)]
         waitables: list[Any] = [self._wake_r]
         if self._hub is not None:
             waitables.extend(self._hub.waitables())
-        for worker in self._workers.values():
+            if self._hub.attention:
+                timeout = 0.0  # a remote worker ended by the loop itself has news already
+        for _, worker in local:
             waitables.extend(worker.waitables())
         ready = wait(waitables, timeout=timeout)
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
             self._take_node_events()
+        for name, handle in local:
+            if handle.conn in ready:
+                self._drain(name, handle)
+            self._after_news(name, handle)
         if self._hub is not None:
             self._hub.pump(ready)  # remote workers' messages into their inboxes
-        for name, worker in list(self._workers.items()):
-            if worker.conn in ready or worker.has_news():
-                self._drain(name, worker)
-            if self._workers.get(name) is worker and worker.has_exited():
-                self._drain(name, worker)
-                self._on_worker_exit(name, worker)
+            # Only the remote workers with news: at hundreds of slots, looking at each one at
+            # every step would cost more than the step's own work.
+            for remote in self._hub.take_attention():
+                name = remote.slot.name
+                if self._workers.get(name) is remote:
+                    self._drain(name, remote)
+                    self._after_news(name, remote)
+
+    def _after_news(self, name: str, worker: Worker) -> None:
+        if self._workers.get(name) is worker and worker.has_exited():
+            self._drain(name, worker)
+            self._on_worker_exit(name, worker)
 
     def _drain(self, name: str, worker: Worker) -> None:
         """Handle every message the worker has sent; a worker that died sends EOF."""

@@ -124,10 +124,6 @@ class WorkerHandle(ObjectiveLoading):
     def waitables(self) -> list[object]:
         return [self.conn] if self.exit_fd is None else [self.conn, self.exit_fd]
 
-    def has_news(self) -> bool:
-        """Messages that came other than through :meth:`waitables` (a remote worker's do)."""
-        return False
-
     def has_exited(self) -> bool:
         return self.process.poll() is not None
 
