@@ -532,10 +532,9 @@ class Controller:
         n_trials = run.plan.n_trials
         return n_trials is None or run.finished + self._book.running(run.plan.name) < n_trials
 
-    def _idle_slots(self) -> tuple[list[str], list[str]]:
-        """Idle slots with a ready worker: those whose resources are free, fullest GPU first
-        (packing), and those that wait for running trials to give some back, nearest first."""
-        idle = [
+    def _idle_slots(self) -> list[str]:
+        """Idle slots with a ready worker, in the pool's order."""
+        return [
             slot.name
             for slot in self._slots
             if (worker := self._workers.get(slot.name)) is not None
@@ -543,39 +542,31 @@ class Controller:
             and worker.loading is None
             and slot.name not in self._active
         ]
-        free = [name for name in idle if self._ledger.fits(name)]
-        blocked = [name for name in idle if not self._ledger.fits(name)]
-        # Sorting is stable: equal loads keep the slots' order.
-        free.sort(key=lambda name: -self._ledger.load(name))
-        blocked.sort(key=self._ledger.load)
-        return free, blocked
 
     def _launch_on_free_slots(self) -> None:
-        recounted = False
-        while True:
-            free, blocked = self._idle_slots()
+        """Start trials on idle slots while the pool picks some. The idle slots are listed
+        once, and after each launch only the slots that share a resource with the one just
+        taken are looked at again: at hundreds of slots, listing and weighing them all for
+        each launch cost more than the launch."""
+        room = {name: self._room(name) for name in self._idle_slots()}
+        if not any(fits for fits, _ in room.values()):
+            return
+        # Trial folders are made below: not in a run folder made again at its path.
+        self._run_dir.check_still_there()
+        self._recount_shared_budgets()
+        allowed = {run.plan.name: frozenset(run.plan.slots) for run in self._runs.values()}
+        while room:
+            # Free slots fullest first (packing shares onto busy GPUs keeps whole ones free),
+            # then those waiting for running trials to give resources back, nearest first;
+            # sorting is stable, so equal loads keep the pool's order.
+            free = sorted((n for n, (fits, _) in room.items() if fits), key=lambda n: -room[n][1])
             if not free:
                 return
-            if not recounted:
-                # Trial folders are made below: not in a run folder made again at its path.
-                self._run_dir.check_still_there()
-                self._recount_shared_budgets()
-                recounted = True
-            loading = {run.plan.name for run in self._loading.values()}
-            demands = [
-                StudyDemand(
-                    name=run.plan.name,
-                    slots=frozenset(run.plan.slots),
-                    has_work=self._has_work(run),
-                    weight=run.plan.weight,
-                    priority=run.plan.priority,
-                    stage=run.plan.stage,
-                    loading=run.plan.name in loading,
-                )
-                for run in self._runs.values()
-            ]
+            blocked = sorted(
+                (n for n, (fits, _) in room.items() if not fits), key=lambda n: room[n][1]
+            )
             choice = pick(
-                demands,
+                self._demands(allowed),
                 free,
                 self._book,
                 self._cost,
@@ -592,6 +583,29 @@ class Controller:
                 self._launch(slot_name, worker, run)
             else:
                 self._load_then_launch(slot_name, worker, run)
+            del room[slot_name]
+            for name in room:
+                if self._ledger.overlaps(slot_name, name):
+                    room[name] = self._room(name)
+
+    def _room(self, name: str) -> tuple[bool, float]:
+        """Whether the slot's resources are free now, and how full the fullest of them is."""
+        return self._ledger.fits(name), self._ledger.load(name)
+
+    def _demands(self, allowed: dict[str, frozenset[str]]) -> list[StudyDemand]:
+        loading = {run.plan.name for run in self._loading.values()}
+        return [
+            StudyDemand(
+                name=run.plan.name,
+                slots=allowed[run.plan.name],
+                has_work=self._has_work(run),
+                weight=run.plan.weight,
+                priority=run.plan.priority,
+                stage=run.plan.stage,
+                loading=run.plan.name in loading,
+            )
+            for run in self._runs.values()
+        ]
 
     def _load_then_launch(self, name: str, worker: Worker, run: StudyRun) -> None:
         """The slot's first trial of this study: its worker loads the objective first, holding

@@ -82,6 +82,23 @@ class _Lease:
     started_at: float
 
 
+@dataclass
+class _Held:
+    """A study's running trials, summed: pick asks for these for every study at every launch,
+    and at hundreds of slots adding up the leases each time cost more than the launch."""
+
+    count: int = 0
+    cost: float = 0.0
+    cost_since: float = 0.0  # the sum of cost x start time: usage = cost x now - this
+
+    def add(self, cost: float, started_at: float, sign: int) -> None:
+        self.count += sign
+        self.cost += sign * cost
+        self.cost_since += sign * cost * started_at
+        if not self.count:
+            self.cost = self.cost_since = 0.0  # no rounding residue once nothing runs
+
+
 class ShareBook:
     """What each study holds now and has used so far.
 
@@ -91,6 +108,7 @@ class ShareBook:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}  # by slot
+        self._held: dict[str, _Held] = {}  # by study
         self._finished_usage: dict[str, float] = {}  # by study
 
     def start(self, study: str, slot: str, cost: float) -> None:
@@ -98,31 +116,32 @@ class ShareBook:
         if slot in self._leases:
             held_by = self._leases[slot].study
             raise ValueError(f"slot {slot!r} is already held by study {held_by!r}")
-        self._leases[slot] = _Lease(study, cost, self._clock())
+        lease = _Lease(study, cost, self._clock())
+        self._leases[slot] = lease
+        self._held.setdefault(study, _Held()).add(cost, lease.started_at, +1)
 
     def stop(self, slot: str) -> None:
         """The trial on ``slot`` ended; its cost-seconds move to the study's finished usage."""
         lease = self._leases.pop(slot, None)
         if lease is None:
             raise ValueError(f"slot {slot!r} holds no trial")
+        self._held[lease.study].add(lease.cost, lease.started_at, -1)
         spent = lease.cost * (self._clock() - lease.started_at)
         self._finished_usage[lease.study] = self._finished_usage.get(lease.study, 0.0) + spent
 
     def running_cost(self, study: str) -> float:
-        return sum(lease.cost for lease in self._leases.values() if lease.study == study)
+        held = self._held.get(study)
+        return held.cost if held is not None else 0.0
 
     def usage(self, study: str) -> float:
         """Cost-seconds used: finished trials plus the running ones up to now."""
-        now = self._clock()
-        running = sum(
-            lease.cost * (now - lease.started_at)
-            for lease in self._leases.values()
-            if lease.study == study
-        )
+        held = self._held.get(study)
+        running = held.cost * self._clock() - held.cost_since if held is not None else 0.0
         return self._finished_usage.get(study, 0.0) + running
 
     def running(self, study: str) -> int:
-        return sum(1 for lease in self._leases.values() if lease.study == study)
+        held = self._held.get(study)
+        return held.count if held is not None else 0
 
 
 def pick(
