@@ -44,6 +44,7 @@ from hyperfleet.cluster.messages import (
     Hello,
     Joined,
     Relay,
+    Relays,
     StartWorker,
     WorkerStarted,
 )
@@ -86,8 +87,9 @@ class Node:
             if isinstance(message, StartWorker):
                 self.conn.send(WorkerStarted(message.worker, os.getpid()))
                 self.conn.send(Relay(message.worker, _pack(Ready(os.getpid()))))
-            elif isinstance(message, Relay):
-                self._on_relay(message.worker, pickle.loads(message.payload))
+            elif isinstance(message, Relays):
+                for relay in message.items:
+                    self._on_relay(relay.worker, pickle.loads(relay.payload))
             if time.monotonic() - last_beat > 1.0:
                 self.conn.send(Beat())
                 last_beat = time.monotonic()

@@ -32,6 +32,7 @@ from hyperfleet.cluster.messages import (
     Joined,
     Refused,
     Relay,
+    Relays,
     SignalWorker,
     StartWorker,
     StopWorker,
@@ -68,6 +69,7 @@ class Agent:
         self._node = node
         self._folder = folder  # None when this node shares the controller's run directory
         self._workers: dict[int, WorkerHandle] = {}
+        self._outbox: list[Relay] = []  # the workers' messages of this step, sent together
         self._trials: dict[int, str] = {}  # worker -> its trial's folder, on a node's own folder
         self._last_heard = self._last_sent = time.monotonic()
         self._stopping: list[threading.Thread] = []
@@ -101,6 +103,7 @@ class Agent:
         for wid, worker in list(self._workers.items()):
             if worker.conn in ready or worker.has_exited():
                 self._from_worker(wid, worker)
+        self._flush()
         now = time.monotonic()
         if now - self._last_heard > self._timeout:
             self.stop(f"the controller sent nothing for {self._timeout:g}s")
@@ -108,11 +111,28 @@ class Agent:
             self._send(Beat())
 
     def _send(self, message: Any) -> None:
+        """Send now; the relays waiting to go leave first, so the controller sees every
+        message in order (a trial's logs before its result, a result before its worker's
+        exit)."""
         try:
+            self._send_relays()
             self._conn.send(message)
         except OSError:
             self.stop("the connection to the controller broke")
         self._last_sent = time.monotonic()
+
+    def _flush(self) -> None:
+        """Send the relays of this step, in one write."""
+        try:
+            self._send_relays()
+        except OSError:
+            self.stop("the connection to the controller broke")
+
+    def _send_relays(self) -> None:
+        if self._outbox:
+            relays, self._outbox = tuple(self._outbox), []
+            self._conn.send(Relays(relays))
+            self._last_sent = time.monotonic()
 
     def _from_controller(self) -> None:
         try:
@@ -123,7 +143,10 @@ class Agent:
             self.stop("the controller closed the connection")
 
     def _handle(self, message: Any) -> None:
-        if isinstance(message, Relay):
+        if isinstance(message, Relays):
+            for relay in message.items:
+                self._handle(relay)
+        elif isinstance(message, Relay):
             worker = self._workers.get(message.worker)
             if worker is not None:
                 with contextlib.suppress(OSError):
@@ -168,7 +191,7 @@ class Agent:
                 elif self._folder is not None and payload == TRIAL_ENDED:
                     self._send_logs(wid)  # before the result, which follows
                 else:
-                    self._send(Relay(wid, payload))
+                    self._outbox.append(Relay(wid, payload))
         except (EOFError, OSError):
             pass
         if worker.has_exited():

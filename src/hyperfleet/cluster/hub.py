@@ -46,6 +46,7 @@ from hyperfleet.cluster.messages import (
     Joined,
     Refused,
     Relay,
+    Relays,
     StartWorker,
     Welcome,
     WorkerExited,
@@ -110,6 +111,7 @@ class NodeLink:
         self._conn = conn
         self._hub = hub
         self._send_lock = threading.Lock()
+        self._outbox: list[Relay] = []  # relays of this step, sent together by flush
         self._workers: dict[int, RemoteWorker] = {}
         self._workers_lock = threading.Lock()
         self.alive = True
@@ -126,14 +128,30 @@ class NodeLink:
         return self._conn
 
     def send(self, message: Any) -> None:
-        """Best effort: a send to a lost node is dropped (its workers end as lost anyway)."""
+        """Best effort: a send to a lost node is dropped (its workers end as lost anyway).
+        The relays waiting to go leave first, so the node sees every message in order."""
         if not self.alive:
             return
         with self._send_lock, contextlib.suppress(OSError, ValueError):
+            self._send_relays()
             self._conn.send(message)
 
     def forward(self, worker: int, payload: bytes) -> None:
-        self.send(Relay(worker, payload))
+        """A message for a worker: it leaves with the step's others (:meth:`flush`)."""
+        with self._send_lock:
+            self._outbox.append(Relay(worker, payload))
+
+    def flush(self) -> None:
+        """Send the relays of this step, in one write."""
+        if not self._outbox or not self.alive:
+            return
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            self._send_relays()
+
+    def _send_relays(self) -> None:
+        if self._outbox:
+            relays, self._outbox = tuple(self._outbox), []
+            self._conn.send(Relays(relays))
 
     def start_worker(self, slot: Slot, specs: dict[str, ObjectiveSpec], cwd: str) -> RemoteWorker:
         wid = self._hub.next_worker_id()
@@ -228,7 +246,10 @@ class NodeLink:
             self.lose(f"sent what cannot be read ({type(exc).__name__}: {exc})")
 
     def _handle(self, message: Any) -> None:
-        if isinstance(message, Relay):
+        if isinstance(message, Relays):
+            for relay in message.items:
+                self._handle(relay)
+        elif isinstance(message, Relay):
             worker = self._workers.get(message.worker)
             if worker is not None:
                 worker.deliver(message.payload)
@@ -307,6 +328,9 @@ class NodeHub:
         return events
 
     def waitables(self) -> list[Connection]:
+        """The links to wait on; what the loop has for them leaves now, before it waits."""
+        for link in self._reading:
+            link.flush()
         return [link.conn for link in self._reading]
 
     def pump(self, ready: list[Any]) -> None:

@@ -78,6 +78,14 @@ class Relay:
 
 
 @dataclass(frozen=True)
+class Relays:
+    """The relays of one step, in order, in one write: at hundreds of slots, a write (and a
+    read at the other end) per worker message cost more than the messages themselves."""
+
+    items: tuple[Relay, ...]
+
+
+@dataclass(frozen=True)
 class WorkerExited:
     """A worker died on the node; ``kind`` and ``reason`` as a local worker's exit says them."""
 
