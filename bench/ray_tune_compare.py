@@ -16,12 +16,13 @@ the other on the same cluster:
 - ``makespan``: the peers' 48 sleeping trials (``bench/makespan_durations.json``, in that
   order: trial k sleeps ``durations[k]`` seconds, times ``--scale``), span and wall over the
   lower bound ``max(sum / slots, longest)``;
-- ``recovery``: 12 trials of ``--recovery-trial-s`` seconds; once a trial runs on a worker
-  node, that node is removed (its processes killed, as a lost machine); the figure is the time
-  from the removal to the last lost trial's start again elsewhere, and whether the search
-  still ends with every trial completed. Ray Tune retries with ``FailureConfig(max_failures=3)``
-  (hyperfleet's default for a lost node is 3 retries too); its trials save no checkpoints, as
-  here they have nothing to save.
+- ``recovery``: ``--recovery-trials`` (3: one slot stays free for the lost trial) of
+  ``--recovery-trial-s`` seconds; once a trial runs on a worker node, that node is removed (its
+  processes killed, as a lost machine); the figure is the time from the removal to the last
+  lost trial's start again elsewhere, and whether the search still ends with every trial
+  completed. With more trials than free slots, it includes the wait for a slot. Ray Tune
+  retries with ``FailureConfig(max_failures=3)`` (hyperfleet's default for a lost node is 3
+  retries too); its trials save no checkpoints, as here they have nothing to save.
 
 Every trial appends its start and end (wall clock, node) to a log file: the figures come from
 there for both runners alike.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,7 +55,6 @@ NODES = (2, 1, 1)  # slots of the head and of each worker node
 SLOTS = sum(NODES)
 SEED = 0
 MAX_FAILURES = 3
-RECOVERY_TRIALS = 12
 KINDS = ("rate", "makespan", "recovery")
 
 
@@ -73,7 +74,7 @@ def work(kind: str, index: int, x: float, y: float, node: str) -> float:
     if kind == "makespan":
         time.sleep(DURATIONS[index] * float(os.environ.get(SCALE_ENV, "1")))
     elif kind == "recovery":
-        time.sleep(float(os.environ.get(RECOVERY_ENV, "4")))
+        time.sleep(float(os.environ.get(RECOVERY_ENV, "8")))
     _log(kind, f"end {index} {key} {time.time():.6f} {node}")
     return (x - 2.0) ** 2 + (y + 1.0) ** 2
 
@@ -280,22 +281,23 @@ class Bench:
         return Outcome(wall, min(starts) - launch, max(ends) - min(starts), completed, extra)
 
     def _remove_a_node(self, log: Path, process: subprocess.Popen[bytes]) -> dict[str, Any]:
-        """Once a trial runs on the last worker node, remove that node; then put a fresh one in
-        its place, for the next runs. The times at which the lost trials start again."""
-        victim = self.cluster.list_all_nodes()[-1]
-        name = f"ray-{victim.node_id[:6]}"
+        """Once a trial runs on a worker node, remove that node; then put a fresh one in its
+        place, for the next runs. The times at which the lost trials start again."""
+        workers = {f"ray-{node.node_id[:6]}": node for node in self.cluster.list_all_nodes()[1:]}
 
-        def running_there() -> list[Event]:
+        def running() -> list[Event]:
             events = read_log(log)
             ended = {e.key for e in events if not e.start}
-            return [e for e in events if e.start and e.node == name and e.key not in ended]
+            return [e for e in events if e.start and e.node in workers and e.key not in ended]
 
         deadline = time.monotonic() + 300
-        while not running_there() and process.poll() is None and time.monotonic() < deadline:
+        while not running() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        lost = running_there()
-        if not lost:
+        if not running():
             return {"removed": False}
+        name = running()[0].node
+        victim = workers[name]
+        lost = [e for e in running() if e.node == name]
         removed_at = time.time()
         self.cluster.remove_node(victim, allow_graceful=False)
         deadline = time.monotonic() + 300
@@ -325,10 +327,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--rate-trials", type=int, default=200)
     parser.add_argument("--scale", type=float, default=1.0, help="times each makespan duration")
-    parser.add_argument("--recovery-trial-s", type=float, default=4.0)
+    parser.add_argument("--recovery-trials", type=int, default=SLOTS - 1)
+    parser.add_argument("--recovery-trial-s", type=float, default=8.0)
     parser.add_argument(
         "--runners", default="hyperfleet,tune,tune-reuse",
-        help="tune-reuse: Ray Tune with reuse_actors=True (rate only)",
+        help="tune-reuse: Ray Tune with reuse_actors=True",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     # The Ray Tune driver, run by this script as a command of its own.
@@ -344,6 +347,8 @@ def main() -> None:
 
     import ray
 
+    # A SIGTERM ends the benchmark as an exception would: the Ray cluster is shut down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     runners = args.runners.split(",")
     bench = Bench(args.scale, args.recovery_trial_s)
     results: dict[str, dict[str, list[Outcome]]] = {}
@@ -352,12 +357,10 @@ def main() -> None:
               f"started in {bench.cluster_start_s:.1f} s", flush=True)  # fmt: skip
         for kind in args.measures.split(","):
             n_trials = {"rate": args.rate_trials, "makespan": len(DURATIONS)}.get(
-                kind, RECOVERY_TRIALS
+                kind, args.recovery_trials
             )
             for repeat in range(args.repeats):
                 for runner in runners:  # alternated, so drift hits all alike
-                    if runner == "tune-reuse" and kind != "rate":
-                        continue
                     outcome = bench.run(runner, kind, n_trials, remove_node=kind == "recovery")
                     results.setdefault(kind, {}).setdefault(runner, []).append(outcome)
                     print(f"{kind} {repeat + 1} {runner}: {outcome}", flush=True)
@@ -402,9 +405,9 @@ def report(results: dict[str, dict[str, list[Outcome]]], args: argparse.Namespac
                 "completed": done,
             }  # fmt: skip
     if "recovery" in results:
-        print(f"\nrecovery: {RECOVERY_TRIALS} trials of {args.recovery_trial_s} s, a worker node "
-              f"removed (killed) while it runs one; seconds from the removal to the last lost "
-              f"trial's start again")  # fmt: skip
+        print(f"\nrecovery: {args.recovery_trials} trials of {args.recovery_trial_s} s, a worker "
+              f"node removed (killed) while it runs one; seconds from the removal to the last "
+              f"lost trial's start again")  # fmt: skip
         print(f"{'runner':<12}{'lost':>6}{'again':>7}{'recovery s':>12}{'completed':>11}"
               f"{'wall s':>8}  runs")  # fmt: skip
         for runner, runs in results["recovery"].items():
@@ -415,7 +418,7 @@ def report(results: dict[str, dict[str, list[Outcome]]], args: argparse.Namespac
             shown = " ".join(fmt(t) for t in times)
             wall = median(runs, "wall_s")
             print(f"{runner:<12}{lost:>6}{again:>7}{fmt(statistics.median(times)):>12}"
-                  f"{done:>5}/{RECOVERY_TRIALS:<5}{wall:>8.2f}  {shown}")  # fmt: skip
+                  f"{done:>5}/{args.recovery_trials:<5}{wall:>8.2f}  {shown}")  # fmt: skip
             summary.setdefault("recovery", {})[runner] = {
                 "recovery_s": times, "lost": lost, "again": again, "completed": done,
             }  # fmt: skip
