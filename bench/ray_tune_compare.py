@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -169,7 +170,9 @@ def tune_driver(kind: str, address: str, n_trials: int, out: Path, reuse_actors:
         ),
     )
     grid = tuner.fit()
-    completed = sum(1 for result in grid if result.error is None and "loss" in result.metrics)
+    completed = sum(
+        1 for i in range(len(grid)) if grid[i].error is None and "loss" in grid[i].metrics
+    )
     out.write_text(json.dumps({"completed": completed, "errors": grid.num_errors}))
     ray.shutdown()
 
@@ -244,6 +247,7 @@ class Bench:
 
     def close(self) -> None:
         self.cluster.shutdown()
+        shutil.rmtree(self.logs, ignore_errors=True)
 
     def run(self, runner: str, kind: str, n_trials: int, remove_node: bool = False) -> Outcome:
         log = self.logs / f"{kind}.log"
