@@ -3,6 +3,8 @@
     python bench/ray_tune_compare.py                         # the three measures, once each
     python bench/ray_tune_compare.py --measures rate,makespan --repeats 3
 
+Needs Ray Tune: ``pip install 'ray[tune]'`` (the ``dev`` extra installs Ray alone).
+
 One local Ray cluster (``ray.cluster_utils.Cluster``): a head and two worker nodes, 4 slots in
 all (2, 1, 1). hyperfleet sees them as fake GPUs (``HYPERFLEET_FAKE_GPUS``, ``--cpu-slots 0``,
 one agent per node placed by Ray); Ray Tune as CPUs (each trial asks for 1 CPU,
