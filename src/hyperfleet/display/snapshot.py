@@ -48,7 +48,7 @@ class StatusSnapshot(EventSink):
 
     def _write(self, state: RunState, ended: bool) -> None:
         self._last_write = time.monotonic()
-        write_json(self._path, snapshot(state, self._get_study(), ended))
+        write_json(self._path, snapshot(state, self._get_study(), ended), compact=True)
 
 
 def snapshot(state: RunState, study: optuna.Study | None, ended: bool) -> dict[str, Any]:
