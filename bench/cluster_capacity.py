@@ -19,6 +19,7 @@ clock; the controller's CPU seconds per trial say how much of it the controller 
 from __future__ import annotations
 
 import argparse
+import heapq
 import multiprocessing
 import os
 import pickle
@@ -66,10 +67,13 @@ def _pack(message: Any) -> bytes:
 
 
 class Node:
-    """One played agent: every worker answers the moment it is asked."""
+    """One played agent: every worker answers the moment it is asked, and returns its result
+    ``trial_seconds`` after its last suggestion."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, trial_seconds: float = 0.0) -> None:
         self.conn = conn
+        self.trial_seconds = trial_seconds
+        self.due: list[tuple[float, int]] = []  # (when, worker): results still to send
         self.step: dict[int, int] = {}  # worker -> suggestions made in its current trial
         self.sent_result: dict[int, float] = {}
         self.waits: list[float] = []
@@ -79,7 +83,9 @@ class Node:
     def run(self) -> None:
         last_beat = time.monotonic()
         while True:
-            if not self.conn.poll(1.0):
+            self._send_due_results()
+            timeout = max(0.0, self.due[0][0] - time.monotonic()) if self.due else 1.0
+            if not self.conn.poll(timeout):
                 continue
             message = self.conn.recv()
             if isinstance(message, Goodbye):
@@ -114,19 +120,32 @@ class Node:
             call = Call("trial", "suggest_float", (NAMES[step], -10.0, 10.0), {})
             self.conn.send(Relay(worker, _pack(call)))
             return
+        if self.trial_seconds:
+            heapq.heappush(self.due, (time.monotonic() + self.trial_seconds, worker))
+            return
+        self._finish(worker)
+
+    def _send_due_results(self) -> None:
+        now = time.monotonic()
+        while self.due and self.due[0][0] <= now:
+            self._finish(heapq.heappop(self.due)[1])
+
+    def _finish(self, worker: int) -> None:
         self.conn.send(Relay(worker, _pack(Finished("returned", value=1.0))))
         self.sent_result[worker] = self.last = time.time()
         self.trials += 1
 
 
-def play_node(address: tuple[str, int], index: int, slots: int, results: Any) -> None:
+def play_node(
+    address: tuple[str, int], index: int, slots: int, trial_seconds: float, results: Any
+) -> None:
     conn = connect(address, TOKEN.encode(), patience=60.0)
     gpus = tuple(Gpu(i, f"GPU-bench-{i}", "Bench GPU", kind="fake") for i in range(slots))
     cores = tuple(range(max(1, -(-slots // 16))))  # a node that may run this many workers
     conn.send(Hello(f"load{index}", Inventory(gpus=gpus, cores=cores), os.getpid()))
     conn.recv()  # the welcome
     conn.send(Joined(shares_run_dir=True))  # the same machine: the run directory is here
-    node = Node(conn)
+    node = Node(conn, trial_seconds)
     node.run()
     results.put((node.trials, node.first, node.last, node.waits))
 
@@ -153,6 +172,7 @@ def one_run(
     finished: int,
     new: int,
     profile: Path | None = None,
+    trial_seconds: float = 0.0,
 ) -> dict[str, float]:
     run_dir = folder / "run"
     run_dir.mkdir()
@@ -169,7 +189,8 @@ def one_run(
     results = context.Queue()
     players = [
         context.Process(
-            target=play_node, args=(("127.0.0.1", port), i, slots // connections, results)
+            target=play_node,
+            args=(("127.0.0.1", port), i, slots // connections, trial_seconds, results),
         )
         for i in range(connections)
     ]
@@ -218,6 +239,12 @@ def main() -> None:
     parser.add_argument("--new-trials", type=int, default=3000, help="random sampler")
     parser.add_argument("--new-tpe-trials", type=int, default=300)
     parser.add_argument(
+        "--trial-seconds",
+        type=float,
+        default=0.0,
+        help="each played trial returns this long after its last suggestion (default: at once)",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="profile the controller (one configuration) into this file"
     )
     args = parser.parse_args()
@@ -240,6 +267,7 @@ def main() -> None:
                         finished,
                         max(new, 2 * slots),
                         args.profile,
+                        args.trial_seconds,
                     )
                 print(
                     f"{sampler:<7} {finished:>6} {slots:>5} {r['per_s']:>9.0f} "
