@@ -23,6 +23,7 @@ import heapq
 import multiprocessing
 import os
 import pickle
+import random
 import socket
 import statistics
 import subprocess
@@ -70,9 +71,11 @@ class Node:
     """One played agent: every worker answers the moment it is asked, and returns its result
     ``trial_seconds`` after its last suggestion."""
 
-    def __init__(self, conn: Connection, trial_seconds: float = 0.0) -> None:
+    def __init__(self, conn: Connection, trial_seconds: float = 0.0, spread: float = 0.0) -> None:
         self.conn = conn
         self.trial_seconds = trial_seconds
+        self.spread = spread  # each trial lasts trial_seconds x (1 + spread x uniform(0, 1))
+        self.random = random.Random(os.getpid())
         self.due: list[tuple[float, int]] = []  # (when, worker): results still to send
         self.step: dict[int, int] = {}  # worker -> suggestions made in its current trial
         self.sent_result: dict[int, float] = {}
@@ -121,7 +124,8 @@ class Node:
             self.conn.send(Relay(worker, _pack(call)))
             return
         if self.trial_seconds:
-            heapq.heappush(self.due, (time.monotonic() + self.trial_seconds, worker))
+            seconds = self.trial_seconds * (1 + self.spread * self.random.random())
+            heapq.heappush(self.due, (time.monotonic() + seconds, worker))
             return
         self._finish(worker)
 
@@ -137,7 +141,11 @@ class Node:
 
 
 def play_node(
-    address: tuple[str, int], index: int, slots: int, trial_seconds: float, results: Any
+    address: tuple[str, int],
+    index: int,
+    slots: int,
+    trial_seconds: tuple[float, float],
+    results: Any,
 ) -> None:
     conn = connect(address, TOKEN.encode(), patience=60.0)
     gpus = tuple(Gpu(i, f"GPU-bench-{i}", "Bench GPU", kind="fake") for i in range(slots))
@@ -145,7 +153,7 @@ def play_node(
     conn.send(Hello(f"load{index}", Inventory(gpus=gpus, cores=cores), os.getpid()))
     conn.recv()  # the welcome
     conn.send(Joined(shares_run_dir=True))  # the same machine: the run directory is here
-    node = Node(conn, trial_seconds)
+    node = Node(conn, *trial_seconds)
     node.run()
     results.put((node.trials, node.first, node.last, node.waits))
 
@@ -172,7 +180,7 @@ def one_run(
     finished: int,
     new: int,
     profile: Path | None = None,
-    trial_seconds: float = 0.0,
+    trial_seconds: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, float]:
     run_dir = folder / "run"
     run_dir.mkdir()
@@ -245,6 +253,13 @@ def main() -> None:
         help="each played trial returns this long after its last suggestion (default: at once)",
     )
     parser.add_argument(
+        "--trial-spread",
+        type=float,
+        default=0.0,
+        help="trials last --trial-seconds times 1 to 1 + this, at random (slots then drift apart "
+        "as real trials do, instead of all ending together)",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="profile the controller (one configuration) into this file"
     )
     args = parser.parse_args()
@@ -267,7 +282,7 @@ def main() -> None:
                         finished,
                         max(new, 2 * slots),
                         args.profile,
-                        args.trial_seconds,
+                        (args.trial_seconds, args.trial_spread),
                     )
                 print(
                     f"{sampler:<7} {finished:>6} {slots:>5} {r['per_s']:>9.0f} "
