@@ -119,10 +119,12 @@ class GroupCommitBackend(CheckedBackend):
         self._dirty = True
 
     def commit(self) -> None:
-        """Make every record appended so far durable (one ``fsync``)."""
+        """Make every record appended so far durable (one ``fsync``). May run on another
+        thread than the appends: the flag is cleared before the sync, so a record appended
+        during it leaves the file dirty for the next commit."""
         if self._dirty:
-            _sync_data(self._file())
             self._dirty = False
+            _sync_data(self._file())
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -242,6 +244,11 @@ def _running_trial(system_attrs: dict[str, Any]) -> FrozenTrial:
         intermediate_values={},
         trial_id=-1,
     )
+
+
+def needs_commit(storage: Any) -> bool:
+    """Whether the storage groups its commits (every other storage commits each write)."""
+    return isinstance(storage, PlacingJournalStorage)
 
 
 def commit(storage: Any) -> None:

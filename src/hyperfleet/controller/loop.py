@@ -34,6 +34,7 @@ from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller import checkpoints
 from hyperfleet.controller.autopack import AutoPack, Change
 from hyperfleet.controller.calls import check_call_allowed
+from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
@@ -218,9 +219,9 @@ class Controller:
         self._autopack = AutoPack(packed, packing) if packing is not None else None
         self._cpu: dict[str, psutil.Process] = {}
         # What users and workers see of the storage's new records waits for them to be durable:
-        # one commit per loop step, then these run in order (see _flush).
-        self._after_commit: list[Callable[[], None]] = []
-        self._sends_after_commit: list[Callable[[], None]] = []  # go first: slots wait on them
+        # one commit at a time, on the committer's thread, then these run in order (_flush).
+        self._pending = Effects()
+        self._committer = Committer(self._wake)
         self._files = files  # the caller's: the best/ folders wait on it too
         self._trial_folders: set[Path] = set()  # the trials/ folders made so far
         self.state = RunState(
@@ -436,20 +437,33 @@ class Controller:
         """Commit what the storage was told (one ``fsync`` for a journal), then let what
         depends on it happen: trials sent to workers, trial files, run log lines.
 
-        Nothing else waits for the disk: a trial's suggestions and attributes are committed
-        with its end, since until then only its own objective has seen them (and a crash
-        before that makes it an interrupted trial, which runs again)."""
+        The commit runs on the committer's thread while the loop goes on (``final``: here, and
+        waited for); what the loop writes meanwhile goes with the next commit. Nothing else
+        waits for the disk: a trial's suggestions and attributes are committed with its end,
+        since until then only its own objective has seen them (and a crash before that makes
+        it an interrupted trial, which runs again)."""
         self._files.raise_failure()
-        effects = self._sends_after_commit + self._after_commit
-        if not effects and not final:
+        done = self._committer.finished(wait=final)
+        if done is not None:
+            self._run_effects(done)
+        if self._committer.busy or (not self._pending and not final):
             return
-        for study in self.studies.values():
-            commit(study._storage)  # the study's storage has no public accessor
-        if self._after_commit:
+        effects, self._pending = self._pending, Effects()
+        storages = [study._storage for study in self.studies.values()]  # no public accessor
+        if final:
+            for storage in storages:
+                commit(storage)
+            self._run_effects(effects)
+            return
+        ready = self._committer.start(storages, effects)
+        if ready is not None:  # nothing to commit: an in-memory or a database storage
+            self._run_effects(ready)
+
+    def _run_effects(self, effects: Effects) -> None:
+        if effects.others:
             # Writing into a run folder that was deleted or moved would make a new one there.
             self._run_dir.check_still_there()
-        self._sends_after_commit, self._after_commit = [], []
-        for effect in effects:
+        for effect in [*effects.sends, *effects.others]:
             effect()
 
     def _step(self, timeout: float) -> None:
@@ -715,7 +729,7 @@ class Controller:
             study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
             checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
         )
-        self._sends_after_commit.append(functools.partial(_send, worker, message))
+        self._pending.sends.append(functools.partial(_send, worker, message))
         view = self.state.slot(name)
         view.state, view.trial, view.study, view.since = (
             "busy",
@@ -725,7 +739,7 @@ class Controller:
         )
         view.experiment = record.experiment
         run.view.running = self._book.running(run.plan.name)
-        self._after_commit.append(functools.partial(self._emit, "on_trial_start", record))
+        self._pending.others.append(functools.partial(self._emit, "on_trial_start", record))
 
     def _ask_placed(
         self, study: optuna.Study, slot: str, pid: int
@@ -922,8 +936,8 @@ class Controller:
             self._release_checkpoint(run, frozen)
         trial_dir = run.plan.folder.trial_dir(frozen.number)
         write = functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
-        self._after_commit.append(functools.partial(self._files.submit, write))
-        self._after_commit.append(functools.partial(self._emit, "on_trial_end", record))
+        self._pending.others.append(functools.partial(self._files.submit, write))
+        self._pending.others.append(functools.partial(self._emit, "on_trial_end", record))
 
     def _release_checkpoint(self, run: StudyRun, trial: FrozenTrial) -> None:
         """Remove the checkpoint folder of a chain that ended, unless --keep-checkpoints keeps
@@ -938,7 +952,7 @@ class Controller:
         if folder is None:
             return
         removal = functools.partial(checkpoints.remove, folder)
-        self._after_commit.append(functools.partial(self._files.submit, removal))
+        self._pending.others.append(functools.partial(self._files.submit, removal))
 
     def _sweep_checkpoints(self, run: StudyRun) -> None:
         """Settle every ended chain's checkpoint folder at once (see controller.checkpoints).
@@ -1169,6 +1183,7 @@ class Controller:
         with contextlib.suppress(OSError, RunDirGone):  # said already; stop all the same
             self._flush(final=True)
             self._files.drain()
+        self._committer.close()
         for study in self.studies.values():
             with contextlib.suppress(OSError):
                 close_storage(study._storage)  # the study's storage has no public accessor
