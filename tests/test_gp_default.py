@@ -173,3 +173,27 @@ def test_a_search_with_gp_as_the_default_runs_to_its_budget(
     assert states == [TrialState.COMPLETE] * n_trials
     log = (tmp_path / "run.log").read_text()
     assert log.count("sampler GP (Optuna's GPSampler)") == 1
+
+
+@needs_torch
+def test_a_gp_search_stopped_by_its_timeout_leaves_no_trial_running(
+    search: ModuleType, tmp_path: Path
+) -> None:
+    """GP from the first trial, so every trial is prepared off the loop's thread; the timeout
+    comes while one is (most likely) being prepared: it is dropped, nothing stays RUNNING."""
+    study = optuna.create_study(sampler=optuna.samplers.GPSampler(seed=0))
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    outcome = hyperfleet.optimize(
+        study,
+        search.quick,
+        timeout="4s",
+        run_dir=tmp_path,
+        display="quiet",
+        report=False,
+        inventory=Inventory(gpus=(), cores=cores),
+        cpu_slots=2,
+    )
+
+    assert outcome.status == "completed"
+    states = {t.state for t in study.get_trials()}
+    assert states == {TrialState.COMPLETE}

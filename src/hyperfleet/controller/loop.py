@@ -720,18 +720,20 @@ class Controller:
 
     def _launch_sampled(self) -> None:
         """Start the trials prepared off the loop's thread, on the slots waiting for them (one
-        computation per study at a time: the next starts once the last was taken). A stop drops
-        what is still being prepared."""
+        computation per study at a time: the next starts once the last was taken). A stop, or
+        the run's timeout, drops what is still being prepared."""
+        now = time.monotonic()
+        dropped = self._stop_level or (self._deadline is not None and now >= self._deadline)
         for name, run in list(self._sampling.items()):
-            if not self._stop_level and not self._suggestions.ready(run.plan.name):
+            if not dropped and not self._suggestions.ready(run.plan.name):
                 self._suggestions.start(run.plan.name, _opened(run))
                 continue
             del self._sampling[name]
             self._ledger.release(name)
             self._book.stop(name)
             self.state.slot(name).state = "idle"
-            worker = self._workers[name]
-            if worker.ready and worker.loading is None and self._has_work(run):
+            worker = self._workers.get(name)  # replaced or parked meanwhile: None or new
+            if worker and worker.ready and worker.loading is None and self._has_work(run):
                 self._launch(name, worker, run)
 
     def _ask_placed(
