@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -19,6 +20,12 @@ import pytest
 from optuna.trial import TrialState
 
 import hyperfleet
+from hyperfleet.cluster.trialfiles import (
+    COPIED_LOG_BYTES,
+    TrialLogs,
+    collect_logs,
+    trial_folder,
+)
 from support.netns import Network, network
 from support.nodes import (
     OBJECTIVE,
@@ -227,29 +234,86 @@ def test_a_campaign_file_that_listens_uses_every_slot_of_every_node(
     assert used["cpu"] == {"nodeA/cpu#0", "nodeB/cpu#0"}
 
 
-def test_a_node_that_does_not_see_the_run_directory_is_refused(tmp_path: Path) -> None:
+def test_a_node_without_the_run_directory_runs_trials_whose_logs_come_back(
+    tmp_path: Path,
+) -> None:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a node without the shared disk needs root and unshare (a mount namespace)")
     address = f"127.0.0.1:{free_port()}"
-    controller = start_controller(tmp_path, address, 4)
+    controller = start_controller(tmp_path, address, 4, "--retry", "crash=1")
     wait_for_log(tmp_path, "listening for agents", 30)
-    # A node of its own mount namespace, where the run directory is an empty disk.
+    # A node of its own mount namespace, where the run directory is an empty disk. It joins
+    # first, so it certainly runs trials; the first of them kills its worker.
     hidden = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-              f'mount -t tmpfs none "{tmp_path / "run"}" && exec "$0" "$@"']  # fmt: skip
-    agents = [Agent(tmp_path, address, "nodeA", 1), Agent(tmp_path, address, "nodeX", 1, hidden)]
+              f'mount -t tmpfs none "{tmp_path / "run"}" && exec "$0" "$@"',
+              "env", f"HYPERFLEET_TEST_CRASH_ONCE={tmp_path / 'crashed'}"]  # fmt: skip
+    agents = [Agent(tmp_path, address, "nodeX", 1, hidden)]
     try:
-        assert agents[1].wait(30) == 1
+        wait_for_log(tmp_path, "node nodeX joined", 30)
+        agents.append(Agent(tmp_path, address, "nodeA", 1, nap=2.0))  # nodeX runs the most
         assert controller.wait(120) == 0, controller.stderr
-        assert agents[0].wait(15) == 0
+        for agent in agents:
+            assert agent.wait(15) == 0, agent.log.read_text()
     finally:
         controller.stop()
         for agent in agents:
             agent.stop()
-    assert "does not see the run directory" in agents[1].log.read_text()
+    (own,) = (tmp_path / "hyperfleet-agent-runs").iterdir()  # the node's own run folder
+    notice = (
+        f"run folder not shared; trial logs copied back, objective files stay in {own} on nodeX"
+    )
+    assert notice in agents[0].log.read_text()
     log = run_log(tmp_path)
-    assert "node nodeA joined" in log and "it shares the run directory" in log
-    assert f"node nodeX does not see the run directory {tmp_path / 'run'}" in log
-    assert {t.user_attrs["slot"] for t in _trials(tmp_path)} == {"nodeA/gpu0#0"}
+    assert notice in log and "it shares the run directory" in log
+    (crashed,) = [t for t in _trials(tmp_path) if t.state == TrialState.FAIL]
+    trials = [t for t in _trials(tmp_path) if t.state != TrialState.FAIL]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    # What the dead trial wrote came back before its end was recorded: result.json quotes it.
+    folder = tmp_path / "run" / "trials" / f"{crashed.number:05d}"
+    dying = f"trial {crashed.number} dies on nodeX\n"
+    assert (folder / "stderr.log").read_text() == dying
+    result = json.loads((folder / "result.json").read_text())
+    assert result["fail_kind"] == "crash" and result["slot"] == "nodeX/gpu0#0"
+    assert dying.strip() in result["stderr_tail"]
+    assert any(t.user_attrs["node"] == "nodeX" for t in trials), "nodeX completed no trial"
+    for trial in trials:
+        folder = tmp_path / "run" / "trials" / f"{trial.number:05d}"
+        node = trial.user_attrs["node"]
+        x = trial.params["x"]
+        assert (folder / "stdout.log").read_text() == f"trial {trial.number}: x={x!r}\n"
+        assert (folder / "stderr.log").read_text() == f"trial {trial.number} ran on {node}\n"
+        assert json.loads((folder / "params.json").read_text()) == {"x": x}
+        result = json.loads((folder / "result.json").read_text())
+        assert result["state"] == "COMPLETE" and result["values"] == [x]
+        # The objective's own files stay where it ran.
+        stays = own / "trials" / folder.name if node == "nodeX" else folder
+        assert (stays / "model.txt").read_text() == f"{x!r}\n"
+        assert (folder / "model.txt").exists() == (node == "nodeA")
+
+
+def test_a_huge_log_comes_back_as_its_end_with_a_note(tmp_path: Path) -> None:
+    trial = tmp_path / "trials" / "00003"
+    trial.mkdir(parents=True)
+    (trial / "stdout.log").write_bytes(b"a" * 10 + b"b" * COPIED_LOG_BYTES)
+    (trial / "stderr.log").write_bytes(b"short\n")
+    logs = collect_logs(tmp_path, "trials/00003", "node3")
+    where = trial / "stdout.log"
+    note = f"[hyperfleet: the first 10 bytes of this log are left out; see {where} on node3]\n"
+    assert logs.logs["stdout.log"] == note.encode() + b"b" * COPIED_LOG_BYTES
+    assert logs.logs["stderr.log"] == b"short\n"
+
+
+def test_logs_a_node_sends_go_only_into_the_run_directory(tmp_path: Path) -> None:
+    assert trial_folder(tmp_path, TrialLogs("trials/00003", {"stderr.log": b""})) == (
+        tmp_path / "trials" / "00003"
+    )
+    for folder, logs in [
+        ("../elsewhere", {"stdout.log": b""}),
+        ("/etc", {"stdout.log": b""}),
+        ("trials/00003", {"params.json": b"{}"}),
+        ("trials/00003", {"stdout.log": "not bytes"}),
+    ]:
+        assert trial_folder(tmp_path, TrialLogs(folder, logs)) is None  # type: ignore[arg-type]
 
 
 def test_a_controller_killed_at_any_moment_loses_and_repeats_nothing(tmp_path: Path) -> None:

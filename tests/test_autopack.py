@@ -6,7 +6,9 @@ out-of-memory error."""
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 import hyperfleet
 from hyperfleet.controller import bookkeeping as books
@@ -174,3 +176,154 @@ def test_declared_memory_packs_a_gpu_that_reads_nothing(
     study, log = run(tmp_path, 16, "make_sleeper", {"gpu_memory": "5GiB"}, seconds=0.2)
     assert workers_over_time(log) == [1, 2], log
     assert {t.system_attrs[books.SLOT_ATTR] for t in study.get_trials()} == {"gpu0#0", "gpu0#1"}
+
+
+# ----- campaigns: slot = { gpus = "auto" } and { gpu_memory = "10GiB" } --------------------
+
+
+def run_campaign(
+    tmp_path: Path, text: str, until: str | None = None
+) -> tuple[dict[str, list[FrozenTrial]], list[str]]:
+    """Run the campaign file ``text`` on the fake GPUs; each study's trials, and the run log.
+    With ``until``, stop it as by Ctrl+C once the run log has a line with it (the budgets only
+    cap it): however slowly a loaded machine starts the workers, the decision looked for is
+    made."""
+    path = tmp_path / "campaign.toml"
+    path.write_text(text.replace("MODELS", str(OBJECTIVES / "fake_gpu_models.py")))
+    log = tmp_path / "run" / "run.log"
+    seen, done = threading.Event(), threading.Event()
+
+    def stop_once_logged() -> None:
+        while until is not None and not done.is_set():
+            if log.exists() and until in log.read_text():
+                seen.set()
+                os.kill(os.getpid(), signal.SIGINT)  # running trials finish
+                return
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=stop_once_logged)
+    watcher.start()
+    try:
+        outcome = hyperfleet.run_campaign(
+            path,
+            run_dir=tmp_path / "run",
+            display="quiet",
+            report=False,
+            inventory=detect_inventory(),
+        )
+    finally:
+        done.set()
+        watcher.join()
+    lines = log.read_text().splitlines()
+    assert seen.is_set() == (until is not None), lines
+    assert outcome.status == ("completed" if until is None else "stopped"), outcome.message
+    return {study.study_name: study.get_trials() for study in outcome.studies}, lines
+
+
+def test_auto_studies_of_a_campaign_share_the_workers_each_gpu_grows(
+    models: ModuleType, tmp_path: Path
+) -> None:
+    # 5000 MiB each on 16384: two fit with the 10 % margin, three would not, whichever of the
+    # two studies' trials they run.
+    trials, log = run_campaign(
+        tmp_path,
+        """
+        [pool]
+        cpu_slots = 0
+
+        [defaults]
+        objective = "MODELS:make_objective"
+        sampler = "random"
+        n_trials = 200
+        slot = { gpus = "auto" }
+
+        [[study]]
+        name = "a"
+        args = { mib = 5000, busy = 10.0, seconds = 0.25 }
+
+        [[study]]
+        name = "b"
+        args = { mib = 5000, busy = 15.0, seconds = 0.25 }
+        """,
+        until="gpu0 stays at 2",
+    )
+    assert workers_over_time(log) == [1, 2], log
+    assert any("gpu0 stays at 2: no room for one more trial" in line for line in log), log
+    every = [t for study in trials.values() for t in study]
+    assert all(t.state == TrialState.COMPLETE for t in every)  # none ran out of memory
+    assert {t.system_attrs[books.SLOT_ATTR] for t in every} == {"gpu0#0", "gpu0#1"}
+    # The two studies' trials ran side by side on the GPU.
+    assert any(side_by_side(a, b) for a in trials["a"] for b in trials["b"]), log
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "## GPU packing" in summary and "gpu0: 1 -> 2 workers, " in summary
+
+
+def side_by_side(a: FrozenTrial, b: FrozenTrial) -> bool:
+    assert a.datetime_start and a.datetime_complete and b.datetime_start and b.datetime_complete
+    return a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+
+
+def test_a_campaign_study_packs_by_its_declared_gpu_memory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # no state folder: only the declared size packs
+    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    monkeypatch.setenv(fakegpu.FAKE_GPU_MIB_ENV, str(24 * 1024))
+    # 10 GiB per trial on 24 GiB: two fit with the 10 % margin, three do not.
+    trials, log = run_campaign(
+        tmp_path,
+        """
+        [pool]
+        cpu_slots = 0
+
+        [[study]]
+        name = "sleeper"
+        objective = "MODELS:make_sleeper"
+        args = { seconds = 0.15 }
+        n_trials = 200
+        slot = { gpu_memory = "10GiB" }
+        """,
+        until="gpu0 stays at 2",
+    )
+    assert workers_over_time(log) == [1, 2], log
+    assert any("gpu0 stays at 2: no room for one more trial" in line for line in log), log
+    slots = {t.system_attrs[books.SLOT_ATTR] for t in trials["sleeper"]}
+    assert slots == {"gpu0#0", "gpu0#1"}
+
+
+def test_fixed_shares_wait_until_no_auto_packed_trial_holds_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A GPU is packed automatically or cut into fixed shares, never both at once. The
+    half-GPU study's objective loads slowly, so the auto study has the GPU first and grows to
+    two workers; whenever the half study gets the GPU, no half trial runs beside an
+    auto-packed one, on either worker."""
+    monkeypatch.setenv(FAKE_GPUS_ENV, "1")
+    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    trials, log = run_campaign(
+        tmp_path,
+        """
+        [pool]
+        cpu_slots = 0
+
+        [defaults]
+        objective = "MODELS:make_sleeper"
+
+        [[study]]
+        name = "auto"
+        args = { seconds = 0.15 }
+        n_trials = 32
+        slot = { gpu_memory = "6GiB" }
+
+        [[study]]
+        name = "half"
+        args = { seconds = 0.15, load_seconds = 3.0 }
+        n_trials = 4
+        slot = { gpus = 0.5 }
+        """,
+    )
+    assert 2 in workers_over_time(log), log
+    assert any(t.system_attrs[books.SLOT_ATTR] == "gpu0#1" for t in trials["auto"])
+    assert len(trials["half"]) == 4
+    for half in trials["half"]:
+        assert not any(side_by_side(half, auto) for auto in trials["auto"]), half.number

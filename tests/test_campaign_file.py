@@ -316,6 +316,53 @@ slot = { cpus = 2, fallback_cpus = 2 }  # <-
         "fallback_cpus = 2",
     ),
     (
+        "slot with a GPU count that is a word",
+        """
+[[study]]
+objective = "models.py:objective"
+n_trials = 5
+slot = { gpus = "lots" }  # <-
+""",
+        "key 'slot'",
+        "gpus = 'lots' is not a number nor \"auto\"",
+    ),
+    (
+        "slot with a negative GPU memory",
+        """
+[[study]]
+objective = "models.py:objective"
+n_trials = 5
+slot = { gpus = "auto", gpu_memory = "-3GB" }  # <-
+""",
+        "key 'slot'",
+        "cannot read gpu_memory '-3GB'; write what one trial takes on its GPU",
+    ),
+    (
+        "GPU memory on a CPU-only study",
+        """
+[[study]]
+objective = "models.py:objective"
+n_trials = 5
+[study.slot]  # <-
+cpus = 4
+gpu_memory = "10GiB"
+""",
+        "key 'slot'",
+        "gpu_memory is set on a CPU trial (the slot asks for no GPU); it says what one trial "
+        'takes on its GPU. Add gpus = "auto"',
+    ),
+    (
+        "GPU memory with a fixed share",
+        """
+[[study]]
+objective = "models.py:objective"
+n_trials = 5
+slot = { gpus = 0.5, gpu_memory = "10GiB" }  # <-
+""",
+        "key 'slot'",
+        "gpu_memory is set but gpus = 0.5 fixes what each trial gets",
+    ),
+    (
         "slot name that does not exist",
         """
 [[study]]
@@ -680,6 +727,13 @@ n_trials = 2
         ("{ gpus = 0.25, fallback_cpus = 2 }", Shape(gpus=0.25, fallback_cpus=2)),
         ("{ gpus = 2, cpus = 8 }", Shape(gpus=2.0, cpus=8)),
         ("{ cpus = 4 }", Shape(gpus=0.0, cpus=4)),
+        ('{ gpus = "auto" }', Shape(gpus=1.0, auto=True)),
+        ('{ gpus = "auto", cpus = 2 }', Shape(gpus=1.0, cpus=2, auto=True)),
+        ('{ gpu_memory = "10GiB" }', Shape(gpus=1.0, auto=True, gpu_memory_mib=10240)),
+        (
+            '{ gpus = "auto", gpu_memory = "512MiB", fallback_cpus = 2 }',
+            Shape(gpus=1.0, fallback_cpus=2, auto=True, gpu_memory_mib=512),
+        ),
     ],
 )
 def test_slot_forms_become_shapes(tmp_path: Path, slot: str | None, shape: Shape) -> None:

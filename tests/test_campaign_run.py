@@ -341,6 +341,19 @@ def test_resources_shows_each_studys_slots_before_anything_runs(
     assert not (tmp_path / "runs").exists()
 
 
+def test_gpu_memory_on_the_command_line_points_at_the_slot_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hyperfleet.cli import main
+
+    write_campaign(tmp_path, THREE_SHAPES)
+    assert main(["run", str(tmp_path / "campaign.toml"), "--gpu-memory", "10GiB"]) == 2
+    error = capsys.readouterr().err
+    assert "--gpu-memory: a campaign file sets this itself" in error
+    assert 'slot = { gpus = "auto", gpu_memory = "10GiB" }' in error
+    assert not (tmp_path / "runs").exists()
+
+
 TRAIN_SCRIPT = """
 import argparse, json
 parser = argparse.ArgumentParser()

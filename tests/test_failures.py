@@ -1,17 +1,22 @@
 """A failing trial fails alone: its reason is recorded, its slot gets a fresh worker, the search
-goes on, and nothing it started is left running."""
+goes on, and nothing it started is left running.
+
+The cases that share their flags run in one search (``fails_in_turn``: trial 2k fails as case k,
+trial 2k+1 follows on a fresh worker), so each kind of failure costs one worker start, not one
+whole run."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from support.objectives import STDERR_LINE
-from support.procs import assert_no_leftovers, load_trials, objective, run_cli
+from support.procs import assert_no_leftovers, cpu_only_env, load_trials, objective, run_cli
 
 KIND = "hyperfleet:fail_kind"
 REASON = "hyperfleet:fail_reason"
@@ -67,19 +72,62 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.function for c in CASES])
-def test_a_failing_trial_fails_alone(tmp_path: Path, case: Case) -> None:
-    run_dir = tmp_path / "run"
-    args = ["run", objective(case.function), "--n-trials", "2", "--cpu-slots", "1", "--plain"]
-    result = run_cli([*args, "--run-dir", str(run_dir), "--study-name", "s", *case.flags], tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+def batches() -> dict[tuple[str, ...], list[Case]]:
+    """The cases grouped by their flags: each group is one search."""
+    groups: dict[tuple[str, ...], list[Case]] = {}
+    for case in CASES:
+        groups.setdefault(case.flags, []).append(case)
+    return groups
 
-    failed, after = load_trials(run_dir, "s")
+
+@dataclass(frozen=True)
+class Search:
+    run_dir: Path
+    trials: list[FrozenTrial]
+    cases: list[Case]
+
+
+@pytest.fixture(scope="module")
+def search_for(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[str, ...]], Search]:
+    """The search of a group of cases, run when a test of the group first needs it."""
+    done: dict[tuple[str, ...], Search] = {}
+
+    def search(flags: tuple[str, ...]) -> Search:
+        if flags not in done:
+            folder = tmp_path_factory.mktemp("failures")
+            done[flags] = _run_group(folder, flags, batches()[flags])
+        return done[flags]
+
+    return search
+
+
+def _run_group(tmp_path: Path, flags: tuple[str, ...], cases: list[Case]) -> Search:
+    run_dir = tmp_path / "run"
+    n_trials = str(2 * len(cases))
+    args = ["run", objective("fails_in_turn"), "--n-trials", n_trials, "--cpu-slots", "1"]
+    env = {**cpu_only_env(), "FAILURES": ",".join(c.function for c in cases)}
+    result = run_cli(
+        [*args, "--plain", "--run-dir", str(run_dir), "--study-name", "s", *flags],
+        tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_no_leftovers(run_dir)
+    return Search(run_dir, load_trials(run_dir, "s"), cases)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.function for c in CASES])
+def test_a_failing_trial_fails_alone(
+    search_for: Callable[[tuple[str, ...]], Search], case: Case
+) -> None:
+    search = search_for(case.flags)
+    number = 2 * search.cases.index(case)
+    failed, after = search.trials[number], search.trials[number + 1]
     assert failed.state == TrialState.FAIL
     assert failed.system_attrs[KIND] == case.kind
     assert case.reason in failed.system_attrs[REASON]
 
-    saved = json.loads((run_dir / "trials" / "00000" / "result.json").read_text())
+    saved = json.loads((search.run_dir / "trials" / f"{number:05d}" / "result.json").read_text())
     assert saved["state"] == "FAIL"
     assert saved["fail_kind"] == case.kind
     assert case.reason in saved["reason"]
@@ -91,4 +139,3 @@ def test_a_failing_trial_fails_alone(tmp_path: Path, case: Case) -> None:
     assert after.state == TrialState.COMPLETE
     assert after.system_attrs[SLOT] == failed.system_attrs[SLOT]
     assert after.system_attrs[PID] != failed.system_attrs[PID]
-    assert_no_leftovers(run_dir)

@@ -140,6 +140,31 @@ def test_declared_memory_packs_without_readings() -> None:
     assert grown == 3  # 4 x 4096 + 10 % would not fit in 16384
 
 
+def test_declared_and_undeclared_trials_pack_by_the_larger() -> None:
+    """A campaign's auto studies on one GPU, some declaring 6000 MiB, some not: one more trial
+    must fit at the declared size and at the most one was seen to hold."""
+    settings = PackingSettings(memory_per_trial_mib=6000, undeclared_too=True)
+    packer = GpuPacker("gpu0", settings)
+    now = measured(packer, 1, 1.0, 0.0)
+    assert packer.decide(reading(0, 10.0, ours=0), now) is None  # no trial seen holding memory
+    packer.observe_trial_memory(2000)
+    decision = packer.decide(reading(2000, 10.0), now)
+    assert decision is not None and decision.target == 2
+    now = measured(packer, 2, 1.0, now)
+    # Trials of 2000 MiB would leave room for five more; one of 6000 MiB may start next.
+    held = packer.decide(reading(4000, 10.0), now)
+    assert held is not None and held.target == 2 and "no room" in held.reason
+
+
+def test_undeclared_trials_larger_than_the_declared_size_pack_by_what_they_hold() -> None:
+    settings = PackingSettings(memory_per_trial_mib=1000, undeclared_too=True)
+    packer = GpuPacker("gpu0", settings)
+    now = measured(packer, 1, 1.0, 0.0)
+    packer.observe_trial_memory(8000)  # 2 x 8000 + 10 % does not fit in 16384
+    decision = packer.decide(reading(8000, 10.0), now)
+    assert decision is not None and decision.target == 1 and "no room" in decision.reason
+
+
 def test_auto_packing_is_planned_only_for_auto_on_gpus_that_can_be_read(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

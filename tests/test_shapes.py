@@ -22,6 +22,7 @@ from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 HALF = Shape(gpus=0.5)
 PAIR = Shape(gpus=2)
 FOUR_CORES = Shape(cpus=4)
+AUTO = Shape(gpus=1.0, auto=True)
 WHERE = 'campaign.toml:12: study "xgb", key "slot"'
 
 
@@ -56,6 +57,8 @@ def assert_disjoint_cores(slots: list[Slot]) -> None:
         (Shape(gpus=1, cpus=-2), r"cpus = -2 is not a whole number"),
         (Shape(gpus=1, fallback_cpus=0), r"fallback_cpus = 0 is not a whole number"),
         (Shape(cpus=2, fallback_cpus=2), r"fallback_cpus = 2 is set on a CPU trial.*Remove it"),
+        (Shape(gpus="lots"), r"gpus = 'lots' is not a number nor \"auto\"; use \"auto\""),  # type: ignore[arg-type]
+        (Shape(gpus=1.0, auto=True, gpu_memory_mib=-3), r"gpu_memory = -3 is not a positive"),
     ],
 )
 def test_check_refuses_impossible_shapes_and_says_where(shape: Shape, message: str) -> None:
@@ -91,6 +94,13 @@ def test_check_accepts_shares_whole_gpus_and_cores(shape: Shape) -> None:
         (Shape(gpus=0.333, cpus=2), "gpu", 3, "1/3 GPU, 2 cores"),
         (Shape(gpus=1), "gpu", 1, "1 GPU"),
         (Shape(gpus=2, fallback_cpus=8), "gpu", 1, "2 GPUs (or 8 cores without a GPU)"),
+        (AUTO, "gpu", 1, "auto-packed GPU"),
+        (
+            Shape(gpus=1.0, cpus=2, auto=True, gpu_memory_mib=10240),
+            "gpu",
+            1,
+            "auto-packed GPU (10240 MiB per trial), 2 cores",
+        ),
     ],
 )
 def test_kind_per_gpu_and_description(shape: Shape, kind: str, per_gpu: int, text: str) -> None:
@@ -216,6 +226,19 @@ def test_identical_resolved_shapes_share_their_slots() -> None:
     # A CPU shape without cpus takes the pool's threads_per_slot.
     assert pool.eligible[Shape()] == pool.eligible[Shape(cpus=2)] == ("cpu#0", "cpu#1")
     assert len(pool.slots) == 6
+
+
+def test_auto_studies_share_one_slot_per_gpu_that_holds_the_whole_gpu() -> None:
+    declared = Shape(gpus=1.0, cpus=2, auto=True, gpu_memory_mib=10240)
+    pool = plan_pool(machine(2, 8), PoolSpec(), [AUTO, declared, HALF])
+
+    assert pool.eligible[AUTO] == pool.eligible[declared] == ("gpu0#0", "gpu1#0")
+    assert pool.packed == ("gpu0#0", "gpu1#0")  # the slots auto packing grows
+    auto = slots_of(pool, AUTO)
+    assert [len(slot.cores) for slot in auto] == [2, 2]  # the most any auto study asks for
+    assert [pool.needs[slot.name] for slot in auto] == [{"gpu0": 1.0}, {"gpu1": 1.0}]
+    assert plan_pool(machine(2, 8), PoolSpec(), [AUTO]).packed == ("gpu0#0", "gpu1#0")
+    assert plan_pool(machine(2, 8), PoolSpec(), [HALF]).packed == ()
 
 
 def test_pool_gpus_limit_the_gpu_slots() -> None:
@@ -411,6 +434,25 @@ def test_thirds_add_up_to_one_gpu_despite_rounding() -> None:
         ledger.release(name)
     assert ledger.load("gpu0") == 0.0
     assert ledger.fits("gpu0")
+
+
+def test_a_gpus_auto_workers_hold_it_together_and_fixed_shares_wait_for_them() -> None:
+    pool = plan_pool(machine(1, 4), PoolSpec(), [AUTO, HALF])
+    ledger = Ledger(pool.needs)
+    ledger.add("gpu0#1", together_with="gpu0#0")  # auto packing adds workers to GPU 0
+    ledger.add("gpu0#2", together_with="gpu0#1")
+
+    ledger.claim("gpu0#1")
+    assert ledger.fits("gpu0#0") and ledger.fits("gpu0#2")  # any number of them at once
+    assert not ledger.fits("gpu0:2#0")  # but no fixed share beside them
+    ledger.claim("gpu0#0")
+    ledger.release("gpu0#1")
+    assert not ledger.fits("gpu0:2#0")
+    ledger.release("gpu0#0")
+    assert ledger.fits("gpu0:2#0") and ledger.load("gpu0:2#0") == 0.0
+
+    ledger.claim("gpu0:2#0")  # and the other way round
+    assert not any(ledger.fits(name) for name in ("gpu0#0", "gpu0#1", "gpu0#2"))
 
 
 def test_single_pool_slots_never_conflict() -> None:

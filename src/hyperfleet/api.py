@@ -216,7 +216,7 @@ def run_campaign(
     that joins is cut into slots as the file's ``[pool]`` says.
     """
     from hyperfleet.campaign import load_campaign
-    from hyperfleet.campaign_search import campaign_search, campaign_settings
+    from hyperfleet.campaign_search import campaign_packing, campaign_search, campaign_settings
 
     refuse_inside_a_worker("run_campaign")
     campaign = load_campaign(path)
@@ -241,9 +241,10 @@ def run_campaign(
     if cluster is None and inventory is None:
         inventory = detect_inventory()
     search = campaign_search(campaign, folder, inventory, sequential, force_refit)
+    packing = campaign_packing(campaign, search.pool, inventory)
     return run_search(
         search,
-        settings,
+        replace(settings, packing=packing),
         folder,
         Display(display),
         inventory_note=inventory.note if inventory is not None else "",

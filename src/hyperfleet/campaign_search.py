@@ -26,7 +26,9 @@ from hyperfleet.launch import Search
 from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target
 from hyperfleet.report.campaign import CAMPAIGN_ATTR
 from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, plan_pool
+from hyperfleet.resources.slots import packing_settings
 from hyperfleet.rundir import RunDir
 from hyperfleet.samplers import make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
@@ -89,6 +91,29 @@ def campaign_search(
     }
     in_order = campaign.settings.sequential if sequential is None else sequential
     return Search(plans, pool, refits, in_order, node_planner=planner)
+
+
+def campaign_packing(
+    campaign: Campaign, pool: Pool, inventory: Inventory | None
+) -> PackingSettings | None:
+    """How auto packing grows the GPUs of the studies whose slot says ``gpus = "auto"``.
+
+    Those studies share each GPU's workers, so a worker is added only when one more trial of
+    any of them fits: packed by the largest ``gpu_memory`` they declare, and, when some declare
+    none, by the most one trial was seen to hold too. None without such a study, and on many
+    machines (each node's GPUs keep one auto-packed worker)."""
+    if inventory is None or not pool.packed:
+        return None
+    auto = [study.shape for study in campaign.studies if study.shape.auto]
+    declared = [shape.gpu_memory_mib for shape in auto if shape.gpu_memory_mib is not None]
+    by_name = {slot.name: slot for slot in pool.slots}
+    return packing_settings(
+        inventory,
+        len(pool.slots),
+        [by_name[name] for name in pool.packed],
+        max(declared, default=None),
+        undeclared_too=len(declared) < len(auto),
+    )
 
 
 class _SharedStorage:

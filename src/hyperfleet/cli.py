@@ -213,6 +213,13 @@ def _add_agent(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="where each worker's own log goes (default ./hyperfleet-agent-logs)",
     )
     add(
+        "--work-dir",
+        type=Path,
+        default=Path("hyperfleet-agent-runs"),
+        help="where this node keeps its own run folder when it does not see the controller's "
+        "run directory (default ./hyperfleet-agent-runs)",
+    )
+    add(
         "--patience",
         default="60s",
         help="how long to keep trying to reach the controller at start (default 60s)",
@@ -227,7 +234,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     patience = parse_duration(args.patience, "patience") or 60.0
     ended_by = run_agent(
-        args.connect, read_token(args.token_file), args.node, args.log_dir, patience
+        args.connect, read_token(args.token_file), args.node, args.log_dir, patience, args.work_dir
     )
     if ended_by == "goodbye":
         return EXIT_OK
@@ -356,7 +363,8 @@ _WHERE_IN_A_CAMPAIGN = {
     "study_name": "as each [[study]]'s name",
     **{n: f"in [pool] ({n})" for n in POOL_KEYS},
     "gpus_per_trial": "as a study's slot (slot = { gpus = 2 })",
-    "gpu_memory": "nowhere yet: a campaign packs its GPUs by their readings; drop --gpu-memory",
+    "trials_per_gpu": 'in [pool] (trials_per_gpu), or as a study\'s slot = { gpus = "auto" }',
+    "gpu_memory": 'as a study\'s slot (slot = { gpus = "auto", gpu_memory = "10GiB" })',
 }
 
 

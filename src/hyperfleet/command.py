@@ -177,16 +177,11 @@ def placeholders(word: str) -> set[str]:
 
 def check_template(words: list[str], space: SearchSpace) -> None:
     """Every placeholder names a parameter, and every word renders with typical values."""
-    known = set(space.names) | RESERVED_NAMES
+    unknown = unknown_placeholder(words, set(space.names))
+    if unknown is not None:
+        raise ConfigError(f"the command {unknown}")
     conditional = space.conditional_names()
     for index, word in enumerate(words):
-        for field in placeholders(word):
-            if field not in known:
-                raise ConfigError(
-                    f"the command uses {{{field}}}, which is no parameter of the search space; "
-                    f"the placeholders it may use are {', '.join(sorted(known))} (write {{{{ and "
-                    "}} for literal braces)."
-                )
         previous = words[index - 1] if index else ""
         alone = placeholders(word)
         if (
@@ -203,6 +198,24 @@ def check_template(words: list[str], space: SearchSpace) -> None:
                 "leave out the option with its value."
             )
     _check_renders(words, space)
+
+
+def unknown_placeholder(
+    words: list[str], params: set[str], of: str = "the search space"
+) -> str | None:
+    """What is wrong with the first placeholder of ``words`` that names neither one of
+    ``params`` (those ``of``) nor a reserved name, said for the end of a sentence; None when
+    all are known."""
+    known = params | RESERVED_NAMES
+    for word in words:
+        for field in placeholders(word):
+            if field not in known:
+                return (
+                    f"uses {{{field}}}, which is no parameter of {of}; the "
+                    f"placeholders it may use are {', '.join(sorted(known))} (write {{{{ and "
+                    "}} for literal braces)."
+                )
+    return None
 
 
 def _check_renders(words: list[str], space: SearchSpace) -> None:

@@ -178,16 +178,11 @@ class CommandRefit:
 
 
 def _check_placeholders(words: list[str], params: dict[str, Any]) -> None:
-    from hyperfleet.command import placeholders
-    from hyperfleet.space import RESERVED_NAMES
+    from hyperfleet.command import unknown_placeholder
 
-    known = set(params) | RESERVED_NAMES
-    unknown = sorted({f for word in words for f in placeholders(word)} - known)
-    if unknown:
-        raise RefitError(
-            f"the refit command uses {{{unknown[0]}}}, which is no parameter of the best trial; "
-            f"its placeholders may be {', '.join(sorted(known))}"
-        )
+    unknown = unknown_placeholder(words, set(params), of="the best trial")
+    if unknown is not None:
+        raise RefitError(f"the refit command {unknown}")
 
 
 class RefitError(Exception):

@@ -82,6 +82,12 @@ class RunDir:
         return str(self._record["id"])
 
     @property
+    def kind(self) -> str | None:
+        """What made the directory, ``"study"`` or ``"campaign"``; None before its record."""
+        record = self._read_record()
+        return str(record.get("kind")) if record is not None else None
+
+    @property
     def marks(self) -> tuple[str, ...]:
         """Every mark this directory's controllers put on trials: its id, and ``host:path``,
         the mark of runs made before the directory had an id of its own."""

@@ -26,8 +26,8 @@ from hyperfleet.display.snapshot import STATUS_NAME
 from hyperfleet.errors import RunDirError
 from hyperfleet.report import tables
 from hyperfleet.report.best import best_trials
-from hyperfleet.report.campaign import StudyRow, study_rows, text_table
-from hyperfleet.rundir import JOURNAL_NAME, RECORD_NAME
+from hyperfleet.report.campaign import StudyRow, StudyTrials, read_trials, study_rows, text_table
+from hyperfleet.rundir import JOURNAL_NAME, RunDir
 from hyperfleet.storage import open_storage
 
 
@@ -93,7 +93,8 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     now = time.time()
     snapshot = run.snapshot
     alive = controller_alive(snapshot)
-    trials = [(s, t) for s in run.studies for t in s.get_trials(deepcopy=False)]
+    read = read_trials(run.studies)
+    trials = [(s, t) for s, study_trials in read for t in study_trials]
     return {
         "run_dir": str(run.path),
         "run_name": snapshot.get("run_name") if snapshot else run.path.name,
@@ -101,24 +102,25 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         "stopping": bool(snapshot.get("stopping")) if snapshot else False,
         "elapsed_s": _elapsed(snapshot, now, alive),
         "snapshot_age_s": now - float(snapshot["updated"]) if snapshot else None,
-        "studies": [_study_status(s) for s in run.studies],
-        "campaign_table": _campaign_table(run) if _is_campaign(run) else None,
+        "studies": [_study_status(s, study_trials) for s, study_trials in read],
+        "campaign_table": _campaign_table(read) if _is_campaign(run) else None,
         "running": [_running(s, t, now) for s, t in trials if t.state == TrialState.RUNNING],
         "slots": _slots(snapshot, now, alive) if snapshot else _slots_from_trials(trials),
     }
 
 
 def _is_campaign(run: RunData) -> bool:
+    if len(run.studies) > 1:
+        return True
     try:
-        record = json.loads((run.path / RECORD_NAME).read_text())
-    except (OSError, ValueError):
-        record = {}
-    return len(run.studies) > 1 or (isinstance(record, dict) and record.get("kind") == "campaign")
+        return RunDir(run.path).kind == "campaign"
+    except RunDirError:
+        return False  # an unreadable record: status still shows what the storage holds
 
 
-def _campaign_table(run: RunData) -> list[dict[str, Any]]:
+def _campaign_table(studies: list[StudyTrials]) -> list[dict[str, Any]]:
     """The studies side by side, as in the campaign's report and ``summary.md``."""
-    return [dataclasses.asdict(row) for row in study_rows(run.studies)]
+    return [dataclasses.asdict(row) for row in study_rows(studies)]
 
 
 def _elapsed(snapshot: dict[str, Any] | None, now: float, alive: bool) -> float | None:
@@ -128,10 +130,9 @@ def _elapsed(snapshot: dict[str, Any] | None, now: float, alive: bool) -> float 
     return end - float(snapshot["started"])
 
 
-def _study_status(study: optuna.Study) -> dict[str, Any]:
-    trials = study.get_trials(deepcopy=False)
+def _study_status(study: optuna.Study, trials: list[FrozenTrial]) -> dict[str, Any]:
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-    best = best_trials(study)
+    best = best_trials(study, trials)
     return {
         "name": study.study_name,
         "directions": [d.name.lower() for d in study.directions],

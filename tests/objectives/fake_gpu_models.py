@@ -28,8 +28,10 @@ def make_objective(
     return objective
 
 
-def make_sleeper(seconds: float) -> Callable[[optuna.Trial], float]:
-    """A trial that registers nothing: only a declared size (``gpu_memory``) can pack it."""
+def make_sleeper(seconds: float, load_seconds: float = 0.0) -> Callable[[optuna.Trial], float]:
+    """A trial that registers nothing: only a declared size (``gpu_memory``) can pack it.
+    ``load_seconds``: how long the objective takes to load (a data set), once per worker."""
+    time.sleep(load_seconds)
 
     def objective(trial: optuna.Trial) -> float:
         time.sleep(seconds)

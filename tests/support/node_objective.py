@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import optuna
 
@@ -11,7 +13,9 @@ import hyperfleet
 
 
 def where_it_runs(trial: optuna.Trial) -> float:
-    """Records, from inside the worker, its slot, node, GPUs and cores; naps a little."""
+    """Records, from inside the worker, its slot, node, GPUs and cores; naps a little, says
+    so on stdout and stderr and leaves a file in its folder. With $HYPERFLEET_TEST_CRASH_ONCE
+    naming a file not there yet, it makes that file and kills its worker instead."""
     x = trial.suggest_float("x", 0.0, 1.0)
     slot = hyperfleet.current_slot()
     trial.set_user_attr("slot", slot.name)
@@ -22,4 +26,12 @@ def where_it_runs(trial: optuna.Trial) -> float:
     trial.set_user_attr("affinity", sorted(os.sched_getaffinity(0)))
     trial.set_user_attr("slot_cores", list(slot.cores))
     time.sleep(float(os.environ.get("HYPERFLEET_TEST_NAP", "0.3")))  # the trial's own work
+    crash_once = os.environ.get("HYPERFLEET_TEST_CRASH_ONCE")
+    if crash_once and not os.path.exists(crash_once):
+        Path(crash_once).touch()
+        print(f"trial {trial.number} dies on {node}", file=sys.stderr, flush=True)
+        os._exit(3)  # the worker with it
+    print(f"trial {trial.number}: x={x!r}")  # the trial's logs, and a file of its own
+    print(f"trial {trial.number} ran on {node}", file=sys.stderr)
+    Path("model.txt").write_text(f"{x!r}\n")
     return x

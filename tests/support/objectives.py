@@ -1,4 +1,5 @@
-"""Objectives that fail in every way the issue lists, each only on trial 0.
+"""Objectives that fail in every way the issue lists, each only on trial 0 (or on the trial
+``fails_in_turn`` hands it).
 
 Before failing, each one starts a grandchild process (a sleeper whose command line holds the
 trial folder, so tests can find it) and writes a line to stderr, so tests can check that the
@@ -36,9 +37,12 @@ def _prepare_failure() -> None:
     print(STDERR_LINE, file=sys.stderr, flush=True)
 
 
+_failing_now = False  # set by fails_in_turn for the trial it hands to a failing objective
+
+
 def _fails(trial: optuna.Trial) -> bool:
     trial.suggest_float("x", 0.0, 1.0)
-    if trial.number != 0:
+    if trial.number != 0 and not _failing_now:
         return False
     _prepare_failure()
     return True
@@ -137,6 +141,17 @@ def runs_out_of_memory(trial: optuna.Trial) -> float:
             "13.20 GiB already allocated)"
         )
     return 1.0
+
+
+def fails_in_turn(trial: optuna.Trial) -> Any:
+    """Trial 2k fails as the objective named by the k-th name of $FAILURES (comma-separated)
+    fails on its trial 0; every odd trial returns what that objective returns after its
+    failure. One search then shows many failures, each followed by a trial on a fresh worker."""
+    global _failing_now
+    names = os.environ["FAILURES"].split(",")
+    index, after_failure = divmod(trial.number, 2)
+    _failing_now = not after_failure
+    return globals()[names[min(index, len(names) - 1)]](trial)
 
 
 def crashes_always(trial: optuna.Trial) -> float:

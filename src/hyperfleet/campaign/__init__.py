@@ -22,6 +22,7 @@ objective files a study names, without importing them)::
     args = { dataset = "{dataset}" }
     matrix = { dataset = ["iris", "wine"] }   # one study per combination
     n_trials = 40
+    slot = { gpus = "auto" }   # or gpu_memory = "10GiB": as many per GPU as fit (auto packing)
 
 Every mistake raises :class:`~hyperfleet.errors.ConfigError` starting with ``FILE:LINE:``,
 naming the table (``[[study]] #2 'xgb'``) and the key. TOML gives no positions, so the line is

@@ -56,7 +56,8 @@ def combinations(table: Table) -> Iterator[dict[str, Any]]:
 
 def expand(blueprint: Blueprint, values: dict[str, Any], index: int) -> StudySpec:
     table = blueprint.table
-    name = _name(blueprint, values)
+    template = _name_template(blueprint)
+    name = _name(blueprint, template, values)
     stage = string(table, "stage", '"{dataset}"')
     cmd = _command(table, "cmd", blueprint.space, values)
     refit_cmd = _command(table, "refit_cmd", blueprint.space, values)
@@ -71,16 +72,20 @@ def expand(blueprint: Blueprint, values: dict[str, Any], index: int) -> StudySpe
         stage="" if stage is None else _fill(table, "stage", stage, values),
         refit_cmd=refit_cmd,
         matrix_values=dict(values),
-        family=string(table, "name", '"xgb-{dataset}"') or blueprint.base_name,
+        family=template,
         # Each study gets its own copies: the runner may change one study's tables.
         **copy.deepcopy(blueprint.settings),
     )
 
 
-def _name(blueprint: Blueprint, values: dict[str, Any]) -> str:
+def _name_template(blueprint: Blueprint) -> str:
+    """The ``[[study]]``'s name before expansion ("xgb-{dataset}"), by default the base name."""
+    given = string(blueprint.table, "name", '"xgb-{dataset}"')
+    return given or blueprint.base_name
+
+
+def _name(blueprint: Blueprint, template: str, values: dict[str, Any]) -> str:
     table = blueprint.table
-    given = string(table, "name", '"xgb-{dataset}"')
-    template = blueprint.base_name if given is None else given
     name = _fill(table, "name", template, values)
     has_placeholder = any(
         f is not None for _, f, _, _ in _parse_placeholders(table, "name", template)

@@ -6,6 +6,7 @@ experiments, budget and slot shape; the ``[defaults]`` fill in the keys it lacks
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import shlex
@@ -27,7 +28,9 @@ from hyperfleet.campaign.source import (
     string,
     table_of_lists,
 )
+from hyperfleet.config import parse_memory
 from hyperfleet.errors import ConfigError, ObjectiveError
+from hyperfleet.resources.packing import AUTO
 from hyperfleet.resources.shapes import PoolSpec, Shape
 from hyperfleet.rundir import check_folder_name, folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS
@@ -58,7 +61,7 @@ STUDY_KEYS = (
     "refit",
     "refit_cmd",
 )
-SLOT_KEYS = ("gpus", "cpus", "fallback_cpus")
+SLOT_KEYS = ("gpus", "cpus", "fallback_cpus", "gpu_memory")
 EXPERIMENT_KEYS = ("name", "params")
 DIRECTIONS = ("minimize", "maximize")
 # A study that sets a key of one side hides the [defaults] keys of the other side, so that
@@ -377,7 +380,7 @@ def _shape(table: Table, pool: PoolSpec) -> Shape:
     # Shape.check knows which shares, GPU counts and core counts a machine can grant, and
     # reports values of the wrong type too.
     shape.check(f"{table.source.file}:{table.line('slot')}: {table.label}, key 'slot'")
-    return Shape(gpus=float(shape.gpus), cpus=shape.cpus, fallback_cpus=shape.fallback_cpus)
+    return dataclasses.replace(shape, gpus=float(shape.gpus))
 
 
 def _shape_table(table: Table, value: Mapping[str, Any]) -> Shape:
@@ -388,9 +391,59 @@ def _shape_table(table: Table, value: Mapping[str, Any]) -> Shape:
             table.fail(
                 "slot", f"unknown key {key!r}; {hint}a slot table takes {', '.join(SLOT_KEYS)}."
             )
+    memory = _gpu_memory(table, value)
+    gpus = value.get("gpus")
+    # { gpu_memory = "10GiB" } alone (or with fallback_cpus) means gpus = "auto"; with cpus and
+    # no gpus it is a CPU trial, as { cpus = 4 } is, and refused below.
+    implied = gpus is None and memory is not None and _is_gpu_table(value)
+    if _is_auto(gpus) or implied:
+        return Shape(
+            gpus=1.0,
+            cpus=value.get("cpus"),
+            fallback_cpus=value.get("fallback_cpus"),
+            auto=True,
+            gpu_memory_mib=memory,
+        )
+    if memory is not None:
+        _refuse_memory_with_fixed_gpus(table, value)
     # Raw values: _shape has them checked by Shape.check.
     return Shape(
-        gpus=value.get("gpus", 0.0),
+        gpus=0.0 if gpus is None else gpus,
         cpus=value.get("cpus"),
         fallback_cpus=value.get("fallback_cpus"),
+    )
+
+
+def _is_gpu_table(value: Mapping[str, Any]) -> bool:
+    """Whether a slot table without gpus describes a GPU trial: not when it sets only cpus."""
+    return "cpus" not in value or "fallback_cpus" in value
+
+
+def _is_auto(gpus: Any) -> bool:
+    return isinstance(gpus, str) and gpus.strip().lower() == AUTO
+
+
+def _gpu_memory(table: Table, value: Mapping[str, Any]) -> int | None:
+    """What one trial takes on its GPU (``gpu_memory = "10GiB"``), in MiB; None when not set."""
+    try:
+        return parse_memory(value.get("gpu_memory"), "gpu_memory")
+    except ConfigError as exc:
+        table.fail("slot", str(exc))
+
+
+def _refuse_memory_with_fixed_gpus(table: Table, value: Mapping[str, Any]) -> None:
+    """gpu_memory packs trials by their memory: it goes with gpus = "auto" (or no gpus) only."""
+    gpus = value.get("gpus")
+    if gpus is None or gpus == 0:
+        table.fail(
+            "slot",
+            "gpu_memory is set on a CPU trial (the slot asks for no GPU); it says what one "
+            'trial takes on its GPU. Add gpus = "auto" to run the study on GPUs packed by '
+            "that amount, or remove gpu_memory.",
+        )
+    table.fail(
+        "slot",
+        f"gpu_memory is set but gpus = {gpus!r} fixes what each trial gets; auto packing "
+        'packs trials by gpu_memory on one GPU each: write gpus = "auto" (or leave gpus out), '
+        "or remove gpu_memory.",
     )

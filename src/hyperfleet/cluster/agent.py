@@ -6,6 +6,9 @@ local controller would. One thread relays: the controller's messages to the work
 workers' messages to the controller, each worker's death to the controller. When the controller
 is gone (its connection closes, or it is silent for the node timeout it set) the agent kills
 every worker and what they started, and exits: no process outlives its run on any node.
+
+A node that does not see the controller's run directory runs its trials in a run folder of its
+own and sends each trial's logs back (see :mod:`hyperfleet.cluster.trialfiles`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ from hyperfleet.cluster.messages import (
     WorkerStarted,
     valid_node_name,
 )
+from hyperfleet.cluster.trialfiles import (
+    TRIAL_ENDED,
+    TRIAL_STARTED,
+    NodeRunFolder,
+    collect_logs,
+    run_folder_note,
+)
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.errors import HyperfleetError, NodeError
 from hyperfleet.resources.inventory import detect_inventory
@@ -44,11 +54,21 @@ from hyperfleet.rundir import RunDir
 
 
 class Agent:
-    def __init__(self, conn: Connection, welcome: Welcome, log_dir: Path) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        welcome: Welcome,
+        log_dir: Path,
+        node: str,
+        folder: NodeRunFolder | None,
+    ) -> None:
         self._conn = conn
         self._heartbeat, self._timeout = welcome.heartbeat, welcome.node_timeout
         self._log_dir = log_dir
+        self._node = node
+        self._folder = folder  # None when this node shares the controller's run directory
         self._workers: dict[int, WorkerHandle] = {}
+        self._trials: dict[int, str] = {}  # worker -> its trial's folder, on a node's own folder
         self._last_heard = self._last_sent = time.monotonic()
         self._stopping: list[threading.Thread] = []
         self.ended_by = ""  # why the agent stopped: "goodbye" or what went wrong
@@ -126,25 +146,46 @@ class Agent:
             self.stop(f"the controller refused this node: {message.reason}")
 
     def _start(self, message: StartWorker) -> None:
-        # The controller's run directory when this node shares it, else the agent's own.
-        cwd = Path(message.cwd) if Path(message.cwd).is_dir() else Path.cwd()
-        worker = WorkerHandle(message.slot, message.specs, self._log_dir, cwd)
+        if self._folder is None:
+            worker = WorkerHandle(message.slot, message.specs, self._log_dir, Path(message.cwd))
+        else:
+            worker = WorkerHandle(
+                message.slot,
+                message.specs,
+                self._log_dir,
+                Path(self._folder.local),
+                self._folder.to_env(),
+            )
         self._workers[message.worker] = worker
         self._send(WorkerStarted(message.worker, worker.pid))
 
     def _from_worker(self, wid: int, worker: WorkerHandle) -> None:
         try:
             while worker.conn.poll():
-                self._send(Relay(wid, worker.conn.recv_bytes()))
+                payload = worker.conn.recv_bytes()
+                if self._folder is not None and payload.startswith(TRIAL_STARTED):
+                    self._trials[wid] = payload[len(TRIAL_STARTED) :].decode()
+                elif self._folder is not None and payload == TRIAL_ENDED:
+                    self._send_logs(wid)  # before the result, which follows
+                else:
+                    self._send(Relay(wid, payload))
         except (EOFError, OSError):
             pass
         if worker.has_exited():
             kind, reason = worker.exit_description()
+            self._send_logs(wid)  # what a trial wrote before its worker died tells why
             self._send(WorkerExited(wid, kind, reason))
             self._stop_worker(wid)
 
+    def _send_logs(self, wid: int) -> None:
+        """The logs of the worker's trial, from this node's own run folder to the controller."""
+        folder = self._trials.pop(wid, None)
+        if folder is not None and self._folder is not None:
+            self._send(collect_logs(Path(self._folder.local), folder, self._node))
+
     def _stop_worker(self, wid: int) -> None:
         """Kill the worker and all it started, in the background: the relay waits for no one."""
+        self._send_logs(wid)  # a trial the controller ended (its timeout): its logs so far
         worker = self._workers.pop(wid, None)
         if worker is None:
             return
@@ -156,9 +197,17 @@ class Agent:
 
 
 def run_agent(
-    connect_to: str, token: bytes, node: str | None, log_dir: Path, patience: float
+    connect_to: str,
+    token: bytes,
+    node: str | None,
+    log_dir: Path,
+    patience: float,
+    work_dir: Path = Path("hyperfleet-agent-runs"),
 ) -> str:
-    """Serve one controller until it ends the run; returns why the agent stopped."""
+    """Serve one controller until it ends the run; returns why the agent stopped.
+
+    ``work_dir`` holds the node's own run folders, used when the node does not see the
+    controller's run directory."""
     # SLURM may run several slurmd on one host, each with a node name of its own.
     name = node or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
     if not valid_node_name(name):
@@ -171,9 +220,12 @@ def run_agent(
     welcome = conn.recv()
     if isinstance(welcome, Refused):
         raise NodeError(f"the controller refused node {name}: {welcome.reason}")
-    conn.send(Joined(shares_run_dir(welcome)))
+    folder = None if shares_run_dir(welcome) else own_run_folder(welcome, work_dir)
+    conn.send(Joined(folder is None, folder.local if folder is not None else ""))
+    note = run_folder_note(name, folder)
+    print(f"hyperfleet agent {name}: joined {connect_to}; {note}", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    agent = Agent(conn, welcome, log_dir)
+    agent = Agent(conn, welcome, log_dir, name, folder)
     with _stop_on_signals(agent):
         agent.run()
     return agent.ended_by
@@ -186,6 +238,21 @@ def shares_run_dir(welcome: Welcome) -> bool:
         return RunDir(welcome.run_dir).identity == welcome.run_id
     except (HyperfleetError, OSError):
         return False
+
+
+def own_run_folder(welcome: Welcome, work_dir: Path) -> NodeRunFolder:
+    """This node's folder in place of the controller's run directory: named after it and its
+    id, so the same run resumed finds it again and two runs never share one."""
+    local = (work_dir / f"{Path(welcome.run_dir).name}-{welcome.run_id[:8]}").absolute()
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NodeError(
+            f"this node does not see the run directory {welcome.run_dir} and cannot make its "
+            f"own run folder {local} ({exc.strerror}); pass --work-dir with a folder it may "
+            "write"
+        ) from exc
+    return NodeRunFolder(welcome.run_dir, str(local))
 
 
 @contextlib.contextmanager

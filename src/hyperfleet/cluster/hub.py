@@ -1,23 +1,31 @@
 """The controller's side of many machines: it listens for agents and keeps one link per node.
 
-Each link has a reader thread that forwards every worker message into that worker's local
-connection (see :mod:`hyperfleet.cluster.remote`) and notes when it last heard the node. A
-node is lost when its connection closes or when it has been silent for ``node_timeout``
-seconds (it sends a heartbeat every ``heartbeat`` seconds, and so does the controller). A lost
-node's workers end with the kind ``lost``; the loop hears of nodes joining and leaving through
-:meth:`NodeHub.take_events`, after being woken. A node that connects again is a new link with
-new workers: the old link's threads forward nothing once it is lost, so nothing late from it
-reaches a trial.
+The loop waits on every link's connection with its workers' and reads what arrives
+(:meth:`NodeHub.pump`): each worker message goes into that worker's inbox (see
+:mod:`hyperfleet.cluster.remote`), and the link notes when it last heard the node. A node is
+lost when its connection closes or when it has been silent for ``node_timeout`` seconds (it
+sends a heartbeat every ``heartbeat`` seconds, and so does the controller's heartbeat thread,
+which also finds the silent ones). A lost node's workers end with the kind ``lost``; the loop
+hears of nodes joining and leaving through :meth:`NodeHub.take_events`, after being woken. A
+node that connects again is a new link with new workers: a lost link is read no more, so
+nothing late from it reaches a trial.
+
+A node that does not see the run directory sends each trial's logs; the loop hands them to
+the controller's file writer, ahead of the trial's result (see
+:mod:`hyperfleet.cluster.trialfiles`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -44,6 +52,14 @@ from hyperfleet.cluster.messages import (
     valid_node_name,
 )
 from hyperfleet.cluster.remote import RemoteWorker
+from hyperfleet.cluster.trialfiles import (
+    NodeRunFolder,
+    TrialLogs,
+    run_folder_note,
+    trial_folder,
+    write_logs,
+)
+from hyperfleet.controller.files import FileWriter
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -89,6 +105,7 @@ class NodeLink:
 
     def __init__(self, conn: Connection, node: str, where: str, hub: NodeHub) -> None:
         self.node, self.where = node, where
+        self.own_folder = ""  # the node's own run folder, when it does not see the run's
         self._conn = conn
         self._hub = hub
         self._send_lock = threading.Lock()
@@ -96,12 +113,16 @@ class NodeLink:
         self._workers_lock = threading.Lock()
         self.alive = True
         self.lost_reason = ""
-        self._thread = threading.Thread(
-            target=self._read, name=f"hyperfleet-node-{node}", daemon=True
-        )
+        self.last_heard = time.monotonic()
+        self.joined = False  # set once the node answered the welcome: then it is read
+        # The heartbeat thread looks at the descriptor while the loop may close it: never a
+        # look at a number that was closed (and maybe reused) meanwhile.
+        self._fd_lock = threading.Lock()
+        self._closed = False
 
-    def start(self) -> None:
-        self._thread.start()
+    @property
+    def conn(self) -> Connection:
+        return self._conn
 
     def send(self, message: Any) -> None:
         """Best effort: a send to a lost node is dropped (its workers end as lost anyway)."""
@@ -152,39 +173,52 @@ class NodeLink:
         self._hang_up()
 
     def _hang_up(self) -> None:
-        """The node hears EOF. The descriptor itself is closed by the reader thread once it
-        sees that (or here, when it never started): closing it under a thread that waits on it
-        could hand its number to a new socket the thread would then read."""
+        """The node hears EOF, and the loop, waiting on the connection, wakes to read it. The
+        descriptor itself is closed by the loop (:meth:`close`): closing it under a wait could
+        hand its number to a new socket the wait would then watch."""
         # Not under the send lock: a send stuck on a silent node's full buffer returns then.
-        with (
-            contextlib.suppress(OSError, ValueError),
-            socket.socket(fileno=os.dup(self._conn.fileno())) as sock,
-        ):
-            sock.shutdown(socket.SHUT_RDWR)
-        if not self._thread.is_alive():
-            self._close()
+        with self._fd_lock, contextlib.suppress(OSError, ValueError):
+            if not self._closed:
+                with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
 
-    def _close(self) -> None:
-        with self._send_lock, contextlib.suppress(OSError):
+    def close(self) -> None:
+        """Called by the loop once the link is lost or said goodbye."""
+        with self._fd_lock, self._send_lock, contextlib.suppress(OSError):
+            self._closed = True
             self._conn.close()
+
+    def silent(self, timeout: float) -> bool:
+        """Heard nothing for ``timeout`` s, not even what waits unread (the loop may be busy)."""
+        if time.monotonic() - self.last_heard < timeout:
+            return False
+        with self._fd_lock:
+            if self._closed:
+                return False
+            with contextlib.suppress(OSError, ValueError):
+                readable, _, _ = select.select([self._conn.fileno()], [], [], 0)
+                return not readable
+        return False
+
+    def run_folder_note(self) -> str:
+        """Where this node's trial folders are, in one line."""
+        own = NodeRunFolder(str(self._hub.run_dir), self.own_folder) if self.own_folder else None
+        return run_folder_note(self.node, own)
 
     def _lost_text(self) -> str:
         return f"lost: node {self.node} {self.lost_reason}"
 
-    def _read(self) -> None:
-        timeout = self._hub.settings.node_timeout
+    def pump(self) -> None:
+        """Read everything the node has sent (the loop calls this when it is readable)."""
         try:
-            while self.alive:
-                if not self._conn.poll(timeout):
-                    self.lose(f"sent no heartbeat for {timeout:g}s")
-                    return
-                self._handle(self._conn.recv())
+            while self.alive and self._conn.poll():
+                message = self._conn.recv()
+                self.last_heard = time.monotonic()
+                self._handle(message)
         except (EOFError, OSError, ValueError):
             self.lose("closed its connection")
         except Exception as exc:  # a message that cannot be unpickled here: the node is broken
             self.lose(f"sent what cannot be read ({type(exc).__name__}: {exc})")
-        finally:
-            self._close()
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Relay):
@@ -200,6 +234,8 @@ class NodeLink:
                 worker = self._workers.pop(message.worker, None)
             if worker is not None:
                 worker.end(message.kind, message.reason)
+        elif isinstance(message, TrialLogs):
+            self._hub.write_logs(message)
 
 
 class NodeHub:
@@ -207,13 +243,20 @@ class NodeHub:
     loop; the loop alone changes the pool."""
 
     def __init__(
-        self, settings: ClusterSettings, run_dir: Path, run_id: str, wake: Callable[[], None]
+        self,
+        settings: ClusterSettings,
+        run_dir: Path,
+        run_id: str,
+        wake: Callable[[], None],
+        files: FileWriter,
     ) -> None:
         self.settings = settings
-        self._run_dir, self._run_id = run_dir, run_id
+        self.run_dir, self._run_id = run_dir, run_id
+        self._files = files  # the controller's file writer: nodes' trial logs go through it
         self._wake = wake
         self._events: queue.SimpleQueue[NodeEvent] = queue.SimpleQueue()
         self._links: dict[str, NodeLink] = {}
+        self._reading: list[NodeLink] = []  # joined and not lost: the loop's alone
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = threading.Event()
@@ -239,11 +282,29 @@ class NodeHub:
         self._wake()
 
     def take_events(self) -> list[NodeEvent]:
+        """What happened since the last call (the loop's thread): a joined link is read from
+        now on, a lost one is read no more and closed."""
         events = []
         with contextlib.suppress(queue.Empty):
             while True:
                 events.append(self._events.get_nowait())
+        for event in events:
+            if isinstance(event, NodeJoined) and event.link.alive:
+                self._reading.append(event.link)
+            elif isinstance(event, NodeLeft):
+                if event.link in self._reading:
+                    self._reading.remove(event.link)
+                event.link.close()
         return events
+
+    def waitables(self) -> list[Connection]:
+        return [link.conn for link in self._reading]
+
+    def pump(self, ready: list[Any]) -> None:
+        """Read the links that have something to read; their workers' messages go to inboxes."""
+        for link in self._reading:
+            if link.conn in ready:
+                link.pump()
 
     def start_message(self) -> str:
         """Where the controller listens, and who starts the agents."""
@@ -274,6 +335,7 @@ class NodeHub:
             self._links.clear()
         for link in links:
             link.say_goodbye()
+            link.close()
         self._beats.join(timeout=2.0)
         if self._launcher is not None:
             self._launcher.close()
@@ -298,26 +360,30 @@ class NodeHub:
             Welcome(
                 self.settings.heartbeat,
                 self.settings.node_timeout,
-                str(self._run_dir),
+                str(self.run_dir),
                 self._run_id,
             )
         )
         joined = conn.recv() if conn.poll(HANDSHAKE_SECONDS) else None
-        if not isinstance(joined, Joined) or not joined.shares_run_dir:
-            why = (
-                f"node {first.node} does not see the run directory {self._run_dir}: its "
-                "trials write their folders there, so put it on a disk every node shares (NFS, "
-                "Lustre) at the same path"
-                if isinstance(joined, Joined)
-                else f"node {first.node} did not answer the welcome"
-            )
+        if not isinstance(joined, Joined):
+            why = f"node {first.node} did not answer the welcome"
             link.send(Refused(why))
             self.forget(link)
             link.say_goodbye()
+            link.close()
             self.post(Refusal(where, why))
             return
+        if not joined.shares_run_dir:
+            link.own_folder = joined.local_run_dir
+        link.joined = True
         self.post(NodeJoined(link, first.inventory))
-        link.start()
+
+    def write_logs(self, logs: TrialLogs) -> None:
+        """Queue a node's trial logs for the file writer; what is not a trial's log is dropped
+        (the node is authenticated, but its paths never leave the run directory)."""
+        folder = trial_folder(self.run_dir, logs)
+        if folder is not None:
+            self._files.queue(functools.partial(write_logs, folder, logs.logs))
 
     def _on_refused(self, where: str, reason: str) -> None:
         self.post(Refusal(where, reason))
@@ -328,11 +394,22 @@ class NodeHub:
                 del self._links[link.node]
 
     def _beat(self) -> None:
-        while not self._closed.wait(self.settings.heartbeat):
+        """Send heartbeats, and lose the nodes that have gone silent. Silence is looked for a
+        few times per timeout, so a node is lost at most a quarter of it late."""
+        timeout, every = self.settings.node_timeout, self.settings.heartbeat
+        check = min(every, timeout / 4)
+        next_beat = time.monotonic() + every
+        while not self._closed.wait(check):
             with self._lock:
-                links = list(self._links.values())
+                links = [link for link in self._links.values() if link.joined]
+            beat = time.monotonic() >= next_beat
+            if beat:
+                next_beat += every
             for link in links:
-                link.send(Beat())
+                if link.silent(timeout):
+                    link.lose(f"sent no heartbeat for {timeout:g}s")
+                elif beat:
+                    link.send(Beat())
 
 
 class Launcher(Protocol):

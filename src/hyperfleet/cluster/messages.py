@@ -42,9 +42,10 @@ class Welcome:
 @dataclass(frozen=True)
 class Joined:
     """The agent's answer to the welcome: whether this node sees the controller's run
-    directory (a disk both share), where its trials must write their folders."""
+    directory (a disk both share); if not, the node's own folder its trials run in."""
 
     shares_run_dir: bool
+    local_run_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class StartWorker:
     worker: int  # the id every later message about this worker carries
     slot: Slot
     specs: dict[str, ObjectiveSpec]
-    cwd: str  # the controller's run directory; the agent's own folder if this node lacks it
+    cwd: str  # the controller's run directory (a node without it uses its own folder)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,11 @@ def agent_task(connect_to: str, token: str, node: str) -> str:
 
     from hyperfleet.cluster.agent import run_agent
 
-    # A Ray worker's working folder is Ray's, not the user's: worker logs go to the node's
-    # temporary folder.
-    logs = Path(tempfile.gettempdir()) / "hyperfleet-agent-logs"
-    return run_agent(connect_to, token.encode(), node, logs, 60.0)
+    # A Ray worker's working folder is Ray's, not the user's: worker logs, and the node's own
+    # run folders when it does not see the run directory, go to the node's temporary folder.
+    temporary = Path(tempfile.gettempdir())
+    logs, work = temporary / "hyperfleet-agent-logs", temporary / "hyperfleet-agent-runs"
+    return run_agent(connect_to, token.encode(), node, logs, 60.0, work)
 
 
 class RayLauncher:

@@ -1,21 +1,21 @@
 """A worker on another node, as the controller's loop sees it: the same face as a local
 :class:`~hyperfleet.controller.workers.WorkerHandle`.
 
-Its connection is one end of a local socket pair. The node's reader thread writes the worker's
-messages into the other end, so the loop waits on it like any worker's; what the loop sends
-goes straight to the node's connection. When the worker dies on its node, or the node is lost,
-the reader thread records why and closes the other end: the loop reads EOF and handles the
-worker's exit as it handles a local one.
+The loop itself reads the node's connection (see :mod:`hyperfleet.cluster.hub`) and puts each
+of the worker's messages in its inbox, which the loop then drains as it drains a local worker's
+connection; what the loop sends goes straight to the node's connection. When the worker dies
+on its node, or the node is lost, the inbox ends: the loop reads EOF after the last message and
+handles the worker's exit as it handles a local one. No thread and no socket per worker: at
+hundreds of remote slots, handing each message from a reader thread to the loop through a
+socket cost more than the loop's own work on it (each hand-over waits for the other thread to
+let go of the interpreter lock).
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import socket
-import threading
+from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -27,15 +27,37 @@ from hyperfleet.resources.slots import Slot
 Forward = Callable[[int, bytes], None]
 
 
-class RelayConnection(Connection):
-    """Reads what the reader thread wrote; sends by handing the pickled message to ``forward``."""
+class Inbox:
+    """A remote worker's connection: what its node delivered, in order, until it ended;
+    sending hands the pickled message to ``forward``."""
 
-    def __init__(self, handle: int, worker: int, forward: Forward) -> None:
-        super().__init__(handle)
+    def __init__(self, worker: int, forward: Forward) -> None:
         self._worker, self._forward = worker, forward
+        self._messages: deque[bytes] = deque()
+        self._ended = False
+
+    def deliver(self, payload: bytes) -> None:
+        if not self._ended:
+            self._messages.append(payload)
+
+    def end(self) -> None:
+        self._ended = True
+
+    def poll(self) -> bool:
+        """Is there something to read: a message, or the end?"""
+        return bool(self._messages) or self._ended
+
+    def recv(self) -> Any:
+        if self._messages:
+            return ForkingPickler.loads(self._messages.popleft())
+        raise EOFError
 
     def send(self, obj: Any) -> None:
         self._forward(self._worker, bytes(ForkingPickler.dumps(obj)))
+
+    def close(self) -> None:
+        self._messages.clear()
+        self._ended = True
 
 
 class RemoteWorker(ObjectiveLoading):
@@ -57,35 +79,29 @@ class RemoteWorker(ObjectiveLoading):
         self.pid = 0  # the worker's pid on its node, once the agent says it started
         self._command = command  # sends a message about this worker to its agent
         self._forget = forget  # its node no longer reports about it
-        mine, theirs = socket.socketpair()
-        self.conn = RelayConnection(mine.detach(), worker, forward)
-        self._inbox: Connection | None = Connection(theirs.detach())
+        self.conn: Inbox = Inbox(worker, forward)
         self._exit: tuple[str, str] | None = None
-        # The reader thread writes into the inbox while the loop may close it: never a write
-        # to a descriptor number that was closed (and maybe reused) meanwhile.
-        self._inbox_lock = threading.Lock()
 
-    # ----- called by the node's reader thread ----------------------------------------------
+    # ----- called by the node's link ---------------------------------------------------------
 
     def deliver(self, payload: bytes) -> None:
-        with self._inbox_lock:
-            if self._inbox is not None:
-                with contextlib.suppress(OSError):
-                    self._inbox.send_bytes(payload)
+        self.conn.deliver(payload)
 
     def end(self, kind: str, reason: str) -> None:
-        """The worker is gone: say why, then close its connection so the loop notices."""
-        with self._inbox_lock:
-            if self._exit is None:
-                self._exit = (kind, reason)
-            if self._inbox is not None:
-                self._inbox.close()
-                self._inbox = None
+        """The worker is gone: say why, then end its inbox so the loop notices. Also called
+        from the thread that finds a node silent, or from the engine's: setting two fields
+        needs no lock."""
+        if self._exit is None:
+            self._exit = (kind, reason)
+        self.conn.end()
 
     # ----- the face of a WorkerHandle -------------------------------------------------------
 
     def waitables(self) -> list[object]:
-        return [self.conn]
+        return []  # the loop waits on the node's connection instead
+
+    def has_news(self) -> bool:
+        return self.conn.poll()
 
     def has_exited(self) -> bool:
         return self._exit is not None
@@ -119,5 +135,4 @@ class RemoteWorker(ObjectiveLoading):
         self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.close()
+        self.conn.close()

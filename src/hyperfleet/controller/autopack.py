@@ -40,6 +40,11 @@ class AutoPack:
         slot = self._by_name.get(name)
         return slot.gpus[0] if slot is not None else None
 
+    def costs(self) -> dict[str, float]:
+        """What a trial on each live worker holds, for fair shares: 1/n of its GPU when n
+        workers share it (a campaign's auto studies share them with its other studies)."""
+        return {slot.name: 1 / len(live) for live in self._live.values() for slot in live}
+
     # ----- what happened ----------------------------------------------------------------
 
     def ready(self, name: str, now: float) -> None:

@@ -28,6 +28,10 @@ class FileWriter:
         self.raise_failure()
         self._jobs.put(job)
 
+    def queue(self, job: Callable[[], None]) -> None:
+        """``submit`` for other threads: a failure is left for the controller's thread."""
+        self._jobs.put(job)
+
     def drain(self) -> None:
         """Wait until every job submitted so far has run; raise the first one's error."""
         self._jobs.join()

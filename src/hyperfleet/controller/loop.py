@@ -220,7 +220,8 @@ class Controller:
         self._suggestions = Suggestions(self._wake)
         self._monitor = GpuMonitor(_gpus_of(self._slots))
         packing = settings.packing
-        self._autopack = AutoPack(self._slots, packing) if packing is not None else None
+        packed = [slot for slot in self._slots if slot.name in pool.packed]
+        self._autopack = AutoPack(packed, packing) if packing is not None else None
         self._cpu: dict[str, psutil.Process] = {}
         # What users and workers see of the storage's new records waits for them to be durable:
         # one commit per loop step, then these run in order (see _flush).
@@ -460,6 +461,8 @@ class Controller:
 
     def _step(self, timeout: float) -> None:
         waitables: list[Any] = [self._wake_r]
+        if self._hub is not None:
+            waitables.extend(self._hub.waitables())
         for worker in self._workers.values():
             waitables.extend(worker.waitables())
         ready = wait(waitables, timeout=timeout)
@@ -467,8 +470,10 @@ class Controller:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
             self._take_node_events()
+        if self._hub is not None:
+            self._hub.pump(ready)  # remote workers' messages into their inboxes
         for name, worker in list(self._workers.items()):
-            if worker.conn in ready:
+            if worker.conn in ready or worker.has_news():
                 self._drain(name, worker)
             if self._workers.get(name) is worker and worker.has_exited():
                 self._drain(name, worker)
@@ -524,19 +529,20 @@ class Controller:
     def _idle_slots(self) -> tuple[list[str], list[str]]:
         """Idle slots with a ready worker: those whose resources are free, fullest GPU first
         (packing), and those that wait for running trials to give some back, nearest first."""
-        order = {slot.name: i for i, slot in enumerate(self._slots)}
         idle = [
-            name
-            for name, worker in self._workers.items()
-            if worker.ready
+            slot.name
+            for slot in self._slots
+            if (worker := self._workers.get(slot.name)) is not None
+            and worker.ready
             and worker.loading is None
-            and name not in self._active
-            and name not in self._sampling
+            and slot.name not in self._active
+            and slot.name not in self._sampling
         ]
         free = [name for name in idle if self._ledger.fits(name)]
         blocked = [name for name in idle if not self._ledger.fits(name)]
-        free.sort(key=lambda name: (-self._ledger.load(name), order[name]))
-        blocked.sort(key=lambda name: (self._ledger.load(name), order[name]))
+        # Sorting is stable: equal loads keep the slots' order.
+        free.sort(key=lambda name: -self._ledger.load(name))
+        blocked.sort(key=self._ledger.load)
         return free, blocked
 
     def _launch_on_free_slots(self) -> None:
@@ -1118,6 +1124,8 @@ class Controller:
         changes = self._autopack.tick(self.state.gpus, pids, set(self._active), time.monotonic())
         for change in changes:
             self._apply(change)
+        if changes:  # a GPU's auto-packed trials share it: each holds 1/n of it
+            self._cost.update(self._autopack.costs())
         self._announce_packing()
 
     def _apply(self, change: Change) -> None:
@@ -1128,11 +1136,11 @@ class Controller:
                 self._park(slot.name, worker, graceful=True)
             return
         if all(s.name != slot.name for s in self._slots):  # new, not one retired before
+            first = f"gpu{slot.gpus[0]}#0"
             self._slots.append(slot)
-            self._ledger.add(slot.name)
+            self._ledger.add(slot.name, together_with=first)  # the GPU's workers hold it as one
             self._cost[slot.name] = _slot_cost(slot)
             self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
-            first = f"gpu{slot.gpus[0]}#0"
             for run in self._runs.values():
                 if first in run.plan.slots:
                     run.plan = replace(run.plan, slots=(*run.plan.slots, slot.name))
@@ -1205,7 +1213,9 @@ class Controller:
         """With a cluster, wait for agents; say where, and how to start one."""
         if self._cluster is None:
             return
-        self._hub = NodeHub(self._cluster, self._run_dir.path, self._run_dir.identity, self._wake)
+        self._hub = NodeHub(
+            self._cluster, self._run_dir.path, self._run_dir.identity, self._wake, self._files
+        )
         self.announce(self._hub.start_message())
 
     def _wake(self) -> None:
@@ -1259,7 +1269,7 @@ class Controller:
         gpus = len({gpu for slot in slots for gpu in slot.gpus})
         self.announce(
             f"node {link.node} joined from {link.where}: {len(slots)} slots, {gpus} GPUs, "
-            f"{len(joined.inventory.cores)} cores; it shares the run directory"
+            f"{len(joined.inventory.cores)} cores; {link.run_folder_note()}"
         )
 
     def _drop_node_slots(self, node: str) -> None:

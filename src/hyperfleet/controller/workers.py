@@ -18,9 +18,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any, Protocol
 
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers import descendants
@@ -30,11 +31,24 @@ from hyperfleet.workers.protocol import Load, ObjectiveSpec, Release, Shutdown, 
 SHUTDOWN_SECONDS = 2.0
 
 
+class MessageConnection(Protocol):
+    """What the loop reads a worker's messages from and sends it messages through: a pipe to a
+    local worker, an inbox for a remote one."""
+
+    def poll(self) -> bool: ...
+
+    def recv(self) -> Any: ...
+
+    def send(self, obj: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ObjectiveLoading:
     """Which studies' objectives a worker holds, as the controller asked: the same for a
     worker here and one on another node (whose ``conn`` relays to it)."""
 
-    conn: Connection
+    conn: MessageConnection
 
     def __init__(self) -> None:
         self.loaded: set[str] = set()  # the studies whose objective this worker holds
@@ -54,7 +68,12 @@ class ObjectiveLoading:
 
 class WorkerHandle(ObjectiveLoading):
     def __init__(
-        self, slot: Slot, specs: dict[str, ObjectiveSpec], log_dir: Path, cwd: Path
+        self,
+        slot: Slot,
+        specs: dict[str, ObjectiveSpec],
+        log_dir: Path,
+        cwd: Path,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.slot = slot
@@ -77,7 +96,12 @@ class WorkerHandle(ObjectiveLoading):
                     str(child_sock.fileno()),
                     str(lifeline_read),
                 ],
-                env={**os.environ, **slot.environment(), descendants.MARKER_ENV: self.marker},
+                env={
+                    **os.environ,
+                    **(extra_env or {}),
+                    **slot.environment(),
+                    descendants.MARKER_ENV: self.marker,
+                },
                 pass_fds=(child_sock.fileno(), lifeline_read),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
@@ -89,7 +113,7 @@ class WorkerHandle(ObjectiveLoading):
             log.close()
             child_sock.close()
             os.close(lifeline_read)
-        self.conn = Connection(parent_sock.detach())
+        self.conn: Connection = Connection(parent_sock.detach())
         self.exit_fd = _pidfd(self.process.pid)
         self.conn.send(WorkerSetup(specs, slot.name))
 
@@ -99,6 +123,10 @@ class WorkerHandle(ObjectiveLoading):
 
     def waitables(self) -> list[object]:
         return [self.conn] if self.exit_fd is None else [self.conn, self.exit_fd]
+
+    def has_news(self) -> bool:
+        """Messages that came other than through :meth:`waitables` (a remote worker's do)."""
+        return False
 
     def has_exited(self) -> bool:
         return self.process.poll() is not None

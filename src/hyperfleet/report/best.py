@@ -36,9 +36,12 @@ SUMMARY_NAME = "summary.md"
 PARETO_EVERY_SECONDS = 2.0
 
 
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best trial, or for several objectives the Pareto front; empty before any result."""
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+def best_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> list[FrozenTrial]:
+    """The best trial, or for several objectives the Pareto front; empty before any result.
+    ``trials``: the study's trials when the caller has read them already."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not any(t.state == TrialState.COMPLETE for t in trials):
         return []
     if len(study.directions) > 1:
         return sorted(study.best_trials, key=lambda t: t.number)
@@ -207,7 +210,7 @@ def summary_markdown(
 ) -> str:
     """The run's summary; a campaign's (by default: a run of several studies) starts with its
     studies side by side and points at each study's folder."""
-    from hyperfleet.report.campaign import markdown_table, study_rows
+    from hyperfleet.report.campaign import markdown_table, read_trials, study_rows
 
     campaign = len(studies) > 1 if campaign is None else campaign
     elapsed = time.time() - state.started
@@ -220,7 +223,8 @@ def summary_markdown(
         "",
     ]
     if campaign and studies:
-        lines += ["## Studies side by side", "", *markdown_table(study_rows(studies)), ""]
+        table = markdown_table(study_rows(read_trials(studies)))
+        lines += ["## Studies side by side", "", *table, ""]
     for study in studies:
         lines += _study_section(study)
     lines += _slots_section(state, elapsed)

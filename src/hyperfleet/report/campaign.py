@@ -48,12 +48,22 @@ class StudyRow:
     seconds: float = 0.0  # how long at least one of its trials was running
 
 
-def study_rows(studies: list[optuna.Study], now: datetime | None = None) -> list[StudyRow]:
-    return [study_row(study, now) for study in studies]
+StudyTrials = tuple[optuna.Study, list[FrozenTrial]]
 
 
-def study_row(study: optuna.Study, now: datetime | None = None) -> StudyRow:
-    trials = study.get_trials(deepcopy=False)
+def read_trials(studies: list[optuna.Study]) -> list[StudyTrials]:
+    """Each study with its trials, read once: on a database storage every read is a query,
+    and the table and both figures need them."""
+    return [(study, study.get_trials(deepcopy=False)) for study in studies]
+
+
+def study_rows(studies: list[StudyTrials], now: datetime | None = None) -> list[StudyRow]:
+    return [study_row(study, trials, now) for study, trials in studies]
+
+
+def study_row(
+    study: optuna.Study, trials: list[FrozenTrial], now: datetime | None = None
+) -> StudyRow:
     label = study.user_attrs.get(CAMPAIGN_ATTR) or {}
     states = [t.state for t in trials]
     best = _best(study, trials)
@@ -164,11 +174,12 @@ def write_campaign_report(run_dir: Path, studies: list[optuna.Study], name: str 
     """``RUN_DIR/report/index.html`` and ``studies.csv``; returns the folder."""
     folder = run_dir / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    rows = study_rows(studies)
+    read = read_trials(studies)
+    rows = study_rows(read)
     write_table_csv(folder / TABLE_NAME, rows)
     figures = [
-        pages.Figure("best-over-time", "Best value over time", best_over_time_figure(studies)),
-        pages.Figure("timeline", "Trials per slot, all studies", timeline_figure(studies)),
+        pages.Figure("best-over-time", "Best value over time", best_over_time_figure(read)),
+        pages.Figure("timeline", "Trials per slot, all studies", timeline_figure(read)),
     ]
     figures = [pages.check_has_data(f) for f in figures]
     meta = (
@@ -280,15 +291,15 @@ def _folder(name: str) -> str:
 # ----- figures -------------------------------------------------------------------------------
 
 
-def best_over_time_figure(studies: list[optuna.Study]) -> Any:
+def best_over_time_figure(studies: list[StudyTrials]) -> Any:
     """Each single-objective study's best value so far, at the time each trial completed."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
-    for study in studies:
+    for study, trials in studies:
         if len(study.directions) > 1:
             continue
-        times, best = _best_so_far(study)
+        times, best = _best_so_far(study, trials)
         if times:
             figure.add_trace(
                 go.Scatter(
@@ -299,11 +310,13 @@ def best_over_time_figure(studies: list[optuna.Study]) -> Any:
     return figure
 
 
-def _best_so_far(study: optuna.Study) -> tuple[list[str], list[float]]:
+def _best_so_far(study: optuna.Study, trials: list[FrozenTrial]) -> tuple[list[str], list[float]]:
     complete = [
         t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.datetime_complete is not None and t.values is not None
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and t.datetime_complete is not None
+        and t.values is not None
     ]
     complete.sort(key=lambda t: t.datetime_complete or datetime.min)
     better = min if study.direction == StudyDirection.MINIMIZE else max
@@ -316,11 +329,11 @@ def _best_so_far(study: optuna.Study) -> tuple[list[str], list[float]]:
     return times, best
 
 
-def timeline_figure(studies: list[optuna.Study]) -> Any:
+def timeline_figure(studies: list[StudyTrials]) -> Any:
     """One row per slot, one bar per trial, one colour per study."""
     import plotly.graph_objects as go
 
-    finished = {s.study_name: tables.finished_trials(s) for s in studies}
+    finished = {s.study_name: tables.finished_of(trials) for s, trials in studies}
     labels = pages.slot_labels([t for trials in finished.values() for t in trials])
     figure = go.Figure()
     for name, trials in finished.items():

@@ -114,11 +114,11 @@ def write_csv(path: Path, study: optuna.Study, trials: list[FrozenTrial]) -> Non
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials with both a start and an end: what the timeline and the histogram show."""
-    return [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.datetime_start is not None and t.datetime_complete is not None
-    ]
+    return finished_of(study.get_trials(deepcopy=False))
+
+
+def finished_of(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.datetime_start is not None and t.datetime_complete is not None]
 
 
 def slot_of(trial: FrozenTrial) -> str:

@@ -31,6 +31,10 @@ class PackingSettings:
 
     max_per_gpu: int = MAX_WORKERS_PER_GPU
     memory_per_trial_mib: int | None = None  # declared by the user: pack by it, not by readings
+    # Some trials of the GPU declare no size (a campaign's auto studies, some with gpu_memory,
+    # some without): one more trial needs the declared size or the most one was seen to hold,
+    # whichever is larger, since either may be the next to start.
+    undeclared_too: bool = False
     busy_target_pct: float = 90.0  # a GPU this busy gets no more workers
     margin_fraction: float = 0.10  # of the GPU's memory, kept free for a trial that grows
     min_gain: float = 0.03  # one more worker must raise throughput by this fraction
@@ -173,7 +177,7 @@ class GpuPacker:
             return self._hold(
                 "blind",
                 f"stays at {n}: no memory readings (pass --trials-per-gpu N, or --gpu-memory "
-                "SIZE, to choose)",
+                'SIZE, to choose; in a campaign, slot = { gpu_memory = "SIZE" })',
             )
         total = reading.total_mib
         used = reading.used_mib if reading.used_mib is not None else n * per_trial
@@ -190,11 +194,14 @@ class GpuPacker:
 
     def _per_trial_mib(self, reading: GpuReading | None) -> float | None:
         """The memory one more trial needs: the declared size, else the most one trial held."""
-        if self.settings.memory_per_trial_mib:
-            return float(self.settings.memory_per_trial_mib)
+        declared = self.settings.memory_per_trial_mib
+        if declared and not self.settings.undeclared_too:
+            return float(declared)
         if reading is None or reading.used_mib is None:
             return None  # nothing read: nothing is guessed
-        return float(self.peak_mib) if self.peak_mib else None
+        if not self.peak_mib:
+            return None  # no trial seen holding memory yet
+        return float(max(self.peak_mib, declared or 0))
 
     def _observe(self, reading: GpuReading | None) -> None:
         if reading is None or reading.used_mib is None or reading.ours_mib is not None:

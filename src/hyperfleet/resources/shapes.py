@@ -15,7 +15,19 @@ Slot names. A pool with at most one GPU shape and at most one CPU shape uses the
 * ``gpu0``: all of GPU 0; ``gpu0+1``: GPUs 0 and 1 together;
 * ``cpu4#0``: the first slot of 4 cores;
 * when two GPU shapes differ only in their cores, the core count follows the GPUs:
-  ``gpu0:2-2c#1``, ``gpu0-4c``.
+  ``gpu0:2-2c#1``, ``gpu0-4c``;
+* ``gpu0#0``: GPU 0's first auto-packed worker (``gpus = "auto"``), whose GPU auto packing
+  grows with ``gpu0#1``, ``gpu0#2``... as for a single search.
+
+Auto packing in a campaign. Every study whose slot says ``gpus = "auto"`` (or ``gpu_memory``)
+shares one set of auto-packed slots, one per GPU to begin with, whatever its ``cpus`` (the most
+any of them asks for). The controller grows and shrinks each GPU's workers as for a single
+search (:mod:`hyperfleet.controller.autopack`), whichever auto study's trials they run: the
+fair-share policy picks the study of each trial as for any slot. In the ledger the auto-packed
+workers of one GPU hold the whole GPU together (see ``Ledger.add``): while one of them runs a
+trial, no fixed share, whole-GPU or multi-GPU trial starts on that GPU, and the other way round.
+A GPU is thus at any moment either packed by readings or cut in fixed shares, never both, so
+neither kind of trial finds its memory taken by the other.
 
 Names hold no ``/`` because worker logs are files named after their slot.
 """
@@ -54,6 +66,11 @@ class Shape:
     cpus: int | None = None
     # Without any usable GPU, use CPU slots of this many cores instead.
     fallback_cpus: int | None = None
+    # gpus = "auto": one GPU per trial, as many trials per GPU as auto packing finds room for
+    # (then gpus is 1.0).
+    auto: bool = False
+    # What one trial takes on its GPU, declared: auto packing packs by it (implies auto).
+    gpu_memory_mib: int | None = None
 
     @property
     def kind(self) -> str:
@@ -73,7 +90,19 @@ class Shape:
             return "any slot"
         if self.kind == "cpu":
             return "CPU" if self.cpus is None else _cores(self.cpus)
+        if self.auto:
+            return self._describe_auto()
         text = f"1/{self.per_gpu} GPU" if self.per_gpu > 1 else _plural(_gpu_count(self), "GPU")
+        if self.cpus is not None:
+            text += f", {_cores(self.cpus)}"
+        if self.fallback_cpus is not None:
+            text += f" (or {_cores(self.fallback_cpus)} without a GPU)"
+        return text
+
+    def _describe_auto(self) -> str:
+        text = "auto-packed GPU"
+        if self.gpu_memory_mib is not None:
+            text += f" ({self.gpu_memory_mib} MiB per trial)"
         if self.cpus is not None:
             text += f", {_cores(self.cpus)}"
         if self.fallback_cpus is not None:
@@ -82,7 +111,10 @@ class Shape:
 
     def check(self, where: str) -> None:
         """Raise ConfigError naming ``where`` when no machine could give a trial this shape."""
-        self._check_gpus(where)
+        if self.auto:
+            self._check_auto(where)
+        else:
+            self._check_gpus(where)
         _check_count(self.cpus, f"{where}: cpus", "or leave it out for the default")
         _check_count(self.fallback_cpus, f"{where}: fallback_cpus", "or leave it out")
         if self.fallback_cpus is not None and self.kind == "cpu":
@@ -92,11 +124,24 @@ class Shape:
                 "use cpus to set the cores of a CPU trial."
             )
 
+    def _check_auto(self, where: str) -> None:
+        if self.gpus != 1:
+            raise RuntimeError(f"{where}: an auto-packed shape has gpus = 1, not {self.gpus!r}")
+        memory = self.gpu_memory_mib
+        if memory is not None and (
+            isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0
+        ):
+            raise ConfigError(
+                f"{where}: gpu_memory = {memory!r} is not a positive amount of memory; write "
+                'what one trial takes on its GPU, such as gpu_memory = "10GiB".'
+            )
+
     def _check_gpus(self, where: str) -> None:
         value = self.gpus
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(
-                f"{where}: gpus = {value!r} is not a number; use 0.5, 0.25 or 1/k for a share "
+                f'{where}: gpus = {value!r} is not a number nor "auto"; use "auto" to fill '
+                "each GPU with as many trials as it has room for, 0.5, 0.25 or 1/k for a share "
                 "of one GPU, or a whole number of GPUs."
             )
         if not math.isfinite(value) or value < 0:
@@ -159,6 +204,8 @@ class Pool:
     # Each requested shape -> names of the slots it may use (possibly none; see notes).
     eligible: Mapping[Shape, tuple[str, ...]]
     notes: tuple[str, ...] = ()  # one line each, for the user (fallbacks used, ...)
+    # The first slot of each GPU that auto packing may grow (when the run packs automatically).
+    packed: tuple[str, ...] = ()
 
 
 def single_pool(slots: Sequence[Slot]) -> Pool:
@@ -168,6 +215,7 @@ def single_pool(slots: Sequence[Slot]) -> Pool:
         slots=tuple(slots),
         needs={name: {} for name in names},
         eligible={ANY: names},
+        packed=tuple(slot.name for slot in slots if slot.packable),
     )
 
 
@@ -181,10 +229,28 @@ class Ledger:
         self._needs = {slot: dict(amounts) for slot, amounts in needs.items()}
         self._used: dict[str, float] = {}
         self._claimed: set[str] = set()
+        # Slots that hold their resources together (auto packing's workers of one GPU): slot ->
+        # the group's first slot, and group -> how many of its slots run now.
+        self._group: dict[str, str] = {}
+        self._running: dict[str, int] = {}
 
-    def add(self, slot: str, needs: Mapping[str, float] | None = None) -> None:
-        """A slot made while the run goes on (auto packing adds workers to a GPU)."""
-        self._needs.setdefault(slot, dict(needs or {}))
+    def add(
+        self,
+        slot: str,
+        needs: Mapping[str, float] | None = None,
+        together_with: str | None = None,
+    ) -> None:
+        """A slot made while the run goes on (a node joins, auto packing adds a worker).
+
+        ``together_with``: the slot needs what that slot needs, and holds it together with it
+        (and with the others added so): the first of them to run claims it, the last to end
+        gives it back, and any number of them may run at once. Auto packing, not the ledger,
+        decides how many workers one GPU runs."""
+        if together_with is None:
+            self._needs.setdefault(slot, dict(needs or {}))
+            return
+        self._needs.setdefault(slot, dict(self._needs_of(together_with)))
+        self._group[slot] = self._group.get(together_with, together_with)
 
     def remove(self, slot: str) -> None:
         """A slot that left the pool (its node was lost); it holds nothing by then."""
@@ -196,6 +262,8 @@ class Ledger:
         """Whether the slot is idle and every resource it needs has room for it."""
         if slot in self._claimed:
             return False
+        if self._running.get(self._group_of(slot)):
+            return True  # its group holds the resources already
         return all(
             self._used.get(name, 0.0) + amount <= 1.0 + _CAPACITY_TOLERANCE
             for name, amount in self._needs_of(slot).items()
@@ -206,6 +274,10 @@ class Ledger:
         if not self.fits(slot):
             raise RuntimeError(f"slot {slot} was claimed but does not fit: {self._describe()}")
         self._claimed.add(slot)
+        group = self._group_of(slot)
+        self._running[group] = self._running.get(group, 0) + 1
+        if self._running[group] > 1:
+            return  # held already
         for name, amount in self._needs_of(slot).items():
             self._used[name] = self._used.get(name, 0.0) + amount
 
@@ -214,6 +286,11 @@ class Ledger:
         if slot not in self._claimed:
             raise RuntimeError(f"slot {slot} was released but is not claimed: {self._describe()}")
         self._claimed.remove(slot)
+        group = self._group_of(slot)
+        self._running[group] -= 1
+        if self._running[group]:
+            return  # others of its group still hold it
+        del self._running[group]
         for name, amount in self._needs_of(slot).items():
             left = self._used[name] - amount
             # Forget rounding residue so that a free resource reads exactly 0.
@@ -233,6 +310,9 @@ class Ledger:
     def overlaps(self, slot: str, other: str) -> bool:
         """Whether the two slots need any resource in common (they cannot both run in full)."""
         return not self._needs_of(slot).keys().isdisjoint(self._needs_of(other))
+
+    def _group_of(self, slot: str) -> str:
+        return self._group.get(slot, slot)
 
     def _needs_of(self, slot: str) -> dict[str, float]:
         try:
@@ -255,6 +335,7 @@ class _GpuKey:
     per_gpu: int  # k trials share each GPU (1 for whole GPUs)
     count: int  # GPUs per trial
     cpus: int
+    auto: bool = False  # gpus = "auto": one slot per GPU, which auto packing grows
 
     @property
     def share(self) -> float:
@@ -294,7 +375,9 @@ def plan_pool(inventory: Inventory, pool: PoolSpec, shapes: Sequence[Shape]) -> 
         if shape != ANY:
             shape.check(f"plan_pool: {shape!r}")
     gpus = select_gpus(inventory, pool.gpus)
-    keys = {shape: _resolve(shape, pool, bool(gpus)) for shape in shapes if shape != ANY}
+    # Every auto-packed study uses the same slots (see the module's documentation).
+    auto_cpus = max((shape.cpus or 1 for shape in shapes if shape.auto), default=1)
+    keys = {shape: _resolve(shape, pool, bool(gpus), auto_cpus) for shape in shapes if shape != ANY}
     gpu_keys = _distinct(key for key in keys.values() if isinstance(key, _GpuKey))
     cpu_keys = _distinct(key for key in keys.values() if isinstance(key, _CpuKey))
     plain_names = len(gpu_keys) <= 1 and len(cpu_keys) <= 1
@@ -321,18 +404,22 @@ def plan_pool(inventory: Inventory, pool: PoolSpec, shapes: Sequence[Shape]) -> 
             key = keys[shape]
             chosen = plan.slots.get(key, []) if key is not None else []
             eligible[shape] = tuple(slot.name for slot in chosen)
+    packed = [slot.name for key in gpu_keys if key.auto for slot in plan.slots.get(key, [])]
     return Pool(
         slots=slots,
         needs=plan.needs,
         eligible=eligible,
         notes=tuple(plan.notes),
+        packed=tuple(packed),
     )
 
 
-def _resolve(shape: Shape, pool: PoolSpec, has_gpus: bool) -> _Key | None:
+def _resolve(shape: Shape, pool: PoolSpec, has_gpus: bool, auto_cpus: int) -> _Key | None:
     """The key whose slots the shape uses here; None when it has no slot on this machine."""
     if shape.kind == "cpu":
         return _CpuKey(shape.cpus or pool.threads_per_slot or 1)
+    if has_gpus and shape.auto:
+        return _GpuKey(1, 1, auto_cpus, auto=True)
     if has_gpus:
         return _GpuKey(shape.per_gpu, _gpu_count(shape), shape.cpus or 1)
     if shape.fallback_cpus is not None:
@@ -425,9 +512,13 @@ def _slots_on(gpu: Gpu, key: _GpuKey, groups: list[tuple[Gpu, ...]]) -> int:
 
 def _gpu_name(group: tuple[Gpu, ...], index: int, key: _GpuKey, keys: list[_GpuKey]) -> str:
     name = "gpu" + "+".join(str(gpu.index) for gpu in group)
+    if key.auto:  # the names auto packing gives the workers it adds: gpu0#1, gpu0#2...
+        return f"{name}#0"
     if key.per_gpu > 1:
         name += f":{key.per_gpu}"
-    same_gpus = [k for k in keys if (k.per_gpu, k.count) == (key.per_gpu, key.count)]
+    same_gpus = [
+        k for k in keys if (k.per_gpu, k.count, k.auto) == (key.per_gpu, key.count, key.auto)
+    ]
     if len(same_gpus) > 1:
         name += f"-{key.cpus}c"
     return f"{name}#{index}" if key.per_gpu > 1 else name

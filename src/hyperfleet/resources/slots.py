@@ -138,17 +138,34 @@ def auto_packing(
 ) -> PackingSettings | None:
     """How auto packing may grow this pool (None with a fixed ``trials_per_gpu``): up to 16
     workers per GPU, fewer where the machine cannot run that many processes."""
-    gpus = {slot.gpus[0] for slot in slots if slot.packable}
-    if options.trials_per_gpu != AUTO or not gpus:
+    if options.trials_per_gpu != AUTO:
+        return None
+    packed = [slot for slot in slots if slot.packable]
+    return packing_settings(inventory, len(slots), packed, options.gpu_memory_mib)
+
+
+def packing_settings(
+    inventory: Inventory,
+    n_slots: int,
+    packed: list[Slot],
+    declared_mib: int | None,
+    undeclared_too: bool = False,
+) -> PackingSettings | None:
+    """How auto packing may grow the ``packed`` slots (one per GPU) of a pool of ``n_slots``:
+    None when there is nothing to grow, or nothing to pack by (GPUs that read nothing, trials
+    of undeclared size)."""
+    gpus = {slot.gpus[0] for slot in packed}
+    if not gpus:
         return None
     readable = any(g.kind != "fake" for g in inventory.gpus) or fakegpu.state_folder()
-    if not readable and options.gpu_memory_mib is None:
+    if not readable and (declared_mib is None or undeclared_too):
         return None  # fake GPUs without their state folder read nothing: one worker each
     limit, _ = max_workers(inventory)
-    room = max(0, limit - len(slots)) // len(gpus)
+    room = max(0, limit - n_slots) // len(gpus)
     return PackingSettings(
         max_per_gpu=min(MAX_WORKERS_PER_GPU, 1 + room),
-        memory_per_trial_mib=options.gpu_memory_mib,
+        memory_per_trial_mib=declared_mib,
+        undeclared_too=undeclared_too and declared_mib is not None,
     )
 
 

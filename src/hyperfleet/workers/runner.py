@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 import psutil
 
+from hyperfleet.cluster.trialfiles import TRIAL_ENDED, NodeRunFolder
 from hyperfleet.errors import HyperfleetError, TrialInterrupted
 from hyperfleet.workers.descendants import descendants
 from hyperfleet.workers.descendants import end as end_processes
@@ -53,6 +54,7 @@ def serve(conn: Connection) -> None:
     # belong to the worker, like the data it loaded; anything else is a trial's, and ends with it.
     loaded_with_objectives: set[psutil.Process] = set()
     channel = Channel(conn)
+    node_folder = NodeRunFolder.from_env()  # on a node without the run directory
     while True:
         message = conn.recv()
         if isinstance(message, Shutdown):
@@ -72,7 +74,11 @@ def serve(conn: Connection) -> None:
             objectives.pop(message.study, None)
             _drop_released()
         elif isinstance(message, RunTrial):
+            if node_folder is not None:
+                message = node_folder.start_trial(message, conn)
             finished = run_trial(channel, objectives[message.objective], message)
+            if node_folder is not None:  # the agent sends the logs on before the result
+                conn.send_bytes(TRIAL_ENDED)
             _send_finished(conn, replace(finished, gpu_peak_mib=_torch_peak_mib()))
             say(f"trial {message.number} ended: {finished.outcome} {finished.error_type}".rstrip())
             # After the result is on its way (the controller records it meanwhile), before this

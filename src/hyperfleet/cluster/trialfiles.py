@@ -1,0 +1,138 @@
+"""Trial folders on a node that does not see the controller's run directory.
+
+Such a node keeps a run folder of its own (the agent's ``--work-dir``), laid out as the
+controller's: a trial that would run in ``RUN_DIR/trials/00017`` runs in
+``LOCAL/trials/00017``, and so does its checkpoint folder. The worker maps the paths of each
+trial it is sent, and tells its agent where each trial starts and when it ends with two marks
+sent on its connection. The agent sends the trial's ``stdout.log`` and ``stderr.log`` to the
+controller (the last :data:`COPIED_LOG_BYTES` of each) before it relays the trial's result, and
+before it reports a worker that died during a trial, so the logs are queued for writing before
+the result is, and ``result.json`` quotes ``stderr.log`` as on one machine. ``params.json`` and
+``result.json`` are written by the controller itself, from the storage, wherever trials run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from pathlib import Path, PurePosixPath
+
+from hyperfleet.workers.protocol import RunTrial
+
+LOG_NAMES = ("stdout.log", "stderr.log")
+# Enough for the end of any trial's story; a trial that logs more keeps the rest on its node.
+COPIED_LOG_BYTES = 2 * 1024 * 1024
+# Set by the agent for the workers of a node without the run directory.
+NODE_FOLDER_ENV = "HYPERFLEET_NODE_RUN_FOLDER"
+# A worker's marks for its agent, which relays everything else without reading it. Never a
+# pickle, which starts with b"\x80" (and nothing a worker sends is pickled with protocol 0).
+TRIAL_STARTED = b"\x00hyperfleet:trial-started:"
+TRIAL_ENDED = b"\x00hyperfleet:trial-ended"
+
+
+@dataclass(frozen=True)
+class TrialLogs:
+    """A message from an agent: the logs of a trial that ran in the node's own folder. (Here,
+    not with the other messages, so that a worker imports none of what those need.)"""
+
+    folder: str  # the trial's folder, relative to the run directory (trials/00017)
+    logs: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class NodeRunFolder:
+    """A node's own run folder in place of the controller's run directory."""
+
+    shared: str  # the controller's run directory, as the trials sent here name it
+    local: str
+
+    def to_env(self) -> dict[str, str]:
+        return {NODE_FOLDER_ENV: json.dumps({"shared": self.shared, "local": self.local})}
+
+    @classmethod
+    def from_env(cls) -> NodeRunFolder | None:
+        raw = os.environ.get(NODE_FOLDER_ENV)
+        if not raw:
+            return None
+        fields = json.loads(raw)
+        return cls(str(fields["shared"]), str(fields["local"]))
+
+    def localise(self, path: str) -> str:
+        """The node's path for a path in the controller's run directory."""
+        if not path:
+            return path
+        relative = os.path.relpath(path, self.shared)
+        if relative.startswith(os.pardir):
+            return path  # outside the run directory: nothing to map
+        return os.path.join(self.local, relative)
+
+    def start_trial(self, message: RunTrial, conn: Connection) -> RunTrial:
+        """The trial with its folders on this node; its agent is told where it runs."""
+        local = replace(
+            message,
+            trial_dir=self.localise(message.trial_dir),
+            checkpoint_dir=self.localise(message.checkpoint_dir),
+        )
+        # Its parents too (a campaign study's trials/): this folder is the node's, made here.
+        Path(local.trial_dir).parent.mkdir(parents=True, exist_ok=True)
+        relative = os.path.relpath(local.trial_dir, self.local)
+        conn.send_bytes(TRIAL_STARTED + relative.encode())
+        return local
+
+
+def run_folder_note(node: str, folder: NodeRunFolder | None) -> str:
+    """The one line on where this node's trial folders are, said by the agent and the run."""
+    if folder is None:
+        return "it shares the run directory"
+    return (
+        "run folder not shared; trial logs copied back, objective files stay in "
+        f"{folder.local} on {node}"
+    )
+
+
+def collect_logs(local_root: Path, folder: str, node: str) -> TrialLogs:
+    """The end of each log of the trial in ``local_root/folder``, as the agent sends them."""
+    logs = {}
+    for name in LOG_NAMES:
+        path = local_root / folder / name
+        try:
+            logs[name] = _tail_with_note(path, f"{path} on {node}")
+        except FileNotFoundError:
+            continue  # a trial that died before it opened its logs
+    return TrialLogs(folder, logs)
+
+
+def _tail_with_note(path: Path, where: str) -> bytes:
+    with open(path, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        start = max(0, size - COPIED_LOG_BYTES)
+        file.seek(start)
+        data = file.read(COPIED_LOG_BYTES)
+    if start == 0:
+        return data
+    note = f"[hyperfleet: the first {start} bytes of this log are left out; see {where}]\n"
+    return note.encode() + data
+
+
+def trial_folder(run_dir: Path, logs: TrialLogs) -> Path | None:
+    """Where a node's trial logs go in the run directory; None for a folder that is not a
+    trial's (a path out of the run directory, a name that is not a log)."""
+    if not isinstance(logs.folder, str) or not isinstance(logs.logs, dict):
+        return None
+    relative = PurePosixPath(logs.folder)
+    if relative.is_absolute() or os.pardir in relative.parts or not relative.parts:
+        return None
+    for name, data in logs.logs.items():
+        if name not in LOG_NAMES or not isinstance(data, bytes):
+            return None
+    return run_dir.joinpath(*relative.parts)
+
+
+def write_logs(trial_dir: Path, logs: dict[str, bytes]) -> None:
+    """On the controller's file-writer thread. Its parent (``trials/``) was made when the trial
+    started; a run directory deleted meanwhile is not made again here."""
+    trial_dir.mkdir(exist_ok=True)
+    for name, data in logs.items():
+        (trial_dir / name).write_bytes(data)
