@@ -17,6 +17,9 @@ known, then picks GP when all of these hold, and TPE otherwise:
 
 A space that changes after GP was chosen (a parameter that appears or goes) moves the study to
 TPE for good. ``on_choice`` is told the choice and its reason in one line when it is made.
+The choice is made in ``before_trial``, which every ask calls on the asking thread: in
+hyperfleet, the controller's loop. So the first suggestion after GP was chosen is computed
+there; the controller prepares the following ones off its thread (controller/sampling.py).
 """
 
 from __future__ import annotations
