@@ -20,8 +20,10 @@ fake-GPU slots instead (trials sleep their drawn duration, scaled down), to chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -38,15 +40,15 @@ from quality_functions import FUNCTIONS, MINIMA
 from hyperfleet.pending import PendingTrialsSampler
 from hyperfleet.samplers import make_sampler
 
-SamplerFactory = Callable[[int, int], optuna.samplers.BaseSampler]  # (slots, seed)
+SamplerFactory = Callable[[int, int, int], optuna.samplers.BaseSampler]  # (slots, seed, trials)
 
 
 def _tpe(**options: object) -> SamplerFactory:
-    return lambda slots, seed: optuna.samplers.TPESampler(seed=seed, **options)  # type: ignore[arg-type]
+    return lambda slots, seed, trials: optuna.samplers.TPESampler(seed=seed, **options)  # type: ignore[arg-type]
 
 
 def _pending(liar: str) -> SamplerFactory:
-    return lambda slots, seed: PendingTrialsSampler(
+    return lambda slots, seed, trials: PendingTrialsSampler(
         optuna.samplers.TPESampler(seed=seed, constant_liar=False), liar
     )
 
@@ -58,15 +60,18 @@ SETUPS: dict[str, SamplerFactory] = {
     "tpe-no-liar": _tpe(constant_liar=False),
     # Constant liar, and as few random startup trials as a sequential search has (10): the
     # first wave of ``slots`` trials is random anyway.
-    "tpe-liar-startup": lambda slots, seed: optuna.samplers.TPESampler(
+    "tpe-liar-startup": lambda slots, seed, trials: optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=max(1, 11 - slots)
     ),
     "pending-worst": _pending("worst"),
     "pending-mean": _pending("mean"),
     "pending-best": _pending("best"),
     # Optuna's GP sampler conditions on running trials itself (qLogEI over their posterior).
-    "gp": lambda slots, seed: optuna.samplers.GPSampler(seed=seed),
-    "default": lambda slots, seed: make_sampler("tpe", seed),  # hyperfleet's default
+    "gp": lambda slots, seed, trials: optuna.samplers.GPSampler(seed=seed),
+    # hyperfleet's default: GP for a fixed numeric space and a budget of at most a few hundred
+    # trials, TPE with constant liar otherwise; the budget is the search's trials.
+    "auto": lambda slots, seed, trials: make_sampler("auto", seed, trials),
+    "default": lambda slots, seed, trials: make_sampler("auto", seed, trials),
 }
 
 COMPARED = ("tpe-liar", "tpe-liar-startup", "pending-worst", "pending-mean")  # the table's
@@ -81,7 +86,7 @@ def lognormal_durations(seed: int) -> Iterator[float]:
 def simulate(setup: str, function: str, slots: int, seed: int, n_trials: int) -> float:
     """Simple regret of one simulated search."""
     objective = FUNCTIONS[function]
-    study = optuna.create_study(sampler=SETUPS[setup](slots, seed))
+    study = optuna.create_study(sampler=SETUPS[setup](slots, seed, n_trials))
     durations = lognormal_durations(seed)
     running: list[tuple[float, int, optuna.Trial, float]] = []
     first_wave = [study.ask() for _ in range(min(slots, n_trials))]
@@ -102,7 +107,7 @@ def real_run(setup: str, function: str, slots: int, seed: int, n_trials: int) ->
     """Simple regret of one search through hyperfleet itself on ``slots`` fake GPUs."""
     import hyperfleet
 
-    study = optuna.create_study(sampler=SETUPS[setup](slots, seed))
+    study = optuna.create_study(sampler=SETUPS[setup](slots, seed, n_trials))
     with tempfile.TemporaryDirectory() as folder:
         hyperfleet.optimize(
             study,
@@ -129,6 +134,30 @@ def _sleeping_objective(function: str, seed: int) -> Callable[[optuna.Trial], fl
         return value
 
     return objective
+
+
+def _regrets(
+    run: Callable[[str, str, int, int, int], float],
+    jobs: int,
+    point: tuple[str, str, int],
+    seeds: int,
+    trials: int,
+) -> list[float]:
+    """One regret per seed, ``jobs`` seeds at a time (in processes of their own, each torch on
+    one thread, so that side by side they do not fight for the cores)."""
+    tasks = [(*point, seed, trials) for seed in range(seeds)]
+    if jobs <= 1:
+        return [run(*task) for task in tasks]
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_one_thread) as pool:
+        return pool.starmap(run, tasks)
+
+
+def _one_thread() -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def summary(regrets: list[float]) -> dict[str, float]:
@@ -176,6 +205,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--real", action="store_true", help="run through hyperfleet itself")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (simulation)")
     parser.add_argument("--out", type=Path, help="append one JSON line per point here")
     parser.add_argument("--table", type=Path, help="print the table of an --out file, then stop")
     args = parser.parse_args()
@@ -192,7 +222,8 @@ def main() -> None:
         for slots in args.slots:
             for setup in args.setups:
                 started = time.perf_counter()
-                regrets = [run(setup, function, slots, s, args.trials) for s in range(args.seeds)]
+                where = (setup, function, slots)
+                regrets = _regrets(run, args.jobs, where, args.seeds, args.trials)
                 point = {"function": function, "slots": slots, "setup": setup, "real": args.real}
                 point |= summary(regrets) | {"regrets": regrets, "trials": args.trials}
                 took = time.perf_counter() - started

@@ -686,7 +686,7 @@ matrix = { fold = [9] }
 def test_study_defaults_without_defaults_table(tmp_path: Path) -> None:
     study = load_campaign(write_campaign(tmp_path, STUDY)).studies[0]
     assert study.directions == ("minimize",)
-    assert (study.sampler, study.pruner, study.seed) == ("tpe", "median", None)
+    assert (study.sampler, study.pruner, study.seed) == ("auto", "median", None)
     assert (study.weight, study.priority, study.stage, study.timeout) == (1.0, 0, "", None)
     assert (study.args, study.cmd, study.space, study.refit, study.refit_cmd) == (None,) * 5
     assert (study.experiments, study.experiments_only, study.grid) == ((), False, None)

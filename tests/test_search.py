@@ -20,6 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 import hyperfleet
+from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.cli import build_parser, main
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.samplers import make_sampler
@@ -102,9 +103,10 @@ def test_two_slots_run_two_trials_at_the_same_time(
         assert following.user_attrs["pid"] != current.user_attrs["pid"]
 
 
-def test_default_sampler_is_tpe_with_constant_liar() -> None:
+def test_default_sampler_is_auto_and_tpe_has_constant_liar() -> None:
     args = build_parser().parse_args(["run", "train.py:objective"])
-    sampler = make_sampler(args.sampler, seed=0)
+    assert isinstance(make_sampler(args.sampler, seed=0), AutoSampler)
+    sampler = make_sampler("tpe", seed=0)
     assert isinstance(sampler, optuna.samplers.TPESampler)
     assert sampler._constant_liar is True
 
@@ -122,7 +124,7 @@ def liar_gaps(run_dir: Path, study_name: str) -> list[float]:
 def test_parallel_tpe_trials_do_not_pile_onto_the_same_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Through ``hyperfleet run`` with its default sampler, two slots, a 1-D space and every
+    """Through ``hyperfleet run`` with TPE, two slots, a 1-D space and every
     trial suggested while its predecessor runs. The chain fixes the order of every sampler
     call, so with a seed the run is reproducible: without constant liar TPE suggests nearly the
     same x twice in a row (median gap 0.05 with seed 0); with it, the running trial's point
@@ -134,6 +136,7 @@ def test_parallel_tpe_trials_do_not_pile_onto_the_same_point(
     code = main(
         [
             *("run", f"{PACED}:objective", "--n-trials", str(n_trials), "--seed", "0"),
+            *("--sampler", "tpe"),
             *("--cpu-slots", "2", "--run-dir", str(run_dir), "--study-name", "liar", "--quiet"),
         ]
     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hyperfleet.api import optimize, run_campaign
+    from hyperfleet.auto_sampler import AutoSampler
     from hyperfleet.checkpoints import checkpoint_dir, should_stop
     from hyperfleet.config import RetryPolicy
     from hyperfleet.controller.loop import Outcome
@@ -45,11 +46,13 @@ _HOMES = {
     "TrialInterrupted": "hyperfleet.errors",
     "WorkerError": "hyperfleet.errors",
     "PendingTrialsSampler": "hyperfleet.pending",
+    "AutoSampler": "hyperfleet.auto_sampler",
     "Slot": "hyperfleet.resources.slots",
     "current_slot": "hyperfleet.resources.slots",
 }
 
 __all__ = [
+    "AutoSampler",
     "ConfigError",
     "HyperfleetError",
     "ObjectiveError",

@@ -168,7 +168,7 @@ def _plan(
         opened = optuna.create_study(
             storage=storage(),
             study_name=study.name,
-            sampler=make_sampler(study.sampler, study.seed),
+            sampler=make_sampler(study.sampler, study.seed, study.n_trials),
             pruner=make_pruner(study.pruner),
             directions=directions,
             load_if_exists=True,

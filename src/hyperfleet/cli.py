@@ -124,7 +124,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--study-name", help="the study's name (default FILE-FUNCTION, or the --cmd script)")
     add("--storage", help="an Optuna storage URL or journal file (default RUN_DIR/optuna.journal)")
     add("--run-dir", type=Path, help="where storage, logs and trial folders go (runs/STUDY)")
-    add("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)} (default tpe)")
+    add("--sampler", default="auto", help=f"one of {', '.join(SAMPLERS)} (default auto)")
     add("--pruner", default="median", help=f"one of {', '.join(PRUNERS)} (default median)")
     add("--seed", type=int, help="seed for the sampler")
     add("--trial-timeout", help="fail a trial that runs longer than this (e.g. 10m)")
@@ -287,7 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sequential:
         raise ConfigError("--sequential orders the studies of a campaign file; give one.")
     settings = _run_settings(args)
-    sampler, pruner = make_sampler(args.sampler, args.seed), make_pruner(args.pruner)
+    sampler = make_sampler(args.sampler, args.seed, args.n_trials)
+    pruner = make_pruner(args.pruner)
     spec, default_name = _objective(args)
     refit = plan_from_cli(
         args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit

@@ -6,17 +6,22 @@ from collections.abc import Callable
 
 import optuna
 
+from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.errors import ConfigError
 
-SAMPLERS: dict[str, Callable[[int | None], optuna.samplers.BaseSampler]] = {
+# Each factory takes the seed and the study's trial budget (None: none).
+SAMPLERS: dict[str, Callable[[int | None, int | None], optuna.samplers.BaseSampler]] = {
+    # The default: GP where it applies, else TPE with constant liar (see auto_sampler).
+    "auto": lambda seed, n_trials: AutoSampler(seed=seed, n_trials=n_trials),
     # Constant liar keeps parallel trials from piling onto the same point.
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed),
-    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
-    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
-    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
+    "tpe": lambda seed, _: optuna.samplers.TPESampler(seed=seed, constant_liar=True),
+    "random": lambda seed, _: optuna.samplers.RandomSampler(seed=seed),
+    "cmaes": lambda seed, _: optuna.samplers.CmaEsSampler(seed=seed),
+    "gp": lambda seed, _: optuna.samplers.GPSampler(seed=seed),
+    "nsga2": lambda seed, _: optuna.samplers.NSGAIISampler(seed=seed),
+    "qmc": lambda seed, _: optuna.samplers.QMCSampler(seed=seed),
 }
+DEFAULT_SAMPLER = "auto"
 
 PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
     "median": optuna.pruners.MedianPruner,
@@ -27,11 +32,14 @@ PRUNERS: dict[str, Callable[[], optuna.pruners.BasePruner]] = {
 }
 
 
-def make_sampler(name: str, seed: int | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, seed: int | None = None, n_trials: int | None = None
+) -> optuna.samplers.BaseSampler:
+    """The sampler called ``name``, for a study whose trial budget is ``n_trials``."""
     factory = SAMPLERS.get(name.lower())
     if factory is None:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
-    return factory(seed)
+    return factory(seed, n_trials)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:

@@ -186,7 +186,7 @@ def _blueprint(table: Table, context: StudyContext) -> Blueprint:
     refit_target = _target(table, "refit", context.folder)[0] if refit is not None else None
     settings = {
         "directions": _directions(table),
-        "sampler": choice(table, "sampler", SAMPLERS, "tpe"),
+        "sampler": choice(table, "sampler", SAMPLERS, "auto"),
         "seed": integer(table, "seed"),
         "pruner": choice(table, "pruner", PRUNERS, "median"),
         "n_trials": n_trials,

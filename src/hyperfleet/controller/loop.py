@@ -26,6 +26,7 @@ import psutil
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.cluster.hub import ClusterSettings, NodeHub, NodeJoined, NodeLeft, NodeLink
 from hyperfleet.cluster.pools import NodePlanner, on_node
 from hyperfleet.cluster.remote import RemoteWorker
@@ -37,6 +38,7 @@ from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
+from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.display.format import duration
 from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
@@ -204,6 +206,9 @@ class Controller:
         # Slots whose worker loads a study's objective for the trial it gets next: they hold
         # the slot's resources and share as that trial will.
         self._loading: dict[str, StudyRun] = {}
+        # Slots waiting for a trial a slow sampler prepares off the loop's thread (see
+        # controller/sampling.py): like loading ones, they hold their resources and share.
+        self._sampling: dict[str, StudyRun] = {}
         self._start_failures: dict[str, int] = {}
         self._dead_slots: set[str] = set()
         self._opened = False
@@ -213,6 +218,7 @@ class Controller:
         self._deadline: float | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
+        self._suggestions = Suggestions(self._wake)
         self._monitor = GpuMonitor(_gpus_of(self._slots))
         packing = settings.packing
         packed = [slot for slot in self._slots if slot.name in pool.packed]
@@ -418,10 +424,11 @@ class Controller:
             if self._stop_level >= 2:
                 self._interrupt_running()
                 return
+            self._launch_sampled()
             self._launch_on_free_slots()
             self._release_done_studies()
             self._flush()
-            busy = self._active or self._loading
+            busy = self._active or self._loading or self._sampling
             if not busy and not any(self._has_work(r) for r in self._runs.values()):
                 return
             if self._hub is None and len(self._dead_slots) == len(self._slots):
@@ -555,6 +562,7 @@ class Controller:
             and worker.ready
             and worker.loading is None
             and slot.name not in self._active
+            and slot.name not in self._sampling
         ]
 
     def _launch_on_free_slots(self) -> None:
@@ -691,7 +699,13 @@ class Controller:
 
     def _launch(self, name: str, worker: Worker, run: StudyRun) -> None:
         study = _opened(run)
-        trial, stored = self._ask_placed(study, name, worker.pid)
+        prepared = None
+        if suggests_slowly(study.sampler):
+            prepared = self._suggestions.take(run.plan.name)
+            if prepared is None:
+                self._sample_then_launch(name, run)
+                return
+        trial, stored = self._ask_placed(study, name, worker.pid, prepared)
         trial_dir = run.plan.folder.trial_dir(trial.number)
         if trial_dir.parent not in self._trial_folders:  # the worker makes the trial's own
             trial_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -741,24 +755,54 @@ class Controller:
         run.view.running = self._book.running(run.plan.name)
         self._pending.others.append(functools.partial(self._emit, "on_trial_start", record))
 
+    def _sample_then_launch(self, name: str, run: StudyRun) -> None:
+        """A slow sampler's trial: prepared off the loop's thread while the slot waits, holding
+        its resources and share; :meth:`_launch_sampled` starts it when ready."""
+        self._suggestions.start(run.plan.name, _opened(run))
+        self._sampling[name] = run
+        self._ledger.claim(name)
+        self._book.start(run.plan.name, name, self._cost[name])
+        view = self.state.slot(name)
+        view.state, view.study = "sampling", run.plan.name
+
+    def _launch_sampled(self) -> None:
+        """Start the trials prepared off the loop's thread, on the slots waiting for them (one
+        computation per study at a time: the next starts once the last was taken). A stop, or
+        the run's timeout, drops what is still being prepared."""
+        now = time.monotonic()
+        dropped = self._stop_level or (self._deadline is not None and now >= self._deadline)
+        for name, run in list(self._sampling.items()):
+            if not dropped and not self._suggestions.ready(run.plan.name):
+                self._suggestions.start(run.plan.name, _opened(run))
+                continue
+            del self._sampling[name]
+            self._ledger.release(name)
+            self._book.stop(name)
+            self.state.slot(name).state = "idle"
+            worker = self._workers.get(name)  # replaced or parked meanwhile: None or new
+            if worker and worker.ready and worker.loading is None and self._has_work(run):
+                self._launch(name, worker, run)
+
     def _ask_placed(
-        self, study: optuna.Study, slot: str, pid: int
+        self, study: optuna.Study, slot: str, pid: int, prepared: Prepared | None = None
     ) -> tuple[optuna.Trial, FrozenTrial]:
         """A new trial, marked with where it runs, and the trial as stored (read once: its user
         attributes through ``trial.user_attrs`` would be deep-copied at every look). The marks
         go in the record that creates the trial when the storage can, else (a queued trial,
-        another storage) in three more writes."""
+        another storage) in three more writes. ``prepared``: the sampler's part of the ask,
+        computed off the loop's thread."""
         placement: dict[str, Any] = {
             books.RUN_ATTR: self._run_dir.identity,
             books.SLOT_ATTR: slot,
             books.PID_ATTR: pid,
         }
         storage = study._storage  # the study's storage has no public accessor
+        ask = study.ask if prepared is None else functools.partial(prepared.ask, study)
         if isinstance(storage, PlacingJournalStorage):
             with storage.placing(placement):
-                trial = study.ask()
+                trial = ask()
         else:
-            trial = study.ask()
+            trial = ask()
         stored = storage.get_trial(trial._trial_id)
         if books.SLOT_ATTR not in stored.system_attrs:
             for key, value in placement.items():
@@ -878,6 +922,9 @@ class Controller:
             self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
         else:
             if self._loading.pop(name, None) is not None:
+                self._ledger.release(name)
+                self._book.stop(name)
+            if self._sampling.pop(name, None) is not None:
                 self._ledger.release(name)
                 self._book.stop(name)
             if not worker.ready or worker.loading is not None:
@@ -1321,10 +1368,15 @@ class Controller:
         run.finished = books.budget_used(trials)
         run.time_before = books.time_used_of(study)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
+        if isinstance(study.sampler, AutoSampler):  # says once which sampler it chose, and why
+            study.sampler.on_choice = functools.partial(self._say_sampler, run)
         run.shared = not (private or in_memory)  # others could be writing the same study
         run.view.directions = tuple(d.name for d in study.directions)
         self._refresh_study_view(run, trials)
         self._sweep_checkpoints(run)
+
+    def _say_sampler(self, run: StudyRun, line: str) -> None:
+        self._emit("on_message", f"{self._study_label(run)}: {line}")
 
     def _say_repeat(self, run: StudyRun, trial: FrozenTrial, kind: str, repeated: bool) -> None:
         """Whether a failed trial of an earlier run runs again; a named experiment that does

@@ -1,0 +1,168 @@
+"""The default sampler: Optuna's GP where it pays, TPE with constant liar everywhere else.
+
+On parallel slots, a sampler that models the objective's values (Optuna's ``GPSampler``, which
+conditions on the running trials with qLogEI) keeps its search quality where TPE loses it
+(``bench/parallel_quality.py``: Hartmann-6 on 8 slots). GP costs more per suggestion, growing
+with the cube of the trials, needs torch, and models a fixed space of numbers. So
+:class:`AutoSampler` runs TPE with constant liar (its random start: the first trials are random
+whichever is chosen) until :data:`GP_STARTUP_TRIALS` trials have finished and the space is
+known, then picks GP when all of these hold, and TPE otherwise:
+
+- one objective (GP was measured on one only);
+- a trial budget of at most :data:`GP_MAX_TRIALS` (no budget: the study may grow to where a
+  suggestion takes many seconds);
+- every finished trial has the same parameters, each a float or an integer (a categorical, or a
+  parameter only some trials have, stays on TPE);
+- torch imports.
+
+A space that changes after GP was chosen (a parameter that appears or goes) moves the study to
+TPE for good. ``on_choice`` is told the choice and its reason in one line when it is made.
+The choice is made in ``before_trial``, which every ask calls on the asking thread: in
+hyperfleet, the controller's loop. So the first suggestion after GP was chosen is computed
+there; the controller prepares the following ones off its thread (controller/sampling.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+# A suggestion's cost at this many trials is what bench/RESULTS.md (2026-11-28, GP's cost)
+# measured as still small beside trials worth running on many slots.
+GP_MAX_TRIALS = 300
+# Both TPE and GP sample at random until 10 trials have finished (their own defaults).
+GP_STARTUP_TRIALS = 10
+
+
+def torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class AutoSampler(BaseSampler):
+    """GP or TPE with constant liar, chosen by the rules above; ``n_trials`` is the study's
+    trial budget (None: none)."""
+
+    def __init__(self, seed: int | None = None, n_trials: int | None = None) -> None:
+        self._seed = seed
+        self._n_trials = n_trials
+        self._tpe = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        self.current: BaseSampler = self._tpe
+        self.choice: str | None = None  # "gp" or "tpe" once chosen
+        self.reason = ""
+        self.on_choice: Callable[[str], None] | None = None
+
+    def __str__(self) -> str:
+        return f"AutoSampler({self.choice or 'undecided'})"
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        # Called by every ask, on the thread that asks: the choice is made (and said) there.
+        self._choose(study)
+        self.current.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self.current.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.current.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self.current.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.current.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()
+        if self.current is not self._tpe:
+            self.current.reseed_rng()
+
+    def _choose(self, study: optuna.Study) -> None:
+        if self.choice == "tpe":
+            return
+        if self.choice is None:
+            against = self._against_gp_from_the_start(study)
+            if against:
+                self._settle("tpe", against)
+                return
+        done = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if self.choice is None and len(done) < GP_STARTUP_TRIALS:
+            return  # TPE's random start, until the space is known
+        against = space_against_gp(done)
+        if against:
+            self._settle("tpe", against)
+        elif self.choice is None:
+            if torch_importable():
+                self._settle("gp", _why_gp(done[0].distributions, self._n_trials))
+            else:
+                self._settle("tpe", "GP would fit, but torch is not installed")
+
+    def _against_gp_from_the_start(self, study: optuna.Study) -> str:
+        if len(study.directions) > 1:
+            return f"{len(study.directions)} objectives (GP is chosen for one objective only)"
+        if self._n_trials is None:
+            return "no trial budget (GP's cost per suggestion grows with the cube of the trials)"
+        if self._n_trials > GP_MAX_TRIALS:
+            return f"a budget of {self._n_trials} trials (GP is chosen up to {GP_MAX_TRIALS})"
+        return ""
+
+    def _settle(self, choice: str, reason: str) -> None:
+        if choice == "gp":
+            self.current = optuna.samplers.GPSampler(
+                seed=self._seed, warn_independent_sampling=False
+            )
+            line = f"sampler GP (Optuna's GPSampler): {reason}"
+        else:
+            self.current = self._tpe
+            line = f"sampler TPE with constant liar: {reason}"
+        self.choice, self.reason = choice, reason
+        if self.on_choice is not None:
+            self.on_choice(line)
+
+
+def space_against_gp(done: Sequence[FrozenTrial]) -> str:
+    """Why GP does not fit the search space these finished trials show; "" when it does."""
+    if not done:
+        return ""
+    first = done[0].distributions
+    for trial in done[1:]:
+        if trial.distributions != first:
+            return (
+                f"the search space changes between trials (trials {done[0].number} and "
+                f"{trial.number} differ); GP models a fixed space"
+            )
+    for name, distribution in first.items():
+        if not isinstance(distribution, FloatDistribution | IntDistribution):
+            return f"parameter {name!r} is categorical; GP is chosen for numbers only"
+    return ""
+
+
+def _why_gp(space: dict[str, BaseDistribution], n_trials: int | None) -> str:
+    return (
+        f"one objective, a fixed space of {len(space)} numeric parameters, a budget of "
+        f"{n_trials} trials (GP is chosen up to {GP_MAX_TRIALS}), torch installed"
+    )
