@@ -1,6 +1,8 @@
 """A local Ray cluster of three nodes with fake GPUs: Ray places one agent per node, with the
-node's GPUs reserved through Ray, the search uses every slot of every node, and a node Ray
-removes loses only its trials, which run again on the others."""
+node's GPUs reserved through Ray, a campaign and a search use every slot of every node, and a
+node Ray removes loses only its trials, which run again on the others. The cluster is started
+once for the module (it takes 20-30 s on a small machine); the campaign runs first, on all
+three nodes, and the search then removes one."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 import hyperfleet
+from support import node_objective
 from support.node_objective import where_it_runs
 from support.procs import wait_until
 
@@ -26,31 +29,74 @@ NODE_GPUS = (2, 2, 1)
 N_TRIALS = 30  # enough that a worker slow to start on a loaded machine still gets some
 
 
-@pytest.fixture
-def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    # Every node's processes inherit this: each agent finds fake GPUs, limited to the ones Ray
-    # gives its task in CUDA_VISIBLE_DEVICES.
-    monkeypatch.setenv("HYPERFLEET_FAKE_GPUS", "2")
-    monkeypatch.setenv("HYPERFLEET_TEST_NAP", "0.5")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    cluster = cluster_utils.Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": NODE_GPUS[0]}
-    )
-    try:
-        for gpus in NODE_GPUS[1:]:
-            cluster.add_node(num_cpus=1, num_gpus=gpus)
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    with pytest.MonkeyPatch.context() as patch:
+        # Every node's processes inherit this: each agent finds fake GPUs, limited to the ones
+        # Ray gives its task in CUDA_VISIBLE_DEVICES.
+        patch.setenv("HYPERFLEET_FAKE_GPUS", "2")
+        patch.setenv("HYPERFLEET_TEST_NAP", "0.5")
+        patch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        cluster = cluster_utils.Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": NODE_GPUS[0]}
+        )
+        try:
+            for gpus in NODE_GPUS[1:]:
+                cluster.add_node(num_cpus=1, num_gpus=gpus)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+CAMPAIGN = """
+[campaign]
+name = "on-ray"
+run_dir = "run"
+ray = "{address}"
+
+[pool]
+cpu_slots = 0
+
+[defaults]
+n_trials = 12
+direction = "maximize"
+objective = "{objective}:where_it_runs"
+slot = {{ gpus = 1 }}
+
+[[study]]
+name = "a"
+
+[[study]]
+name = "b"
+"""
+
+
+def test_a_campaign_on_ray_uses_every_slot_of_every_node(
+    ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = _gpu_slots()
+    campaign = tmp_path / "campaign.toml"
+    objective = Path(node_objective.__file__)
+    campaign.write_text(CAMPAIGN.format(address=ray_cluster.address, objective=objective))
+    outcome = hyperfleet.run_campaign(campaign, display="quiet", report=False)
+    assert outcome.status == "completed", outcome.message
+    used: set[str] = set()
+    for study in outcome.studies:
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 12, study.study_name
+        used |= {t.user_attrs["slot"] for t in trials}
+        _assert_pinned(trials)
+    assert used == expected
 
 
 def test_ray_places_one_agent_per_node_and_a_removed_node_loses_only_its_trials(
     ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    gpus = {node["NodeID"]: int(node["Resources"]["GPU"]) for node in _alive()}
+    expected = _gpu_slots()
     study = optuna.create_study(study_name="on-ray", direction="maximize")
     outcomes: list[Any] = []
     search = threading.Thread(
@@ -83,14 +129,20 @@ def test_ray_places_one_agent_per_node_and_a_removed_node_loses_only_its_trials(
         assert trial.system_attrs["hyperfleet:fail_kind"] == "lost"
         assert f"node {name}" in trial.system_attrs["hyperfleet:fail_reason"]
     assert f"node {name} lost" in log.read_text()
-    expected = {f"ray-{node_id[:6]}/gpu{k}#0" for node_id, n in gpus.items() for k in range(n)}
     assert {t.user_attrs["slot"] for t in trials if "slot" in t.user_attrs} == expected
-    for trial in (t for t in trials if t.state == TrialState.COMPLETE):
+    _assert_pinned([t for t in trials if t.state == TrialState.COMPLETE])
+
+
+def _assert_pinned(trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Each trial saw its slot's one GPU and its cores, from inside its worker."""
+    for trial in trials:
         local = trial.user_attrs["slot"].partition("/")[2]
         assert trial.user_attrs["cuda_visible_devices"] == local[len("gpu")]
         assert trial.user_attrs["affinity"] == trial.user_attrs["slot_cores"]
 
 
-def _alive() -> list[dict[str, Any]]:
+def _gpu_slots() -> set[str]:
+    """The slot names of every GPU of every live node: ray-<node id>/gpu<k>#0."""
     ray.init(address="auto", ignore_reinit_error=True)
-    return [node for node in ray.nodes() if node["Alive"]]
+    gpus = {node["NodeID"]: int(node["Resources"]["GPU"]) for node in ray.nodes() if node["Alive"]}
+    return {f"ray-{node_id[:6]}/gpu{k}#0" for node_id, n in gpus.items() for k in range(n)}
