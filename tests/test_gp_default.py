@@ -5,6 +5,7 @@ torch."""
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import importlib.util
 import os
@@ -19,7 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 import hyperfleet
-from hyperfleet.auto_sampler import GP_MAX_TRIALS, AutoSampler
+from hyperfleet.auto_sampler import GP_MAX_TRIALS, GP_MIN_TRIAL_SECONDS, AutoSampler
 from hyperfleet.controller.sampling import Suggestions, suggests_slowly
 from hyperfleet.resources.inventory import Inventory
 
@@ -33,14 +34,20 @@ def study_with(
     finished: int = 10,
     space: dict[str, optuna.distributions.BaseDistribution] | None = None,
     directions: tuple[str, ...] = ("minimize",),
+    seconds: float = 60.0,
 ) -> optuna.Study:
-    """``finished`` trials told on a grid of ``space`` (x and y floats by default)."""
+    """``finished`` trials told on a grid of ``space`` (x and y floats by default), each of
+    which lasted ``seconds``."""
     study = optuna.create_study(sampler=sampler, directions=list(directions))
     space = SPACE if space is None else space
+    end = datetime.datetime.now()
     for i in range(finished):
         params = {name: _point(d, i) for name, d in space.items()}
         values = [float(i % 7)] * len(directions)
-        study.add_trial(create_trial(params=params, distributions=space, values=values))
+        trial = create_trial(params=params, distributions=space, values=values)
+        trial.datetime_start = end - datetime.timedelta(seconds=seconds)
+        trial.datetime_complete = end
+        study.add_trial(trial)
     return study
 
 
@@ -86,6 +93,12 @@ def test_auto_stays_on_tpe_where_gp_does_not_apply(
     assert choice == "tpe" and not suggests_slowly(sampler)
     assert len(lines) == 1 and lines[0].startswith("sampler TPE") and reason in lines[0]
     assert isinstance(sampler.current, optuna.samplers.TPESampler)
+
+
+def test_auto_stays_on_tpe_for_quick_trials() -> None:
+    sampler = AutoSampler(seed=0, n_trials=50)
+    choice, lines = choice_of(sampler, study_with(sampler, seconds=GP_MIN_TRIAL_SECONDS / 2))
+    assert choice == "tpe" and "trials of 5.0 s (median)" in lines[0]
 
 
 def test_auto_stays_on_tpe_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,7 +168,9 @@ def test_a_search_with_gp_as_the_default_runs_to_its_budget(
     search: ModuleType, tmp_path: Path
 ) -> None:
     n_trials = 14
-    study = optuna.create_study(sampler=AutoSampler(seed=0, n_trials=n_trials))
+    # Its trials are quick: GP is chosen for them only with the duration rule set aside.
+    sampler = AutoSampler(seed=0, n_trials=n_trials, min_trial_seconds=0.0)
+    study = optuna.create_study(sampler=sampler)
     cores = tuple(sorted(os.sched_getaffinity(0)))
     outcome = hyperfleet.optimize(
         study,

@@ -13,6 +13,10 @@ known, then picks GP when all of these hold, and TPE otherwise:
   suggestion takes many seconds);
 - every finished trial has the same parameters, each a float or an integer (a categorical, or a
   parameter only some trials have, stays on TPE);
+- the finished trials took :data:`GP_MIN_TRIAL_SECONDS` or more (median): a GP suggestion
+  takes about a second, one at a time per study, which hides behind trials of 10 s on up to
+  about 10 slots, and only trials that cost that much are worth GP's care; a search of quick
+  trials runs faster with TPE, whatever it loses per trial;
 - torch imports.
 
 A space that changes after GP was chosen (a parameter that appears or goes) moves the study to
@@ -24,6 +28,7 @@ there; the controller prepares the following ones off its thread (controller/sam
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +42,8 @@ from optuna.trial import FrozenTrial, TrialState
 GP_MAX_TRIALS = 300
 # Both TPE and GP sample at random until 10 trials have finished (their own defaults).
 GP_STARTUP_TRIALS = 10
+# The median trial duration from which GP is chosen (see the module's docstring).
+GP_MIN_TRIAL_SECONDS = 10.0
 
 
 def torch_importable() -> bool:
@@ -51,9 +58,15 @@ class AutoSampler(BaseSampler):
     """GP or TPE with constant liar, chosen by the rules above; ``n_trials`` is the study's
     trial budget (None: none)."""
 
-    def __init__(self, seed: int | None = None, n_trials: int | None = None) -> None:
+    def __init__(
+        self,
+        seed: int | None = None,
+        n_trials: int | None = None,
+        min_trial_seconds: float = GP_MIN_TRIAL_SECONDS,
+    ) -> None:
         self._seed = seed
         self._n_trials = n_trials
+        self._min_trial_seconds = min_trial_seconds
         self._tpe = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
         self.current: BaseSampler = self._tpe
         self.choice: str | None = None  # "gp" or "tpe" once chosen
@@ -113,6 +126,8 @@ class AutoSampler(BaseSampler):
         if self.choice is None and len(done) < GP_STARTUP_TRIALS:
             return  # TPE's random start, until the space is known
         against = space_against_gp(done)
+        if not against and self.choice is None:
+            against = self._too_quick_for_gp(done)
         if against:
             self._settle("tpe", against)
         elif self.choice is None:
@@ -129,6 +144,15 @@ class AutoSampler(BaseSampler):
         if self._n_trials > GP_MAX_TRIALS:
             return f"a budget of {self._n_trials} trials (GP is chosen up to {GP_MAX_TRIALS})"
         return ""
+
+    def _too_quick_for_gp(self, done: Sequence[FrozenTrial]) -> str:
+        seconds = statistics.median(_duration(t) for t in done)
+        if seconds >= self._min_trial_seconds:
+            return ""
+        return (
+            f"trials of {seconds:.1f} s (median); GP, about a second per suggestion, is chosen "
+            f"for trials of {self._min_trial_seconds:g} s or more"
+        )
 
     def _settle(self, choice: str, reason: str) -> None:
         if choice == "gp":
@@ -159,6 +183,12 @@ def space_against_gp(done: Sequence[FrozenTrial]) -> str:
         if not isinstance(distribution, FloatDistribution | IntDistribution):
             return f"parameter {name!r} is categorical; GP is chosen for numbers only"
     return ""
+
+
+def _duration(trial: FrozenTrial) -> float:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return 0.0
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def _why_gp(space: dict[str, BaseDistribution], n_trials: int | None) -> str:
