@@ -23,17 +23,13 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
-from optuna.samplers import BaseSampler
-from optuna.trial import FrozenTrial, TrialState
 from quality_functions import FUNCTIONS
 
 import hyperfleet
+from hyperfleet.delegating import DelegatingSampler
 from hyperfleet.resources.inventory import Inventory
 
 LOG_ENV = "BENCH_GP_LATENCY_LOG"  # the workers inherit it from the controller
@@ -53,42 +49,8 @@ def objective(trial: optuna.Trial) -> float:
     return value
 
 
-class InLoop(BaseSampler):
+class InLoop(DelegatingSampler):
     """Delegates everything to ``base``; the controller does not recognise it as slow."""
-
-    def __init__(self, base: BaseSampler) -> None:
-        self.base = base
-
-    def infer_relative_search_space(
-        self, study: optuna.Study, trial: FrozenTrial
-    ) -> dict[str, BaseDistribution]:
-        return self.base.infer_relative_search_space(study, trial)
-
-    def sample_relative(
-        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> dict[str, Any]:
-        return self.base.sample_relative(study, trial, search_space)
-
-    def sample_independent(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        state: TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        self.base.after_trial(study, trial, state, values)
 
 
 def run(setup: str, slots: int, n_trials: int) -> tuple[list[float], float]:

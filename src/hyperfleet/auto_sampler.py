@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.delegating import DelegatingSampler
 
 # A suggestion's cost at this many trials is what bench/RESULTS.md (2026-11-28, GP's cost)
 # measured as still small beside trials worth running on many slots.
@@ -54,7 +55,7 @@ def torch_importable() -> bool:
     return True
 
 
-class AutoSampler(BaseSampler):
+class AutoSampler(DelegatingSampler):
     """GP or TPE with constant liar, chosen by the rules above; ``n_trials`` is the study's
     trial budget (None: none)."""
 
@@ -68,7 +69,7 @@ class AutoSampler(BaseSampler):
         self._n_trials = n_trials
         self._min_trial_seconds = min_trial_seconds
         self._tpe = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-        self.current: BaseSampler = self._tpe
+        super().__init__(self._tpe)  # the chosen sampler, TPE until GP is chosen
         self.choice: str | None = None  # "gp" or "tpe" once chosen
         self.reason = ""
         self.on_choice: Callable[[str], None] | None = None
@@ -76,38 +77,14 @@ class AutoSampler(BaseSampler):
     def __str__(self) -> str:
         return f"AutoSampler({self.choice or 'undecided'})"
 
+    @property
+    def current(self) -> BaseSampler:
+        return self.base
+
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         # Called by every ask, on the thread that asks: the choice is made (and said) there.
         self._choose(study)
-        self.current.before_trial(study, trial)
-
-    def infer_relative_search_space(
-        self, study: optuna.Study, trial: FrozenTrial
-    ) -> dict[str, BaseDistribution]:
-        return self.current.infer_relative_search_space(study, trial)
-
-    def sample_relative(
-        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> dict[str, Any]:
-        return self.current.sample_relative(study, trial, search_space)
-
-    def sample_independent(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self.current.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        state: TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        self.current.after_trial(study, trial, state, values)
+        self.base.before_trial(study, trial)
 
     def reseed_rng(self) -> None:
         self._tpe.reseed_rng()
@@ -156,12 +133,10 @@ class AutoSampler(BaseSampler):
 
     def _settle(self, choice: str, reason: str) -> None:
         if choice == "gp":
-            self.current = optuna.samplers.GPSampler(
-                seed=self._seed, warn_independent_sampling=False
-            )
+            self.base = optuna.samplers.GPSampler(seed=self._seed, warn_independent_sampling=False)
             line = f"sampler GP (Optuna's GPSampler): {reason}"
         else:
-            self.current = self._tpe
+            self.base = self._tpe
             line = f"sampler TPE with constant liar: {reason}"
         self.choice, self.reason = choice, reason
         if self.on_choice is not None:

@@ -31,6 +31,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from hyperfleet.delegating import DelegatingSampler
 from hyperfleet.errors import ConfigError
 
 # The values a running trial is shown with, from the finished trials and the directions.
@@ -57,7 +58,7 @@ def _pick(direction: StudyDirection, values: list[float], worst: bool) -> float:
 LIARS: dict[str, Liar] = {"worst": _worst, "mean": _mean, "best": _best}
 
 
-class PendingTrialsSampler(BaseSampler):
+class PendingTrialsSampler(DelegatingSampler):
     """``base`` sees every other running trial as finished, valued by the ``liar`` strategy
     (one of :data:`LIARS`).
 
@@ -76,7 +77,7 @@ class PendingTrialsSampler(BaseSampler):
                 f"unknown liar strategy {liar!r} for running trials; choose one of "
                 f"{', '.join(LIARS)}."
             )
-        self.base = base
+        super().__init__(base)
         self.liar = liar
 
     def __str__(self) -> str:
@@ -101,21 +102,6 @@ class PendingTrialsSampler(BaseSampler):
     ) -> Any:
         view = self._view(study, trial)
         return self.base.sample_independent(view, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        state: TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
 
     def _view(self, study: optuna.Study, current: FrozenTrial) -> optuna.Study:
         trials = study._get_trials(deepcopy=False, use_cache=False)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import datetime
 import threading
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ from optuna.storages import InMemoryStorage, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.auto_sampler import AutoSampler
+from hyperfleet.delegating import DelegatingSampler
 from hyperfleet.pending import PendingTrialsSampler
 
 _NEW_TRIAL_ID = -1  # the trial being prepared, which the storage has not created yet
@@ -200,11 +201,11 @@ class _WriteRefused(RuntimeError):
     way instead (never shown to users: the plain ask makes the same writes)."""
 
 
-class _HandBack(BaseSampler):
+class _HandBack(DelegatingSampler):
     """The study's sampler, except that the relative sample is the one prepared."""
 
     def __init__(self, base: BaseSampler, prepared: Prepared) -> None:
-        self._base = base
+        super().__init__(base)
         self._prepared = prepared
 
     def infer_relative_search_space(
@@ -218,27 +219,6 @@ class _HandBack(BaseSampler):
         for key, value in self._prepared.system_attrs.items():
             study._storage.set_trial_system_attr(trial._trial_id, key, value)
         return dict(self._prepared.params)
-
-    def sample_independent(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self._base.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._base.before_trial(study, trial)
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        state: TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        self._base.after_trial(study, trial, state, values)
 
 
 def _new_trial(number: int) -> FrozenTrial:
