@@ -101,6 +101,15 @@ def test_auto_stays_on_tpe_for_quick_trials() -> None:
     assert choice == "tpe" and "trials of 5.0 s (median)" in lines[0]
 
 
+def test_auto_stays_on_tpe_when_few_trials_are_left_for_many_running() -> None:
+    sampler = AutoSampler(seed=0, n_trials=50)
+    study = study_with(sampler)
+    for _ in range(30):  # 30 slots busy: 9 trials left, under two rounds of them
+        study.add_trial(create_trial(state=TrialState.RUNNING, params={}, distributions={}))
+    choice, lines = choice_of(sampler, study)
+    assert choice == "tpe" and "9 trials left for 31 running" in lines[0]
+
+
 def test_auto_stays_on_tpe_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     sampler = AutoSampler(seed=0, n_trials=50)
@@ -167,7 +176,7 @@ def search(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 def test_a_search_with_gp_as_the_default_runs_to_its_budget(
     search: ModuleType, tmp_path: Path
 ) -> None:
-    n_trials = 14
+    n_trials = 18  # 10 to finish before choosing, and two rounds of the 2 slots after that
     # Its trials are quick: GP is chosen for them only with the duration rule set aside.
     sampler = AutoSampler(seed=0, n_trials=n_trials, min_trial_seconds=0.0)
     study = optuna.create_study(sampler=sampler)

@@ -13,6 +13,8 @@ known, then picks GP when all of these hold, and TPE otherwise:
   suggestion takes many seconds);
 - every finished trial has the same parameters, each a float or an integer (a categorical, or a
   parameter only some trials have, stays on TPE);
+- the budget left covers :data:`GP_WAVES` rounds of the trials running (a search with nearly
+  as many slots as trials is mostly random anyway, and GP's few suggestions did worse there);
 - the finished trials took :data:`GP_MIN_TRIAL_SECONDS` or more (median): a GP suggestion
   takes about a second, one at a time per study, which hides behind trials of 10 s on up to
   about 10 slots, and only trials that cost that much are worth GP's care; a search of quick
@@ -45,6 +47,11 @@ GP_MAX_TRIALS = 300
 GP_STARTUP_TRIALS = 10
 # The median trial duration from which GP is chosen (see the module's docstring).
 GP_MIN_TRIAL_SECONDS = 10.0
+# GP is chosen when the budget left after the random start covers this many rounds of the trials
+# running then (about one per slot): with fewer, each of its few suggestions is made beside many
+# pending trials, and on Levy 10-D at 32 slots (64 trials: 23 left for 31 running) it did
+# worse than TPE with constant liar on 17 of 20 seeds (bench/RESULTS.md).
+GP_WAVES = 2
 
 
 def torch_importable() -> bool:
@@ -104,7 +111,7 @@ class AutoSampler(DelegatingSampler):
             return  # TPE's random start, until the space is known
         against = space_against_gp(done)
         if not against and self.choice is None:
-            against = self._too_quick_for_gp(done)
+            against = self._too_quick_for_gp(done) or self._too_parallel_for_gp(study)
         if against:
             self._settle("tpe", against)
         elif self.choice is None:
@@ -121,6 +128,17 @@ class AutoSampler(DelegatingSampler):
         if self._n_trials > GP_MAX_TRIALS:
             return f"a budget of {self._n_trials} trials (GP is chosen up to {GP_MAX_TRIALS})"
         return ""
+
+    def _too_parallel_for_gp(self, study: optuna.Study) -> str:
+        trials = study._get_trials(deepcopy=False, states=None)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        left = (self._n_trials or 0) - len(trials)
+        if left >= GP_WAVES * running:
+            return ""
+        return (
+            f"{left} trials left for {running} running (GP is chosen when the budget left "
+            f"covers {GP_WAVES} rounds of the running trials)"
+        )
 
     def _too_quick_for_gp(self, done: Sequence[FrozenTrial]) -> str:
         seconds = statistics.median(_duration(t) for t in done)
