@@ -1,8 +1,7 @@
 """A local Ray cluster of three nodes with fake GPUs: Ray places one agent per node, with the
 node's GPUs reserved through Ray, a campaign and a search use every slot of every node, and a
-node Ray removes loses only its trials, which run again on the others. The cluster is started
-once for the module (it takes 20-30 s on a small machine); the campaign runs first, on all
-three nodes, and the search then removes one."""
+node Ray removes loses only its trials, which run again on the others. Each test starts a
+cluster of its own: one run's agents must not be in the way of the next run's."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ NODE_GPUS = (2, 2, 1)
 N_TRIALS = 30  # enough that a worker slow to start on a loaded machine still gets some
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_cluster() -> Iterator[Any]:
     with pytest.MonkeyPatch.context() as patch:
         # Every node's processes inherit this: each agent finds fake GPUs, limited to the ones
