@@ -108,7 +108,7 @@ class PendingTrialsSampler(DelegatingSampler):
         presented = present_running(trials, current.number, study.directions, LIARS[self.liar])
         if presented is trials:
             return study
-        return _StudyView(study, presented)
+        return TrialsView(study, presented)
 
 
 def present_running(
@@ -149,11 +149,12 @@ def _stand_in(trial: FrozenTrial, values: list[float]) -> FrozenTrial:
     )
 
 
-class _StudyView(optuna.Study):
-    """The study as the wrapped sampler sees it: the same storage, directions and attributes
-    (writes, such as a sampler's system attributes, go to the real trials), but trial lists
-    that hold the stand-ins. Every way Optuna reads trials (``trials``, ``get_trials``, and the
-    ``_get_trials`` samplers call) goes through ``_get_trials``."""
+class TrialsView(optuna.Study):
+    """The study as a sampler sees it: the same storage, directions and attributes (writes,
+    such as a sampler's system attributes, go to the real trials), but trial lists that hold
+    the trials given (here: with the stand-ins; a snapshot for controller/sampling.py). Every
+    way Optuna reads trials (``trials``, ``get_trials``, and the ``_get_trials`` samplers call)
+    goes through ``_get_trials``."""
 
     def __init__(self, study: optuna.Study, trials: list[FrozenTrial]) -> None:
         # Sharing the real study's state (no Study.__init__: it would open the study again).

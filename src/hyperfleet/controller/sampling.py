@@ -48,7 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.delegating import DelegatingSampler
-from hyperfleet.pending import PendingTrialsSampler
+from hyperfleet.pending import PendingTrialsSampler, TrialsView
 
 _NEW_TRIAL_ID = -1  # the trial being prepared, which the storage has not created yet
 
@@ -137,30 +137,19 @@ def prepare(view: _SnapshotStudy) -> Prepared:
     return Prepared(space, params, dict(view.recorder.system_attrs))
 
 
-class _SnapshotStudy(optuna.Study):
+class _SnapshotStudy(TrialsView):
     """The study as its sampler sees it in the computing thread: the trials of the moment it
     was made, the new trial's system attributes recorded rather than written."""
 
     def __init__(self, study: optuna.Study) -> None:
-        # Sharing the real study's state (no Study.__init__: it would open the study again).
-        self.__dict__.update(study.__dict__)
         trials = study._get_trials(deepcopy=False)
         if not isinstance(study._storage, InMemoryStorage | JournalStorage):
             trials = copy.deepcopy(trials)  # a storage that may change its trials in place
+        super().__init__(study, trials)
         self.new_trial = _new_trial(len(trials))
-        self._snapshot = trials
         self.recorder = _Recorder(study._storage, [*trials, self.new_trial])
         # Duck-typed: it answers what samplers call, and refuses the rest.
         self._storage = self.recorder  # type: ignore[assignment]
-
-    def _get_trials(
-        self,
-        deepcopy: bool = True,
-        states: Container[TrialState] | None = None,
-        use_cache: bool = False,
-    ) -> list[FrozenTrial]:
-        trials = [t for t in self._snapshot if states is None or t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
 
 
 class _Recorder:
