@@ -215,7 +215,7 @@ class PlacingJournalStorage(JournalStorage):
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         if template_trial is None and self._placement is not None:
-            template_trial = _running_trial(self._placement)
+            template_trial = running_trial(self._placement)
         return super().create_new_trial(study_id, template_trial)
 
     def commit(self) -> None:
@@ -229,10 +229,13 @@ class PlacingJournalStorage(JournalStorage):
             close()
 
 
-def _running_trial(system_attrs: dict[str, Any]) -> FrozenTrial:
-    """What ``create_new_trial`` writes for a plain new trial, plus ``system_attrs``."""
+def running_trial(
+    system_attrs: dict[str, Any] | None = None, number: int = -1, trial_id: int = -1
+) -> FrozenTrial:
+    """A new trial as ``create_new_trial`` writes it (running, no parameters yet), with
+    ``system_attrs``; the number and id are the storage's to give (-1) unless said."""
     return FrozenTrial(
-        number=-1,
+        number=number,
         state=TrialState.RUNNING,
         value=None,
         datetime_start=datetime.datetime.now(),
@@ -240,9 +243,9 @@ def _running_trial(system_attrs: dict[str, Any]) -> FrozenTrial:
         params={},
         distributions={},
         user_attrs={},
-        system_attrs=dict(system_attrs),
+        system_attrs=dict(system_attrs or {}),
         intermediate_values={},
-        trial_id=-1,
+        trial_id=trial_id,
     )
 
 

@@ -34,7 +34,6 @@ system attributes are refused in the thread; the trial is then asked the plain w
 from __future__ import annotations
 
 import copy
-import datetime
 import threading
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.delegating import DelegatingSampler
+from hyperfleet.journal import running_trial
 from hyperfleet.pending import PendingTrialsSampler, TrialsView
 
 _NEW_TRIAL_ID = -1  # the trial being prepared, which the storage has not created yet
@@ -146,7 +146,7 @@ class _SnapshotStudy(TrialsView):
         if not isinstance(study._storage, InMemoryStorage | JournalStorage):
             trials = copy.deepcopy(trials)  # a storage that may change its trials in place
         super().__init__(study, trials)
-        self.new_trial = _new_trial(len(trials))
+        self.new_trial = running_trial(number=len(trials), trial_id=_NEW_TRIAL_ID)
         self.recorder = _Recorder(study._storage, [*trials, self.new_trial])
         # Duck-typed: it answers what samplers call, and refuses the rest.
         self._storage = self.recorder  # type: ignore[assignment]
@@ -208,20 +208,3 @@ class _HandBack(DelegatingSampler):
         for key, value in self._prepared.system_attrs.items():
             study._storage.set_trial_system_attr(trial._trial_id, key, value)
         return dict(self._prepared.params)
-
-
-def _new_trial(number: int) -> FrozenTrial:
-    """The trial being prepared as the sampler sees it: running, no parameters yet."""
-    return FrozenTrial(
-        number=number,
-        state=TrialState.RUNNING,
-        value=None,
-        datetime_start=datetime.datetime.now(),
-        datetime_complete=None,
-        params={},
-        distributions={},
-        user_attrs={},
-        system_attrs={},
-        intermediate_values={},
-        trial_id=_NEW_TRIAL_ID,
-    )
