@@ -28,7 +28,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -37,7 +36,7 @@ from typing import Any
 
 import optuna
 import psutil
-from common import PARAMS, build_journal
+from common import PARAMS, build_journal, run_folder
 
 from hyperfleet.cluster.channel import connect
 from hyperfleet.cluster.messages import (
@@ -273,17 +272,17 @@ def main() -> None:
         for finished in args.studies:
             for slots in args.slots:
                 # Every slot runs a few trials, so that each has waits to measure.
-                with tempfile.TemporaryDirectory() as tmp:
-                    r = one_run(
-                        Path(tmp),
-                        slots,
-                        args.connections,
-                        sampler,
-                        finished,
-                        max(new, 2 * slots),
-                        args.profile,
-                        (args.trial_seconds, args.trial_spread),
-                    )
+                tmp = run_folder()
+                r = one_run(
+                    tmp,
+                    slots,
+                    args.connections,
+                    sampler,
+                    finished,
+                    max(new, 2 * slots),
+                    args.profile,
+                    (args.trial_seconds, args.trial_spread),
+                )
                 print(
                     f"{sampler:<7} {finished:>6} {slots:>5} {r['per_s']:>9.0f} "
                     f"{r['p50_ms']:>9.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.1f} "

@@ -31,14 +31,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
-from common import run_processes
+from common import run_folder, run_processes
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -123,10 +122,10 @@ def greedy_makespan(slots: int) -> float:
 
 
 def measure(runner: Callable[[Path, int], list[FrozenTrial]], slots: int) -> Outcome:
-    with tempfile.TemporaryDirectory(prefix="makespan-") as folder:
-        launch = time.time()
-        trials = runner(Path(folder), slots)
-        wall = time.time() - launch
+    folder = run_folder("makespan-")
+    launch = time.time()
+    trials = runner(folder, slots)
+    wall = time.time() - launch
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     if sorted(t.number for t in done) != list(range(len(DURATIONS))) or any(
         t.value != DURATIONS[t.number] for t in done

@@ -28,12 +28,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from common import run_folder
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -143,11 +143,11 @@ def main() -> None:
     walls: dict[str, list[float]] = {name: [] for name in RUNNERS}
     for _ in range(args.repeats):
         for name, runner in RUNNERS.items():  # interleaved, so drift hits all alike
-            with tempfile.TemporaryDirectory() as folder:
-                start = time.perf_counter()
-                study = runner(Path(folder), args.trials)
-                walls[name].append(time.perf_counter() - start)
-                rates[name].append(_steady_rate(study))
+            folder = run_folder()
+            start = time.perf_counter()
+            study = runner(Path(folder), args.trials)
+            walls[name].append(time.perf_counter() - start)
+            rates[name].append(_steady_rate(study))
 
     base = statistics.median(rates["optuna-threads"])
     work = f"{args.trial_seconds * 1000:.0f} ms" if args.trial_seconds else "trivial"

@@ -31,14 +31,13 @@ import json
 import os
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
-from common import run_processes
+from common import run_folder, run_processes
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -173,11 +172,11 @@ def busy_share(by_slot: dict[str, list[tuple[float, float]]], slots: int) -> flo
 
 
 def measure(runner: str, slots: int, sampler: str, trials_per_slot: int) -> Row:
-    with tempfile.TemporaryDirectory(prefix="turnaround-") as folder:
-        log = Path(folder) / "trials.jsonl"
-        os.environ[LOG_ENV] = str(log)
-        RUNNERS[runner](Path(folder), slots, sampler, slots * trials_per_slot)
-        by_slot = read_log(log)
+    folder = run_folder("turnaround-")
+    log = folder / "trials.jsonl"
+    os.environ[LOG_ENV] = str(log)
+    RUNNERS[runner](folder, slots, sampler, slots * trials_per_slot)
+    by_slot = read_log(log)
     gaps = sorted(g * 1000 for g in turnarounds(by_slot))
     p99 = statistics.quantiles(gaps, n=100, method="inclusive")[98] if len(gaps) > 1 else gaps[0]
     busy = busy_share(by_slot, slots)

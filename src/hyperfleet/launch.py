@@ -251,13 +251,13 @@ class RunDirGuard(EventSink):
         self._run_dir.check_still_there()
 
     def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._run_dir.check_still_there()
+        self._run_dir.check_now_and_then()
 
     def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._run_dir.check_still_there()
+        self._run_dir.check_now_and_then()
 
     def on_message(self, state: RunState, text: str) -> None:
-        self._run_dir.check_still_there()
+        self._run_dir.check_now_and_then()
 
     def on_tick(self, state: RunState) -> None:
         self._run_dir.check_still_there()

@@ -10,10 +10,12 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import socket
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ STUDIES_NAME = "studies"  # a campaign's studies each get a folder in there
 JOURNAL_NAME = "optuna.journal"
 CHECKPOINTS_NAME = "checkpoints"  # one folder per trial and its repeats, made when asked for
 TRIALS_NAME = "trials"
+CHECK_EVERY_SECONDS = 0.1  # how often a deleted or moved run folder is looked for, at most
 # Trial folders are zero-padded (trials/00017) so that a listing shows them in order; folders
 # of runs made before are named by the bare number (trials/17) and are still found.
 TRIAL_DIGITS = 5
@@ -63,6 +66,7 @@ class RunDir:
         self._lock_file: IO[str] | None = None
         self._record: dict[str, Any] | None = None
         self._locked_inode: tuple[int, int] | None = None  # (device, inode) while locked
+        self._checked_at = -math.inf  # when check_now_and_then last looked
 
     @property
     def record_file(self) -> Path:
@@ -249,6 +253,17 @@ class RunDir:
         if gone:
             raise RunDirGone(f"the run directory {self.path} was deleted or moved during the run")
 
+    def check_now_and_then(self) -> None:
+        """:meth:`check_still_there`, at most every :data:`CHECK_EVERY_SECONDS`: the loop's
+        events come thousands of times a second with short trials, and a ``stat`` each time was
+        a tenth of the controller's time. What would make a folder at the path again (a study's
+        trial folder) checks every time."""
+        now = time.monotonic()
+        if now - self._checked_at < CHECK_EVERY_SECONDS:
+            return
+        self.check_still_there()
+        self._checked_at = now
+
     def unlock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
@@ -292,7 +307,9 @@ def write_json(path: Path, data: Any, compact: bool = False) -> None:
         try:
             tmp.write_text(text)
         except FileNotFoundError:  # the folder is made only when needed: a trial writes two
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Not its parents: in a run folder deleted meanwhile, the write fails instead of
+            # making the run folder again at its path.
+            path.parent.mkdir(exist_ok=True)
             tmp.write_text(text)
         os.replace(tmp, path)
     except OSError:

@@ -17,7 +17,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,7 @@ from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
+from hyperfleet.controller.waiting import Waiter
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.display.format import duration
 from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
@@ -218,6 +218,7 @@ class Controller:
         self._deadline: float | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
+        self._waiter = Waiter()
         self._suggestions = Suggestions(self._wake)
         self._monitor = GpuMonitor(_gpus_of(self._slots))
         packing = settings.packing
@@ -469,7 +470,7 @@ class Controller:
     def _run_effects(self, effects: Effects) -> None:
         if effects.others:
             # Writing into a run folder that was deleted or moved would make a new one there.
-            self._run_dir.check_still_there()
+            self._run_dir.check_now_and_then()
         for effect in [*effects.sends, *effects.others]:
             effect()
 
@@ -482,15 +483,17 @@ class Controller:
                 timeout = 0.0  # a remote worker ended by the loop itself has news already
         for _, worker in local:
             waitables.extend(worker.waitables())
-        ready = wait(waitables, timeout=timeout)
+        ready = self._waiter.wait(waitables, timeout)
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
             self._take_node_events()
         for name, handle in local:
-            if handle.conn in ready:
-                self._drain(name, handle)
-            self._after_news(name, handle)
+            ended = handle.conn in ready and not self._receive(name, handle)
+            # An exit makes the connection (EOF) or the process's pidfd ready; without a pidfd
+            # the process is asked at every step.
+            if ended or handle.exit_fd is None or handle.exit_fd in ready:
+                self._after_news(name, handle)
         if self._hub is not None:
             self._hub.pump(ready)  # remote workers' messages into their inboxes
             # Only the remote workers with news: at hundreds of slots, looking at each one at
@@ -508,16 +511,24 @@ class Controller:
 
     def _drain(self, name: str, worker: Worker) -> None:
         """Handle every message the worker has sent; a worker that died sends EOF."""
-        try:
-            while worker.conn.poll():
-                self._handle(name, worker, worker.conn.recv())
-        except EOFError:
+        while worker.conn.poll() and self._receive(name, worker):
             pass
+
+    def _receive(self, name: str, worker: Worker) -> bool:
+        """Handle one message of a worker whose connection is ready; False once it is closed.
+        The loop takes one per step: its poll says so again if there are more, where asking
+        the connection itself would build a poll of its own for each message."""
+        try:
+            self._handle(name, worker, worker.conn.recv())
+        except EOFError:
+            return False
         except OSError as exc:
             # A dead worker's connection fails, and that is handled as its exit; a run folder
             # that can no longer be written stops the run (see launch.run_search).
             if exc.errno in NO_ROOM or isinstance(exc, FileNotFoundError):
                 raise
+            return False
+        return True
 
     def _handle(self, name: str, worker: Worker, message: object) -> None:
         if isinstance(message, Call):
@@ -573,8 +584,9 @@ class Controller:
         room = {name: self._room(name) for name in self._idle_slots()}
         if not any(fits for fits, _ in room.values()):
             return
-        # Trial folders are made below: not in a run folder made again at its path.
-        self._run_dir.check_still_there()
+        # Trial folders are made below (by the workers): not in a run folder made again at its
+        # path. A study's first one makes its parent, and checks again right before.
+        self._run_dir.check_now_and_then()
         self._recount_shared_budgets()
         allowed = {run.plan.name: frozenset(run.plan.slots) for run in self._runs.values()}
         while room:
@@ -708,6 +720,7 @@ class Controller:
         trial, stored = self._ask_placed(study, name, worker.pid, prepared)
         trial_dir = run.plan.folder.trial_dir(trial.number)
         if trial_dir.parent not in self._trial_folders:  # the worker makes the trial's own
+            self._run_dir.check_still_there()
             trial_dir.parent.mkdir(parents=True, exist_ok=True)
             self._trial_folders.add(trial_dir.parent)
         experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
@@ -1244,6 +1257,7 @@ class Controller:
             worker.close()
         self._workers.clear()
         self._monitor.close()
+        self._waiter.close()
         self._wake_r.close()
         self._wake_w.close()
         for view in self.state.slots:
