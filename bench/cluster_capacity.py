@@ -6,8 +6,10 @@
 A load generator plays the agents: ``--connections`` processes (4 by default) each connect to a
 real controller (``hyperfleet run --listen``) with the run's token, say hello with a node of
 fake GPUs, and answer for every worker the controller starts there, at once: ready, loaded,
-then for each trial the four ``suggest_float`` calls of :func:`objective` (each a round trip
-through the controller's sampler) and a result. Trials take no time, so the controller is the
+then for each trial the four ``suggest_float`` calls of :func:`objective` and a result. Like a
+real worker, it answers a suggestion from those sent with the trial when the controller sent
+one (and tells it so without waiting); any other is a round trip through the controller's
+sampler. Trials take no time, so the controller is the
 only limit. The study starts with ``--studies`` finished trials (written by plain Optuna) and
 runs ``--new-trials`` more (fewer for TPE, whose cost grows with the study).
 
@@ -29,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -55,6 +58,7 @@ from hyperfleet.workers.protocol import Call, Finished, Load, Loaded, Ready, Rep
 TOKEN = "capacity-bench-token"
 STUDY = "capacity"
 NAMES = list(PARAMS)
+SPACE = PARAMS[NAMES[0]]  # every parameter's distribution: FloatDistribution(-10, 10)
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -77,6 +81,7 @@ class Node:
         self.random = random.Random(os.getpid())
         self.due: list[tuple[float, int]] = []  # (when, worker): results still to send
         self.step: dict[int, int] = {}  # worker -> suggestions made in its current trial
+        self.sent: dict[int, dict[str, Any]] = {}  # worker -> suggestions sent with its trial
         self.sent_result: dict[int, float] = {}
         self.waits: list[float] = []
         self.trials = 0
@@ -109,6 +114,7 @@ class Node:
                 self.waits.append(now - self.sent_result.pop(worker))
             self.first = self.first or now
             self.step[worker] = 0
+            self.sent[worker] = getattr(message, "suggestions", {})  # older versions: none
             self._next(worker)
         elif isinstance(message, Reply):
             self._next(worker)
@@ -116,12 +122,16 @@ class Node:
             self.conn.send(Relay(worker, _pack(Loaded(message.study))))
 
     def _next(self, worker: int) -> None:
-        step = self.step[worker]
-        if step < len(NAMES):
+        while (step := self.step[worker]) < len(NAMES):
             self.step[worker] = step + 1
+            sent = self.sent[worker].get(NAMES[step])
+            answered = sent is not None and sent[0] == SPACE
             call = Call("trial", "suggest_float", (NAMES[step], -10.0, 10.0), {})
+            if answered:
+                call = replace(call, answered=True)  # never with a version that sent none
             self.conn.send(Relay(worker, _pack(call)))
-            return
+            if not answered:
+                return  # its reply calls this again
         if self.trial_seconds:
             seconds = self.trial_seconds * (1 + self.spread * self.random.random())
             heapq.heappush(self.due, (time.monotonic() + seconds, worker))

@@ -30,8 +30,8 @@ from hyperfleet.cluster.hub import ClusterSettings, NodeHub, NodeJoined, NodeLef
 from hyperfleet.cluster.pools import NodePlanner, on_node
 from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.config import RunSettings
+from hyperfleet.controller import ahead, checkpoints
 from hyperfleet.controller import bookkeeping as books
-from hyperfleet.controller import checkpoints
 from hyperfleet.controller.autopack import AutoPack, Change
 from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.commits import Committer, Effects
@@ -120,6 +120,9 @@ class StudyRun:
     loaded_once: bool = False  # its objective loaded in some worker in this run
     load_failure: str = ""  # why its objective could not be loaded, once the run went on
     released: bool = False  # its workers were told to drop its objective
+    # The parameters its finished trials all suggested, with their distributions: those sampled
+    # when a trial is sent (see controller.ahead). None: no trial finished yet.
+    space: ahead.Space | None = None
 
     def time_used(self, now: float) -> float:
         going_on = now - self.clock_since if self.clock_since is not None else 0.0
@@ -153,6 +156,7 @@ class ActiveTrial:
     # Steps an earlier attempt reported: the repeat's own reports of them are left out.
     inherited_steps: set[int] = field(default_factory=set)
     stop_asked: bool = False  # should_stop() answered True: it may end as interrupted
+    suggestions: ahead.Ahead = field(default_factory=dict)  # sent with the trial
 
 
 @dataclass
@@ -323,6 +327,7 @@ class Controller:
     def _read_stored(self) -> None:
         for run in self._runs.values():
             run.stored = run.plan.stored_trials()
+            run.space = ahead.space_of(run.stored or [])
             run.time_before = run.plan.stored_time_used() if run.stored is not None else 0.0
 
     def _budgets_already_reached(self) -> bool:
@@ -739,8 +744,16 @@ class Controller:
         )
         now = time.monotonic()
         timeout = self._settings.trial_timeout
+        computed = prepared is not None and prepared.error is None
+        suggestions = self._sample_ahead(run, trial, stored, computed)
         self._active[name] = ActiveTrial(
-            run, trial, record, now, now + timeout if timeout else None, inherited_steps=inherited
+            run,
+            trial,
+            record,
+            now,
+            now + timeout if timeout else None,
+            inherited_steps=inherited,
+            suggestions=suggestions,
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
@@ -755,6 +768,7 @@ class Controller:
             datetime_start=trial.datetime_start,
             study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
             checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
+            suggestions=suggestions,
         )
         self._pending.sends.append(functools.partial(_send, worker, message))
         view = self.state.slot(name)
@@ -767,6 +781,16 @@ class Controller:
         view.experiment = record.experiment
         run.view.running = self._book.running(run.plan.name)
         self._pending.others.append(functools.partial(self._emit, "on_trial_start", record))
+
+    def _sample_ahead(
+        self, run: StudyRun, trial: optuna.Trial, stored: FrozenTrial, prepared: bool
+    ) -> ahead.Ahead:
+        """The suggestions sent with a trial, where trials run side by side (with one slot and
+        no nodes, a seeded sampler gives the trials study.optimize gives: none are sent).
+        ``prepared``: its relative sample was computed off the loop's thread."""
+        if self._hub is None and len(self._slots) == 1:
+            return {}
+        return ahead.sample(_opened(run), trial, stored, run.space or {}, prepared)
 
     def _sample_then_launch(self, name: str, run: StudyRun) -> None:
         """A slow sampler's trial: prepared off the loop's thread while the slot waits, holding
@@ -825,6 +849,9 @@ class Controller:
     # ----- answering trial calls -----------------------------------------------------------
 
     def _answer(self, name: str, worker: Worker, call: Call) -> None:
+        if call.answered:
+            self._record_answered(name, call)
+            return
         active = self._active.get(name)
         try:
             if active is None:
@@ -839,6 +866,28 @@ class Controller:
             worker.conn.send(reply)
         except Exception as exc:  # an unpicklable value or error: say so instead
             worker.conn.send(Reply(error=RuntimeError(f"hyperfleet: cannot send reply: {exc}")))
+
+    def _record_answered(self, name: str, call: Call) -> None:
+        """Record a suggestion the worker took from those sent with its trial, through the
+        trial's own suggest, with the sampler answering the value sent."""
+        active = self._active.get(name)
+        if active is None:
+            return  # its trial ended meanwhile (a timeout): nothing left to record it on
+        study = _opened(active.run)
+        sampler = study.sampler
+        study.sampler = ahead.Answers(sampler, active.suggestions)
+        try:
+            check_call_allowed(call)
+            self._call_value(active, call)
+        except OSError:
+            raise  # the storage itself failed (a full disk): nothing more can be recorded
+        except Exception as exc:  # not expected: the value was sampled for this very call
+            self.announce(
+                f"trial {active.trial.number}: its suggestion {call.args[:1]} could not be "
+                f"recorded: {type(exc).__name__}: {exc}"
+            )
+        finally:
+            study.sampler = sampler
 
     def _call_value(self, active: ActiveTrial, call: Call) -> Any:
         if call.target == "hyperfleet":  # should_stop, the only question for the controller
@@ -975,6 +1024,8 @@ class Controller:
         study = _opened(run)
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
         run.trial_ended(time.monotonic())
+        if frozen.state in ahead.FINISHED:
+            run.space = ahead.narrowed(run.space, frozen.distributions)
         if run.plan.timeout is not None:  # no extra write per trial for the others
             books.store_time_used(study, run.time_used(time.monotonic()))
         state = frozen.state

@@ -67,6 +67,7 @@ class BestFolder(EventSink):
         self._files_written = files_written  # waits for trial files still being written
         self._every = every
         self._shown: list[int] = []
+        self._view_best: int | None = None  # the view's best trial the folder was last built for
         self._stale = False
         self._last = 0.0
 
@@ -78,7 +79,11 @@ class BestFolder(EventSink):
             return
         view = next((s for s in state.studies if s.name == record.study), None)
         if view is not None and len(view.directions) == 1:
-            if [view.best_number] != self._shown:
+            # Only when the view's best changes: with ties, Optuna's best (the lowest number)
+            # may stay another trial than the view's (the first to finish), and comparing the
+            # two rebuilt nothing but read the whole study after every trial.
+            if view.best_number != self._view_best:
+                self._view_best = view.best_number
                 self._refresh()
             return
         self._stale = True

@@ -1,8 +1,8 @@
 """Messages between the controller and a worker, sent as pickles over a socket pair.
 
 The controller owns the real ``optuna.Trial``; the worker's ``RemoteTrial`` turns each method
-call into a :class:`Call` and waits for the :class:`Reply`. One round trip costs tens of
-microseconds, while a trial costs seconds to hours.
+call into a :class:`Call` and waits for the :class:`Reply`, except the suggestions sent with
+the trial, which it answers itself and reports without waiting.
 """
 
 from __future__ import annotations
@@ -94,17 +94,23 @@ class RunTrial:
     user_attrs: dict[str, Any] = field(default_factory=dict)
     # The folder this trial shares with its repeats (made when the objective asks for it).
     checkpoint_dir: str = ""
+    # Values sampled when the trial was sent, by parameter with their distribution: a suggest
+    # of that name and distribution takes its value from here (see hyperfleet.controller.ahead).
+    suggestions: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Call:
     """A method call on the real trial ("trial") or study ("study") in the controller, or a
-    question for the controller itself ("hyperfleet": ``should_stop``)."""
+    question for the controller itself ("hyperfleet": ``should_stop``). ``answered``: a
+    suggestion the worker took from :attr:`RunTrial.suggestions`, which the controller records
+    without a reply."""
 
     target: str
     name: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    answered: bool = False
 
 
 @dataclass(frozen=True)

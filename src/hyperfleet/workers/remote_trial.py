@@ -7,14 +7,21 @@ the controller (the only process that touches storage).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.study import StudyDirection
 
 from hyperfleet.workers.protocol import Call, Reply, StudyInfo
@@ -34,6 +41,11 @@ class Channel:
         if reply.error is not None:
             raise reply.error
         return reply.value
+
+    def tell(self, target: str, name: str, *args: Any, **kwargs: Any) -> None:
+        """A call already answered here, for the controller to record: no reply to wait for."""
+        with self._lock:
+            self._conn.send(Call(target, name, args, kwargs, answered=True))
 
 
 class RemoteStudy:
@@ -71,7 +83,8 @@ class RemoteStudy:
 
 
 class RemoteTrial(optuna.Trial):
-    """Behaves like ``optuna.Trial``; every call is answered by the controller's real trial."""
+    """Behaves like ``optuna.Trial``; every call is answered by the controller's real trial,
+    but a suggestion sent with the trial (``suggestions``), answered here and recorded there."""
 
     def __init__(
         self,
@@ -80,6 +93,7 @@ class RemoteTrial(optuna.Trial):
         start: datetime.datetime | None,
         study: RemoteStudy,
         checkpoint_dir: str = "",
+        suggestions: dict[str, tuple[BaseDistribution, Any]] | None = None,
     ) -> None:
         # optuna.Trial.__init__ would reach for storage; this object never does.
         self._channel = channel
@@ -87,6 +101,30 @@ class RemoteTrial(optuna.Trial):
         self._datetime_start = start
         self.study = study  # type: ignore[assignment]
         self._checkpoint_dir = checkpoint_dir  # see hyperfleet.checkpoint_dir
+        self._suggestions = suggestions or {}
+        self._told: set[str] = set()  # suggestions taken from there and reported
+
+    def _answer_or_ask(
+        self,
+        method: str,
+        name: str,
+        distribution: Callable[[], BaseDistribution],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """The value sent for ``name`` when the objective asks for it with the distribution it
+        was sampled from, the controller told once; else the controller's answer. Building the
+        distribution may fail (bad arguments): the controller's trial then raises Optuna's own
+        error."""
+        sent = self._suggestions.get(name)
+        if sent is not None:
+            with contextlib.suppress(Exception):
+                if distribution() == sent[0]:
+                    if name not in self._told:
+                        self._channel.tell("trial", method, name, *args, **kwargs)
+                        self._told.add(name)
+                    return sent[1]
+        return self._call(method, name, *args, **kwargs)
 
     def _stop_asked(self) -> bool:
         """Whether the controller wants running trials to stop soon (see hyperfleet.should_stop)."""
@@ -101,7 +139,14 @@ class RemoteTrial(optuna.Trial):
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
     ) -> float:
-        return float(self._call("suggest_float", name, low, high, step=step, log=log))
+        def distribution() -> BaseDistribution:
+            with warnings.catch_warnings():  # a range adjusted to its step: the controller warns
+                warnings.simplefilter("ignore")
+                return FloatDistribution(low, high, log=log, step=step)
+
+        return float(
+            self._answer_or_ask("suggest_float", name, distribution, low, high, step=step, log=log)
+        )
 
     def suggest_uniform(self, name: str, low: float, high: float) -> float:
         return float(self._call("suggest_uniform", name, low, high))
@@ -115,10 +160,20 @@ class RemoteTrial(optuna.Trial):
     def suggest_int(
         self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
     ) -> int:
-        return int(self._call("suggest_int", name, low, high, step=step, log=log))
+        def distribution() -> BaseDistribution:
+            with warnings.catch_warnings():  # a range adjusted to its step: the controller warns
+                warnings.simplefilter("ignore")
+                return IntDistribution(low, high, log=log, step=step)
+
+        return int(
+            self._answer_or_ask("suggest_int", name, distribution, low, high, step=step, log=log)
+        )
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:  # type: ignore[override]
-        return self._call("suggest_categorical", name, choices)
+        def distribution() -> BaseDistribution:
+            return CategoricalDistribution(choices)
+
+        return self._answer_or_ask("suggest_categorical", name, distribution, choices)
 
     def report(self, value: float, step: int) -> None:
         self._call("report", value, step)

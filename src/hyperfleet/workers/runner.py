@@ -182,7 +182,12 @@ def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Fini
     os.chdir(message.trial_dir)
     study = RemoteStudy(channel, message.study)
     trial = RemoteTrial(
-        channel, message.number, message.datetime_start, study, message.checkpoint_dir
+        channel,
+        message.number,
+        message.datetime_start,
+        study,
+        message.checkpoint_dir,
+        message.suggestions,
     )
     say(f"trial {message.number} of {message.study.study_name} started in {message.trial_dir}")
     with _output_to(Path(message.trial_dir)):

@@ -1,0 +1,31 @@
+"""Objectives whose trials say which suggestions were sent with them (tests/test_ahead.py)."""
+
+from __future__ import annotations
+
+import optuna
+
+
+def _sent(trial: optuna.Trial) -> list[str]:
+    # What the worker's trial holds, read inside the objective; empty in plain Optuna.
+    return sorted(getattr(trial, "_suggestions", {}))
+
+
+def fixed_space(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", -5.0, 5.0)
+    n = trial.suggest_int("n", 1, 8, log=True)
+    kind = trial.suggest_categorical("kind", ["a", "b", None])
+    trial.set_user_attr("seen", {"x": x, "n": n, "kind": kind})
+    trial.set_user_attr("same_again", trial.suggest_float("x", -5.0, 5.0) == x)
+    trial.set_user_attr("sent", _sent(trial))
+    return x * x + n
+
+
+def conditional_space(trial: optuna.Trial) -> float:
+    branch = trial.suggest_categorical("branch", ["left", "right"])
+    if branch == "left":
+        trial.suggest_float("left_only", 0.0, 1.0)
+    else:
+        trial.suggest_int("right_only", 0, 10)
+    shared = trial.suggest_float("shared", 0.0, 1.0 + trial.number % 2)  # its range varies
+    trial.set_user_attr("sent", _sent(trial))
+    return shared
