@@ -4,9 +4,9 @@ A worker's ``trial.suggest_float("lr", ...)`` is otherwise a call to the control
 its answer: a wake-up of both processes per parameter (several per trial), and at many slots a
 wait behind every other slot's messages. Most objectives ask for the same parameters, from the
 same ranges, in every trial. So when the controller sends a trial it also sends values for the
-parameters that every trial of the study has suggested so far with the same distribution, sampled
-then by the study's sampler exactly as ``suggest`` would have. The worker
-answers a ``suggest`` from them when the name and the distribution are the ones sent; it tells
+parameters that every complete trial of the study suggested with the same distribution, sampled
+then by the study's sampler exactly as ``suggest`` would have. The worker answers a ``suggest``
+from them when the name and the distribution are the ones sent; it tells
 the controller, without waiting, which it used, and the controller records it in the storage
 through the trial's own ``suggest`` (:class:`Answers` hands the value sent to Optuna), so the
 storage, the sampler's view of running trials and every reader see what they always saw. Any
@@ -43,23 +43,23 @@ from hyperfleet.pending import PendingTrialsSampler
 
 Space = dict[str, BaseDistribution]
 Ahead = dict[str, tuple[BaseDistribution, Any]]  # by parameter: its distribution and value
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SEED_TRIALS = 10  # finished trials of an earlier run that give a resumed study its space
+SEED_TRIALS = 10  # complete trials of an earlier run that give a resumed study its space
 
 
 def narrowed(space: Space | None, distributions: Mapping[str, BaseDistribution]) -> Space:
-    """The parameters of ``space`` that a finished trial with ``distributions`` also suggested
-    with the same distribution (the first trial's, when there is no space yet)."""
+    """The parameters of ``space`` that a complete trial with ``distributions`` also suggested
+    with the same distribution (the first trial's, when there is no space yet). Only complete
+    trials count: a pruned or failed one may have stopped before it suggested them all."""
     if space is None:
         return dict(distributions)
     return {name: d for name, d in space.items() if distributions.get(name) == d}
 
 
 def space_of(trials: list[FrozenTrial]) -> Space | None:
-    """The space shared by the last finished trials of ``trials`` (None: none finished)."""
+    """The space shared by the last complete trials of ``trials`` (None: none complete)."""
     space: Space | None = None
-    finished = [t for t in trials if t.state in FINISHED][-SEED_TRIALS:]
-    for trial in finished:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE][-SEED_TRIALS:]
+    for trial in complete:
         space = narrowed(space, trial.distributions)
     return space
 

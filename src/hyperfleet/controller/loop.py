@@ -120,8 +120,8 @@ class StudyRun:
     loaded_once: bool = False  # its objective loaded in some worker in this run
     load_failure: str = ""  # why its objective could not be loaded, once the run went on
     released: bool = False  # its workers were told to drop its objective
-    # The parameters its finished trials all suggested, with their distributions: those sampled
-    # when a trial is sent (see controller.ahead). None: no trial finished yet.
+    # The parameters its complete trials all suggested, with their distributions: those sampled
+    # when a trial is sent (see controller.ahead). None: no trial complete yet.
     space: ahead.Space | None = None
 
     def time_used(self, now: float) -> float:
@@ -1024,7 +1024,7 @@ class Controller:
         study = _opened(run)
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
         run.trial_ended(time.monotonic())
-        if frozen.state in ahead.FINISHED:
+        if frozen.state == TrialState.COMPLETE:
             run.space = ahead.narrowed(run.space, frozen.distributions)
         if run.plan.timeout is not None:  # no extra write per trial for the others
             books.store_time_used(study, run.time_used(time.monotonic()))

@@ -115,10 +115,11 @@ class RemoteTrial(optuna.Trial):
         """The value sent for ``name`` when the objective asks for it with the distribution it
         was sampled from, the controller told once; else the controller's answer. Building the
         distribution may fail (bad arguments): the controller's trial then raises Optuna's own
-        error."""
+        error; or warn (a range adjusted to its step): the controller's trial warns too."""
         sent = self._suggestions.get(name)
         if sent is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 if distribution() == sent[0]:
                     if name not in self._told:
                         self._channel.tell("trial", method, name, *args, **kwargs)
@@ -140,9 +141,7 @@ class RemoteTrial(optuna.Trial):
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
     ) -> float:
         def distribution() -> BaseDistribution:
-            with warnings.catch_warnings():  # a range adjusted to its step: the controller warns
-                warnings.simplefilter("ignore")
-                return FloatDistribution(low, high, log=log, step=step)
+            return FloatDistribution(low, high, log=log, step=step)
 
         return float(
             self._answer_or_ask("suggest_float", name, distribution, low, high, step=step, log=log)
@@ -161,9 +160,7 @@ class RemoteTrial(optuna.Trial):
         self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
     ) -> int:
         def distribution() -> BaseDistribution:
-            with warnings.catch_warnings():  # a range adjusted to its step: the controller warns
-                warnings.simplefilter("ignore")
-                return IntDistribution(low, high, log=log, step=step)
+            return IntDistribution(low, high, log=log, step=step)
 
         return int(
             self._answer_or_ask("suggest_int", name, distribution, low, high, step=step, log=log)
