@@ -69,7 +69,8 @@ def _read_until_closed(sock: socket.socket, timeout: float) -> bool:
 def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
-    controller = start_controller(tmp_path, address, 12)
+    # The random sampler: its suggestions travel with each trial through the agents.
+    controller = start_controller(tmp_path, address, 12, "--sampler", "random")
     agents: list[Agent] = []
     silent = socket.socket()
     try:
@@ -95,6 +96,9 @@ def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: 
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 12
     slots = {t.user_attrs["slot"] for t in trials}
     assert slots == {"nodeA/gpu0#0", "nodeA/gpu1#0", "nodeB/gpu0#0"}
+    # Only the trials started before any had completed (one per slot at most) asked for x.
+    assert sum(t.user_attrs["sent"] == ["x"] for t in trials) >= 12 - len(slots)
+    assert all(t.params["x"] == t.value for t in trials)  # stored as the objective got it
     for trial in trials:
         node, _, local = trial.user_attrs["slot"].partition("/")
         assert trial.user_attrs["node"] == node

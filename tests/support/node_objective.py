@@ -25,6 +25,7 @@ def where_it_runs(trial: optuna.Trial) -> float:
     trial.set_user_attr("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES"))
     trial.set_user_attr("affinity", sorted(os.sched_getaffinity(0)))
     trial.set_user_attr("slot_cores", list(slot.cores))
+    trial.set_user_attr("sent", sorted(getattr(trial, "_suggestions", {})))  # with the trial
     time.sleep(float(os.environ.get("HYPERFLEET_TEST_NAP", "0.3")))  # the trial's own work
     crash_once = os.environ.get("HYPERFLEET_TEST_CRASH_ONCE")
     if crash_once and not os.path.exists(crash_once):
