@@ -296,6 +296,19 @@ def folder_name(name: str) -> str:
     return re.sub(r"[^\w.=+-]+", "_", name)
 
 
+def _make_folder(folder: Path, levels: int) -> None:
+    """Make ``folder`` and as many of its missing parents as it takes, up to ``levels`` folders
+    in all (a trial's folder and ``trials/``), never more: in a run folder deleted meanwhile,
+    the write fails instead of making the run folder again at its path."""
+    try:
+        folder.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        if levels <= 1:
+            raise
+        _make_folder(folder.parent, levels - 1)
+        folder.mkdir(exist_ok=True)
+
+
 def write_json(path: Path, data: Any, compact: bool = False) -> None:
     """Write atomically (temporary file, then rename), so a reader never sees half a file.
     ``compact``: one line, for a file rewritten often by the controller (indenting makes
@@ -307,9 +320,7 @@ def write_json(path: Path, data: Any, compact: bool = False) -> None:
         try:
             tmp.write_text(text)
         except FileNotFoundError:  # the folder is made only when needed: a trial writes two
-            # Not its parents: in a run folder deleted meanwhile, the write fails instead of
-            # making the run folder again at its path.
-            path.parent.mkdir(exist_ok=True)
+            _make_folder(path.parent, levels=2)
             tmp.write_text(text)
         os.replace(tmp, path)
     except OSError:
