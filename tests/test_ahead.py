@@ -91,6 +91,19 @@ def test_a_conditional_space_stores_only_what_each_trial_suggested(
     assert later and all("shared" not in t.user_attrs["sent"] for t in later)
 
 
+def test_a_name_answered_by_the_controller_keeps_its_value(
+    objectives: ModuleType, tmp_path: Path
+) -> None:
+    trials = run(objectives.asked_again, optuna.samplers.RandomSampler(seed=5), 2, tmp_path)
+
+    third = trials[2]
+    assert third.user_attrs["sent"] == ["x"]  # launched once trial 0 or 1 had completed
+    assert third.user_attrs["again"] == third.user_attrs["first"] == third.params["x"]
+    assert third.distributions["x"] == FloatDistribution(0.0, 1.0)
+    for trial in trials:
+        assert trial.params["x"] == trial.user_attrs["first"] == trial.value
+
+
 def test_a_sampler_that_takes_time_per_parameter_gets_calls(
     objectives: ModuleType, tmp_path: Path
 ) -> None:

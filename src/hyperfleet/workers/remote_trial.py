@@ -82,6 +82,16 @@ class RemoteStudy:
         return self._channel.call("study_attr", name)
 
 
+def _same(distribution: Callable[[], BaseDistribution], sent: BaseDistribution) -> bool:
+    """Whether the objective's arguments make the distribution a value was sampled from.
+    Building it may fail (bad arguments): the controller's trial then raises Optuna's own error;
+    or warn (a range adjusted to its step): the controller's trial warns too."""
+    with contextlib.suppress(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return distribution() == sent
+    return False
+
+
 class RemoteTrial(optuna.Trial):
     """Behaves like ``optuna.Trial``; every call is answered by the controller's real trial,
     but a suggestion sent with the trial (``suggestions``), answered here and recorded there."""
@@ -103,6 +113,7 @@ class RemoteTrial(optuna.Trial):
         self._checkpoint_dir = checkpoint_dir  # see hyperfleet.checkpoint_dir
         self._suggestions = suggestions or {}
         self._told: set[str] = set()  # suggestions taken from there and reported
+        self._asked: set[str] = set()  # names the controller answered: its value stays theirs
 
     def _answer_or_ask(
         self,
@@ -113,18 +124,15 @@ class RemoteTrial(optuna.Trial):
         **kwargs: Any,
     ) -> Any:
         """The value sent for ``name`` when the objective asks for it with the distribution it
-        was sampled from, the controller told once; else the controller's answer. Building the
-        distribution may fail (bad arguments): the controller's trial then raises Optuna's own
-        error; or warn (a range adjusted to its step): the controller's trial warns too."""
+        was sampled from, the controller told once; else the controller's answer. A name the
+        controller answered before keeps its value, as in Optuna, whatever was sent."""
         sent = self._suggestions.get(name)
-        if sent is not None:
-            with contextlib.suppress(Exception), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if distribution() == sent[0]:
-                    if name not in self._told:
-                        self._channel.tell("trial", method, name, *args, **kwargs)
-                        self._told.add(name)
-                    return sent[1]
+        if sent is not None and name not in self._asked and _same(distribution, sent[0]):
+            if name not in self._told:
+                self._channel.tell("trial", method, name, *args, **kwargs)
+                self._told.add(name)
+            return sent[1]
+        self._asked.add(name)
         return self._call(method, name, *args, **kwargs)
 
     def _stop_asked(self) -> bool:
