@@ -358,20 +358,18 @@ def store_end(
 # so it is used only where its parameters are the ones known here, and the storage's trial
 # read instead (Optuna's storages hand back a trial that is not changed afterwards in place).
 _TELL_WITH_WARNING = getattr(optuna_tell, "_tell_with_warning", None)
-_TELL_PARAMETERS = {"study", "trial", "value_or_values", "state"}
-_TELL_WITHOUT_COPY = (
-    _TELL_WITH_WARNING is not None
-    and set(inspect.signature(_TELL_WITH_WARNING).parameters) >= _TELL_PARAMETERS
-)
+if _TELL_WITH_WARNING is not None and not {"study", "trial", "value_or_values", "state"} <= set(
+    inspect.signature(_TELL_WITH_WARNING).parameters
+):
+    _TELL_WITH_WARNING = None  # another Optuna's: study.tell, copy and all
 
 
 def _tell(
     study: optuna.Study, trial: optuna.Trial, values: Any, state: TrialState
 ) -> optuna.trial.FrozenTrial:
-    tell_with_warning = _TELL_WITH_WARNING if _TELL_WITHOUT_COPY else None
-    if tell_with_warning is None:
+    if _TELL_WITH_WARNING is None:
         return study.tell(trial, values, state=state)
-    tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+    _TELL_WITH_WARNING(study=study, trial=trial, value_or_values=values, state=state)
     return study._storage.get_trial(trial._trial_id)  # no public accessor for either
 
 
