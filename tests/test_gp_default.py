@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import optuna
 import pytest
@@ -21,6 +22,7 @@ from optuna.trial import TrialState, create_trial
 
 import hyperfleet
 from hyperfleet.auto_sampler import GP_MAX_TRIALS, GP_MIN_TRIAL_SECONDS, AutoSampler
+from hyperfleet.controller.loop import Outcome
 from hyperfleet.controller.sampling import Suggestions, suggests_slowly
 from hyperfleet.resources.inventory import Inventory
 
@@ -172,6 +174,20 @@ def search(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("search_objectives")
 
 
+def on_two_cpu_slots(study: optuna.Study, objective: Any, tmp_path: Path, **budget: Any) -> Outcome:
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    return hyperfleet.optimize(
+        study,
+        objective,
+        run_dir=tmp_path,
+        display="quiet",
+        report=False,
+        inventory=Inventory(gpus=(), cores=cores),
+        cpu_slots=2,
+        **budget,
+    )
+
+
 @needs_torch
 def test_a_search_with_gp_as_the_default_runs_to_its_budget(
     search: ModuleType, tmp_path: Path
@@ -180,17 +196,7 @@ def test_a_search_with_gp_as_the_default_runs_to_its_budget(
     # Its trials are quick: GP is chosen for them only with the duration rule set aside.
     sampler = AutoSampler(seed=0, n_trials=n_trials, min_trial_seconds=0.0)
     study = optuna.create_study(sampler=sampler)
-    cores = tuple(sorted(os.sched_getaffinity(0)))
-    outcome = hyperfleet.optimize(
-        study,
-        search.quick,
-        n_trials=n_trials,
-        run_dir=tmp_path,
-        display="quiet",
-        report=False,
-        inventory=Inventory(gpus=(), cores=cores),
-        cpu_slots=2,
-    )
+    outcome = on_two_cpu_slots(study, search.quick, tmp_path, n_trials=n_trials)
 
     assert outcome.status == "completed"
     states = [t.state for t in study.get_trials()]
@@ -206,17 +212,7 @@ def test_a_gp_search_stopped_by_its_timeout_leaves_no_trial_running(
     """GP from the first trial, so every trial is prepared off the loop's thread; the timeout
     comes while one is (most likely) being prepared: it is dropped, nothing stays RUNNING."""
     study = optuna.create_study(sampler=optuna.samplers.GPSampler(seed=0))
-    cores = tuple(sorted(os.sched_getaffinity(0)))
-    outcome = hyperfleet.optimize(
-        study,
-        search.quick,
-        timeout="4s",
-        run_dir=tmp_path,
-        display="quiet",
-        report=False,
-        inventory=Inventory(gpus=(), cores=cores),
-        cpu_slots=2,
-    )
+    outcome = on_two_cpu_slots(study, search.quick, tmp_path, timeout="4s")
 
     assert outcome.status == "completed"
     states = {t.state for t in study.get_trials()}
