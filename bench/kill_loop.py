@@ -50,7 +50,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
 
 
-def command(run_dir: Path, n_trials: int, slots: int) -> list[str]:
+def command(run_dir: Path, n_trials: int, slots: int, sampler: str = "auto") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -65,6 +65,10 @@ def command(run_dir: Path, n_trials: int, slots: int) -> list[str]:
         str(n_trials),
         "--cpu-slots",
         str(slots),
+        # The random sampler's trials are prepared while the slot before runs, and sent before
+        # their start is on disk (see hyperfleet.controller.prepared): kills hit that too.
+        "--sampler",
+        sampler,
         # No retry rule: interrupted trials must be repeated however often they are interrupted.
         "--quiet",
         "--no-report",
@@ -170,12 +174,18 @@ def _same_params(repeat: FrozenTrial, wanted: dict[str, object]) -> bool:
 
 
 def kill_loop(
-    folder: Path, kills: int, n_trials: int, slots: int = 2, seed: int = 0, max_wait: int = 4
+    folder: Path,
+    kills: int,
+    n_trials: int,
+    slots: int = 2,
+    seed: int = 0,
+    max_wait: int = 4,
+    sampler: str = "auto",
 ) -> Report:
     started = time.monotonic()
     rng = random.Random(seed)
     run_dir = folder / "run"
-    cmd, env = command(run_dir, n_trials, slots), environment(folder)
+    cmd, env = command(run_dir, n_trials, slots, sampler), environment(folder)
     report = Report()
     while report.kills < kills:
         report.rounds += 1
@@ -208,11 +218,14 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-wait", type=int, default=4, help="most completions between kills")
+    parser.add_argument("--sampler", default="auto", help="as hyperfleet run --sampler")
     parser.add_argument("--folder", type=Path, help="where to put the run (default: a temp dir)")
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="kill-loop-"))
     folder.mkdir(parents=True, exist_ok=True)
-    report = kill_loop(folder, args.kills, args.n_trials, args.slots, args.seed, args.max_wait)
+    report = kill_loop(
+        folder, args.kills, args.n_trials, args.slots, args.seed, args.max_wait, args.sampler
+    )
     print(json.dumps({**report.__dict__, "folder": str(folder)}, indent=2))
     return 1 if report.problems else 0
 

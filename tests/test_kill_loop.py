@@ -20,6 +20,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     assert report.longest_chain >= 2
 
 
+def test_sigkill_loses_nothing_when_next_trials_are_prepared(tmp_path: Path) -> None:
+    """With the random sampler each slot's next trial is prepared and sent before its start is
+    on disk (hyperfleet.controller.prepared): a kill in between must not lose or repeat it."""
+    bench = bench_script("kill_loop")
+    report = bench.kill_loop(tmp_path, kills=8, n_trials=50, slots=2, seed=5, sampler="random")
+    assert report.problems == []
+    assert report.kills == 8
+    assert report.complete == 50
+    assert report.trials == 50 + report.interrupted
+
+
 def test_the_checks_catch_a_completed_trial_run_twice(tmp_path: Path) -> None:
     """The kill loop's verdict can fail: a log with one trial started twice is refused."""
     bench = bench_script("kill_loop")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import optuna
 
 
@@ -42,3 +44,11 @@ def asked_again(trial: optuna.Trial) -> float:
     trial.set_user_attr("first", first)
     trial.set_user_attr("sent", _sent(trial))
     return first
+
+
+def takes_a_while(trial: optuna.Trial) -> float:
+    """A trial that runs 0.2 s, so that when it started can be told apart from when it was
+    prepared (tests/test_prepared.py)."""
+    x = trial.suggest_float("x", -5.0, 5.0)
+    time.sleep(0.2)
+    return x * x

@@ -329,9 +329,13 @@ class NodeHub:
 
     def waitables(self) -> list[Connection]:
         """The links to wait on; what the loop has for them leaves now, before it waits."""
+        self.flush()
+        return [link.conn for link in self._reading]
+
+    def flush(self) -> None:
+        """Send what the loop has for the workers now."""
         for link in self._reading:
             link.flush()
-        return [link.conn for link in self._reading]
 
     def pump(self, ready: list[Any]) -> None:
         """Read the links that have something to read; their workers' messages go to inboxes."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import signal
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -27,13 +28,20 @@ from hyperfleet.resources.slots import Slot
 Forward = Callable[[int, bytes], None]
 
 
+@dataclass
+class _Read:
+    """A delivered message already unpickled (by :meth:`Inbox.last`)."""
+
+    value: Any
+
+
 class Inbox:
     """A remote worker's connection: what its node delivered, in order, until it ended;
     sending hands the pickled message to ``forward``."""
 
     def __init__(self, worker: int, forward: Forward) -> None:
         self._worker, self._forward = worker, forward
-        self._messages: deque[bytes] = deque()
+        self._messages: deque[bytes | _Read] = deque()
         self._ended = False
 
     def deliver(self, payload: bytes) -> None:
@@ -49,8 +57,18 @@ class Inbox:
 
     def recv(self) -> Any:
         if self._messages:
-            return ForkingPickler.loads(self._messages.popleft())
+            message = self._messages.popleft()
+            return message.value if isinstance(message, _Read) else ForkingPickler.loads(message)
         raise EOFError
+
+    def last(self) -> Any:
+        """The newest message delivered (read once, and kept for :meth:`recv`), or None."""
+        if not self._messages:
+            return None
+        message = self._messages[-1]
+        if not isinstance(message, _Read):
+            message = self._messages[-1] = _Read(ForkingPickler.loads(message))
+        return message.value
 
     def send(self, obj: Any) -> None:
         self._forward(self._worker, bytes(ForkingPickler.dumps(obj)))

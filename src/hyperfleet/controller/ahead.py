@@ -75,7 +75,11 @@ def samples_cheaply(sampler: BaseSampler) -> bool:
 
 
 def sample(
-    study: optuna.Study, trial: optuna.Trial, stored: FrozenTrial, space: Space, relative: bool
+    study: optuna.Study,
+    trial: optuna.Trial | None,
+    stored: FrozenTrial,
+    space: Space,
+    relative: bool,
 ) -> Ahead:
     """Values for the new ``trial`` (``stored``: as the storage has it): its relative sample
     where that was computed already (``relative``), and for a random sampler the parameters of
@@ -83,7 +87,7 @@ def sample(
     ``suggest``, which takes the fixed value."""
     fixed = stored.system_attrs.get("fixed_params") or {}
     ahead: Ahead = {}
-    if relative:
+    if relative and trial is not None:
         relative_space = trial.relative_search_space or {}
         for name, value in trial.relative_params.items():
             distribution = relative_space.get(name)

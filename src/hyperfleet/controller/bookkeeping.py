@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,18 +218,29 @@ def intended_params(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def fail_interrupted_leftovers(
-    study: optuna.Study, run_marks: Collection[str], private_storage: bool = False
+    study: optuna.Study,
+    run_marks: Collection[str],
+    private_storage: bool = False,
+    started: Callable[[int], bool] = lambda number: False,
 ) -> list[FrozenTrial]:
     """Mark trials a dead controller of this run directory left RUNNING as failed, "interrupted".
 
     A trial is ours when it carries one of this run directory's marks (see ``RunDir.marks``).
     With ``private_storage`` (the run directory's own journal, which no one else writes) so is
     an unmarked one: the controller died between asking for it and marking it.
+
+    So is a prepared trial (see controller.prepared) that is still enqueued although it was
+    ``started`` (its folder exists): the controller died after sending it and before its start
+    was on disk. It ends as interrupted too, and its repeat gets a number of its own, rather
+    than running again under the same number.
     """
     storage = study._storage  # the study's storage has no public accessor
     failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    states = (TrialState.RUNNING, TrialState.WAITING)
+    for trial in study.get_trials(deepcopy=False, states=states):
         owner = trial.system_attrs.get(RUN_ATTR)
+        if trial.state == TrialState.WAITING and not (owner in run_marks and started(trial.number)):
+            continue  # enqueued, and never sent: the next ask takes it
         if owner not in run_marks and not (private_storage and owner is None):
             continue  # another run directory's controller may be running it right now
         reason = "interrupted: the controller stopped during the trial"

@@ -11,10 +11,12 @@ A single search is a campaign of one study that may use every slot.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +39,7 @@ from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
+from hyperfleet.controller.prepared import NextTrials, ask_new, start_queued
 from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.waiting import Waiter
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
@@ -68,6 +71,8 @@ if TYPE_CHECKING:
 
 Worker = WorkerHandle | RemoteWorker
 TICK_SECONDS = 1.0
+ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study calls that queue
+CLOSED = object()  # what reading a closed worker connection gives
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 
 
@@ -123,6 +128,9 @@ class StudyRun:
     # The parameters its complete trials all suggested, with their distributions: those sampled
     # when a trial is sent (see controller.ahead). None: no trial complete yet.
     space: ahead.Space | None = None
+    # The storage may hold enqueued trials other than the prepared ones (see
+    # controller.prepared): they go first, so no next trial is prepared until they are gone.
+    queue_unknown: bool = True
 
     def time_used(self, now: float) -> float:
         going_on = now - self.clock_since if self.clock_since is not None else 0.0
@@ -157,6 +165,17 @@ class ActiveTrial:
     inherited_steps: set[int] = field(default_factory=set)
     stop_asked: bool = False  # should_stop() answered True: it may end as interrupted
     suggestions: ahead.Ahead = field(default_factory=dict)  # sent with the trial
+
+
+@dataclass
+class Launch:
+    """A trial on its way to a slot: the message, and what the loop keeps once it is sent."""
+
+    run: StudyRun
+    trial: optuna.Trial
+    record: TrialRecord
+    message: RunTrial
+    inherited: set[int]
 
 
 @dataclass
@@ -235,6 +254,16 @@ class Controller:
         self._committer = Committer(self._wake)
         self._files = files  # the caller's: the best/ folders wait on it too
         self._trial_folders: set[Path] = set()  # the trials/ folders made so far
+        # Each busy slot's next trial, prepared while it runs (see controller.prepared): the
+        # slots still to prepare one for, and the trials sent before their slot's result was
+        # recorded.
+        self._next = NextTrials()
+        self._to_prepare: deque[str] = deque()
+        self._sent_next: dict[str, Launch] = {}
+        # Messages read between two pieces of the loop's work (_start_next_early), by slot,
+        # with the worker that sent them: the next step handles them first.
+        self._early: dict[str, tuple[Worker, object]] = {}
+        self._waitables: list[Any] = []  # what the last step waited on
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
             run_dir=str(run_dir.path),
@@ -433,6 +462,7 @@ class Controller:
             self._launch_sampled()
             self._launch_on_free_slots()
             self._release_done_studies()
+            self._prepare_next()
             self._flush()
             busy = self._active or self._loading or self._sampling
             if not busy and not any(self._has_work(r) for r in self._runs.values()):
@@ -443,7 +473,8 @@ class Controller:
             if now >= next_tick:
                 self._tick()
                 next_tick = now + TICK_SECONDS
-            self._step(timeout=max(0.0, min(next_tick, self._next_deadline()) - now))
+            timeout = max(0.0, min(next_tick, self._next_deadline()) - now)
+            self._step(timeout=0.0 if self._to_prepare else timeout)
             self._enforce_deadlines()
 
     def _flush(self, final: bool = False) -> None:
@@ -473,6 +504,7 @@ class Controller:
             self._run_effects(ready)
 
     def _run_effects(self, effects: Effects) -> None:
+        self._start_next_early()
         if effects.others:
             # Writing into a run folder that was deleted or moved would make a new one there.
             self._run_dir.check_now_and_then()
@@ -488,26 +520,66 @@ class Controller:
                 timeout = 0.0  # a remote worker ended by the loop itself has news already
         for _, worker in local:
             waitables.extend(worker.waitables())
-        ready = self._waiter.wait(waitables, timeout)
+        self._waitables = waitables
+        ready = self._waiter.wait(waitables, 0.0 if self._early else timeout)
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
             self._take_node_events()
+        self._take_local(local, ready)
+        if self._hub is not None:
+            self._take_remote(ready)
+
+    def _take_local(self, local: list[tuple[str, WorkerHandle]], ready: list[Any]) -> None:
+        received = [
+            (n, h, self._read(n, h)) for n, h in local if n in self._early or h.conn in ready
+        ]
+        for name, handle, message in received:
+            if isinstance(message, Finished):  # prepared next trials leave first
+                self._start_next(name, handle, message)
+        ended = set()
+        for name, handle, message in received:
+            if message is CLOSED or not self._handle_guarded(name, handle, message):
+                ended.add(name)
+            self._start_next_early()
         for name, handle in local:
-            ended = handle.conn in ready and not self._receive(name, handle)
             # An exit makes the connection (EOF) or the process's pidfd ready; without a pidfd
             # the process is asked at every step.
-            if ended or handle.exit_fd is None or handle.exit_fd in ready:
+            if name in ended or handle.exit_fd is None or handle.exit_fd in ready:
                 self._after_news(name, handle)
-        if self._hub is not None:
-            self._hub.pump(ready)  # remote workers' messages into their inboxes
-            # Only the remote workers with news: at hundreds of slots, looking at each one at
-            # every step would cost more than the step's own work.
-            for remote in self._hub.take_attention():
-                name = remote.slot.name
-                if self._workers.get(name) is remote:
-                    self._drain(name, remote)
-                    self._after_news(name, remote)
+
+    def _take_remote(self, ready: list[Any]) -> None:
+        assert self._hub is not None
+        self._hub.pump(ready)  # remote workers' messages into their inboxes
+        # Only the remote workers with news: at hundreds of slots, looking at each one at
+        # every step would cost more than the step's own work.
+        news = [w for w in self._hub.take_attention() if self._workers.get(w.slot.name) is w]
+        for remote in news:  # prepared next trials leave first, together
+            last = remote.conn.last()
+            if isinstance(last, Finished):
+                self._start_next(remote.slot.name, remote, last)
+        self._hub.flush()
+        for remote in news:
+            name = remote.slot.name
+            if self._workers.get(name) is remote:
+                self._drain(name, remote)
+                self._after_news(name, remote)
+
+    def _start_next_early(self) -> None:
+        """Between two pieces of the loop's work: a local slot whose result has come in
+        meanwhile gets its prepared next trial now, not after the rest of the step. The
+        message read is kept for the next step, which handles it as any other."""
+        if not self._next:
+            return
+        ready = self._waiter.wait(self._waitables, 0.0)
+        for name, worker in list(self._workers.items()):
+            if name in self._early or name not in self._next:
+                continue
+            if isinstance(worker, WorkerHandle) and worker.conn in ready:
+                message = self._read(name, worker)
+                self._early[name] = (worker, message)
+                if isinstance(message, Finished):
+                    self._start_next(name, worker, message)
 
     def _after_news(self, name: str, worker: Worker) -> None:
         if self._workers.get(name) is worker and worker.has_exited():
@@ -516,22 +588,35 @@ class Controller:
 
     def _drain(self, name: str, worker: Worker) -> None:
         """Handle every message the worker has sent; a worker that died sends EOF."""
-        while worker.conn.poll() and self._receive(name, worker):
+        while (name in self._early or worker.conn.poll()) and self._receive(name, worker):
             pass
 
     def _receive(self, name: str, worker: Worker) -> bool:
-        """Handle one message of a worker whose connection is ready; False once it is closed.
-        The loop takes one per step: its poll says so again if there are more, where asking
-        the connection itself would build a poll of its own for each message."""
+        """Handle one message of a worker whose connection is ready; False once it is closed."""
+        message = self._read(name, worker)
+        return message is not CLOSED and self._handle_guarded(name, worker, message)
+
+    def _read(self, name: str, worker: Worker) -> object:
+        """One message of a worker whose connection is ready (or read early), or CLOSED. The
+        loop takes one per step: its poll says so again if there are more, where asking the
+        connection itself would build a poll of its own for each message."""
+        early = self._early.pop(name, None)
+        if early is not None and early[0] is worker:
+            return early[1]
         try:
-            self._handle(name, worker, worker.conn.recv())
+            return worker.conn.recv()
         except EOFError:
-            return False
+            return CLOSED
         except OSError as exc:
-            # A dead worker's connection fails, and that is handled as its exit; a run folder
-            # that can no longer be written stops the run (see launch.run_search).
-            if exc.errno in NO_ROOM or isinstance(exc, FileNotFoundError):
-                raise
+            _raise_if_no_room(exc)
+            return CLOSED
+
+    def _handle_guarded(self, name: str, worker: Worker, message: object) -> bool:
+        """Handle a message; False when the worker's connection failed meanwhile."""
+        try:
+            self._handle(name, worker, message)
+        except OSError as exc:
+            _raise_if_no_room(exc)
             return False
         return True
 
@@ -567,7 +652,13 @@ class Controller:
         if self._all_dead(run.plan.slots):
             return False
         n_trials = run.plan.n_trials
-        return n_trials is None or run.finished + self._book.running(run.plan.name) < n_trials
+        return n_trials is None or self._reserved(run) < n_trials
+
+    def _reserved(self, run: StudyRun) -> int:
+        """The study's trials that count against its budget: finished, running, and sent to a
+        slot whose result before it is still to be recorded (see _start_next)."""
+        sent = sum(1 for launch in self._sent_next.values() if launch.run is run)
+        return run.finished + self._book.running(run.plan.name) + sent
 
     def _idle_slots(self) -> list[str]:
         """Idle slots with a ready worker, in the pool's order."""
@@ -716,44 +807,59 @@ class Controller:
 
     def _launch(self, name: str, worker: Worker, run: StudyRun) -> None:
         study = _opened(run)
-        prepared = None
+        prepared_sample = None  # the sampler's part, computed off the loop's thread
         if suggests_slowly(study.sampler):
-            prepared = self._suggestions.take(run.plan.name)
-            if prepared is None:
+            prepared_sample = self._suggestions.take(run.plan.name)
+            if prepared_sample is None:
                 self._sample_then_launch(name, run)
                 return
-        trial, stored = self._ask_placed(study, name, worker.pid, prepared)
-        trial_dir = run.plan.folder.trial_dir(trial.number)
-        if trial_dir.parent not in self._trial_folders:  # the worker makes the trial's own
-            self._run_dir.check_still_there()
-            trial_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._trial_folders.add(trial_dir.parent)
+        placed = None if prepared_sample else self._take_prepared(name, worker, run)
+        trial, stored = placed or self._ask_placed(study, name, worker.pid, prepared_sample)
+        computed = prepared_sample is not None and prepared_sample.error is None
+        launch = self._launch_of(run, trial, stored, computed)
+        self._pending.sends.append(functools.partial(_send, worker, launch.message))
+        self._begin(name, launch)
+
+    def _launch_of(
+        self, run: StudyRun, trial: optuna.Trial, stored: FrozenTrial, computed: bool
+    ) -> Launch:
+        """The message that starts ``trial`` (``stored``: as the storage has it) and its record.
+        ``computed``: its relative sample was computed off the loop's thread."""
+        study = _opened(run)
+        trial_dir = self._trial_dir(run, trial.number)
         experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
         retry_of = stored.user_attrs.get(books.RETRY_ATTR)
         inherited = books.inherit_history(study, trial, stored) if retry_of is not None else set()
-        record = TrialRecord(
-            study=study.study_name,
-            number=trial.number,
-            slot=name,
-            state="RUNNING",
-            start=time.time(),
-            retry_of=int(retry_of) if retry_of is not None else None,
-            experiment=str(experiment) if experiment is not None else "",
-        )
+        suggestions = self._sample_ahead(run, trial, stored, computed)
+        message = _run_message(run, stored, trial.datetime_start, suggestions)
+        return Launch(run, trial, _record_of(study, stored), message, inherited)
+
+    def _trial_dir(self, run: StudyRun, number: int) -> Path:
+        """The trial's folder, whose parent is made here for a study's first trial (the
+        worker makes the trial's own)."""
+        trial_dir = run.plan.folder.trial_dir(number)
+        if trial_dir.parent not in self._trial_folders:
+            self._run_dir.check_still_there()
+            trial_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._trial_folders.add(trial_dir.parent)
+        return trial_dir
+
+    def _begin(self, name: str, launch: Launch) -> None:
+        """Count a trial sent (or about to be) to the slot as running there."""
+        run, trial, record = launch.run, launch.trial, launch.record
+        record.slot = name
         now = time.monotonic()
         timeout = self._settings.trial_timeout
-        computed = prepared is not None and prepared.error is None
-        suggestions = self._sample_ahead(run, trial, stored, computed)
         self._active[name] = ActiveTrial(
             run,
             trial,
             record,
             now,
             now + timeout if timeout else None,
-            inherited_steps=inherited,
-            suggestions=suggestions,
+            inherited_steps=launch.inherited,
+            suggestions=launch.message.suggestions,
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
@@ -761,36 +867,167 @@ class Controller:
         left = run.time_left(now)
         if left is not None:  # for the view: when the budget runs out if trials keep running
             run.view.ends_at = time.time() + left
-        message = RunTrial(
-            objective=run.plan.name,
-            number=trial.number,
-            trial_dir=str(trial_dir),
-            datetime_start=trial.datetime_start,
-            study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
-            checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
-            suggestions=suggestions,
-        )
-        self._pending.sends.append(functools.partial(_send, worker, message))
         view = self.state.slot(name)
         view.state, view.trial, view.study, view.since = (
             "busy",
             trial.number,
-            study.study_name,
+            record.study,
             time.time(),
         )
         view.experiment = record.experiment
         run.view.running = self._book.running(run.plan.name)
         self._pending.others.append(functools.partial(self._emit, "on_trial_start", record))
+        if self._prepares(run):
+            self._to_prepare.append(name)
+
+    # ----- next trials, prepared while their slot runs (controller.prepared) ---------------
+
+    def _prepares(self, run: StudyRun) -> bool:
+        """Whether the study's next trials are prepared ahead: where their order cannot matter
+        to the search (see controller.prepared)."""
+        if self._stop_level or len(self._runs) != 1 or self._autopack is not None:
+            return False
+        if self._hub is None and len(self._slots) == 1:
+            return False  # one slot: the trials study.optimize gives, in its order
+        if run.plan.timeout is not None or self._deadline is not None:
+            return False  # a prepared trial would outlive the time limit, enqueued
+        return run.study is not None and ahead.samples_cheaply(run.study.sampler)
+
+    def _prepare_next(self) -> None:
+        """Prepare the next trial of one busy slot that has none; one per step, so that the
+        workers' messages are never kept waiting behind many."""
+        while self._to_prepare:
+            name = self._to_prepare.popleft()
+            active, worker = self._active.get(name), self._workers.get(name)
+            if active is None or worker is None or name in self._next:
+                continue
+            run = active.run
+            if not self._prepares(run) or not self._queue_is_ours(run):
+                continue
+            n_trials = run.plan.n_trials
+            reserved = self._reserved(run) + self._next.count(run.plan.name)
+            if n_trials is not None and reserved >= n_trials:
+                continue
+            self._start_next_early()
+            study = _opened(run)
+            placement = self._placement(name, worker.pid)
+            entry = self._next.prepare(name, run.plan.name, study, worker.pid, placement)
+            entry.stored = study._storage.get_trial(entry.trial_id)
+            self._trial_dir(run, entry.stored.number)
+            entry.space = run.space
+            suggestions = self._sample_ahead(run, None, entry.stored, False)
+            entry.message = _run_message(run, entry.stored, None, suggestions)
+            self._pending.others.append(functools.partial(setattr, entry, "committed", True))
+            return
+
+    def _queue_is_ours(self, run: StudyRun) -> bool:
+        """Whether every enqueued trial of the study is a prepared one; looked up only after
+        something else may have been enqueued (a repeat, the objective's enqueue_trial)."""
+        if run.queue_unknown:
+            study = _opened(run)
+            waiting = study._storage.get_all_trials(
+                study._study_id, deepcopy=False, states=(TrialState.WAITING,)
+            )
+            run.queue_unknown = any(not self._next.owns(t._trial_id) for t in waiting)
+        return not run.queue_unknown
+
+    def _start_next(self, name: str, worker: Worker, finished: Finished) -> None:
+        """Send the slot its prepared next trial now, before the result that freed it is
+        recorded; :meth:`_on_finished` counts it as running once that is done."""
+        entry, active = self._next.peek(name), self._active.get(name)
+        if entry is None or active is None or name in self._sent_next:
+            return
+        ready = entry.message if entry.committed else None
+        if ready is None or not self._goes_on(name, worker, active, finished, entry.pid):
+            return
+        self._next.take(name)
+        run = active.run
+        study = _opened(run)
+        message = replace(ready, datetime_start=datetime.datetime.now())
+        space = run.space
+        if finished.outcome == "returned":  # it completes: the space narrows as its tell will
+            space = ahead.narrowed(space, active.trial.distributions)
+        if entry.space != space and entry.stored is not None:  # trials ended meanwhile
+            suggestions = self._sample_ahead(run, None, entry.stored, False, space)
+            message = replace(message, suggestions=suggestions)
+        if not run.shared:
+            # The run directory's own journal: no other process takes its queued trials, and
+            # this one no longer can, so the trial leaves before its start is written.
+            _send(worker, message)
+        trial = start_queued(study, entry.trial_id)
+        if trial is None:
+            if not run.shared:  # cannot happen (see above): a bug, which must not go unseen
+                raise RuntimeError(f"hyperfleet: prepared trial {message.number} was taken")
+            return  # another process's ask took it: the slot gets a trial the usual way
+        if run.shared:
+            _send(worker, message)
+        stored = study._storage.get_trial(entry.trial_id)
+        self._sent_next[name] = Launch(run, trial, _record_of(study, stored), message, set())
+
+    def _goes_on(
+        self, name: str, worker: Worker, active: ActiveTrial, finished: Finished, pid: int
+    ) -> bool:
+        """Whether the worker's result leaves it to run the study's next trial at once: a
+        result the study takes, no stop, no reason to replace the worker."""
+        run = active.run
+        if self._stop_level or active.end_kind or name in self._kill_at or worker.pid != pid:
+            return False
+        if run.load_failure or run.queue_unknown or run.plan.name not in worker.loaded:
+            return False
+        if not ahead.samples_cheaply(_opened(run).sampler):  # an AutoSampler moved on
+            return False
+        limit = self._settings.max_trials_per_worker
+        if limit is not None and worker.trials_run + 1 >= limit:
+            return False
+        if finished.outcome == "pruned":
+            return True
+        if finished.outcome != "returned":
+            return False
+        values, _ = books.objective_values(_opened(run), finished.value)
+        return values is not None
+
+    def _take_prepared(
+        self, name: str, worker: Worker, run: StudyRun
+    ) -> tuple[optuna.Trial, FrozenTrial] | None:
+        """A trial for a slot that frees up the usual way, where the study prepares trials:
+        the slot's own prepared one, else a new one that leaves the other slots theirs
+        (``study.ask()`` would take the oldest enqueued). None: ask as usual."""
+        study = _opened(run)
+        placement = self._placement(name, worker.pid)
+        entry = self._next.take(name)
+        if entry is not None:
+            trial = start_queued(study, entry.trial_id)
+            if trial is not None:
+                return trial, _mark_placed(trial, placement)
+        prepared = self._next.count(run.plan.name)
+        if run.queue_unknown or not prepared:
+            return None
+        n_trials = run.plan.n_trials
+        if n_trials is not None and self._reserved(run) + prepared >= n_trials:
+            return None  # the budget's last trials are the prepared ones: take one of them
+        trial = ask_new(study, placement)
+        return trial, study._storage.get_trial(trial._trial_id)
+
+    def _forget_next(self, name: str) -> None:
+        """The slot's worker is gone: its prepared trial stays enqueued for any slot's ask."""
+        self._next.take(name)
 
     def _sample_ahead(
-        self, run: StudyRun, trial: optuna.Trial, stored: FrozenTrial, prepared: bool
+        self,
+        run: StudyRun,
+        trial: optuna.Trial | None,
+        stored: FrozenTrial,
+        prepared: bool,
+        space: ahead.Space | None = None,
     ) -> ahead.Ahead:
         """The suggestions sent with a trial, where trials run side by side (with one slot and
         no nodes, a seeded sampler gives the trials study.optimize gives: none are sent).
-        ``prepared``: its relative sample was computed off the loop's thread."""
+        ``prepared``: its relative sample was computed off the loop's thread. ``space``: the
+        study's, unless said."""
         if self._hub is None and len(self._slots) == 1:
             return {}
-        return ahead.sample(_opened(run), trial, stored, run.space or {}, prepared)
+        space = run.space if space is None else space
+        return ahead.sample(_opened(run), trial, stored, space or {}, prepared)
 
     def _sample_then_launch(self, name: str, run: StudyRun) -> None:
         """A slow sampler's trial: prepared off the loop's thread while the slot waits, holding
@@ -827,12 +1064,9 @@ class Controller:
         attributes through ``trial.user_attrs`` would be deep-copied at every look). The marks
         go in the record that creates the trial when the storage can, else (a queued trial,
         another storage) in three more writes. ``prepared``: the sampler's part of the ask,
-        computed off the loop's thread."""
-        placement: dict[str, Any] = {
-            books.RUN_ATTR: self._run_dir.identity,
-            books.SLOT_ATTR: slot,
-            books.PID_ATTR: pid,
-        }
+        computed off the loop's thread. A queued trial marked for another slot or run (a
+        prepared one, see controller.prepared) gets the marks that differ."""
+        placement = self._placement(slot, pid)
         storage = study._storage  # the study's storage has no public accessor
         ask = study.ask if prepared is None else functools.partial(prepared.ask, study)
         if isinstance(storage, PlacingJournalStorage):
@@ -840,11 +1074,12 @@ class Controller:
                 trial = ask()
         else:
             trial = ask()
-        stored = storage.get_trial(trial._trial_id)
-        if books.SLOT_ATTR not in stored.system_attrs:
-            for key, value in placement.items():
-                books.set_system_attr(trial, key, value)
-        return trial, stored
+        self._next.taken_elsewhere(trial._trial_id)
+        return trial, _mark_placed(trial, placement)
+
+    def _placement(self, slot: str, pid: int) -> dict[str, Any]:
+        """The marks of where a trial runs, as its system attributes."""
+        return {books.RUN_ATTR: self._run_dir.identity, books.SLOT_ATTR: slot, books.PID_ATTR: pid}
 
     # ----- answering trial calls -----------------------------------------------------------
 
@@ -857,6 +1092,8 @@ class Controller:
             if active is None:
                 raise RuntimeError(f"hyperfleet: no trial is running for call {call.name!r}")
             check_call_allowed(call)
+            if call.target == "study" and call.name in ENQUEUING:
+                active.run.queue_unknown = True  # it goes before prepared trials
             reply = Reply(value=self._call_value(active, call))
         except OSError:
             raise  # the storage itself failed (a full disk): nothing more can be recorded
@@ -912,7 +1149,10 @@ class Controller:
         if active is None:
             return
         worker.trials_run += 1
+        sent = self._sent_next.pop(name, None)
         failed = self._tell_finished(name, active, finished)
+        if sent is not None:  # its next trial went already (_start_next): it runs now
+            self._begin(name, sent)
         limit = self._settings.max_trials_per_worker
         if self._autopack is not None:
             ended = (active.started, time.monotonic())
@@ -994,6 +1234,7 @@ class Controller:
                 # a slot where this keeps happening is given up, not restarted for ever.
                 self._start_failures[name] = self._start_failures.get(name, 0) + 1
         self._kill_at.pop(name, None)
+        self._forget_next(name)
         worker.kill()
         del self._workers[name]
         link = self._slot_links.get(name)
@@ -1036,7 +1277,9 @@ class Controller:
             state == TrialState.FAIL
             and books.maybe_retry(study, frozen, kind, self._settings.retry)
         )
-        if not retried:
+        if retried:
+            run.queue_unknown = True  # the repeat is enqueued: it goes before prepared trials
+        else:
             run.finished += 1
         record = books.record_from_frozen(study.study_name, frozen)
         record.slot = name
@@ -1164,6 +1407,7 @@ class Controller:
         view.state, view.pid = "starting", self._workers[slot.name].pid or None
 
     def _replace_worker(self, name: str, worker: Worker, graceful: bool) -> None:
+        self._forget_next(name)
         if graceful:
             worker.shutdown()
         else:
@@ -1413,7 +1657,13 @@ class Controller:
         """Resume: fail what a dead controller left running, repeat what the policy allows."""
         study = _opened(run)
         private = is_private_journal(study._storage, self._run_dir.journal)
-        leftovers = books.fail_interrupted_leftovers(study, self._run_dir.marks, private)
+        folder = run.plan.folder
+        leftovers = books.fail_interrupted_leftovers(
+            study,
+            self._run_dir.marks,
+            private,
+            started=lambda number: folder.existing_trial_dir(number).is_dir(),
+        )
         for trial in leftovers:
             label = self._trial_label(run, trial.number)
             self._emit("on_message", f"{label} was left running: marked interrupted")
@@ -1646,6 +1896,56 @@ def _reported_step(call: Call) -> int | None:
         return int(step)
     except (TypeError, ValueError):
         return None  # Optuna's own report refuses it, with its own message
+
+
+def _run_message(
+    run: StudyRun,
+    stored: FrozenTrial,
+    start: datetime.datetime | None,
+    suggestions: ahead.Ahead,
+) -> RunTrial:
+    study = _opened(run)
+    return RunTrial(
+        objective=run.plan.name,
+        number=stored.number,
+        trial_dir=str(run.plan.folder.trial_dir(stored.number)),
+        datetime_start=start,
+        study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
+        checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
+        suggestions=suggestions,
+    )
+
+
+def _record_of(study: optuna.Study, stored: FrozenTrial) -> TrialRecord:
+    """A running trial's record, for the views and the events."""
+    retry_of = stored.user_attrs.get(books.RETRY_ATTR)
+    experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
+    return TrialRecord(
+        study=study.study_name,
+        number=stored.number,
+        slot=str(stored.system_attrs.get(books.SLOT_ATTR, "")),
+        state="RUNNING",
+        start=time.time(),
+        retry_of=int(retry_of) if retry_of is not None else None,
+        experiment=str(experiment) if experiment is not None else "",
+    )
+
+
+def _mark_placed(trial: optuna.Trial, placement: dict[str, Any]) -> FrozenTrial:
+    """The trial as stored, once its marks of where it runs are the ones given (a queued trial
+    was created with none, or with another slot's or run's)."""
+    stored = trial.study._storage.get_trial(trial._trial_id)
+    for key, value in placement.items():
+        if stored.system_attrs.get(key) != value:
+            books.set_system_attr(trial, key, value)
+    return stored
+
+
+def _raise_if_no_room(exc: OSError) -> None:
+    """A dead worker's connection fails, and that is handled as its exit; a run folder that
+    can no longer be written stops the run (see launch.run_search)."""
+    if exc.errno in NO_ROOM or isinstance(exc, FileNotFoundError):
+        raise exc
 
 
 def _send(worker: Worker, message: RunTrial) -> None:

@@ -1,0 +1,117 @@
+"""Next trials prepared while their slot still runs the one before, so that a slot whose trial
+ends starts the next one at once.
+
+Without them a slot whose trial ends waits for the controller to tell the result, ask the next
+trial and commit both (a few milliseconds, more when other slots' results came first). So while
+a slot runs a trial, the controller creates the slot's next trial in the storage as an enqueued
+(``WAITING``) trial that carries its placement, off the slot's way. When the slot's trial ends,
+the controller marks that trial ``RUNNING`` (its start time is then, as for any enqueued trial
+``study.ask()`` takes) and sends it, before it records the result that just came in.
+
+Only where the order cannot matter to the search: a single study whose sampler does not learn
+from results (Optuna's random sampler), with several slots, no time limit and no automatic GPU
+packing. A sampler that learns would see one more trial without a result per slot.
+
+Nothing is lost and nothing is left ``RUNNING``:
+
+- a prepared trial is committed before it is sent, like any other;
+- its start is committed with the step's writes: a controller killed in between leaves it
+  enqueued, and the next run (or any Optuna process) takes it first;
+- a stop leaves the prepared trials enqueued in the same way;
+- the budget counts them, so a run never creates more than ``n_trials``;
+- a prepared trial that some other ``ask`` took first (another process on a shared storage, or
+  this controller for a slot whose own was not ready) is simply not used again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from hyperfleet.controller.ahead import Space
+from hyperfleet.journal import running_trial
+from hyperfleet.workers.protocol import RunTrial
+
+
+@dataclass
+class NextTrial:
+    study: str  # the study's plan name
+    trial_id: int
+    pid: int  # the worker it was placed on
+    committed: bool = False  # on disk: it may be sent
+    message: RunTrial | None = None  # what starts it, but for its start time
+    stored: FrozenTrial | None = None  # as created
+    space: Space | None = None  # the study's space its suggestions were sampled from
+
+
+class NextTrials:
+    """The prepared trials, one per slot at most."""
+
+    def __init__(self) -> None:
+        self._by_slot: dict[str, NextTrial] = {}
+        self._slot_of: dict[int, str] = {}  # trial id -> slot
+
+    def __contains__(self, slot: str) -> bool:
+        return slot in self._by_slot
+
+    def __bool__(self) -> bool:
+        return bool(self._by_slot)
+
+    def count(self, study: str) -> int:
+        return sum(1 for entry in self._by_slot.values() if entry.study == study)
+
+    def prepare(
+        self, slot: str, study_name: str, study: optuna.Study, pid: int, placement: dict[str, Any]
+    ) -> NextTrial:
+        """Create the slot's next trial, enqueued, with its placement in the creating record."""
+        template = create_trial(state=TrialState.WAITING, system_attrs=placement)
+        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+        entry = NextTrial(study_name, trial_id, pid)
+        self._by_slot[slot] = entry
+        self._slot_of[trial_id] = slot
+        return entry
+
+    def take(self, slot: str) -> NextTrial | None:
+        """The slot's prepared trial, no longer kept here."""
+        entry = self._by_slot.pop(slot, None)
+        if entry is not None:
+            del self._slot_of[entry.trial_id]
+        return entry
+
+    def owns(self, trial_id: int) -> bool:
+        return trial_id in self._slot_of
+
+    def peek(self, slot: str) -> NextTrial | None:
+        return self._by_slot.get(slot)
+
+    def taken_elsewhere(self, trial_id: int) -> None:
+        """An ``ask`` took this trial from the queue: it is no longer a slot's next one."""
+        slot = self._slot_of.get(trial_id)
+        if slot is not None:
+            self.take(slot)
+
+
+def start_queued(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
+    """Start an enqueued trial as ``study.ask()`` does (its start time is now); None when some
+    other ``ask`` took it first."""
+    try:
+        if not study._storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+            return None
+    except UpdateFinishedTrialError:
+        return None
+    study._thread_local.cached_all_trials = None  # as ask() does: samplers read trials afresh
+    return optuna.Trial(study, trial_id)
+
+
+def ask_new(study: optuna.Study, placement: dict[str, Any]) -> optuna.Trial:
+    """A new trial, as ``study.ask()`` makes one when nothing is enqueued, with its placement in
+    the creating record; it leaves the enqueued trials (the other slots' prepared ones) alone."""
+    trial_id = study._storage.create_new_trial(
+        study._study_id, template_trial=running_trial(placement)
+    )
+    study._thread_local.cached_all_trials = None
+    return optuna.Trial(study, trial_id)
