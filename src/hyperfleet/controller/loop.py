@@ -260,10 +260,6 @@ class Controller:
         self._next = NextTrials()
         self._to_prepare: deque[str] = deque()
         self._sent_next: dict[str, Launch] = {}
-        # Messages read between two pieces of the loop's work (_start_next_early), by slot,
-        # with the worker that sent them: the next step handles them first.
-        self._early: dict[str, tuple[Worker, object]] = {}
-        self._waitables: list[Any] = []  # what the last step waited on
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
             run_dir=str(run_dir.path),
@@ -504,7 +500,6 @@ class Controller:
             self._run_effects(ready)
 
     def _run_effects(self, effects: Effects) -> None:
-        self._start_next_early()
         if effects.others:
             # Writing into a run folder that was deleted or moved would make a new one there.
             self._run_dir.check_now_and_then()
@@ -520,8 +515,7 @@ class Controller:
                 timeout = 0.0  # a remote worker ended by the loop itself has news already
         for _, worker in local:
             waitables.extend(worker.waitables())
-        self._waitables = waitables
-        ready = self._waiter.wait(waitables, 0.0 if self._early else timeout)
+        ready = self._waiter.wait(waitables, timeout)
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
                 self._wake_r.recv(4096)
@@ -531,17 +525,15 @@ class Controller:
             self._take_remote(ready)
 
     def _take_local(self, local: list[tuple[str, WorkerHandle]], ready: list[Any]) -> None:
-        received = [
-            (n, h, self._read(n, h)) for n, h in local if n in self._early or h.conn in ready
-        ]
+        received = [(n, h, self._read(h)) for n, h in local if h.conn in ready]
         for name, handle, message in received:
             if isinstance(message, Finished):  # prepared next trials leave first
                 self._start_next(name, handle, message)
-        ended = set()
-        for name, handle, message in received:
-            if message is CLOSED or not self._handle_guarded(name, handle, message):
-                ended.add(name)
-            self._start_next_early()
+        ended = {
+            name
+            for name, handle, message in received
+            if message is CLOSED or not self._handle_guarded(name, handle, message)
+        }
         for name, handle in local:
             # An exit makes the connection (EOF) or the process's pidfd ready; without a pidfd
             # the process is asked at every step.
@@ -565,22 +557,6 @@ class Controller:
                 self._drain(name, remote)
                 self._after_news(name, remote)
 
-    def _start_next_early(self) -> None:
-        """Between two pieces of the loop's work: a local slot whose result has come in
-        meanwhile gets its prepared next trial now, not after the rest of the step. The
-        message read is kept for the next step, which handles it as any other."""
-        if not self._next:
-            return
-        ready = self._waiter.wait(self._waitables, 0.0)
-        for name, worker in list(self._workers.items()):
-            if name in self._early or name not in self._next:
-                continue
-            if isinstance(worker, WorkerHandle) and worker.conn in ready:
-                message = self._read(name, worker)
-                self._early[name] = (worker, message)
-                if isinstance(message, Finished):
-                    self._start_next(name, worker, message)
-
     def _after_news(self, name: str, worker: Worker) -> None:
         if self._workers.get(name) is worker and worker.has_exited():
             self._drain(name, worker)
@@ -588,21 +564,18 @@ class Controller:
 
     def _drain(self, name: str, worker: Worker) -> None:
         """Handle every message the worker has sent; a worker that died sends EOF."""
-        while (name in self._early or worker.conn.poll()) and self._receive(name, worker):
+        while worker.conn.poll() and self._receive(name, worker):
             pass
 
     def _receive(self, name: str, worker: Worker) -> bool:
         """Handle one message of a worker whose connection is ready; False once it is closed."""
-        message = self._read(name, worker)
+        message = self._read(worker)
         return message is not CLOSED and self._handle_guarded(name, worker, message)
 
-    def _read(self, name: str, worker: Worker) -> object:
-        """One message of a worker whose connection is ready (or read early), or CLOSED. The
-        loop takes one per step: its poll says so again if there are more, where asking the
-        connection itself would build a poll of its own for each message."""
-        early = self._early.pop(name, None)
-        if early is not None and early[0] is worker:
-            return early[1]
+    def _read(self, worker: Worker) -> object:
+        """One message of a worker whose connection is ready, or CLOSED. The loop takes one
+        per step: its poll says so again if there are more, where asking the connection
+        itself would build a poll of its own for each message."""
         try:
             return worker.conn.recv()
         except EOFError:
@@ -908,7 +881,6 @@ class Controller:
             reserved = self._reserved(run) + self._next.count(run.plan.name)
             if n_trials is not None and reserved >= n_trials:
                 continue
-            self._start_next_early()
             study = _opened(run)
             placement = self._placement(name, worker.pid)
             entry = self._next.prepare(name, run.plan.name, study, worker.pid, placement)

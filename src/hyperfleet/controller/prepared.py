@@ -58,9 +58,6 @@ class NextTrials:
     def __contains__(self, slot: str) -> bool:
         return slot in self._by_slot
 
-    def __bool__(self) -> bool:
-        return bool(self._by_slot)
-
     def count(self, study: str) -> int:
         return sum(1 for entry in self._by_slot.values() if entry.study == study)
 
