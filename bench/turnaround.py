@@ -55,16 +55,18 @@ _log_fd: int | None = None
 def objective(trial: optuna.Trial) -> float:
     start = time.time()
     value = sum(trial.suggest_float(f"x{i}", -10.0, 10.0) ** 2 for i in range(PARAMS))
-    time.sleep(float(os.environ[SECONDS_ENV]))
-    end = time.time()
+    # The process id tells apart slots outside hyperfleet (where every slot is "local") and
+    # a worker that replaced a crashed one (whose gap is not a turnaround). Looked up inside
+    # the trial's own time: the first look imports hyperfleet's slot module (tens of ms), which
+    # is not a gap between trials.
+    where = f"{hyperfleet.current_slot().name}/{os.getpid()}"
     global _log_fd
     if _log_fd is None:
         # One O_APPEND descriptor per process: each record is a single small write, which
         # costs microseconds and never interleaves with another process's.
         _log_fd = os.open(os.environ[LOG_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    # The process id tells apart slots outside hyperfleet (where every slot is "local") and
-    # a worker that replaced a crashed one (whose gap is not a turnaround).
-    where = f"{hyperfleet.current_slot().name}/{os.getpid()}"
+    time.sleep(float(os.environ[SECONDS_ENV]))
+    end = time.time()
     record = {"slot": where, "number": trial.number, "start": start, "end": end}
     os.write(_log_fd, (json.dumps(record) + "\n").encode())
     return value

@@ -83,9 +83,18 @@ class RunState:
     stopping: int = 0  # 0 running, 1 finishing running trials, 2 terminating them
     packing: list[str] = field(default_factory=list)  # auto packing's decisions, in order
     sequential: bool = False  # stages run one after another
+    _index: dict[str, SlotView] = field(default_factory=dict, repr=False, compare=False)
+    _indexed: list[SlotView] | None = field(default=None, repr=False, compare=False)
 
     def slot(self, name: str) -> SlotView:
-        return next(s for s in self.slots if s.name == name)
+        # Through an index, rebuilt when the list was replaced or gained a slot: the controller
+        # looks slots up several times per trial, and a scan of hundreds each time added up.
+        view = self._index.get(name)
+        if view is None or self._indexed is not self.slots:
+            self._index = {s.name: s for s in self.slots}
+            self._indexed = self.slots
+            view = self._index[name]
+        return view
 
     @property
     def elapsed(self) -> float:

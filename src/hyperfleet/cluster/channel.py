@@ -130,6 +130,7 @@ class ChannelListener:
             ).start()
 
     def _handshake(self, peer: socket.socket, where: str) -> None:
+        _no_delay(peer)
         conn = Connection(os.dup(peer.fileno()))
         # Cutting the socket off wakes a read that waits for a silent peer.
         timer = threading.Timer(HANDSHAKE_SECONDS, _cut, args=(peer,))
@@ -147,6 +148,14 @@ class ChannelListener:
             peer.close()
         timer.cancel()
         self._on_peer(conn, first, where)
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """Send each message at once. With Nagle's algorithm the kernel holds a small message back
+    while an earlier one is not acknowledged, and the peer delays its acknowledgement (up to
+    40 ms on Linux): a slot's next trial, or a trial's result, then waited that long."""
+    with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to hold back
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _cut(peer: socket.socket) -> None:
@@ -178,6 +187,7 @@ def connect(address: tuple[str, int], token: bytes, patience: float) -> Connecti
                 ) from None
             time.sleep(0.5)  # retry pace while the controller is not listening yet
     sock.settimeout(None)
+    _no_delay(sock)
     conn = Connection(sock.detach())
     try:
         answer_challenge(conn, token)

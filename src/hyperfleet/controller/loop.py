@@ -73,6 +73,8 @@ Worker = WorkerHandle | RemoteWorker
 TICK_SECONDS = 1.0
 ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study calls that queue
 CLOSED = object()  # what reading a closed worker connection gives
+LOOK_AGAIN_SECONDS = 0.001  # how often a long step looks for new results (_take_remote)
+PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials (controller.prepared)
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 
 
@@ -522,7 +524,7 @@ class Controller:
             self._take_node_events()
         self._take_local(local, ready)
         if self._hub is not None:
-            self._take_remote(ready)
+            self._take_remote(waitables, ready)
 
     def _take_local(self, local: list[tuple[str, WorkerHandle]], ready: list[Any]) -> None:
         received = [(n, h, self._read(h)) for n, h in local if h.conn in ready]
@@ -540,7 +542,24 @@ class Controller:
             if name in ended or handle.exit_fd is None or handle.exit_fd in ready:
                 self._after_news(name, handle)
 
-    def _take_remote(self, ready: list[Any]) -> None:
+    def _take_remote(self, waitables: list[Any], ready: list[Any]) -> None:
+        """Handle the remote workers' news. While it does, it looks at the agents' connections
+        again every millisecond: a slot whose result comes in meanwhile gets its prepared next
+        trial then, not after the rest of the step (at hundreds of slots, a step handles tens
+        of results)."""
+        news = self._remote_news(ready)
+        looked = time.monotonic()
+        for remote in news:  # grows while it is gone through
+            name = remote.slot.name
+            if self._workers.get(name) is remote:
+                self._drain(name, remote)
+                self._after_news(name, remote)
+            if time.monotonic() - looked > LOOK_AGAIN_SECONDS:
+                news += self._remote_news(self._waiter.wait(waitables, 0.0))
+                looked = time.monotonic()
+
+    def _remote_news(self, ready: list[Any]) -> list[RemoteWorker]:
+        """The remote workers with news, once their prepared next trials are on their way."""
         assert self._hub is not None
         self._hub.pump(ready)  # remote workers' messages into their inboxes
         # Only the remote workers with news: at hundreds of slots, looking at each one at
@@ -551,11 +570,7 @@ class Controller:
             if isinstance(last, Finished):
                 self._start_next(remote.slot.name, remote, last)
         self._hub.flush()
-        for remote in news:
-            name = remote.slot.name
-            if self._workers.get(name) is remote:
-                self._drain(name, remote)
-                self._after_news(name, remote)
+        return news
 
     def _after_news(self, name: str, worker: Worker) -> None:
         if self._workers.get(name) is worker and worker.has_exited():
@@ -635,6 +650,8 @@ class Controller:
 
     def _idle_slots(self) -> list[str]:
         """Idle slots with a ready worker, in the pool's order."""
+        if len(self._active) + len(self._sampling) >= len(self._slots):
+            return []  # every slot busy: at hundreds of slots, no need to look at each
         return [
             slot.name
             for slot in self._slots
@@ -867,30 +884,35 @@ class Controller:
         return run.study is not None and ahead.samples_cheaply(run.study.sampler)
 
     def _prepare_next(self) -> None:
-        """Prepare the next trial of one busy slot that has none; one per step, so that the
-        workers' messages are never kept waiting behind many."""
-        while self._to_prepare:
-            name = self._to_prepare.popleft()
-            active, worker = self._active.get(name), self._workers.get(name)
-            if active is None or worker is None or name in self._next:
-                continue
-            run = active.run
-            if not self._prepares(run) or not self._queue_is_ours(run):
-                continue
-            n_trials = run.plan.n_trials
-            reserved = self._reserved(run) + self._next.count(run.plan.name)
-            if n_trials is not None and reserved >= n_trials:
-                continue
-            study = _opened(run)
-            placement = self._placement(name, worker.pid)
-            entry = self._next.prepare(name, run.plan.name, study, worker.pid, placement)
-            entry.stored = study._storage.get_trial(entry.trial_id)
-            self._trial_dir(run, entry.stored.number)
-            entry.space = run.space
-            suggestions = self._sample_ahead(run, None, entry.stored, False)
-            entry.message = _run_message(run, entry.stored, None, suggestions)
-            self._pending.others.append(functools.partial(setattr, entry, "committed", True))
+        """Prepare the next trials of busy slots that have none, for a few milliseconds per
+        step at most, so that the workers' messages never wait behind many (at the start,
+        every slot needs one)."""
+        until = time.monotonic() + PREPARE_SECONDS
+        while self._to_prepare and time.monotonic() < until:
+            self._prepare_one(self._to_prepare.popleft())
+
+    def _prepare_one(self, name: str) -> None:
+        active, worker = self._active.get(name), self._workers.get(name)
+        if active is None or worker is None or name in self._next:
             return
+        run = active.run
+        if not self._prepares(run) or not self._queue_is_ours(run):
+            return
+        n_trials = run.plan.n_trials
+        if (
+            n_trials is not None
+            and self._reserved(run) + self._next.count(run.plan.name) >= n_trials
+        ):
+            return
+        study = _opened(run)
+        placement = self._placement(name, worker.pid)
+        entry = self._next.prepare(name, run.plan.name, study, worker.pid, placement)
+        entry.stored = study._storage.get_trial(entry.trial_id)
+        self._trial_dir(run, entry.stored.number)
+        entry.space = run.space
+        suggestions = self._sample_ahead(run, None, entry.stored, False)
+        entry.message = _run_message(run, entry.stored, None, suggestions)
+        self._pending.others.append(functools.partial(setattr, entry, "committed", True))
 
     def _queue_is_ours(self, run: StudyRun) -> bool:
         """Whether every enqueued trial of the study is a prepared one; looked up only after
@@ -1306,8 +1328,9 @@ class Controller:
     # ----- deadlines and stops -------------------------------------------------------------
 
     def _next_deadline(self) -> float:
-        times = [a.deadline for a in self._active.values() if a.deadline is not None]
-        times += list(self._kill_at.values())
+        times = list(self._kill_at.values())
+        if self._settings.trial_timeout:  # else no trial has a deadline: none to look at
+            times += [a.deadline for a in self._active.values() if a.deadline is not None]
         for extra in (self._deadline, self._hard_stop_at):
             if extra is not None:
                 times.append(extra)
@@ -1317,7 +1340,8 @@ class Controller:
         now = time.monotonic()
         if self._hard_stop_at is not None and now >= self._hard_stop_at:
             self._stop_level = 2
-        for name, active in list(self._active.items()):
+        timed = self._active.items() if self._settings.trial_timeout else ()
+        for name, active in list(timed):
             if active.deadline is not None and now >= active.deadline and not active.end_kind:
                 active.end_kind = "timeout"
                 active.end_reason = (

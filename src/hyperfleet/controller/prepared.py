@@ -25,6 +25,7 @@ Nothing is lost and nothing is left ``RUNNING``:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from hyperfleet.workers.protocol import RunTrial
 
 @dataclass
 class NextTrial:
-    study: str  # the study's plan name
+    study: str  # the study's name in the run
     trial_id: int
     pid: int  # the worker it was placed on
     committed: bool = False  # on disk: it may be sent
@@ -54,12 +55,13 @@ class NextTrials:
     def __init__(self) -> None:
         self._by_slot: dict[str, NextTrial] = {}
         self._slot_of: dict[int, str] = {}  # trial id -> slot
+        self._count: Counter[str] = Counter()  # by study
 
     def __contains__(self, slot: str) -> bool:
         return slot in self._by_slot
 
     def count(self, study: str) -> int:
-        return sum(1 for entry in self._by_slot.values() if entry.study == study)
+        return self._count[study]
 
     def prepare(
         self, slot: str, study_name: str, study: optuna.Study, pid: int, placement: dict[str, Any]
@@ -70,6 +72,7 @@ class NextTrials:
         entry = NextTrial(study_name, trial_id, pid)
         self._by_slot[slot] = entry
         self._slot_of[trial_id] = slot
+        self._count[study_name] += 1
         return entry
 
     def take(self, slot: str) -> NextTrial | None:
@@ -77,6 +80,7 @@ class NextTrials:
         entry = self._by_slot.pop(slot, None)
         if entry is not None:
             del self._slot_of[entry.trial_id]
+            self._count[entry.study] -= 1
         return entry
 
     def owns(self, trial_id: int) -> bool:
