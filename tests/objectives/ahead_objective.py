@@ -34,15 +34,16 @@ def conditional_space(trial: optuna.Trial) -> float:
 
 
 def asked_again(trial: optuna.Trial) -> float:
-    """Trial 2 first asks for x from another range (a call), then from the usual one, which the
-    controller sent: Optuna keeps the first value, and so must the worker."""
-    if trial.number == 2:
+    """A trial sent a value for x first asks for x from another range (a call), then from the
+    usual one, the one sent: Optuna keeps the first value, and so must the worker."""
+    sent = _sent(trial)
+    if "x" in sent:
         first = trial.suggest_float("x", 0.0, 1.0)
         trial.set_user_attr("again", trial.suggest_float("x", -5.0, 5.0))
     else:
         first = trial.suggest_float("x", -5.0, 5.0)
     trial.set_user_attr("first", first)
-    trial.set_user_attr("sent", _sent(trial))
+    trial.set_user_attr("sent", sent)
     return first
 
 
