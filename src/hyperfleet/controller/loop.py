@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import signal
 import socket
 import time
@@ -255,6 +256,7 @@ class Controller:
         self._pending = Effects()
         self._committer = Committer(self._wake)
         self._files = files  # the caller's: the best/ folders wait on it too
+        self._frozen_before = gc.get_freeze_count() > 0  # see _tick
         self._trial_folders: set[Path] = set()  # the trials/ folders made so far
         # Each busy slot's next trial, prepared while it runs (see controller.prepared): the
         # slots still to prepare one for, and the trials sent before their slot's result was
@@ -1548,6 +1550,8 @@ class Controller:
             worker.close()
         self._workers.clear()
         self._monitor.close()
+        if not self._frozen_before:
+            gc.unfreeze()  # the process's objects, collected as before (a notebook's too)
         self._waiter.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -1774,6 +1778,12 @@ class Controller:
             view.best_params = dict(trial.params)
 
     def _tick(self) -> None:
+        # What survived the last second joins the collector's permanent generation: a full
+        # collection then goes through only what is new, where it went through every trial of
+        # the study (the journal's replay keeps each): 40-110 ms pauses at a 4,000-trial
+        # study, during which no slot got its next trial. Reference counting still frees
+        # these objects; only cycles among them would be left for the end of the run.
+        gc.freeze()
         self.state.gpus = self._monitor.sample()
         self._pack_gpus()
         for view in self.state.slots:
