@@ -179,3 +179,32 @@ def test_a_second_study_in_a_study_run_folder_is_refused_and_the_first_still_res
     again = run_cli(quick_search("runs/j9", "alpha", 3), tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert [t.state for t in load_trials(run_dir, "alpha")] == [TrialState.COMPLETE] * 3
+
+
+def test_a_prepared_trial_sent_before_its_start_was_stored_is_repeated_not_run_again(
+    tmp_path: Path,
+) -> None:
+    # A controller killed right after sending a prepared trial (hyperfleet.controller.prepared)
+    # leaves it enqueued, though its worker made its folder: the resume ends it as interrupted
+    # and repeats it under a number of its own. One never sent (no folder) simply runs.
+    run_dir, journal = tmp_path / "run", tmp_path / "old.journal"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="s", storage=storage)
+    own_mark = f"{socket.gethostname()}:{run_dir}"
+    for _ in range(2):
+        study.add_trial(
+            optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={RUN_MARK: own_mark})
+        )
+    (run_dir / "trials" / "00000").mkdir(parents=True)  # trial 0 was sent, and started
+
+    args = ["run", objective("quick"), "--run-dir", str(run_dir), "--storage", str(journal)]
+    args += ["--study-name", "s", "--n-trials", "3", "--cpu-slots", "1", "--plain", "--no-report"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trial 0 was left running: marked interrupted" in result.stdout
+    trials = journal_trials(journal)
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].system_attrs[FAIL_KIND] == "interrupted"
+    assert trials[1].state == TrialState.COMPLETE  # taken from the queue as it was
+    assert [t.state for t in trials[2:]] == [TrialState.COMPLETE] * 2
+    assert [t.user_attrs.get(RETRY_OF) for t in trials[2:]].count(0) == 1
