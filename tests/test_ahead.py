@@ -4,7 +4,6 @@ round trip, and the storage holds exactly what the objective suggested, as with 
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -13,8 +12,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-import hyperfleet
-from hyperfleet.resources.inventory import Inventory
+from support.searches import optimize_on_cpu_slots
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 N_TRIALS = 12
@@ -26,24 +24,9 @@ def objectives(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("ahead_objective")
 
 
-def cpu_slots(count: int) -> Inventory:
-    cores = sorted(os.sched_getaffinity(0))
-    return Inventory(gpus=(), cores=tuple(cores[i % len(cores)] for i in range(count)))
-
-
 def run(objective: object, sampler: optuna.samplers.BaseSampler, slots: int, tmp: Path) -> list:
     study = optuna.create_study(sampler=sampler)
-    outcome = hyperfleet.optimize(
-        study,
-        objective,  # type: ignore[arg-type]
-        n_trials=N_TRIALS,
-        run_dir=tmp / "run",
-        display="quiet",
-        report=False,
-        inventory=cpu_slots(slots),
-        cpu_slots=slots,
-    )
-    assert outcome.status == "completed"
+    optimize_on_cpu_slots(study, objective, N_TRIALS, slots, tmp / "run")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * N_TRIALS
     return trials

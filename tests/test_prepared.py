@@ -7,7 +7,6 @@ import datetime
 import importlib
 import itertools
 import json
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -17,8 +16,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-import hyperfleet
-from hyperfleet.resources.inventory import Inventory
+from support.searches import optimize_on_cpu_slots
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 CREATE_TRIAL, SET_TRIAL_STATE = 4, 6  # Optuna's journal operations
@@ -45,18 +43,7 @@ def search(
     study = optuna.create_study(study_name="prepared", storage=storage, sampler=sampler)
     for params in enqueued:
         study.enqueue_trial(params)
-    cores = sorted(os.sched_getaffinity(0))
-    outcome = hyperfleet.optimize(
-        study,
-        objective,  # type: ignore[arg-type]
-        n_trials=n_trials,
-        run_dir=tmp / "run",
-        display="quiet",
-        report=False,
-        inventory=Inventory(gpus=(), cores=tuple(cores[i % len(cores)] for i in range(slots))),
-        cpu_slots=slots,
-    )
-    assert outcome.status == "completed"
+    optimize_on_cpu_slots(study, objective, n_trials, slots, tmp / "run")
     records = [json.loads(line) for line in journal.read_text().splitlines()]
     return study.get_trials(), records
 

@@ -55,6 +55,25 @@ def kill_with_trials_running(args: list[str], folder: Path, running: int) -> Non
         run.stop()
 
 
+def earlier_study(tmp: Path) -> tuple[Path, Path, optuna.Study]:
+    """A run folder to be, and study "s" in a journal beside it, as an earlier run left it."""
+    run_dir, journal = tmp / "run", tmp / "old.journal"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    return run_dir, journal, optuna.create_study(study_name="s", storage=storage)
+
+
+def own_mark(run_dir: Path) -> str:
+    """The mark this machine's runs in ``run_dir`` wrote before run folders had an id."""
+    return f"{socket.gethostname()}:{run_dir}"
+
+
+def quick_on(journal: Path, run_dir: Path, n_trials: int, view: str) -> list[str]:
+    return [
+        "run", objective("quick"), "--run-dir", str(run_dir), "--storage", str(journal),
+        "--study-name", "s", "--n-trials", str(n_trials), "--cpu-slots", "1", view, "--no-report",
+    ]  # fmt: skip
+
+
 def journal_trials(path: Path) -> list[FrozenTrial]:
     storage = JournalStorage(JournalFileBackend(str(path)))
     return optuna.load_study(study_name="s", storage=storage).get_trials()
@@ -131,17 +150,13 @@ def test_a_resume_leaves_the_running_trials_of_another_run_folder_on_the_same_st
 def test_trials_marked_by_a_run_made_before_run_folders_had_an_id_are_still_recognised(
     tmp_path: Path,
 ) -> None:
-    run_dir, journal = tmp_path / "run", tmp_path / "old.journal"
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.create_study(study_name="s", storage=storage)
+    run_dir, journal, study = earlier_study(tmp_path)
+    storage = study._storage
     ours, foreign = study.ask(), study.ask()
-    own_mark = f"{socket.gethostname()}:{run_dir}"  # what earlier versions wrote
-    storage.set_trial_system_attr(ours._trial_id, RUN_MARK, own_mark)
+    storage.set_trial_system_attr(ours._trial_id, RUN_MARK, own_mark(run_dir))
     storage.set_trial_system_attr(foreign._trial_id, RUN_MARK, f"another-host:{run_dir}")
 
-    args = ["run", objective("quick"), "--run-dir", str(run_dir), "--storage", str(journal)]
-    args += ["--study-name", "s", "--n-trials", "1", "--cpu-slots", "1", "--quiet", "--no-report"]
-    result = run_cli(args, tmp_path)
+    result = run_cli(quick_on(journal, run_dir, 1, "--quiet"), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     trials = journal_trials(journal)
     assert trials[0].state == TrialState.FAIL
@@ -187,19 +202,13 @@ def test_a_prepared_trial_sent_before_its_start_was_stored_is_repeated_not_run_a
     # A controller killed right after sending a prepared trial (hyperfleet.controller.prepared)
     # leaves it enqueued, though its worker made its folder: the resume ends it as interrupted
     # and repeats it under a number of its own. One never sent (no folder) simply runs.
-    run_dir, journal = tmp_path / "run", tmp_path / "old.journal"
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.create_study(study_name="s", storage=storage)
-    own_mark = f"{socket.gethostname()}:{run_dir}"
+    run_dir, journal, study = earlier_study(tmp_path)
+    marks = {RUN_MARK: own_mark(run_dir)}
     for _ in range(2):
-        study.add_trial(
-            optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={RUN_MARK: own_mark})
-        )
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=marks))
     (run_dir / "trials" / "00000").mkdir(parents=True)  # trial 0 was sent, and started
 
-    args = ["run", objective("quick"), "--run-dir", str(run_dir), "--storage", str(journal)]
-    args += ["--study-name", "s", "--n-trials", "3", "--cpu-slots", "1", "--plain", "--no-report"]
-    result = run_cli(args, tmp_path)
+    result = run_cli(quick_on(journal, run_dir, 3, "--plain"), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trial 0 was left running: marked interrupted" in result.stdout
     trials = journal_trials(journal)
