@@ -4,7 +4,6 @@ LightGBM and XGBoost callbacks, and a per-epoch report/should_prune loop as writ
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -12,8 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import hyperfleet
-from hyperfleet.resources.inventory import Inventory
+from support.searches import optimize_on_cpu_slots
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 N_TRIALS = 6
@@ -31,16 +29,7 @@ def run_pruned_search(objective: object, run_dir: Path) -> list[optuna.trial.Fro
     study = optuna.create_study(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     )
-    outcome = hyperfleet.optimize(
-        study,
-        objective,  # type: ignore[arg-type]
-        n_trials=N_TRIALS,
-        run_dir=run_dir,
-        display="quiet",
-        inventory=Inventory(gpus=(), cores=(min(os.sched_getaffinity(0)),)),
-        cpu_slots=1,
-    )
-    assert outcome.status == "completed"
+    optimize_on_cpu_slots(study, objective, N_TRIALS, 1, run_dir)
     return study.get_trials()
 
 
