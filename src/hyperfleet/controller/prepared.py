@@ -15,9 +15,13 @@ packing. A sampler that learns would see one more trial without a result per slo
 Nothing is lost and nothing is left ``RUNNING``:
 
 - a prepared trial is committed before it is sent, like any other;
-- its start is committed with the step's writes: a controller killed in between leaves it
-  enqueued, and the next run (or any Optuna process) takes it first;
-- a stop leaves the prepared trials enqueued in the same way;
+- its start is committed with the step's writes (on the run directory's own journal it is sent
+  before its start is even written: no other process takes its queued trials). A controller
+  killed in between leaves it enqueued with its folder made by its worker: the next run ends
+  it as interrupted and repeats it, as any trial left running (bookkeeping's
+  ``fail_interrupted_leftovers``), rather than running it again under the same number;
+- a stop leaves the prepared trials not sent enqueued: the next run (or any Optuna process)
+  takes them first;
 - the budget counts them, so a run never creates more than ``n_trials``;
 - a prepared trial that some other ``ask`` took first (another process on a shared storage, or
   this controller for a slot whose own was not ready) is simply not used again.
