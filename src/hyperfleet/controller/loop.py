@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import os
 import signal
 import socket
 import time
@@ -530,9 +531,16 @@ class Controller:
 
     def _take_local(self, local: list[tuple[str, WorkerHandle]], ready: list[Any]) -> None:
         received = [(n, h, self._read(h)) for n, h in local if h.conn in ready]
+        sent = False
         for name, handle, message in received:
             if isinstance(message, Finished):  # prepared next trials leave first
-                self._start_next(name, handle, message)
+                sent = self._start_next(name, handle, message) or sent
+        if sent:
+            # Hand this core to the workers just sent a trial before recording their results:
+            # with as many busy processes as cores, a worker woken by its trial otherwise
+            # waited for the rest of this step (on 2 cores, the median turnaround went from
+            # 3.3-3.8 ms to 2.2-2.5 with it). With a core to spare this returns at once.
+            os.sched_yield()
         ended = {
             name
             for name, handle, message in received
@@ -927,15 +935,15 @@ class Controller:
             run.queue_unknown = any(not self._next.owns(t._trial_id) for t in waiting)
         return not run.queue_unknown
 
-    def _start_next(self, name: str, worker: Worker, finished: Finished) -> None:
+    def _start_next(self, name: str, worker: Worker, finished: Finished) -> bool:
         """Send the slot its prepared next trial now, before the result that freed it is
         recorded; :meth:`_on_finished` counts it as running once that is done."""
         entry, active = self._next.peek(name), self._active.get(name)
         if entry is None or active is None or name in self._sent_next:
-            return
+            return False
         ready = entry.message if entry.committed else None
         if ready is None or not self._goes_on(name, worker, active, finished, entry.pid):
-            return
+            return False
         self._next.take(name)
         run = active.run
         study = _opened(run)
@@ -954,11 +962,12 @@ class Controller:
         if trial is None:
             if not run.shared:  # cannot happen (see above): a bug, which must not go unseen
                 raise RuntimeError(f"hyperfleet: prepared trial {message.number} was taken")
-            return  # another process's ask took it: the slot gets a trial the usual way
+            return False  # another process's ask took it: the slot gets a trial the usual way
         if run.shared:
             _send(worker, message)
         stored = study._storage.get_trial(entry.trial_id)
         self._sent_next[name] = Launch(run, trial, _record_of(study, stored), message, set())
+        return True
 
     def _goes_on(
         self, name: str, worker: Worker, active: ActiveTrial, finished: Finished, pid: int
