@@ -127,6 +127,30 @@ def test_first_ctrl_c_lets_running_trials_finish(tmp_path: Path) -> None:
     assert_no_leftovers(tmp_path / "run")
 
 
+def test_ctrl_c_leaves_prepared_trials_enqueued_and_the_next_run_takes_them(
+    tmp_path: Path,
+) -> None:
+    # With the random sampler each busy slot's next trial is prepared while it runs
+    # (hyperfleet.controller.prepared): a stop leaves them enqueued, never running.
+    run, env = _start(tmp_path, "--sampler", "random")
+    wait_until(lambda: len(load_trials(tmp_path / "run", "s")) == 4, 30, "two prepared trials")
+    run.type_ctrl_c()
+    run.wait_for_output(SOFT_STOP)
+    (tmp_path / "release").touch()
+
+    assert run.wait() == 130
+    stopped = load_trials(tmp_path / "run", "s")
+    states = sorted(t.state.name for t in stopped)  # in the order the slots took numbers
+    assert states == ["COMPLETE", "COMPLETE", "WAITING", "WAITING"]
+    assert _log(tmp_path).count("start ") == 2  # the prepared ones never started
+    assert_no_leftovers(tmp_path / "run")
+
+    again = run_cli(_args(tmp_path / "run", "--sampler", "random"), tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    trials = load_trials(tmp_path / "run", "s")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # the budget, no more
+
+
 def test_second_ctrl_c_interrupts_and_the_next_run_repeats(tmp_path: Path) -> None:
     run, env = _start(tmp_path)
     run.type_ctrl_c()
