@@ -41,7 +41,13 @@ from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
-from hyperfleet.controller.prepared import NextTrials, ask_new, start_queued
+from hyperfleet.controller.prepared import (
+    NextTrials,
+    ask_new,
+    claim_queued,
+    queued_trial,
+    start_queued,
+)
 from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.waiting import Waiter
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
@@ -941,8 +947,10 @@ class Controller:
         entry, active = self._next.peek(name), self._active.get(name)
         if entry is None or active is None or name in self._sent_next:
             return False
-        ready = entry.message if entry.committed else None
-        if ready is None or not self._goes_on(name, worker, active, finished, entry.pid):
+        ready, stored = (entry.message, entry.stored) if entry.committed else (None, None)
+        if ready is None or stored is None:
+            return False
+        if not self._goes_on(name, worker, active, finished, entry.pid):
             return False
         self._next.take(name)
         run = active.run
@@ -951,21 +959,20 @@ class Controller:
         space = run.space
         if finished.outcome == "returned":  # it completes: the space narrows as its tell will
             space = ahead.narrowed(space, active.trial.distributions)
-        if entry.space != space and entry.stored is not None:  # trials ended meanwhile
-            suggestions = self._sample_ahead(run, None, entry.stored, False, space)
+        if entry.space != space:  # trials ended meanwhile
+            suggestions = self._sample_ahead(run, None, stored, False, space)
             message = replace(message, suggestions=suggestions)
-        if not run.shared:
+        if run.shared:
+            if not claim_queued(study, entry.trial_id):
+                return False  # another process's ask took it: the slot gets one the usual way
+            _send(worker, message)
+        else:
             # The run directory's own journal: no other process takes its queued trials, and
             # this one no longer can, so the trial leaves before its start is written.
             _send(worker, message)
-        trial = start_queued(study, entry.trial_id)
-        if trial is None:
-            if not run.shared:  # cannot happen (see above): a bug, which must not go unseen
+            if not claim_queued(study, entry.trial_id):  # cannot happen: a bug, not to hide
                 raise RuntimeError(f"hyperfleet: prepared trial {message.number} was taken")
-            return False  # another process's ask took it: the slot gets a trial the usual way
-        if run.shared:
-            _send(worker, message)
-        stored = study._storage.get_trial(entry.trial_id)
+        trial = queued_trial(study, entry.trial_id)
         self._sent_next[name] = Launch(run, trial, _record_of(study, stored), message, set())
         return True
 

@@ -103,11 +103,20 @@ class NextTrials:
 def start_queued(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
     """Start an enqueued trial as ``study.ask()`` does (its start time is now); None when some
     other ``ask`` took it first."""
+    return queued_trial(study, trial_id) if claim_queued(study, trial_id) else None
+
+
+def claim_queued(study: optuna.Study, trial_id: int) -> bool:
+    """Mark an enqueued trial running, as ``study.ask()`` does when it takes one from the
+    queue (its start time is now); False when some other ``ask`` took it first."""
     try:
-        if not study._storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-            return None
+        return bool(study._storage.set_trial_state_values(trial_id, TrialState.RUNNING))
     except UpdateFinishedTrialError:
-        return None
+        return False
+
+
+def queued_trial(study: optuna.Study, trial_id: int) -> optuna.Trial:
+    """The trial object of a claimed one, as ``study.ask()`` returns it."""
     study._thread_local.cached_all_trials = None  # as ask() does: samplers read trials afresh
     return optuna.Trial(study, trial_id)
 
