@@ -113,6 +113,20 @@ def test_enqueued_trials_run_before_any_prepared_one(
     assert all(t.datetime_start > last_enqueued for t in trials[5:])  # type: ignore[operator]
 
 
+def test_a_trial_another_process_enqueues_runs_before_the_budget_is_spent(
+    objectives: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepared trials would otherwise go first for ever: the queue of a storage others share is
+    # looked up again once a second.
+    monkeypatch.setenv("TEST_JOURNAL", str(tmp_path / "study.journal"))
+    trials, _ = search(
+        objectives.enqueues_from_outside, optuna.samplers.RandomSampler(seed=6), 2, 60, tmp_path
+    )
+
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 60
+    assert [t.params["x"] for t in trials].count(4.25) == 1
+
+
 @pytest.mark.parametrize(
     ("sampler", "slots"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import optuna
@@ -53,3 +54,17 @@ def takes_a_while(trial: optuna.Trial) -> float:
     x = trial.suggest_float("x", -5.0, 5.0)
     time.sleep(0.2)
     return x * x
+
+
+def enqueues_from_outside(trial: optuna.Trial) -> float:
+    """Trial 2 enqueues x = 4.25 through a storage of its own, as another process sharing the
+    study's journal would; every trial takes 0.05 s."""
+    if trial.number == 2:
+        path = os.environ["TEST_JOURNAL"]
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+        optuna.load_study(study_name=trial.study.study_name, storage=storage).enqueue_trial(
+            {"x": 4.25}
+        )
+    x = trial.suggest_float("x", -5.0, 5.0)
+    time.sleep(0.05)
+    return x

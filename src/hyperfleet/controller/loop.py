@@ -984,7 +984,7 @@ class Controller:
         run = active.run
         if self._stop_level or active.end_kind or name in self._kill_at or worker.pid != pid:
             return False
-        if run.load_failure or run.queue_unknown or run.plan.name not in worker.loaded:
+        if run.load_failure or run.plan.name not in worker.loaded:
             return False
         if not ahead.samples_cheaply(_opened(run).sampler):  # an AutoSampler moved on
             return False
@@ -1800,6 +1800,10 @@ class Controller:
         # study, during which no slot got its next trial. Reference counting still frees
         # these objects; only cycles among them would be left for the end of the run.
         gc.freeze()
+        for run in self._runs.values():
+            # Other processes may enqueue trials in a shared storage: looked up once a second,
+            # they go before the next prepared trials (see controller.prepared).
+            run.queue_unknown = run.queue_unknown or run.shared
         self.state.gpus = self._monitor.sample()
         self._pack_gpus()
         for view in self.state.slots:

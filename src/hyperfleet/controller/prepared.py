@@ -24,7 +24,9 @@ Nothing is lost and nothing is left ``RUNNING``:
   takes them first;
 - the budget counts them, so a run never creates more than ``n_trials``;
 - a prepared trial that some other ``ask`` took first (another process on a shared storage, or
-  this controller for a slot whose own was not ready) is simply not used again.
+  this controller for a slot whose own was not ready) is simply not used again;
+- trials enqueued otherwise (a repeat, the objective's ``enqueue_trial``, another process on a
+  shared storage, looked up once a second) stop the preparing until they have been taken.
 """
 
 from __future__ import annotations
