@@ -82,6 +82,7 @@ TICK_SECONDS = 1.0
 ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study calls that queue
 CLOSED = object()  # what reading a closed worker connection gives
 LOOK_AGAIN_SECONDS = 0.001  # how often a long step looks for new results (_take_remote)
+FULL_COLLECTION_SECONDS = 60.0  # see Controller._keep_collector_off
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials (controller.prepared)
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 
@@ -263,7 +264,8 @@ class Controller:
         self._pending = Effects()
         self._committer = Committer(self._wake)
         self._files = files  # the caller's: the best/ folders wait on it too
-        self._frozen_before = gc.get_freeze_count() > 0  # see _tick
+        self._frozen_before = gc.get_freeze_count() > 0  # see _keep_collector_off
+        self._full_collection_at = time.monotonic() + FULL_COLLECTION_SECONDS
         self._trial_folders: set[Path] = set()  # the trials/ folders made so far
         # Each busy slot's next trial, prepared while it runs (see controller.prepared): the
         # slots still to prepare one for, and the trials sent before their slot's result was
@@ -1794,12 +1796,7 @@ class Controller:
             view.best_params = dict(trial.params)
 
     def _tick(self) -> None:
-        # What survived the last second joins the collector's permanent generation: a full
-        # collection then goes through only what is new, where it went through every trial of
-        # the study (the journal's replay keeps each): 40-110 ms pauses at a 4,000-trial
-        # study, during which no slot got its next trial. Reference counting still frees
-        # these objects; only cycles among them would be left for the end of the run.
-        gc.freeze()
+        self._keep_collector_off()
         for run in self._runs.values():
             # Other processes may enqueue trials in a shared storage: looked up once a second,
             # they go before the next prepared trials (see controller.prepared).
@@ -1810,6 +1807,20 @@ class Controller:
             view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
         self.state.stopping = self._stop_level
         self._emit("on_tick")
+
+    def _keep_collector_off(self) -> None:
+        """What survived the last second joins the collector's permanent generation: a full
+        collection then goes through only what is new, where it went through every trial of
+        the study (the journal's replay keeps each): 40-110 ms pauses at a 4,000-trial study,
+        during which no slot got its next trial. Reference counting still frees those objects;
+        the cycles among them that died since (measured: under two objects per trial) are
+        collected once a minute, in one full pass, so that a long run does not keep them."""
+        now = time.monotonic()
+        if now >= self._full_collection_at:
+            gc.unfreeze()
+            gc.collect()
+            self._full_collection_at = now + FULL_COLLECTION_SECONDS
+        gc.freeze()
 
     def _cpu_percent(self, view: SlotView) -> float | None:
         worker = self._workers.get(view.name)
