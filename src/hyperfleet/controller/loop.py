@@ -42,9 +42,11 @@ from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.prepared import (
+    NextTrial,
     NextTrials,
     ask_new,
     claim_queued,
+    create_queued,
     queued_trial,
     start_queued,
 )
@@ -923,13 +925,12 @@ class Controller:
         ):
             return
         study = _opened(run)
-        placement = self._placement(name, worker.pid)
-        entry = self._next.prepare(name, run.plan.name, study, worker.pid, placement)
-        entry.stored = study._storage.get_trial(entry.trial_id)
-        self._trial_dir(run, entry.stored.number)
-        entry.space = run.space
-        suggestions = self._sample_ahead(run, None, entry.stored, False)
-        entry.message = _run_message(run, entry.stored, None, suggestions)
+        stored = create_queued(study, self._placement(name, worker.pid))
+        self._trial_dir(run, stored.number)
+        suggestions = self._sample_ahead(run, None, stored, False)
+        message = _run_message(run, stored, None, suggestions)
+        entry = NextTrial(run.plan.name, stored, worker.pid, message, run.space)
+        self._next.add(name, entry)
         self._pending.others.append(functools.partial(setattr, entry, "committed", True))
 
     def _queue_is_ours(self, run: StudyRun) -> bool:
@@ -949,15 +950,12 @@ class Controller:
         entry, active = self._next.peek(name), self._active.get(name)
         if entry is None or active is None or name in self._sent_next:
             return False
-        ready, stored = (entry.message, entry.stored) if entry.committed else (None, None)
-        if ready is None or stored is None:
-            return False
-        if not self._goes_on(name, worker, active, finished, entry.pid):
+        if not entry.committed or not self._goes_on(name, worker, active, finished, entry.pid):
             return False
         self._next.take(name)
-        run = active.run
+        run, stored = active.run, entry.stored
         study = _opened(run)
-        message = replace(ready, datetime_start=datetime.datetime.now())
+        message = replace(entry.message, datetime_start=datetime.datetime.now())
         space = run.space
         if finished.outcome == "returned":  # it completes: the space narrows as its tell will
             space = ahead.narrowed(space, active.trial.distributions)
@@ -1960,7 +1958,7 @@ def _record_of(study: optuna.Study, stored: FrozenTrial) -> TrialRecord:
     return TrialRecord(
         study=study.study_name,
         number=stored.number,
-        slot=str(stored.system_attrs.get(books.SLOT_ATTR, "")),
+        slot="",  # the slot's name, once it runs there (_begin)
         state="RUNNING",
         start=time.time(),
         retry_of=int(retry_of) if retry_of is not None else None,

@@ -47,12 +47,15 @@ from hyperfleet.workers.protocol import RunTrial
 @dataclass
 class NextTrial:
     study: str  # the study's name in the run
-    trial_id: int
+    stored: FrozenTrial  # as created
     pid: int  # the worker it was placed on
+    message: RunTrial  # what starts it, but for its start time
+    space: Space | None  # the study's space its suggestions were sampled from
     committed: bool = False  # on disk: it may be sent
-    message: RunTrial | None = None  # what starts it, but for its start time
-    stored: FrozenTrial | None = None  # as created
-    space: Space | None = None  # the study's space its suggestions were sampled from
+
+    @property
+    def trial_id(self) -> int:
+        return self.stored._trial_id
 
 
 class NextTrials:
@@ -69,17 +72,11 @@ class NextTrials:
     def count(self, study: str) -> int:
         return self._count[study]
 
-    def prepare(
-        self, slot: str, study_name: str, study: optuna.Study, pid: int, placement: dict[str, Any]
-    ) -> NextTrial:
-        """Create the slot's next trial, enqueued, with its placement in the creating record."""
-        template = create_trial(state=TrialState.WAITING, system_attrs=placement)
-        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        entry = NextTrial(study_name, trial_id, pid)
+    def add(self, slot: str, entry: NextTrial) -> None:
+        """Keep ``entry`` as the slot's next trial."""
         self._by_slot[slot] = entry
-        self._slot_of[trial_id] = slot
-        self._count[study_name] += 1
-        return entry
+        self._slot_of[entry.trial_id] = slot
+        self._count[entry.study] += 1
 
     def take(self, slot: str) -> NextTrial | None:
         """The slot's prepared trial, no longer kept here."""
@@ -100,6 +97,13 @@ class NextTrials:
         slot = self._slot_of.get(trial_id)
         if slot is not None:
             self.take(slot)
+
+
+def create_queued(study: optuna.Study, placement: dict[str, Any]) -> FrozenTrial:
+    """A new enqueued trial, its placement in the creating record, as the storage holds it."""
+    template = create_trial(state=TrialState.WAITING, system_attrs=placement)
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return study._storage.get_trial(trial_id)
 
 
 def start_queued(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
