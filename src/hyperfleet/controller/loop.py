@@ -971,7 +971,11 @@ class Controller:
             # this one no longer can, so the trial leaves before its start is written.
             _send(worker, message)
             if not claim_queued(study, entry.trial_id):  # cannot happen: a bug, not to hide
-                raise RuntimeError(f"hyperfleet: prepared trial {message.number} was taken")
+                raise RuntimeError(
+                    f"hyperfleet: prepared trial {message.number} was started by another ask "
+                    "although the run folder's journal has no other writer; this is a bug: run "
+                    "the same command again to resume, and please report it"
+                )
         trial = queued_trial(study, entry.trial_id)
         self._sent_next[name] = Launch(run, trial, _record_of(study, stored), message, set())
         return True
