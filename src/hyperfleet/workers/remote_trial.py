@@ -7,6 +7,7 @@ the controller (the only process that touches storage).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import threading
@@ -33,14 +34,29 @@ class Channel:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        self._held: collections.deque[Any] = collections.deque()
 
     def call(self, target: str, name: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             self._conn.send(Call(target, name, args, kwargs))
-            reply: Reply = self._conn.recv()
+            reply = self._reply()
         if reply.error is not None:
             raise reply.error
         return reply.value
+
+    def _reply(self) -> Reply:
+        """The answer to the call just sent. The controller does not wait for a trial to end
+        before it tells the worker other things (to release another study that has just
+        ended): those wait here for the worker's loop, which reads them after the trial."""
+        while True:
+            message = self._conn.recv()
+            if isinstance(message, Reply):
+                return message
+            self._held.append(message)
+
+    def next_message(self) -> Any:
+        """The worker's next instruction: those that came during the trial first."""
+        return self._held.popleft() if self._held else self._conn.recv()
 
     def tell(self, target: str, name: str, *args: Any, **kwargs: Any) -> None:
         """A call already answered here, for the controller to record: no reply to wait for."""

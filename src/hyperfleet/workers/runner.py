@@ -56,7 +56,7 @@ def serve(conn: Connection) -> None:
     channel = Channel(conn)
     node_folder = NodeRunFolder.from_env()  # on a node without the run directory
     while True:
-        message = conn.recv()
+        message = channel.next_message()
         if isinstance(message, Shutdown):
             end_processes(descendants(os.getpid()))
             return
