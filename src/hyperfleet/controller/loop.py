@@ -83,7 +83,7 @@ Worker = WorkerHandle | RemoteWorker
 TICK_SECONDS = 1.0
 ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study calls that queue
 CLOSED = object()  # what reading a closed worker connection gives
-LOOK_AGAIN_SECONDS = 0.001  # how often a long step looks for new results (_take_remote)
+LOOK_AGAIN_SECONDS = 0.001  # how often long work looks for new remote results (_glance)
 FULL_COLLECTION_SECONDS = 60.0  # see Controller._keep_collector_off
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials (controller.prepared)
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
@@ -274,6 +274,10 @@ class Controller:
         # recorded.
         self._next = NextTrials()
         self._to_prepare: deque[str] = deque()
+        # Remote workers with news that a glance between pieces of other work found: their
+        # prepared next trials are sent; the rest of their news waits for the next step.
+        self._glanced: list[RemoteWorker] = []
+        self._looked = 0.0  # when the agents' connections were last looked at
         self._sent_next: dict[str, Launch] = {}
         self.state = RunState(
             run_name=run_name or run_dir.path.name,
@@ -520,14 +524,15 @@ class Controller:
             self._run_dir.check_now_and_then()
         for effect in [*effects.sends, *effects.others]:
             effect()
+            self._glance()
 
     def _step(self, timeout: float) -> None:
         local = [(n, w) for n, w in self._workers.items() if isinstance(w, WorkerHandle)]
         waitables: list[Any] = [self._wake_r]
         if self._hub is not None:
             waitables.extend(self._hub.waitables())
-            if self._hub.attention:
-                timeout = 0.0  # a remote worker ended by the loop itself has news already
+            if self._hub.attention or self._glanced:
+                timeout = 0.0  # news already in: from a glance, or a worker the loop ended
         for _, worker in local:
             waitables.extend(worker.waitables())
         ready = self._waiter.wait(waitables, timeout)
@@ -537,7 +542,7 @@ class Controller:
             self._take_node_events()
         self._take_local(local, ready)
         if self._hub is not None:
-            self._take_remote(waitables, ready)
+            self._take_remote(ready)
 
     def _take_local(self, local: list[tuple[str, WorkerHandle]], ready: list[Any]) -> None:
         received = [(n, h, self._read(h)) for n, h in local if h.conn in ready]
@@ -562,21 +567,29 @@ class Controller:
             if name in ended or handle.exit_fd is None or handle.exit_fd in ready:
                 self._after_news(name, handle)
 
-    def _take_remote(self, waitables: list[Any], ready: list[Any]) -> None:
-        """Handle the remote workers' news. While it does, it looks at the agents' connections
-        again every millisecond: a slot whose result comes in meanwhile gets its prepared next
-        trial then, not after the rest of the step (at hundreds of slots, a step handles tens
-        of results)."""
-        news = self._remote_news(ready)
-        looked = time.monotonic()
-        for remote in news:  # grows while it is gone through
+    def _take_remote(self, ready: list[Any]) -> None:
+        """Handle the remote workers' news, with what glances found since the last step."""
+        news, self._glanced = [*self._glanced, *self._remote_news(ready)], []
+        self._looked = time.monotonic()
+        for remote in news:
             name = remote.slot.name
             if self._workers.get(name) is remote:
                 self._drain(name, remote)
                 self._after_news(name, remote)
-            if time.monotonic() - looked > LOOK_AGAIN_SECONDS:
-                news += self._remote_news(self._waiter.wait(waitables, 0.0))
-                looked = time.monotonic()
+            self._glance()
+            news += self._glanced  # handled in this step, like the rest
+            self._glanced = []
+
+    def _glance(self) -> None:
+        """Between pieces of a long piece of work (a step that handles tens of results, the
+        effects of a commit, preparing trials): once a millisecond, look at the agents'
+        connections, and send the prepared next trial of each slot whose result came in
+        meanwhile, instead of leaving the slot waiting until the work is done (at 512 slots,
+        the 99th percentile of a slot's wait went from 22-26 ms to 7-11 ms)."""
+        if self._hub is None or time.monotonic() - self._looked < LOOK_AGAIN_SECONDS:
+            return
+        self._glanced += self._remote_news(self._waiter.wait(self._hub.waitables(), 0.0))
+        self._looked = time.monotonic()
 
     def _remote_news(self, ready: list[Any]) -> list[RemoteWorker]:
         """The remote workers with news, once their prepared next trials are on their way."""
@@ -910,6 +923,7 @@ class Controller:
         until = time.monotonic() + PREPARE_SECONDS
         while self._to_prepare and time.monotonic() < until:
             self._prepare_one(self._to_prepare.popleft())
+            self._glance()
 
     def _prepare_one(self, name: str) -> None:
         active, worker = self._active.get(name), self._workers.get(name)
@@ -1799,6 +1813,7 @@ class Controller:
 
     def _tick(self) -> None:
         self._keep_collector_off()
+        self._glance()
         for run in self._runs.values():
             # Other processes may enqueue trials in a shared storage: looked up once a second,
             # they go before the next prepared trials (see controller.prepared).
@@ -1808,6 +1823,7 @@ class Controller:
         for view in self.state.slots:
             view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
         self.state.stopping = self._stop_level
+        self._glance()
         self._emit("on_tick")
 
     def _keep_collector_off(self) -> None:
