@@ -930,13 +930,7 @@ class Controller:
         if active is None or worker is None or name in self._next:
             return
         run = active.run
-        if not self._prepares(run) or not self._queue_is_ours(run):
-            return
-        n_trials = run.plan.n_trials
-        if (
-            n_trials is not None
-            and self._reserved(run) + self._next.count(run.plan.name) >= n_trials
-        ):
+        if not self._prepares(run) or not self._queue_is_ours(run) or self._prepared_fill(run):
             return
         study = _opened(run)
         stored = create_queued(study, self._placement(name, worker.pid))
@@ -946,6 +940,12 @@ class Controller:
         entry = NextTrial(run.plan.name, stored, worker.pid, message, run.space)
         self._next.add(name, entry)
         self._pending.others.append(functools.partial(setattr, entry, "committed", True))
+
+    def _prepared_fill(self, run: StudyRun) -> bool:
+        """Whether the study's prepared trials take what its budget has left."""
+        n_trials = run.plan.n_trials
+        prepared = self._next.count(run.plan.name)
+        return n_trials is not None and self._reserved(run) + prepared >= n_trials
 
     def _queue_is_ours(self, run: StudyRun) -> bool:
         """Whether every enqueued trial of the study is a prepared one; looked up only after
@@ -1029,11 +1029,9 @@ class Controller:
             trial = start_queued(study, entry.trial_id)
             if trial is not None:
                 return trial, _mark_placed(trial, placement)
-        prepared = self._next.count(run.plan.name)
-        if run.queue_unknown or not prepared:
+        if run.queue_unknown or not self._next.count(run.plan.name):
             return None
-        n_trials = run.plan.n_trials
-        if n_trials is not None and self._reserved(run) + prepared >= n_trials:
+        if self._prepared_fill(run):
             return None  # the budget's last trials are the prepared ones: take one of them
         trial = ask_new(study, placement)
         return trial, study._storage.get_trial(trial._trial_id)

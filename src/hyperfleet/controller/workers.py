@@ -141,10 +141,7 @@ class WorkerHandle(ObjectiveLoading):
     def terminate(self, grace: float) -> None:
         """SIGTERM the whole process group, then SIGKILL what is left after ``grace`` seconds."""
         self._signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=0.05)
+        _wait_for_exits([self], time.monotonic() + grace)
         self.kill()
 
     def kill(self) -> None:
