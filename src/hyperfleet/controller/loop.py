@@ -277,6 +277,7 @@ class Controller:
         # Remote workers with news that a glance between pieces of other work found: their
         # prepared next trials are sent; the rest of their news waits for the next step.
         self._glanced: list[RemoteWorker] = []
+        self._glance_waiter = Waiter()  # its own poll set: the step's holds more
         self._looked = 0.0  # when the agents' connections were last looked at
         self._sent_next: dict[str, Launch] = {}
         self.state = RunState(
@@ -588,7 +589,8 @@ class Controller:
         the 99th percentile of a slot's wait went from 22-26 ms to 7-11 ms)."""
         if self._hub is None or time.monotonic() - self._looked < LOOK_AGAIN_SECONDS:
             return
-        self._glanced += self._remote_news(self._waiter.wait(self._hub.waitables(), 0.0))
+        ready = self._glance_waiter.wait(self._hub.waitables(), 0.0)
+        self._glanced += self._remote_news(ready)
         self._looked = time.monotonic()
 
     def _remote_news(self, ready: list[Any]) -> list[RemoteWorker]:
@@ -1585,6 +1587,7 @@ class Controller:
         if not self._frozen_before:
             gc.unfreeze()  # the process's objects, collected as before (a notebook's too)
         self._waiter.close()
+        self._glance_waiter.close()
         self._wake_r.close()
         self._wake_w.close()
         for view in self.state.slots:
