@@ -116,7 +116,14 @@ def test_ray_places_one_agent_per_node_and_a_removed_node_loses_only_its_trials(
     removed = ray_cluster.list_all_nodes()[-1]  # a worker node, not the head
     name = f"ray-{removed.node_id[:6]}"
     log = tmp_path / "run" / "run.log"
-    wait_until(lambda: log.exists() and f"started on {name}/" in log.read_text(), 120, name)
+    # Every slot of the node has had a trial before it goes (its workers may load one after
+    # the other), so that every slot of the cluster is among those the trials name below.
+    its_slots = sorted(slot for slot in expected if slot.startswith(f"{name}/"))
+    wait_until(
+        lambda: log.exists() and all(f"started on {slot}" in log.read_text() for slot in its_slots),
+        120,
+        f"a trial on each of {its_slots}",
+    )
     ray_cluster.remove_node(removed)
     search.join(timeout=180)
     assert outcomes and outcomes[0].status == "completed", outcomes
