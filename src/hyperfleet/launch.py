@@ -192,8 +192,12 @@ def _run_to_the_end(
     campaign: bool = False,
 ) -> Outcome:
     """The search, then each study's refit and report, and a campaign's own report."""
-    if inventory_note.startswith("no GPU"):
-        controller.announce(inventory_note)
+    # The note's first line says how GPUs were found; each next one, a GPU left out and why.
+    found, *problems = inventory_note.splitlines() or [""]
+    if found.startswith("no GPU"):
+        controller.announce(found)
+    for problem in problems:
+        controller.announce(problem)
     for note in search.pool.notes:
         controller.announce(note)
     with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace):

@@ -3,6 +3,7 @@ for auto packing (which also needs the memory each process holds)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +38,29 @@ class GpuMonitor:
             self._open_nvml()
 
     def _open_nvml(self) -> None:
+        """One NVML session for the run, and a handle per GPU found by its UUID (a MIG
+        instance's own, whose memory is the slice's); a GPU NVML cannot open reads as unknown
+        without blanking the others."""
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            self._nvml = pynvml
-            for gpu in self._gpus:
-                self._handles[gpu.index] = pynvml.nvmlDeviceGetHandleByIndex(gpu.index)
         except Exception:  # NVML vanished since the inventory: report unknown values
-            self._nvml = None
-            self._handles = {}
+            return
+        self._nvml = pynvml
+        for gpu in self._gpus:
+            if gpu.kind != "cuda":
+                continue
+            with contextlib.suppress(pynvml.NVMLError):
+                self._handles[gpu.index] = self._handle(gpu)
+
+    def _handle(self, gpu: Gpu) -> Any:
+        try:
+            return self._nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+        except self._nvml.NVMLError:
+            if gpu.uuid.startswith("MIG-"):
+                raise
+            return self._nvml.nvmlDeviceGetHandleByIndex(gpu.index)  # a driver without UUIDs
 
     def sample(self) -> dict[int, GpuSample]:
         return {gpu.index: self._sample_one(gpu) for gpu in self._gpus}
@@ -59,24 +73,28 @@ class GpuMonitor:
         handle = self._handles.get(gpu.index)
         if handle is None or self._nvml is None:
             return GpuSample(gpu.index, None, None, gpu.memory_total_mib)
-        try:
-            util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
-            memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-        except Exception:
-            return GpuSample(gpu.index, None, None, gpu.memory_total_mib)
+        # Each figure on its own: NVML reports no utilisation for a MIG instance and no memory
+        # on some GPUs (NOT_SUPPORTED), and one missing figure must not hide the other.
+        util = self._read(self._nvml.nvmlDeviceGetUtilizationRates, handle)
+        memory = self._read(self._nvml.nvmlDeviceGetMemoryInfo, handle)
         return GpuSample(
             gpu.index,
-            float(util.gpu),
-            int(memory.used) // _MIB,
-            int(memory.total) // _MIB,
-            self._process_mib(handle),
+            float(util.gpu) if util is not None else None,
+            int(memory.used) // _MIB if memory is not None else None,
+            int(memory.total) // _MIB if memory is not None else gpu.memory_total_mib,
+            self._process_mib(handle) if memory is not None else None,
         )
+
+    def _read(self, query: Any, handle: Any) -> Any:
+        try:
+            return query(handle)
+        except self._nvml.NVMLError:
+            return None
 
     def _process_mib(self, handle: Any) -> dict[int, int] | None:
         """MiB per process; None when any process's figure is missing (no per-process view)."""
-        try:
-            processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        except Exception:
+        processes = self._read(self._nvml.nvmlDeviceGetComputeRunningProcesses, handle)
+        if processes is None:
             return None
         held: dict[int, int] = {}
         for process in processes:
@@ -87,11 +105,11 @@ class GpuMonitor:
         return held
 
     def close(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            finally:
-                self._nvml = None
+        """End the NVML session (once; an error ending it changes nothing for the run)."""
+        nvml, self._nvml, self._handles = self._nvml, None, {}
+        if nvml is not None:
+            with contextlib.suppress(nvml.NVMLError):
+                nvml.nvmlShutdown()
 
 
 def _fake_sample(gpu: Gpu) -> GpuSample:
