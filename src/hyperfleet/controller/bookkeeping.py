@@ -3,6 +3,11 @@
 Everything here reads or writes storage through the study the controller owns. Markers live in
 trial system attributes (``hyperfleet:*``), except which trial a retry repeats, which is a user
 attribute so that it is set in the same write that creates the retry.
+
+Names that start with ``hyperfleet.`` or ``hyperfleet:`` are hyperfleet's own: an objective's
+write of one is refused (see controller.calls), and every record is read here defensively, so
+a value that is not what hyperfleet writes (a study an older version let an objective write
+into) is taken as absent rather than crashing the controller or a resume.
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ REASON_ATTR = "hyperfleet:fail_reason"
 TRACEBACK_ATTR = "hyperfleet:traceback"
 # A study system attribute: the seconds of its time budget used so far, over every run.
 TIME_USED_ATTR = "hyperfleet:time_used"
+RESERVED_PREFIXES = ("hyperfleet.", "hyperfleet:")
+
+
+def is_reserved(key: object) -> bool:
+    """Whether an attribute name is one of hyperfleet's own, which objectives may not set."""
+    return isinstance(key, str) and key.startswith(RESERVED_PREFIXES)
+
 
 _OOM_TYPES = ("OutOfMemoryError", "MemoryError")
 _OOM_TEXTS = (
@@ -107,8 +119,21 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _trial_number(value: object, below: int) -> int | None:
+    """``value`` when it is a trial number under ``below``, else None (bools are not)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < below:
+        return value
+    return None
+
+
+def retry_of(trial: FrozenTrial) -> int | None:
+    """The number of the trial this one repeats, or None. Only an earlier trial's number counts,
+    so following the chain always ends."""
+    return _trial_number(trial.user_attrs.get(RETRY_ATTR), trial.number)
+
+
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    return {int(t.user_attrs[RETRY_ATTR]) for t in trials if RETRY_ATTR in t.user_attrs}
+    return {number for t in trials if (number := retry_of(t)) is not None}
 
 
 def counts_against_budget(trial: FrozenTrial, retried: set[int]) -> bool:
@@ -127,9 +152,9 @@ def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str
     """How many earlier attempts of this trial's parameters failed with ``kind``, following
     the chain of retries (interrupted attempts in the chain do not count against the others)."""
     count, current = 0, trial
-    while RETRY_ATTR in current.user_attrs:
-        more_room = bool(current.user_attrs.get(ROOM_RERUN_ATTR))
-        current = trials[int(current.user_attrs[RETRY_ATTR])]
+    while (earlier := retry_of(current)) is not None and earlier < len(trials):
+        more_room = current.user_attrs.get(ROOM_RERUN_ATTR) is True
+        current = trials[earlier]
         count += current.system_attrs.get(KIND_ATTR) == kind and not more_room
     return count
 
@@ -181,8 +206,11 @@ def first_attempt(trial: FrozenTrial) -> int:
     """The number of the first trial of this trial's chain of repeats (its own when it repeats
     none). A repeat enqueued before chains recorded their first attempt names the trial it
     repeats, which is the best there is without reading the chain."""
-    first = trial.user_attrs.get(FIRST_ATTEMPT_ATTR, trial.user_attrs.get(RETRY_ATTR))
-    return trial.number if first is None else int(first)
+    repeats = retry_of(trial)
+    if repeats is None:  # hyperfleet writes a first attempt only on a repeat
+        return trial.number
+    first = _trial_number(trial.user_attrs.get(FIRST_ATTEMPT_ATTR), repeats + 1)
+    return repeats if first is None else first
 
 
 def inherit_history(study: optuna.Study, trial: optuna.Trial, stored: FrozenTrial) -> set[int]:
@@ -194,11 +222,11 @@ def inherit_history(study: optuna.Study, trial: optuna.Trial, stored: FrozenTria
     by several attempts keeps the first value, as ``trial.report`` keeps the first report."""
     storage, study_id = study._storage, study._study_id  # no public accessors for either
     earlier: list[FrozenTrial] = []
-    number = stored.user_attrs.get(RETRY_ATTR)
+    number = retry_of(stored)
     while number is not None:
         found = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
         earlier.append(found)
-        number = found.user_attrs.get(RETRY_ATTR)
+        number = retry_of(found)
     values: dict[int, float] = {}
     for attempt in reversed(earlier):  # the first attempt first
         for step, value in attempt.intermediate_values.items():
@@ -239,6 +267,7 @@ def fail_interrupted_leftovers(
     states = (TrialState.RUNNING, TrialState.WAITING)
     for trial in study.get_trials(deepcopy=False, states=states):
         owner = trial.system_attrs.get(RUN_ATTR)
+        owner = owner if isinstance(owner, str) else None  # a mark is a string, or none
         if trial.state == TrialState.WAITING and not (owner in run_marks and started(trial.number)):
             continue  # enqueued, and never sent: the next ask takes it
         if owner not in run_marks and not (private_storage and owner is None):
@@ -283,7 +312,10 @@ def time_used_of(study: optuna.Study) -> float:
 
 
 def _time_used(storage: BaseStorage, study_id: int) -> float:
-    return float(storage.get_study_system_attrs(study_id).get(TIME_USED_ATTR, 0.0))
+    stored = storage.get_study_system_attrs(study_id).get(TIME_USED_ATTR, 0.0)
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)):
+        return 0.0  # not what hyperfleet writes: taken as no time used
+    return float(stored) if math.isfinite(stored) and stored >= 0 else 0.0
 
 
 def store_time_used(study: optuna.Study, seconds: float) -> None:
@@ -294,7 +326,6 @@ def store_time_used(study: optuna.Study, seconds: float) -> None:
 def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
     start = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
     end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
-    retry = trial.user_attrs.get(RETRY_ATTR)
     experiment = trial.user_attrs.get(EXPERIMENT_ATTR)
     return TrialRecord(
         study=study_name,
@@ -307,7 +338,7 @@ def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
         fail_kind=str(trial.system_attrs.get(KIND_ATTR, "")),
         start=start,
         end=end,
-        retry_of=int(retry) if retry is not None else None,
+        retry_of=retry_of(trial),
         experiment=str(experiment) if experiment is not None else "",
     )
 

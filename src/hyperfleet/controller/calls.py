@@ -2,11 +2,16 @@
 
 Anything else (``study.tell``, ``study.ask``, ``study.optimize``, a bound method that would
 carry the storage to the worker) would let the objective write the storage behind the
-controller's back, so it is refused with an error the objective sees.
+controller's back, so it is refused with an error the objective sees. So is a write of an
+attribute whose name is hyperfleet's own (``hyperfleet.retry_of``, ``hyperfleet:fail_kind``...):
+the controller keeps its records of retries, slots and budgets there.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from hyperfleet.controller.bookkeeping import RESERVED_PREFIXES, is_reserved
 from hyperfleet.workers.protocol import Call
 
 _TRIAL_METHODS = frozenset(
@@ -36,12 +41,33 @@ _ALLOWED = {
 }
 
 
+_ATTR_SETTERS = frozenset({"set_user_attr", "set_system_attr"})
+
+
 def check_call_allowed(call: Call) -> None:
     allowed = _ALLOWED.get(call.target, frozenset())
+    owner = "trial" if call.target.startswith("trial") else "trial.study"
     if call.name not in allowed:
-        owner = "trial" if call.target.startswith("trial") else "trial.study"
         raise RuntimeError(
             f"hyperfleet: {owner}.{call.name} is not available inside an objective run by "
             "hyperfleet: the controller asks and tells every trial itself (return the value "
             f"instead of calling tell). Available: {', '.join(sorted(allowed))}."
         )
+    for key in _keys_written(call):
+        if is_reserved(key):
+            raise RuntimeError(
+                f"hyperfleet: {owner}.{call.name} cannot set {key!r}: names that start with "
+                f"{' or '.join(map(repr, RESERVED_PREFIXES))} hold hyperfleet's own records; "
+                "choose another name."
+            )
+
+
+def _keys_written(call: Call) -> list[Any]:
+    """The attribute names a call would write: a setter's key, an enqueued trial's user
+    attributes (``enqueue_trial(params, user_attrs)``)."""
+    if call.target in ("trial", "study") and call.name in _ATTR_SETTERS:
+        return [call.args[0] if call.args else call.kwargs.get("key")]
+    if call.target == "study" and call.name == "enqueue_trial":
+        attrs = call.args[1] if len(call.args) > 1 else call.kwargs.get("user_attrs")
+        return list(attrs) if isinstance(attrs, dict) else []
+    return []

@@ -855,8 +855,8 @@ class Controller:
         experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
-        retry_of = stored.user_attrs.get(books.RETRY_ATTR)
-        inherited = books.inherit_history(study, trial, stored) if retry_of is not None else set()
+        repeats = books.retry_of(stored) is not None
+        inherited = books.inherit_history(study, trial, stored) if repeats else set()
         suggestions = self._sample_ahead(run, trial, stored, computed)
         message = _run_message(run, stored, trial.datetime_start, suggestions)
         return Launch(run, trial, _record_of(study, stored), message, inherited)
@@ -1974,7 +1974,6 @@ def _run_message(
 
 def _record_of(study: optuna.Study, stored: FrozenTrial) -> TrialRecord:
     """A running trial's record, for the views and the events."""
-    retry_of = stored.user_attrs.get(books.RETRY_ATTR)
     experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
     return TrialRecord(
         study=study.study_name,
@@ -1982,7 +1981,7 @@ def _record_of(study: optuna.Study, stored: FrozenTrial) -> TrialRecord:
         slot="",  # the slot's name, once it runs there (_begin)
         state="RUNNING",
         start=time.time(),
-        retry_of=int(retry_of) if retry_of is not None else None,
+        retry_of=books.retry_of(stored),
         experiment=str(experiment) if experiment is not None else "",
     )
 
