@@ -102,7 +102,7 @@ def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: 
     for trial in trials:
         node, _, local = trial.user_attrs["slot"].partition("/")
         assert trial.user_attrs["node"] == node
-        assert trial.user_attrs["cuda_visible_devices"] == local[len("gpu")]
+        assert trial.user_attrs["cuda_visible_devices"] == f"GPU-fake-{local[len('gpu')]}"
         assert trial.user_attrs["affinity"] == trial.user_attrs["slot_cores"]
     log = run_log(tmp_path)
     assert "node nodeA joined" in log and "node nodeB joined" in log

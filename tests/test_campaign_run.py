@@ -116,7 +116,7 @@ def test_three_studies_of_different_shapes_each_run_only_on_their_own_slots(
         assert trial.user_attrs["share"] == 0.5
     for trial in pair:  # both GPUs
         assert trial.user_attrs["kind"] == "gpu"
-        assert sorted(trial.user_attrs["visible"].split(",")) == ["0", "1"]
+        assert sorted(trial.user_attrs["visible"].split(",")) == ["GPU-fake-0", "GPU-fake-1"]
     for trial in cores:  # never a GPU slot
         assert trial.user_attrs["kind"] == "cpu"
         assert trial.user_attrs["visible"] == ""
@@ -427,7 +427,8 @@ def test_run_campaign_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     }
     assert outcome.counts["complete"] == 15
     pair = load_trials(tmp_path / "here", "pair")
-    assert all(sorted(t.user_attrs["visible"].split(",")) == ["0", "1"] for t in pair)
+    both = ["GPU-fake-0", "GPU-fake-1"]
+    assert all(sorted(t.user_attrs["visible"].split(",")) == both for t in pair)
 
 
 def test_a_two_gpu_study_with_priority_keeps_its_gpus_until_done(tmp_path: Path) -> None:

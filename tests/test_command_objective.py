@@ -190,10 +190,10 @@ def test_a_script_printing_a_json_line_runs_on_its_slot_from_the_command_line(
     assert len(complete) == 3
     for trial in complete:
         assert trial.value == pytest.approx((trial.params["x"] - 2) ** 2)
-        # The command inherits its slot's GPU: slot gpuN#0 sees CUDA_VISIBLE_DEVICES=N.
+        # The command inherits its slot's GPU: slot gpuN#0 sees its UUID, GPU-fake-N.
         gpu = _result(run_dir, trial.number)["slot"].removeprefix("gpu").split("#")[0]
         stdout = (run_dir / "trials" / f"{trial.number:05d}" / "stdout.log").read_text()
-        assert stdout.splitlines()[0] == f"gpus {gpu}"
+        assert stdout.splitlines()[0] == f"gpus GPU-fake-{gpu}"
 
 
 def test_a_non_zero_exit_fails_the_trial_with_the_end_of_stderr(tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def test_each_worker_sees_only_its_own_gpu(gpu_torch: ModuleType, tmp_path: Path
     assert sorted(s["slot_gpus"][0] for s in seen) == sorted(names)
     for s in seen:
         assert s["device_count"] == 1
-        assert s["cuda_visible_devices"] == str(s["slot_gpus"][0])
+        assert s["cuda_visible_devices"] == s["slot_uuids"][0]  # pinned by UUID
         assert s["device_uuid"] == s["slot_uuids"][0]
         assert s["device_name"] == names[s["slot_gpus"][0]]
         assert s["parameters_on"] == "cuda:0"

@@ -67,13 +67,14 @@ def test_four_gpus_give_four_workers_each_seeing_one_different_gpu(
     inventory = Inventory(gpus=fake_gpus(4), cores=ALLOWED_CORES)
     seen = run_one_trial_per_worker(probe, tmp_path, 4, inventory=inventory)
 
-    assert sorted(s["cuda_visible_devices"] for s in seen) == ["0", "1", "2", "3"]
+    # Pinned by UUID, which CUDA reads as NVML does: NVML's index may not be CUDA's.
+    assert sorted(s["cuda_visible_devices"] for s in seen) == [f"GPU-fake-{i}" for i in range(4)]
     assert len({s["pid"] for s in seen}) == 4
     for s in seen:
         assert s["slot"]["kind"] == "gpu"
         assert s["slot"]["device"] == "cuda:0"
-        assert s["slot"]["gpus"] == [int(s["cuda_visible_devices"])]
-        assert s["slot"]["gpu_uuids"] == [f"GPU-fake-{s['cuda_visible_devices']}"]
+        assert s["slot"]["gpu_uuids"] == [s["cuda_visible_devices"]]
+        assert s["slot"]["gpus"] == [int(s["cuda_visible_devices"].removeprefix("GPU-fake-"))]
         assert_pinned_to_own_slot(s)
 
 
@@ -81,7 +82,9 @@ def test_trials_per_gpu_two_puts_two_workers_on_each_gpu(probe: ModuleType, tmp_
     inventory = Inventory(gpus=fake_gpus(4), cores=ALLOWED_CORES)
     seen = run_one_trial_per_worker(probe, tmp_path, 8, inventory=inventory, trials_per_gpu=2)
 
-    assert Counter(s["cuda_visible_devices"] for s in seen) == dict.fromkeys("0123", 2)
+    assert Counter(s["cuda_visible_devices"] for s in seen) == {
+        f"GPU-fake-{i}": 2 for i in range(4)
+    }
     assert len({s["pid"] for s in seen}) == 8
     assert len({s["slot"]["name"] for s in seen}) == 8
     for s in seen:
@@ -94,7 +97,10 @@ def test_gpus_per_trial_two_gives_two_workers_with_two_gpus_each(
     inventory = Inventory(gpus=fake_gpus(4), cores=ALLOWED_CORES)
     seen = run_one_trial_per_worker(probe, tmp_path, 2, inventory=inventory, gpus_per_trial=2)
 
-    assert sorted(s["cuda_visible_devices"] for s in seen) == ["0,1", "2,3"]
+    assert sorted(s["cuda_visible_devices"] for s in seen) == [
+        "GPU-fake-0,GPU-fake-1",
+        "GPU-fake-2,GPU-fake-3",
+    ]
     assert sorted(tuple(s["slot"]["gpus"]) for s in seen) == [(0, 1), (2, 3)]
     for s in seen:
         assert_pinned_to_own_slot(s)
@@ -148,7 +154,8 @@ def test_users_cuda_visible_devices_limits_the_gpus_used(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     seen = run_one_trial_per_worker(probe, tmp_path, 2, cpu_slots=0)
 
-    # Each worker gets one of the allowed GPUs, by the same (PCI bus) index NVML uses.
-    assert sorted(s["cuda_visible_devices"] for s in seen) == expected
+    # Each worker gets one of the allowed GPUs, by its UUID.
+    assert sorted(s["slot"]["gpus"][0] for s in seen) == [int(i) for i in expected]
     for s in seen:
-        assert s["slot"]["gpu_uuids"] == [f"GPU-fake-{s['cuda_visible_devices']}"]
+        assert s["cuda_visible_devices"] == f"GPU-fake-{s['slot']['gpus'][0]}"
+        assert s["slot"]["gpu_uuids"] == [s["cuda_visible_devices"]]

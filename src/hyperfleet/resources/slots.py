@@ -92,8 +92,16 @@ class Slot:
             # Indices are NVML's, which follow the PCI bus; make CUDA count the same way.
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             # A CPU slot sees no GPU at all, so CPU trials never grab one by accident.
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.gpus)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.cuda_ids())
         return env
+
+    def cuda_ids(self) -> list[str]:
+        """The slot's GPUs as CUDA_VISIBLE_DEVICES names them: by UUID (``GPU-...``, or a MIG
+        instance's ``MIG-...``), since NVML's index may differ from CUDA's and change across
+        reboots; by index only where a GPU's UUID is unknown."""
+        if len(self.gpu_uuids) == len(self.gpus) and all(self.gpu_uuids):
+            return list(self.gpu_uuids)
+        return [str(i) for i in self.gpus]
 
 
 def current_slot() -> Slot:
