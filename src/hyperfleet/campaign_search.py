@@ -9,14 +9,13 @@ storage (the trial's ``experiment`` user attribute) and does not enqueue them ag
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import optuna
 
 from hyperfleet.campaign import Campaign, Experiment, StudySpec
+from hyperfleet.campaign.folders import grid_points
 from hyperfleet.cluster.pools import campaign_planner
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
@@ -174,7 +173,7 @@ def _plan(
             load_if_exists=True,
         )
         _label(opened, study)
-        _enqueue_experiments(opened, (*study.experiments, *_grid_points(study.grid)))
+        _enqueue_experiments(opened, (*study.experiments, *grid_points(study.grid)))
         return opened
 
     return StudyPlan(
@@ -210,24 +209,6 @@ def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:
 
     assert study.cmd is not None and study.space is not None  # the file's checks promise it
     return spec_from_callable(CommandObjective(study.cmd, load_space(study.space), launch_dir=base))
-
-
-def _grid_points(grid: dict[str, list[Any]] | None) -> list[Experiment]:
-    """Every point of the grid as a named experiment ("depth=3,eta=0.1").
-
-    Enqueued rather than left to Optuna's GridSampler, which stops the study from inside
-    ``tell`` (allowed only in ``study.optimize``) and picks points at random; this way a resumed
-    campaign runs exactly the points not yet in the storage, in order."""
-    if not grid:
-        return []
-    names = list(grid)
-    return [
-        Experiment(
-            ",".join(f"{n}={v}" for n, v in zip(names, values, strict=True)),
-            dict(zip(names, values, strict=True)),
-        )
-        for values in itertools.product(*(grid[n] for n in names))
-    ]
 
 
 def _enqueue_experiments(study: optuna.Study, experiments: tuple[Experiment, ...]) -> None:

@@ -136,7 +136,13 @@ class RunDir:
 
     def link_experiment(self, name: str, trial_dir: Path) -> None:
         """``experiments/<name>``: a link to the folder of the trial that runs the named
-        experiment (the newest one, when a repeat runs it again)."""
+        experiment (the newest one, when a repeat runs it again). A campaign's names are
+        checked before it runs (campaign.folders); a stored name that makes no folder (an
+        older version's, or one an objective wrote) gets no link."""
+        try:
+            check_folder_name(folder_name(name), "experiment name", "")
+        except ConfigError:
+            return
         link = self.path / "experiments" / folder_name(name)
         link.parent.mkdir(parents=True, exist_ok=True)
         building = link.with_name(f".{link.name}.new")

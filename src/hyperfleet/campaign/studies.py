@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperfleet.campaign import CampaignSettings, Experiment, StudySpec
+from hyperfleet.campaign.folders import check_experiment_folders, check_study_folder
 from hyperfleet.campaign.matrix import Blueprint, combinations, expand
 from hyperfleet.campaign.source import (
     Source,
@@ -32,7 +33,6 @@ from hyperfleet.config import parse_memory
 from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.resources.packing import AUTO
 from hyperfleet.resources.shapes import PoolSpec, Shape
-from hyperfleet.rundir import check_folder_name, folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS
 from hyperfleet.space import SearchSpace, load_space
 from hyperfleet.workers.packaging import spec_from_target
@@ -97,24 +97,16 @@ def studies(
         top.fail("study", "must be an array of tables; write each study as a [[study]] table.")
     specs: list[StudySpec] = []
     seen: dict[str, Table] = {}
+    folders: dict[str, str] = {}  # each study's folder name, to the study that has it
     for occurrence, data in enumerate(raw):
         table = _study_table(source, occurrence, data, context.defaults)
         blueprint = _blueprint(table, context)
         for values in combinations(table):
             spec = expand(blueprint, values, index=len(specs))
             _check_unique(seen, spec.name, table)
-            _check_folder_length(spec.name, table)
+            check_study_folder(folders, spec.name, table)
             specs.append(spec)
     return tuple(specs)
-
-
-def _check_folder_length(name: str, table: Table) -> None:
-    """A study's folder is ``studies/<name>`` (other characters mapped to ``_``): the name must
-    fit in a folder name."""
-    try:
-        check_folder_name(folder_name(name), "study name", "shorten it.")
-    except ConfigError as exc:
-        table.fail("name", str(exc))
 
 
 def _study_table(source: Source, occurrence: int, data: Any, defaults: Table) -> Table:
@@ -174,6 +166,7 @@ def _blueprint(table: Table, context: StudyContext) -> Blueprint:
     experiments_only = bool(boolean(table, "experiments_only"))
     grid = table_of_lists(table, "grid", "{ max_depth = [3, 6] }")
     _check_combination(table, experiments, experiments_only, grid)
+    check_experiment_folders(table, experiments, grid)
     timeout = duration(table, "timeout")
     n_trials = _n_trials(table, experiments, experiments_only, grid)
     if n_trials is None and timeout is None and context.settings.timeout is None:
