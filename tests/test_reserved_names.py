@@ -127,3 +127,14 @@ def test_malformed_stored_records_are_read_as_absent(attackers: ModuleType, tmp_
     (tmp_path / "run" / "checkpoints" / "0").mkdir(parents=True)
     assert _optimize(study, attackers.sets_its_own_names, 8, tmp_path / "run") == "completed"
     assert len(study.get_trials()) == 8
+
+
+def test_a_malformed_campaign_label_is_read_as_none(tmp_path: Path) -> None:
+    from hyperfleet.report.campaign import CAMPAIGN_ATTR, study_row
+
+    study = _study(tmp_path)
+    study.add_trial(_stored(0, TrialState.COMPLETE))
+    for label in ("not a label", {"family": "f", "matrix": [1, 2]}):
+        study.set_user_attr(CAMPAIGN_ATTR, label)
+        row = study_row(study, study.get_trials())
+        assert row.matrix == {} and row.trials == 1

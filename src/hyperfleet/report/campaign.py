@@ -64,13 +64,15 @@ def study_rows(studies: list[StudyTrials], now: datetime | None = None) -> list[
 def study_row(
     study: optuna.Study, trials: list[FrozenTrial], now: datetime | None = None
 ) -> StudyRow:
-    label = study.user_attrs.get(CAMPAIGN_ATTR) or {}
+    label = study.user_attrs.get(CAMPAIGN_ATTR)
+    label = label if isinstance(label, dict) else {}  # a study of an older version's, unlabelled
+    matrix = label.get("matrix")
     states = [t.state for t in trials]
     best = _best(study, trials)
     return StudyRow(
         name=study.study_name,
         family=str(label.get("family") or study.study_name),
-        matrix=dict(label.get("matrix") or {}),
+        matrix=dict(matrix) if isinstance(matrix, dict) else {},
         best_number=best.number if best is not None else None,
         best_values=list(best.values) if best is not None else None,
         best_params=dict(best.params) if best is not None else {},
