@@ -105,3 +105,62 @@ def test_a_refit_cmd_placeholder_no_best_parameter_has_fails_the_refit(
     assert outcome.status == "failed"
     assert "uses {depth}, which is no parameter of the best trial" in outcome.message
     assert outcome.refits["one"].status == "failed"
+
+
+FAILS_FOR_A = """
+def make(dataset):
+    return lambda trial: trial.suggest_float("x", -1.0, 1.0) ** 2
+
+
+def refit(params, args):
+    if args["dataset"] == "a":
+        raise RuntimeError("no model for a")
+    open(f"model-{args['dataset']}.txt", "w").write(str(params["x"]))
+"""
+
+TWO_REFITS = """
+[defaults]
+slot = "cpu"
+n_trials = 2
+objective = "objective.py:make"
+refit = "objective.py:refit"
+matrix = { dataset = ["a", "b"] }
+args = { dataset = "{dataset}" }
+
+[[study]]
+name = "s-{dataset}"
+"""
+
+
+def test_one_failing_refit_leaves_the_others_and_a_deleted_output_refits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hyperfleet
+
+    campaign_files(tmp_path, TWO_REFITS, FAILS_FOR_A)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+    def run() -> tuple[hyperfleet.Outcome, list[str]]:
+        outcome = hyperfleet.run_campaign("campaign.toml", display="quiet", report=False)
+        log = (tmp_path / "runs" / "campaign" / "run.log").read_text().splitlines()
+        said = ("started with trial", "refit skipped", "refit done", "refit failed")
+        return outcome, [line for line in log if any(words in line for words in said)]
+
+    first, lines = run()
+    assert first.status == "failed"
+    assert first.message.startswith("study s-a: refit failed: RuntimeError: no model for a")
+    assert first.refits["s-b"].status == "ran"  # not skipped for s-a's failure
+    model = tmp_path / "runs" / "campaign" / "studies" / "s-b" / "best" / "refit" / "model-b.txt"
+    assert model.is_file()
+    assert len(lines) == 4  # each study's start, and its end
+    assert all("study s-a: refit" in line or "study s-b: refit" in line for line in lines)
+
+    again, lines = run()
+    assert again.refits["s-b"].status == "skipped"
+    model.unlink()  # the refit's output is gone: the cache no longer holds
+    third, lines = run()
+    assert third.refits["s-b"].status == "ran" and model.is_file()
+    assert any(
+        "study s-b: refit" in line and "output model-b.txt is gone" in line for line in lines
+    )

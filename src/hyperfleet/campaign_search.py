@@ -228,4 +228,4 @@ def _refit_plan(campaign: Campaign, study: StudySpec, force: bool) -> RefitPlan 
     else:
         return None
     args = {**study.matrix_values, **(study.args or {})}
-    return dataclasses.replace(plan, args=args or None)
+    return dataclasses.replace(plan, args=args or None, study=study.name)

@@ -202,13 +202,14 @@ def _run_to_the_end(
         controller.announce(note)
     with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace):
         outcome = controller.run()
+    searched = outcome.status  # each refit follows the search, whatever another refit did
     for plan in search.plans:
         study = controller.studies.get(plan.name)
         refit = search.refits.get(plan.name)
         if study is not None and refit is not None:
             # With agents, the refit runs on the controller's machine, unpinned.
             slot = next((s for s in search.pool.slots if s.name in plan.slots), current_slot())
-            outcome = _refit(refit, outcome, study, plan, slot, controller)
+            outcome = _refit(refit, outcome, searched, study, plan, slot, controller)
     if report:
         _final_reports(search, controller, campaign)
     return outcome
@@ -295,16 +296,18 @@ def _run_folder_lost(
 def _refit(
     plan: RefitPlan,
     outcome: Outcome,
+    searched: str,
     study: optuna.Study,
     study_plan: StudyPlan,
     slot: Slot,
     controller: Controller,
 ) -> Outcome:
-    """Refit on the study's first slot after the search; a failed refit fails the run."""
+    """Refit on the study's first slot after the search (which ended ``searched``); a failed
+    refit fails the run."""
     result = run_refit(
         plan,
         study,
-        outcome.status,
+        searched,
         study_plan.folder.path / BEST_NAME / REFIT_NAME,
         slot.environment(),
         controller.announce,

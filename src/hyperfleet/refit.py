@@ -19,14 +19,16 @@ When it runs
 What it leaves
     ``best/refit/result.json``: the parameters, the trial number, the finish time and the
     returned value (``value`` when it is JSON, else its ``repr`` as ``value_repr``).
-    ``best/refit/refit.json`` is the cache: the parameters and the refit's target. The next run
-    skips the refit when both are unchanged, unless forced (``--force-refit``). ``best/`` is
+    ``best/refit/refit.json`` is the cache: the parameters, the refit's target and the files
+    the refit left. The next run skips the refit when the first two are unchanged and every one
+    of those files is still there, unless forced (``--force-refit``). ``best/`` is
     rebuilt when the best trial changes; ``refit/`` is carried over only while the best
     parameters stay the same (see :func:`hyperfleet.report.best.write_best`), so a refit folder
     always belongs to the best parameters.
 
 A refit that raises or exits non-zero fails the run (exit status 1) with its reason in one
-line, and caches nothing. A study with several objectives has no single best trial: its refit
+line, and caches nothing; in a campaign, the other studies' refits still run, and every line
+about a refit names its study. A study with several objectives has no single best trial: its refit
 is skipped with a one-line note (refit a Pareto trial from ``best/trial-N/params.json``).
 
 The child side is ``python -m hyperfleet.refit``: it reads a pickled :class:`RefitRequest`
@@ -72,6 +74,7 @@ class RefitPlan:
     target: str
     force: bool = False
     args: dict[str, Any] | None = None  # a campaign study's args and matrix values
+    study: str = ""  # a campaign study's name, which its refit's lines start with
 
 
 @dataclass(frozen=True)
@@ -212,16 +215,17 @@ def run_refit(
     announce: Callable[[str], None],
 ) -> RefitOutcome:
     """Run the refit for a finished search in ``folder`` (``best/refit/``) unless it is not
-    needed; ``announce`` is given one line that says what happened."""
+    needed; ``announce`` is given one line that says what happened. ``run_status`` is how the
+    search ended, whatever another study's refit did."""
+    said = _Announcer(announce, f"study {plan.study}: " if plan.study else "")
     reason = _reason_to_skip(study, run_status)
     if reason:
         kept = folder if folder.is_dir() else None
-        return _said(announce, RefitOutcome("skipped", f"refit skipped: {reason}", kept))
+        return said(RefitOutcome("skipped", f"refit skipped: {reason}", kept))
     best = study.best_trial
-    cached = _cached_at(folder, plan, best.params)
+    cached, missing = _cached_at(folder, plan, best.params)
     if cached and not plan.force:
-        return _said(
-            announce,
+        return said(
             RefitOutcome(
                 "skipped",
                 f"refit skipped: best parameters unchanged since {cached}; "
@@ -229,19 +233,31 @@ def run_refit(
                 folder,
             ),
         )
-    announce(f"refit {plan.target} started with trial {best.number}'s parameters {best.params}")
+    again = f" (its output {missing} is gone)" if missing else ""
+    announce(
+        f"{said.prefix}refit {plan.target} started with trial {best.number}'s parameters "
+        f"{best.params}{again}"
+    )
     started = time.monotonic()
     failure = _run_child(plan, best.params, best.number, folder, slot_env)
     if failure:
-        return _said(announce, RefitOutcome("failed", f"refit failed: {failure}", folder))
-    write_json(folder / CACHE_NAME, _cache_entry(plan, best.params, best.number))
+        return said(RefitOutcome("failed", f"refit failed: {failure}", folder))
+    write_json(folder / CACHE_NAME, _cache_entry(plan, best.params, best.number, folder))
     took = time.monotonic() - started
-    return _said(announce, RefitOutcome("ran", f"refit done in {took:.1f}s: {folder}", folder))
+    return said(RefitOutcome("ran", f"refit done in {took:.1f}s: {folder}", folder))
 
 
-def _said(announce: Callable[[str], None], outcome: RefitOutcome) -> RefitOutcome:
-    announce(outcome.message)
-    return outcome
+class _Announcer:
+    """Says an outcome's message, with the study's name first in a campaign (the outcome's
+    message too, which a failed refit makes the run's)."""
+
+    def __init__(self, announce: Callable[[str], None], prefix: str) -> None:
+        self.announce, self.prefix = announce, prefix
+
+    def __call__(self, outcome: RefitOutcome) -> RefitOutcome:
+        outcome = replace(outcome, message=self.prefix + outcome.message)
+        self.announce(outcome.message)
+        return outcome
 
 
 def _reason_to_skip(study: optuna.Study, run_status: str) -> str:
@@ -259,24 +275,51 @@ def _reason_to_skip(study: optuna.Study, run_status: str) -> str:
     return ""
 
 
-def _cached_at(folder: Path, plan: RefitPlan, params: dict[str, Any]) -> str:
-    """When the cached refit in ``folder`` ran, if it ran ``plan`` with ``params``; else ""."""
+def _cached_at(folder: Path, plan: RefitPlan, params: dict[str, Any]) -> tuple[str, str]:
+    """When the cached refit in ``folder`` ran, if it ran ``plan`` with ``params`` and every
+    file it left is still there; else "", with the first file that is gone, if one is."""
     try:
         entry = json.loads((folder / CACHE_NAME).read_text())
     except (OSError, ValueError):
-        return ""
+        return "", ""
+    if not isinstance(entry, dict):
+        return "", ""
     if entry.get("target") != plan.target or entry.get("params") != _as_json(params):
-        return ""
-    return str(entry.get("finished", "an earlier run"))
+        return "", ""
+    outputs = entry.get("outputs")  # a cache written before outputs were listed has none
+    listed = outputs if isinstance(outputs, list) else [RESULT_NAME]
+    missing = next((str(name) for name in listed if not (folder / str(name)).exists()), "")
+    if missing:
+        return "", missing
+    return str(entry.get("finished", "an earlier run")), ""
 
 
-def _cache_entry(plan: RefitPlan, params: dict[str, Any], number: int) -> dict[str, Any]:
+def _cache_entry(
+    plan: RefitPlan, params: dict[str, Any], number: int, folder: Path
+) -> dict[str, Any]:
     return {
         "target": plan.target,
         "params": _as_json(params),
         "trial": number,
         "finished": time.strftime(TIME_FORMAT),
+        "outputs": _outputs(folder),
     }
+
+
+def _outputs(folder: Path, limit: int = 1000) -> list[str]:
+    """The files the refit left in ``folder`` (at most ``limit``), as paths relative to it:
+    deleting one makes the next run refit. Links to folders are not followed."""
+    found: list[str] = []
+    for root, folders, files in os.walk(folder):
+        folders.sort()
+        for name in sorted(files):
+            path = Path(root, name)
+            if path.parent == folder and name in (CACHE_NAME, FAILURE_NAME):
+                continue
+            found.append(str(path.relative_to(folder)))
+            if len(found) >= limit:
+                return found
+    return found
 
 
 def _as_json(data: Any) -> Any:
