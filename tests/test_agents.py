@@ -13,19 +13,20 @@ import shutil
 import signal
 import socket
 import time
-from multiprocessing.connection import AuthenticationError, Client
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
 import hyperfleet
+from hyperfleet.cluster.channel import connect
 from hyperfleet.cluster.trialfiles import (
     COPIED_LOG_BYTES,
     TrialLogs,
     collect_logs,
     trial_folder,
 )
+from hyperfleet.errors import NodeError
 from support.netns import Network, network
 from support.nodes import (
     OBJECTIVE,
@@ -76,13 +77,13 @@ def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: 
     try:
         wait_for_log(tmp_path, "listening for agents", 30)
         silent.connect(("127.0.0.1", port))  # connects and says nothing
-        with pytest.raises(AuthenticationError):
-            Client(("127.0.0.1", port), authkey=b"not the token")
+        with pytest.raises(NodeError, match="does not prove it holds this agent.s token"):
+            connect(("127.0.0.1", port), b"not the token", patience=5)
         with socket.create_connection(("127.0.0.1", port)) as garbage:
             garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
             assert _read_until_closed(garbage, 5)
         socket.create_connection(("127.0.0.1", port)).close()  # a stray connection
-        agents = [Agent(tmp_path, address, node, gpus, nap=1.0) for node, gpus in NODES]
+        agents = [Agent(tmp_path, address, node, gpus, nap=1.5) for node, gpus in NODES]
         assert _read_until_closed(silent, 10), "a silent peer was not cut off"
         assert controller.wait(120) == 0, controller.stderr
         for agent in agents:

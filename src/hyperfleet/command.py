@@ -476,7 +476,15 @@ class _Session:
         text = self.stderr_tail.decode(errors="replace").strip()
         if not text:
             return "its stderr was empty"
-        return f"the end of its stderr:\n{text[-STDERR_TAIL_CHARS:]}"
+        end = text[-STDERR_TAIL_CHARS:]
+        # A GPU's out-of-memory line can end far above the tail (torch's lists every process
+        # on the GPU): kept in front, so the failure is still filed as out of memory.
+        from hyperfleet.controller.bookkeeping import out_of_memory_line
+
+        oom = out_of_memory_line(text) if not out_of_memory_line(end) else ""
+        if oom:
+            return f"{oom[:STDERR_TAIL_CHARS]}\n... the end of its stderr:\n{end}"
+        return f"the end of its stderr:\n{end}"
 
 
 def last_result_line(stdout: str) -> float | list[float] | None:

@@ -22,6 +22,7 @@ from typing import TextIO
 import optuna
 from optuna.trial import FrozenTrial
 
+from hyperfleet.cluster.channel import TOKEN_FILE_NAME
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.cluster.pools import NodePlanner, single_search_planner
 from hyperfleet.config import RunSettings
@@ -180,7 +181,23 @@ def run_search(
         if fresh and (controller is None or controller.study is None):
             # Bad input (an objective that cannot load) stops before the study is opened: leave
             # no run directory behind, so the next attempt starts as clean as this one.
-            shutil.rmtree(run_dir.path, ignore_errors=True)
+            _remove_all_but_token(run_dir.path)
+
+
+def _remove_all_but_token(folder: Path) -> None:
+    """Remove a run directory that holds nothing of a run yet, but keep its agents' token:
+    agents already started with it must still be let in by the next attempt."""
+    if not (folder / TOKEN_FILE_NAME).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            if entry.name == TOKEN_FILE_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _run_to_the_end(

@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -41,6 +41,7 @@ from hyperfleet.cluster.messages import (
     WorkerStarted,
     valid_node_name,
 )
+from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import (
     TRIAL_ENDED,
     TRIAL_STARTED,
@@ -57,7 +58,7 @@ from hyperfleet.rundir import RunDir
 class Agent:
     def __init__(
         self,
-        conn: Connection,
+        conn: SealedConnection,
         welcome: Welcome,
         log_dir: Path,
         node: str,
@@ -97,7 +98,7 @@ class Agent:
             waitables.extend(worker.waitables())
         now = time.monotonic()
         wake = min(self._last_sent + self._heartbeat, self._last_heard + self._timeout)
-        ready = wait(waitables, timeout=max(0.0, wake - now))
+        ready: list[Any] = wait(waitables, timeout=max(0.0, wake - now))
         if self._conn in ready:
             self._from_controller()
         for wid, worker in list(self._workers.items()):
@@ -139,6 +140,8 @@ class Agent:
             while not self.ended_by and self._conn.poll():
                 self._last_heard = time.monotonic()
                 self._handle(self._conn.recv())
+        except SealBroken:
+            self.stop("a message from the controller was not sealed with this run's token")
         except (EOFError, OSError):
             self.stop("the controller closed the connection")
 
@@ -237,10 +240,16 @@ def run_agent(
         raise NodeError(f"node name {name!r} cannot name slots; pass --node with a plain name.")
     inventory = detect_inventory()
     conn = connect(parse_address(connect_to, "--connect"), token, patience)
-    conn.send(Hello(name, inventory, os.getpid()))
-    if not conn.poll(patience):
-        raise NodeError("the controller said nothing after the hello; is it a hyperfleet run?")
-    welcome = conn.recv()
+    try:
+        conn.send(Hello(name, inventory, os.getpid()))
+        if not conn.poll(patience):
+            raise NodeError("the controller said nothing after the hello; is it still running?")
+        welcome = conn.recv()
+    except (EOFError, OSError):
+        raise NodeError(
+            f"the controller at {connect_to} closed the connection after this agent's hello; "
+            "see its run log for why"
+        ) from None
     if isinstance(welcome, Refused):
         raise NodeError(f"the controller refused node {name}: {welcome.reason}")
     folder = None if shares_run_dir(welcome) else own_run_folder(welcome, work_dir)

@@ -29,15 +29,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
 from hyperfleet.cluster.channel import (
     HANDSHAKE_SECONDS,
     ChannelListener,
+    announced_host,
     controller_token,
     parse_address,
+    wildcard_warning,
 )
 from hyperfleet.cluster.messages import (
     Beat,
@@ -54,6 +55,7 @@ from hyperfleet.cluster.messages import (
     valid_node_name,
 )
 from hyperfleet.cluster.remote import RemoteWorker
+from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import (
     NodeRunFolder,
     TrialLogs,
@@ -98,6 +100,9 @@ class Refusal:
     where: str
     reason: str
 
+    def line(self) -> str:
+        return f"refused a connection from {self.where}: {self.reason}"
+
 
 NodeEvent = NodeJoined | NodeLeft | Refusal
 
@@ -105,7 +110,7 @@ NodeEvent = NodeJoined | NodeLeft | Refusal
 class NodeLink:
     """One agent's connection, from the hello to its loss."""
 
-    def __init__(self, conn: Connection, node: str, where: str, hub: NodeHub) -> None:
+    def __init__(self, conn: SealedConnection, node: str, where: str, hub: NodeHub) -> None:
         self.node, self.where = node, where
         self.own_folder = ""  # the node's own run folder, when it does not see the run's
         self._conn = conn
@@ -124,7 +129,7 @@ class NodeLink:
         self._closed = False
 
     @property
-    def conn(self) -> Connection:
+    def conn(self) -> SealedConnection:
         return self._conn
 
     def send(self, message: Any) -> None:
@@ -240,6 +245,8 @@ class NodeLink:
                 message = self._conn.recv()
                 self.last_heard = time.monotonic()
                 self._handle(message)
+        except SealBroken:
+            self.lose("sent a message not sealed with this run's token (tampered with on the way?)")
         except (EOFError, OSError, ValueError):
             self.lose("closed its connection")
         except Exception as exc:  # a message that cannot be unpickled here: the node is broken
@@ -302,7 +309,8 @@ class NodeHub:
         self._beats = threading.Thread(target=self._beat, name="hyperfleet-beat", daemon=True)
         self._beats.start()
         if self._launcher is not None:
-            self._launcher.start(f"{self.address[0]}:{self.address[1]}", token, self.lose_node)
+            connect_to = f"{announced_host(self.address[0])}:{self.address[1]}"
+            self._launcher.start(connect_to, token, self.lose_node)
 
     def next_worker_id(self) -> int:
         return next(self._ids)
@@ -327,7 +335,7 @@ class NodeHub:
                 event.link.close()
         return events
 
-    def waitables(self) -> list[Connection]:
+    def waitables(self) -> list[SealedConnection]:
         """The links to wait on; what the loop has for them leaves now, before it waits."""
         self.flush()
         return [link.conn for link in self._reading]
@@ -351,9 +359,14 @@ class NodeHub:
                 news[self.attention.popleft()] = None
         return list(news)
 
-    def start_message(self) -> str:
-        """Where the controller listens, and who starts the agents."""
-        host, port = self.address
+    def start_messages(self) -> list[str]:
+        """Where the controller listens, who starts the agents, and a warning when it listens
+        on every interface."""
+        warning = wildcard_warning(self.address[0])
+        return [self._where_agents_go(), *([warning] if warning else [])]
+
+    def _where_agents_go(self) -> str:
+        host, port = announced_host(self.address[0]), self.address[1]
         if self.settings.ray is not None:
             return f"listening for agents on {host}:{port}; Ray starts one on each node"
         if self.settings.slurm:
@@ -385,7 +398,7 @@ class NodeHub:
         if self._launcher is not None:
             self._launcher.close()
 
-    def _on_peer(self, conn: Connection, first: Any, where: str) -> None:
+    def _on_peer(self, conn: SealedConnection, first: Any, where: str) -> None:
         if not isinstance(first, Hello) or not valid_node_name(first.node):
             with contextlib.suppress(OSError):
                 conn.send(Refused("the first message must be a hello with a node name"))
@@ -409,7 +422,10 @@ class NodeHub:
                 self._run_id,
             )
         )
-        joined = conn.recv() if conn.poll(HANDSHAKE_SECONDS) else None
+        try:
+            joined = conn.recv() if conn.poll(HANDSHAKE_SECONDS) else None
+        except Exception:  # it hung up between its hello and joining, or sent garbage
+            joined = None
         if not isinstance(joined, Joined):
             why = f"node {first.node} did not answer the welcome"
             link.send(Refused(why))
@@ -428,7 +444,7 @@ class NodeHub:
         (the node is authenticated, but its paths never leave the run directory)."""
         folder = trial_folder(self.run_dir, logs)
         if folder is not None:
-            self._files.queue(functools.partial(write_logs, folder, logs.logs))
+            self._files.queue(functools.partial(write_logs, self.run_dir, folder, logs.logs))
 
     def _on_refused(self, where: str, reason: str) -> None:
         self.post(Refusal(where, reason))

@@ -7,10 +7,16 @@ bytes the worker pickled, tagged with the worker's id, and never unpickled on th
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 
-from hyperfleet.resources.inventory import Inventory
+from hyperfleet import __version__
+from hyperfleet.cluster.sealed import protocol_fingerprint
+from hyperfleet.cluster.trialfiles import TrialLogs
+from hyperfleet.resources.inventory import Gpu, Inventory
 from hyperfleet.resources.slots import Slot
+from hyperfleet.workers import protocol as worker_protocol
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 
@@ -116,3 +122,20 @@ class Beat:
 @dataclass(frozen=True)
 class Goodbye:
     """The run is over: the agent stops its workers and exits with status 0."""
+
+
+def _message_classes() -> list[type]:
+    """Every class that travels between a controller and its agents, relayed worker messages
+    included: what the two ends must agree on."""
+    modules = (sys.modules[__name__], worker_protocol)
+    classes = {
+        value
+        for module in modules
+        for value in vars(module).values()
+        if isinstance(value, type) and dataclasses.is_dataclass(value)
+    }
+    return [*classes | {TrialLogs, Gpu, Inventory, Slot}]
+
+
+# hyperfleet's version and the messages' shapes: both ends of a channel must say the same.
+PROTOCOL = f"{__version__}+{protocol_fingerprint(_message_classes())}"

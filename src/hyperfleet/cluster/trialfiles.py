@@ -127,12 +127,29 @@ def trial_folder(run_dir: Path, logs: TrialLogs) -> Path | None:
     for name, data in logs.logs.items():
         if name not in LOG_NAMES or not isinstance(data, bytes):
             return None
-    return run_dir.joinpath(*relative.parts)
+    folder = run_dir.joinpath(*relative.parts)
+    return folder if _inside(run_dir, folder) else None
 
 
-def write_logs(trial_dir: Path, logs: dict[str, bytes]) -> None:
+def _inside(run_dir: Path, path: Path) -> bool:
+    """Whether ``path`` stays in the run directory once its links are followed (a link in the
+    run directory could point anywhere)."""
+    return path.resolve().is_relative_to(run_dir.resolve())
+
+
+def write_logs(run_dir: Path, trial_dir: Path, logs: dict[str, bytes]) -> None:
     """On the controller's file-writer thread. Its parent (``trials/``) was made when the trial
-    started; a run directory deleted meanwhile is not made again here."""
+    started; a run directory deleted meanwhile is not made again here. The folder is checked
+    again here, and each log is opened without following a link, so that a link made in the
+    meantime cannot take a node's bytes out of the run directory."""
+    if not _inside(run_dir, trial_dir):
+        return
     trial_dir.mkdir(exist_ok=True)
     for name, data in logs.items():
-        (trial_dir / name).write_bytes(data)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(trial_dir / name, flags, 0o644)
+        except OSError:  # a link where the log goes: leave it, write nothing through it
+            continue
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)

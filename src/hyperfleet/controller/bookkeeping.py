@@ -51,13 +51,30 @@ def is_reserved(key: object) -> bool:
     return isinstance(key, str) and key.startswith(RESERVED_PREFIXES)
 
 
-_OOM_TYPES = ("OutOfMemoryError", "MemoryError")
-_OOM_TEXTS = (
+# Out of memory, as each framework says it. A GPU's: torch (torch.cuda.OutOfMemoryError, "CUDA
+# out of memory"), TensorFlow (ResourceExhaustedError, "OOM when allocating tensor"), JAX
+# ("RESOURCE_EXHAUSTED"), numba ("CUDA_ERROR_OUT_OF_MEMORY"), cuBLAS, XGBoost and CatBoost
+# ("out of memory"), LightGBM's OpenCL device ("Memory Object Allocation Failure").
+_GPU_OOM_TYPES = ("OutOfMemoryError", "ResourceExhaustedError", "FakeOutOfMemoryError")
+_GPU_OOM_TEXTS = (
     "CUDA out of memory",
     "out of memory",
+    "CUDA_ERROR_OUT_OF_MEMORY",
     "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
     "RESOURCE_EXHAUSTED",
+    "OOM when allocating tensor",
+    "Memory Object Allocation Failure",
 )
+# The host's: Python's MemoryError, numpy's _ArrayMemoryError ("Unable to allocate 8 GiB for an
+# array"), torch's CPU allocator. Repeated like any out-of-memory failure, but no sign that the
+# trials sharing a GPU are too many.
+_HOST_OOM_TYPES = ("MemoryError", "_ArrayMemoryError")
+_HOST_OOM_TEXTS = (
+    "MemoryError",  # in a --cmd trial's stderr, as the traceback's last line names it
+    "DefaultCPUAllocator: can't allocate memory",
+)
+HOST_OOM_REASON = "out of host memory"  # how a host out-of-memory failure's reason starts
 
 
 def set_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
@@ -66,13 +83,35 @@ def set_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
 
 
 def classify_error(error_type: str, message: str) -> str:
-    """ "oom" for a framework's out-of-memory error, "crash" for ``sys.exit`` (the objective
-    ended its process, as ``os._exit`` would), else "error"."""
+    """ "oom" for a framework's out-of-memory error (a GPU's or the host's, see
+    :func:`out_of_memory_on`), "crash" for ``sys.exit`` (the objective ended its process, as
+    ``os._exit`` would), else "error"."""
     if error_type == "SystemExit":
         return "crash"
-    if error_type in _OOM_TYPES or any(text in message for text in _OOM_TEXTS):
-        return "oom"
-    return "error"
+    return "oom" if out_of_memory_on(error_type, message) else "error"
+
+
+def out_of_memory_on(error_type: str, message: str) -> str:
+    """Where an error ran out of memory: "gpu", "host", or "" when it is no out-of-memory
+    error. Only a GPU's counts against the trials sharing it (auto packing)."""
+    if error_type in _HOST_OOM_TYPES:
+        return "host"
+    if error_type == "ResourceExhaustedError" and "device:CPU" in message:  # TF's, on the host
+        return "host"
+    if error_type in _GPU_OOM_TYPES or any(text in message for text in _GPU_OOM_TEXTS):
+        return "gpu"
+    if any(text in message for text in _HOST_OOM_TEXTS):
+        return "host"
+    return ""
+
+
+def out_of_memory_line(text: str) -> str:
+    """The first line of ``text`` (a failed command's stderr) that says a GPU ran out of
+    memory, or ""."""
+    for line in text.splitlines():
+        if any(marker in line for marker in _GPU_OOM_TEXTS):
+            return line.strip()
+    return ""
 
 
 def objective_values(study: optuna.Study, value: Any) -> tuple[list[float] | None, str]:

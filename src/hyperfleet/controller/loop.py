@@ -1602,7 +1602,8 @@ class Controller:
         self._hub = NodeHub(
             self._cluster, self._run_dir.path, self._run_dir.identity, self._wake, self._files
         )
-        self.announce(self._hub.start_message())
+        for line in self._hub.start_messages():
+            self.announce(line)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -1627,7 +1628,7 @@ class Controller:
                     "again elsewhere"
                 )
             else:
-                self.announce(f"refused a connection from {event.where}: {event.reason}")
+                self.announce(event.line())
 
     def _add_node(self, joined: NodeJoined) -> None:
         link = joined.link
