@@ -107,6 +107,7 @@ def test_a_run_whose_budget_is_reached_says_so_and_starts_nothing(tmp_path: Path
     assert first.returncode == 0, first.stdout + first.stderr
     for log in (run_dir / "workers").iterdir():
         log.unlink()  # a worker started again would write its log here
+    records = {name: (run_dir / name).read_bytes() for name in ("status.json", "summary.md")}
 
     again = run_cli(_args(run_dir, "quick", 3), tmp_path)
 
@@ -114,3 +115,6 @@ def test_a_run_whose_budget_is_reached_says_so_and_starts_nothing(tmp_path: Path
     assert "the study already has 3 of its 3 trials: nothing to run" in again.stdout
     assert len(load_trials(run_dir, "s")) == 3
     assert list((run_dir / "workers").iterdir()) == []
+    # It claims no slot, and the real run's record (its slots, busy time) stays.
+    assert " slots: " not in again.stdout and "run s in" not in again.stdout
+    assert {name: (run_dir / name).read_bytes() for name in records} == records

@@ -84,6 +84,8 @@ class PlainLog(EventSink):
         self._stream.flush()
 
     def on_start(self, state: RunState) -> None:
+        if state.nothing_to_run:
+            return  # the budget lines said so; no slot is used
         slots = ", ".join(s.name for s in state.slots)
         self._line(f"run {state.run_name} in {state.run_dir} on {len(state.slots)} slots: {slots}")
 

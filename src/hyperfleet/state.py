@@ -83,6 +83,9 @@ class RunState:
     stopping: int = 0  # 0 running, 1 finishing running trials, 2 terminating them
     packing: list[str] = field(default_factory=list)  # auto packing's decisions, in order
     sequential: bool = False  # stages run one after another
+    # Every budget was reached before this run began: it runs nothing, so it neither says it
+    # runs on the slots nor replaces the last run's status.json and summary.md with its own.
+    nothing_to_run: bool = False
     _index: dict[str, SlotView] = field(default_factory=dict, repr=False, compare=False)
     _indexed: list[SlotView] | None = field(default=None, repr=False, compare=False)
 

@@ -339,6 +339,7 @@ class Controller:
         try:
             self._read_stored()
             if self._budgets_already_reached():
+                self.state.nothing_to_run = True
                 self._open_studies(announce=False)  # said already
                 return self._outcome()
             self._listen()

@@ -22,6 +22,8 @@ class LiveView(EventSink):
         self._live: Live | None = None
 
     def on_start(self, state: RunState) -> None:
+        if state.nothing_to_run:
+            return  # no dashboard of idle slots: the budget lines and the summary say it all
         self._live = Live(
             render(state, self._console.width),
             console=self._console,

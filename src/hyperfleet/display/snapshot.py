@@ -47,6 +47,8 @@ class StatusSnapshot(EventSink):
         self._write(state, ended=True)
 
     def _write(self, state: RunState, ended: bool) -> None:
+        if state.nothing_to_run and self._path.exists():
+            return  # the last run's record (its slots and busy time) stays
         self._last_write = time.monotonic()
         write_json(self._path, snapshot(state, self._get_study(), ended), compact=True)
 

@@ -206,8 +206,10 @@ class RunSummary(EventSink):
         self._campaign = campaign
 
     def on_end(self, state: RunState) -> None:
-        text = summary_markdown(state, self._get_studies(), self._campaign)
-        (self._run_dir.path / SUMMARY_NAME).write_text(text)
+        path = self._run_dir.path / SUMMARY_NAME
+        if state.nothing_to_run and path.exists():
+            return  # the last run's summary (its slots and busy shares) stays
+        path.write_text(summary_markdown(state, self._get_studies(), self._campaign))
 
 
 def summary_markdown(
