@@ -1217,7 +1217,8 @@ class Controller:
             kind = books.classify_error(finished.error_type, finished.message)
             reason = f"{finished.error_type}: {finished.message}"
             if kind == "oom":
-                reason = f"out of memory: {reason}"
+                on = books.out_of_memory_on(finished.error_type, finished.message)
+                reason = f"{books.HOST_OOM_REASON if on == 'host' else 'out of memory'}: {reason}"
             elif finished.error_type == "SystemExit":
                 reason = f"the objective called {finished.message}"
             self._tell(
@@ -1288,7 +1289,7 @@ class Controller:
         reason: str = "",
         traceback_text: str = "",
     ) -> None:
-        rerun = state == TrialState.FAIL and self._shared_out_of_memory(name, kind)
+        rerun = state == TrialState.FAIL and self._shared_out_of_memory(name, kind, reason)
         active = self._active.pop(name)
         self._ledger.release(name)
         self._book.stop(name)
@@ -1540,10 +1541,13 @@ class Controller:
             self._autopack.gone(name)
         self.state.slot(name).state = "stopped"
 
-    def _shared_out_of_memory(self, name: str, kind: str) -> bool:
-        """A trial that ran out of memory beside others on its GPU runs again (see AutoPack)."""
+    def _shared_out_of_memory(self, name: str, kind: str, reason: str) -> bool:
+        """A trial that ran out of memory beside others on its GPU runs again (see AutoPack);
+        one out of the host's memory says nothing of its GPU."""
         autopack = self._autopack
         if autopack is None or kind != "oom" or self._stop_level:
+            return False
+        if reason.startswith(books.HOST_OOM_REASON):
             return False
         gpu = autopack.gpu_of(name)
         sharing = sum(autopack.gpu_of(other) == gpu for other in self._active)
