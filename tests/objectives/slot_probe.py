@@ -17,6 +17,8 @@ import optuna
 import hyperfleet
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# How JAX and TensorFlow are told to take GPU memory as they need it.
+FRAMEWORK_VARS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "TF_FORCE_GPU_ALLOW_GROWTH")
 BARRIER_SECONDS = 120.0
 
 
@@ -35,6 +37,7 @@ def record_placement(trial: optuna.Trial) -> None:
     trial.set_user_attr("cuda_visible_devices", os.environ.get("CUDA_VISIBLE_DEVICES"))
     trial.set_user_attr("affinity", sorted(os.sched_getaffinity(0)))
     trial.set_user_attr("threads", {name: os.environ.get(name) for name in THREAD_VARS})
+    trial.set_user_attr("frameworks", {name: os.environ.get(name) for name in FRAMEWORK_VARS})
     trial.set_user_attr(
         "slot",
         {

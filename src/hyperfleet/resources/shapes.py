@@ -475,6 +475,7 @@ def _plan_gpu_side(
                 start = starts[group[0].index] + index * key.cpus
                 slot_cores = take_cores(cores, start, key.cpus)
                 slot = gpu_slot(group, index, slot_cores, len(slot_cores), key.share)
+                slot = replace(slot, packed=key.auto)
                 if not plain:
                     slot = replace(slot, name=_gpu_name(group, index, key, keys))
                 plan.add(key, slot, {f"gpu{gpu.index}": key.share for gpu in group})

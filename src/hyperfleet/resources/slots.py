@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import psutil
 
@@ -30,6 +30,15 @@ THREAD_ENV_VARS = (
 # beyond 16 workers per core, trials mostly wait for a core, and starting the workers alone
 # (each imports Optuna, about half a CPU-second; torch takes seconds) takes minutes.
 WORKERS_PER_CORE = 16
+# Frameworks that take most of a GPU's memory when they start unless told otherwise: JAX
+# preallocates 75 % of it, TensorFlow nearly all. On a GPU shared by several workers (a
+# fraction of it, or auto packing's workers) the second would fail every trial, so its slots
+# ask them to take memory as they need it, unless the user set these.
+SHARED_GPU_ENV = {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+}
+
 # A warm worker holds Python, Optuna and what the objective imported: about 45 MiB with nothing
 # else, hundreds with torch. Counting 100 MiB each refuses only what cannot work anyway.
 WORKER_MEMORY_MIB = 100
@@ -66,6 +75,7 @@ class Slot:
     threads: int = 1
     gpu_share: float = 1.0  # the fraction of each of its GPUs (1/4 when four slots share one)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    packed: bool = False  # auto packing may start more workers beside it on its GPU
 
     @property
     def node(self) -> str:
@@ -78,6 +88,12 @@ class Slot:
         return self.kind == "gpu" and len(self.gpus) == 1
 
     @property
+    def shares_its_gpu(self) -> bool:
+        """Whether other workers may use its GPU at the same time: a fraction of a GPU, or a
+        GPU that auto packing fills."""
+        return self.kind == "gpu" and (self.gpu_share < 1 or self.packed)
+
+    @property
     def device(self) -> str:
         """The device string for frameworks: "cuda:0" (the slot's first GPU), "mps" or "cpu"."""
         if self.kind == "cpu":
@@ -88,6 +104,8 @@ class Slot:
         """Variables the worker starts with, on top of the controller's own environment."""
         env = {name: str(self.threads) for name in THREAD_ENV_VARS}
         env[SLOT_ENV] = json.dumps(asdict(self))
+        if self.shares_its_gpu:
+            env.update({k: v for k, v in SHARED_GPU_ENV.items() if k not in os.environ})
         if self.gpu_kind != "mps":
             # Indices are NVML's, which follow the PCI bus; make CUDA count the same way.
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -135,7 +153,8 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
         for k in range(per_gpu):
             slot_cores = take_cores(cores, next_core, gpu_threads)
             next_core += gpu_threads
-            slots.append(gpu_slot(group, k, slot_cores, gpu_threads, 1 / per_gpu))
+            slot = gpu_slot(group, k, slot_cores, gpu_threads, 1 / per_gpu)
+            slots.append(replace(slot, packed=options.trials_per_gpu == AUTO and slot.packable))
     slots.extend(_cpu_slots(options, cores, next_core, has_gpu_slots=bool(slots)))
     _check_single_pool_size(inventory, options, len(groups), slots)
     return slots

@@ -1,0 +1,81 @@
+"""What a GPU worker's environment says, read from inside real workers on fake GPUs: the
+switches that keep JAX and TensorFlow from taking a shared GPU's whole memory, and the cores
+near its GPU."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import optuna
+import pytest
+
+import hyperfleet
+from hyperfleet.resources.inventory import Gpu, Inventory
+
+OBJECTIVES = Path(__file__).parent / "objectives"
+SWITCHES = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+UNSET = dict.fromkeys(SWITCHES)
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(OBJECTIVES))
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    return importlib.import_module("slot_probe")
+
+
+def one_gpu(near: tuple[int, ...] = ()) -> Inventory:
+    gpu = Gpu(0, "GPU-fake-0", "Fake GPU", memory_total_mib=1024, kind="fake", near_cores=near)
+    return Inventory(gpus=(gpu,), cores=(0, 1))
+
+
+def each_worker_sees(
+    probe: ModuleType, tmp_path: Path, parties: int, **pool: Any
+) -> list[dict[str, Any]]:
+    """What each of ``parties`` workers saw, each running one trial while all others ran."""
+    study = optuna.create_study()
+    outcome = hyperfleet.optimize(
+        study,
+        probe.make_objective,
+        n_trials=parties,
+        run_dir=tmp_path / "run",
+        display="quiet",
+        report=False,
+        objective_kwargs={"barrier_dir": str(tmp_path / "barrier"), "parties": parties},
+        **pool,
+    )
+    assert outcome.status == "completed", outcome.message
+    return [t.user_attrs for t in study.get_trials()]
+
+
+def test_workers_sharing_a_gpu_ask_jax_and_tensorflow_to_grow_their_memory(
+    probe: ModuleType, tmp_path: Path
+) -> None:
+    seen = each_worker_sees(probe, tmp_path, 2, inventory=one_gpu(), trials_per_gpu=2, cpu_slots=0)
+    assert [s["frameworks"] for s in seen] == [SWITCHES, SWITCHES]
+
+
+def test_an_auto_packed_gpu_asks_too_and_a_cpu_slot_does_not(
+    probe: ModuleType, tmp_path: Path
+) -> None:
+    seen = each_worker_sees(probe, tmp_path, 2, inventory=one_gpu(), cpu_slots=1)  # auto
+    by_kind = {s["slot"]["kind"]: s["frameworks"] for s in seen}
+    assert by_kind == {"gpu": SWITCHES, "cpu": UNSET}
+
+
+def test_a_gpu_of_its_own_keeps_the_frameworks_defaults(probe: ModuleType, tmp_path: Path) -> None:
+    seen = each_worker_sees(probe, tmp_path, 1, inventory=one_gpu(), trials_per_gpu=1, cpu_slots=0)
+    assert seen[0]["frameworks"] == UNSET
+
+
+def test_what_the_user_set_is_kept(
+    probe: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    seen = each_worker_sees(probe, tmp_path, 2, inventory=one_gpu(), trials_per_gpu=2, cpu_slots=0)
+    for s in seen:
+        assert s["frameworks"] == {**SWITCHES, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
