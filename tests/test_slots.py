@@ -47,7 +47,10 @@ def test_gpus_per_trial_groups_gpus() -> None:
     slots = plan_slots(machine(4, 8), PoolOptions(gpus_per_trial=2, cpu_slots=0))
 
     assert [s.gpus for s in slots] == [(0, 1), (2, 3)]
-    assert [s.environment()["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3"]
+    assert [s.environment()["CUDA_VISIBLE_DEVICES"] for s in slots] == [
+        "GPU-fake-0,GPU-fake-1",
+        "GPU-fake-2,GPU-fake-3",
+    ]
     assert [s.threads for s in slots] == [4, 4]
 
 
