@@ -19,6 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover (exercised on Python 3.10 only)
     import tomli as tomllib  # type: ignore[import-not-found]
 
+from hyperfleet import __version__
 from hyperfleet.campaign import POOL_KEYS
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import (
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperfleet", description="Run any Optuna search on every GPU and CPU slot."
     )
+    parser.add_argument("--version", action="version", version=f"hyperfleet {__version__}")
     commands = parser.add_subparsers(dest="command")
     _add_run(commands)
     _add_agent(commands)
