@@ -4,8 +4,10 @@ was wrong and how to fix it."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -47,6 +49,13 @@ class Bad:
     args: tuple[str, ...]
     says: tuple[str, ...]  # pieces the error message must contain
     fake_gpus: int = 0
+    env: tuple[tuple[str, str], ...] = ()  # "{tmp}" stands for the test's folder
+
+
+# On PYTHONPATH, a folder whose packages fail to import as missing ones do: torch and grpc
+# (Ray's client extra) are installed with the dev extra, and must look absent to these runs.
+WITHOUT_TORCH_OR_GRPC = (("PYTHONPATH", "{tmp}/hidden"),)
+TWO_OBJECTIVES = ("--direction", "minimize", "--direction", "maximize")
 
 
 CASES = [
@@ -107,6 +116,43 @@ CASES = [
     Bad("retry-garbage", ("good.py:objective", "--retry", "crash"), ("REASON=MAX",)),
     Bad("stop-grace-garbage", ("good.py:objective", "--stop-grace", "x"), ("stop grace",)),
     Bad(
+        "gp-without-torch",
+        ("good.py:objective", "--sampler", "gp"),
+        ("sampler 'gp' needs torch", "No module named 'torch'", "pip install torch"),
+        env=WITHOUT_TORCH_OR_GRPC,
+    ),
+    Bad(
+        "cmaes-two-objectives",
+        ("good.py:objective", "--sampler", "cmaes", *TWO_OBJECTIVES),
+        ("sampler 'cmaes' optimises one objective", "2 directions", "nsga2"),
+    ),
+    Bad("seed-negative", ("good.py:objective", "--seed=-1"), ("seed -1 is out of range",)),
+    Bad("seed-too-large", ("good.py:objective", "--seed", str(2**70)), ("out of range", "2**32")),
+    Bad(
+        "ray-client-without-extra",
+        ("good.py:objective", "--ray", "ray://127.0.0.1:10001"),
+        ("Ray Client", "No module named 'grpc'", "pip install 'ray[client]'"),
+        env=WITHOUT_TORCH_OR_GRPC,
+    ),
+    Bad(  # port 1 (tcpmux) has nothing listening: the connection is refused at once
+        "ray-nothing-answers",
+        ("good.py:objective", "--ray", "127.0.0.1:1"),
+        ("nothing answers at 127.0.0.1:1", "ray start --head"),
+    ),
+    Bad(
+        "fake-gpu-memory",
+        ("good.py:objective",),
+        ("HYPERFLEET_FAKE_GPU_MIB='16G'", "in MiB"),
+        fake_gpus=2,
+        env=(("HYPERFLEET_FAKE_GPU_MIB", "16G"),),
+    ),
+    Bad(
+        "fake-gpu-count",
+        ("good.py:objective",),
+        ("HYPERFLEET_FAKE_GPUS=1000000", "could give a slot each"),
+        fake_gpus=1_000_000,
+    ),
+    Bad(
         "run-dir-under-a-file",
         ("good.py:objective", "--run-dir", "a-file/run"),
         ("a-file is not a folder", "--run-dir"),
@@ -119,6 +165,12 @@ def _write_inputs(folder: Path) -> None:
     (folder / "imports.py").write_text(IMPORT_ERROR)
     (folder / "syntax.py").write_text(SYNTAX_ERROR)
     (folder / "a-file").write_text("not a folder\n")
+    for module in ("torch", "grpc"):
+        package = folder / "hidden" / module
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{module}'\", name={module!r})\n"
+        )
 
 
 def _listing(folder: Path) -> dict[str, int]:
@@ -136,6 +188,7 @@ def test_bad_input_stops_before_anything_is_written(tmp_path: Path, case: Bad) -
     env = cpu_only_env()
     if case.fake_gpus:
         env["HYPERFLEET_FAKE_GPUS"] = str(case.fake_gpus)
+    env.update((name, value.replace("{tmp}", str(tmp_path))) for name, value in case.env)
     args = ["run", *case.args, "--plain"]
     if "--run-dir" not in case.args:
         args += ["--run-dir", "run"]
@@ -239,3 +292,26 @@ def test_the_api_raises_the_same_errors(
     finally:
         os.chdir(cwd)
     assert _listing(tmp_path) == before
+
+
+def test_the_api_refuses_early_what_would_fail_once_trials_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gp = optuna.create_study(sampler=optuna.samplers.GPSampler())
+    cmaes = optuna.create_study(
+        directions=["minimize", "maximize"], sampler=optuna.samplers.CmaEsSampler()
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails, as without torch
+    cases: list[tuple[optuna.Study, dict[str, Any], type[Exception], str]] = [
+        (gp, {}, ConfigError, "the study's GPSampler needs torch"),
+        (cmaes, {}, ConfigError, "CmaEsSampler optimises one objective"),
+        (optuna.create_study(), {"ray": "127.0.0.1:1"}, ConfigError, "nothing answers"),
+    ]
+    for study, kwargs, error, says in cases:
+        with pytest.raises(error, match=says):
+            hyperfleet.optimize(study, _objective, 1, run_dir="run", display="quiet", **kwargs)
+    monkeypatch.setenv("HYPERFLEET_FAKE_GPUS", "1000000")
+    with pytest.raises(ResourceError, match="could give a slot each"):
+        hyperfleet.optimize(optuna.create_study(), _objective, 1, run_dir="run")
+    assert list(tmp_path.iterdir()) == []

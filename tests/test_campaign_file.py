@@ -549,6 +549,29 @@ retry = "crashes=2"  # <-
         "cannot read retry rule",
     ),
     (
+        "seed out of numpy's range",
+        """
+[[study]]
+objective = "models.py:objective"
+n_trials = 5
+seed = -1  # <-
+""",
+        "key 'seed'",
+        "seed -1 is out of range",
+    ),
+    (
+        "CMA-ES on two objectives",
+        """
+[[study]]
+objective = "models.py:objective"
+n_trials = 5
+directions = ["minimize", "maximize"]
+sampler = "cmaes"  # <-
+""",
+        "key 'sampler'",
+        "optimises one objective",
+    ),
+    (
         "pool GPUs as a plain string",
         """
 [pool]

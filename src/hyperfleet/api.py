@@ -22,6 +22,7 @@ from hyperfleet.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions
 from hyperfleet.rundir import RunDir, check_folder_name
+from hyperfleet.samplers import check_study_sampler
 from hyperfleet.storage import controller_study
 from hyperfleet.workers.main import WORKER_PID_ENV
 from hyperfleet.workers.packaging import spec_from_callable
@@ -86,6 +87,7 @@ def optimize(
     ``slurm=True``, inside an allocation, has ``srun`` start one agent per allocated node.
     """
     refuse_inside_a_worker("optimize")
+    check_study_sampler(study)
     settings = RunSettings(
         n_trials=n_trials,
         timeout=parse_duration(timeout, "timeout"),
@@ -163,6 +165,10 @@ def cluster_settings(
             f"node timeout {settings.node_timeout:g}s must be longer than the heartbeat "
             f"{settings.heartbeat:g}s (five heartbeats is a good margin)."
         )
+    if ray is not None:  # last: it may wait for the head to answer
+        from hyperfleet.cluster.ray_launcher import check_address
+
+        check_address(ray)
     return settings
 
 

@@ -38,7 +38,7 @@ from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.packing import AUTO, parse_trials_per_gpu
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir, check_folder_name
-from hyperfleet.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from hyperfleet.samplers import PRUNERS, SAMPLERS, check_sampler, make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
 from hyperfleet.workers.packaging import (
     check_target_parameters,
@@ -290,7 +290,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sequential:
         raise ConfigError("--sequential orders the studies of a campaign file; give one.")
     settings = _run_settings(args)
-    sampler = make_sampler(args.sampler, args.seed, args.n_trials)
+    check_sampler(args.sampler, args.seed)
     pruner = make_pruner(args.pruner)
     spec, default_name = _objective(args)
     refit = plan_from_cli(
@@ -305,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir.check_writable()
     storage = existing_storage(args.storage, run_dir)
     directions = check_directions(storage, study_name, args.direction)
+    sampler = make_sampler(args.sampler, args.seed, args.n_trials, len(directions))
 
     def open_study() -> optuna.Study:
         return optuna.create_study(

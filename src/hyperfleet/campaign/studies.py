@@ -33,7 +33,7 @@ from hyperfleet.config import parse_memory
 from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.resources.packing import AUTO
 from hyperfleet.resources.shapes import PoolSpec, Shape
-from hyperfleet.samplers import PRUNERS, SAMPLERS
+from hyperfleet.samplers import MAX_SEED, PRUNERS, SAMPLERS, check_sampler
 from hyperfleet.space import SearchSpace, load_space
 from hyperfleet.workers.packaging import spec_from_target
 
@@ -177,10 +177,13 @@ def _blueprint(table: Table, context: StudyContext) -> Blueprint:
         )
     refit = table.get("refit")
     refit_target = _target(table, "refit", context.folder)[0] if refit is not None else None
+    directions = _directions(table)
+    sampler, seed = choice(table, "sampler", SAMPLERS, "auto"), integer(table, "seed")
+    _check_sampler(table, sampler, seed, len(directions))
     settings = {
-        "directions": _directions(table),
-        "sampler": choice(table, "sampler", SAMPLERS, "auto"),
-        "seed": integer(table, "seed"),
+        "directions": directions,
+        "sampler": sampler,
+        "seed": seed,
         "pruner": choice(table, "pruner", PRUNERS, "median"),
         "n_trials": n_trials,
         "timeout": timeout,
@@ -193,6 +196,15 @@ def _blueprint(table: Table, context: StudyContext) -> Blueprint:
         "refit": refit_target,
     }
     return Blueprint(table, base_name, target, space, space_path, settings)
+
+
+def _check_sampler(table: Table, sampler: str, seed: int | None, n_objectives: int) -> None:
+    """What the sampler would refuse only once trials run, refused at the key that says it."""
+    try:
+        check_sampler(sampler, seed, n_objectives)
+    except ConfigError as exc:
+        seed_ok = seed is None or 0 <= seed <= MAX_SEED
+        table.fail("sampler" if seed_ok else "seed", str(exc))
 
 
 def _objective(

@@ -12,7 +12,9 @@ before its heartbeats would have run out.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,50 @@ from typing import Any
 from hyperfleet.errors import ConfigError
 
 WATCH_SECONDS = 2.0  # how often the node list is read
+# How long the address check waits for the head to accept a connection: a head that is up
+# answers in milliseconds, where ray.init would retry an address nobody answers for minutes.
+PROBE_SECONDS = 5.0
+CLIENT_PREFIX = "ray://"
+NEEDS_RAY = "--ray needs Ray: pip install 'hyperfleet[ray]' (or pip install ray), then run again."
+
+
+def check_address(address: str) -> None:
+    """Refuse, before anything is written, a Ray address that cannot work: Ray missing, a
+    ``ray://`` address without Ray's client extra, a ``HOST:PORT`` where nothing answers.
+    ``auto`` (and any form without a port) is left to Ray."""
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(NEEDS_RAY)
+    text = address.strip()
+    if text.startswith(CLIENT_PREFIX):
+        text = text[len(CLIENT_PREFIX) :]
+        _check_client_extra(address)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_SECONDS):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(
+            f"Ray address {address!r}: nothing answers at {host}:{port} ({reason}); start the "
+            "Ray head there (ray start --head), give the address `ray status` prints on the "
+            "head, or use --ray auto on a node of the cluster."
+        ) from None
+
+
+def _check_client_extra(address: str) -> None:
+    # A ray:// address goes through Ray Client, which needs grpc: what Ray itself checks
+    # (ray._private.utils.get_ray_client_dependency_error) before it refuses with a traceback.
+    try:
+        importlib.import_module("grpc")
+    except ImportError as exc:
+        raise ConfigError(
+            f"Ray address {address!r} goes through Ray Client, which needs Ray's client extra "
+            f"({exc}); pip install 'ray[client]', or give the head's HOST:PORT (or --ray auto "
+            "on a node of the cluster) instead."
+        ) from None
 
 
 def agent_task(connect_to: str, token: str, node: str) -> str:
@@ -41,10 +87,7 @@ class RayLauncher:
         try:
             import ray
         except ImportError:
-            raise ConfigError(
-                "--ray needs Ray: pip install 'hyperfleet[ray]' (or pip install ray), then run "
-                "again."
-            ) from None
+            raise ConfigError(NEEDS_RAY) from None
         self._ray: Any = ray
         with contextlib.suppress(RuntimeError):  # already connected (a notebook did it)
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from hyperfleet.errors import ResourceError
+
 FAKE_GPU_DIR_ENV = "HYPERFLEET_FAKE_GPU_DIR"
 FAKE_GPU_MIB_ENV = "HYPERFLEET_FAKE_GPU_MIB"
 DEFAULT_FAKE_GPU_MIB = 16384
@@ -41,7 +43,16 @@ class FakeReading:
 
 def fake_memory_mib() -> int:
     """The memory of each fake GPU: ``HYPERFLEET_FAKE_GPU_MIB``, else 16 GiB."""
-    return int(os.environ.get(FAKE_GPU_MIB_ENV) or DEFAULT_FAKE_GPU_MIB)
+    text = os.environ.get(FAKE_GPU_MIB_ENV, "").strip()
+    if not text:
+        return DEFAULT_FAKE_GPU_MIB
+    mib = int(text) if text.isascii() and text.isdigit() else 0
+    if mib < 1:
+        raise ResourceError(
+            f"{FAKE_GPU_MIB_ENV}={text!r} is not a memory size; set it to each fake GPU's "
+            f"memory in MiB (for example {DEFAULT_FAKE_GPU_MIB}), or unset it for 16 GiB."
+        )
+    return mib
 
 
 def state_folder() -> Path | None:
