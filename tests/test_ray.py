@@ -143,7 +143,7 @@ def _assert_pinned(trials: list[optuna.trial.FrozenTrial]) -> None:
     """Each trial saw its slot's one GPU and its cores, from inside its worker."""
     for trial in trials:
         local = trial.user_attrs["slot"].partition("/")[2]
-        assert trial.user_attrs["cuda_visible_devices"] == local[len("gpu")]
+        assert trial.user_attrs["cuda_visible_devices"] == f"GPU-fake-{local[len('gpu')]}"
         assert trial.user_attrs["affinity"] == trial.user_attrs["slot_cores"]
 
 

@@ -289,7 +289,7 @@ def test_the_refit_runs_pinned_to_the_first_slot(project: Path) -> None:
     assert done.returncode == 0, done.stderr
     value = json.loads((refit_dir(project) / "result.json").read_text())["value"]
     assert value["slot"] == "gpu0#0"
-    assert value["cuda"] == "0"
+    assert value["cuda"] == "GPU-fake-0"
     assert value["cores"] == value["slot_cores"]
     assert value["threads"] == str(len(value["slot_cores"]))
 

@@ -47,4 +47,4 @@ def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
     assert {t.user_attrs["slot"] for t in trials} == {f"{n}/gpu0#0" for n in NODES}
     for trial in trials:  # the agent's node is where SLURM ran it
         assert trial.user_attrs["slot"].startswith(trial.user_attrs["node"] + "/")
-        assert trial.user_attrs["cuda_visible_devices"] == "0"
+        assert trial.user_attrs["cuda_visible_devices"] == "GPU-fake-0"
