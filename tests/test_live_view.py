@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from hyperfleet.display.live import LiveView
-from hyperfleet.display.render import render
+from hyperfleet.display.render import render, time_left
 from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
 
@@ -226,3 +226,17 @@ def test_the_stage_moves_on_when_the_earlier_one_has_nothing_left() -> None:
     assert "stage iris (1 of 2)" in header
     state.sequential = False
     assert "stage" not in "\n".join(draw(state, 160)[:2])
+
+
+def test_the_time_left_ends_with_a_study_whose_clock_runs_out_first() -> None:
+    # 16 trials in 185 s: the 90 trials left would take about 17 min at this pace, but the
+    # study's own timeout ends it in 2 s.
+    state = make_state()
+    state.studies = [
+        StudyView("mnist", ("MINIMIZE",), n_trials=100, finished=10, running=2, timeout=60,
+                  ends_at=NOW + 2)
+    ]  # fmt: skip
+    assert time_left(state, 185.0, NOW) == pytest.approx(2.0)
+    assert "~2.0s left" in "\n".join(draw(state, 160)[:2])
+    state.studies[0].ends_at = NOW + 3600  # a clock that ends after the trials: the pace says
+    assert time_left(state, 185.0, NOW) == pytest.approx(90 * 185 / 16)

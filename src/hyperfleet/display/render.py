@@ -110,18 +110,24 @@ def progress_text(state: RunState, elapsed: float, now: float | None = None) -> 
 
 def time_left(state: RunState, elapsed: float, now: float | None = None) -> float | None:
     """The sooner of the run's timeout and the time its studies still need: the trials left at
-    this run's pace so far, or for a study with a time budget only, what is left of it."""
+    this run's pace so far, or what is left of a study's time budget when that runs out first
+    (a study with a time budget only needs all of it)."""
     now = state.started + elapsed if now is None else now
-    needed: list[float | None] = []
-    budget = sum(s.n_trials or 0 for s in state.studies)
     done_here = sum(s.trials_done for s in state.slots)  # trials this run, not resumed ones
-    if budget:
-        remaining = max(0, budget - sum(s.finished for s in state.studies))
-        pace_known = done_here and elapsed > 0
-        needed.append(remaining * elapsed / done_here if pace_known else None)
+    pace = elapsed / done_here if done_here and elapsed > 0 else None  # seconds per trial
+    needed: list[float | None] = []
+    trials_left, pooled = 0, False
     for study in state.studies:
-        if study.n_trials is None and not study_done(study, now):
-            needed.append(_time_budget_left(study, now))
+        if study_done(study, now):
+            continue
+        clock = _time_budget_left(study, now)
+        left = None if study.n_trials is None else max(0, study.n_trials - study.finished)
+        if left is None or (clock is not None and (pace is None or left * pace >= clock)):
+            needed.append(clock)  # its own clock ends it first (None: nothing ends it)
+        else:
+            trials_left, pooled = trials_left + left, True
+    if pooled:
+        needed.append(trials_left * pace if pace is not None else None if trials_left else 0.0)
     estimates = []
     if state.timeout is not None:
         estimates.append(max(0.0, state.timeout - elapsed))
