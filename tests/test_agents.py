@@ -77,7 +77,7 @@ def test_a_search_uses_every_slot_of_every_node_and_refuses_strangers(tmp_path: 
     try:
         wait_for_log(tmp_path, "listening for agents", 30)
         silent.connect(("127.0.0.1", port))  # connects and says nothing
-        with pytest.raises(NodeError, match="does not prove it holds this agent.s token"):
+        with pytest.raises(NodeError, match=r"does not prove it holds this agent's token"):
             connect(("127.0.0.1", port), b"not the token", patience=5)
         with socket.create_connection(("127.0.0.1", port)) as garbage:
             garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" * 50)
@@ -137,10 +137,14 @@ def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
     address = f"{host}:{free_port(host)}"
     timing = ("--heartbeat", "0.4s", "--node-timeout", f"{TIMEOUT}s")
     controller = start_controller(folder, address, 6, *timing)
+    # nodeB tries to join again for 2 s once it finds its controller gone, then leaves.
     a, b = (
-        Agent(folder, address, node, 2, net.prefix(node) if net is not None else (), nap=1.5)
+        Agent(
+            folder, address, node, 2, net.prefix(node) if net is not None else (), nap=1.5,
+            flags=("--patience", "2s"),
+        )
         for node in ("nodeA", "nodeB")
-    )
+    )  # fmt: skip
     try:
         wait_for_log(folder, "started on nodeB/", 60)
         _lose_node_b(b, how, net)
@@ -149,14 +153,15 @@ def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
         wait_for_log(folder, "lost: node nodeB", TIMEOUT + 3)
         # run.log lines are flushed once a second: the bound has that second on top.
         assert time.monotonic() - lost_at < (2 if how == "kill" else TIMEOUT + 2)
-        if how == "cut":  # the agent hears nothing either, and leaves within the same bound
-            assert b.wait(TIMEOUT + 3) == 1
+        if how == "cut":  # the agent hears nothing either, stops its workers, cannot rejoin
+            assert b.wait(TIMEOUT + 3 + 2) == 1
             assert "sent nothing" in b.log.read_text()
+            assert "could not join it again" in b.log.read_text()
         assert controller.wait(120) == 0, controller.stderr
         assert a.wait(15) == 0
         if how == "stop":
             b.process.send_signal(signal.SIGCONT)  # it finds its controller gone and leaves
-            assert b.wait(10) == 1
+            assert b.wait(10 + 2) == 1
             assert "controller" in b.log.read_text()
         wait_until(lambda: not node_processes("nodeB"), 10, "nodeB's workers to exit")
     finally:
@@ -164,6 +169,37 @@ def _lose_a_node(folder: Path, how: str, net: Network | None) -> None:
         a.stop()
         b.stop()
     _check_lost_trials_ran_again(folder)
+
+
+def test_a_node_whose_link_comes_back_joins_again_and_takes_trials(tmp_path: Path) -> None:
+    """A cut link: both sides give each other up within the node timeout; once the link is back,
+    the agent, still trying to join, is taken back with fresh workers, nobody restarting it."""
+    with network(["A", "B"]) as net:
+        address = f"{net.controller_ip}:{free_port(net.controller_ip)}"
+        timing = ("--heartbeat", "0.4s", "--node-timeout", f"{TIMEOUT}s")
+        controller = start_controller(tmp_path, address, 24, *timing)
+        a, b = (Agent(tmp_path, address, node, 1, net.prefix(node), nap=1.0) for node in "AB")
+        try:
+            wait_for_log(tmp_path, "started on B/", 60)
+            net.cut("B")
+            wait_until(lambda: "trying to join it again" in b.log.read_text(), 10, "B to wait")
+            wait_for_log(tmp_path, "node B lost", 5)
+            net.heal("B")
+            healed = time.monotonic()
+            wait_until(lambda: run_log(tmp_path).count("node B joined") == 2, 20, "B back")
+            assert time.monotonic() - healed < 15
+            assert controller.wait(120) == 0, controller.stderr
+            assert a.wait(15) == 0 and b.wait(15) == 0
+        finally:
+            controller.stop()
+            a.stop()
+            b.stop()
+    trials = _trials(tmp_path)
+    assert collections.Counter(t.state for t in trials)[TrialState.COMPLETE] == 24
+    rejoined_at = max(t.number for t in trials if t.state == TrialState.FAIL)
+    assert any(
+        t.user_attrs["slot"].startswith("B/") for t in trials if t.number > rejoined_at
+    ), "no trial ran on B after it came back"
 
 
 def _check_lost_trials_ran_again(folder: Path) -> None:
@@ -323,25 +359,32 @@ def test_logs_a_node_sends_go_only_into_the_run_directory(tmp_path: Path) -> Non
 
 def test_a_controller_killed_at_any_moment_loses_and_repeats_nothing(tmp_path: Path) -> None:
     """The kill loop of a single machine, with agents: SIGKILL the controller at random
-    moments, start it (and agents, as a supervisor would) again, until the budget is reached."""
+    moments and start it again, until the budget is reached. The agent is started once: each
+    time its controller dies it stops its workers and joins the controller run again."""
     address = f"127.0.0.1:{free_port()}"
     rng = random.Random(12)
-    for round_number in range(3):
-        controller = start_controller(tmp_path, address, 10)
-        agent = Agent(tmp_path, address, "nodeA", 2, nap=0.4)
-        try:
-            if round_number < 2:
-                done = _completed_in_log(tmp_path) + rng.randint(1, 3)
-                wait_until(lambda d=done: _completed_in_log(tmp_path) >= d, 60, "completions")
-                controller.kill()
-                assert agent.wait(10) == 1  # its controller gone, it leaves, and its workers
-                wait_until(lambda: not node_processes("nodeA"), 10, "nodeA's workers to exit")
-            else:
-                assert controller.wait(120) == 0, controller.stderr
-                assert agent.wait(15) == 0
-        finally:
-            controller.stop()
-            agent.stop()
+    agent = Agent(tmp_path, address, "nodeA", 2, nap=0.4)
+    try:
+        for round_number in range(3):
+            controller = start_controller(tmp_path, address, 10)
+            try:
+                if round_number < 2:
+                    done = _completed_in_log(tmp_path) + rng.randint(1, 3)
+                    wait_until(lambda d=done: _completed_in_log(tmp_path) >= d, 60, "completions")
+                    controller.kill()
+                    wait_until(
+                        lambda r=round_number: _rejoins(agent) == r + 1, 10, "a try to rejoin"
+                    )
+                    wait_until(lambda: not node_processes("nodeA"), 10, "nodeA's workers to exit")
+                    assert agent.process.poll() is None  # it waits for its controller
+                else:
+                    assert controller.wait(120) == 0, controller.stderr
+                    assert agent.wait(15) == 0
+            finally:
+                controller.stop()
+    finally:
+        agent.stop()
+    assert agent.log.read_text().count("joined 127.0.0.1") == 3
     trials = _trials(tmp_path)
     states = collections.Counter(t.state for t in trials)
     assert states[TrialState.COMPLETE] == 10 and states[TrialState.RUNNING] == 0
@@ -351,6 +394,10 @@ def test_a_controller_killed_at_any_moment_loses_and_repeats_nothing(tmp_path: P
         assert trial.system_attrs["hyperfleet:fail_kind"] == "interrupted"
     repeats = [t.user_attrs[RETRY] for t in trials if RETRY in t.user_attrs]
     assert sorted(repeats) == sorted(t.number for t in failed)  # each once, none twice
+
+
+def _rejoins(agent: Agent) -> int:
+    return agent.log.read_text().count("trying to join it again")
 
 
 def _completed_in_log(folder: Path) -> int:

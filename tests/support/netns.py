@@ -29,6 +29,9 @@ class Network:
     def cut(self, node: str) -> None:
         _ip("link", "set", self.links[node], "down")
 
+    def heal(self, node: str) -> None:
+        _ip("link", "set", self.links[node], "up")
+
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)

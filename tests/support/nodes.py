@@ -54,6 +54,7 @@ class Agent:
         gpus: int,
         prefix: Sequence[str] = (),
         nap: float = 0.3,
+        flags: Sequence[str] = (),
     ) -> None:
         """``nap``: how long each trial on this node lasts, in seconds."""
         self.node = node
@@ -67,7 +68,7 @@ class Agent:
         self.log = folder / f"agent-{node}.log"
         command = cli_command(
             "agent", "--connect", address, "--token-file", str(folder / "token"),
-            "--node", node, "--log-dir", str(folder / f"logs-{node}"),
+            "--node", node, "--log-dir", str(folder / f"logs-{node}"), *flags,
         )  # fmt: skip
         with self.log.open("w") as out:
             self.process = subprocess.Popen(

@@ -51,7 +51,7 @@ from hyperfleet.cluster.trialfiles import (
 )
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.errors import HyperfleetError, NodeError
-from hyperfleet.resources.inventory import detect_inventory
+from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.rundir import RunDir
 
 
@@ -75,6 +75,7 @@ class Agent:
         self._last_heard = self._last_sent = time.monotonic()
         self._stopping: list[threading.Thread] = []
         self.ended_by = ""  # why the agent stopped: "goodbye" or what went wrong
+        self.controller_lost = False  # it stopped because the controller went away
 
     def run(self) -> None:
         try:
@@ -92,6 +93,13 @@ class Agent:
         """End the agent; the first reason is the one it exits with."""
         self.ended_by = self.ended_by or why
 
+    def lose_controller(self, why: str) -> None:
+        """End the agent because the controller is gone (killed, its link cut): the node may
+        rejoin it, or the controller run again."""
+        if not self.ended_by:
+            self.controller_lost = True
+        self.stop(why)
+
     def _step(self) -> None:
         waitables: list[Any] = [self._conn]
         for worker in self._workers.values():
@@ -107,7 +115,7 @@ class Agent:
         self._flush()
         now = time.monotonic()
         if now - self._last_heard > self._timeout:
-            self.stop(f"the controller sent nothing for {self._timeout:g}s")
+            self.lose_controller(f"the controller sent nothing for {self._timeout:g}s")
         elif now - self._last_sent >= self._heartbeat:
             self._send(Beat())
 
@@ -119,7 +127,7 @@ class Agent:
             self._send_relays()
             self._conn.send(message)
         except OSError:
-            self.stop("the connection to the controller broke")
+            self.lose_controller("the connection to the controller broke")
         self._last_sent = time.monotonic()
 
     def _flush(self) -> None:
@@ -127,7 +135,7 @@ class Agent:
         try:
             self._send_relays()
         except OSError:
-            self.stop("the connection to the controller broke")
+            self.lose_controller("the connection to the controller broke")
 
     def _send_relays(self) -> None:
         if self._outbox:
@@ -141,9 +149,9 @@ class Agent:
                 self._last_heard = time.monotonic()
                 self._handle(self._conn.recv())
         except SealBroken:
-            self.stop("a message from the controller was not sealed with this run's token")
+            self.lose_controller("a message from the controller was not sealed with the token")
         except (EOFError, OSError):
-            self.stop("the controller closed the connection")
+            self.lose_controller("the controller closed the connection")
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, Relays):
@@ -232,6 +240,10 @@ def run_agent(
 ) -> str:
     """Serve one controller until it ends the run; returns why the agent stopped.
 
+    When the controller goes away without ending the run (killed, its machine lost, the link
+    cut), the node's workers are stopped as always, and the agent tries for ``patience``
+    seconds to join it again: a controller run again to resume, or the same one once the link
+    is back, gets the node back with fresh workers and nobody restarts agents by hand.
     ``work_dir`` holds the node's own run folders, used when the node does not see the
     controller's run directory."""
     # SLURM may run several slurmd on one host, each with a node name of its own.
@@ -239,7 +251,38 @@ def run_agent(
     if not valid_node_name(name):
         raise NodeError(f"node name {name!r} cannot name slots; pass --node with a plain name.")
     inventory = detect_inventory()
-    conn = connect(parse_address(connect_to, "--connect"), token, patience)
+    address = parse_address(connect_to, "--connect")
+    agent = _join(address, connect_to, token, name, inventory, log_dir, work_dir, patience)
+    while True:
+        with _stop_on_signals(agent):
+            agent.run()
+        if not agent.controller_lost:
+            return agent.ended_by
+        print(
+            f"hyperfleet agent {name}: {agent.ended_by}; its workers are stopped; trying to "
+            f"join it again for {patience:g}s",
+            flush=True,
+        )
+        try:
+            agent = _join(address, connect_to, token, name, inventory, log_dir, work_dir, patience)
+        except NodeError as exc:
+            return f"{agent.ended_by}; could not join it again: {exc}"
+        except KeyboardInterrupt:
+            return "stopped by SIGINT"
+
+
+def _join(
+    address: tuple[str, int],
+    connect_to: str,
+    token: bytes,
+    name: str,
+    inventory: Inventory,
+    log_dir: Path,
+    work_dir: Path,
+    patience: float,
+) -> Agent:
+    """Connect, say hello, and take the controller's welcome: an agent ready to run."""
+    conn = connect(address, token, patience)
     try:
         conn.send(Hello(name, inventory, os.getpid()))
         if not conn.poll(patience):
@@ -257,10 +300,7 @@ def run_agent(
     note = run_folder_note(name, folder)
     print(f"hyperfleet agent {name}: joined {connect_to}; {note}", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    agent = Agent(conn, welcome, log_dir, name, folder)
-    with _stop_on_signals(agent):
-        agent.run()
-    return agent.ended_by
+    return Agent(conn, welcome, log_dir, name, folder)
 
 
 def shares_run_dir(welcome: Welcome) -> bool:
