@@ -402,3 +402,18 @@ def _rejoins(agent: Agent) -> int:
 
 def _completed_in_log(folder: Path) -> int:
     return run_log(folder).count(" complete on ")
+
+
+def test_a_run_no_node_joins_says_what_it_waits_for_and_keeps_its_timeout(
+    tmp_path: Path,
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    controller = start_controller(tmp_path, address, 4, "--timeout", "11s")
+    try:
+        assert controller.wait(60) == 1, controller.stderr
+    finally:
+        controller.stop()
+    assert "still waiting after 10s: no node has joined" in controller.stdout
+    assert "run failed: the run's timeout passed before any trial could start" in (
+        controller.stderr
+    )

@@ -87,6 +87,8 @@ LOOK_AGAIN_SECONDS = 0.001  # how often long work looks for new remote results (
 FULL_COLLECTION_SECONDS = 60.0  # see Controller._keep_collector_off
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials (controller.prepared)
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
+WAIT_NOTE_AFTER = 10.0  # seconds before the first note on what a run still waits for
+WAIT_NOTE_EVERY = 60.0  # and between the notes after it
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,7 @@ class Controller:
         self._announced_level = 0
         self._hard_stop_at: float | None = None
         self._deadline: float | None = None
+        self._waited_out = ""  # what the run still waited for when its timeout passed
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._waiter = Waiter()
@@ -349,7 +352,7 @@ class Controller:
                     break
                 self._start_worker(slot)
             self._wait_until_loaded()
-            if self._stop_level:
+            if self._stop_level or self._waited_out:
                 return self._outcome()
             self._open_studies()
             self._loop()
@@ -414,10 +417,21 @@ class Controller:
         worker: bad input writes nothing. Those are all the studies with work left, or in a
         sequential run those of the first stage with work left. The first trial starts as soon
         as one of them has loaded (a campaign's first trial does not wait for every data set);
-        the others go on loading, and a study whose objective fails then stops alone."""
+        the others go on loading, and a study whose objective fails then stops alone. What it
+        waits for is said now and then, and the run's timeout ends the wait."""
+        started = time.monotonic()
+        next_note = started + WAIT_NOTE_AFTER
         while not any(run.loaded_once for run in self._first_studies()):
             if self._stop_level:
                 return
+            now = time.monotonic()
+            if self._deadline is not None and now >= self._deadline:
+                self._waited_out = self._what_it_waits_for()
+                return
+            if now >= next_note:
+                waited = duration(now - started)
+                self.announce(f"still waiting after {waited}: {self._what_it_waits_for()}")
+                next_note = now + WAIT_NOTE_EVERY
             first = [run for run in self._first_studies() if not run.load_failure]
             for run in first:
                 if self._all_dead(run.plan.slots):
@@ -427,6 +441,18 @@ class Controller:
                     )
             self._preload(first)
             self._step(timeout=TICK_SECONDS)
+
+    def _what_it_waits_for(self) -> str:
+        if self._hub is not None and not self._workers:
+            return (
+                "no node has joined; start an agent on each node (the command is in the line "
+                "that says where the controller listens) and check that they can reach it"
+            )
+        names = ", ".join(run.plan.name for run in self._first_studies())
+        return (
+            f"no worker has loaded the objective of {names} yet; see the worker logs in "
+            f"{self._run_dir.workers_dir}"
+        )
 
     def _first_studies(self) -> list[StudyRun]:
         runs = [run for run in self._runs.values() if self._stored_work_left(run)]
@@ -1883,6 +1909,9 @@ class Controller:
         if failed:
             names = ", ".join(run.plan.name for run in failed)
             message = f"the objective of {names} could not be loaded; see the run log"
+            return Outcome("failed", message, first, counts, studies)
+        if self._waited_out:
+            message = f"the run's timeout passed before any trial could start: {self._waited_out}"
             return Outcome("failed", message, first, counts, studies)
         if self._stop_level:
             return Outcome(
