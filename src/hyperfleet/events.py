@@ -108,6 +108,8 @@ def summary_lines(state: RunState) -> list[str]:
     lines = []
     for study in state.studies:
         counts = f"{study.complete} complete, {study.pruned} pruned, {study.failed} failed"
+        if study.interrupted:
+            counts += f", {study.interrupted} interrupted"
         lines.append(f"study {study.name}: {counts}; {_best_text(study)}")
     return lines
 

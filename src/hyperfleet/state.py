@@ -58,7 +58,8 @@ class StudyView:
     n_trials: int | None = None
     complete: int = 0
     pruned: int = 0
-    failed: int = 0
+    failed: int = 0  # failed trials, the interrupted ones apart
+    interrupted: int = 0  # failed as "interrupted": run again, never counted
     running: int = 0
     finished: int = 0  # what counts against the budget
     best_number: int | None = None

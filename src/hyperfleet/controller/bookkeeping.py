@@ -12,6 +12,7 @@ into) is taken as absent rather than crashing the controller or a resume.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import math
@@ -43,6 +44,10 @@ REASON_ATTR = "hyperfleet:fail_reason"
 TRACEBACK_ATTR = "hyperfleet:traceback"
 # A study system attribute: the seconds of its time budget used so far, over every run.
 TIME_USED_ATTR = "hyperfleet:time_used"
+# When a trial a dead controller left running was last known to run (a Unix time): Optuna gives
+# it the end time of the resume that marks it interrupted, which would draw it running (and
+# count its slot busy) through the whole downtime.
+STOPPED_AT_ATTR = "hyperfleet:stopped_at"
 RESERVED_PREFIXES = ("hyperfleet.", "hyperfleet:")
 
 
@@ -175,6 +180,11 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     return {number for t in trials if (number := retry_of(t)) is not None}
 
 
+def is_interrupted(trial: FrozenTrial) -> bool:
+    """Whether the trial failed as "interrupted": it is run again and never counts."""
+    return trial.system_attrs.get(KIND_ATTR) == "interrupted"
+
+
 def counts_against_budget(trial: FrozenTrial, retried: set[int]) -> bool:
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
@@ -289,6 +299,7 @@ def fail_interrupted_leftovers(
     run_marks: Collection[str],
     private_storage: bool = False,
     started: Callable[[int], bool] = lambda number: False,
+    last_seen: Callable[[int], float | None] = lambda number: None,
 ) -> list[FrozenTrial]:
     """Mark trials a dead controller of this run directory left RUNNING as failed, "interrupted".
 
@@ -300,6 +311,9 @@ def fail_interrupted_leftovers(
     ``started`` (its folder exists): the controller died after sending it and before its start
     was on disk. It ends as interrupted too, and its repeat gets a number of its own, rather
     than running again under the same number.
+
+    ``last_seen`` says when a trial was last known to run (see :func:`last_sign_of_life`): it
+    is kept as the trial's real end (see :func:`ended_at`).
     """
     storage = study._storage  # the study's storage has no public accessor
     failed = []
@@ -312,10 +326,40 @@ def fail_interrupted_leftovers(
         if owner not in run_marks and not (private_storage and owner is None):
             continue  # another run directory's controller may be running it right now
         reason = "interrupted: the controller stopped during the trial"
+        seen = last_seen(trial.number)
+        if seen is not None and trial.datetime_start is not None:
+            stopped = max(seen, trial.datetime_start.timestamp())
+            storage.set_trial_system_attr(trial._trial_id, STOPPED_AT_ATTR, stopped)
         _set_failure(storage, trial._trial_id, "interrupted", reason)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         failed.append(trial)
     return failed
+
+
+def last_sign_of_life(trial_dir: Path, controller_seen: float | None) -> float | None:
+    """When a trial a dead controller left running was last known to run: the later of the
+    controller's last status write (``controller_seen``) and the trial's last output."""
+    times = [controller_seen] if controller_seen is not None else []
+    for name in ("stdout.log", "stderr.log"):
+        with contextlib.suppress(OSError):
+            times.append((trial_dir / name).stat().st_mtime)
+    return max(times, default=None)
+
+
+def ended_at(trial: FrozenTrial) -> datetime.datetime | None:
+    """When the trial really ended: Optuna's end time, or for a trial a dead controller left
+    running, when it was last known to run (never before its start nor after Optuna's end)."""
+    end, start = trial.datetime_complete, trial.datetime_start
+    stopped = trial.system_attrs.get(STOPPED_AT_ATTR)
+    if end is None or start is None or not isinstance(stopped, (int, float)):
+        return end
+    if isinstance(stopped, bool):
+        return end
+    try:
+        seen = datetime.datetime.fromtimestamp(stopped)
+    except (OverflowError, OSError, ValueError):
+        return end
+    return min(end, max(start, seen))
 
 
 def stored_study_id(storage: BaseStorage | None, study_name: str) -> int | None:
@@ -364,7 +408,8 @@ def store_time_used(study: optuna.Study, seconds: float) -> None:
 
 def record_from_frozen(study_name: str, trial: FrozenTrial) -> TrialRecord:
     start = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-    end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
+    ended = ended_at(trial)
+    end = ended.timestamp() if ended is not None else None
     experiment = trial.user_attrs.get(EXPERIMENT_ATTR)
     return TrialRecord(
         study=study_name,

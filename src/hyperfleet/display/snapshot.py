@@ -7,6 +7,7 @@ every couple of seconds (atomically, so a reader never sees half a file) and onc
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -51,6 +52,16 @@ class StatusSnapshot(EventSink):
             return  # the last run's record (its slots and busy time) stays
         self._last_write = time.monotonic()
         write_json(self._path, snapshot(state, self._get_study(), ended), compact=True)
+
+
+def last_update(run_dir: Path) -> float | None:
+    """When the controller that wrote ``run_dir``'s status.json last wrote it (a Unix time), or
+    None: read before this run writes its own, it tells when a dead controller was last alive."""
+    try:
+        updated = json.loads((run_dir / STATUS_NAME).read_text()).get("updated")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(updated) if isinstance(updated, (int, float)) else None
 
 
 def snapshot(state: RunState, study: optuna.Study | None, ended: bool) -> dict[str, Any]:

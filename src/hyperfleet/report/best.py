@@ -22,7 +22,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, SLOT_ATTR, first_attempt
+from hyperfleet.controller.bookkeeping import (
+    EXPERIMENT_ATTR,
+    SLOT_ATTR,
+    first_attempt,
+    is_interrupted,
+)
 from hyperfleet.display import format as fmt
 from hyperfleet.events import EventSink
 from hyperfleet.report import tables
@@ -204,19 +209,29 @@ class RunSummary(EventSink):
         self._run_dir = run_dir
         self._get_studies = get_studies
         self._campaign = campaign
+        self._spans: list[tuple[float, float]] = []  # this run's trials, from start to end
+
+    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+        if record.end is not None:
+            self._spans.append((record.start, record.end))
 
     def on_end(self, state: RunState) -> None:
         path = self._run_dir.path / SUMMARY_NAME
         if state.nothing_to_run and path.exists():
             return  # the last run's summary (its slots and busy shares) stays
-        path.write_text(summary_markdown(state, self._get_studies(), self._campaign))
+        running = tables.union_seconds(self._spans)
+        path.write_text(summary_markdown(state, self._get_studies(), self._campaign, running))
 
 
 def summary_markdown(
-    state: RunState, studies: list[optuna.Study], campaign: bool | None = None
+    state: RunState,
+    studies: list[optuna.Study],
+    campaign: bool | None = None,
+    running: float | None = None,
 ) -> str:
     """The run's summary; a campaign's (by default: a run of several studies) starts with its
-    studies side by side and points at each study's folder."""
+    studies side by side and points at each study's folder. ``running``: the time this run ran
+    trials, which the slots' busy shares are of (as in the report); by default its whole time."""
     from hyperfleet.report.campaign import markdown_table, read_trials, study_rows
 
     campaign = len(studies) > 1 if campaign is None else campaign
@@ -234,7 +249,7 @@ def summary_markdown(
         lines += ["## Studies side by side", "", *table, ""]
     for study in studies:
         lines += _study_section(study)
-    lines += _slots_section(state, elapsed)
+    lines += _slots_section(state, elapsed if running is None else running)
     lines += _packing_section(state)
     lines += [
         "## Files",
@@ -269,13 +284,12 @@ def _campaign_folder_lines() -> list[str]:
 def _study_section(study: optuna.Study) -> list[str]:
     trials = study.get_trials(deepcopy=False)
     directions = ", ".join(d.name.lower() for d in study.directions)
-    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
     lines = [
         f"## Study `{study.study_name}` ({directions})",
         "",
         "| state | trials |",
         "|---|---:|",
-        *[f"| {s.name.lower()} | {n} |" for s, n in counts.items() if n],
+        *[f"| {name} | {n} |" for name, n in state_counts(trials).items() if n],
         "",
     ]
     best = best_trials(study)
@@ -287,6 +301,20 @@ def _study_section(study: optuna.Study) -> list[str]:
         params = ", ".join(f"{k}={fmt.number(v)}" for k, v in trial.params.items())
         lines.append(f"| {_trial_cell(trial)} | {fmt.values(trial.values)} | {params} |")
     return [*lines, "", *_experiments_section(trials)]
+
+
+def state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials by state, with the interrupted ones (failed as "interrupted": run again, never
+    counted against the budget) apart from those that failed."""
+    counts: dict[str, int] = {}
+    for state in TrialState:
+        counts[state.name.lower()] = 0
+        if state == TrialState.FAIL:
+            counts["interrupted"] = 0
+    for trial in trials:
+        interrupted = trial.state == TrialState.FAIL and is_interrupted(trial)
+        counts["interrupted" if interrupted else trial.state.name.lower()] += 1
+    return counts
 
 
 def _trial_cell(trial: FrozenTrial) -> str:
@@ -313,10 +341,13 @@ def _packing_section(state: RunState) -> list[str]:
     return ["## GPU packing", "", *(f"- {text}" for text in state.packing), ""]
 
 
-def _slots_section(state: RunState, elapsed: float) -> list[str]:
+def _slots_section(state: RunState, running: float) -> list[str]:
+    """Each slot's trials and busy time this run; its busy share is of the time the run ran
+    trials (from the first start to the last end, gaps when none ran left out), as the report's
+    timeline counts it, so that start-up does not count as the slots' idle time."""
     lines = ["## Slots", "", "| slot | trials | busy | busy share |", "|---|---:|---:|---:|"]
     for slot in state.slots:
-        share = slot.busy_seconds / elapsed if elapsed > 0 else 0.0
+        share = min(1.0, slot.busy_seconds / running) if running > 0 else 0.0
         lines.append(
             f"| {slot.name} | {slot.trials_done} | {fmt.duration(slot.busy_seconds)} | "
             f"{100 * share:.0f}% |"

@@ -21,7 +21,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, is_interrupted
 from hyperfleet.display import format as fmt
 from hyperfleet.report import html as pages
 from hyperfleet.report import tables
@@ -78,7 +78,7 @@ def study_row(
         best_params=dict(best.params) if best is not None else {},
         best_experiment=str(best.user_attrs.get(EXPERIMENT_ATTR, "")) if best else "",
         trials=sum(s.is_finished() for s in states),
-        failed=states.count(TrialState.FAIL),
+        failed=sum(t.state == TrialState.FAIL and not is_interrupted(t) for t in trials),
         running=states.count(TrialState.RUNNING),
         seconds=running_seconds(trials, now or datetime.now()),
     )
@@ -92,21 +92,8 @@ def _best(study: optuna.Study, trials: list[FrozenTrial]) -> FrozenTrial | None:
 
 
 def running_seconds(trials: list[FrozenTrial], now: datetime) -> float:
-    """The time at least one trial ran: the union of the trials' spans, so the gap between a
-    stopped run and its resume does not count, nor do trials running side by side twice."""
-    spans = sorted(
-        (t.datetime_start, t.datetime_complete or now)
-        for t in trials
-        if t.datetime_start is not None
-        and (t.datetime_complete is not None or t.state == TrialState.RUNNING)
-    )
-    total, end = 0.0, None
-    for start, stop in spans:
-        start = start if end is None else max(start, end)
-        if stop > start:
-            total += (stop - start).total_seconds()
-            end = stop
-    return total
+    """The time at least one trial ran (see :func:`hyperfleet.report.tables.running_seconds`)."""
+    return tables.running_seconds(trials, now)
 
 
 def matrix_names(rows: list[StudyRow]) -> list[str]:

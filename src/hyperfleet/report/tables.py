@@ -16,7 +16,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
+from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR, ended_at
 
 
 def value_columns(study: optuna.Study) -> list[str]:
@@ -58,7 +58,7 @@ def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     row.update({f"param_{name}": value for name, value in trial.params.items()})
     row["slot"] = trial.system_attrs.get(SLOT_ATTR, "")
     row["start"] = _iso(trial.datetime_start)
-    row["end"] = _iso(trial.datetime_complete)
+    row["end"] = _iso(ended_at(trial))
     row["duration_s"] = duration_seconds(trial)
     row["reason"] = trial.system_attrs.get(REASON_ATTR, "")
     return row
@@ -76,9 +76,12 @@ def experiments(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
 
 
 def duration_seconds(trial: FrozenTrial) -> float | None:
-    if trial.datetime_start is None or trial.datetime_complete is None:
+    """How long the trial ran (a trial a dead controller left running: until it was last known
+    to run, not until the resume that marked it interrupted)."""
+    end = ended_at(trial)
+    if trial.datetime_start is None or end is None:
         return None
-    return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 3)
+    return round((end - trial.datetime_start).total_seconds(), 3)
 
 
 def _iso(stamp: datetime.datetime | None) -> str:
@@ -134,10 +137,32 @@ def busy_seconds(trials: list[FrozenTrial]) -> dict[str, float]:
 
 
 def busy_fractions(trials: list[FrozenTrial]) -> dict[str, float]:
-    """Each slot's busy time over the span from the first trial's start to the last's end."""
+    """Each slot's busy share: its busy time over the time the search ran trials (see
+    :func:`running_seconds`), as summary.md counts it for a run."""
     if not trials:
         return {}
-    first = min(t.datetime_start for t in trials if t.datetime_start is not None)
-    last = max(t.datetime_complete for t in trials if t.datetime_complete is not None)
-    span = max(1e-9, (last - first).total_seconds())
+    span = max(1e-9, running_seconds(trials))
     return {slot: min(1.0, seconds / span) for slot, seconds in busy_seconds(trials).items()}
+
+
+def running_seconds(trials: list[FrozenTrial], now: datetime.datetime | None = None) -> float:
+    """The time at least one of the trials ran: the union of their spans (a trial still
+    running until ``now``), so the gap between a stopped run and its resume does not count,
+    nor do trials running side by side twice."""
+    spans = []
+    for trial in trials:
+        end = ended_at(trial) or (now if trial.state == TrialState.RUNNING else None)
+        if trial.datetime_start is not None and end is not None:
+            spans.append((trial.datetime_start.timestamp(), end.timestamp()))
+    return union_seconds(spans)
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` spans, in seconds."""
+    total, reached = 0.0, None
+    for start, end in sorted(spans):
+        start = start if reached is None else max(start, reached)
+        if end > start:
+            total += end - start
+            reached = end
+    return total
