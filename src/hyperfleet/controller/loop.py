@@ -54,6 +54,7 @@ from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowl
 from hyperfleet.controller.waiting import Waiter
 from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.display.format import duration
+from hyperfleet.display.snapshot import last_update
 from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.journal import PlacingJournalStorage, commit
@@ -250,6 +251,9 @@ class Controller:
         self._start_failures: dict[str, int] = {}
         self._dead_slots: set[str] = set()
         self._opened = False
+        # When the controller before this one last wrote status.json: a trial it left running
+        # was running until about then (read before this run writes its own).
+        self._last_alive: float | None = None
         self._stop_level = 0
         self._announced_level = 0
         self._hard_stop_at: float | None = None
@@ -374,6 +378,7 @@ class Controller:
         self._emit("on_start")
 
     def _read_stored(self) -> None:
+        self._last_alive = last_update(self._run_dir.path)
         for run in self._runs.values():
             run.stored = run.plan.stored_trials()
             run.space = ahead.space_of(run.stored or [])
@@ -1730,6 +1735,9 @@ class Controller:
             self._run_dir.marks,
             private,
             started=lambda number: folder.existing_trial_dir(number).is_dir(),
+            last_seen=lambda number: books.last_sign_of_life(
+                folder.existing_trial_dir(number), self._last_alive
+            ),
         )
         for trial in leftovers:
             label = self._trial_label(run, trial.number)
@@ -1816,7 +1824,9 @@ class Controller:
         states = [t.state for t in trials]
         view.complete = states.count(TrialState.COMPLETE)
         view.pruned = states.count(TrialState.PRUNED)
-        view.failed = states.count(TrialState.FAIL)
+        failures = [t for t in trials if t.state == TrialState.FAIL]
+        view.interrupted = sum(books.is_interrupted(t) for t in failures)
+        view.failed = len(failures) - view.interrupted
         view.running = self._book.running(run.plan.name)
         view.finished = run.finished
         best = _best_trial(study, trials)
@@ -1832,6 +1842,8 @@ class Controller:
             view.complete += 1
         elif trial.state == TrialState.PRUNED:
             view.pruned += 1
+        elif trial.state == TrialState.FAIL and books.is_interrupted(trial):
+            view.interrupted += 1
         elif trial.state == TrialState.FAIL:
             view.failed += 1
         view.running = self._book.running(run.plan.name)
