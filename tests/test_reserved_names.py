@@ -138,3 +138,15 @@ def test_a_malformed_campaign_label_is_read_as_none(tmp_path: Path) -> None:
         study.set_user_attr(CAMPAIGN_ATTR, label)
         row = study_row(study, study.get_trials())
         assert row.matrix == {} and row.trials == 1
+
+
+def test_an_experiment_attribute_that_is_no_name_does_not_stop_a_campaign(tmp_path: Path) -> None:
+    from hyperfleet.campaign import Experiment
+    from hyperfleet.campaign_search import _enqueue_experiments
+
+    study = _study(tmp_path)
+    study.add_trial(_stored(0, TrialState.COMPLETE, experiment={"set": "by an objective"}))
+    study.add_trial(_stored(1, TrialState.COMPLETE, experiment="done"))
+    _enqueue_experiments(study, (Experiment("done", {"x": 0.1}), Experiment("new", {"x": 0.2})))
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs[books.EXPERIMENT_ATTR] for t in waiting] == ["new"]

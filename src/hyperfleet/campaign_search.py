@@ -212,7 +212,9 @@ def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:
 
 
 def _enqueue_experiments(study: optuna.Study, experiments: tuple[Experiment, ...]) -> None:
-    known = {t.user_attrs.get(EXPERIMENT_ATTR) for t in study.get_trials(deepcopy=False)}
+    # Only a name counts: an objective may have set the attribute to anything (a dict).
+    stored = (t.user_attrs.get(EXPERIMENT_ATTR) for t in study.get_trials(deepcopy=False))
+    known = {name for name in stored if isinstance(name, str)}
     for experiment in experiments:
         if experiment.name not in known:
             study.enqueue_trial(experiment.params, user_attrs={EXPERIMENT_ATTR: experiment.name})
