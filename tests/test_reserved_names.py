@@ -150,3 +150,13 @@ def test_an_experiment_attribute_that_is_no_name_does_not_stop_a_campaign(tmp_pa
     _enqueue_experiments(study, (Experiment("done", {"x": 0.1}), Experiment("new", {"x": 0.2})))
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs[books.EXPERIMENT_ATTR] for t in waiting] == ["new"]
+
+
+def test_enqueued_parameters_that_are_no_dict_are_read_as_none() -> None:
+    trial = create_trial(
+        state=TrialState.FAIL,
+        params={"x": 0.5},
+        distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        system_attrs={"fixed_params": "not a dict"},
+    )
+    assert books.intended_params(trial) == {"x": 0.5}

@@ -85,7 +85,8 @@ def sample(
     where that was computed already (``relative``), and for a random sampler the parameters of
     ``space``. A parameter the trial has fixed (an enqueued or a repeated trial) is left to its
     ``suggest``, which takes the fixed value."""
-    fixed = stored.system_attrs.get("fixed_params") or {}
+    fixed = stored.system_attrs.get("fixed_params")
+    fixed = fixed if isinstance(fixed, dict) else {}  # what Optuna writes, or nothing
     ahead: Ahead = {}
     if relative and trial is not None:
         relative_space = trial.relative_search_space or {}

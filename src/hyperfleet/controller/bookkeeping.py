@@ -290,8 +290,8 @@ def inherit_history(study: optuna.Study, trial: optuna.Trial, stored: FrozenTria
 def intended_params(trial: FrozenTrial) -> dict[str, Any]:
     """The parameters the trial was meant to run with: those it was enqueued with (a retry killed
     before its first suggest has no params yet) updated with those it suggested."""
-    fixed = trial.system_attrs.get("fixed_params") or {}  # where Optuna keeps enqueued params
-    return {**fixed, **trial.params}
+    fixed = trial.system_attrs.get("fixed_params")  # where Optuna keeps enqueued params
+    return {**(fixed if isinstance(fixed, dict) else {}), **trial.params}
 
 
 def fail_interrupted_leftovers(
