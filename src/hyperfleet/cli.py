@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        # A search's view outlives a closed pipe (launch.ScreenGuard); a run that still ended
+        # on one did not reach its budget, and must not say so with status 0.
+        return EXIT_FAILED if args.command in ("run", "agent") else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import signal
 import sys
@@ -141,12 +142,13 @@ def run_search(
     def study_named(name: str) -> Callable[[], optuna.Study | None]:
         return lambda: controller.studies.get(name) if controller is not None else None
 
-    screen = _screen_sinks(display)
+    logged = PlainLog(run_log)
+    screen = _screen_sinks(display, logged.on_message)
     files = FileWriter()
     try:
         sinks = [
             RunDirGuard(run_dir),  # first: nothing is written into a folder made again
-            PlainLog(run_log),
+            logged,
             StatusSnapshot(run_dir.path, get_study),
             *[
                 BestFolder(plan.folder, study_named(plan.name), plan.name, files.drain)
@@ -371,25 +373,86 @@ def _campaign_report(controller: Controller) -> None:
     controller.announce(text)
 
 
-def _screen_sinks(display: Display) -> list[EventSink]:
+def _screen_sinks(display: Display, note: Callable[[RunState, str], None]) -> list[EventSink]:
+    """The view on the screen, which outlives its output's end (see ScreenGuard); ``note``
+    tells run.log when it ended."""
     stream = display.stream if display.stream is not None else sys.stdout
-    if display.mode == "quiet":
-        return [PlainLog(stream, quiet=True)]
-    if display.mode == "live" or (display.mode == "auto" and stream.isatty()):
+    return [ScreenGuard(_screen_view(display.mode, stream), stream, note)]
+
+
+def _screen_view(mode: str, stream: TextIO) -> EventSink:
+    if mode == "quiet":
+        return PlainLog(stream, quiet=True)
+    if mode == "live" or (mode == "auto" and stream.isatty()):
         live = _live_view(stream)
         if live is not None:
-            return [live]
-    return [PlainLog(stream)]
+            return live
+    return PlainLog(stream)
+
+
+class ScreenGuard(EventSink):
+    """The screen's view, whose output may end before the search: ``hyperfleet run | head``
+    closes the pipe after ten lines, a terminal closes. Only the view ends then (a write to it
+    raised an OSError, such as EPIPE); the search goes on to its budget and run.log keeps its
+    lines, so a closed stdout never leaves trials RUNNING behind a run that looks finished."""
+
+    def __init__(
+        self, view: EventSink, stream: TextIO, note: Callable[[RunState, str], None]
+    ) -> None:
+        self._view, self._stream, self._note = view, stream, note
+        self._ended = False
+
+    def on_start(self, state: RunState) -> None:
+        self._call(self._view.on_start, state)
+
+    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
+        self._call(self._view.on_trial_start, state, record)
+
+    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+        self._call(self._view.on_trial_end, state, record)
+
+    def on_message(self, state: RunState, text: str) -> None:
+        self._call(self._view.on_message, state, text)
+
+    def on_tick(self, state: RunState) -> None:
+        self._call(self._view.on_tick, state)
+
+    def on_end(self, state: RunState) -> None:
+        self._call(self._view.on_end, state)
+
+    def _call(self, hook: Callable[..., None], state: RunState, *args: object) -> None:
+        if self._ended:
+            return
+        try:
+            hook(state, *args)
+        except OSError as exc:
+            self._ended = True
+            _discard_output(self._stream)
+            reason = exc.strerror or type(exc).__name__
+            self._note(
+                state,
+                f"the screen's output was closed ({reason}): the search goes on; its lines are "
+                f"here, and `hyperfleet status {state.run_dir}` shows it",
+            )
+
+
+def _discard_output(stream: TextIO) -> None:
+    """Point stdout at /dev/null once its reader is gone: what is still buffered, and the
+    interpreter's last flush at exit, would raise again (and make the exit status 120)."""
+    if stream is not sys.stdout:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def _live_view(stream: TextIO) -> EventSink | None:
     try:
-        from rich.console import Console
-
-        from hyperfleet.display.live import LiveView
+        from hyperfleet.display.live import LiveView, ViewConsole
     except ImportError:
         return None
-    return LiveView(Console(file=stream))  # type: ignore[no-any-return]
+    return LiveView(ViewConsole(file=stream))  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager

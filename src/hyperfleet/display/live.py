@@ -7,6 +7,9 @@ all the time it ever takes from the loop.
 
 from __future__ import annotations
 
+import errno
+import os
+
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
@@ -14,6 +17,16 @@ from rich.text import Text
 from hyperfleet.display.render import render
 from hyperfleet.events import EventSink, summary_lines
 from hyperfleet.state import RunState
+
+
+class ViewConsole(Console):
+    """rich's Console, except that an output closed under it (``| head``) raises
+    BrokenPipeError where rich would end the whole process (SystemExit): only the view ends
+    (see launch.ScreenGuard), the search goes on."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 class LiveView(EventSink):
