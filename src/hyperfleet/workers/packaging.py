@@ -14,6 +14,7 @@ prompt or in a notebook, a module built in memory) by value.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import io
 import multiprocessing.spawn
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Callable
 from importlib.machinery import ModuleSpec
 from pathlib import Path
-from types import BuiltinFunctionType, FunctionType, ModuleType
+from types import BuiltinFunctionType, FunctionType, MethodType, ModuleType
 from typing import Any
 
 import cloudpickle
@@ -41,7 +42,13 @@ def spec_from_callable(
             "that takes a trial and returns a value."
         )
     rerun_main = _main_can_be_rerun()
-    payload, module_files = _pickle_for_workers(objective, rerun_main)
+    try:
+        payload, module_files = _pickle_for_workers(objective, rerun_main)
+    except Exception as exc:  # a lock, a queue, an open file or socket somewhere inside it
+        raise ObjectiveError(
+            _cannot_send("the objective", objective, exc, _MAKE_IT_THERE, cloudpickle.dumps)
+        ) from None
+    _check_kwargs_can_be_sent(factory_kwargs)
     return ObjectiveSpec(
         kind="pickle",
         name=getattr(objective, "__qualname__", type(objective).__name__),
@@ -50,6 +57,112 @@ def spec_from_callable(
         main_preparation=_preparation(needs_main=rerun_main and b"__main__" in payload),
         factory_kwargs=factory_kwargs,
     )
+
+
+# How deep the search for what cannot be pickled goes (self._queue.mutex is three steps).
+_SEARCH_DEPTH = 6
+_MAKE_IT_THERE = (
+    "make it where it is used instead: inside the objective, or once per worker in a factory "
+    "that returns the objective (hyperfleet.optimize(study, make_objective, "
+    "objective_kwargs={...}))"
+)
+_MAKE_IT_IN_THE_FACTORY = (
+    "pass what the factory needs to make it (a path, a size, a name) and make it in the "
+    "factory, once per worker"
+)
+
+
+def _check_kwargs_can_be_sent(kwargs: dict[str, Any] | None) -> None:
+    """The factory's arguments travel to each worker with pickle, as they are."""
+    for name, value in (kwargs or {}).items():
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            what = f"objective_kwargs[{name!r}]"
+            fix = _MAKE_IT_IN_THE_FACTORY
+            raise ObjectiveError(_cannot_send(what, value, exc, fix, pickle.dumps)) from None
+
+
+def _cannot_send(
+    what: str, value: Any, exc: Exception, fix: str, dumps: Callable[[Any], bytes]
+) -> str:
+    """One line: which part of ``value`` cannot be pickled (by ``dumps``, which refused it
+    with ``exc``), and ``fix``, how to do without sending it."""
+    chain = _unpicklable_chain(value, dumps)
+    error = f"{type(exc).__name__}: {exc}"
+    if not chain:
+        return f"{what} cannot be sent to the workers ({error}); {fix}."
+    # The part the user made (self._gpu_queue), and what inside it pickle refuses (its lock).
+    named, part = chain[0] if chain[0][0] != "self" or len(chain) == 1 else _joined(chain[:2])
+    leaf = chain[-1][1]
+    inside = f", which holds a {_type_name(leaf)}" if leaf is not part else ""
+    return (
+        f"{what} cannot be sent to the workers: {named} (a {_type_name(part)}{inside}) cannot "
+        f"be pickled ({error}); {fix}."
+    )
+
+
+def _joined(chain: list[tuple[str, Any]]) -> tuple[str, Any]:
+    return "".join(name for name, _ in chain), chain[-1][1]
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def _unpicklable_chain(
+    value: Any, dumps: Callable[[Any], bytes], depth: int = 0
+) -> list[tuple[str, Any]]:
+    """The path to the innermost part of ``value`` that cannot be pickled, as (step, part)
+    pairs (``self``, ``._gpu_queue``, ``.mutex``); empty when no part alone fails."""
+    if depth >= _SEARCH_DEPTH:
+        return []
+    for step, part in _parts(value):
+        try:
+            dumps(part)
+        except Exception:
+            return [(step, part), *_unpicklable_chain(part, dumps, depth + 1)]
+    return []
+
+
+def _parts(value: Any) -> list[tuple[str, Any]]:
+    """What pickling ``value`` pickles in turn, each with the step that names it."""
+    if isinstance(value, MethodType):
+        return [("self", value.__self__)]
+    if isinstance(value, FunctionType):
+        cells = zip(value.__code__.co_freevars, value.__closure__ or (), strict=False)
+        closure = [(name, cell.cell_contents) for name, cell in cells if _has_contents(cell)]
+        used = value.__code__.co_names
+        return closure + [
+            (name, value.__globals__[name]) for name in used if name in value.__globals__
+        ]
+    if isinstance(value, functools.partial):
+        return (
+            [(".func", value.func)]
+            + [(f".args[{i}]", a) for i, a in enumerate(value.args)]
+            + [(f".keywords[{k!r}]", v) for k, v in value.keywords.items()]
+        )
+    if isinstance(value, dict):
+        return [(f"[{key!r}]", item) for key, item in value.items()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [(f"[{index}]", item) for index, item in enumerate(value)]
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict) and not isinstance(value, (type, ModuleType)):
+        return [(f".{name}", item) for name, item in attributes.items()]
+    return []
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises)
+    except ValueError:
+        return False
+    return True
 
 
 def _main_can_be_rerun() -> bool:
