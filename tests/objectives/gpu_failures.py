@@ -27,3 +27,21 @@ def make_host_oom(every: int, mib: int = 1000, seconds: float = 0.2) -> Callable
         return x
 
     return objective
+
+
+BUSY_ERROR = "CUDA error: CUDA-capable device(s) is/are busy or unavailable"
+
+
+def make_first_worker_only(mib: int, busy: float, seconds: float) -> Callable[..., float]:
+    """Trials that run on their GPU's first worker only and fail at once on every other, as
+    on a GPU in EXCLUSIVE_PROCESS compute mode (or beside a framework that took all of it)."""
+    from hyperfleet import current_slot
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if not current_slot().name.endswith("#0"):
+            raise RuntimeError(BUSY_ERROR)
+        fakegpu.work(seconds, mib, busy)
+        return x
+
+    return objective

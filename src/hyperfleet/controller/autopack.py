@@ -5,7 +5,8 @@ A GPU under auto packing starts with its slot ``gpu<i>#0``. Growing makes ``gpu<
 ``gpu<i>#2``... (the same cores and threads as the first; a slot retired earlier is used
 again). Retiring takes the last slot of the GPU: at once when it is idle, else when its trial
 ends; its name is used again only once its worker has exited. The first slot is never
-retired.
+retired. An added slot whose trials fail quickly time after time (QUICK_FAILURES) lowers its
+GPU's limit, and a GPU that lets one process in (EXCLUSIVE_PROCESS) keeps its first slot alone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.resources.packing import Decision, GpuPacker, GpuReading, PackingSettings
+from hyperfleet.resources.packing import (
+    QUICK_FAILURES,
+    Decision,
+    GpuPacker,
+    GpuReading,
+    PackingSettings,
+)
 from hyperfleet.resources.slots import Slot
 
 
@@ -30,11 +37,16 @@ class AutoPack:
         firsts = [s for s in slots if s.packable]
         self._first = {s.gpus[0]: s for s in firsts}
         self._packers = {i: GpuPacker(f"gpu{i}", settings) for i in self._first}
+        self._failed_in_a_row: dict[str, int] = {}  # quick failures of each added worker
+        self._failed_at: dict[str, float] = {}  # when a slot's last trial failed
         self._live = {i: [s] for i, s in self._first.items()}  # slots with a worker, in order
         self._starting: dict[int, set[str]] = {i: {s.name} for i, s in self._first.items()}
         self._leaving: set[str] = set()  # retired slots whose worker has not exited yet
         self._by_name = {s.name: s for s in firsts}
         self.messages: list[str] = []  # decisions and their reasons, for the run log
+        for index, packer in self._packers.items():
+            if settings.single_reason(index):  # said at once: no reading will change it
+                self._say(index, packer.keep_one(settings.single_reason(index)))
 
     def gpu_of(self, name: str) -> int | None:
         slot = self._by_name.get(name)
@@ -64,10 +76,22 @@ class AutoPack:
         gpu = self.gpu_of(name)
         if gpu is None:
             return
-        if not failed:  # throughput counts the trials that did their work
-            self._packers[gpu].trial_ended(started, now)
+        packer = self._packers[gpu]
+        # A failed trial's worker is restarted: that time is lost to the GPU's throughput.
+        failed_at = self._failed_at.pop(name, None)
+        restart = max(0.0, started - failed_at) if failed_at is not None else 0.0
+        if failed:
+            self._failed_at[name] = now
+        packer.trial_ended(started, now, failed, restart)
         if peak_mib:
-            self._packers[gpu].observe_trial_memory(peak_mib)
+            packer.observe_trial_memory(peak_mib)
+        if name == self._first[gpu].name:
+            return  # the first worker is never retired: its failures are the objective's
+        quick = failed and packer.quick_failure(now - started)
+        self._failed_in_a_row[name] = self._failed_in_a_row.get(name, 0) + 1 if quick else 0
+        if self._failed_in_a_row[name] >= QUICK_FAILURES:
+            self._failed_in_a_row[name] = 0
+            packer.failing_worker(name)
 
     def out_of_memory(self, name: str, sharing: int) -> bool:
         """A trial on ``name`` ran out of memory beside ``sharing - 1`` others: True (its
@@ -93,7 +117,8 @@ class AutoPack:
         changes: list[Change] = []
         for gpu, packer in self._packers.items():
             reading = self._reading(gpu, samples.get(gpu), pids, busy)
-            decision = packer.decide(reading, now)
+            restarting = tuple(self._failed_at.get(s.name, now) for s in self._live[gpu])
+            decision = packer.decide(reading, now, restarting)
             if decision is None:
                 continue
             self._say(gpu, decision)

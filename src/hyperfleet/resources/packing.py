@@ -8,9 +8,13 @@ A GPU starts with one worker. One more is added while
 - one more trial's memory (the largest a trial of this GPU was seen to hold, or the amount the
   user declared) fits next to what is there, with a safety margin;
 - the GPU is not yet busy (utilisation below a target);
-- the last worker added raised the GPU's trial throughput (finished trials per second).
-When the last worker added did not raise the throughput, or a trial ran out of memory while it
-shared the GPU, the limit drops and the controller retires a worker after its trial ends.
+- the last worker added raised the GPU's trial throughput (trials completed per second, where
+  the time a failed trial took, and the restart of the worker that ran it, count as lost);
+- the GPU's compute mode lets several processes use it (not EXCLUSIVE_PROCESS).
+When the last worker added did not raise the throughput, a trial ran out of memory while it
+shared the GPU, or an added worker failed trial after trial quickly while the GPU's others
+completed theirs (a GPU that takes one process, a framework that took the whole GPU), the limit
+drops and the controller retires a worker after its trial ends.
 Without readings (a GPU NVML cannot read, a fake GPU without its state folder) and without a
 declared size, a GPU keeps one worker: nothing is guessed.
 """
@@ -23,6 +27,9 @@ AUTO = "auto"
 # Each worker is a process holding a CUDA context (hundreds of MiB) and a share of the cores;
 # beyond 16 on one GPU the measured gain is a few per cent (see bench/RESULTS.md).
 MAX_WORKERS_PER_GPU = 16
+# An added worker whose trials fail this many times in a row, each faster than half the time a
+# trial of the GPU takes to complete, is taken to be one the GPU cannot run.
+QUICK_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,11 @@ class PackingSettings:
     busy_target_pct: float = 90.0  # a GPU this busy gets no more workers
     margin_fraction: float = 0.10  # of the GPU's memory, kept free for a trial that grows
     min_gain: float = 0.03  # one more worker must raise throughput by this fraction
+    # GPUs that keep one worker, and why (a compute mode that allows one process).
+    single: tuple[tuple[int, str], ...] = ()
+
+    def single_reason(self, gpu: int) -> str:
+        return next((why for index, why in self.single if index == gpu), "")
 
 
 @dataclass(frozen=True)
@@ -64,19 +76,26 @@ class _Segment:
 
     workers: int
     start: float
-    completions: int = 0
-    # How long the trials that ran wholly within the stretch took. Counting completions over
-    # the stretch instead would credit it with work done before it began.
-    durations: list[float] = field(default_factory=list)
+    completions: int = 0  # trials that ended within the stretch and did their work
+    ended: int = 0  # every trial that ended within it, failed ones too
+    # The trials that ran wholly within the stretch (counting it with work done before it
+    # began would credit it with the count before): how many, how many of them completed,
+    # and the worker time they took, with the restarts of workers after failed ones.
+    whole: int = 0
+    whole_completed: int = 0
+    worker_seconds: float = 0.0
     busy: list[float] = field(default_factory=list)  # utilisation read during the stretch
 
     def mean_busy(self) -> float | None:
         return sum(self.busy) / len(self.busy) if self.busy else None
 
-    def rate(self) -> float | None:
-        """Trials per second with every worker busy: workers over the mean trial time."""
-        mean = sum(self.durations) / len(self.durations) if self.durations else 0.0
-        return self.workers / mean if mean > 0 else None
+    def rate(self, restarting: float = 0.0) -> float | None:
+        """Trials completed per second with every worker at work: the workers over the worker
+        time one completed trial took, failed trials and restarts included (so a worker that
+        fails every trial adds time and no trial); ``restarting``: seconds of restarts not
+        over yet."""
+        seconds = self.worker_seconds + restarting
+        return self.workers * self.whole_completed / seconds if seconds > 0 else None
 
 
 @dataclass
@@ -91,11 +110,18 @@ class GpuPacker:
     pending: bool = True  # a worker is starting: no decision until it is ready
     _segment: _Segment = field(default_factory=lambda: _Segment(1, 0.0))
     _rates: dict[int, float] = field(default_factory=dict)
+    _completed_in: list[float] = field(default_factory=list)  # the last trials' durations
     _held_for: str = ""
     _lowered_because: str = "the most workers one GPU may have"
 
     def __post_init__(self) -> None:
         self.limit = self.limit or self.settings.max_per_gpu
+
+    def keep_one(self, why: str) -> Decision:
+        """The GPU takes one worker whatever its readings say, for the reason ``why``: the
+        decision to say at once (and not again)."""
+        self.limit, self._lowered_because, self._held_for = 1, why, "limit"
+        return Decision(1, f"stays at 1: {why}")
 
     # ----- what happened ----------------------------------------------------------------
 
@@ -107,11 +133,42 @@ class GpuPacker:
     def observe_trial_memory(self, mib: int) -> None:
         self.peak_mib = max(self.peak_mib, int(mib))
 
-    def trial_ended(self, started: float, now: float) -> None:
+    def trial_ended(
+        self, started: float, now: float, failed: bool = False, restart: float = 0.0
+    ) -> None:
+        """A trial that began at ``started`` ended at ``now``; ``restart``: the seconds its
+        worker spent restarting after a failed trial before it began."""
         segment = self._segment
-        segment.completions += 1
-        if started >= segment.start:
-            segment.durations.append(now - started)
+        segment.ended += 1
+        if started - restart >= segment.start:
+            segment.whole += 1
+            segment.whole_completed += not failed
+            segment.worker_seconds += now - started + restart
+        if not failed:
+            segment.completions += 1
+            self._completed_in = [*self._completed_in[-19:], now - started]
+
+    def quick_failure(self, seconds: float) -> bool:
+        """Whether a trial that failed after ``seconds`` failed quickly: in less than half the
+        time the GPU's completed trials took (never before one completed: then every worker
+        fails alike, and packing is not to blame)."""
+        if not self._completed_in:
+            return False
+        typical = sorted(self._completed_in)[len(self._completed_in) // 2]
+        return seconds < typical / 2
+
+    def failing_worker(self, slot: str) -> None:
+        """An added worker (``slot``) failed QUICK_FAILURES trials in a row, quickly, while
+        the GPU's others completed theirs: the GPU keeps fewer workers than it has now."""
+        if self.workers <= 1:
+            return
+        self.limit = max(1, min(self.limit, self.workers - 1))
+        self._lowered_because = (
+            f"{slot} failed {QUICK_FAILURES} trials in a row, each within half the time "
+            "a trial completes in (a GPU that takes one process, or a framework that takes "
+            "all its memory?)"
+        )
+        self._held_for = ""
 
     def out_of_memory(self, sharing: int) -> bool:
         """A trial ran out of memory while ``sharing`` trials (itself included) ran on the GPU:
@@ -126,8 +183,12 @@ class GpuPacker:
 
     # ----- what to do -------------------------------------------------------------------
 
-    def decide(self, reading: GpuReading | None, now: float) -> Decision | None:
-        """A new worker count, or the reason it holds when that reason is new; else None."""
+    def decide(
+        self, reading: GpuReading | None, now: float, restarting: tuple[float, ...] = ()
+    ) -> Decision | None:
+        """A new worker count, or the reason it holds when that reason is new; else None.
+        ``restarting``: when the trials failed whose workers are restarting now (lost time
+        the next trial's end would count)."""
         self._observe(reading)
         if reading is not None and reading.busy_pct is not None:
             self._segment.busy.append(reading.busy_pct)
@@ -135,20 +196,20 @@ class GpuPacker:
             return None
         if self.workers > self.limit:
             return Decision(self.limit, f"{self._lowered_because}: at most {self.limit} from now")
-        if not self._measured():
+        if not self._measured(now, restarting):
             return None
         slower = self._no_gain()
         if slower is not None:
             return slower
         return self._grow_or_hold(reading)
 
-    def _measured(self) -> bool:
+    def _measured(self, now: float, restarting: tuple[float, ...]) -> bool:
         """Enough trials ended at this count to compare its throughput: two rounds of them, one
         of which ran wholly at this count."""
         segment = self._segment
-        if segment.completions < 2 * segment.workers or len(segment.durations) < segment.workers:
+        if segment.ended < 2 * segment.workers or segment.whole < segment.workers:
             return False
-        rate = segment.rate()
+        rate = segment.rate(sum(now - max(t, segment.start) for t in restarting))
         if rate is not None:
             self._rates[segment.workers] = rate
         return rate is not None
@@ -170,6 +231,8 @@ class GpuPacker:
         n = self.workers
         if n >= self.limit:
             return self._hold("limit", f"stays at {n}: {self._lowered_because}")
+        if not self._segment.completions:
+            return self._hold("failing", f"stays at {n}: no trial completed at this count")
         per_trial = self._per_trial_mib(reading)
         if per_trial is None and reading is not None and reading.used_mib is not None:
             return None  # readings, but no trial seen holding memory yet: wait for one

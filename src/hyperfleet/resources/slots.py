@@ -142,6 +142,7 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
     """Cut the machine into slots: GPU slots first, then CPU slots on the cores left over."""
     _check_options(options)
     gpus = select_gpus(inventory, options.gpus)
+    _check_shared(gpus, options.workers_per_gpu)
     groups = _gpu_groups(gpus, options.gpus_per_trial)
     cores = list(inventory.cores) or [0]
     per_gpu = options.workers_per_gpu
@@ -193,6 +194,11 @@ def packing_settings(
         max_per_gpu=min(MAX_WORKERS_PER_GPU, 1 + room),
         memory_per_trial_mib=declared_mib,
         undeclared_too=undeclared_too and declared_mib is not None,
+        single=tuple(
+            (gpu.index, f"its compute mode is {gpu.compute_mode.upper()}: one process at a time")
+            for gpu in inventory.gpus
+            if gpu.index in gpus and not gpu.shared
+        ),
     )
 
 
@@ -267,6 +273,19 @@ def _check_options(options: PoolOptions) -> None:
             raise ConfigError(
                 f"{name}={value} is below {minimum}; pass --{flag} {max(minimum, 1)} or more."
             )
+
+
+def _check_shared(gpus: tuple[Gpu, ...], per_gpu: int) -> None:
+    """Refuse several workers on a GPU whose compute mode lets one process use it: every
+    worker but the first would fail every trial."""
+    single = next((g for g in gpus if not g.shared), None)
+    if per_gpu > 1 and single is not None:
+        raise ResourceError(
+            f"--trials-per-gpu {per_gpu} puts {per_gpu} processes on GPU {single.index}, but "
+            f"its compute mode is {single.compute_mode.upper()}: one process at a time may use "
+            f"it; pass --trials-per-gpu 1 (or auto), or have an administrator run "
+            f"`nvidia-smi -i {single.index} -c DEFAULT`."
+        )
 
 
 def _gpu_groups(gpus: tuple[Gpu, ...], per_trial: int) -> list[tuple[Gpu, ...]]:

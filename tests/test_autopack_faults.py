@@ -1,0 +1,123 @@
+"""Auto packing on GPUs that take fewer processes than their memory suggests: a GPU whose added
+workers fail every trial stops growing and goes back to the workers that completed trials, and
+a GPU in EXCLUSIVE_PROCESS compute mode keeps one worker. Real runs on one fake GPU."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import hyperfleet
+from hyperfleet.controller import bookkeeping as books
+from hyperfleet.errors import ResourceError
+from hyperfleet.resources import fakegpu
+from hyperfleet.resources.inventory import (
+    EXCLUSIVE_MODE,
+    FAKE_GPU_MODE_ENV,
+    FAKE_GPUS_ENV,
+    Gpu,
+    Inventory,
+    detect_inventory,
+)
+from hyperfleet.resources.packing import GpuPacker, PackingSettings
+from hyperfleet.resources.slots import PoolOptions, plan_slots
+
+OBJECTIVES = Path(__file__).parent / "objectives"
+DECISION = re.compile(r"gpu0: (\d+) -> (\d+) workers?, (.*)")
+
+
+@pytest.fixture(autouse=True)
+def one_fake_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.syspath_prepend(str(OBJECTIVES))
+    monkeypatch.setenv(FAKE_GPUS_ENV, "1")
+    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
+
+
+def run(tmp_path: Path, factory: str, n_trials: int, **model: Any) -> tuple[Any, list[str]]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    outcome = hyperfleet.optimize(
+        study,
+        getattr(importlib.import_module("gpu_failures"), factory),
+        n_trials=n_trials,
+        run_dir=tmp_path / "run",
+        display="quiet",
+        report=False,
+        inventory=detect_inventory(),
+        cpu_slots=0,
+        objective_kwargs=model,
+    )
+    assert outcome.status == "completed", outcome.message
+    return study, (tmp_path / "run" / "run.log").read_text().splitlines()
+
+
+def workers_over_time(log: list[str]) -> list[int]:
+    counts = [1]
+    for line in log:
+        match = DECISION.search(line)
+        if match:
+            counts.append(int(match.group(2)))
+    return counts
+
+
+def test_a_gpu_whose_added_workers_fail_every_trial_stops_growing(tmp_path: Path) -> None:
+    # A small model that leaves the GPU room and time to spare: it would grow to 5 workers.
+    study, log = run(tmp_path, "make_first_worker_only", 24, mib=1000, busy=20.0, seconds=0.15)
+
+    counts = workers_over_time(log)
+    assert counts == [1, 2, 1], log
+    assert any("gpu0#1 failed 3 trials in a row" in line for line in log), log
+    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert 3 <= len(failed) <= 5, log  # the three that told, and what ran meanwhile
+    retired_at = next(line for line in log if "-> 1 worker," in line)[:19]
+    after = {
+        t.system_attrs[books.SLOT_ATTR]
+        for t in study.get_trials()
+        if t.datetime_start is not None and f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" > retired_at
+    }
+    assert after <= {"gpu0#0"}, after
+
+
+def test_a_gpu_in_exclusive_process_mode_keeps_one_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAKE_GPU_MODE_ENV, EXCLUSIVE_MODE)
+    study, log = run(tmp_path, "make_first_worker_only", 8, mib=1000, busy=20.0, seconds=0.1)
+
+    assert workers_over_time(log) == [1], log
+    assert any(
+        "gpu0 stays at 1: its compute mode is EXCLUSIVE_PROCESS: one process at a time" in line
+        for line in log
+    ), log
+    assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
+
+
+def test_several_workers_per_gpu_on_an_exclusive_gpu_are_refused() -> None:
+    gpu = Gpu(0, "GPU-fake-0", "Fake GPU", 16384, "fake", compute_mode=EXCLUSIVE_MODE)
+    with pytest.raises(ResourceError, match="EXCLUSIVE_PROCESS: one process at a time"):
+        plan_slots(Inventory(gpus=(gpu,), cores=(0, 1)), PoolOptions(trials_per_gpu=2))
+
+
+def test_throughput_counts_failed_trials_and_restarts_as_lost_time() -> None:
+    """Two workers of which one fails at once and is restarted for a second, trial after
+    trial, complete no more trials per second than one worker did: no gain, although the
+    trials that completed took no longer than before."""
+    packer = GpuPacker("gpu0", PackingSettings())
+    packer.observe_trial_memory(100)
+    packer.ready(1, 0.0)
+    packer.trial_ended(0.0, 1.0)
+    packer.trial_ended(1.0, 2.0)
+    assert packer.decide(None, 2.0) is not None  # measured (and held: no readings)
+    packer.ready(2, 2.0)
+    for k in range(4):
+        packer.trial_ended(2.0 + k, 3.0 + k)  # the first worker completes its trials
+        # The other fails at once, and its worker restarts until the next second.
+        packer.trial_ended(2.0 + k, 2.01 + k, failed=True, restart=0.99 if k else 0.0)
+    decision = packer.decide(None, 6.0, restarting=(5.01,))  # the last restart is not over
+    assert decision is not None and decision.target == 1, decision
+    assert "more no longer helps" in decision.reason
