@@ -1,6 +1,6 @@
 """What a run's records say about its trials: an interrupted trial is counted as interrupted,
-not failed, and ends when it stopped rather than at the resume; summary.md's busy share of a
-slot is the report's."""
+not failed, and ends when it stopped rather than at the resume; summary.md's and ``hyperfleet
+status``'s busy share of a slot is the report's."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from hyperfleet.report import tables
 from hyperfleet.report.best import state_counts
 from hyperfleet.report.campaign import study_row
 from hyperfleet.state import RunState, StudyView
+from hyperfleet.status import status
 from support.procs import (
     assert_no_leftovers,
     cli_command,
@@ -107,6 +108,8 @@ def test_summary_and_report_give_a_slot_the_same_busy_share(tmp_path: Path) -> N
         for slot, share in re.findall(r"^\| (cpu#\d) \| \d+ \| [^|]+ \| (\d+)% \|$", summary, re.M)
     }
     report = tables.busy_fractions(load_trials(run_dir, "s"))
-    assert set(shares) == set(report) == {"cpu#0", "cpu#1"}
+    shown = {s["name"]: s["busy_fraction"] for s in status(run_dir)["slots"]}  # hyperfleet status
+    assert set(shares) == set(report) == set(shown) == {"cpu#0", "cpu#1"}
     for slot, share in shares.items():
         assert abs(share - report[slot]) <= 0.05, (slot, share, report[slot])
+        assert abs(shown[slot] - report[slot]) <= 0.05, (slot, shown[slot], report[slot])

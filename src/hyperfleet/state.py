@@ -72,6 +72,32 @@ class StudyView:
 
 
 @dataclass
+class TrialClock:
+    """The time at least one trial ran this run, from the trials' start and end times as the
+    views hear of them: what a slot's busy share is of (start-up, and a wait with no trial
+    running, do not count as the slots' idle time). Constant work per trial."""
+
+    running: int = 0
+    since: float = 0.0  # when the trials now running began to run without a gap
+    total: float = 0.0  # the time before that
+
+    def started(self, at: float) -> None:
+        if self.running == 0:
+            self.since = at
+        self.running += 1
+
+    def ended(self, at: float) -> None:
+        if self.running == 0:
+            return  # a trial that started before this run's views heard of it
+        self.running -= 1
+        if self.running == 0:
+            self.total += max(0.0, at - self.since)
+
+    def seconds(self, now: float) -> float:
+        return self.total + (max(0.0, now - self.since) if self.running else 0.0)
+
+
+@dataclass
 class RunState:
     run_name: str
     run_dir: str

@@ -176,9 +176,15 @@ def _running(study: optuna.Study, trial: FrozenTrial, now: float) -> dict[str, A
 
 
 def _slots(snapshot: dict[str, Any], now: float, alive: bool) -> list[dict[str, Any]]:
-    """Each slot's busy time over the controller's life so far, counting a trial still on it."""
+    """Each slot's busy time, counting a trial still on it, over the time the run ran trials
+    (as summary.md and the report count it; a snapshot of an older version: the controller's
+    life so far)."""
     end = now if alive else float(snapshot["updated"])
     elapsed = max(1e-9, end - float(snapshot["started"]))
+    running = snapshot.get("running_s")
+    if isinstance(running, (int, float)) and running > 0:
+        busy_now = alive and any(s.get("state") == "busy" for s in snapshot.get("slots", []))
+        elapsed = running + (max(0.0, now - float(snapshot["updated"])) if busy_now else 0.0)
     slots = []
     for slot in snapshot.get("slots", []):
         busy = float(slot.get("busy_seconds", 0.0))

@@ -19,7 +19,7 @@ import optuna
 
 from hyperfleet.events import EventSink
 from hyperfleet.rundir import write_json
-from hyperfleet.state import RunState
+from hyperfleet.state import RunState, TrialClock, TrialRecord
 
 STATUS_NAME = "status.json"
 WRITE_EVERY_SECONDS = 2.0
@@ -36,6 +36,13 @@ class StatusSnapshot(EventSink):
         self._get_study = get_study
         self._every = every
         self._last_write = 0.0
+        self._clock = TrialClock()  # the time trials ran, which busy shares are of
+
+    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
+        self._clock.started(record.start)
+
+    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+        self._clock.ended(record.end if record.end is not None else time.time())
 
     def on_start(self, state: RunState) -> None:
         self._write(state, ended=False)
@@ -51,7 +58,8 @@ class StatusSnapshot(EventSink):
         if state.nothing_to_run and self._path.exists():
             return  # the last run's record (its slots and busy time) stays
         self._last_write = time.monotonic()
-        write_json(self._path, snapshot(state, self._get_study(), ended), compact=True)
+        running = self._clock.seconds(time.time())
+        write_json(self._path, snapshot(state, self._get_study(), ended, running), compact=True)
 
 
 def last_update(run_dir: Path) -> float | None:
@@ -64,7 +72,10 @@ def last_update(run_dir: Path) -> float | None:
     return float(updated) if isinstance(updated, (int, float)) else None
 
 
-def snapshot(state: RunState, study: optuna.Study | None, ended: bool) -> dict[str, Any]:
+def snapshot(
+    state: RunState, study: optuna.Study | None, ended: bool, running: float | None = None
+) -> dict[str, Any]:
+    """What status.json holds; ``running``: the time trials ran so far (see TrialClock)."""
     now = time.time()
     return {
         "run_name": state.run_name,
@@ -73,6 +84,7 @@ def snapshot(state: RunState, study: optuna.Study | None, ended: bool) -> dict[s
         "host": socket.gethostname(),
         "started": state.started,
         "updated": now,
+        "running_s": running,
         "ended": ended,
         "stopping": state.stopping,
         "timeout": state.timeout,

@@ -32,7 +32,7 @@ from hyperfleet.display import format as fmt
 from hyperfleet.events import EventSink
 from hyperfleet.report import tables
 from hyperfleet.rundir import RunDir, write_json
-from hyperfleet.state import RunState, TrialRecord
+from hyperfleet.state import RunState, TrialClock, TrialRecord
 
 BEST_NAME = "best"
 REFIT_NAME = "refit"  # best/refit/: what hyperfleet.refit made from the best parameters
@@ -209,17 +209,19 @@ class RunSummary(EventSink):
         self._run_dir = run_dir
         self._get_studies = get_studies
         self._campaign = campaign
-        self._spans: list[tuple[float, float]] = []  # this run's trials, from start to end
+        self._clock = TrialClock()
+
+    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
+        self._clock.started(record.start)
 
     def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        if record.end is not None:
-            self._spans.append((record.start, record.end))
+        self._clock.ended(record.end if record.end is not None else time.time())
 
     def on_end(self, state: RunState) -> None:
         path = self._run_dir.path / SUMMARY_NAME
         if state.nothing_to_run and path.exists():
             return  # the last run's summary (its slots and busy shares) stays
-        running = tables.union_seconds(self._spans)
+        running = self._clock.seconds(time.time())
         path.write_text(summary_markdown(state, self._get_studies(), self._campaign, running))
 
 
