@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mkdocs_gen_files
 
-os.environ["COLUMNS"] = "100"  # argparse wraps usage lines to this width
+os.environ["COLUMNS"] = "88"  # argparse wraps usage lines to this width
 
 from hyperfleet.campaign import CAMPAIGN_KEYS, POOL_KEYS
 from hyperfleet.campaign.studies import EXPERIMENT_KEYS, SLOT_KEYS, STUDY_KEYS
@@ -59,7 +59,7 @@ def argument_name(action: argparse.Action) -> str:
 
 
 def default_text(action: argparse.Action) -> str:
-    if action.nargs == 0 or action.default in (None, argparse.SUPPRESS, False):
+    if action.nargs == 0 or action.default in (None, argparse.SUPPRESS, False, ""):
         return ""
     return f"`{action.default}`"
 
@@ -69,7 +69,9 @@ def argument_rows(parser: argparse.ArgumentParser) -> list[str]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             continue
-        extra = " (repeatable)" if isinstance(action, argparse._AppendAction) else ""
+        help_text = action.help or ""
+        repeatable = isinstance(action, argparse._AppendAction) and "repeat" not in help_text
+        extra = " (repeatable)" if repeatable else ""
         required = " (required)" if action.required else ""
         rows.append(
             f"| {argument_name(action)}{required} | {default_text(action)} "
