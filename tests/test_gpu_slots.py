@@ -13,7 +13,11 @@ import optuna
 import pytest
 
 import hyperfleet
+from hyperfleet.controller.autopack import AutoPack
 from hyperfleet.resources.inventory import Gpu, Inventory
+from hyperfleet.resources.monitor import GpuSample
+from hyperfleet.resources.packing import PackingSettings
+from hyperfleet.resources.slots import Slot
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 SWITCHES = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
@@ -79,3 +83,41 @@ def test_what_the_user_set_is_kept(
     seen = each_worker_sees(probe, tmp_path, 2, inventory=one_gpu(), trials_per_gpu=2, cpu_slots=0)
     for s in seen:
         assert s["frameworks"] == {**SWITCHES, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+
+
+def test_by_default_the_gpu_worker_runs_on_the_core_near_its_gpu(
+    probe: ModuleType, tmp_path: Path
+) -> None:
+    """CPU slots on (the default): the GPU worker's affinity is the core NVML puts near its
+    GPU, here the second one, and the CPU slot gets the other."""
+    seen = each_worker_sees(probe, tmp_path, 2, inventory=one_gpu(near=(1,)))
+    by_kind = {s["slot"]["kind"]: s for s in seen}
+    assert by_kind["gpu"]["affinity"] == [1]
+    assert by_kind["cpu"]["affinity"] == [0]
+
+
+def test_workers_auto_packing_adds_get_spare_cores_of_their_own_while_there_are_some() -> None:
+    first = Slot(
+        "gpu0#0", "gpu", (0,), ("GPU-fake-0",), "fake", cores=(0, 1), threads=2, packed=True
+    )
+    pack = AutoPack([first], PackingSettings(memory_per_trial_mib=1000), spare_cores=(2, 3, 4))
+    grown = [grow(pack, workers) for workers in (1, 2)]
+
+    assert grown[0].name == "gpu0#1" and grown[0].cores == (2, 3)
+    assert grown[1].name == "gpu0#2" and grown[1].cores == (0, 1)  # one spare core: shared
+    assert grown[1].threads == 2
+
+
+def grow(pack: AutoPack, workers: int) -> Slot:
+    """Let the GPU's ``workers`` workers each complete two one-second trials (one more worker
+    having raised the throughput) and return the slot auto packing adds next."""
+    start = 10.0 * workers
+    for k in range(workers):
+        pack.ready(f"gpu0#{k}", start)
+    for k in range(workers):
+        for t in range(2):
+            pack.trial_ended(f"gpu0#{k}", start + t, start + t + 1, None, False)
+    sample = GpuSample(0, 10.0, 1000 * workers, 16384, None)
+    (change,) = pack.tick({0: sample}, {}, set(), start + 2)
+    assert change.start
+    return change.slot

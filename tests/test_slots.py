@@ -28,10 +28,29 @@ def test_one_slot_per_gpu_then_cpu_slots_on_the_cores_left() -> None:
     gpu_slots = [s for s in slots if s.kind == "gpu"]
     cpu_slots = [s for s in slots if s.kind == "cpu"]
     assert [s.gpus for s in gpu_slots] == [(0,), (1,), (2,), (3,)]
-    assert len(cpu_slots) == 12
+    # GPU workers get more than one core (half the machine's at most), CPU slots one each.
+    assert all(s.threads == len(s.cores) == 2 for s in gpu_slots)
+    assert len(cpu_slots) == 8
+    assert all(s.threads == len(s.cores) == 1 for s in cpu_slots)
     # Every slot owns its cores: no core is handed out twice.
     assert sorted(all_cores(slots)) == list(range(16))
-    assert all(s.threads == len(s.cores) == 1 for s in slots)
+
+
+def test_gpu_workers_get_the_cores_near_their_gpu_beside_cpu_slots() -> None:
+    """The default (CPU slots on): each GPU's worker gets up to four cores of its own NUMA
+    node, as NVML's CPU affinity says, and the CPU slots the rest."""
+    gpus = (
+        Gpu(0, "GPU-fake-0", "Fake GPU", kind="fake", near_cores=tuple(range(16, 32))),
+        Gpu(1, "GPU-fake-1", "Fake GPU", kind="fake", near_cores=tuple(range(16))),
+    )
+    slots = plan_slots(Inventory(gpus=gpus, cores=tuple(range(32))), PoolOptions())
+
+    by_name = {s.name: s for s in slots}
+    assert by_name["gpu0#0"].cores == (16, 17, 18, 19)
+    assert by_name["gpu1#0"].cores == (0, 1, 2, 3)
+    assert by_name["gpu0#0"].threads == by_name["gpu1#0"].threads == 4
+    cpu_cores = sorted(c for s in slots if s.kind == "cpu" for c in s.cores)
+    assert cpu_cores == [*range(4, 16), *range(20, 32)]
 
 
 def test_trials_per_gpu_packs_workers_onto_each_gpu() -> None:

@@ -2,11 +2,12 @@
 retire one. The decisions themselves are :mod:`hyperfleet.resources.packing`'s.
 
 A GPU under auto packing starts with its slot ``gpu<i>#0``. Growing makes ``gpu<i>#1``,
-``gpu<i>#2``... (the same cores and threads as the first; a slot retired earlier is used
-again). Retiring takes the last slot of the GPU: at once when it is idle, else when its trial
-ends; its name is used again only once its worker has exited. The first slot is never
-retired. An added slot whose trials fail quickly time after time (QUICK_FAILURES) lowers its
-GPU's limit, and a GPU that lets one process in (EXCLUSIVE_PROCESS) keeps its first slot alone.
+``gpu<i>#2``... (the threads of the first, on cores of their own while spare ones are left,
+else on the first's; a slot retired earlier is used again, with its cores). Retiring takes the
+last slot of the GPU: at once when it is idle, else when its trial ends; its name is used again
+only once its worker has exited. The first slot is never retired. An added slot whose trials
+fail quickly time after time (QUICK_FAILURES) lowers its GPU's limit, and a GPU that lets one
+process in (EXCLUSIVE_PROCESS) keeps its first slot alone.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ class Change:
 
 
 class AutoPack:
-    def __init__(self, slots: list[Slot], settings: PackingSettings) -> None:
+    def __init__(
+        self, slots: list[Slot], settings: PackingSettings, spare_cores: tuple[int, ...] = ()
+    ) -> None:
+        """``spare_cores``: cores no slot has, lent to the workers growing adds (a worker that
+        launches kernels waits for its core: sharing the first worker's would stall both)."""
         firsts = [s for s in slots if s.packable]
+        self._spare = list(spare_cores)
+        self._own_cores: dict[str, tuple[int, ...]] = {}  # lent to a grown slot, for good
         self._first = {s.gpus[0]: s for s in firsts}
         self._packers = {i: GpuPacker(f"gpu{i}", settings) for i in self._first}
         self._failed_in_a_row: dict[str, int] = {}  # quick failures of each added worker
@@ -151,11 +158,23 @@ class AutoPack:
         used = {s.name for s in self._live[gpu]} | self._leaving
         k = next(k for k in range(1, len(used) + 2) if f"gpu{gpu}#{k}" not in used)
         slot = replace(self._first[gpu], name=f"gpu{gpu}#{k}")
+        cores = self._own_cores.get(slot.name) or self._lend(slot.threads)
+        if cores:
+            self._own_cores[slot.name] = cores
+            slot = replace(slot, cores=cores)
         self._live[gpu].append(slot)
         self._by_name[slot.name] = slot
         self._starting[gpu].add(slot.name)
         self._packers[gpu].pending = True
         return slot
+
+    def _lend(self, count: int) -> tuple[int, ...]:
+        """``count`` spare cores of their own for a new slot; () when too few are left (it
+        shares the first slot's cores)."""
+        if len(self._spare) < count:
+            return ()
+        lent, self._spare = self._spare[:count], self._spare[count:]
+        return tuple(lent)
 
     def _shrink_to(self, gpu: int, target: int, busy: set[str], now: float) -> list[Change]:
         changes = []

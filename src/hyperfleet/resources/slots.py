@@ -34,6 +34,7 @@ WORKERS_PER_CORE = 16
 # preallocates 75 % of it, TensorFlow nearly all. On a GPU shared by several workers (a
 # fraction of it, or auto packing's workers) the second would fail every trial, so its slots
 # ask them to take memory as they need it, unless the user set these.
+GPU_WORKER_CORES = 4  # the most cores a GPU worker gets by default beside CPU slots
 SHARED_GPU_ENV = {
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     "TF_FORCE_GPU_ALLOW_GROWTH": "true",
@@ -149,14 +150,14 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
     n_gpu_slots = len(groups) * per_gpu
     gpu_threads = _gpu_slot_threads(options, len(cores), n_gpu_slots)
     slots: list[Slot] = []
-    next_core = 0
+    picker = CorePicker(cores)
     for group in groups:
+        near = [core for gpu in group for core in gpu.near_cores]
         for k in range(per_gpu):
-            slot_cores = take_cores(cores, next_core, gpu_threads)
-            next_core += gpu_threads
+            slot_cores = picker.take(gpu_threads, near)
             slot = gpu_slot(group, k, slot_cores, gpu_threads, 1 / per_gpu)
             slots.append(replace(slot, packed=options.trials_per_gpu == AUTO and slot.packable))
-    slots.extend(_cpu_slots(options, cores, next_core, has_gpu_slots=bool(slots)))
+    slots.extend(_cpu_slots(options, cores, picker.unused(), has_gpu_slots=bool(slots)))
     _check_single_pool_size(inventory, options, len(groups), slots)
     return slots
 
@@ -308,10 +309,38 @@ def split_gpus(gpus: tuple[Gpu, ...], per_trial: int) -> list[tuple[Gpu, ...]]:
 def _gpu_slot_threads(options: PoolOptions, n_cores: int, n_gpu_slots: int) -> int:
     if options.threads_per_slot is not None:
         return options.threads_per_slot
-    if options.cpu_slots == 0 and n_gpu_slots:
+    if not n_gpu_slots:
+        return 1
+    if options.cpu_slots == 0:
         # No CPU slots asked for: GPU workers share every core (data loaders need them).
         return max(1, n_cores // n_gpu_slots)
-    return 1
+    # Beside CPU slots, a GPU worker still needs more than one core: a small model waits for
+    # the core that launches its kernels, and data loading wants more. GPU workers take up to
+    # GPU_WORKER_CORES each, and together at most half the machine's cores.
+    return max(1, min(GPU_WORKER_CORES, n_cores // (2 * n_gpu_slots)))
+
+
+class CorePicker:
+    """Hands out cores: first those no slot has, those near the slot's GPU before others, in
+    the machine's order; once every core is taken, those the fewest slots share."""
+
+    def __init__(self, cores: list[int]) -> None:
+        self._cores = cores
+        self._position = {core: k for k, core in enumerate(cores)}
+        self._uses = dict.fromkeys(cores, 0)
+
+    def take(self, count: int, near: list[int] | tuple[int, ...] = ()) -> tuple[int, ...]:
+        close = set(near)
+        order = sorted(
+            self._cores, key=lambda c: (self._uses[c], c not in close, self._position[c])
+        )
+        chosen = order[: max(1, count)]
+        for core in chosen:
+            self._uses[core] += 1
+        return tuple(sorted(chosen))
+
+    def unused(self) -> list[int]:
+        return [core for core in self._cores if not self._uses[core]]
 
 
 def take_cores(cores: list[int], start: int, count: int) -> tuple[int, ...]:
@@ -336,9 +365,8 @@ def gpu_slot(
 
 
 def _cpu_slots(
-    options: PoolOptions, cores: list[int], used: int, has_gpu_slots: bool
+    options: PoolOptions, cores: list[int], free: list[int], has_gpu_slots: bool
 ) -> list[Slot]:
-    free = cores[used:] if used < len(cores) else []
     count, threads = _cpu_slot_shape(options, len(free), has_gpu_slots)
     if count and not free:
         free = cores  # every core went to GPU slots: CPU slots share them
