@@ -266,7 +266,9 @@ class Controller:
         self._monitor = GpuMonitor(_gpus_of(self._slots))
         packing = settings.packing
         packed = [slot for slot in self._slots if slot.name in pool.packed]
-        self._autopack = AutoPack(packed, packing) if packing is not None else None
+        self._autopack = (
+            AutoPack(packed, packing, _spare_cores(self._slots)) if packing is not None else None
+        )
         self._cpu: dict[str, psutil.Process] = {}
         # What users and workers see of the storage's new records waits for them to be durable:
         # one commit at a time, on the committer's thread, then these run in order (_flush).
@@ -1971,6 +1973,14 @@ def _best_trial(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> 
     if len(study.directions) > 1:
         return None
     return study.best_trial
+
+
+def _spare_cores(slots: list[Slot]) -> tuple[int, ...]:
+    """The cores this process may use that no slot has: auto packing lends them to the GPU
+    workers it adds."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    taken = {core for slot in slots for core in slot.cores}
+    return tuple(sorted(set(allowed) - taken))
 
 
 def _gpus_of(slots: list[Slot]) -> tuple[Any, ...]:
