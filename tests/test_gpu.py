@@ -1,8 +1,9 @@
 """On a real NVIDIA GPU with PyTorch: each worker sees its own GPU through CUDA, training runs
 concurrently, workers can share a GPU, and the CUDA cache is freed between trials.
 
-Every test here is marked ``gpu`` and skips unless PyTorch is built with CUDA and NVML finds a
-GPU. This module never initialises CUDA itself: only the workers do.
+Every test here is marked ``gpu`` and skips, saying why, unless PyTorch is built with CUDA, NVML
+finds a GPU and torch can use it in a fresh process (not with a driver older than the CUDA torch
+was built for). This module never initialises CUDA itself: only the workers and that child do.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,18 +35,49 @@ def _torch_has_cuda() -> bool:
     return torch.version.cuda is not None  # a CUDA build; asks the driver nothing
 
 
-def _real_gpus() -> Inventory | None:
-    if os.environ.get(FAKE_GPUS_ENV) or not _torch_has_cuda():
-        return None
+# Run in a fresh process, as a worker would: whether torch can use CUDA there, and if not the
+# warning torch gave (a driver older than the CUDA it was built for says so).
+_CUDA_CHECK = """
+import sys, warnings
+warnings.simplefilter("always")
+import torch
+ok = torch.cuda.is_available()
+print("ok" if ok else "no", flush=True)
+"""
+
+
+def _why_no_gpu() -> str:
+    """Why the GPU tests cannot run here, in one line; "" when they can. This process never
+    initialises CUDA: a child asks torch."""
+    if os.environ.get(FAKE_GPUS_ENV):
+        return f"{FAKE_GPUS_ENV} is set: fake GPUs only"
+    if not _torch_has_cuda():
+        return "needs PyTorch built with CUDA"
     inventory = detect_inventory()
-    return inventory if any(g.kind == "cuda" for g in inventory.gpus) else None
+    if not any(g.kind == "cuda" for g in inventory.gpus):
+        return f"needs an NVIDIA GPU ({inventory.note.splitlines()[0]})"
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _CUDA_CHECK], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return "torch did not answer whether it can use CUDA within 120 s"
+    if child.stdout.strip() == "ok":
+        return ""
+    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+    said = [line for line in lines if "Warning" in line or "Error" in line] or lines or ["-"]
+    return (
+        "NVML lists a GPU but torch.cuda.is_available() is False in a fresh process (a driver "
+        f"older than the CUDA torch was built for?): {said[-1]}"
+    )
 
 
-INVENTORY = _real_gpus()
+WHY_NO_GPU = _why_no_gpu()
+INVENTORY = None if WHY_NO_GPU else detect_inventory()
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(INVENTORY is None, reason="needs PyTorch with CUDA and an NVIDIA GPU"),
+    pytest.mark.skipif(bool(WHY_NO_GPU), reason=WHY_NO_GPU),
 ]
 
 
