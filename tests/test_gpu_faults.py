@@ -14,6 +14,7 @@ import pytest
 
 from hyperfleet.resources.inventory import detect_inventory
 from hyperfleet.resources.monitor import GpuMonitor
+from hyperfleet.resources.slots import PoolOptions, plan_slots
 from support.fake_nvml import device, rewrite, use_fake_nvml
 
 NO_PERMISSION, NOT_SUPPORTED, NOT_FOUND, GPU_IS_LOST = 4, 3, 6, 15
@@ -206,3 +207,15 @@ def test_a_mig_instance_reads_its_own_memory_without_utilisation(nvml: Any) -> N
     assert (mig_b.memory_used_mib, mig_b.memory_total_mib) == (1200, 4864)
     assert mig_b.process_mib == {77: 1200}
     assert fake.sessions == 0
+
+
+def test_the_mig_instance_a_scheduler_gives_is_a_gpu_slot_pinned_by_its_uuid(
+    nvml: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nvml(a100_with_mig(0))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", MIG_B)
+    slots = plan_slots(detect_inventory(), PoolOptions())
+
+    gpu_slots = [s for s in slots if s.kind == "gpu"]
+    assert [s.environment()["CUDA_VISIBLE_DEVICES"] for s in gpu_slots] == [MIG_B]
+    assert gpu_slots[0].gpu_uuids == (MIG_B,)
