@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from hyperfleet.controller.autopack import AutoPack
 from hyperfleet.resources.inventory import detect_inventory
 from hyperfleet.resources.monitor import GpuMonitor
-from hyperfleet.resources.slots import PoolOptions, plan_slots
+from hyperfleet.resources.packing import PackingSettings
+from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from support.fake_nvml import device, rewrite, use_fake_nvml
 
 NO_PERMISSION, NOT_SUPPORTED, NOT_FOUND, GPU_IS_LOST = 4, 3, 6, 15
@@ -219,3 +221,32 @@ def test_the_mig_instance_a_scheduler_gives_is_a_gpu_slot_pinned_by_its_uuid(
     gpu_slots = [s for s in slots if s.kind == "gpu"]
     assert [s.environment()["CUDA_VISIBLE_DEVICES"] for s in gpu_slots] == [MIG_B]
     assert gpu_slots[0].gpu_uuids == (MIG_B,)
+
+
+def test_a_gpu_lost_during_the_run_is_said_once_and_auto_packing_does_not_grow_it(
+    nvml: Any,
+) -> None:
+    fake = nvml(device(0, used_mib=1000, util=10))
+    (gpu,) = detect_inventory().gpus
+    monitor = GpuMonitor((gpu,))
+    first = Slot("gpu0#0", "gpu", (0,), (gpu.uuid,), "cuda", cores=(0,), packed=True)
+    pack = AutoPack([first], PackingSettings(memory_per_trial_mib=1000))
+    pack.ready("gpu0#0", 0.0)
+    for t in range(2):
+        pack.trial_ended("gpu0#0", float(t), t + 1.0, None, False)
+
+    assert monitor.problems() == []
+    fake_lose(fake, 0)
+    lost = monitor.sample()
+    changes = pack.tick(lost, {}, set(), 2.0)
+    said = monitor.problems()
+    again = monitor.problems()
+    monitor.close()
+
+    assert changes == []  # the GPU had room and time to spare: it would have grown
+    assert said == [
+        "gpu0: NVML cannot read it: it fell off the bus (GPU is lost: see `dmesg` for Xid 79; "
+        "it needs a reset or a reboot)"
+    ]
+    assert again == []
+    assert pack.messages == [f"gpu0 stays at 1: {said[0].removeprefix('gpu0: ')}"]

@@ -124,8 +124,12 @@ class AutoPack:
         changes: list[Change] = []
         for gpu, packer in self._packers.items():
             reading = self._reading(gpu, samples.get(gpu), pids, busy)
-            restarting = tuple(self._failed_at.get(s.name, now) for s in self._live[gpu])
-            decision = packer.decide(reading, now, restarting)
+            sample = samples.get(gpu)
+            if sample is not None and sample.problem:  # check its health before its trials
+                decision = packer.unhealthy(sample.problem)
+            else:
+                restarting = tuple(self._failed_at.get(s.name, now) for s in self._live[gpu])
+                decision = packer.decide(reading, now, restarting)
             if decision is None:
                 continue
             self._say(gpu, decision)

@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 
 from hyperfleet.resources import fakegpu
-from hyperfleet.resources.inventory import Gpu
+from hyperfleet.resources.inventory import Gpu, nvml_problem
 
 _MIB = 1024 * 1024
 
@@ -23,6 +23,7 @@ class GpuSample:
     memory_total_mib: int
     # MiB each process holds on the GPU; None when the driver does not say (in some containers)
     process_mib: dict[int, int] | None = None
+    problem: str = ""  # why NVML cannot read the GPU (fallen off the bus...); "" when healthy
 
 
 class GpuMonitor:
@@ -34,6 +35,8 @@ class GpuMonitor:
         self._unified_mib = psutil.virtual_memory().total // _MIB
         self._handles: dict[int, Any] = {}
         self._nvml: Any = None
+        self._problems: dict[int, str] = {}  # each GPU's current problem, in words
+        self._said: dict[int, str] = {}  # what problems() said of each GPU last
         if any(g.kind == "cuda" for g in gpus):
             self._open_nvml()
 
@@ -51,8 +54,10 @@ class GpuMonitor:
         for gpu in self._gpus:
             if gpu.kind != "cuda":
                 continue
-            with contextlib.suppress(pynvml.NVMLError):
+            try:
                 self._handles[gpu.index] = self._handle(gpu)
+            except pynvml.NVMLError as exc:
+                self._problems[gpu.index] = f"NVML cannot open it: {nvml_problem(pynvml, exc)}"
 
     def _handle(self, gpu: Gpu) -> Any:
         try:
@@ -65,6 +70,17 @@ class GpuMonitor:
     def sample(self) -> dict[int, GpuSample]:
         return {gpu.index: self._sample_one(gpu) for gpu in self._gpus}
 
+    def problems(self) -> list[str]:
+        """One line per GPU whose health changed since the last call: NVML cannot read it
+        (lost, fallen off the bus), or it reads again."""
+        lines = []
+        for index in sorted(set(self._problems) | set(self._said)):
+            now = self._problems.get(index, "")
+            if now != self._said.get(index, ""):
+                lines.append(f"gpu{index}: {now}" if now else f"gpu{index}: NVML reads it again")
+                self._said[index] = now
+        return lines
+
     def _sample_one(self, gpu: Gpu) -> GpuSample:
         if gpu.kind == "fake":
             return _fake_sample(gpu)
@@ -72,24 +88,39 @@ class GpuMonitor:
             return GpuSample(gpu.index, None, None, self._unified_mib)
         handle = self._handles.get(gpu.index)
         if handle is None or self._nvml is None:
-            return GpuSample(gpu.index, None, None, gpu.memory_total_mib)
+            problem = self._problems.get(gpu.index, "")
+            return GpuSample(gpu.index, None, None, gpu.memory_total_mib, problem=problem)
         # Each figure on its own: NVML reports no utilisation for a MIG instance and no memory
         # on some GPUs (NOT_SUPPORTED), and one missing figure must not hide the other.
-        util = self._read(self._nvml.nvmlDeviceGetUtilizationRates, handle)
-        memory = self._read(self._nvml.nvmlDeviceGetMemoryInfo, handle)
+        failures: list[Exception] = []
+        util = self._read(self._nvml.nvmlDeviceGetUtilizationRates, handle, failures)
+        memory = self._read(self._nvml.nvmlDeviceGetMemoryInfo, handle, failures)
+        self._note_health(gpu.index, failures)
         return GpuSample(
             gpu.index,
             float(util.gpu) if util is not None else None,
             int(memory.used) // _MIB if memory is not None else None,
             int(memory.total) // _MIB if memory is not None else gpu.memory_total_mib,
             self._process_mib(handle) if memory is not None else None,
+            self._problems.get(gpu.index, ""),
         )
 
-    def _read(self, query: Any, handle: Any) -> Any:
+    def _read(self, query: Any, handle: Any, failures: list[Exception] | None = None) -> Any:
+        """NVML's answer, or None; an error other than NOT_SUPPORTED goes to ``failures``."""
         try:
             return query(handle)
-        except self._nvml.NVMLError:
+        except self._nvml.NVMLError as exc:
+            if failures is not None and not isinstance(exc, self._nvml.NVMLError_NotSupported):
+                failures.append(exc)
             return None
+
+    def _note_health(self, index: int, failures: list[Exception]) -> None:
+        """The GPU is unhealthy while NVML fails to read it for another reason than a figure
+        it does not report (a lost GPU fails every query)."""
+        if failures:
+            self._problems[index] = f"NVML cannot read it: {nvml_problem(self._nvml, failures[0])}"
+        else:
+            self._problems.pop(index, None)
 
     def _process_mib(self, handle: Any) -> dict[int, int] | None:
         """MiB per process; None when any process's figure is missing (no per-process view)."""

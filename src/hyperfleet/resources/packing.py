@@ -203,6 +203,12 @@ class GpuPacker:
             return slower
         return self._grow_or_hold(reading)
 
+    def unhealthy(self, why: str) -> Decision | None:
+        """NVML cannot read the GPU (``why``): no worker is added to it, and failures on it are
+        not the packing's to learn from; said once."""
+        self._segment = _Segment(self.workers, self._segment.start)  # its rate means nothing
+        return self._hold("unhealthy", f"stays at {self.workers}: {why}")
+
     def _measured(self, now: float, restarting: tuple[float, ...]) -> bool:
         """Enough trials ended at this count to compare its throughput: two rounds of them, one
         of which ran wholly at this count."""
