@@ -1866,6 +1866,8 @@ class Controller:
             # they go before the next prepared trials (see controller.prepared).
             run.queue_unknown = run.queue_unknown or run.shared
         self.state.gpus = self._monitor.sample()
+        for line in self._monitor.problems():  # a GPU lost (or back): said once
+            self.announce(line)
         self._pack_gpus()
         for view in self.state.slots:
             view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
