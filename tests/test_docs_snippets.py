@@ -12,7 +12,7 @@ in the same folder (a block that promises to resume when run again), and
 
 The blocks of one page run in order, in one temporary folder that holds a copy of examples/, so
 a page may use what an earlier block wrote (``hyperfleet status runs/...`` after a search).
-Budgets are cut to keep the test fast: ``--n-trials N`` and ``n_trials=N`` become 4.
+Budgets are cut to keep the test fast: ``--n-trials N`` and ``n_trials=N`` become 2.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)\s*$")
 COMMENT = re.compile(
     r"^\s*<!--\s*(?P<kind>illustration|test-command|run twice|test-env)\b(?P<rest>.*?)-->\s*$"
 )
-SMALL_TRIALS = 4
+SMALL_TRIALS = 2
 
 
 @dataclass
