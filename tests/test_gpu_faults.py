@@ -15,7 +15,7 @@ import pytest
 from hyperfleet.controller.autopack import AutoPack
 from hyperfleet.resources.inventory import detect_inventory
 from hyperfleet.resources.monitor import GpuMonitor
-from hyperfleet.resources.packing import PackingSettings
+from hyperfleet.resources.packing import GpuPacker, GpuReading, PackingSettings
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from support.fake_nvml import device, rewrite, use_fake_nvml
 
@@ -250,3 +250,23 @@ def test_a_gpu_lost_during_the_run_is_said_once_and_auto_packing_does_not_grow_i
     ]
     assert again == []
     assert pack.messages == [f"gpu0 stays at 1: {said[0].removeprefix('gpu0: ')}"]
+
+
+def test_a_mig_instance_is_packed_by_its_own_memory_alone() -> None:
+    """NVML reports no utilisation on MIG: one more trial is added while it fits in the slice's
+    memory (4864 MiB here, not the whole GPU's), and none once it does not."""
+    packer = GpuPacker("gpu3", PackingSettings())
+    packer.ready(1, 0.0)
+    packer.trial_ended(0.0, 1.0)
+    packer.trial_ended(1.0, 2.0)
+    packer.observe_trial_memory(1500)
+    grown = packer.decide(GpuReading(4864, 1500, 1500, None), 2.0)
+    assert grown is not None and (grown.target, grown.reason) == (2, "31 % memory")
+
+    packer.ready(2, 3.0)
+    for t in range(2):
+        packer.trial_ended(3.0 + t, 4.0 + t)
+        packer.trial_ended(3.0 + t, 4.0 + t)
+    held = packer.decide(GpuReading(4864, 3000, 3000, None), 5.0)
+    assert held is not None and held.target == 2
+    assert held.reason == "stays at 2: no room for one more trial (62 % memory)"
