@@ -88,6 +88,7 @@ LOOK_AGAIN_SECONDS = 0.001  # how often long work looks for new remote results (
 FULL_COLLECTION_SECONDS = 60.0  # see Controller._keep_collector_off
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials (controller.prepared)
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
+NEVER_RAN = "interrupted: its worker exited before the trial reached it; it runs again"
 WAIT_NOTE_AFTER = 10.0  # seconds before the first note on what a run still waits for
 WAIT_NOTE_EVERY = 60.0  # and between the notes after it
 
@@ -181,6 +182,9 @@ class ActiveTrial:
     inherited_steps: set[int] = field(default_factory=set)
     stop_asked: bool = False  # should_stop() answered True: it may end as interrupted
     suggestions: ahead.Ahead = field(default_factory=dict)  # sent with the trial
+    # Sent to its worker: the send waits for the trial's start to be committed, and a worker
+    # that exits before that never had the trial.
+    delivered: bool = True
 
 
 @dataclass
@@ -490,7 +494,7 @@ class Controller:
             for study in held & holders.keys():
                 holders[study] += 1
         for name, worker in self._workers.items():
-            if not worker.ready or worker.loading is not None:
+            if not _takes_a_trial(worker):
                 continue
             mine = [run for run in first if name in run.plan.slots]
             unheld = [run for run in mine if not holders[run.plan.name]]
@@ -725,8 +729,7 @@ class Controller:
             slot.name
             for slot in self._slots
             if (worker := self._workers.get(slot.name)) is not None
-            and worker.ready
-            and worker.loading is None
+            and _takes_a_trial(worker)
             and slot.name not in self._active
             and slot.name not in self._sampling
         ]
@@ -817,7 +820,8 @@ class Controller:
         if self._loading.pop(name, None) is not None:
             self._ledger.release(name)
             self._book.stop(name)
-            if self._has_work(run):
+            # A worker auto packing retired while it loaded reads the request to leave next.
+            if self._has_work(run) and not worker.leaving:
                 self._launch(name, worker, run)
         if run.released:  # the study ended while this worker was loading it
             worker.release(study)
@@ -876,8 +880,18 @@ class Controller:
         trial, stored = placed or self._ask_placed(study, name, worker.pid, prepared_sample)
         computed = prepared_sample is not None and prepared_sample.error is None
         launch = self._launch_of(run, trial, stored, computed)
-        self._pending.sends.append(functools.partial(_send, worker, launch.message))
-        self._begin(name, launch)
+        self._pending.sends.append(functools.partial(self._deliver, name, worker, launch.message))
+        self._begin(name, launch, delivered=False)
+
+    def _deliver(self, name: str, worker: Worker, message: RunTrial) -> None:
+        """Send a launched trial to its worker, now that its start is committed; unless the
+        worker is gone meanwhile, whose exit made the trial one that never ran."""
+        active = self._active.get(name)
+        if active is None or self._workers.get(name) is not worker:
+            return
+        if (active.run.plan.name, active.record.number) != (message.objective, message.number):
+            return
+        active.delivered = _send(worker, message)
 
     def _launch_of(
         self, run: StudyRun, trial: optuna.Trial, stored: FrozenTrial, computed: bool
@@ -905,8 +919,9 @@ class Controller:
             self._trial_folders.add(trial_dir.parent)
         return trial_dir
 
-    def _begin(self, name: str, launch: Launch) -> None:
-        """Count a trial sent (or about to be) to the slot as running there."""
+    def _begin(self, name: str, launch: Launch, delivered: bool = True) -> None:
+        """Count a trial sent (or about to be: not ``delivered``) to the slot as running
+        there."""
         run, trial, record = launch.run, launch.trial, launch.record
         record.slot = name
         now = time.monotonic()
@@ -919,6 +934,7 @@ class Controller:
             now + timeout if timeout else None,
             inherited_steps=launch.inherited,
             suggestions=launch.message.suggestions,
+            delivered=delivered,
         )
         self._ledger.claim(name)
         self._book.start(run.plan.name, name, self._cost[name])
@@ -1118,7 +1134,7 @@ class Controller:
             self._book.stop(name)
             self.state.slot(name).state = "idle"
             worker = self._workers.get(name)  # replaced or parked meanwhile: None or new
-            if worker and worker.ready and worker.loading is None and self._has_work(run):
+            if worker is not None and _takes_a_trial(worker) and self._has_work(run):
                 self._launch(name, worker, run)
 
     def _ask_placed(
@@ -1286,6 +1302,10 @@ class Controller:
             kind, reason = worker.exit_description()
             if active.end_kind:
                 kind, reason = active.end_kind, active.end_reason
+            elif not active.delivered or worker.leaving:
+                # The trial never ran on a live worker: not its fault, so it runs again and
+                # does not count.
+                kind, reason = "interrupted", NEVER_RAN
             self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
         else:
             if self._loading.pop(name, None) is not None:
@@ -1294,7 +1314,7 @@ class Controller:
             if self._sampling.pop(name, None) is not None:
                 self._ledger.release(name)
                 self._book.stop(name)
-            if not worker.ready or worker.loading is not None:
+            if (not worker.ready or worker.loading is not None) and not worker.leaving:
                 # Died starting or loading an objective (out of memory, a crash in a library):
                 # a slot where this keeps happening is given up, not restarted for ever.
                 self._start_failures[name] = self._start_failures.get(name, 0) + 1
@@ -1506,6 +1526,7 @@ class Controller:
         worker = self._workers.get(name)
         if worker is not None:
             worker.loading = None  # it said why, and exits: not a worker dying unexplained
+            worker.leaving = True  # with the objectives it holds: it takes no other trial
         if run.loaded_once:  # it loads elsewhere: this slot is what is wrong
             self._give_up_slot(name, f"the objective could not be loaded: {failure.message}")
             return
@@ -1566,6 +1587,7 @@ class Controller:
         """Retire a worker auto packing no longer wants; its slot may get one again later.
         An idle one is asked to leave, and its exit is handled (not waited for) like any."""
         if graceful:
+            worker.leaving = True
             worker.ask_to_leave()
             return
         worker.kill()  # a failed trial's worker may be broken: it goes at once
@@ -2062,7 +2084,17 @@ def _raise_if_no_room(exc: OSError) -> None:
         raise exc
 
 
-def _send(worker: Worker, message: RunTrial) -> None:
-    # A worker that died meanwhile is noticed by the loop, which fails its trial as a crash.
-    with contextlib.suppress(ConnectionError):
+def _takes_a_trial(worker: Worker) -> bool:
+    """Whether the worker may be given a trial: started, not loading an objective, and not
+    about to exit (asked to leave, or after a failed load)."""
+    return worker.ready and worker.loading is None and not worker.leaving
+
+
+def _send(worker: Worker, message: RunTrial) -> bool:
+    """Whether the message left; a worker that died meanwhile (its connection broken, or
+    closed once its exit was handled) is noticed by the loop."""
+    try:
         worker.conn.send(message)
+    except OSError:  # ConnectionError, or "handle is closed"
+        return False
+    return True

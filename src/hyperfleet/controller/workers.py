@@ -54,6 +54,9 @@ class ObjectiveLoading:
     def __init__(self) -> None:
         self.loaded: set[str] = set()  # the studies whose objective this worker holds
         self.loading: str | None = None  # the study whose objective it is loading now
+        # It exits on its own (asked to leave, or after a failed load): no trial goes to it,
+        # and its exit is neither a start failure nor a crash of a trial.
+        self.leaving = False
 
     def load(self, study: str) -> None:
         self.loading = study
