@@ -26,6 +26,7 @@ from hyperfleet.resources.inventory import (
     detect_inventory,
 )
 from hyperfleet.resources.packing import GpuPacker, PackingSettings
+from hyperfleet.resources.shapes import PoolSpec, Shape, plan_pool
 from hyperfleet.resources.slots import PoolOptions, plan_slots
 
 OBJECTIVES = Path(__file__).parent / "objectives"
@@ -121,3 +122,10 @@ def test_throughput_counts_failed_trials_and_restarts_as_lost_time() -> None:
     decision = packer.decide(None, 6.0, restarting=(5.01,))  # the last restart is not over
     assert decision is not None and decision.target == 1, decision
     assert "more no longer helps" in decision.reason
+
+
+def test_a_campaign_slot_sharing_an_exclusive_gpu_is_refused() -> None:
+    gpu = Gpu(0, "GPU-fake-0", "Fake GPU", 16384, "fake", compute_mode=EXCLUSIVE_MODE)
+    inventory = Inventory(gpus=(gpu,), cores=(0, 1))
+    with pytest.raises(ResourceError, match=r"a study's slot of 0.5 GPU puts 2 processes"):
+        plan_pool(inventory, PoolSpec(), [Shape(gpus=0.5)])

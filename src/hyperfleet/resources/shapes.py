@@ -43,6 +43,7 @@ from hyperfleet.errors import ConfigError, ResourceError
 from hyperfleet.resources.inventory import Gpu, Inventory, select_gpus
 from hyperfleet.resources.slots import (
     Slot,
+    check_shared,
     check_worker_count,
     gpu_slot,
     split_gpus,
@@ -385,6 +386,13 @@ def plan_pool(inventory: Inventory, pool: PoolSpec, shapes: Sequence[Shape]) -> 
     plain_names = len(gpu_keys) <= 1 and len(cpu_keys) <= 1
     cores = list(inventory.cores) or [0]
 
+    for gpu_key in gpu_keys:
+        check_shared(
+            gpus,
+            gpu_key.per_gpu,
+            f"a study's slot of {gpu_key.share:g} GPU",
+            "give it whole GPUs (slot = \"gpu\" or { gpus = \"auto\" })",
+        )
     plan = _Plan(notes=_no_gpu_notes(gpus, shapes))
     used = _plan_gpu_side(plan, gpus, gpu_keys, cores, plain_names)
     _plan_cpu_side(plan, pool, cpu_keys, cores, used, plain_names)

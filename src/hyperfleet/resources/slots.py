@@ -143,7 +143,7 @@ def plan_slots(inventory: Inventory, options: PoolOptions) -> list[Slot]:
     """Cut the machine into slots: GPU slots first, then CPU slots on the cores left over."""
     _check_options(options)
     gpus = select_gpus(inventory, options.gpus)
-    _check_shared(gpus, options.workers_per_gpu)
+    check_shared(gpus, options.workers_per_gpu)
     groups = _gpu_groups(gpus, options.gpus_per_trial)
     cores = list(inventory.cores) or [0]
     per_gpu = options.workers_per_gpu
@@ -276,16 +276,17 @@ def _check_options(options: PoolOptions) -> None:
             )
 
 
-def _check_shared(gpus: tuple[Gpu, ...], per_gpu: int) -> None:
+def check_shared(gpus: tuple[Gpu, ...], per_gpu: int, what: str = "", fix: str = "") -> None:
     """Refuse several workers on a GPU whose compute mode lets one process use it: every
-    worker but the first would fail every trial."""
+    worker but the first would fail every trial. ``what`` asks for them, ``fix`` avoids it."""
     single = next((g for g in gpus if not g.shared), None)
     if per_gpu > 1 and single is not None:
+        what = what or f"--trials-per-gpu {per_gpu}"
+        fix = fix or "pass --trials-per-gpu 1 (or auto)"
         raise ResourceError(
-            f"--trials-per-gpu {per_gpu} puts {per_gpu} processes on GPU {single.index}, but "
-            f"its compute mode is {single.compute_mode.upper()}: one process at a time may use "
-            f"it; pass --trials-per-gpu 1 (or auto), or have an administrator run "
-            f"`nvidia-smi -i {single.index} -c DEFAULT`."
+            f"{what} puts {per_gpu} processes on GPU {single.index}, but its compute mode is "
+            f"{single.compute_mode.upper()}: one process at a time may use it; {fix}, or have "
+            f"an administrator run `nvidia-smi -i {single.index} -c DEFAULT`."
         )
 
 
