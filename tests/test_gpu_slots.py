@@ -121,3 +121,29 @@ def grow(pack: AutoPack, workers: int) -> Slot:
     (change,) = pack.tick({0: sample}, {}, set(), start + 2)
     assert change.start
     return change.slot
+
+
+def test_a_trial_failing_where_torch_cannot_use_cuda_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """NVML lists a GPU but this torch cannot use it (here a CPU build; on a GPU machine, a
+    driver older than the CUDA torch was built for): the failure says so."""
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(OBJECTIVES))
+    failures = importlib.import_module("gpu_failures")
+    gpu = Gpu(0, "GPU-00000000-0000-0000-0000-000000000000", "NVIDIA H100", 81559, "cuda")
+    study = optuna.create_study()
+    hyperfleet.optimize(
+        study,
+        failures.torch_on_cuda,
+        n_trials=1,
+        run_dir=tmp_path / "run",
+        display="quiet",
+        report=False,
+        inventory=Inventory(gpus=(gpu,), cores=(0,)),
+        cpu_slots=0,
+        trials_per_gpu=1,
+    )
+
+    reason = study.trials[0].system_attrs["hyperfleet:fail_reason"]
+    assert "cannot use CUDA in this worker although NVML lists its GPU" in reason, reason

@@ -45,3 +45,11 @@ def make_first_worker_only(mib: int, busy: float, seconds: float) -> Callable[..
         return x
 
     return objective
+
+
+def torch_on_cuda(trial: optuna.Trial) -> float:
+    """A trial that puts a tensor on its GPU: fails where torch cannot use CUDA."""
+    import torch
+
+    torch.zeros(1, device="cuda")
+    return 0.0

@@ -26,6 +26,7 @@ import psutil
 
 from hyperfleet.cluster.trialfiles import TRIAL_ENDED, NodeRunFolder
 from hyperfleet.errors import HyperfleetError, TrialInterrupted
+from hyperfleet.resources.slots import current_slot
 from hyperfleet.workers.descendants import descendants
 from hyperfleet.workers.descendants import end as end_processes
 from hyperfleet.workers.main import say
@@ -79,6 +80,7 @@ def serve(conn: Connection) -> None:
             finished = run_trial(channel, objectives[message.objective], message)
             if node_folder is not None:  # the agent sends the logs on before the result
                 conn.send_bytes(TRIAL_ENDED)
+            finished = _say_if_torch_has_no_cuda(finished)
             _send_finished(conn, replace(finished, gpu_peak_mib=_torch_peak_mib()))
             say(f"trial {message.number} ended: {finished.outcome} {finished.error_type}".rstrip())
             # After the result is on its way (the controller records it meanwhile), before this
@@ -273,6 +275,28 @@ def _output_to(trial_dir: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def _say_if_torch_has_no_cuda(finished: Finished) -> Finished:
+    """A trial that failed on an NVIDIA GPU slot where torch cannot use CUDA (a CPU build, or a
+    driver older than the CUDA torch was built for): its message says so, since torch's own
+    error ("no NVIDIA driver", "not compiled with CUDA") points elsewhere."""
+    torch = sys.modules.get("torch")
+    if finished.outcome != "error" or torch is None or current_slot().gpu_kind != "cuda":
+        return finished
+    try:
+        if torch.cuda.is_available():
+            return finished
+        cuda = torch.version.cuda
+    except Exception:  # torch half-imported or broken: its own error says enough
+        return finished
+    built = f"built for CUDA {cuda}" if cuda else "a CPU build"
+    note = (
+        f" [hyperfleet: torch {torch.__version__} ({built}) cannot use CUDA in this worker "
+        "although NVML lists its GPU: torch.cuda.is_available() is False; install a torch "
+        "built for a CUDA this driver supports (nvidia-smi shows it)]"
+    )
+    return replace(finished, message=finished.message + note)
 
 
 def _torch_peak_mib() -> int | None:
