@@ -270,3 +270,30 @@ def test_a_mig_instance_is_packed_by_its_own_memory_alone() -> None:
     held = packer.decide(GpuReading(4864, 3000, 3000, None), 5.0)
     assert held is not None and held.target == 2
     assert held.reason == "stays at 2: no room for one more trial (62 % memory)"
+
+
+def test_an_uncorrectable_ecc_error_during_the_run_is_said_once(nvml: Any) -> None:
+    # GPU 1 had errors before the run (counted since the driver loaded): only new ones count.
+    fake = nvml(
+        device(0, ecc_uncorrected=0),
+        device(1, ecc_uncorrected=2),
+        device(2, ecc_uncorrected=None),  # a card without ECC
+    )
+    monitor = GpuMonitor(detect_inventory().gpus)
+    healthy = monitor.sample()
+    assert monitor.problems() == []
+
+    fake._machine["devices"][0]["ecc_uncorrected"] = 1
+    samples = monitor.sample()
+    said = monitor.problems()
+    monitor.sample()
+    again = monitor.problems()
+    monitor.close()
+
+    assert all(not s.problem for s in healthy.values())
+    assert said == [
+        "gpu0: 1 uncorrectable ECC error(s) since the run began: it needs a reset "
+        "(nvidia-smi -r) before its results can be trusted"
+    ]
+    assert samples[0].problem and not samples[1].problem and not samples[2].problem
+    assert again == []

@@ -36,6 +36,7 @@ class GpuMonitor:
         self._handles: dict[int, Any] = {}
         self._nvml: Any = None
         self._problems: dict[int, str] = {}  # each GPU's current problem, in words
+        self._ecc_at_start: dict[int, int] = {}  # uncorrectable ECC errors when the run began
         self._said: dict[int, str] = {}  # what problems() said of each GPU last
         if any(g.kind == "cuda" for g in gpus):
             self._open_nvml()
@@ -58,6 +59,10 @@ class GpuMonitor:
                 self._handles[gpu.index] = self._handle(gpu)
             except pynvml.NVMLError as exc:
                 self._problems[gpu.index] = f"NVML cannot open it: {nvml_problem(pynvml, exc)}"
+                continue
+            errors = self._uncorrectable_ecc(self._handles[gpu.index])
+            if errors is not None:
+                self._ecc_at_start[gpu.index] = errors
 
     def _handle(self, gpu: Gpu) -> Any:
         try:
@@ -96,6 +101,7 @@ class GpuMonitor:
         util = self._read(self._nvml.nvmlDeviceGetUtilizationRates, handle, failures)
         memory = self._read(self._nvml.nvmlDeviceGetMemoryInfo, handle, failures)
         self._note_health(gpu.index, failures)
+        self._check_ecc(gpu.index, handle)
         return GpuSample(
             gpu.index,
             float(util.gpu) if util is not None else None,
@@ -113,6 +119,31 @@ class GpuMonitor:
             if failures is not None and not isinstance(exc, self._nvml.NVMLError_NotSupported):
                 failures.append(exc)
             return None
+
+    def _uncorrectable_ecc(self, handle: Any) -> int | None:
+        """The GPU's uncorrectable ECC errors since the driver loaded; None without ECC."""
+        nvml = self._nvml
+        return self._read(  # type: ignore[no-any-return]
+            lambda h: int(
+                nvml.nvmlDeviceGetTotalEccErrors(
+                    h, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
+                )
+            ),
+            handle,
+        )
+
+    def _check_ecc(self, index: int, handle: Any) -> None:
+        """An uncorrectable ECC error during the run: the GPU's trials fail (or compute wrong)
+        until it is reset, whatever the packing."""
+        before = self._ecc_at_start.get(index)
+        if before is None or index in self._problems:
+            return
+        now = self._uncorrectable_ecc(handle)
+        if now is not None and now > before:
+            self._problems[index] = (
+                f"{now - before} uncorrectable ECC error(s) since the run began: it needs a "
+                "reset (nvidia-smi -r) before its results can be trusted"
+            )
 
     def _note_health(self, index: int, failures: list[Exception]) -> None:
         """The GPU is unhealthy while NVML fails to read it for another reason than a figure

@@ -7,7 +7,7 @@ The file is named by ``HYPERFLEET_TEST_NVML`` and read again at each ``nvmlInit`
     {"driver": "550.54.15", "cuda": 12040,
      "devices": [{"uuid": "GPU-a", "name": "NVIDIA H100", "memory_mib": 81559,
                   "used_mib": 0, "util": 0, "compute_mode": 0, "cpus": [0, 1],
-                  "processes": [[pid, mib], ...],
+                  "processes": [[pid, mib], ...], "ecc_uncorrected": 0,
                   "errors": {"nvmlDeviceGetMemoryInfo": 3},      # NVML_ERROR_* codes
                   "mig": [{"uuid": "MIG-x", "name": "... MIG 1g.10gb", "memory_mib": 9856,
                            "errors": {...}}, null, ...]}]}    # null: an empty MIG slot
@@ -47,6 +47,11 @@ NVML_COMPUTEMODE_DEFAULT = 0
 NVML_COMPUTEMODE_EXCLUSIVE_THREAD = 1
 NVML_COMPUTEMODE_PROHIBITED = 2
 NVML_COMPUTEMODE_EXCLUSIVE_PROCESS = 3
+
+NVML_VOLATILE_ECC = 0
+NVML_AGGREGATE_ECC = 1
+NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
 
 NVML_DEVICE_MIG_DISABLE = 0x0
 NVML_DEVICE_MIG_ENABLE = 0x1
@@ -212,6 +217,17 @@ def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessI
 
 def nvmlDeviceGetComputeMode(handle: _Handle) -> int:
     return int(_answer(handle, "nvmlDeviceGetComputeMode").get("compute_mode", 0))
+
+
+def nvmlDeviceGetTotalEccErrors(handle: _Handle, errorType: int, counterType: int) -> int:
+    """The device's ``ecc_uncorrected`` count for uncorrected errors, else 0; NOT_SUPPORTED
+    on a device whose ``ecc_uncorrected`` is null (no ECC, as on consumer cards)."""
+    device = _answer(handle, "nvmlDeviceGetTotalEccErrors")
+    if device.get("ecc_uncorrected", 0) is None:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    if errorType != NVML_MEMORY_ERROR_TYPE_UNCORRECTED:
+        return 0
+    return int(device.get("ecc_uncorrected", 0))
 
 
 def nvmlDeviceGetMigMode(device: _Handle) -> list[int]:
