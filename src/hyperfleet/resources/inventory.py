@@ -47,8 +47,9 @@ class Gpu:
 class Inventory:
     gpus: tuple[Gpu, ...]
     cores: tuple[int, ...]
-    note: str = ""  # one line on how GPUs were found, or why there are none
-    warnings: tuple[str, ...] = field(default=())
+    # How GPUs were found, or why there are none; then one line per GPU left out, and why.
+    note: str = ""
+    warnings: tuple[str, ...] = field(default=())  # the lines after the note's first
 
 
 def detect_inventory() -> Inventory:
