@@ -196,6 +196,7 @@ def one_run(
     build_journal(run_dir / "optuna.journal", STUDY, finished)
     token = folder / "token"
     token.write_text(TOKEN)
+    token.chmod(0o600)  # hyperfleet refuses a token file other users may read
     port = _free_port()
     controller = subprocess.Popen(
         controller_command(run_dir, token, port, sampler, finished + new, profile),
