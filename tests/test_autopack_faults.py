@@ -155,4 +155,3 @@ def test_an_added_worker_failing_three_trials_quickly_is_retired() -> None:
     assert not retired.start and retired.slot.name == "gpu0#1"
     assert pack.messages[-1].startswith("gpu0: 2 -> 1 worker, gpu0#1 failed 3 trials in a row")
     assert pack.leaving("gpu0#1")
-
