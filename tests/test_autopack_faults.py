@@ -76,8 +76,7 @@ def test_a_gpu_whose_added_workers_fail_every_trial_stops_growing(tmp_path: Path
     assert counts == [1, 2, 1], log
     # Its quick failures tell first, or the measured throughput does (its restarts counted).
     assert any(
-        "gpu0#1 failed 3 trials in a row" in line or "more no longer helps" in line
-        for line in log
+        "gpu0#1 failed 3 trials in a row" in line or "more no longer helps" in line for line in log
     ), log
     failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
     assert 3 <= len(failed) <= 5, log  # the three that told, and what ran meanwhile

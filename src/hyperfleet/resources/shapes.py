@@ -391,7 +391,7 @@ def plan_pool(inventory: Inventory, pool: PoolSpec, shapes: Sequence[Shape]) -> 
             gpus,
             gpu_key.per_gpu,
             f"a study's slot of {gpu_key.share:g} GPU",
-            "give it whole GPUs (slot = \"gpu\" or { gpus = \"auto\" })",
+            'give it whole GPUs (slot = "gpu" or { gpus = "auto" })',
         )
     plan = _Plan(notes=_no_gpu_notes(gpus, shapes))
     used = _plan_gpu_side(plan, gpus, gpu_keys, cores, plain_names)
