@@ -227,7 +227,8 @@ def _add_agent(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add(
         "--patience",
         default="60s",
-        help="how long to keep trying to reach the controller at start (default 60s)",
+        help="how long to keep trying to reach the controller, at start and each time it is "
+        "lost (killed, its link cut); past that the agent exits (default 60s)",
     )
     add("--debug", action="store_true", help="show Python tracebacks for errors")
     agent.set_defaults(handler=cmd_agent)
