@@ -297,3 +297,18 @@ def test_an_uncorrectable_ecc_error_during_the_run_is_said_once(nvml: Any) -> No
     ]
     assert samples[0].problem and not samples[1].problem and not samples[2].problem
     assert again == []
+
+
+def test_resources_shows_mig_instances_compute_modes_and_near_cores(
+    nvml: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hyperfleet.cli import main
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    nvml(device(0, compute_mode=3, cpus=[0, 1, 2, 3]), a100_with_mig(1))
+    assert main(["resources", "--cpu-slots", "0"]) == 0
+    out = capsys.readouterr().out
+
+    assert "GPUs: 1 NVIDIA GPU(s) and 2 MIG instance(s) through NVML" in out
+    assert " (EXCLUSIVE_PROCESS compute mode, near cores 0-3)" in out
+    assert f"  3: NVIDIA A100-SXM4-40GB MIG 1g.5gb {MIG_B} 4864 MiB (MIG instance of GPU 1)" in out

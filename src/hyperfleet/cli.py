@@ -34,7 +34,7 @@ from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
 from hyperfleet.refit import plan_from_cli
-from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.inventory import Gpu, Inventory, detect_inventory
 from hyperfleet.resources.packing import AUTO, parse_trials_per_gpu
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir, check_folder_name
@@ -509,7 +509,7 @@ def cmd_resources(args: argparse.Namespace) -> int:
     inventory = detect_inventory()
     print(f"GPUs: {inventory.note}")
     for gpu in inventory.gpus:
-        print(f"  {gpu.index}: {gpu.name} {gpu.uuid} {gpu.memory_total_mib} MiB")
+        print(f"  {gpu.index}: {gpu.name} {gpu.uuid} {gpu.memory_total_mib} MiB{_details(gpu)}")
     print(f"CPU cores: {len(inventory.cores)}")
     if args.campaign is not None:
         return _campaign_resources(args.campaign, inventory)
@@ -544,6 +544,17 @@ def _campaign_resources(path: str, inventory: Inventory) -> int:
         shape = study.shape.describe()
         print(f"  {study.name:<{name_width}}  {shape:<{shape_width}}  slots: {slots}")
     return EXIT_OK
+
+
+def _details(gpu: Gpu) -> str:
+    """What NVML says of a GPU beyond its memory: a MIG instance's GPU, a compute mode that
+    lets one process in, the cores near it."""
+    details = [f"MIG instance of GPU {gpu.parent}"] if gpu.parent is not None else []
+    if not gpu.shared:
+        details.append(f"{gpu.compute_mode.upper()} compute mode")
+    if gpu.near_cores:
+        details.append(f"near cores {_ranges(gpu.near_cores)}")
+    return f" ({', '.join(details)})" if details else ""
 
 
 def _ranges(cores: Sequence[int]) -> str:
