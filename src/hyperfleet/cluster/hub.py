@@ -196,6 +196,11 @@ class NodeLink:
         self._hub.forget(self)
         self._hub.post(NodeLeft(self, reason))
 
+    def refuse(self, reason: str) -> None:
+        """Tell the node it is not used, and why: its agent exits instead of joining again."""
+        self.send(Refused(reason))
+        self.lose("cannot be used here")
+
     def say_goodbye(self) -> None:
         self.send(Goodbye())
         with self._workers_lock:

@@ -1699,7 +1699,7 @@ class Controller:
             pool = on_node(link.node, self._node_planner(joined.inventory))
         except HyperfleetError as exc:
             self.announce(f"node {link.node} not used: {exc}")
-            link.lose("cannot be used here")
+            link.refuse(f"node {link.node} is not used: {exc}")
             return
         used = {name for names in pool.study_slots.values() for name in names}
         slots = [slot for slot in pool.slots if slot.name in used]
