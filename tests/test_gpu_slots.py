@@ -17,6 +17,7 @@ from hyperfleet.controller.autopack import AutoPack
 from hyperfleet.resources.inventory import Gpu, Inventory
 from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.resources.packing import PackingSettings
+from hyperfleet.resources.shapes import PoolSpec, Shape, plan_pool
 from hyperfleet.resources.slots import Slot
 
 OBJECTIVES = Path(__file__).parent / "objectives"
@@ -147,3 +148,17 @@ def test_a_trial_failing_where_torch_cannot_use_cuda_says_so(
 
     reason = study.trials[0].system_attrs["hyperfleet:fail_reason"]
     assert "cannot use CUDA in this worker although NVML lists its GPU" in reason, reason
+
+
+def test_a_campaigns_gpu_slots_get_the_cores_near_their_gpu() -> None:
+    gpus = (
+        Gpu(0, "GPU-fake-0", "Fake GPU", kind="fake", near_cores=(4, 5, 6, 7)),
+        Gpu(1, "GPU-fake-1", "Fake GPU", kind="fake", near_cores=(0, 1, 2, 3)),
+    )
+    inventory = Inventory(gpus=gpus, cores=tuple(range(8)))
+    pool = plan_pool(inventory, PoolSpec(), [Shape(gpus=1.0, cpus=2), Shape(cpus=1)])
+
+    cores = {slot.name: slot.cores for slot in pool.slots}
+    assert cores["gpu0#0"] == (4, 5) and cores["gpu1#0"] == (0, 1)
+    cpu = sorted(c for slot in pool.slots if slot.kind == "cpu" for c in slot.cores)
+    assert cpu == [2, 3, 6, 7]

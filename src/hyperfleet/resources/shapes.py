@@ -394,7 +394,7 @@ def plan_pool(inventory: Inventory, pool: PoolSpec, shapes: Sequence[Shape]) -> 
             'give it whole GPUs (slot = "gpu" or { gpus = "auto" })',
         )
     plan = _Plan(notes=_no_gpu_notes(gpus, shapes))
-    used = _plan_gpu_side(plan, gpus, gpu_keys, cores, plain_names)
+    used, cores = _plan_gpu_side(plan, gpus, gpu_keys, cores, plain_names)
     _plan_cpu_side(plan, pool, cpu_keys, cores, used, plain_names)
 
     ordered: list[_Key] = [*gpu_keys, *cpu_keys]
@@ -467,12 +467,14 @@ def _no_gpu_notes(gpus: tuple[Gpu, ...], shapes: Sequence[Shape]) -> list[str]:
 
 def _plan_gpu_side(
     plan: _Plan, gpus: tuple[Gpu, ...], keys: list[_GpuKey], cores: list[int], plain: bool
-) -> int:
-    """Add the GPU slots of every key; return how many core positions their blocks took."""
+) -> tuple[int, list[int]]:
+    """Add the GPU slots of every key; return how many core positions their blocks took, and
+    the cores in position order (each GPU's block holding the cores near it)."""
     if not keys:
-        return 0
+        return 0, cores
     groups = {key: _groups(gpus, key.count) for key in keys}
     starts, used = _core_blocks(gpus, keys, groups)
+    cores = _near_first(gpus, starts, used, cores)
     if used > len(cores):
         plan.notes.append(
             f"GPU slots share cores: they would need {used} cores but {len(cores)} are available"
@@ -487,7 +489,27 @@ def _plan_gpu_side(
                 if not plain:
                     slot = replace(slot, name=_gpu_name(group, index, key, keys))
                 plan.add(key, slot, {f"gpu{gpu.index}": key.share for gpu in group})
-    return used
+    return used, cores
+
+
+def _near_first(
+    gpus: tuple[Gpu, ...], starts: Mapping[int, int], used: int, cores: list[int]
+) -> list[int]:
+    """The cores reordered so that each GPU's block of positions holds, as far as there are,
+    the cores NVML puts near that GPU; the others keep the machine's order after the blocks.
+    Unchanged when nothing is known of nearness or the blocks already share cores."""
+    if used > len(cores) or not any(gpu.near_cores for gpu in gpus):
+        return cores
+    remaining, order = list(cores), []
+    ends = [*(starts[gpu.index] for gpu in gpus[1:]), used]
+    for gpu, end in zip(gpus, ends, strict=True):
+        size = end - starts[gpu.index]
+        near = set(gpu.near_cores)
+        pick = [core for core in remaining if core in near][:size]
+        pick += [core for core in remaining if core not in pick][: size - len(pick)]
+        order += pick
+        remaining = [core for core in remaining if core not in pick]
+    return order + remaining
 
 
 def _groups(gpus: tuple[Gpu, ...], count: int) -> list[tuple[Gpu, ...]]:
