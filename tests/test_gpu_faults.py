@@ -83,7 +83,7 @@ def test_every_gpu_failing_gives_a_cpu_only_inventory_not_a_traceback(nvml: Any)
     assert fake.sessions == 0
 
 
-def test_a_gpu_without_memory_figures_is_kept_and_packs_by_declared_sizes_only(
+def test_a_gpu_without_memory_figures_is_kept_with_a_line_saying_so(
     nvml: Any,
 ) -> None:
     nvml(device(0, name="NVIDIA GB10", errors={"nvmlDeviceGetMemoryInfo": NOT_SUPPORTED}))

@@ -250,13 +250,14 @@ def _mig_instances(
 
 def _memory_mib(nvml: Any, handle: Any, what: str) -> tuple[int, str]:
     """The device's memory, or 0 and why when NVML does not report it (a GPU on unified
-    memory such as GB10 says NOT_SUPPORTED): such a GPU is used, packed by declared sizes."""
+    memory such as GB10 says NOT_SUPPORTED): such a GPU is used, but auto packing cannot size
+    it."""
     try:
         return int(nvml.nvmlDeviceGetMemoryInfo(handle).total) // (1024 * 1024), ""
     except nvml.NVMLError_NotSupported:
         return 0, (
             f"{what}: NVML reports no memory figures for it (Not Supported, as on GPUs with "
-            "unified memory): it keeps one worker unless --gpu-memory SIZE or "
+            "unified memory), so auto packing cannot size it: one worker unless "
             "--trials-per-gpu N says more"
         )
 
