@@ -32,6 +32,22 @@ class SlotView:
 
 
 @dataclass
+class NodeView:
+    """A node an agent joined the run from, with its newest readings (see
+    :mod:`hyperfleet.cluster.readings`); the controller's own machine is not one."""
+
+    name: str
+    where: str = ""  # the address it joined from
+    state: str = "joined"  # joined, lost
+    cores: int = 0
+    gpus: dict[int, GpuSample] = field(default_factory=dict)  # by the node's GPU index
+    cpu_percent: float | None = None  # the whole node's, of all its cores
+    memory_used_mib: int | None = None
+    memory_total_mib: int | None = None
+    updated: float | None = None  # wall time of its newest reading
+
+
+@dataclass
 class TrialRecord:
     study: str
     number: int
@@ -106,7 +122,8 @@ class RunState:
     slots: list[SlotView] = field(default_factory=list)
     studies: list[StudyView] = field(default_factory=list)
     recent: deque[TrialRecord] = field(default_factory=lambda: deque(maxlen=50))
-    gpus: dict[int, GpuSample] = field(default_factory=dict)
+    gpus: dict[int, GpuSample] = field(default_factory=dict)  # the controller's machine's
+    nodes: dict[str, NodeView] = field(default_factory=dict)  # other machines, by node name
     stopping: int = 0  # 0 running, 1 finishing running trials, 2 terminating them
     packing: list[str] = field(default_factory=list)  # auto packing's decisions, in order
     sequential: bool = False  # stages run one after another

@@ -106,6 +106,7 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         "campaign_table": _campaign_table(read) if _is_campaign(run) else None,
         "running": [_running(s, t, now) for s, t in trials if t.state == TrialState.RUNNING],
         "slots": _slots(snapshot, now, alive) if snapshot else _slots_from_trials(trials),
+        "nodes": _nodes(snapshot, alive) if snapshot else [],
     }
 
 
@@ -196,12 +197,30 @@ def _slots(snapshot: dict[str, Any], now: float, alive: bool) -> list[dict[str, 
                 "name": slot["name"],
                 "state": slot["state"] if alive else "stopped",
                 "trial": slot.get("trial") if running else None,
+                "cpu_percent": slot.get("cpu_percent") if running else None,
                 "trials_done": slot.get("trials_done", 0),
                 "busy_s": busy,
                 "busy_fraction": min(1.0, busy / elapsed),
             }
         )
     return slots
+
+
+def _nodes(snapshot: dict[str, Any], alive: bool) -> list[dict[str, Any]]:
+    """The machines agents joined from, with their newest readings (none once the run ended:
+    they were true then, not now)."""
+    nodes = []
+    for node in snapshot.get("nodes", []):
+        if not isinstance(node, dict) or "name" not in node:
+            continue
+        nodes.append(
+            {
+                **node,
+                "state": node.get("state", "joined") if alive else "stopped",
+                **({} if alive else {"cpu_percent": None, "memory_used_mib": None, "gpus": []}),
+            }
+        )
+    return nodes
 
 
 def _slots_from_trials(trials: list[tuple[optuna.Study, FrozenTrial]]) -> list[dict[str, Any]]:
@@ -253,7 +272,39 @@ def format_status(data: dict[str, Any]) -> str:
             f"  {slot['name']:<10} {slot['state']:<8} {100 * slot['busy_fraction']:3.0f}% busy, "
             f"{_count(slot['trials_done'], 'trial')}{on}"
         )
+    if data.get("nodes"):
+        lines.append("nodes:")
+    for node in data.get("nodes", []):
+        lines.append(f"  {_node_line(node, data['slots'])}")
     return "\n".join(lines)
+
+
+def _node_line(node: dict[str, Any], slots: list[dict[str, Any]]) -> str:
+    """``nodeA  joined  2 slots, 62% busy; cpu 35% of 16, memory 3.1/15G; gpu0 22% 1.0/16G``."""
+    own = [slot for slot in slots if slot["name"].startswith(f"{node['name']}/")]
+    text = f"{node['name']:<10} {node['state']:<8} {_count(len(own), 'slot')}"
+    if own:
+        text += f", {100 * sum(s['busy_fraction'] for s in own) / len(own):.0f}% busy"
+    readings = []
+    if node.get("cpu_percent") is not None:
+        readings.append(f"cpu {node['cpu_percent']:.0f}% of {node.get('cores', '?')}")
+    if node.get("memory_used_mib") is not None and node.get("memory_total_mib"):
+        used, total = node["memory_used_mib"] / 1024, node["memory_total_mib"] / 1024
+        readings.append(f"memory {used:.1f}/{total:.0f}G")
+    parts = [text, ", ".join(readings), "  ".join(_gpu_text(gpu) for gpu in node.get("gpus", []))]
+    return "; ".join(part for part in parts if part)
+
+
+def _gpu_text(gpu: dict[str, Any]) -> str:
+    """``gpu0 22% 1.0/16G`` (the live view's words), or why NVML cannot read it."""
+    if gpu.get("problem"):
+        return f"gpu{gpu['index']} {gpu['problem']}"
+    util = gpu.get("utilization_pct")
+    used = gpu.get("memory_used_mib")
+    total = float(gpu.get("memory_total_mib") or 0) / 1024
+    util_text = f"{util:.0f}%" if util is not None else "n/a"
+    used_text = f"{used / 1024:.1f}" if used is not None else "?"
+    return f"gpu{gpu['index']} {util_text} {used_text}/{total:.0f}G"
 
 
 def _format_study(study: dict[str, Any]) -> list[str]:

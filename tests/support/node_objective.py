@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 
 import hyperfleet
+from hyperfleet.resources import fakegpu
 
 
 def where_it_runs(trial: optuna.Trial) -> float:
@@ -35,4 +36,17 @@ def where_it_runs(trial: optuna.Trial) -> float:
     print(f"trial {trial.number}: x={x!r}")  # the trial's logs, and a file of its own
     print(f"trial {trial.number} ran on {node}", file=sys.stderr)
     Path("model.txt").write_text(f"{x!r}\n")
+    return x
+
+
+def on_its_gpu(trial: optuna.Trial) -> float:
+    """Takes $HYPERFLEET_TEST_MIB of its fake GPU and keeps it $HYPERFLEET_TEST_BUSY per cent
+    busy for $HYPERFLEET_TEST_NAP seconds of GPU time: its node's GPU readings follow it."""
+    x = trial.suggest_float("x", 0.0, 1.0)
+    trial.set_user_attr("slot", hyperfleet.current_slot().name)
+    fakegpu.work(
+        float(os.environ.get("HYPERFLEET_TEST_NAP", "0.3")),
+        int(os.environ.get("HYPERFLEET_TEST_MIB", "1000")),
+        float(os.environ.get("HYPERFLEET_TEST_BUSY", "20")),
+    )
     return x

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -55,16 +55,19 @@ class Agent:
         prefix: Sequence[str] = (),
         nap: float = 0.3,
         flags: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        """``nap``: how long each trial on this node lasts, in seconds."""
+        """``nap``: how long each trial on this node lasts, in seconds; ``env``: more of the
+        agent's environment (a fake GPU state folder...)."""
         self.node = node
-        env = {
+        agent_env = {
             **cpu_only_env(),
             "HYPERFLEET_FAKE_GPUS": str(gpus),
             "HYPERFLEET_TEST_NODE": node,
             "HYPERFLEET_TEST_NAP": str(nap),
+            **(env or {}),
         }
-        env.pop("CUDA_VISIBLE_DEVICES")  # fake GPUs are limited by it like real ones
+        agent_env.pop("CUDA_VISIBLE_DEVICES")  # fake GPUs are limited by it like real ones
         self.log = folder / f"agent-{node}.log"
         command = cli_command(
             "agent", "--connect", address, "--token-file", str(folder / "token"),
@@ -74,7 +77,7 @@ class Agent:
             self.process = subprocess.Popen(
                 [*prefix, *command],
                 cwd=folder,
-                env=env,
+                env=agent_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -41,6 +41,7 @@ from hyperfleet.cluster.messages import (
     WorkerStarted,
     valid_node_name,
 )
+from hyperfleet.cluster.readings import READING_SECONDS, NodeSampler
 from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import (
     TRIAL_ENDED,
@@ -63,6 +64,7 @@ class Agent:
         log_dir: Path,
         node: str,
         folder: NodeRunFolder | None,
+        sampler: NodeSampler | None = None,
     ) -> None:
         self._conn = conn
         self._heartbeat, self._timeout = welcome.heartbeat, welcome.node_timeout
@@ -73,6 +75,11 @@ class Agent:
         self._outbox: list[Relay] = []  # the workers' messages of this step, sent together
         self._trials: dict[int, str] = {}  # worker -> its trial's folder, on a node's own folder
         self._last_heard = self._last_sent = time.monotonic()
+        # The node's readings go about once a second, and serve as heartbeats meanwhile.
+        self._sampler = sampler
+        self._next_reading = self._last_sent + READING_SECONDS if sampler else float("inf")
+        if sampler is not None:
+            sampler.workers = self.worker_pids
         self._stopping: list[threading.Thread] = []
         self.ended_by = ""  # why the agent stopped: "goodbye" or what went wrong
         self.controller_lost = False  # it stopped because the controller went away
@@ -88,6 +95,10 @@ class Agent:
                 thread.join()
             with contextlib.suppress(OSError):
                 self._conn.close()
+
+    def worker_pids(self) -> dict[int, int]:
+        """The node's workers now, id -> pid (read by the sampler's thread: a copy)."""
+        return {wid: worker.pid for wid, worker in list(self._workers.items())}
 
     def stop(self, why: str) -> None:
         """End the agent; the first reason is the one it exits with."""
@@ -105,7 +116,9 @@ class Agent:
         for worker in self._workers.values():
             waitables.extend(worker.waitables())
         now = time.monotonic()
-        wake = min(self._last_sent + self._heartbeat, self._last_heard + self._timeout)
+        wake = min(
+            self._last_sent + self._heartbeat, self._last_heard + self._timeout, self._next_reading
+        )
         ready: list[Any] = wait(waitables, timeout=max(0.0, wake - now))
         if self._conn in ready:
             self._from_controller()
@@ -116,8 +129,19 @@ class Agent:
         now = time.monotonic()
         if now - self._last_heard > self._timeout:
             self.lose_controller(f"the controller sent nothing for {self._timeout:g}s")
-        elif now - self._last_sent >= self._heartbeat:
+            return
+        if now >= self._next_reading:
+            self._send_reading(now)
+        if now - self._last_sent >= self._heartbeat:
             self._send(Beat())
+
+    def _send_reading(self, now: float) -> None:
+        """The node's newest reading, if the sampler has one (else a beat says it lives)."""
+        assert self._sampler is not None
+        self._next_reading = now + READING_SECONDS
+        reading = self._sampler.take()
+        if reading is not None:
+            self._send(reading)
 
     def _send(self, message: Any) -> None:
         """Send now; the relays waiting to go leave first, so the controller sees every
@@ -252,7 +276,28 @@ def run_agent(
         raise NodeError(f"node name {name!r} cannot name slots; pass --node with a plain name.")
     inventory = detect_inventory()
     address = parse_address(connect_to, "--connect")
-    agent = _join(address, connect_to, token, name, inventory, log_dir, work_dir, patience)
+    sampler = NodeSampler(inventory.gpus)
+    try:
+        joining = (address, connect_to, token, name, inventory, log_dir, work_dir, patience)
+        return _serve(*joining, sampler)
+    finally:
+        sampler.close()
+
+
+def _serve(
+    address: tuple[str, int],
+    connect_to: str,
+    token: bytes,
+    name: str,
+    inventory: Inventory,
+    log_dir: Path,
+    work_dir: Path,
+    patience: float,
+    sampler: NodeSampler,
+) -> str:
+    """Join, serve, and join again after losing the controller, for ``run_agent``."""
+    joining = (address, connect_to, token, name, inventory, log_dir, work_dir, patience, sampler)
+    agent = _join(*joining)
     while True:
         with _stop_on_signals(agent):
             agent.run()
@@ -264,7 +309,7 @@ def run_agent(
             flush=True,
         )
         try:
-            agent = _join(address, connect_to, token, name, inventory, log_dir, work_dir, patience)
+            agent = _join(*joining)
         except NodeError as exc:
             return f"{agent.ended_by}; could not join it again: {exc}"
         except KeyboardInterrupt:
@@ -280,6 +325,7 @@ def _join(
     log_dir: Path,
     work_dir: Path,
     patience: float,
+    sampler: NodeSampler | None = None,
 ) -> Agent:
     """Connect, say hello, and take the controller's welcome: an agent ready to run."""
     conn = connect(address, token, patience)
@@ -300,7 +346,7 @@ def _join(
     note = run_folder_note(name, folder)
     print(f"hyperfleet agent {name}: joined {connect_to}; {note}", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    return Agent(conn, welcome, log_dir, name, folder)
+    return Agent(conn, welcome, log_dir, name, folder, sampler)
 
 
 def shares_run_dir(welcome: Welcome) -> bool:

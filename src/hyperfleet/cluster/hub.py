@@ -45,6 +45,7 @@ from hyperfleet.cluster.messages import (
     Goodbye,
     Hello,
     Joined,
+    NodeReading,
     Refused,
     Relay,
     Relays,
@@ -123,6 +124,11 @@ class NodeLink:
         self.lost_reason = ""
         self.last_heard = time.monotonic()
         self.joined = False  # set once the node answered the welcome: then it is read
+        # The node's newest readings (its GPUs, CPU, memory; see cluster/readings.py), when
+        # they came (wall time), and the GPU health changes they said, for the run log.
+        self.reading: NodeReading | None = None
+        self.read_at: float | None = None
+        self.problems: list[str] = []
         # The heartbeat thread looks at the descriptor while the loop may close it: never a
         # look at a number that was closed (and maybe reused) meanwhile.
         self._fd_lock = threading.Lock()
@@ -274,6 +280,9 @@ class NodeLink:
                 worker = self._workers.pop(message.worker, None)
             if worker is not None:
                 worker.end(message.kind, message.reason)
+        elif isinstance(message, NodeReading):
+            self.reading, self.read_at = message, time.time()
+            self.problems += message.problems
         elif isinstance(message, TrialLogs):
             self._hub.write_logs(message)
 
@@ -339,6 +348,10 @@ class NodeHub:
                     self._reading.remove(event.link)
                 event.link.close()
         return events
+
+    def links(self) -> list[NodeLink]:
+        """The nodes joined and not lost (the loop's thread)."""
+        return list(self._reading)
 
     def waitables(self) -> list[SealedConnection]:
         """The links to wait on; what the loop has for them leaves now, before it waits."""

@@ -15,6 +15,7 @@ from hyperfleet import __version__
 from hyperfleet.cluster.sealed import protocol_fingerprint
 from hyperfleet.cluster.trialfiles import TrialLogs
 from hyperfleet.resources.inventory import Gpu, Inventory
+from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.resources.slots import Slot
 from hyperfleet.workers import protocol as worker_protocol
 from hyperfleet.workers.protocol import ObjectiveSpec
@@ -120,6 +121,20 @@ class Beat:
 
 
 @dataclass(frozen=True)
+class NodeReading:
+    """What the node's agent read of its machine, about once a second: each GPU as a single
+    machine's monitor reads it (pids are the node's), the node's CPU and memory use, and the
+    CPU use of each worker's process, by worker id."""
+
+    gpus: tuple[GpuSample, ...]
+    cpu_percent: float | None
+    memory_used_mib: int
+    memory_total_mib: int
+    workers_cpu: dict[int, float]
+    problems: tuple[str, ...] = ()  # a GPU's health changed since the last reading: one line
+
+
+@dataclass(frozen=True)
 class Goodbye:
     """The run is over: the agent stops its workers and exits with status 0."""
 
@@ -134,7 +149,7 @@ def _message_classes() -> list[type]:
         for value in vars(module).values()
         if isinstance(value, type) and dataclasses.is_dataclass(value)
     }
-    return [*classes | {TrialLogs, Gpu, Inventory, Slot}]
+    return [*classes | {TrialLogs, Gpu, GpuSample, Inventory, Slot}]
 
 
 # hyperfleet's version and the messages' shapes: both ends of a channel must say the same.

@@ -63,7 +63,7 @@ from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone
-from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
+from hyperfleet.state import NodeView, RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.storage import is_private_journal
 from hyperfleet.workers.protocol import (
     Call,
@@ -1683,6 +1683,7 @@ class Controller:
             if isinstance(event, NodeJoined):
                 self._add_node(event)
             elif isinstance(event, NodeLeft):
+                self._node_lost(event.link.node)
                 self.announce(
                     f"node {event.link.node} lost: it {event.reason}; its running trials run "
                     "again elsewhere"
@@ -1714,10 +1715,38 @@ class Controller:
             self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
             self._start_worker(slot)
         gpus = len({gpu for slot in slots for gpu in slot.gpus})
+        cores = len(joined.inventory.cores)
+        self.state.nodes[link.node] = NodeView(link.node, link.where, cores=cores)
         self.announce(
             f"node {link.node} joined from {link.where}: {len(slots)} slots, {gpus} GPUs, "
             f"{len(joined.inventory.cores)} cores; {link.run_folder_note()}"
         )
+
+    def _node_lost(self, node: str) -> None:
+        """The node's view says it is lost, unless it joined again meanwhile."""
+        view = self.state.nodes.get(node)
+        back = self._hub is not None and any(link.node == node for link in self._hub.links())
+        if view is not None and not back:
+            view.state, view.gpus, view.cpu_percent = "lost", {}, None
+
+    def _read_nodes(self) -> None:
+        """The nodes' newest readings into the run state (see cluster/readings.py); a GPU's
+        health change on a node is said once, as the controller's own machine's."""
+        if self._hub is None:
+            return
+        for link in self._hub.links():
+            view, reading = self.state.nodes.get(link.node), link.reading
+            if view is None or reading is None:
+                continue
+            view.state = "joined"
+            view.gpus = {sample.index: sample for sample in reading.gpus}
+            view.cpu_percent = reading.cpu_percent
+            view.memory_used_mib = reading.memory_used_mib
+            view.memory_total_mib = reading.memory_total_mib
+            view.updated = link.read_at
+            for line in link.problems:
+                self.announce(f"{link.node}/{line}")
+            link.problems.clear()
 
     def _drop_node_slots(self, node: str) -> None:
         """Before a node's new link takes its slot names: the old link's workers end as lost
@@ -1890,6 +1919,7 @@ class Controller:
         self.state.gpus = self._monitor.sample()
         for line in self._monitor.problems():  # a GPU lost (or back): said once
             self.announce(line)
+        self._read_nodes()
         self._pack_gpus()
         for view in self.state.slots:
             view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
@@ -1913,7 +1943,11 @@ class Controller:
 
     def _cpu_percent(self, view: SlotView) -> float | None:
         worker = self._workers.get(view.name)
-        if not isinstance(worker, WorkerHandle):  # none, or on another node
+        if isinstance(worker, RemoteWorker):  # as its node's agent read it
+            link = self._slot_links.get(view.name)
+            reading = link.reading if link is not None else None
+            return reading.workers_cpu.get(worker.id) if reading is not None else None
+        if not isinstance(worker, WorkerHandle):  # none
             return None
         process = self._cpu.get(view.name)
         if process is None or process.pid != worker.pid:

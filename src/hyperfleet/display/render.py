@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from hyperfleet.display import format as fmt
-from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
+from hyperfleet.resources.monitor import GpuSample
+from hyperfleet.state import NodeView, RunState, SlotView, StudyView, TrialRecord
 
 RECENT_ROWS = 6
 STATE_STYLES = {
@@ -26,6 +27,8 @@ STATE_STYLES = {
     "idle": "dim",
     "starting": "yellow",
     "stopped": "red",
+    "joined": "green",
+    "lost": "red",
 }
 
 
@@ -34,6 +37,7 @@ def render(state: RunState, width: int, now: float | None = None) -> RenderableT
     return Group(
         header(state, now, width),
         slots_table(state, width, now),
+        *([nodes_table(state, width)] if state.nodes else []),
         studies_table(state, width, now),
         recent_table(state, width),
         footer(state),
@@ -174,23 +178,63 @@ def _study_cell(slot: SlotView) -> str:
 
 
 def slot_use(state: RunState, slot: SlotView) -> str:
-    """GPU utilisation and memory (one NVML sample per GPU, shared by its slots), or the CPU
-    use of the trial's processes."""
+    """GPU utilisation and memory (one NVML sample per GPU, shared by its slots; a node's as
+    its agent read them), or the CPU use of the trial's processes."""
     if slot.gpus:
-        return "  ".join(_gpu_use(state, index) for index in slot.gpus)
+        node = state.nodes.get(slot.name.rpartition("/")[0])
+        samples = node.gpus if node is not None else state.gpus
+        return "  ".join(gpu_use(samples.get(index), index) for index in slot.gpus)
     if slot.cpu_percent is None:
         return "-"
     return f"cpu {slot.cpu_percent:.0f}%"
 
 
-def _gpu_use(state: RunState, index: int) -> str:
-    sample = state.gpus.get(index)
+def gpu_use(sample: GpuSample | None, index: int) -> str:
+    """``gpu0 35% 3.1/16G``; ``gpu0 -`` without a reading."""
     if sample is None:
         return f"gpu{index} -"
     util = f"{sample.utilization_pct:.0f}%" if sample.utilization_pct is not None else "n/a"
     total = sample.memory_total_mib / 1024
     used = f"{sample.memory_used_mib / 1024:.1f}" if sample.memory_used_mib is not None else "?"
     return f"gpu{index} {util} {used}/{total:.0f}G"
+
+
+# ----- nodes -------------------------------------------------------------------------------
+
+
+def nodes_table(state: RunState, width: int) -> Table:
+    """The machines agents joined from: each one's CPU, memory and GPUs as its agent read them."""
+    table = _table("Nodes", width)
+    table.add_column("node", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("slots", justify="right", no_wrap=True)
+    table.add_column("cpu", justify="right", no_wrap=True)
+    table.add_column("memory", justify="right", no_wrap=True)
+    table.add_column("gpus", no_wrap=True, overflow="ellipsis", ratio=1)
+    for node in state.nodes.values():
+        slots = sum(s.name.startswith(f"{node.name}/") for s in state.slots)
+        table.add_row(
+            node.name,
+            Text(node.state, style=STATE_STYLES.get(node.state, "")),
+            str(slots),
+            node_cpu(node),
+            node_memory(node),
+            "  ".join(gpu_use(sample, index) for index, sample in sorted(node.gpus.items())) or "-",
+        )
+    return table
+
+
+def node_cpu(node: NodeView) -> str:
+    """The node's CPU use of all its cores: ``35% of 16``."""
+    if node.cpu_percent is None:
+        return "-"
+    return f"{node.cpu_percent:.0f}% of {node.cores}" if node.cores else f"{node.cpu_percent:.0f}%"
+
+
+def node_memory(node: NodeView) -> str:
+    if node.memory_used_mib is None or not node.memory_total_mib:
+        return "-"
+    return f"{node.memory_used_mib / 1024:.1f}/{node.memory_total_mib / 1024:.0f}G"
 
 
 # ----- studies -----------------------------------------------------------------------------

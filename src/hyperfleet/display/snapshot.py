@@ -18,8 +18,9 @@ from typing import Any
 import optuna
 
 from hyperfleet.events import EventSink
+from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.rundir import write_json
-from hyperfleet.state import RunState, TrialClock, TrialRecord
+from hyperfleet.state import NodeView, RunState, TrialClock, TrialRecord
 
 STATUS_NAME = "status.json"
 WRITE_EVERY_SECONDS = 2.0
@@ -104,9 +105,36 @@ def snapshot(
                 "since": slot.since,
                 "trials_done": slot.trials_done,
                 "busy_seconds": slot.busy_seconds,
+                "cpu_percent": slot.cpu_percent,
             }
             for slot in state.slots
         ],
+        "nodes": [node_snapshot(node) for node in state.nodes.values()],
+    }
+
+
+def node_snapshot(node: NodeView) -> dict[str, Any]:
+    """A node an agent joined from, with its newest readings."""
+    return {
+        "name": node.name,
+        "where": node.where,
+        "state": node.state,
+        "cores": node.cores,
+        "cpu_percent": node.cpu_percent,
+        "memory_used_mib": node.memory_used_mib,
+        "memory_total_mib": node.memory_total_mib,
+        "updated": node.updated,
+        "gpus": [gpu_snapshot(sample) for _, sample in sorted(node.gpus.items())],
+    }
+
+
+def gpu_snapshot(sample: GpuSample) -> dict[str, Any]:
+    return {
+        "index": sample.index,
+        "utilization_pct": sample.utilization_pct,
+        "memory_used_mib": sample.memory_used_mib,
+        "memory_total_mib": sample.memory_total_mib,
+        "problem": sample.problem,
     }
 
 

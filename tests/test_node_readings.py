@@ -1,0 +1,127 @@
+"""A node's readings reach the controller: agents started by hand on fake GPUs whose readings
+follow the trials (``hyperfleet.resources.fakegpu``) send them, and a remote slot's GPU use and
+memory show in the live view (drawn to a terminal), in status.json and in ``hyperfleet
+status``, as the controller's own machine's do."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hyperfleet.resources import fakegpu
+from hyperfleet.status import format_status, status
+from support.nodes import OBJECTIVE, Agent, free_port, node_processes, write_token
+from support.procs import cli_command, cpu_only_env, wait_until
+
+pytestmark = pytest.mark.cluster
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# A trial takes 3000 MiB of its fake GPU (16 GiB) and keeps it 40 % busy.
+TRIAL_ENV = {"HYPERFLEET_TEST_MIB": "3000", "HYPERFLEET_TEST_BUSY": "40"}
+
+
+class Terminal:
+    """A command whose stdout is a terminal (so ``hyperfleet run`` draws its live view), and
+    what it drew, read until it exits."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        main, screen = pty.openpty()
+        self.process = subprocess.Popen(
+            args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=screen, stderr=screen
+        )
+        os.close(screen)
+        self._main = main
+        self._drawn: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._main, 65536)
+            except OSError:  # EIO: the command exited and its end of the terminal closed
+                break
+            if not chunk:
+                break
+            self._drawn.append(chunk)
+
+    def text(self) -> str:
+        """What it drew, without colours and cursor moves."""
+        return ANSI.sub("", b"".join(self._drawn).decode(errors="replace"))
+
+    def wait(self, timeout: float) -> int:
+        wait_until(lambda: self.process.poll() is not None, timeout, "the run to exit")
+        self._reader.join(timeout=5)
+        os.close(self._main)
+        return self.process.returncode
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _status_json(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / "run" / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _node_gpu(folder: Path, node: str, index: int) -> dict[str, Any] | None:
+    nodes = {n["name"]: n for n in _status_json(folder).get("nodes", [])}
+    gpus = {g["index"]: g for g in nodes.get(node, {}).get("gpus", [])}
+    return gpus.get(index)
+
+
+def test_a_remote_slots_gpu_use_reaches_the_live_view_and_status(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = {**cpu_only_env(), "COLUMNS": "160", "LINES": "60"}
+    run = cli_command(
+        "run", f"{OBJECTIVE}:on_its_gpu", "--n-trials", "3", "--run-dir", "run",
+        "--listen", address, "--token-file", str(write_token(tmp_path)), "--cpu-slots", "0",
+        "--no-report",
+    )  # fmt: skip
+    controller = Terminal(run, tmp_path, env)
+    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-nodeA"), **TRIAL_ENV}
+    agent = Agent(tmp_path, address, "nodeA", 1, nap=2.0, env=fake_gpus)
+    try:
+
+        def trial_seen_on_its_gpu() -> bool:
+            gpu = _node_gpu(tmp_path, "nodeA", 0)
+            return gpu is not None and gpu["memory_used_mib"] == 3000
+
+        wait_until(trial_seen_on_its_gpu, 30, "nodeA's GPU reading in status.json")
+        gpu = _node_gpu(tmp_path, "nodeA", 0)
+        assert gpu == {
+            "index": 0,
+            "utilization_pct": 40.0,
+            "memory_used_mib": 3000,
+            "memory_total_mib": 16384,
+            "problem": "",
+        }
+        node = _status_json(tmp_path)["nodes"][0]
+        assert node["state"] == "joined" and node["cores"] == len(os.sched_getaffinity(0))
+        assert 0 < node["memory_used_mib"] < node["memory_total_mib"]
+        text = format_status(status(tmp_path / "run"))
+        assert re.search(r"nodeA +joined +1 slot, \d+% busy; cpu \d+% of \d+, memory ", text), text
+        assert "gpu0 40% 2.9/16G" in text, text
+        assert controller.wait(60) == 0, controller.text()
+        assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        controller.stop()
+        agent.stop()
+    drawn = controller.text()
+    # The remote slot's row and the node's, as the live view drew them while trials ran.
+    assert re.search(r"nodeA/gpu0#0 +busy .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
+    assert re.search(r"nodeA +joined +1 .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
+    assert not node_processes("nodeA")
