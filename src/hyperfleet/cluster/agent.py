@@ -6,6 +6,9 @@ local controller would. One thread relays: the controller's messages to the work
 workers' messages to the controller, each worker's death to the controller. When the controller
 is gone (its connection closes, or it is silent for the node timeout it set) the agent kills
 every worker and what they started, and exits: no process outlives its run on any node.
+An agent stopped by SIGTERM or Ctrl+C (the job's end, the node taken back) says its workers'
+trials were interrupted, so they run again and never count; a worker that a stop signal from
+outside killed is reported as such (see :mod:`hyperfleet.controller.workers`).
 
 A node that does not see the controller's run directory runs its trials in a run folder of its
 own and sends each trial's logs back (see :mod:`hyperfleet.cluster.trialfiles`).
@@ -83,12 +86,17 @@ class Agent:
         self._stopping: list[threading.Thread] = []
         self.ended_by = ""  # why the agent stopped: "goodbye" or what went wrong
         self.controller_lost = False  # it stopped because the controller went away
+        # The stop signal the agent got ("SIGTERM"): its node is being stopped from outside
+        # (the job's end, the node taken back), so its trials end as interrupted.
+        self.signalled = ""
 
     def run(self) -> None:
         try:
             while not self.ended_by:
                 self._step()
         finally:
+            if self.signalled:
+                self._say_interrupted()
             stop_workers(list(self._workers.values()), graceful=False)
             self._workers.clear()
             for thread in self._stopping:
@@ -103,6 +111,24 @@ class Agent:
     def stop(self, why: str) -> None:
         """End the agent; the first reason is the one it exits with."""
         self.ended_by = self.ended_by or why
+
+    def stop_by_signal(self, name: str) -> None:
+        """SIGTERM or Ctrl+C: the node is being stopped; its running trials are interrupted."""
+        self.signalled = self.signalled or name
+        self.stop(f"stopped by {name}")
+
+    def _say_interrupted(self) -> None:
+        """Before the workers are stopped: their trials end as interrupted, not as lost (the
+        node did not fail, it was stopped), so they run again and never count."""
+        reason = self._interrupted_reason()
+        for wid in list(self._workers):
+            self._send(WorkerExited(wid, "interrupted", reason))
+
+    def _interrupted_reason(self) -> str:
+        return (
+            f"interrupted: node {self._node} got {self.signalled} (the job's end, or the node "
+            "taken back); it runs again"
+        )
 
     def lose_controller(self, why: str) -> None:
         """End the agent because the controller is gone (killed, its link cut): the node may
@@ -231,8 +257,11 @@ class Agent:
             pass
         if worker.has_exited():
             kind, reason = worker.exit_description()
+            outside = worker.outside_signal()
+            if outside and self.signalled:  # the job's end reached the worker and this agent
+                kind, reason = "interrupted", self._interrupted_reason()
             self._send_logs(wid)  # what a trial wrote before its worker died tells why
-            self._send(WorkerExited(wid, kind, reason))
+            self._send(WorkerExited(wid, kind, reason, outside))
             self._stop_worker(wid)
 
     def _send_logs(self, wid: int) -> None:
@@ -378,7 +407,7 @@ def _stop_on_signals(agent: Agent) -> Any:
     """SIGTERM or Ctrl+C (an engine taking the node back): stop the workers and leave."""
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        agent.stop(f"stopped by {signal.Signals(signum).name}")
+        agent.stop_by_signal(signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         yield  # inside an engine's task thread: the engine ends the process itself

@@ -279,7 +279,7 @@ class NodeLink:
             with self._workers_lock:
                 worker = self._workers.pop(message.worker, None)
             if worker is not None:
-                worker.end(message.kind, message.reason)
+                worker.end(message.kind, message.reason, message.outside_signal)
         elif isinstance(message, NodeReading):
             self.reading, self.read_at = message, time.time()
             self.problems += message.problems

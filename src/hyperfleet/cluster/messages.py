@@ -94,11 +94,13 @@ class Relays:
 
 @dataclass(frozen=True)
 class WorkerExited:
-    """A worker died on the node; ``kind`` and ``reason`` as a local worker's exit says them."""
+    """A worker died on the node; ``kind`` and ``reason`` as a local worker's exit says them,
+    ``outside_signal`` as :meth:`hyperfleet.controller.workers.WorkerHandle.outside_signal`."""
 
     worker: int
     kind: str
     reason: str
+    outside_signal: str = ""
 
 
 @dataclass(frozen=True)

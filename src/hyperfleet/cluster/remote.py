@@ -100,6 +100,7 @@ class RemoteWorker(ObjectiveLoading):
         self._forget = forget  # its node no longer reports about it
         self.conn: Inbox = Inbox(worker, forward)
         self._exit: tuple[str, str] | None = None
+        self._outside_signal = ""  # see WorkerHandle.outside_signal, as its node saw it
         # Where it says it has news for the loop: a message, or its end. The loop looks at
         # these workers only, not at every remote worker at every step.
         self._attention = attention
@@ -110,12 +111,13 @@ class RemoteWorker(ObjectiveLoading):
         self.conn.deliver(payload)
         self._attention.append(self)
 
-    def end(self, kind: str, reason: str) -> None:
+    def end(self, kind: str, reason: str, outside_signal: str = "") -> None:
         """The worker is gone: say why, then end its inbox so the loop notices. Also called
-        from the thread that finds a node silent, or from the engine's: setting two fields
+        from the thread that finds a node silent, or from the engine's: setting these fields
         needs no lock."""
         if self._exit is None:
             self._exit = (kind, reason)
+            self._outside_signal = outside_signal
         self.conn.end()
         self._attention.append(self)
 
@@ -129,6 +131,9 @@ class RemoteWorker(ObjectiveLoading):
 
     def exit_description(self) -> tuple[str, str]:
         return self._exit or ("crash", f"worker on node {self.node} ended")
+
+    def outside_signal(self) -> str:
+        return self._outside_signal
 
     def _signal_group(self, sig: signal.Signals) -> None:
         self._command(SignalWorker(self.id, int(sig)))

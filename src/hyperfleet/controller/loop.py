@@ -30,7 +30,14 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.auto_sampler import AutoSampler
-from hyperfleet.cluster.hub import ClusterSettings, NodeHub, NodeJoined, NodeLeft, NodeLink
+from hyperfleet.cluster.hub import (
+    LOST,
+    ClusterSettings,
+    NodeHub,
+    NodeJoined,
+    NodeLeft,
+    NodeLink,
+)
 from hyperfleet.cluster.pools import NodePlanner, on_node
 from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.config import RunSettings
@@ -89,6 +96,12 @@ FULL_COLLECTION_SECONDS = 60.0  # see Controller._keep_collector_off
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials (controller.prepared)
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 NEVER_RAN = "interrupted: its worker exited before the trial reached it; it runs again"
+# A worker killed by a stop signal hyperfleet did not send (see controller.workers): the job's
+# end (scancel, a time limit, a preemption) signals every process of the job at once, and the
+# controller's own SIGTERM may come a little after its workers died of theirs. Its trial ends
+# as interrupted if the run starts stopping (or the worker's node goes) within this many
+# seconds, else as the crash it was: a worker killed by hand while the run goes on.
+OUTSIDE_STOP_SECONDS = 3.0
 WAIT_NOTE_AFTER = 10.0  # seconds before the first note on what a run still waits for
 WAIT_NOTE_EVERY = 60.0  # and between the notes after it
 
@@ -187,6 +200,17 @@ class ActiveTrial:
     delivered: bool = True
 
 
+@dataclass(frozen=True)
+class OutsideStop:
+    """A trial whose worker a stop signal from outside killed: its end waits (see
+    OUTSIDE_STOP_SECONDS) until ``until``, or until the run or its node stops."""
+
+    kind: str
+    reason: str
+    signal: str
+    until: float  # monotonic
+
+
 @dataclass
 class Launch:
     """A trial on its way to a slot: the message, and what the loop keeps once it is sent."""
@@ -246,6 +270,7 @@ class Controller:
         self._slot_links: dict[str, NodeLink] = {}
         self._active: dict[str, ActiveTrial] = {}
         self._kill_at: dict[str, float] = {}
+        self._outside_stops: dict[str, OutsideStop] = {}  # their trials are still in _active
         # Slots whose worker loads a study's objective for the trial it gets next: they hold
         # the slot's resources and share as that trial will.
         self._loading: dict[str, StudyRun] = {}
@@ -510,6 +535,7 @@ class Controller:
         next_tick = time.monotonic()
         while True:
             self._announce_stop()
+            self._settle_outside_stops()
             if self._stop_level >= 2:
                 self._interrupt_running()
                 return
@@ -1300,13 +1326,20 @@ class Controller:
         active = self._active.get(name)
         if active is not None:
             kind, reason = worker.exit_description()
+            outside = worker.outside_signal() if kind == "crash" else ""
             if active.end_kind:
                 kind, reason = active.end_kind, active.end_reason
             elif not active.delivered or worker.leaving:
                 # The trial never ran on a live worker: not its fault, so it runs again and
                 # does not count.
                 kind, reason = "interrupted", NEVER_RAN
-            self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
+            elif outside or (kind == LOST and self._stop_level):
+                # Stopped from outside: the job's end, unless the run goes on (see
+                # OUTSIDE_STOP_SECONDS); a node lost while the run stops went with the job.
+                until = time.monotonic() + OUTSIDE_STOP_SECONDS
+                self._outside_stops[name] = OutsideStop(kind, reason, outside, until)
+            if name not in self._outside_stops:
+                self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
         else:
             if self._loading.pop(name, None) is not None:
                 self._ledger.release(name)
@@ -1322,6 +1355,32 @@ class Controller:
         self._forget_next(name)
         worker.kill()
         del self._workers[name]
+        if name in self._outside_stops:
+            self._settle_outside_stops()  # at once if the run is stopping already
+        else:
+            self._after_worker_gone(name)
+
+    def _settle_outside_stops(self) -> None:
+        """End the trials whose worker a stop signal from outside killed: interrupted once the
+        run stops or the worker's node goes (the job's end), a crash once the wait is over."""
+        now = time.monotonic()
+        for name, held in list(self._outside_stops.items()):
+            link = self._slot_links.get(name)
+            node_gone = link is not None and not link.alive
+            if self._stop_level or node_gone:
+                kind, reason = "interrupted", _stopped_from_outside(held, node_gone)
+            elif now >= held.until:
+                kind = held.kind
+                reason = f"{held.reason}, sent from outside hyperfleet while the run went on"
+            else:
+                continue
+            del self._outside_stops[name]
+            self._tell(name, TrialState.FAIL, kind=kind, reason=reason)
+            self._after_worker_gone(name)
+
+    def _after_worker_gone(self, name: str) -> None:
+        """The slot of a worker that is gone and whose trial ended: removed with its lost
+        node, left to auto packing, given up, or given a fresh worker."""
         link = self._slot_links.get(name)
         if link is not None and not link.alive:
             self._remove_slot(name)
@@ -1425,6 +1484,7 @@ class Controller:
         for extra in (self._deadline, self._hard_stop_at):
             if extra is not None:
                 times.append(extra)
+        times += [held.until for held in self._outside_stops.values()]
         return min(times, default=time.monotonic() + TICK_SECONDS)
 
     def _enforce_deadlines(self) -> None:
@@ -1433,6 +1493,8 @@ class Controller:
             self._stop_level = 2
         timed = self._active.items() if self._settings.trial_timeout else ()
         for name, active in list(timed):
+            if name in self._outside_stops:
+                continue  # its worker is gone; its end waits for a stop
             if active.deadline is not None and now >= active.deadline and not active.end_kind:
                 active.end_kind = "timeout"
                 active.end_reason = (
@@ -1466,6 +1528,7 @@ class Controller:
 
     def _interrupt_running(self) -> None:
         """Hard stop: end running trials, marked "interrupted" so the next run repeats them."""
+        self._settle_outside_stops()
         for name in list(self._active):
             self._workers[name]._signal_group(signal.SIGTERM)
         for name in list(self._active):
@@ -1759,6 +1822,9 @@ class Controller:
                 link.lose("connected again")
                 self._drain(name, worker)
                 self._on_worker_exit(name, worker)
+            elif name in self._outside_stops:  # its trial ends with the old link
+                link.lose("connected again")
+                self._settle_outside_stops()
             elif name in self._slot_links:
                 self._remove_slot(name)
 
@@ -2008,6 +2074,19 @@ def _study_view(plan: StudyPlan) -> StudyView:
         stage=plan.stage,
         stage_name=plan.stage_name,
         timeout=plan.timeout,
+    )
+
+
+def _stopped_from_outside(held: OutsideStop, node_gone: bool) -> str:
+    """Why a trial whose worker was stopped from outside ended as interrupted."""
+    if not held.signal:
+        return "interrupted: its node was lost as the run was being stopped; it runs again"
+    what = f"interrupted: its worker got {held.signal} from outside"
+    if node_gone:
+        return f"{what} and its node left (the node was stopped, or the job ended); it runs again"
+    return (
+        f"{what} as the run was being stopped (the job's end: scancel, a time limit, a "
+        "preemption); it runs again"
     )
 
 

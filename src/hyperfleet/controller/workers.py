@@ -6,6 +6,13 @@ and a kill of its process group takes everything the objective started with it. 
 objective started outside the group is found as described in
 :mod:`hyperfleet.workers.descendants`: among the worker's descendants while it lives, by the
 marker in its environment once it is dead.
+
+A worker killed by a stop signal (SIGTERM, SIGINT, SIGHUP) that hyperfleet did not send it was
+stopped from outside, and says so (:meth:`WorkerHandle.outside_signal`). Most often that is the
+end of the job the run is part of: ``scancel``, a time limit or a preemption sends SIGTERM to
+every process of the job at once, workers included, and a worker may die of it before the
+controller's own SIGTERM has started its stop. The controller then waits a moment for its own
+stop before it calls the trial a crash (see ``Controller._on_worker_exit``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from hyperfleet.workers.protocol import Load, ObjectiveSpec, Release, Shutdown, 
 
 # How long idle workers asked to leave get to exit on their own before they are killed.
 SHUTDOWN_SECONDS = 2.0
+# The signals that ask a process to end: what a scheduler sends every process of a job at its
+# end, and what a person sends with kill or Ctrl+C.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 class MessageConnection(Protocol):
@@ -87,6 +97,7 @@ class WorkerHandle(ObjectiveLoading):
         # Epoch seconds, as process start times are; a second early for clock granularity.
         self.started_at = time.time() - 1.0
         self._asked_to_leave = False
+        self._sent_stop_signal = False  # hyperfleet itself asked it to end (see outside_signal)
         parent_sock, child_sock = socket.socketpair()
         lifeline_read, self._lifeline = os.pipe()
         log_name = slot.name.replace("#", "-").replace("/", "-")  # node3/gpu1#0: node3-gpu1-0
@@ -141,6 +152,15 @@ class WorkerHandle(ObjectiveLoading):
             return "crash", f"killed by signal {sig.name}"
         return "crash", f"worker process exited with status {code}"
 
+    def outside_signal(self) -> str:
+        """The name of the stop signal that killed the worker ("SIGTERM") when hyperfleet sent
+        it none: it came from outside (the job's end, a person); "" otherwise."""
+        code = self.process.poll()
+        if code is None or code >= 0 or self._sent_stop_signal:
+            return ""
+        sig = signal.Signals(-code)
+        return sig.name if sig in STOP_SIGNALS else ""
+
     def terminate(self, grace: float) -> None:
         """SIGTERM the whole process group, then SIGKILL what is left after ``grace`` seconds."""
         self._signal_group(signal.SIGTERM)
@@ -164,6 +184,8 @@ class WorkerHandle(ObjectiveLoading):
     def _signal_group(self, sig: signal.Signals) -> None:
         """Signal the worker's process group and every descendant of the worker, so that what
         left the group (``start_new_session=True``, ``setsid``) is reached too."""
+        if sig in STOP_SIGNALS:
+            self._sent_stop_signal = True
         # Found before the group is signalled: once the worker is dead its tree is gone.
         tree = descendants.descendants(self.process.pid) if self.process.poll() is None else []
         # The worker leads its own session, so its pid is its process group id; the group lives
