@@ -1,7 +1,7 @@
 """A node's readings reach the controller: agents started by hand on fake GPUs whose readings
 follow the trials (``hyperfleet.resources.fakegpu``) send them, and a remote slot's GPU use and
 memory show in the live view (drawn to a terminal), in status.json and in ``hyperfleet
-status``, as the controller's own machine's do."""
+status``, as the controller's own machine's do; auto packing grows a node's GPU from them."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from optuna.trial import TrialState
 
 from hyperfleet.resources import fakegpu
 from hyperfleet.status import format_status, status
-from support.nodes import OBJECTIVE, Agent, free_port, node_processes, write_token
-from support.procs import cli_command, cpu_only_env, wait_until
+from support.background import BackgroundRun
+from support.nodes import OBJECTIVE, Agent, free_port, node_processes, run_log, write_token
+from support.procs import cli_command, cpu_only_env, load_trials, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -124,4 +126,35 @@ def test_a_remote_slots_gpu_use_reaches_the_live_view_and_status(tmp_path: Path)
     # The remote slot's row and the node's, as the live view drew them while trials ran.
     assert re.search(r"nodeA/gpu0#0 +busy .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
     assert re.search(r"nodeA +joined +1 .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
+    assert not node_processes("nodeA")
+
+
+def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path) -> None:
+    # As on one machine (test_autopack): each trial keeps the GPU 22 % busy with 1000 MiB, so
+    # the node's GPU has room for more than one worker.
+    address = f"127.0.0.1:{free_port()}"
+    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-nodeA")}
+    # The controller judges from its own environment whether fake GPUs read anything.
+    controller_env = {**cpu_only_env(), **fake_gpus}
+    run = [
+        "run", f"{OBJECTIVE}:on_its_gpu", "--n-trials", "30", "--run-dir", "run",
+        "--listen", address, "--token-file", str(write_token(tmp_path)), "--cpu-slots", "0",
+        "--plain", "--no-report", "--sampler", "random",
+    ]  # fmt: skip
+    controller = BackgroundRun(run, tmp_path, controller_env, name="controller")
+    trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
+    agent = Agent(tmp_path, address, "nodeA", 1, nap=0.4, env=trial_env)
+    try:
+        assert controller.wait(120) == 0, controller.stderr
+        assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        controller.stop()
+        agent.stop()
+    log = run_log(tmp_path)
+    assert "nodeA/gpu0: 1 -> 2 workers, " in log, log
+    assert "nodeA/gpu0: 2 -> 3 workers, " in log, log
+    trials = load_trials(tmp_path / "run", "node_objective-on_its_gpu")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 30
+    slots = {t.user_attrs["slot"] for t in trials}
+    assert {"nodeA/gpu0#0", "nodeA/gpu0#1", "nodeA/gpu0#2"} <= slots, slots
     assert not node_processes("nodeA")

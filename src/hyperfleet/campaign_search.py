@@ -16,7 +16,7 @@ import optuna
 
 from hyperfleet.campaign import Campaign, Experiment, StudySpec
 from hyperfleet.campaign.folders import grid_points
-from hyperfleet.cluster.pools import campaign_planner
+from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
 from hyperfleet.controller.loop import StudyPlan
@@ -27,7 +27,6 @@ from hyperfleet.report.campaign import CAMPAIGN_ATTR
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, plan_pool
-from hyperfleet.resources.slots import packing_settings
 from hyperfleet.rundir import RunDir
 from hyperfleet.samplers import make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
@@ -95,24 +94,12 @@ def campaign_search(
 def campaign_packing(
     campaign: Campaign, pool: Pool, inventory: Inventory | None
 ) -> PackingSettings | None:
-    """How auto packing grows the GPUs of the studies whose slot says ``gpus = "auto"``.
-
-    Those studies share each GPU's workers, so a worker is added only when one more trial of
-    any of them fits: packed by the largest ``gpu_memory`` they declare, and, when some declare
-    none, by the most one trial was seen to hold too. None without such a study, and on many
-    machines (each node's GPUs keep one auto-packed worker)."""
-    if inventory is None or not pool.packed:
+    """How auto packing grows this machine's GPUs for the studies whose slot says ``gpus =
+    "auto"`` (see :func:`~hyperfleet.cluster.pools.shapes_packing`); None on many machines,
+    where each node's GPUs are packed as it joins (its planner's)."""
+    if inventory is None:
         return None
-    auto = [study.shape for study in campaign.studies if study.shape.auto]
-    declared = [shape.gpu_memory_mib for shape in auto if shape.gpu_memory_mib is not None]
-    by_name = {slot.name: slot for slot in pool.slots}
-    return packing_settings(
-        inventory,
-        len(pool.slots),
-        [by_name[name] for name in pool.packed],
-        max(declared, default=None),
-        undeclared_too=len(declared) < len(auto),
-    )
+    return shapes_packing([study.shape for study in campaign.studies], pool, inventory)
 
 
 class _SharedStorage:

@@ -35,10 +35,17 @@ class Change:
 
 class AutoPack:
     def __init__(
-        self, slots: list[Slot], settings: PackingSettings, spare_cores: tuple[int, ...] = ()
+        self,
+        slots: list[Slot],
+        settings: PackingSettings,
+        spare_cores: tuple[int, ...] = (),
+        node: str = "",
     ) -> None:
         """``spare_cores``: cores no slot has, lent to the workers growing adds (a worker that
-        launches kernels waits for its core: sharing the first worker's would stall both)."""
+        launches kernels waits for its core: sharing the first worker's would stall both).
+        ``node``: the node the GPUs are on, for its slots' names and messages (``node3/gpu0``);
+        "" for the controller's own machine."""
+        self._prefix = f"{node}/" if node else ""
         firsts = [s for s in slots if s.packable]
         self._spare = list(spare_cores)
         self._own_cores: dict[str, tuple[int, ...]] = {}  # lent to a grown slot, for good
@@ -160,8 +167,9 @@ class AutoPack:
 
     def _grow(self, gpu: int) -> Slot:
         used = {s.name for s in self._live[gpu]} | self._leaving
-        k = next(k for k in range(1, len(used) + 2) if f"gpu{gpu}#{k}" not in used)
-        slot = replace(self._first[gpu], name=f"gpu{gpu}#{k}")
+        name = f"{self._prefix}gpu{gpu}"
+        k = next(k for k in range(1, len(used) + 2) if f"{name}#{k}" not in used)
+        slot = replace(self._first[gpu], name=f"{name}#{k}")
         cores = self._own_cores.get(slot.name) or self._lend(slot.threads)
         if cores:
             self._own_cores[slot.name] = cores
@@ -195,7 +203,7 @@ class AutoPack:
     def _say(self, gpu: int, decision: Decision) -> None:
         n = len(self._live[gpu])
         if decision.target == n:
-            self.messages.append(f"gpu{gpu} {decision.reason}")
+            self.messages.append(f"{self._prefix}gpu{gpu} {decision.reason}")
         else:
             workers = f"{decision.target} worker{'s' * (decision.target != 1)}"
-            self.messages.append(f"gpu{gpu}: {n} -> {workers}, {decision.reason}")
+            self.messages.append(f"{self._prefix}gpu{gpu}: {n} -> {workers}, {decision.reason}")

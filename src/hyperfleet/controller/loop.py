@@ -38,15 +38,16 @@ from hyperfleet.cluster.hub import (
     NodeLeft,
     NodeLink,
 )
-from hyperfleet.cluster.pools import NodePlanner, on_node
+from hyperfleet.cluster.pools import NodePlanner, NodePool, on_node
 from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import ahead, checkpoints
 from hyperfleet.controller import bookkeeping as books
-from hyperfleet.controller.autopack import AutoPack, Change
+from hyperfleet.controller.autopack import Change
 from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.files import FileWriter
+from hyperfleet.controller.fleetpack import FleetPack
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.prepared import (
     NextTrial,
@@ -66,6 +67,7 @@ from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
 from hyperfleet.events import EventSink
 from hyperfleet.journal import PlacingJournalStorage, commit
 from hyperfleet.journal import close as close_storage
+from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
@@ -295,9 +297,11 @@ class Controller:
         self._monitor = GpuMonitor(_gpus_of(self._slots))
         packing = settings.packing
         packed = [slot for slot in self._slots if slot.name in pool.packed]
-        self._autopack = (
-            AutoPack(packed, packing, _spare_cores(self._slots)) if packing is not None else None
-        )
+        # Auto packing: this machine's GPUs, and each node's once it joins (see _add_node).
+        self._autopack: FleetPack | None = None
+        if packing is not None:
+            self._autopack = FleetPack()
+            self._autopack.add("", packed, packing, _spare_cores(self._slots))
         self._cpu: dict[str, psutil.Process] = {}
         # What users and workers see of the storage's new records waits for them to be durable:
         # one commit at a time, on the committer's thread, then these run in order (_flush).
@@ -1621,7 +1625,8 @@ class Controller:
         if self._autopack is None or self._stop_level:
             return
         pids = {name: worker.pid for name, worker in self._workers.items()}
-        changes = self._autopack.tick(self.state.gpus, pids, set(self._active), time.monotonic())
+        samples = {"": self.state.gpus, **{n: v.gpus for n, v in self.state.nodes.items()}}
+        changes = self._autopack.tick(samples, pids, set(self._active), time.monotonic())
         for change in changes:
             self._apply(change)
         if changes:  # a GPU's auto-packed trials share it: each holds 1/n of it
@@ -1636,8 +1641,10 @@ class Controller:
                 self._park(slot.name, worker, graceful=True)
             return
         if all(s.name != slot.name for s in self._slots):  # new, not one retired before
-            first = f"gpu{slot.gpus[0]}#0"
+            first = f"{slot.name.rpartition('#')[0]}#0"
             self._slots.append(slot)
+            if first in self._slot_links:  # on a node: its worker starts there
+                self._slot_links[slot.name] = self._slot_links[first]
             self._ledger.add(slot.name, together_with=first)  # the GPU's workers hold it as one
             self._cost[slot.name] = _slot_cost(slot)
             self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
@@ -1673,7 +1680,7 @@ class Controller:
         if rerun:
             number = self._active[name].record.number
             self.announce(
-                f"trial {number} ran out of memory on gpu{gpu} beside {sharing - 1} other "
+                f"trial {number} ran out of memory on {gpu} beside {sharing - 1} other "
                 "trial(s): it runs again, with fewer beside it"
             )
         return rerun
@@ -1681,10 +1688,9 @@ class Controller:
     def _announce_packing(self) -> None:
         if self._autopack is None:
             return
-        for text in self._autopack.messages:
+        for text in self._autopack.take_messages():
             self.state.packing.append(text)
             self.announce(text)
-        self._autopack.messages.clear()
 
     def _slot_named(self, name: str) -> Slot:
         return next(s for s in self._slots if s.name == name)
@@ -1777,6 +1783,7 @@ class Controller:
             self._slot_links[slot.name] = link
             self.state.slots.append(SlotView(slot.name, slot.kind, slot.gpus, slot.cores))
             self._start_worker(slot)
+        self._pack_node(link.node, slots, pool, joined.inventory)
         gpus = len({gpu for slot in slots for gpu in slot.gpus})
         cores = len(joined.inventory.cores)
         self.state.nodes[link.node] = NodeView(link.node, link.where, cores=cores)
@@ -1785,12 +1792,28 @@ class Controller:
             f"{len(joined.inventory.cores)} cores; {link.run_folder_note()}"
         )
 
+    def _pack_node(
+        self, node: str, slots: list[Slot], pool: NodePool, inventory: Inventory
+    ) -> None:
+        """Auto packing grows the node's GPUs from its agent's readings, as this machine's."""
+        packed = [slot for slot in slots if slot.packed]
+        if pool.packing is None or not packed:
+            return
+        taken = {core for slot in slots for core in slot.cores}
+        spare = tuple(sorted(set(inventory.cores) - taken))  # the node's, lent to added workers
+        if self._autopack is None:
+            self._autopack = FleetPack()
+        self._autopack.add(node, packed, pool.packing, spare)
+
     def _node_lost(self, node: str) -> None:
-        """The node's view says it is lost, unless it joined again meanwhile."""
+        """The node's view says it is lost, and its GPUs are packed no more, unless it joined
+        again meanwhile."""
         view = self.state.nodes.get(node)
         back = self._hub is not None and any(link.node == node for link in self._hub.links())
         if view is not None and not back:
             view.state, view.gpus, view.cpu_percent = "lost", {}, None
+        if self._autopack is not None and not back:
+            self._autopack.drop(node)
 
     def _read_nodes(self) -> None:
         """The nodes' newest readings into the run state (see cluster/readings.py); a GPU's
