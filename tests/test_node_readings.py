@@ -139,7 +139,7 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
     run = [
         "run", f"{OBJECTIVE}:on_its_gpu", "--n-trials", "30", "--run-dir", "run",
         "--listen", address, "--token-file", str(write_token(tmp_path)), "--cpu-slots", "0",
-        "--plain", "--no-report", "--sampler", "random",
+        "--plain", "--sampler", "random",
     ]  # fmt: skip
     controller = BackgroundRun(run, tmp_path, controller_env, name="controller")
     trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
@@ -158,3 +158,10 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
     slots = {t.user_attrs["slot"] for t in trials}
     assert {"nodeA/gpu0#0", "nodeA/gpu0#1", "nodeA/gpu0#2"} <= slots, slots
     assert not node_processes("nodeA")
+    # The summary and the report have a row for the node: its slots' trials and busy share.
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    row = r"\| nodeA \| 127\.0\.0\.1:\d+ \| \d+ \| 30 \| \d+% \| cpu \d+% of \d+, "
+    assert re.search(row + r"memory [\d.]+/\d+G, gpu0 \d+% [\d.]+/16G \|", summary), summary
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    nodes = re.search(r'<table id="nodes-table">.*?</table>', page, re.S)
+    assert nodes is not None and f"<td>nodeA</td><td>{len(slots)}</td><td>30</td>" in nodes[0]

@@ -29,6 +29,7 @@ from hyperfleet.controller.bookkeeping import (
     is_interrupted,
 )
 from hyperfleet.display import format as fmt
+from hyperfleet.display.render import gpu_use, node_cpu, node_memory
 from hyperfleet.events import EventSink
 from hyperfleet.report import tables
 from hyperfleet.rundir import RunDir, write_json
@@ -252,6 +253,7 @@ def summary_markdown(
     for study in studies:
         lines += _study_section(study)
     lines += _slots_section(state, elapsed if running is None else running)
+    lines += _nodes_section(state, elapsed if running is None else running)
     lines += _packing_section(state)
     lines += [
         "## Files",
@@ -341,6 +343,33 @@ def _packing_section(state: RunState) -> list[str]:
     if not state.packing:
         return []
     return ["## GPU packing", "", *(f"- {text}" for text in state.packing), ""]
+
+
+def _nodes_section(state: RunState, running: float) -> list[str]:
+    """On many machines, a row per node: where it joined from, its slots' trials and mean busy
+    share this run, and its last reading (CPU, memory, each GPU's use)."""
+    if not state.nodes:
+        return []
+    lines = [
+        "## Nodes",
+        "",
+        "| node | joined from | slots | trials | busy share | last reading |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for node in state.nodes.values():
+        slots = [slot for slot in state.slots if slot.name.startswith(f"{node.name}/")]
+        busy = sum(min(1.0, s.busy_seconds / running) if running > 0 else 0.0 for s in slots)
+        share = f"{100 * busy / len(slots):.0f}%" if slots else "-"
+        reading = ", ".join(
+            [f"cpu {node_cpu(node)}", f"memory {node_memory(node)}"]
+            + [gpu_use(sample, index) for index, sample in sorted(node.gpus.items())]
+        )
+        trials = sum(slot.trials_done for slot in slots)
+        lines.append(
+            f"| {node.name} | {node.where or '-'} | {len(slots)} | {trials} | {share} | "
+            f"{reading if node.state == 'joined' else node.state} |"
+        )
+    return [*lines, ""]
 
 
 def _slots_section(state: RunState, running: float) -> list[str]:

@@ -229,6 +229,7 @@ def render_page(
     from plotly.offline import get_plotlyjs
 
     sections = [figure_section(f) for f in figures]
+    sections += _nodes_section(tables.finished_trials(study))
     sections.append(_top_table_section(study, top))
     return PAGE.format(
         title=html.escape(f"hyperfleet report: {study.study_name}"),
@@ -251,6 +252,23 @@ def figure_section(figure: Figure) -> str:
         f'<script type="application/json" class="hf-figure" data-target="plot-{figure.key}">'
         f"{data}</script>\n</section>"
     )
+
+
+def _nodes_section(trials: list[FrozenTrial]) -> list[str]:
+    """On many machines, a row per node: its slots, trials and mean busy share."""
+    rows = tables.node_rows(trials)
+    if not rows:
+        return []
+    body = "\n".join(
+        f"<tr><td>{html.escape(row.node)}</td><td>{row.slots}</td><td>{row.trials}</td>"
+        f"<td>{100 * row.busy_share:.0f}%</td></tr>"
+        for row in rows
+    )
+    return [
+        '<section id="nodes"><h2>Nodes</h2>\n<table id="nodes-table"><thead><tr><th>node</th>'
+        "<th>slots</th><th>trials</th><th>busy share</th></tr></thead>\n"
+        f"<tbody>{body}</tbody></table></section>"
+    ]
 
 
 def _top_table_section(study: optuna.Study, top: list[FrozenTrial]) -> str:

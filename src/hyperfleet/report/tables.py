@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,40 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
             total += end - start
             reached = end
     return total
+
+
+# ----- the nodes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One node of a run on many machines: its slots that ran trials, their trials, and their
+    mean busy share (of the time the search ran trials, as each slot's)."""
+
+    node: str
+    slots: int
+    trials: int
+    busy_share: float
+
+
+def node_rows(trials: list[FrozenTrial]) -> list[NodeRow]:
+    """A row per node the finished ``trials`` ran on (``node3`` of the slot ``node3/gpu0#1``);
+    none on a single machine."""
+    fractions = busy_fractions(trials)
+    counts: dict[str, int] = {}
+    for trial in trials:
+        counts[slot_of(trial)] = counts.get(slot_of(trial), 0) + 1
+    by_node: dict[str, list[str]] = {}
+    for slot in fractions:
+        node = slot.rpartition("/")[0]
+        if node:
+            by_node.setdefault(node, []).append(slot)
+    return [
+        NodeRow(
+            node,
+            len(slots),
+            sum(counts[slot] for slot in slots),
+            sum(fractions[slot] for slot in slots) / len(slots),
+        )
+        for node, slots in sorted(by_node.items())
+    ]
