@@ -165,3 +165,38 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     nodes = re.search(r'<table id="nodes-table">.*?</table>', page, re.S)
     assert nodes is not None and f"<td>nodeA</td><td>{len(slots)}</td><td>30</td>" in nodes[0]
+
+
+def test_a_campaigns_auto_study_grows_a_remote_nodes_gpu(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-nodeA")}
+    campaign = tmp_path / "campaign.toml"
+    campaign.write_text(
+        f"""
+        [pool]
+        cpu_slots = 0
+
+        [[study]]
+        name = "small"
+        objective = "{OBJECTIVE}:on_its_gpu"
+        sampler = "random"
+        n_trials = 24
+        slot = {{ gpus = "auto" }}
+        """
+    )
+    run = [
+        "run", str(campaign), "--run-dir", "run", "--listen", address,
+        "--token-file", str(write_token(tmp_path)), "--plain", "--no-report",
+    ]  # fmt: skip
+    controller = BackgroundRun(run, tmp_path, {**cpu_only_env(), **fake_gpus}, name="controller")
+    trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
+    agent = Agent(tmp_path, address, "nodeA", 1, nap=0.4, env=trial_env)
+    try:
+        assert controller.wait(120) == 0, controller.stderr
+        assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        controller.stop()
+        agent.stop()
+    assert "nodeA/gpu0: 1 -> 2 workers, " in run_log(tmp_path), run_log(tmp_path)
+    trials = load_trials(tmp_path / "run", "small")
+    assert {"nodeA/gpu0#0", "nodeA/gpu0#1"} <= {t.user_attrs["slot"] for t in trials}
