@@ -1,20 +1,24 @@
 """``--slurm`` inside a real allocation of a real SLURM cluster (slurmctld and two slurmd on
-this machine): srun places one agent on each allocated node and the search uses every slot."""
+this machine): srun places one agent on each allocated node and the search uses every slot; the
+example job script survives a preemption, a time limit's signal and a resubmission."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from support.nodes import OBJECTIVE
-from support.procs import cpu_only_env, load_trials
+from support.procs import cpu_only_env, load_trials, wait_until
 from support.slurm import NODES, slurm_cluster
 
 pytestmark = pytest.mark.cluster
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "slurm" / "search.sbatch"
+STUDY = "node_objective-where_it_runs"
 
 
 def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
@@ -48,3 +52,95 @@ def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
     for trial in trials:  # the agent's node is where SLURM ran it
         assert trial.user_attrs["slot"].startswith(trial.user_attrs["node"] + "/")
         assert trial.user_attrs["cuda_visible_devices"] == "GPU-fake-0"
+
+
+def test_the_example_job_script_loses_no_trial_to_preemption_or_time_limits(
+    tmp_path: Path,
+) -> None:
+    """examples/slurm/search.sbatch as shipped, its search set by its variables and its
+    resources by sbatch's flags (two nodes of two fake GPUs, no GRES). Preempted in requeue
+    mode (``scontrol requeue``: SIGTERM to every process of the job at once), it runs again by
+    itself; then the signal its time limit sends (SIGTERM to the batch shell alone) stops it
+    gracefully, and submitted again it finishes: every trial of the budget completes once, and
+    those the preemption ended are interrupted, never crashes."""
+    n_trials = 16
+    with slurm_cluster(tmp_path / "slurm") as slurm_env:
+        env = {
+            **cpu_only_env(),
+            "SLURM_CONF": slurm_env["SLURM_CONF"],
+            "HYPERFLEET_FAKE_GPUS": "2",
+            "HYPERFLEET_TEST_NAP": "1",
+            "VENV": sys.prefix,
+            "TARGET": f"{OBJECTIVE}:where_it_runs",
+            "N_TRIALS": str(n_trials),
+            "DIRECTION": "minimize",
+            "RUN_DIR": "run",
+            "STOP_GRACE": "20s",
+            "EXTRA_FLAGS": "--cpu-slots 0 --no-report",
+        }
+        env.pop("CUDA_VISIBLE_DEVICES")
+
+        def slurm(*command: str) -> str:
+            done = subprocess.run(
+                command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+
+        def job_state(job: str) -> str:
+            return slurm("squeue", "-h", "-j", job, "-o", "%T")  # "" once it left the queue
+
+        def wait_for(what: str, condition: Callable[[list[FrozenTrial]], bool]) -> None:
+            wait_until(lambda: condition(_trials(tmp_path / "run")), 60, what)
+
+        submit = ("sbatch", "--parsable", f"--nodes={len(NODES)}", "--gres=none", str(SCRIPT))
+        job = slurm(*submit)
+        wait_for("trials to complete and run", lambda t: _count(t, "COMPLETE") >= 4)
+        wait_for("4 trials to run", lambda t: _count(t, "RUNNING") == 4)
+
+        slurm("scontrol", "requeue", job)  # what a preemption in requeue mode does
+        wait_until(lambda: job_state(job) == "PENDING", 30, "the job to be queued again")
+        wait_until(lambda: _start_now(slurm, job), 60, "the requeued job to start again")
+        wait_for("the requeued job's trials", lambda t: _count(t, "COMPLETE") >= 10)
+
+        slurm("scancel", "--batch", "--signal=TERM", job)  # what --signal=B:TERM@60 sends
+        wait_until(lambda: not job_state(job), 60, "the job to end")
+        assert _count(_trials(tmp_path / "run"), "COMPLETE") < n_trials
+        again = slurm(*submit)
+        wait_until(lambda: not job_state(again), 60, "the resubmitted job to end")
+        output = (tmp_path / f"hyperfleet-{job}.out").read_text()
+
+    trials = _trials(tmp_path / "run")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, output  # the preemption ended running trials
+    assert {t.system_attrs["hyperfleet:fail_kind"] for t in failed} == {"interrupted"}, output
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials
+    chains = [t.user_attrs.get("hyperfleet.first_attempt", t.number) for t in complete]
+    assert len(set(chains)) == n_trials  # no trial completed twice
+    repeated = {t.user_attrs["hyperfleet.retry_of"] for t in trials if t.state.is_finished()
+                and "hyperfleet.retry_of" in t.user_attrs}  # fmt: skip
+    assert repeated == {t.number for t in failed}  # each interrupted trial ran again
+    assert "stopping (SIGTERM)" in output
+
+
+def _start_now(slurm: Callable[..., str], job: str) -> bool:
+    """Whether the requeued job runs; if not, lift SLURM's requeue delay (its start time is
+    set when the job has finished leaving its nodes, so it is lifted until it starts)."""
+    if slurm("squeue", "-h", "-j", job, "-o", "%T") == "RUNNING":
+        return True
+    slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
+    return False
+
+
+def _trials(run_dir: Path) -> list[FrozenTrial]:
+    if not (run_dir / "optuna.journal").exists():  # loading would make it
+        return []
+    try:
+        return load_trials(run_dir, STUDY)
+    except KeyError:  # no study yet
+        return []
+
+
+def _count(trials: list[FrozenTrial], state: str) -> int:
+    return sum(t.state.name == state for t in trials)
