@@ -5,6 +5,7 @@ status``, as the controller's own machine's do; auto packing grows a node's GPU 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
+from hyperfleet.cluster.readings import STALE_PROBLEM
 from hyperfleet.resources import fakegpu
 from hyperfleet.status import format_status, status
 from support.background import BackgroundRun
@@ -200,3 +202,44 @@ def test_a_campaigns_auto_study_grows_a_remote_nodes_gpu(tmp_path: Path) -> None
     assert "nodeA/gpu0: 1 -> 2 workers, " in run_log(tmp_path), run_log(tmp_path)
     trials = load_trials(tmp_path / "run", "small")
     assert {"nodeA/gpu0#0", "nodeA/gpu0#1"} <= {t.user_attrs["slot"] for t in trials}
+
+
+def test_a_node_whose_gpu_readings_hang_stays_in_the_run_and_its_gpus_read_nothing(
+    tmp_path: Path,
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    run = [
+        "run", f"{OBJECTIVE}:on_its_gpu", "--n-trials", "10", "--run-dir", "run",
+        "--listen", address, "--token-file", str(write_token(tmp_path)), "--cpu-slots", "0",
+        "--plain", "--no-report",
+    ]  # fmt: skip
+    controller = BackgroundRun(run, tmp_path, cpu_only_env(), name="controller")
+    fake_gpus = tmp_path / "fake-gpus-nodeA"
+    agent = Agent(
+        tmp_path, address, "nodeA", 1, nap=1.0, env={fakegpu.FAKE_GPU_DIR_ENV: str(fake_gpus)}
+    )
+    try:
+        wait_until(lambda: _node_gpu(tmp_path, "nodeA", 0) is not None, 30, "a first reading")
+        # The fake GPU's lock held: reading it hangs, as NVML can on a GPU in trouble.
+        with (fake_gpus / "gpu0" / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+
+                def stale() -> bool:
+                    gpu = _node_gpu(tmp_path, "nodeA", 0)
+                    return gpu is not None and gpu["problem"] == STALE_PROBLEM
+
+                wait_until(stale, 20, "nodeA's GPU to read nothing")
+                gpu = _node_gpu(tmp_path, "nodeA", 0)
+                assert gpu is not None and gpu["memory_used_mib"] is None
+                # Its heartbeats went on meanwhile: it was not lost.
+                assert _status_json(tmp_path)["nodes"][0]["state"] == "joined"
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        wait_until(lambda: not stale(), 20, "nodeA's GPU to read again")
+        assert controller.wait(60) == 0, controller.stderr
+        assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        controller.stop()
+        agent.stop()
+    assert "lost" not in run_log(tmp_path), run_log(tmp_path)

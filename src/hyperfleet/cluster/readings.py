@@ -15,14 +15,20 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import psutil
 
 from hyperfleet.cluster.messages import NodeReading
 from hyperfleet.resources.inventory import Gpu
-from hyperfleet.resources.monitor import GpuMonitor
+from hyperfleet.resources.monitor import GpuMonitor, GpuSample
 
 READING_SECONDS = 1.0  # the controller's own machine is read once per tick, about as often
+# A node whose readings stop this long (its NVML not answering) has GPUs nobody can read.
+STALE_SECONDS = 5.0
+STALE_PROBLEM = (
+    f"its node has sent no reading for {STALE_SECONDS:g}s or more (NVML not answering there?)"
+)
 _MIB = 1024 * 1024
 
 
@@ -102,3 +108,21 @@ class NodeSampler:
                     continue
                 used[wid] = float(process.cpu_percent(None))
         return used
+
+
+def node_gpus(reading: NodeReading, age: float) -> dict[int, GpuSample]:
+    """The node's GPUs by index, as the reading ``age`` seconds old says them; once it is stale,
+    each reads nothing and has a problem (the live view shows no figure, auto packing adds no
+    worker), as a GPU its own machine's NVML cannot read."""
+    if age <= STALE_SECONDS:
+        return {sample.index: sample for sample in reading.gpus}
+    return {
+        sample.index: replace(
+            sample,
+            utilization_pct=None,
+            memory_used_mib=None,
+            process_mib=None,
+            problem=sample.problem or STALE_PROBLEM,
+        )
+        for sample in reading.gpus
+    }

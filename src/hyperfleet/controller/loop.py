@@ -39,6 +39,7 @@ from hyperfleet.cluster.hub import (
     NodeLink,
 )
 from hyperfleet.cluster.pools import NodePlanner, NodePool, on_node
+from hyperfleet.cluster.readings import node_gpus
 from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.config import RunSettings
 from hyperfleet.controller import ahead, checkpoints
@@ -1825,7 +1826,7 @@ class Controller:
             if view is None or reading is None:
                 continue
             view.state = "joined"
-            view.gpus = {sample.index: sample for sample in reading.gpus}
+            view.gpus = node_gpus(reading, time.time() - (link.read_at or 0.0))
             view.cpu_percent = reading.cpu_percent
             view.memory_used_mib = reading.memory_used_mib
             view.memory_total_mib = reading.memory_total_mib
