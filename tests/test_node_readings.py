@@ -6,6 +6,7 @@ status``, as the controller's own machine's do; auto packing grows a node's GPU 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -17,9 +18,13 @@ from typing import Any
 
 import pytest
 from optuna.trial import TrialState
+from rich.console import Console
 
 from hyperfleet.cluster.readings import STALE_PROBLEM
+from hyperfleet.display.render import render
 from hyperfleet.resources import fakegpu
+from hyperfleet.resources.monitor import GpuSample
+from hyperfleet.state import NodeView, RunState, SlotView
 from hyperfleet.status import format_status, status
 from support.background import BackgroundRun
 from support.nodes import OBJECTIVE, Agent, free_port, node_processes, run_log, write_token
@@ -243,3 +248,33 @@ def test_a_node_whose_gpu_readings_hang_stays_in_the_run_and_its_gpus_read_nothi
         controller.stop()
         agent.stop()
     assert "lost" not in run_log(tmp_path), run_log(tmp_path)
+
+
+def test_the_live_view_draws_a_nodes_slots_from_its_readings() -> None:
+    """Drawn from a hand-built state: a remote GPU slot reads its own node's GPU (not the
+    controller's GPU of the same index), a remote CPU slot its CPU use, and each node has a
+    row with its CPU, memory and GPUs."""
+    state = RunState("search", "/runs/search")
+    state.slots = [
+        SlotView("gpu0#0", "gpu", (0,), (0,), state="busy"),
+        SlotView("nodeA/gpu0#0", "gpu", (0,), (1,), state="busy"),
+        SlotView("nodeA/cpu#0", "cpu", (), (2,), state="busy", cpu_percent=97.0),
+    ]
+    state.gpus = {0: GpuSample(0, 5.0, 1024, 80 * 1024)}
+    node_gpus = {0: GpuSample(0, 40.0, 3000, 16384)}
+    state.nodes = {
+        "nodeA": NodeView("nodeA", "10.0.0.7:5000", "joined", 16, node_gpus, 35.0, 3174, 15360),
+        "nodeB": NodeView("nodeB", "10.0.0.8:5000", "lost"),
+    }
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(render(state, 160))
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+
+    def row(start: str) -> str:
+        return next(line.strip() for line in lines if line.strip().startswith(start))
+
+    assert row("gpu0#0").endswith("gpu0 5% 1.0/80G")
+    assert row("nodeA/gpu0#0").endswith("gpu0 40% 2.9/16G")
+    assert row("nodeA/cpu#0").endswith("cpu 97%")
+    assert re.search(r"nodeA +joined +2 +35% of 16 +3\.1/15G +gpu0 40% 2\.9/16G$", row("nodeA "))
+    assert re.search(r"nodeB +lost +0 +- +- +-$", row("nodeB "))
