@@ -4,11 +4,14 @@ example job script survives a preemption, a time limit's signal and a resubmissi
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
@@ -52,6 +55,48 @@ def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
     for trial in trials:  # the agent's node is where SLURM ran it
         assert trial.user_attrs["slot"].startswith(trial.user_attrs["node"] + "/")
         assert trial.user_attrs["cuda_visible_devices"] == "GPU-fake-0"
+
+
+def test_the_controller_listens_where_the_other_nodes_reach_it(tmp_path: Path) -> None:
+    """Node n2 is reached at this machine's own address (its NodeAddr), as a node elsewhere
+    is. Where the host name resolves to a loopback address (Debian names the host 127.0.1.1),
+    the controller on n1 listens on the interface towards n2, not on the loopback."""
+    here = _non_loopback_address()
+    with slurm_cluster(tmp_path / "slurm", {"n2": here}) as slurm_env:
+        env = {
+            **cpu_only_env(),
+            "SLURM_CONF": slurm_env["SLURM_CONF"],
+            "HYPERFLEET_FAKE_GPUS": "1",
+            "HYPERFLEET_TEST_NAP": "0.1",
+        }
+        env.pop("CUDA_VISIBLE_DEVICES")
+        search = [
+            sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
+            "--n-trials", "4", "--slurm", "--run-dir", "run", "--cpu-slots", "0",
+            "--plain", "--no-report",
+        ]  # fmt: skip
+        done = subprocess.run(
+            ["salloc", f"--nodes={len(NODES)}", "--nodelist=n1,n2", *search],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    own = socket.gethostbyname(socket.gethostname())
+    expected = here if ipaddress.ip_address(own).is_loopback else own
+    assert f"listening for agents on {expected}:" in done.stdout, done.stdout
+    assert "node n2 joined" in done.stdout and "warning" not in done.stderr
+
+
+def _non_loopback_address() -> str:
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    pytest.skip("this machine has no IPv4 address outside the loopback")
 
 
 def test_the_example_job_script_loses_no_trial_to_preemption_or_time_limits(

@@ -12,7 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -32,11 +32,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _config(folder: Path) -> str:
+def _config(folder: Path, addresses: Mapping[str, str]) -> str:
     host = socket.gethostname()
     nodes = "\n".join(
-        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs="
-        f"{os.cpu_count() or 1} State=UNKNOWN"
+        f"NodeName={n} NodeHostname={host} NodeAddr={addresses.get(n, '127.0.0.1')} "
+        f"Port={_free_port()} CPUs={os.cpu_count() or 1} State=UNKNOWN"
         for n in NODES
     )
     return f"""ClusterName=hftest
@@ -71,8 +71,11 @@ def _run(*args: str, env: dict[str, str]) -> None:
 
 
 @contextmanager
-def slurm_cluster(folder: Path) -> Iterator[dict[str, str]]:
-    """Yields the environment that points SLURM's commands at the cluster."""
+def slurm_cluster(
+    folder: Path, addresses: Mapping[str, str] | None = None
+) -> Iterator[dict[str, str]]:
+    """Yields the environment that points SLURM's commands at the cluster. ``addresses``: the
+    address SLURM reaches a node by (``NodeAddr``, default 127.0.0.1), one of this machine's."""
     missing = [name for name in DAEMONS if shutil.which(name) is None]
     if os.geteuid() != 0 or missing or not MUNGE_KEY.exists():
         pytest.skip(f"a SLURM cluster here needs root, slurm-wlm and munge (missing: {missing})")
@@ -83,7 +86,7 @@ def slurm_cluster(folder: Path) -> Iterator[dict[str, str]]:
     shutil.copyfile(MUNGE_KEY, key)
     key.chmod(0o600)
     conf = folder / "slurm.conf"
-    conf.write_text(_config(folder))
+    conf.write_text(_config(folder, addresses or {}))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     try:
         _start_daemons(folder, conf, key, env)

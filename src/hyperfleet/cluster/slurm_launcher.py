@@ -5,12 +5,20 @@ step, ``srun --ntasks-per-node=1 --whole hyperfleet agent ...``: SLURM places an
 node with the node's whole share of the allocation (its cores, and the GPUs the job holds
 there, in ``CUDA_VISIBLE_DEVICES``), and kills them with the job. The token travels in the
 step's environment, never on a command line that ``ps`` or ``squeue`` would show.
+
+The controller listens on this node's address as its host name resolves, unless that is a
+loopback address (Debian's ``/etc/hosts`` names the host 127.0.1.1) while the job has nodes
+elsewhere: then on the address of the interface this node reaches them through, found from the
+addresses SLURM itself uses for them (``NodeAddr``). When neither works it says so and how to
+choose one (``--listen``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,8 +58,26 @@ class SlurmLauncher:
         self._step: subprocess.Popen[bytes] | None = None
 
     def listen_host(self) -> str:
-        """This node's address as the cluster resolves its name: what the others reach."""
-        return socket.gethostbyname(socket.gethostname())
+        """This node's address as the job's other nodes reach it (see the module's doc)."""
+        own = _resolve(socket.gethostname()) or "127.0.0.1"
+        if not _loopback(own):
+            return own
+        peers = node_addresses(os.environ.get("SLURM_JOB_NODELIST", ""))
+        this = os.environ.get("SLURMD_NODENAME", "")
+        elsewhere = [addr for node, addr in peers.items() if node != this and not _loopback(addr)]
+        for peer in elsewhere:
+            source = _source_towards(peer)
+            if source is not None and not _loopback(source):
+                return source
+        if elsewhere or (int(self._nodes) > 1 and not peers):
+            print(
+                f"hyperfleet: warning: this node's host name resolves to {own}, which the "
+                "job's other nodes cannot reach, and no interface towards them was found: "
+                "pass --listen ADDRESS:0 with this node's address on the cluster's network",
+                file=sys.stderr,
+                flush=True,
+            )
+        return own
 
     def start(self, connect_to: str, token: bytes, lose: Callable[[str, str], None]) -> None:
         env = {**os.environ, TOKEN_ENV: token.decode()}
@@ -72,3 +98,51 @@ class SlurmLauncher:
             if step.poll() is None:
                 step.kill()
                 step.wait()
+
+
+def node_addresses(nodelist: str) -> dict[str, str]:
+    """The job's nodes and the IP address of each, as SLURM reaches them (``NodeAddr``);
+    empty when ``scontrol`` cannot say."""
+    if not nodelist:
+        return {}
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "node", "--oneliner", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in shown.splitlines():
+        name, addr = re.search(r"NodeName=(\S+)", line), re.search(r"NodeAddr=(\S+)", line)
+        if name and addr and (resolved := _resolve(addr.group(1))) is not None:
+            found[name.group(1)] = resolved
+    return found
+
+
+def _resolve(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _source_towards(peer: str) -> str | None:
+    """This machine's address on the interface its routes use towards ``peer`` (a UDP
+    socket's connect sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((peer, 9))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
