@@ -101,16 +101,16 @@ def test_a_remote_slots_gpu_use_reaches_the_live_view_and_status(tmp_path: Path)
         "--no-report",
     )  # fmt: skip
     controller = Terminal(run, tmp_path, env)
-    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-nodeA"), **TRIAL_ENV}
-    agent = Agent(tmp_path, address, "nodeA", 1, nap=2.0, env=fake_gpus)
+    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode"), **TRIAL_ENV}
+    agent = Agent(tmp_path, address, "rnode", 1, nap=2.0, env=fake_gpus)
     try:
 
         def trial_seen_on_its_gpu() -> bool:
-            gpu = _node_gpu(tmp_path, "nodeA", 0)
+            gpu = _node_gpu(tmp_path, "rnode", 0)
             return gpu is not None and gpu["memory_used_mib"] == 3000
 
-        wait_until(trial_seen_on_its_gpu, 30, "nodeA's GPU reading in status.json")
-        gpu = _node_gpu(tmp_path, "nodeA", 0)
+        wait_until(trial_seen_on_its_gpu, 30, "rnode's GPU reading in status.json")
+        gpu = _node_gpu(tmp_path, "rnode", 0)
         assert gpu == {
             "index": 0,
             "utilization_pct": 40.0,
@@ -122,7 +122,7 @@ def test_a_remote_slots_gpu_use_reaches_the_live_view_and_status(tmp_path: Path)
         assert node["state"] == "joined" and node["cores"] == len(os.sched_getaffinity(0))
         assert 0 < node["memory_used_mib"] < node["memory_total_mib"]
         text = format_status(status(tmp_path / "run"))
-        assert re.search(r"nodeA +joined +1 slot, \d+% busy; cpu \d+% of \d+, memory ", text), text
+        assert re.search(r"rnode +joined +1 slot, \d+% busy; cpu \d+% of \d+, memory ", text), text
         assert "gpu0 40% 2.9/16G" in text, text
         assert controller.wait(60) == 0, controller.text()
         assert agent.wait(15) == 0, agent.log.read_text()
@@ -131,16 +131,16 @@ def test_a_remote_slots_gpu_use_reaches_the_live_view_and_status(tmp_path: Path)
         agent.stop()
     drawn = controller.text()
     # The remote slot's row and the node's, as the live view drew them while trials ran.
-    assert re.search(r"nodeA/gpu0#0 +busy .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
-    assert re.search(r"nodeA +joined +1 .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
-    assert not node_processes("nodeA")
+    assert re.search(r"rnode/gpu0#0 +busy .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
+    assert re.search(r"rnode +joined +1 .*gpu0 40% 2\.9/16G", drawn), drawn[-3000:]
+    assert not node_processes("rnode")
 
 
 def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path) -> None:
     # As on one machine (test_autopack): each trial keeps the GPU 22 % busy with 1000 MiB, so
     # the node's GPU has room for more than one worker.
     address = f"127.0.0.1:{free_port()}"
-    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-nodeA")}
+    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode")}
     # The controller judges from its own environment whether fake GPUs read anything.
     controller_env = {**cpu_only_env(), **fake_gpus}
     run = [
@@ -150,7 +150,7 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
     ]  # fmt: skip
     controller = BackgroundRun(run, tmp_path, controller_env, name="controller")
     trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
-    agent = Agent(tmp_path, address, "nodeA", 1, nap=0.4, env=trial_env)
+    agent = Agent(tmp_path, address, "rnode", 1, nap=0.4, env=trial_env)
     try:
         assert controller.wait(120) == 0, controller.stderr
         assert agent.wait(15) == 0, agent.log.read_text()
@@ -158,25 +158,25 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
         controller.stop()
         agent.stop()
     log = run_log(tmp_path)
-    assert "nodeA/gpu0: 1 -> 2 workers, " in log, log
-    assert "nodeA/gpu0: 2 -> 3 workers, " in log, log
+    assert "rnode/gpu0: 1 -> 2 workers, " in log, log
+    assert "rnode/gpu0: 2 -> 3 workers, " in log, log
     trials = load_trials(tmp_path / "run", "node_objective-on_its_gpu")
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 30
     slots = {t.user_attrs["slot"] for t in trials}
-    assert {"nodeA/gpu0#0", "nodeA/gpu0#1", "nodeA/gpu0#2"} <= slots, slots
-    assert not node_processes("nodeA")
+    assert {"rnode/gpu0#0", "rnode/gpu0#1", "rnode/gpu0#2"} <= slots, slots
+    assert not node_processes("rnode")
     # The summary and the report have a row for the node: its slots' trials and busy share.
     summary = (tmp_path / "run" / "summary.md").read_text()
-    row = r"\| nodeA \| 127\.0\.0\.1:\d+ \| \d+ \| 30 \| \d+% \| cpu \d+% of \d+, "
+    row = r"\| rnode \| 127\.0\.0\.1:\d+ \| \d+ \| 30 \| \d+% \| cpu \d+% of \d+, "
     assert re.search(row + r"memory [\d.]+/\d+G, gpu0 \d+% [\d.]+/16G \|", summary), summary
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     nodes = re.search(r'<table id="nodes-table">.*?</table>', page, re.S)
-    assert nodes is not None and f"<td>nodeA</td><td>{len(slots)}</td><td>30</td>" in nodes[0]
+    assert nodes is not None and f"<td>rnode</td><td>{len(slots)}</td><td>30</td>" in nodes[0]
 
 
 def test_a_campaigns_auto_study_grows_a_remote_nodes_gpu(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
-    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-nodeA")}
+    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode")}
     campaign = tmp_path / "campaign.toml"
     campaign.write_text(
         f"""
@@ -197,16 +197,16 @@ def test_a_campaigns_auto_study_grows_a_remote_nodes_gpu(tmp_path: Path) -> None
     ]  # fmt: skip
     controller = BackgroundRun(run, tmp_path, {**cpu_only_env(), **fake_gpus}, name="controller")
     trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
-    agent = Agent(tmp_path, address, "nodeA", 1, nap=0.4, env=trial_env)
+    agent = Agent(tmp_path, address, "rnode", 1, nap=0.4, env=trial_env)
     try:
         assert controller.wait(120) == 0, controller.stderr
         assert agent.wait(15) == 0, agent.log.read_text()
     finally:
         controller.stop()
         agent.stop()
-    assert "nodeA/gpu0: 1 -> 2 workers, " in run_log(tmp_path), run_log(tmp_path)
+    assert "rnode/gpu0: 1 -> 2 workers, " in run_log(tmp_path), run_log(tmp_path)
     trials = load_trials(tmp_path / "run", "small")
-    assert {"nodeA/gpu0#0", "nodeA/gpu0#1"} <= {t.user_attrs["slot"] for t in trials}
+    assert {"rnode/gpu0#0", "rnode/gpu0#1"} <= {t.user_attrs["slot"] for t in trials}
 
 
 def test_a_node_whose_gpu_readings_hang_stays_in_the_run_and_its_gpus_read_nothing(
@@ -219,29 +219,29 @@ def test_a_node_whose_gpu_readings_hang_stays_in_the_run_and_its_gpus_read_nothi
         "--plain", "--no-report",
     ]  # fmt: skip
     controller = BackgroundRun(run, tmp_path, cpu_only_env(), name="controller")
-    fake_gpus = tmp_path / "fake-gpus-nodeA"
+    fake_gpus = tmp_path / "fake-gpus-rnode"
     agent = Agent(
-        tmp_path, address, "nodeA", 1, nap=1.0, env={fakegpu.FAKE_GPU_DIR_ENV: str(fake_gpus)}
+        tmp_path, address, "rnode", 1, nap=1.0, env={fakegpu.FAKE_GPU_DIR_ENV: str(fake_gpus)}
     )
     try:
-        wait_until(lambda: _node_gpu(tmp_path, "nodeA", 0) is not None, 30, "a first reading")
+        wait_until(lambda: _node_gpu(tmp_path, "rnode", 0) is not None, 30, "a first reading")
         # The fake GPU's lock held: reading it hangs, as NVML can on a GPU in trouble.
         with (fake_gpus / "gpu0" / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
 
                 def stale() -> bool:
-                    gpu = _node_gpu(tmp_path, "nodeA", 0)
+                    gpu = _node_gpu(tmp_path, "rnode", 0)
                     return gpu is not None and gpu["problem"] == STALE_PROBLEM
 
-                wait_until(stale, 20, "nodeA's GPU to read nothing")
-                gpu = _node_gpu(tmp_path, "nodeA", 0)
+                wait_until(stale, 20, "rnode's GPU to read nothing")
+                gpu = _node_gpu(tmp_path, "rnode", 0)
                 assert gpu is not None and gpu["memory_used_mib"] is None
                 # Its heartbeats went on meanwhile: it was not lost.
                 assert _status_json(tmp_path)["nodes"][0]["state"] == "joined"
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        wait_until(lambda: not stale(), 20, "nodeA's GPU to read again")
+        wait_until(lambda: not stale(), 20, "rnode's GPU to read again")
         assert controller.wait(60) == 0, controller.stderr
         assert agent.wait(15) == 0, agent.log.read_text()
     finally:
@@ -257,13 +257,13 @@ def test_the_live_view_draws_a_nodes_slots_from_its_readings() -> None:
     state = RunState("search", "/runs/search")
     state.slots = [
         SlotView("gpu0#0", "gpu", (0,), (0,), state="busy"),
-        SlotView("nodeA/gpu0#0", "gpu", (0,), (1,), state="busy"),
-        SlotView("nodeA/cpu#0", "cpu", (), (2,), state="busy", cpu_percent=97.0),
+        SlotView("rnode/gpu0#0", "gpu", (0,), (1,), state="busy"),
+        SlotView("rnode/cpu#0", "cpu", (), (2,), state="busy", cpu_percent=97.0),
     ]
     state.gpus = {0: GpuSample(0, 5.0, 1024, 80 * 1024)}
     node_gpus = {0: GpuSample(0, 40.0, 3000, 16384)}
     state.nodes = {
-        "nodeA": NodeView("nodeA", "10.0.0.7:5000", "joined", 16, node_gpus, 35.0, 3174, 15360),
+        "rnode": NodeView("rnode", "10.0.0.7:5000", "joined", 16, node_gpus, 35.0, 3174, 15360),
         "nodeB": NodeView("nodeB", "10.0.0.8:5000", "lost"),
     }
     console = Console(file=io.StringIO(), width=160, color_system=None)
@@ -274,7 +274,7 @@ def test_the_live_view_draws_a_nodes_slots_from_its_readings() -> None:
         return next(line.strip() for line in lines if line.strip().startswith(start))
 
     assert row("gpu0#0").endswith("gpu0 5% 1.0/80G")
-    assert row("nodeA/gpu0#0").endswith("gpu0 40% 2.9/16G")
-    assert row("nodeA/cpu#0").endswith("cpu 97%")
-    assert re.search(r"nodeA +joined +2 +35% of 16 +3\.1/15G +gpu0 40% 2\.9/16G$", row("nodeA "))
+    assert row("rnode/gpu0#0").endswith("gpu0 40% 2.9/16G")
+    assert row("rnode/cpu#0").endswith("cpu 97%")
+    assert re.search(r"rnode +joined +2 +35% of 16 +3\.1/15G +gpu0 40% 2\.9/16G$", row("rnode "))
     assert re.search(r"nodeB +lost +0 +- +- +-$", row("nodeB "))
