@@ -12,7 +12,8 @@ nothing late from it reaches a trial.
 
 A node that does not see the run directory sends each trial's logs; the loop hands them to
 the controller's file writer, ahead of the trial's result (see
-:mod:`hyperfleet.cluster.trialfiles`).
+:mod:`hyperfleet.cluster.trialfiles`). Each node's newest readings (its GPUs, CPU and memory;
+see :mod:`hyperfleet.cluster.readings`) are kept on its link, for the loop to take once a tick.
 """
 
 from __future__ import annotations
