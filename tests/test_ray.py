@@ -5,13 +5,18 @@ cluster of its own: one run's agents must not be in the way of the next run's.""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 import pytest
 from optuna.trial import TrialState
 
@@ -19,6 +24,7 @@ import hyperfleet
 from support import node_objective
 from support.node_objective import where_it_runs
 from support.procs import wait_until
+from support.ray_objectives import LONG_ON_ENV, saves_when_asked
 
 pytestmark = pytest.mark.cluster
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'hyperfleet[ray]')")
@@ -36,12 +42,14 @@ def ray_cluster() -> Iterator[Any]:
         patch.setenv("HYPERFLEET_FAKE_GPUS", "2")
         patch.setenv("HYPERFLEET_TEST_NAP", "0.5")
         patch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        # Each agent reserves its node's CPUs and pins its slots to as many cores: two, the
+        # cores of the machine, as each node were one.
         cluster = cluster_utils.Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": NODE_GPUS[0]}
+            initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": NODE_GPUS[0]}
         )
         try:
             for gpus in NODE_GPUS[1:]:
-                cluster.add_node(num_cpus=1, num_gpus=gpus)
+                cluster.add_node(num_cpus=2, num_gpus=gpus)
             cluster.wait_for_nodes()
             yield cluster
         finally:
@@ -76,7 +84,7 @@ def test_a_campaign_on_ray_uses_every_slot_of_every_node(
     ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    expected = _gpu_slots()
+    expected = _gpu_slots(ray_cluster.address)
     campaign = tmp_path / "campaign.toml"
     objective = Path(node_objective.__file__)
     campaign.write_text(CAMPAIGN.format(address=ray_cluster.address, objective=objective))
@@ -95,7 +103,7 @@ def test_ray_places_one_agent_per_node_and_a_removed_node_loses_only_its_trials(
     ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    expected = _gpu_slots()
+    expected = _gpu_slots(ray_cluster.address)
     study = optuna.create_study(study_name="on-ray", direction="maximize")
     outcomes: list[Any] = []
     search = threading.Thread(
@@ -147,8 +155,200 @@ def _assert_pinned(trials: list[optuna.trial.FrozenTrial]) -> None:
         assert trial.user_attrs["affinity"] == trial.user_attrs["slot_cores"]
 
 
-def _gpu_slots() -> set[str]:
+def _gpu_slots(address: str) -> set[str]:
     """The slot names of every GPU of every live node: ray-<node id>/gpu<k>#0."""
-    ray.init(address="auto", ignore_reinit_error=True)
+    # This cluster's address: "auto" takes the newest of the machine's, maybe another test's.
+    ray.init(address=address, ignore_reinit_error=True)
     gpus = {node["NodeID"]: int(node["Resources"]["GPU"]) for node in ray.nodes() if node["Alive"]}
     return {f"ray-{node_id[:6]}/gpu{k}#0" for node_id, n in gpus.items() for k in range(n)}
+
+
+# ----- a shared Ray cluster: what other work holds, agents that die, drained nodes ---------
+
+
+@contextlib.contextmanager
+def local_cluster(head: dict[str, int], *nodes: dict[str, int], **env: str) -> Iterator[Any]:
+    """A local Ray cluster of these nodes (num_cpus, num_gpus), each with two fake GPUs of
+    which its agent may use those Ray gives it; the test is connected to it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"HYPERFLEET_FAKE_GPUS": "2", "HYPERFLEET_TEST_NAP": "0.3"}.items():
+            patch.setenv(name, value)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        patch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
+        try:
+            for node in nodes:
+                cluster.add_node(**node)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+class Search:
+    """A search on the cluster in a thread, on a storage the test shares: the test ends it
+    by completing the budget from outside, as another run on the same storage would."""
+
+    def __init__(self, folder: Path, address: str, objective: Any, **options: Any) -> None:
+        storage = f"sqlite:///{folder / 'optuna.db'}"
+        self.study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+        self.log = folder / "run" / "run.log"
+        self._outcomes: list[Any] = []
+        arguments = {"n_trials": BUDGET, "ray": address, "cpu_slots": 0, "display": "quiet"}
+        arguments.update(run_dir=folder / "run", report=False, **options)
+        self._thread = threading.Thread(
+            target=lambda: self._outcomes.append(
+                hyperfleet.optimize(self.study, objective, **arguments)
+            )
+        )
+        self._thread.start()
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def wait_for(self, text: str, after: str = "", timeout: float = 60) -> None:
+        """Until the run log has ``text``, after the first ``after`` line if given."""
+
+        def seen() -> bool:
+            log = self.text()
+            start = log.find(after) if after else 0
+            return start >= 0 and text in log[start:]
+
+        wait_until(seen, timeout, f"{text!r} in the run log")
+
+    def finish(self) -> list[optuna.trial.FrozenTrial]:
+        """Complete the budget; the run ends once its running trials end. Its trials."""
+        counted = sum(t.state == TrialState.COMPLETE for t in self.study.get_trials())
+        x = optuna.distributions.FloatDistribution(0.0, 1.0)
+        for _ in range(BUDGET - counted):
+            self.study.add_trial(
+                optuna.trial.create_trial(params={"x": 0.5}, distributions={"x": x}, value=0.0)
+            )
+        self._thread.join(timeout=120)
+        assert self._outcomes and self._outcomes[0].status == "completed", self._outcomes
+        return [t for t in self.study.get_trials() if "slot" in t.user_attrs]
+
+
+BUDGET = 1000  # more than any of these runs reaches before the test completes it
+
+
+def test_a_shared_node_gives_its_free_gpu_now_and_the_other_once_it_frees_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    head_only_cpus, shared_node = {"num_cpus": 1, "num_gpus": 0}, {"num_cpus": 2, "num_gpus": 2}
+    with local_cluster(head_only_cpus, shared_node) as cluster:
+        head, shared = (f"ray-{n.node_id[:6]}" for n in cluster.list_all_nodes())
+        other_job = _other_job(cluster.list_all_nodes()[-1].node_id)
+        held = ray.get(other_job.gpus.remote())[0]  # the GPU and the CPU it holds, Ray's ids
+        free = {"0": "1", "1": "0"}[held]
+        search = Search(tmp_path, cluster.address, where_it_runs)
+        search.wait_for(f"started on {shared}/gpu{free}#0")
+        assert f"node {shared}: waiting for 1 GPU held by other Ray work" in search.text()
+        # Its agent holds the free GPU and one CPU, the other job the rest: nothing is free.
+        left = ray._private.state.available_resources_per_node()[
+            cluster.list_all_nodes()[-1].node_id
+        ]
+        assert (left.get("GPU", 0), left.get("CPU", 0)) == (0, 0), left
+        ray.kill(other_job)
+        search.wait_for(f"started on {shared}-2/gpu{held}#0")
+        trials = search.finish()
+    # The head, started without GPUs, has no GPU slot however many its machine shows; with no
+    # CPU slot asked for, it is not used, once.
+    assert search.text().count(f"node {head} not used") == 1
+    by_slot: dict[str, set[tuple[int, ...]]] = {}
+    for trial in trials:
+        by_slot.setdefault(trial.user_attrs["slot"], set()).add(
+            tuple(trial.user_attrs["slot_cores"])
+        )
+    assert set(by_slot) == {f"{shared}/gpu{free}#0", f"{shared}-2/gpu{held}#0"}
+    _assert_pinned(trials)
+    # Each agent has the one core it reserved, not the other's.
+    cores = [next(iter(c)) for c in by_slot.values()]
+    assert all(len(c) == 1 for c in cores) and cores[0] != cores[1], by_slot
+
+
+def _other_job(node_id: str) -> Any:
+    """Another job's actor on the node, holding one GPU and one CPU until it is killed."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class OtherJob:
+        def gpus(self) -> list[str]:
+            return list(ray.get_runtime_context().get_accelerator_ids()["GPU"])
+
+    placed = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return ray.remote(OtherJob).options(num_gpus=1, num_cpus=1, scheduling_strategy=placed).remote()
+
+
+def test_a_node_whose_agent_dies_gets_a_fresh_one_whose_slots_take_trials_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with local_cluster({"num_cpus": 2, "num_gpus": 2}) as cluster:
+        node = f"ray-{cluster.head_node.node_id[:6]}"
+        search = Search(tmp_path, cluster.address, where_it_runs)
+        for gpu in (0, 1):
+            search.wait_for(f"started on {node}/gpu{gpu}#0")
+        os.kill(_agent_process(node), signal.SIGKILL)  # its workers end with it
+        search.wait_for(f"node {node}: its agent ended")
+        for gpu in (0, 1):
+            search.wait_for(f"started on {node}/gpu{gpu}#0", after=f"node {node}: its agent ended")
+        trials = search.finish()
+    assert search.text().count(f"node {node} joined") == 2
+    lost = [t for t in trials if t.state == TrialState.FAIL]
+    assert lost and all(t.system_attrs["hyperfleet:fail_kind"] == "lost" for t in lost)
+
+
+def _agent_process(node: str) -> int:
+    """The process of the node's agent: the parent of its workers."""
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            slot = proc.environ().get("HYPERFLEET_SLOT", "")
+            if f'"name": "{node}/' in slot:
+                return proc.ppid()
+    raise AssertionError(f"no worker of node {node} found")
+
+
+def test_a_drained_node_gets_no_new_trial_and_its_running_one_saves_and_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray.core.generated import autoscaler_pb2
+
+    monkeypatch.chdir(tmp_path)
+    long_on = tmp_path / "long-on"
+    one_gpu = {"num_cpus": 1, "num_gpus": 1}
+    with local_cluster(one_gpu, one_gpu, **{LONG_ON_ENV: str(long_on)}) as cluster:
+        drained = cluster.list_all_nodes()[-1]
+        name = f"ray-{drained.node_id[:6]}"
+        long_on.write_text(name)
+        search = Search(tmp_path, cluster.address, saves_when_asked)
+        search.wait_for(f"started on {name}/gpu0#0")  # a trial that runs until asked to stop
+        gcs = ray._raylet.GcsClient(address=cluster.address)
+        preemption = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+        deadline_ms = int(time.time() * 1000) + 60_000
+        assert gcs.drain_node(drained.node_id, preemption, "preempted", deadline_ms)[0]
+        search.wait_for(f"node {name} is taken back by its engine in ")
+        resumed = wait_until(
+            lambda: [
+                t
+                for t in search.study.get_trials()
+                if "resumed_from" in t.user_attrs and t.state == TrialState.COMPLETE
+            ],
+            60,
+            "the stopped trial to run again from its checkpoint",
+        )
+        cluster.remove_node(drained)  # nothing runs there any more: nothing is lost
+        search.wait_for(f"node {name} lost")
+        trials = search.finish()
+    log = search.text()
+    notice = log.index(f"node {name} is taken back")
+    assert f"started on {name}/" not in log[notice:]
+    assert resumed[0].user_attrs["resumed_from"] == f"{name}/gpu0#0"
+    assert not resumed[0].user_attrs["slot"].startswith(f"{name}/")
+    kinds = Counter(
+        t.system_attrs.get("hyperfleet:fail_kind") for t in trials if t.state == TrialState.FAIL
+    )
+    assert kinds == {"interrupted": 1}, kinds

@@ -290,6 +290,7 @@ def run_agent(
     log_dir: Path,
     patience: float,
     work_dir: Path = Path("hyperfleet-agent-runs"),
+    inventory: Inventory | None = None,
 ) -> str:
     """Serve one controller until it ends the run; returns why the agent stopped.
 
@@ -298,12 +299,13 @@ def run_agent(
     seconds to join it again: a controller run again to resume, or the same one once the link
     is back, gets the node back with fresh workers and nobody restarts agents by hand.
     ``work_dir`` holds the node's own run folders, used when the node does not see the
-    controller's run directory."""
+    controller's run directory. ``inventory``: what an engine reserved for this agent (Ray:
+    the GPUs and cores of its share of the node), in place of all the node shows."""
     # SLURM may run several slurmd on one host, each with a node name of its own.
     name = node or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
     if not valid_node_name(name):
         raise NodeError(f"node name {name!r} cannot name slots; pass --node with a plain name.")
-    inventory = detect_inventory()
+    inventory = detect_inventory() if inventory is None else inventory
     address = parse_address(connect_to, "--connect")
     sampler = NodeSampler(inventory.gpus)
     try:

@@ -106,7 +106,26 @@ class Refusal:
         return f"refused a connection from {self.where}: {self.reason}"
 
 
-NodeEvent = NodeJoined | NodeLeft | Refusal
+@dataclass(frozen=True)
+class EngineNote:
+    """What the engine that starts the agents says for the run log (Ray: a node waits for
+    GPUs other work holds)."""
+
+    text: str
+
+    def line(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class NodeDraining:
+    """The engine takes the node back at ``deadline`` (monotonic; None: no deadline given)."""
+
+    node: str
+    deadline: float | None
+
+
+NodeEvent = NodeJoined | NodeLeft | Refusal | EngineNote | NodeDraining
 
 
 class NodeLink:
@@ -313,7 +332,7 @@ class NodeHub:
         self._ids = itertools.count(1)
         self._closed = threading.Event()
         token, self.token_file = controller_token(settings.token_file, run_dir)
-        self._launcher = _launcher(settings)
+        self._launcher = _launcher(settings, self.say, self.drain_node)
         listen = settings.listen
         if not listen and self._launcher is not None:
             listen = f"{self._launcher.listen_host()}:0"
@@ -402,6 +421,15 @@ class NodeHub:
             link = self._links.get(node)
         if link is not None:
             link.lose(reason)
+
+    def say(self, text: str) -> None:
+        """A line from the engine for the run log (any thread)."""
+        self.post(EngineNote(text))
+
+    def drain_node(self, node: str, seconds_left: float | None) -> None:
+        """The engine takes the node back in ``seconds_left`` (None: it gave no deadline)."""
+        deadline = None if seconds_left is None else time.monotonic() + seconds_left
+        self.post(NodeDraining(node, deadline))
 
     def close(self) -> None:
         """The run is over: every agent is told, stops its workers and exits."""
@@ -502,11 +530,15 @@ class Launcher(Protocol):
     def close(self) -> None: ...
 
 
-def _launcher(settings: ClusterSettings) -> Launcher | None:
+def _launcher(
+    settings: ClusterSettings,
+    say: Callable[[str], None],
+    drain: Callable[[str, float | None], None],
+) -> Launcher | None:
     if settings.ray is not None:
         from hyperfleet.cluster.ray_launcher import RayLauncher
 
-        return RayLauncher(settings.ray)
+        return RayLauncher(settings.ray, say, drain)
     if settings.slurm:
         from hyperfleet.cluster.slurm_launcher import SlurmLauncher
 

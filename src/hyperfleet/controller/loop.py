@@ -33,6 +33,7 @@ from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.cluster.hub import (
     LOST,
     ClusterSettings,
+    NodeDraining,
     NodeHub,
     NodeJoined,
     NodeLeft,
@@ -106,6 +107,9 @@ NEVER_RAN = "interrupted: its worker exited before the trial reached it; it runs
 # seconds, else as the crash it was: a worker killed by hand while the run goes on.
 OUTSIDE_STOP_SECONDS = 3.0
 WAIT_NOTE_AFTER = 10.0  # seconds before the first note on what a run still waits for
+# A drained node's trials still running this long (and the kill grace) before it goes are
+# ended as interrupted: in time for their end and their logs to come back.
+DRAIN_MARGIN_SECONDS = 2.0
 WAIT_NOTE_EVERY = 60.0  # and between the notes after it
 
 
@@ -271,6 +275,10 @@ class Controller:
         self._cluster, self._node_planner = cluster, node_planner
         self._hub: NodeHub | None = None
         self._slot_links: dict[str, NodeLink] = {}
+        # Nodes their engine takes back (Ray's drain): no new trial goes there; and when the
+        # trials still running on each are ended (monotonic), until that is done.
+        self._drained: set[str] = set()
+        self._drain_cuts: dict[str, float] = {}
         self._active: dict[str, ActiveTrial] = {}
         self._kill_at: dict[str, float] = {}
         self._outside_stops: dict[str, OutsideStop] = {}  # their trials are still in _active
@@ -761,6 +769,7 @@ class Controller:
             for slot in self._slots
             if (worker := self._workers.get(slot.name)) is not None
             and _takes_a_trial(worker)
+            and not self._on_drained_node(slot.name)
             and slot.name not in self._active
             and slot.name not in self._sampling
         ]
@@ -1085,6 +1094,8 @@ class Controller:
         run = active.run
         if self._stop_level or active.end_kind or name in self._kill_at or worker.pid != pid:
             return False
+        if self._on_drained_node(name):
+            return False
         if run.load_failure or run.plan.name not in worker.loaded:
             return False
         if not ahead.samples_cheaply(_opened(run).sampler):  # an AutoSampler moved on
@@ -1249,7 +1260,7 @@ class Controller:
     def _stop_asked(self, active: ActiveTrial) -> bool:
         """True once SIGTERM has set a hard stop: the trial should save and stop. A first
         Ctrl+C lets running trials finish, so it answers False then."""
-        asked = self.stopped_in_a_hurry
+        asked = self.stopped_in_a_hurry or self._on_drained_node(active.record.slot)
         active.stop_asked = active.stop_asked or asked
         return asked
 
@@ -1394,7 +1405,7 @@ class Controller:
             self.state.slot(name).state = "stopped"
         elif self._start_failures.get(name, 0) >= MAX_START_FAILURES:
             self._give_up_slot(name, "its worker keeps dying before it is ready")
-        elif not self._stop_level:
+        elif not self._stop_level and not self._on_drained_node(name):
             self._start_worker(self._slot_named(name))
 
     def _tell(
@@ -1489,6 +1500,7 @@ class Controller:
         for extra in (self._deadline, self._hard_stop_at):
             if extra is not None:
                 times.append(extra)
+        times.extend(self._drain_cuts.values())
         times += [held.until for held in self._outside_stops.values()]
         return min(times, default=time.monotonic() + TICK_SECONDS)
 
@@ -1511,6 +1523,10 @@ class Controller:
         for name, when in list(self._kill_at.items()):
             if now >= when and name in self._workers:
                 self._workers[name]._signal_group(signal.SIGKILL)
+        for node, when in list(self._drain_cuts.items()):
+            if now >= when:
+                del self._drain_cuts[node]
+                self._interrupt_node(node)
 
     def _announce_stop(self) -> None:
         if self._stop_level == self._announced_level:
@@ -1571,8 +1587,9 @@ class Controller:
         self._start_worker(self._slot_named(name))
 
     def _retire_worker(self, name: str, worker: Worker) -> None:
-        """Kill the worker's whole process group; start a fresh one unless the run is stopping."""
-        if self._stop_level:
+        """Kill the worker's whole process group; start a fresh one unless the run is stopping
+        (or the worker's node is taken back)."""
+        if self._stop_level or self._on_drained_node(name):
             worker.kill()
             del self._workers[name]
         else:
@@ -1752,6 +1769,8 @@ class Controller:
         for event in self._hub.take_events():
             if isinstance(event, NodeJoined):
                 self._add_node(event)
+            elif isinstance(event, NodeDraining):
+                self._drain_node(event)
             elif isinstance(event, NodeLeft):
                 self._node_lost(event.link.node)
                 self.announce(
@@ -1760,6 +1779,41 @@ class Controller:
                 )
             else:
                 self.announce(event.line())
+
+    def _drain_node(self, event: NodeDraining) -> None:
+        """The engine takes the node back: no new trial goes there, its running trials are
+        asked to save and stop (``should_stop``), and those still running shortly before it
+        goes are ended as interrupted; all run again elsewhere."""
+        if event.node in self._drained:
+            return
+        self._drained.add(event.node)
+        when = ""
+        if event.deadline is not None:
+            cut = event.deadline - self._settings.kill_grace - DRAIN_MARGIN_SECONDS
+            self._drain_cuts[event.node] = cut
+            when = f" in {max(0.0, event.deadline - time.monotonic()):.0f}s"
+        self.announce(
+            f"node {event.node} is taken back by its engine{when}: no new trials go there; "
+            "its running trials finish, or save a checkpoint and run again elsewhere"
+        )
+
+    def _on_drained_node(self, slot: str) -> bool:
+        link = self._slot_links.get(slot)
+        return link is not None and link.node in self._drained
+
+    def _interrupt_node(self, node: str) -> None:
+        """A drained node goes soon: its trials still running end as interrupted now."""
+        reason = (
+            f"interrupted: node {node} was taken back by its engine before the trial ended; "
+            "it runs again"
+        )
+        for name in [n for n in self._active if self._on_drained_node(n)]:
+            if self._slot_links[name].node != node:
+                continue
+            worker = self._workers[name]
+            worker._signal_group(signal.SIGTERM)
+            worker.terminate(self._settings.kill_grace)
+            self._tell(name, TrialState.FAIL, kind="interrupted", reason=reason)
 
     def _add_node(self, joined: NodeJoined) -> None:
         link = joined.link
