@@ -11,15 +11,17 @@ import optuna
 
 import hyperfleet
 
-# A file naming the node where trials run until they are asked to stop (written once the test
-# knows the node's name, after the nodes started with this variable).
+# A file of lines "NODE ask" (its trials run until asked to stop, then save) or "NODE ignore"
+# (they run long and never ask), written once the test knows the nodes' names, after the nodes
+# started with this variable.
 LONG_ON_ENV = "HYPERFLEET_TEST_LONG_ON"
 
 
 def saves_when_asked(trial: optuna.Trial) -> float:
-    """Records its slot and naps; on the node named in $HYPERFLEET_TEST_LONG_ON, a trial without a
-    checkpoint runs until ``should_stop`` answers True, then saves one and stops. Its repeat
-    records where the checkpoint was saved."""
+    """Records its slot and naps. On a node $HYPERFLEET_TEST_LONG_ON names, a trial without a
+    checkpoint runs long: until ``should_stop`` answers True, then it saves one and stops
+    ("ask"), or without ever asking ("ignore"). A repeat records where its checkpoint was
+    saved."""
     x = trial.suggest_float("x", 0.0, 1.0)
     slot = hyperfleet.current_slot()
     trial.set_user_attr("slot", slot.name)
@@ -28,10 +30,11 @@ def saves_when_asked(trial: optuna.Trial) -> float:
     state = hyperfleet.checkpoint_dir(trial) / "state.txt"
     if state.exists():
         trial.set_user_attr("resumed_from", state.read_text())
-    elif slot.node == _long_on():
+    elif slot.node in _long_on():
+        asks = _long_on()[slot.node] == "ask"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the trial's own long work, one step at a time
-            if hyperfleet.should_stop(trial):
+            if asks and hyperfleet.should_stop(trial):
                 state.write_text(slot.name)
                 raise hyperfleet.TrialInterrupted()
             time.sleep(0.05)
@@ -39,6 +42,7 @@ def saves_when_asked(trial: optuna.Trial) -> float:
     return x
 
 
-def _long_on() -> str:
+def _long_on() -> dict[str, str]:
     path = Path(os.environ.get(LONG_ON_ENV, "/nonexistent"))
-    return path.read_text().strip() if path.is_file() else ""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return dict(line.split() for line in lines if line.strip())

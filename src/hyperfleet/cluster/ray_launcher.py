@@ -359,7 +359,8 @@ def _waiting(name: str, gpus: int, cpus: int, running: bool) -> str:
     """What the node waits for, in one line ("" for nothing)."""
     if gpus > 0:
         what = f"{gpus} GPU{'s' * (gpus != 1)} held by other Ray work"
-        then = "the run takes them when they free up" if running else "its agent starts then"
+        it = "it when it frees" if gpus == 1 else "them when they free"
+        then = f"the run takes {it} up" if running else "its agent starts when one frees up"
         return f"node {name}: waiting for {what}; {then}"
     if cpus > 0:
         return (
