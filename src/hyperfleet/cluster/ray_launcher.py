@@ -209,15 +209,20 @@ class RayLauncher:
                 self._watch_once()
 
     def _watch_once(self) -> None:
-        self._reap()
         nodes = self._ray.nodes()
+        # A dead node's agents ended with it: lost at once, before they are taken for agents
+        # that ended on a live node and are started again.
+        for node in nodes:
+            if not node["Alive"]:
+                self._gone(str(node["NodeID"]))
+        self._reap()
         free = _free_per_node()
         draining = _draining_nodes()
         for node in nodes:
             node_id = str(node["NodeID"])
             if not node["Alive"]:
-                self._gone(node_id)
-            elif node_id in draining:
+                continue
+            if node_id in draining:
                 self._drain_node(node_id, draining[node_id])
             elif node_id not in self._refused:
                 self._fill(node_id, node["Resources"], free.get(node_id, node["Resources"]))
