@@ -1,7 +1,9 @@
 """A local Ray cluster of three nodes with fake GPUs: Ray places one agent per node, with the
 node's GPUs reserved through Ray, a campaign and a search use every slot of every node, and a
-node Ray removes loses only its trials, which run again on the others. Each test starts a
-cluster of its own: one run's agents must not be in the way of the next run's."""
+node Ray removes loses only its trials, which run again on the others. On a cluster shared with
+other work, an agent takes what its node can give and the run grows when more frees up; an
+agent that dies is started again; a drained node's trials save or end in time. Each test
+starts a cluster of its own: one run's agents must not be in the way of the next run's."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import hyperfleet
 from support import node_objective
 from support.node_objective import where_it_runs
 from support.procs import wait_until
+from support.ray_cluster import Search, local_cluster, other_job
 from support.ray_objectives import LONG_ON_ENV, saves_when_asked
 
 pytestmark = pytest.mark.cluster
@@ -166,75 +169,6 @@ def _gpu_slots(address: str) -> set[str]:
 # ----- a shared Ray cluster: what other work holds, agents that die, drained nodes ---------
 
 
-@contextlib.contextmanager
-def local_cluster(head: dict[str, int], *nodes: dict[str, int], **env: str) -> Iterator[Any]:
-    """A local Ray cluster of these nodes (num_cpus, num_gpus), each with two fake GPUs of
-    which its agent may use those Ray gives it; the test is connected to it."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"HYPERFLEET_FAKE_GPUS": "2", "HYPERFLEET_TEST_NAP": "0.3"}.items():
-            patch.setenv(name, value)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        patch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-        cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
-        try:
-            for node in nodes:
-                cluster.add_node(**node)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address)
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-
-
-class Search:
-    """A search on the cluster in a thread, on a storage the test shares: the test ends it
-    by completing the budget from outside, as another run on the same storage would."""
-
-    def __init__(self, folder: Path, address: str, objective: Any, **options: Any) -> None:
-        storage = f"sqlite:///{folder / 'optuna.db'}"
-        self.study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
-        self.log = folder / "run" / "run.log"
-        self._outcomes: list[Any] = []
-        arguments = {"n_trials": BUDGET, "ray": address, "cpu_slots": 0, "display": "quiet"}
-        arguments.update(run_dir=folder / "run", report=False, **options)
-        self._thread = threading.Thread(
-            target=lambda: self._outcomes.append(
-                hyperfleet.optimize(self.study, objective, **arguments)
-            )
-        )
-        self._thread.start()
-
-    def text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-    def wait_for(self, text: str, after: str = "", timeout: float = 60) -> None:
-        """Until the run log has ``text``, after the first ``after`` line if given."""
-
-        def seen() -> bool:
-            log = self.text()
-            start = log.find(after) if after else 0
-            return start >= 0 and text in log[start:]
-
-        wait_until(seen, timeout, f"{text!r} in the run log")
-
-    def finish(self) -> list[optuna.trial.FrozenTrial]:
-        """Complete the budget; the run ends once its running trials end. Its trials."""
-        counted = sum(t.state == TrialState.COMPLETE for t in self.study.get_trials())
-        x = optuna.distributions.FloatDistribution(0.0, 1.0)
-        for _ in range(BUDGET - counted):
-            self.study.add_trial(
-                optuna.trial.create_trial(params={"x": 0.5}, distributions={"x": x}, value=0.0)
-            )
-        self._thread.join(timeout=120)
-        assert self._outcomes and self._outcomes[0].status == "completed", self._outcomes
-        return [t for t in self.study.get_trials() if "slot" in t.user_attrs]
-
-
-BUDGET = 1000  # more than any of these runs reaches before the test completes it
-
-
 def test_a_shared_node_gives_its_free_gpu_now_and_the_other_once_it_frees_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,8 +176,8 @@ def test_a_shared_node_gives_its_free_gpu_now_and_the_other_once_it_frees_up(
     head_only_cpus, shared_node = {"num_cpus": 1, "num_gpus": 0}, {"num_cpus": 2, "num_gpus": 2}
     with local_cluster(head_only_cpus, shared_node) as cluster:
         head, shared = (f"ray-{n.node_id[:6]}" for n in cluster.list_all_nodes())
-        other_job = _other_job(cluster.list_all_nodes()[-1].node_id)
-        held = ray.get(other_job.gpus.remote())[0]  # the GPU and the CPU it holds, Ray's ids
+        blocker = other_job(cluster.list_all_nodes()[-1].node_id)
+        held = ray.get(blocker.gpus.remote())[0]  # the GPU and the CPU it holds, Ray's ids
         free = {"0": "1", "1": "0"}[held]
         search = Search(tmp_path, cluster.address, where_it_runs)
         search.wait_for(f"started on {shared}/gpu{free}#0")
@@ -253,7 +187,7 @@ def test_a_shared_node_gives_its_free_gpu_now_and_the_other_once_it_frees_up(
             cluster.list_all_nodes()[-1].node_id
         ]
         assert (left.get("GPU", 0), left.get("CPU", 0)) == (0, 0), left
-        ray.kill(other_job)
+        ray.kill(blocker)
         search.wait_for(f"started on {shared}-2/gpu{held}#0")
         trials = search.finish()
     # The head, started without GPUs, has no GPU slot however many its machine shows; with no
@@ -269,18 +203,6 @@ def test_a_shared_node_gives_its_free_gpu_now_and_the_other_once_it_frees_up(
     # Each agent has the one core it reserved, not the other's.
     cores = [next(iter(c)) for c in by_slot.values()]
     assert all(len(c) == 1 for c in cores) and cores[0] != cores[1], by_slot
-
-
-def _other_job(node_id: str) -> Any:
-    """Another job's actor on the node, holding one GPU and one CPU until it is killed."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    class OtherJob:
-        def gpus(self) -> list[str]:
-            return list(ray.get_runtime_context().get_accelerator_ids()["GPU"])
-
-    placed = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    return ray.remote(OtherJob).options(num_gpus=1, num_cpus=1, scheduling_strategy=placed).remote()
 
 
 def test_a_node_whose_agent_dies_gets_a_fresh_one_whose_slots_take_trials_again(
