@@ -282,6 +282,9 @@ def test_drained_nodes_get_no_new_trial_and_their_running_ones_save_or_end_in_ti
     failed = [t for t in trials if t.state == TrialState.FAIL]
     kinds = Counter(t.system_attrs.get("hyperfleet:fail_kind") for t in failed)
     assert kinds == {"interrupted": 2}, kinds
+    saved = next(t for t in failed if t.user_attrs["slot"].startswith(f"{saver}/"))
+    reason = saved.system_attrs["hyperfleet:fail_reason"]
+    assert f"stopped when asked to (node {saver} is taken back by its engine)" in reason
     ended = next(t for t in failed if t.user_attrs["slot"].startswith(f"{late}/"))
     assert f"node {late} was taken back" in ended.system_attrs["hyperfleet:fail_reason"]
     assert ended.datetime_complete.timestamp() * 1000 < now_ms + 6_000

@@ -1329,7 +1329,10 @@ class Controller:
         checkpoint) when the run is stopping, else an error, which a policy must allow to
         repeat: a trial that interrupts itself unasked would otherwise run for ever."""
         if active.stop_asked or self._stop_asked(active):
-            reason = "interrupted: it stopped when asked to (SIGTERM); its next attempt continues"
+            why = "SIGTERM"
+            if self._on_drained_node(name):
+                why = f"node {self._slot_links[name].node} is taken back by its engine"
+            reason = f"interrupted: it stopped when asked to ({why}); its next attempt continues"
             self._tell(name, TrialState.FAIL, kind="interrupted", reason=reason)
             return
         reason = (
