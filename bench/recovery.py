@@ -2,6 +2,13 @@
 
     python bench/recovery.py                 # default heartbeat (2s) and node timeout (10s)
     python bench/recovery.py --repeats 3 --modes kill,stop,cut
+    python bench/recovery.py --modes heal,restart
+
+Two more modes measure capacity coming back, with agents started once by hand and never
+again: ``heal`` cuts nodeB's link for ``--cut-seconds`` (25 s), then sets it up again, and times
+from the heal to nodeB's next trial (its agent kept trying to join); ``restart`` kills the
+controller (SIGKILL) and runs the same command again, and times from the new start to the last
+of the two nodes' first trials.
 
 Each round starts a controller (``--listen``) and two agents on this machine, each playing a
 node with fake GPUs: nodeB (one slot) takes the first trial, nodeA (two slots) joins and keeps
@@ -76,6 +83,54 @@ def one_round(folder: Path, mode: str, nap: float, flags: list[str]) -> float:
     return repeat.datetime_start.timestamp() - failed_at
 
 
+def _first_start_on(folder: Path, node: str, after: float) -> float | None:
+    """When the first trial on ``node`` started after ``after`` (epoch seconds), if one has."""
+    starts = [
+        t.datetime_start.timestamp()
+        for t in load_trials(folder / "run", STUDY)
+        if t.datetime_start is not None
+        and str(t.user_attrs.get("slot", "")).startswith(f"{node}/")
+        and t.datetime_start.timestamp() > after
+    ]
+    return min(starts) if starts else None
+
+
+def heal_round(folder: Path, nap: float, flags: list[str], cut_seconds: float) -> float:
+    with ExitStack() as stack:
+        net = stack.enter_context(network(["nodeA", "nodeB"]))
+        address = f"{net.controller_ip}:{free_port(net.controller_ip)}"
+        controller = start_controller(folder, address, 10_000, *flags)
+        stack.callback(controller.stop)
+        for node, gpus in (("nodeA", 2), ("nodeB", 1)):
+            stack.callback(Agent(folder, address, node, gpus, net.prefix(node), nap=nap).stop)
+        wait_for_log(folder, "started on nodeB/", 60)
+        net.cut("nodeB")
+        time.sleep(cut_seconds)  # the outage being measured, not a synchronisation
+        net.heal("nodeB")
+        healed_at = time.time()
+        found = wait_until(lambda: _first_start_on(folder, "nodeB", healed_at), 120, "nodeB")
+        return found - healed_at
+
+
+def restart_round(folder: Path, nap: float, flags: list[str]) -> float:
+    with ExitStack() as stack:
+        address = f"127.0.0.1:{free_port()}"
+        controller = start_controller(folder, address, 10_000, *flags)
+        for node, gpus in (("nodeA", 2), ("nodeB", 1)):
+            stack.callback(Agent(folder, address, node, gpus, nap=nap).stop)
+        wait_for_log(folder, "started on nodeB/", 60)
+        wait_for_log(folder, "started on nodeA/", 60)
+        controller.kill()
+        restarted_at = time.time()
+        again = start_controller(folder, address, 10_000, *flags)
+        stack.callback(again.stop)
+        firsts = [
+            wait_until(lambda n=n: _first_start_on(folder, n, restarted_at), 120, n)
+            for n in ("nodeA", "nodeB")
+        ]
+        return max(firsts) - restarted_at
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="kill,stop,cut")
@@ -83,16 +138,23 @@ def main() -> None:
     parser.add_argument("--trial-seconds", type=float, default=15.0)
     parser.add_argument("--heartbeat", default="2s")
     parser.add_argument("--node-timeout", default="10s")
+    parser.add_argument("--cut-seconds", type=float, default=25.0)
     args = parser.parse_args()
     flags = ["--heartbeat", args.heartbeat, "--node-timeout", args.node_timeout]
     print(f"heartbeat {args.heartbeat}, node timeout {args.node_timeout}; seconds from the")
-    print("failure to the lost trial's start on another node")
+    print("failure to the lost trial's start on another node (heal: from the heal to the")
+    print("node's next trial; restart: from the controller's new start to both nodes' first)")
     print(f"{'mode':<6} {'median s':>9} {'max s':>7}  runs")
     for mode in args.modes.split(","):
         times = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as tmp:
-                times.append(one_round(Path(tmp), mode, args.trial_seconds, flags))
+                if mode == "heal":
+                    times.append(heal_round(Path(tmp), 1.0, flags, args.cut_seconds))
+                elif mode == "restart":
+                    times.append(restart_round(Path(tmp), 1.0, flags))
+                else:
+                    times.append(one_round(Path(tmp), mode, args.trial_seconds, flags))
         shown = " ".join(f"{t:.2f}" for t in times)
         print(f"{mode:<6} {statistics.median(times):>9.2f} {max(times):>7.2f}  {shown}")
 
