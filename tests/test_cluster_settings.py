@@ -38,7 +38,7 @@ def test_slurm_outside_an_allocation_says_how_to_get_one(monkeypatch: pytest.Mon
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(ConfigError, match="inside a SLURM allocation: submit the command"):
-        SlurmLauncher()
+        SlurmLauncher(print, lambda node: False)
 
 
 def test_the_run_directory_keeps_one_private_token(

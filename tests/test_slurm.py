@@ -4,11 +4,13 @@ example job script survives a preemption, a time limit's signal and a resubmissi
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -55,6 +57,96 @@ def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
     for trial in trials:  # the agent's node is where SLURM ran it
         assert trial.user_attrs["slot"].startswith(trial.user_attrs["node"] + "/")
         assert trial.user_attrs["cuda_visible_devices"] == "GPU-fake-0"
+
+
+def test_a_node_whose_agent_died_gets_a_fresh_one_and_works_again(tmp_path: Path) -> None:
+    """n2's agent killed mid-run (its node still in the allocation): the launcher starts a
+    fresh step there, n2 joins again and its slot takes trials again, and the run completes."""
+    n_trials = 40
+    with slurm_cluster(tmp_path / "slurm") as slurm_env:
+        env = {
+            **cpu_only_env(),
+            "SLURM_CONF": slurm_env["SLURM_CONF"],
+            "HYPERFLEET_FAKE_GPUS": "1",
+            "HYPERFLEET_TEST_NAP": "0.3",
+        }
+        env.pop("CUDA_VISIBLE_DEVICES")
+        search = [
+            sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
+            "--n-trials", str(n_trials), "--slurm", "--run-dir", "run", "--cpu-slots", "0",
+            "--plain", "--no-report",
+        ]  # fmt: skip
+        log = tmp_path / "run.log"
+        with log.open("w") as out:
+            run = subprocess.Popen(
+                ["salloc", f"--nodes={len(NODES)}", *search],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                wait_until(lambda: _done_on(tmp_path / "run", "n2") >= 2, 60, "trials on n2")
+                agent = _agent_of("n2")
+                agent.kill()
+                killed_at = datetime.now()
+                wait_until(lambda: log.read_text().count("node n2 joined") == 2, 30, "n2 back")
+                assert run.wait(timeout=60) == 0, log.read_text()
+            finally:
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
+    output = log.read_text()
+    assert "node n2: its agent ended (srun exited with status" in output, output
+    trials = load_trials(tmp_path / "run", STUDY)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials, output
+    after = [t for t in complete if t.datetime_start and t.datetime_start > killed_at]
+    assert any(t.user_attrs["slot"] == "n2/gpu0#0" for t in after), output
+
+
+def test_a_node_the_controller_refused_gets_no_fresh_agent(tmp_path: Path) -> None:
+    """Both nodes refused (the GPU asked for is not there): their agents exit, and no step is
+    started for them again while the run waits out its timeout."""
+    with slurm_cluster(tmp_path / "slurm") as slurm_env:
+        env = {**cpu_only_env(), "SLURM_CONF": slurm_env["SLURM_CONF"], "HYPERFLEET_FAKE_GPUS": "1"}
+        env.pop("CUDA_VISIBLE_DEVICES")
+        search = [
+            sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
+            "--n-trials", "4", "--slurm", "--run-dir", "run", "--cpu-slots", "0", "--gpus", "3",
+            "--timeout", "4s", "--plain", "--no-report",
+        ]  # fmt: skip
+        done = subprocess.run(
+            ["salloc", f"--nodes={len(NODES)}", *search],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    output = done.stdout + done.stderr
+    for node in NODES:
+        assert f"node {node} not used: GPU '3' does not exist" in output, output
+        assert output.count(f"hyperfleet agent {node}: joined") == 1, output
+    assert "its agent ended" not in output, output
+
+
+def _done_on(run_dir: Path, node: str) -> int:
+    return sum(t.user_attrs.get("node") == node for t in _trials(run_dir) if t.state.is_finished())
+
+
+def _agent_of(node: str) -> psutil.Process:
+    """The agent SLURM runs as ``node`` (not its workers, which share its environment)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = proc.info["cmdline"] or []
+            is_agent = "hyperfleet.cli" in cmdline and "agent" in cmdline
+            if is_agent and proc.environ().get("SLURMD_NODENAME") == node:
+                found.append(proc)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_the_controller_listens_where_the_other_nodes_reach_it(tmp_path: Path) -> None:

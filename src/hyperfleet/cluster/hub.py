@@ -225,6 +225,7 @@ class NodeLink:
 
     def refuse(self, reason: str) -> None:
         """Tell the node it is not used, and why: its agent exits instead of joining again."""
+        self._hub.note_refused(self.node)  # before the agent hears it: no launcher restarts it
         self.send(Refused(reason))
         self.lose("cannot be used here")
 
@@ -333,7 +334,8 @@ class NodeHub:
         self._ids = itertools.count(1)
         self._closed = threading.Event()
         token, self.token_file = controller_token(settings.token_file, run_dir)
-        self._launcher = _launcher(settings, self.say, self.drain_node)
+        self._refused: set[str] = set()  # nodes the controller does not use (any thread)
+        self._launcher = _launcher(settings, self.say, self.drain_node, self.refused)
         listen = settings.listen
         if not listen and self._launcher is not None:
             listen = f"{self._launcher.listen_host()}:0"
@@ -422,6 +424,15 @@ class NodeHub:
             link = self._links.get(node)
         if link is not None:
             link.lose(reason)
+
+    def note_refused(self, node: str) -> None:
+        with self._lock:
+            self._refused.add(node)
+
+    def refused(self, node: str) -> bool:
+        """Whether the controller refused the node: an engine does not start its agent again."""
+        with self._lock:
+            return node in self._refused
 
     def say(self, text: str) -> None:
         """A line from the engine for the run log (any thread)."""
@@ -543,6 +554,7 @@ def _launcher(
     settings: ClusterSettings,
     say: Callable[[str], None],
     drain: Callable[[str, float | None], None],
+    refused: Callable[[str], bool],
 ) -> Launcher | None:
     if settings.ray is not None:
         from hyperfleet.cluster.ray_launcher import RayLauncher
@@ -551,5 +563,5 @@ def _launcher(
     if settings.slurm:
         from hyperfleet.cluster.slurm_launcher import SlurmLauncher
 
-        return SlurmLauncher()
+        return SlurmLauncher(say, refused)
     return None

@@ -1,10 +1,16 @@
 """``--slurm``: inside an allocation (``sbatch``, ``salloc``), one agent per allocated node.
 
 The controller runs where the job script runs (the allocation's first node) and starts one job
-step, ``srun --ntasks-per-node=1 --whole hyperfleet agent ...``: SLURM places an agent on every
-node with the node's whole share of the allocation (its cores, and the GPUs the job holds
-there, in ``CUDA_VISIBLE_DEVICES``), and kills them with the job. The token travels in the
-step's environment, never on a command line that ``ps`` or ``squeue`` would show.
+step per node, ``srun --nodes=1 --ntasks=1 --nodelist=NODE --whole hyperfleet agent ...``:
+SLURM places the agent there with the node's whole share of the allocation (its cores, and the
+GPUs the job holds there, in ``CUDA_VISIBLE_DEVICES``), and kills it with the job. The token
+travels in the step's environment, never on a command line that ``ps`` or ``squeue`` would show.
+
+A thread looks at the steps every ``WATCH_SECONDS``: a node whose step ended while the run goes
+on (its agent killed or crashed, or gone after its ``--patience``) gets a fresh step, so its
+slots work again; one that ended sooner than ``SHORT_LIFE_SECONDS`` after it started is started
+again later each time (up to ``RETRY_MAX_SECONDS``), and a node the controller refused, or
+whose agent was told the run is over, gets none. ``close`` ends every step.
 
 The controller listens on this node's address as its host name resolves, unless that is a
 loopback address (Debian's ``/etc/hosts`` names the host 127.0.1.1) while the job has nodes
@@ -20,33 +26,52 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from hyperfleet.cluster.channel import TOKEN_ENV
 from hyperfleet.errors import ConfigError
 
-# How long the agents get to leave after the controller's goodbye before the step is ended.
+# How long the agents get to leave after the controller's goodbye before their steps are ended.
 STEP_GRACE_SECONDS = 10.0
+WATCH_SECONDS = 1.0  # how often the steps are looked at (a poll of local processes)
+# A step that ended sooner than this after it started is started again later each time, up to
+# RETRY_MAX_SECONDS: a node where the agent cannot run is not hammered every second.
+SHORT_LIFE_SECONDS = 30.0
+RETRY_MAX_SECONDS = 60.0
 
 
-def srun_command(connect_to: str, nodes: str) -> list[str]:
+def srun_command(connect_to: str, node: str) -> list[str]:
     return [
         "srun",
-        f"--nodes={nodes}",
-        f"--ntasks={nodes}",
-        "--ntasks-per-node=1",
-        "--whole",  # each agent gets the whole node's share of the job, not one core
-        "--kill-on-bad-exit=0",  # a node lost is recovered, not the end of the step
-        "--job-name=hyperfleet-agents",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--nodelist={node}",
+        "--whole",  # the agent gets the whole node's share of the job, not one core
+        "--kill-on-bad-exit=0",  # a node lost is recovered, not the end of the job
+        "--job-name=hyperfleet-agent",
         sys.executable, "-m", "hyperfleet.cli", "agent", "--connect", connect_to,
     ]  # fmt: skip
 
 
+@dataclass
+class _Step:
+    """One node's job step, as the launcher follows it."""
+
+    process: subprocess.Popen[bytes]
+    started: float  # monotonic
+
+
 class SlurmLauncher:
-    def __init__(self) -> None:
+    def __init__(self, say: Callable[[str], None], refused: Callable[[str], bool]) -> None:
+        """``say``: a line for the run log; ``refused``: whether the controller refused the
+        node (its agent is not started again)."""
         if not os.environ.get("SLURM_JOB_ID"):
             raise ConfigError(
                 "--slurm runs inside a SLURM allocation: submit the command with sbatch (see "
@@ -55,7 +80,15 @@ class SlurmLauncher:
         if shutil.which("srun") is None:
             raise ConfigError("--slurm needs srun on PATH: load SLURM's module or fix PATH.")
         self._nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES", "1")
-        self._step: subprocess.Popen[bytes] | None = None
+        self._names = host_names(os.environ.get("SLURM_JOB_NODELIST", ""))
+        self._say, self._refused = say, refused
+        self._steps: dict[str, _Step] = {}  # node -> its step, running or ended
+        self._retry: dict[str, tuple[int, float]] = {}  # node -> (short lives, next start)
+        self._lock = threading.Lock()  # the steps, between the watcher and close
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._env: dict[str, str] = {}
+        self._connect_to = ""
 
     def listen_host(self) -> str:
         """This node's address as the job's other nodes reach it (see the module's doc)."""
@@ -80,24 +113,110 @@ class SlurmLauncher:
         return own
 
     def start(self, connect_to: str, token: bytes, lose: Callable[[str, str], None]) -> None:
-        env = {**os.environ, TOKEN_ENV: token.decode()}
-        self._step = subprocess.Popen(
-            srun_command(connect_to, self._nodes), env=env, stdin=subprocess.DEVNULL
-        )
+        """One step per node now, and a thread that starts a fresh one for a node whose step
+        ended while the run goes on."""
+        self._env = {**os.environ, TOKEN_ENV: token.decode()}
+        self._connect_to = connect_to
+        with self._lock:
+            for node in self._names:
+                self._steps[node] = self._launch(node)
+        self._thread = threading.Thread(target=self._watch, name="hyperfleet-slurm", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        step = self._step
-        if step is None:
-            return
-        try:
-            step.wait(timeout=STEP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            step.terminate()  # srun passes it on to every agent
+        """The agents leave on the controller's goodbye; steps still there after
+        ``STEP_GRACE_SECONDS`` are ended (srun passes the signal on to the agent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=WATCH_SECONDS * 2 + 1)
+        with self._lock:  # the watcher starts no step from here on
+            steps = [step.process for step in self._steps.values()]
+        deadline = time.monotonic() + STEP_GRACE_SECONDS
+        for step in steps:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                step.wait(timeout=STEP_GRACE_SECONDS)
+                step.wait(timeout=max(0.0, deadline - time.monotonic()))
+        running = [step for step in steps if step.poll() is None]
+        for step in running:
+            step.terminate()
+        deadline = time.monotonic() + STEP_GRACE_SECONDS
+        for step in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                step.wait(timeout=max(0.0, deadline - time.monotonic()))
             if step.poll() is None:
                 step.kill()
                 step.wait()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_SECONDS):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                for node in list(self._steps):
+                    # srun that cannot start (gone from PATH): its step stays ended, and the
+                    # node is looked at again after the back-off.
+                    with contextlib.suppress(OSError):
+                        self._look_at(node)
+
+    def _look_at(self, node: str) -> None:
+        """Start a fresh step for the node if its step ended and it should run again."""
+        step = self._steps[node]
+        status = step.process.poll()
+        if status is None:
+            return
+        if status == 0 or self._refused(node):
+            # Told goodbye (the run is over), or not wanted: the log says why already.
+            del self._steps[node]
+            return
+        short, retry_at = self._retry.get(node, (0, 0.0))
+        if retry_at == 0.0:  # its end not seen yet: when to start it again
+            lived = time.monotonic() - step.started
+            short = short + 1 if lived < SHORT_LIFE_SECONDS else 0
+            wait = min(RETRY_MAX_SECONDS, WATCH_SECONDS * 2 ** (short - 1)) if short else 0.0
+            retry_at = time.monotonic() + wait
+            self._retry[node] = (short, retry_at)
+            again = f"in {wait:.0f}s" if wait > WATCH_SECONDS else "now"
+            why = _ended(status)
+            self._say(f"node {node}: its agent ended ({why}); a fresh one starts {again}")
+        if time.monotonic() >= retry_at:
+            self._retry[node] = (short, 0.0)
+            self._steps[node] = self._launch(node)
+
+    def _launch(self, node: str) -> _Step:
+        process = subprocess.Popen(
+            srun_command(self._connect_to, node), env=self._env, stdin=subprocess.DEVNULL
+        )
+        return _Step(process, time.monotonic())
+
+
+def host_names(nodelist: str) -> list[str]:
+    """The job's node names, one each (``n[1-3]`` is n1, n2, n3), as ``scontrol`` expands them."""
+    if not nodelist:
+        raise ConfigError(
+            "--slurm needs SLURM_JOB_NODELIST, which SLURM sets in an allocation: run the "
+            "command in the job script or under salloc, not in a shell that lost it."
+        )
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConfigError(
+            f"--slurm cannot list the job's nodes ({nodelist}) with scontrol show hostnames "
+            f"({exc}): put SLURM's commands on PATH."
+        ) from None
+    return shown.split()
+
+
+def _ended(status: int) -> str:
+    if status < 0:
+        with contextlib.suppress(ValueError):  # a real-time signal has no name
+            return f"srun killed by signal {signal.Signals(-status).name}"
+        return f"srun killed by signal {-status}"
+    return f"srun exited with status {status}"
 
 
 def node_addresses(nodelist: str) -> dict[str, str]:
