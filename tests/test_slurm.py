@@ -61,7 +61,8 @@ def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
 
 def test_a_node_whose_agent_died_gets_a_fresh_one_and_works_again(tmp_path: Path) -> None:
     """n2's agent killed mid-run (its node still in the allocation): the launcher starts a
-    fresh step there, n2 joins again and its slot takes trials again, and the run completes."""
+    fresh step there, n2 joins again and its slot takes trials again. Its fresh agent then
+    stopped by SIGTERM (how SLURM ends a job) is not started again; the run completes."""
     n_trials = 40
     with slurm_cluster(tmp_path / "slurm") as slurm_env:
         env = {
@@ -87,17 +88,21 @@ def test_a_node_whose_agent_died_gets_a_fresh_one_and_works_again(tmp_path: Path
             )
             try:
                 wait_until(lambda: _done_on(tmp_path / "run", "n2") >= 2, 60, "trials on n2")
-                agent = _agent_of("n2")
-                agent.kill()
-                killed_at = datetime.now()
+                _agent_of("n2").kill()
+                killed_at, done_before = datetime.now(), _done_on(tmp_path / "run", "n2")
                 wait_until(lambda: log.read_text().count("node n2 joined") == 2, 30, "n2 back")
+                wait_until(
+                    lambda: _done_on(tmp_path / "run", "n2") > done_before + 1, 30, "n2's trials"
+                )
+                _agent_of("n2").terminate()
                 assert run.wait(timeout=60) == 0, log.read_text()
             finally:
                 if run.poll() is None:
                     run.kill()
                     run.wait()
     output = log.read_text()
-    assert "node n2: its agent ended (srun exited with status" in output, output
+    assert "node n2: its agent ended (srun exited with status 137)" in output, output
+    assert output.count("its agent ended") == 1 and output.count("node n2 joined") == 2, output
     trials = load_trials(tmp_path / "run", STUDY)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == n_trials, output

@@ -9,8 +9,9 @@ travels in the step's environment, never on a command line that ``ps`` or ``sque
 A thread looks at the steps every ``WATCH_SECONDS``: a node whose step ended while the run goes
 on (its agent killed or crashed, or gone after its ``--patience``) gets a fresh step, so its
 slots work again; one that ended sooner than ``SHORT_LIFE_SECONDS`` after it started is started
-again later each time (up to ``RETRY_MAX_SECONDS``), and a node the controller refused, or
-whose agent was told the run is over, gets none. ``close`` ends every step.
+again later each time (up to ``RETRY_MAX_SECONDS``). A node the controller refused gets none,
+nor one whose agent was told the run is over or stopped by SIGTERM (the job ending).
+``close`` ends every step.
 
 The controller listens on this node's address as its host name resolves, unless that is a
 loopback address (Debian's ``/etc/hosts`` names the host 127.0.1.1) while the job has nodes
@@ -45,6 +46,10 @@ WATCH_SECONDS = 1.0  # how often the steps are looked at (a poll of local proces
 # RETRY_MAX_SECONDS: a node where the agent cannot run is not hammered every second.
 SHORT_LIFE_SECONDS = 30.0
 RETRY_MAX_SECONDS = 60.0
+# How a step ends that is not started again: its agent told goodbye (0), or stopped by SIGTERM,
+# the agent (130) or srun itself, which is how SLURM ends a job (preemption, scancel, a time
+# limit): a fresh step would only hold up the controller's last seconds.
+JOB_ENDING = (0, 130, -signal.SIGTERM)
 
 
 def srun_command(connect_to: str, node: str) -> list[str]:
@@ -163,8 +168,8 @@ class SlurmLauncher:
         status = step.process.poll()
         if status is None:
             return
-        if status == 0 or self._refused(node):
-            # Told goodbye (the run is over), or not wanted: the log says why already.
+        if status in JOB_ENDING or self._refused(node):
+            # Told goodbye (the run is over), the job ending, or not wanted: no fresh step.
             del self._steps[node]
             return
         short, retry_at = self._retry.get(node, (0, 0.0))
