@@ -9,6 +9,7 @@ import ipaddress
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from support.slurm import NODES, slurm_cluster
 pytestmark = pytest.mark.cluster
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "slurm" / "search.sbatch"
 STUDY = "node_objective-where_it_runs"
+REVOCATION_SECONDS = 2.0  # see _start_now
 
 
 def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
@@ -205,7 +207,7 @@ def test_the_example_job_script_loses_no_trial_to_preemption_or_time_limits(
     itself; then the signal its time limit sends (SIGTERM to the batch shell alone) stops it
     gracefully, and submitted again it finishes: every trial of the budget completes once, and
     those the preemption ended are interrupted, never crashes."""
-    n_trials = 16
+    n_trials = 24  # room for the trials that finish between a look and the signal
     with slurm_cluster(tmp_path / "slurm") as slurm_env:
         env = {
             **cpu_only_env(),
@@ -242,8 +244,11 @@ def test_the_example_job_script_loses_no_trial_to_preemption_or_time_limits(
         wait_for("4 trials to run", lambda t: _count(t, "RUNNING") == 4)
 
         slurm("scontrol", "requeue", job)  # what a preemption in requeue mode does
+        requeued_at = time.monotonic()
         wait_until(lambda: job_state(job) == "PENDING", 30, "the job to be queued again")
-        wait_until(lambda: _start_now(slurm, job), 60, "the requeued job to start again")
+        wait_until(
+            lambda: _start_now(slurm, job, requeued_at), 60, "the requeued job to start again"
+        )
         wait_for("the requeued job's trials", lambda t: _count(t, "COMPLETE") >= 10)
 
         slurm("scancel", "--batch", "--signal=TERM", job)  # what --signal=B:TERM@60 sends
@@ -267,11 +272,15 @@ def test_the_example_job_script_loses_no_trial_to_preemption_or_time_limits(
     assert "stopping (SIGTERM)" in output
 
 
-def _start_now(slurm: Callable[..., str], job: str) -> bool:
+def _start_now(slurm: Callable[..., str], job: str, requeued_at: float) -> bool:
     """Whether the requeued job runs; if not, lift SLURM's requeue delay (its start time is
-    set when the job has finished leaving its nodes, so it is lifted until it starts)."""
+    set when the job has finished leaving its nodes, so it is lifted until it starts). Not in
+    the requeue's own second or the next: slurmd refuses a launch whose credential is no newer
+    than the revocation the requeue made (whole seconds), and SLURM then ends the job."""
     if slurm("squeue", "-h", "-j", job, "-o", "%T") == "RUNNING":
         return True
+    if time.monotonic() - requeued_at < REVOCATION_SECONDS:
+        return False
     # It may have started meanwhile, which the update refuses.
     slurm("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     return False
