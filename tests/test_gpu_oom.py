@@ -84,6 +84,7 @@ def test_a_host_out_of_memory_beside_others_leaves_the_gpus_limit_alone(
         report=False,
         inventory=detect_inventory(),
         cpu_slots=0,
+        gpu_memory="1000MiB",  # grow without first catching a short trial holding memory
         objective_kwargs={"every": 4},
     )
     assert outcome.status == "completed", outcome.message
