@@ -422,13 +422,17 @@ def test_a_run_no_node_joins_says_what_it_waits_for_and_keeps_its_timeout(
 def test_a_node_the_run_cannot_use_is_told_why_and_its_agent_leaves(tmp_path: Path) -> None:
     """Not a lost controller: the agent does not keep joining again, it exits saying why."""
     address = f"127.0.0.1:{free_port()}"
-    controller = start_controller(tmp_path, address, 2)  # --cpu-slots 0
+    controller = start_controller(tmp_path, address, 2, "--timeout", "4s")  # --cpu-slots 0
     agent = Agent(tmp_path, address, "empty", 0)  # and no GPU: nothing could run a trial
     try:
         assert agent.wait(30) == 1
+        assert controller.wait(30) == 1
     finally:
         agent.stop()
         controller.stop()
     log = agent.log.read_text()
     assert "the controller refused this node: node empty is not used: cpu_slots=0" in log
     assert "trying to join it again" not in log
+    assert "every node that joined was not used (empty; the run log says why)" in (
+        controller.stderr
+    )

@@ -434,6 +434,10 @@ class NodeHub:
         with self._lock:
             return node in self._refused
 
+    def refused_nodes(self) -> list[str]:
+        with self._lock:
+            return sorted(self._refused)
+
     def say(self, text: str) -> None:
         """A line from the engine for the run log (any thread)."""
         self.post(EngineNote(text))

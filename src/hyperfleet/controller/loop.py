@@ -493,6 +493,12 @@ class Controller:
 
     def _what_it_waits_for(self) -> str:
         if self._hub is not None and not self._workers:
+            refused = self._hub.refused_nodes()
+            if refused:
+                return (
+                    f"every node that joined was not used ({', '.join(refused)}; the run log "
+                    "says why)"
+                )
             return (
                 "no node has joined; start an agent on each node (the command is in the line "
                 "that says where the controller listens) and check that they can reach it"
