@@ -249,8 +249,8 @@ class RayLauncher:
         if REFUSED in why:
             self._refused.add(node_id)  # the run log has the controller's reason already
             return
-        if self._stop.is_set() or node_id in self._draining:
-            return
+        if self._stop.is_set() or node_id in self._draining or why == "goodbye":
+            return  # the run is over (its goodbye may come just before close())
         short, _ = self._retry.get(node_id, (0, 0.0))
         lived = time.monotonic() - agent.asked_at
         short = short + 1 if lived < SHORT_LIFE_SECONDS else 0
