@@ -28,24 +28,32 @@ STUDY = "node_objective-where_it_runs"
 REVOCATION_SECONDS = 2.0  # see _start_now
 
 
+def _node_env(slurm_env: dict[str, str], nap: float | None = None) -> dict[str, str]:
+    """The environment of a search in the local SLURM: one fake GPU a node, trials of ``nap``."""
+    env = {**cpu_only_env(), "SLURM_CONF": slurm_env["SLURM_CONF"], "HYPERFLEET_FAKE_GPUS": "1"}
+    if nap is not None:
+        env["HYPERFLEET_TEST_NAP"] = str(nap)
+    env.pop("CUDA_VISIBLE_DEVICES")
+    return env
+
+
+def _salloc_search(n_trials: int, *flags: str, nodelist: str = "") -> list[str]:
+    """``salloc`` of both nodes running a ``--slurm`` search of the nodes' test objective."""
+    where = [f"--nodelist={nodelist}"] if nodelist else []
+    return [
+        "salloc", f"--nodes={len(NODES)}", *where,
+        sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
+        "--n-trials", str(n_trials), "--slurm", "--run-dir", "run", "--cpu-slots", "0",
+        "--plain", "--no-report", *flags,
+    ]  # fmt: skip
+
+
 def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
     with slurm_cluster(tmp_path / "slurm") as slurm_env:
-        env = {
-            **cpu_only_env(),
-            "SLURM_CONF": slurm_env["SLURM_CONF"],
-            "HYPERFLEET_FAKE_GPUS": "1",
-            "HYPERFLEET_TEST_NAP": "0.2",
-        }
-        env.pop("CUDA_VISIBLE_DEVICES")
-        search = [
-            sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
-            "--n-trials", "8", "--slurm", "--run-dir", "run", "--cpu-slots", "0",
-            "--plain", "--no-report",
-        ]  # fmt: skip
         done = subprocess.run(
-            ["salloc", f"--nodes={len(NODES)}", *search],
+            _salloc_search(8),
             cwd=tmp_path,
-            env=env,
+            env=_node_env(slurm_env, nap=0.2),
             capture_output=True,
             text=True,
             timeout=180,
@@ -67,24 +75,12 @@ def test_a_node_whose_agent_died_gets_a_fresh_one_and_works_again(tmp_path: Path
     stopped by SIGTERM (how SLURM ends a job) is not started again; the run completes."""
     n_trials = 40
     with slurm_cluster(tmp_path / "slurm") as slurm_env:
-        env = {
-            **cpu_only_env(),
-            "SLURM_CONF": slurm_env["SLURM_CONF"],
-            "HYPERFLEET_FAKE_GPUS": "1",
-            "HYPERFLEET_TEST_NAP": "0.3",
-        }
-        env.pop("CUDA_VISIBLE_DEVICES")
-        search = [
-            sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
-            "--n-trials", str(n_trials), "--slurm", "--run-dir", "run", "--cpu-slots", "0",
-            "--plain", "--no-report",
-        ]  # fmt: skip
         log = tmp_path / "run.log"
         with log.open("w") as out:
             run = subprocess.Popen(
-                ["salloc", f"--nodes={len(NODES)}", *search],
+                _salloc_search(n_trials),
                 cwd=tmp_path,
-                env=env,
+                env=_node_env(slurm_env, nap=0.3),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -116,17 +112,10 @@ def test_a_node_the_controller_refused_gets_no_fresh_agent(tmp_path: Path) -> No
     """Both nodes refused (the GPU asked for is not there): their agents exit, and no step is
     started for them again while the run waits out its timeout."""
     with slurm_cluster(tmp_path / "slurm") as slurm_env:
-        env = {**cpu_only_env(), "SLURM_CONF": slurm_env["SLURM_CONF"], "HYPERFLEET_FAKE_GPUS": "1"}
-        env.pop("CUDA_VISIBLE_DEVICES")
-        search = [
-            sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
-            "--n-trials", "4", "--slurm", "--run-dir", "run", "--cpu-slots", "0", "--gpus", "3",
-            "--timeout", "4s", "--plain", "--no-report",
-        ]  # fmt: skip
         done = subprocess.run(
-            ["salloc", f"--nodes={len(NODES)}", *search],
+            _salloc_search(4, "--gpus", "3", "--timeout", "4s"),
             cwd=tmp_path,
-            env=env,
+            env=_node_env(slurm_env),
             capture_output=True,
             text=True,
             timeout=60,
@@ -162,22 +151,10 @@ def test_the_controller_listens_where_the_other_nodes_reach_it(tmp_path: Path) -
     the controller on n1 listens on the interface towards n2, not on the loopback."""
     here = _non_loopback_address()
     with slurm_cluster(tmp_path / "slurm", {"n2": here}) as slurm_env:
-        env = {
-            **cpu_only_env(),
-            "SLURM_CONF": slurm_env["SLURM_CONF"],
-            "HYPERFLEET_FAKE_GPUS": "1",
-            "HYPERFLEET_TEST_NAP": "0.1",
-        }
-        env.pop("CUDA_VISIBLE_DEVICES")
-        search = [
-            sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
-            "--n-trials", "4", "--slurm", "--run-dir", "run", "--cpu-slots", "0",
-            "--plain", "--no-report",
-        ]  # fmt: skip
         done = subprocess.run(
-            ["salloc", f"--nodes={len(NODES)}", "--nodelist=n1,n2", *search],
+            _salloc_search(4, nodelist="n1,n2"),
             cwd=tmp_path,
-            env=env,
+            env=_node_env(slurm_env, nap=0.1),
             capture_output=True,
             text=True,
             timeout=180,

@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 from types import FrameType
@@ -309,75 +310,67 @@ def run_agent(
     address = parse_address(connect_to, "--connect")
     sampler = NodeSampler(inventory.gpus)
     try:
-        joining = (address, connect_to, token, name, inventory, log_dir, work_dir, patience)
-        return _serve(*joining, sampler)
+        node_side = _NodeSide(connect_to, address, token, name, inventory, log_dir, work_dir)
+        return _serve(node_side, patience, sampler)
     finally:
         sampler.close()
 
 
-def _serve(
-    address: tuple[str, int],
-    connect_to: str,
-    token: bytes,
-    name: str,
-    inventory: Inventory,
-    log_dir: Path,
-    work_dir: Path,
-    patience: float,
-    sampler: NodeSampler,
-) -> str:
+@dataclass(frozen=True)
+class _NodeSide:
+    """What an agent joins with, each time it joins."""
+
+    connect_to: str  # as the user wrote it, for messages
+    address: tuple[str, int]
+    token: bytes
+    name: str
+    inventory: Inventory
+    log_dir: Path
+    work_dir: Path
+
+
+def _serve(node: _NodeSide, patience: float, sampler: NodeSampler) -> str:
     """Join, serve, and join again after losing the controller, for ``run_agent``."""
-    joining = (address, connect_to, token, name, inventory, log_dir, work_dir, patience, sampler)
-    agent = _join(*joining)
+    agent = _join(node, patience, sampler)
     while True:
         with _stop_on_signals(agent):
             agent.run()
         if not agent.controller_lost:
             return agent.ended_by
         print(
-            f"hyperfleet agent {name}: {agent.ended_by}; its workers are stopped; trying to "
-            f"join it again for {patience:g}s",
+            f"hyperfleet agent {node.name}: {agent.ended_by}; its workers are stopped; trying "
+            f"to join it again for {patience:g}s",
             flush=True,
         )
         try:
-            agent = _join(*joining)
+            agent = _join(node, patience, sampler)
         except NodeError as exc:
             return f"{agent.ended_by}; could not join it again: {exc}"
         except KeyboardInterrupt:
             return "stopped by SIGINT"
 
 
-def _join(
-    address: tuple[str, int],
-    connect_to: str,
-    token: bytes,
-    name: str,
-    inventory: Inventory,
-    log_dir: Path,
-    work_dir: Path,
-    patience: float,
-    sampler: NodeSampler | None = None,
-) -> Agent:
+def _join(node: _NodeSide, patience: float, sampler: NodeSampler | None = None) -> Agent:
     """Connect, say hello, and take the controller's welcome: an agent ready to run."""
-    conn = connect(address, token, patience)
+    conn = connect(node.address, node.token, patience)
     try:
-        conn.send(Hello(name, inventory, os.getpid()))
+        conn.send(Hello(node.name, node.inventory, os.getpid()))
         if not conn.poll(patience):
             raise NodeError("the controller said nothing after the hello; is it still running?")
         welcome = conn.recv()
     except (EOFError, OSError):
         raise NodeError(
-            f"the controller at {connect_to} closed the connection after this agent's hello; "
-            "see its run log for why"
+            f"the controller at {node.connect_to} closed the connection after this agent's "
+            "hello; see its run log for why"
         ) from None
     if isinstance(welcome, Refused):
-        raise NodeError(f"the controller refused node {name}: {welcome.reason}")
-    folder = None if shares_run_dir(welcome) else own_run_folder(welcome, work_dir)
+        raise NodeError(f"the controller refused node {node.name}: {welcome.reason}")
+    folder = None if shares_run_dir(welcome) else own_run_folder(welcome, node.work_dir)
     conn.send(Joined(folder is None, folder.local if folder is not None else ""))
-    note = run_folder_note(name, folder)
-    print(f"hyperfleet agent {name}: joined {connect_to}; {note}", flush=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return Agent(conn, welcome, log_dir, name, folder, sampler)
+    note = run_folder_note(node.name, folder)
+    print(f"hyperfleet agent {node.name}: joined {node.connect_to}; {note}", flush=True)
+    node.log_dir.mkdir(parents=True, exist_ok=True)
+    return Agent(conn, welcome, node.log_dir, node.name, folder, sampler)
 
 
 def shares_run_dir(welcome: Welcome) -> bool:
