@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import signal
 import threading
 import time
@@ -23,47 +22,24 @@ import hyperfleet
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.resources import fakegpu
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
-
-OBJECTIVES = Path(__file__).parent / "objectives"
-DECISION = re.compile(r"gpu0: (\d+) -> (\d+) workers?, (.*)")
+from support.autopacking import (
+    OBJECTIVES,
+    run_packed,
+    use_one_fake_gpu,
+    workers_over_time,
+)
 
 
 @pytest.fixture
 def models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ModuleType:
-    monkeypatch.syspath_prepend(str(OBJECTIVES))
-    monkeypatch.setenv(FAKE_GPUS_ENV, "1")
-    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
+    use_one_fake_gpu(monkeypatch, tmp_path)
     return importlib.import_module("fake_gpu_models")
 
 
 def run(
     tmp_path: Path, n_trials: int, factory: str = "make_objective", pool: Any = None, **model: Any
 ) -> tuple[optuna.Study, list[str]]:
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    outcome = hyperfleet.optimize(
-        study,
-        getattr(importlib.import_module("fake_gpu_models"), factory),
-        n_trials=n_trials,
-        run_dir=tmp_path / "run",
-        display="quiet",
-        report=False,
-        inventory=detect_inventory(),
-        cpu_slots=0,
-        objective_kwargs=model,
-        **(pool or {}),
-    )
-    assert outcome.status == "completed", outcome.message
-    return study, (tmp_path / "run" / "run.log").read_text().splitlines()
-
-
-def workers_over_time(log: list[str]) -> list[int]:
-    counts = [1]
-    for line in log:
-        match = DECISION.search(line)
-        if match:
-            assert int(match.group(1)) == counts[-1], line
-            counts.append(int(match.group(2)))
-    return counts
+    return run_packed(tmp_path, "fake_gpu_models", factory, n_trials, pool, **model)
 
 
 def test_a_small_model_grows_until_the_gpu_is_busy(models: ModuleType, tmp_path: Path) -> None:

@@ -4,68 +4,35 @@ a GPU in EXCLUSIVE_PROCESS compute mode keeps one worker. Real runs on one fake 
 
 from __future__ import annotations
 
-import importlib
-import re
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
-import hyperfleet
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.autopack import AutoPack
 from hyperfleet.errors import ResourceError
-from hyperfleet.resources import fakegpu
 from hyperfleet.resources.inventory import (
     EXCLUSIVE_MODE,
     FAKE_GPU_MODE_ENV,
-    FAKE_GPUS_ENV,
     Gpu,
     Inventory,
-    detect_inventory,
 )
 from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.resources.packing import GpuPacker, PackingSettings
 from hyperfleet.resources.shapes import PoolSpec, Shape, plan_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
-
-OBJECTIVES = Path(__file__).parent / "objectives"
-DECISION = re.compile(r"gpu0: (\d+) -> (\d+) workers?, (.*)")
+from support.autopacking import run_packed, use_one_fake_gpu, workers_over_time
 
 
 @pytest.fixture(autouse=True)
 def one_fake_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.syspath_prepend(str(OBJECTIVES))
-    monkeypatch.setenv(FAKE_GPUS_ENV, "1")
-    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
+    use_one_fake_gpu(monkeypatch, tmp_path)
 
 
 def run(tmp_path: Path, factory: str, n_trials: int, **model: Any) -> tuple[Any, list[str]]:
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    outcome = hyperfleet.optimize(
-        study,
-        getattr(importlib.import_module("gpu_failures"), factory),
-        n_trials=n_trials,
-        run_dir=tmp_path / "run",
-        display="quiet",
-        report=False,
-        inventory=detect_inventory(),
-        cpu_slots=0,
-        objective_kwargs=model,
-    )
-    assert outcome.status == "completed", outcome.message
-    return study, (tmp_path / "run" / "run.log").read_text().splitlines()
-
-
-def workers_over_time(log: list[str]) -> list[int]:
-    counts = [1]
-    for line in log:
-        match = DECISION.search(line)
-        if match:
-            counts.append(int(match.group(2)))
-    return counts
+    return run_packed(tmp_path, "gpu_failures", factory, n_trials, **model)
 
 
 def test_a_gpu_whose_added_workers_fail_every_trial_stops_growing(tmp_path: Path) -> None:

@@ -148,15 +148,7 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
         "--listen", address, "--token-file", str(write_token(tmp_path)), "--cpu-slots", "0",
         "--plain", "--sampler", "random",
     ]  # fmt: skip
-    controller = BackgroundRun(run, tmp_path, controller_env, name="controller")
-    trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
-    agent = Agent(tmp_path, address, "rnode", 1, nap=0.4, env=trial_env)
-    try:
-        assert controller.wait(120) == 0, controller.stderr
-        assert agent.wait(15) == 0, agent.log.read_text()
-    finally:
-        controller.stop()
-        agent.stop()
+    _run_beside_a_packing_node(tmp_path, address, run, controller_env, fake_gpus)
     log = run_log(tmp_path)
     assert "rnode/gpu0: 1 -> 2 workers, " in log, log
     assert "rnode/gpu0: 2 -> 3 workers, " in log, log
@@ -195,15 +187,7 @@ def test_a_campaigns_auto_study_grows_a_remote_nodes_gpu(tmp_path: Path) -> None
         "run", str(campaign), "--run-dir", "run", "--listen", address,
         "--token-file", str(write_token(tmp_path)), "--plain", "--no-report",
     ]  # fmt: skip
-    controller = BackgroundRun(run, tmp_path, {**cpu_only_env(), **fake_gpus}, name="controller")
-    trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
-    agent = Agent(tmp_path, address, "rnode", 1, nap=0.4, env=trial_env)
-    try:
-        assert controller.wait(120) == 0, controller.stderr
-        assert agent.wait(15) == 0, agent.log.read_text()
-    finally:
-        controller.stop()
-        agent.stop()
+    _run_beside_a_packing_node(tmp_path, address, run, {**cpu_only_env(), **fake_gpus}, fake_gpus)
     assert "rnode/gpu0: 1 -> 2 workers, " in run_log(tmp_path), run_log(tmp_path)
     trials = load_trials(tmp_path / "run", "small")
     assert {"rnode/gpu0#0", "rnode/gpu0#1"} <= {t.user_attrs["slot"] for t in trials}
@@ -278,3 +262,23 @@ def test_the_live_view_draws_a_nodes_slots_from_its_readings() -> None:
     assert row("rnode/cpu#0").endswith("cpu 97%")
     assert re.search(r"rnode +joined +2 +35% of 16 +3\.1/15G +gpu0 40% 2\.9/16G$", row("rnode "))
     assert re.search(r"nodeB +lost +0 +- +- +-$", row("nodeB "))
+
+
+def _run_beside_a_packing_node(
+    tmp_path: Path,
+    address: str,
+    run: list[str],
+    controller_env: dict[str, str],
+    fake_gpus: dict[str, str],
+) -> None:
+    """The controller's command, and node rnode's agent whose trials each hold 1000 MiB of
+    its fake GPU 22 % busy for 0.4 s, until both have ended well."""
+    controller = BackgroundRun(run, tmp_path, controller_env, name="controller")
+    trial_env = {**fake_gpus, "HYPERFLEET_TEST_MIB": "1000", "HYPERFLEET_TEST_BUSY": "22"}
+    agent = Agent(tmp_path, address, "rnode", 1, nap=0.4, env=trial_env)
+    try:
+        assert controller.wait(120) == 0, controller.stderr
+        assert agent.wait(15) == 0, agent.log.read_text()
+    finally:
+        controller.stop()
+        agent.stop()
