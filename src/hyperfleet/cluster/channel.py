@@ -134,7 +134,7 @@ def wildcard_warning(host: str) -> str:
         f"warning: listening on every interface ({host or 'all'}): the agents' channel is "
         "authenticated but not encrypted, and anyone who can reach this port may try to "
         "connect. Prefer --listen with the address of the cluster's private interface, or "
-        "tunnel the port (see the README's many-machines section)."
+        "tunnel the port (see docs/how-to/many-machines.md, Security)."
     )
 
 
