@@ -5,7 +5,8 @@ hold the token, the listening end first, and every later message is sealed with 
 :mod:`hyperfleet.cluster.sealed`), before anything is unpickled. A peer that does not finish the
 handshake and its first message within ``HANDSHAKE_SECONDS`` (a silent peer, garbage bytes, a
 wrong token, another build) is cut off, on a thread of its own, so it never holds up the agents
-that connect after it. The channel is not encrypted: the README says how to tunnel it.
+that connect after it. The channel is not encrypted: docs/how-to/many-machines.md says how to
+tunnel it.
 """
 
 from __future__ import annotations
