@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from hyperfleet.cluster.restarts import AgentRestarts
 from hyperfleet.errors import ConfigError
 from hyperfleet.resources.inventory import Inventory, detect_inventory, select_gpus
 
@@ -48,10 +49,6 @@ AGENT_PATIENCE = 60.0  # how long an agent tries to reach its controller, at sta
 # An agent Ray has not placed this long, where the node no longer has what it asked for, is
 # withdrawn and the node planned again (what was free when it was asked for got taken).
 REPLAN_SECONDS = 10.0
-# An agent that ended sooner than this after it started is started again later each time, up
-# to RETRY_MAX_SECONDS: a node where it cannot run is not hammered every two seconds.
-SHORT_LIFE_SECONDS = 30.0
-RETRY_MAX_SECONDS = 60.0
 LEAVE_SECONDS = 5.0  # how long the agents get to leave at the end of the run, all together
 REFUSED = "the controller refused"  # how an agent says the controller does not want its node
 
@@ -174,7 +171,7 @@ class RayLauncher:
         self._notes: dict[str, str] = {}  # Ray node id -> what the log last said it waits for
         self._refused: set[str] = set()  # nodes the controller does not use: no agent again
         self._draining: set[str] = set()
-        self._retry: dict[str, tuple[int, float]] = {}  # node -> (short lives, next start)
+        self._restarts = AgentRestarts(WATCH_SECONDS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -251,12 +248,7 @@ class RayLauncher:
             return
         if self._stop.is_set() or node_id in self._draining or why == "goodbye":
             return  # the run is over (its goodbye may come just before close())
-        short, _ = self._retry.get(node_id, (0, 0.0))
-        lived = time.monotonic() - agent.asked_at
-        short = short + 1 if lived < SHORT_LIFE_SECONDS else 0
-        wait = min(RETRY_MAX_SECONDS, WATCH_SECONDS * 2 ** (short - 1)) if short else 0.0
-        self._retry[node_id] = (short, time.monotonic() + wait)
-        again = f"in {wait:.0f}s" if wait > WATCH_SECONDS else "now"
+        again = self._restarts.ended(node_id, time.monotonic() - agent.asked_at)
         self._say(f"node {agent.name}: its agent ended ({why}); a fresh one starts {again}")
 
     def _gone(self, node_id: str) -> None:
@@ -279,8 +271,7 @@ class RayLauncher:
         agents = self._agents.setdefault(node_id, [])
         if not self._all_placed(node_id, agents, free):
             return
-        _, retry_at = self._retry.get(node_id, (0, 0.0))
-        if time.monotonic() < retry_at:
+        if not self._restarts.due(node_id):
             return
         gpus_total, cpus_total = int(total.get("GPU", 0)), int(total.get("CPU", 0))
         gpus_free, cpus_free = int(free.get("GPU", 0)), int(free.get("CPU", 0))

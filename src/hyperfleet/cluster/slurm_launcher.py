@@ -8,8 +8,8 @@ travels in the step's environment, never on a command line that ``ps`` or ``sque
 
 A thread looks at the steps every ``WATCH_SECONDS``: a node whose step ended while the run goes
 on (its agent killed or crashed, or gone after its ``--patience``) gets a fresh step, so its
-slots work again; one that ended sooner than ``SHORT_LIFE_SECONDS`` after it started is started
-again later each time (up to ``RETRY_MAX_SECONDS``). A node the controller refused gets none,
+slots work again; one whose steps keep ending soon after they start gets its next one later
+each time (:mod:`hyperfleet.cluster.restarts`). A node the controller refused gets none,
 nor one whose agent was told the run is over or stopped by SIGTERM (the job ending).
 ``close`` ends every step.
 
@@ -37,15 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hyperfleet.cluster.channel import TOKEN_ENV
+from hyperfleet.cluster.restarts import AgentRestarts
 from hyperfleet.errors import ConfigError
 
 # How long the agents get to leave after the controller's goodbye before their steps are ended.
 STEP_GRACE_SECONDS = 10.0
 WATCH_SECONDS = 1.0  # how often the steps are looked at (a poll of local processes)
-# A step that ended sooner than this after it started is started again later each time, up to
-# RETRY_MAX_SECONDS: a node where the agent cannot run is not hammered every second.
-SHORT_LIFE_SECONDS = 30.0
-RETRY_MAX_SECONDS = 60.0
 # How a step ends that is not started again: its agent told goodbye (0), or stopped by SIGTERM,
 # the agent (130) or srun itself, which is how SLURM ends a job (preemption, scancel, a time
 # limit): a fresh step would only hold up the controller's last seconds.
@@ -71,6 +68,7 @@ class _Step:
 
     process: subprocess.Popen[bytes]
     started: float  # monotonic
+    end_seen: bool = False  # its end was told, and when a fresh step starts decided
 
 
 class SlurmLauncher:
@@ -88,7 +86,7 @@ class SlurmLauncher:
         self._names = host_names(os.environ.get("SLURM_JOB_NODELIST", ""))
         self._say, self._refused = say, refused
         self._steps: dict[str, _Step] = {}  # node -> its step, running or ended
-        self._retry: dict[str, tuple[int, float]] = {}  # node -> (short lives, next start)
+        self._restarts = AgentRestarts(WATCH_SECONDS)
         self._lock = threading.Lock()  # the steps, between the watcher and close
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -172,18 +170,12 @@ class SlurmLauncher:
             # Told goodbye (the run is over), the job ending, or not wanted: no fresh step.
             del self._steps[node]
             return
-        short, retry_at = self._retry.get(node, (0, 0.0))
-        if retry_at == 0.0:  # its end not seen yet: when to start it again
-            lived = time.monotonic() - step.started
-            short = short + 1 if lived < SHORT_LIFE_SECONDS else 0
-            wait = min(RETRY_MAX_SECONDS, WATCH_SECONDS * 2 ** (short - 1)) if short else 0.0
-            retry_at = time.monotonic() + wait
-            self._retry[node] = (short, retry_at)
-            again = f"in {wait:.0f}s" if wait > WATCH_SECONDS else "now"
+        if not step.end_seen:
+            step.end_seen = True
+            again = self._restarts.ended(node, time.monotonic() - step.started)
             why = _ended(status)
             self._say(f"node {node}: its agent ended ({why}); a fresh one starts {again}")
-        if time.monotonic() >= retry_at:
-            self._retry[node] = (short, 0.0)
+        if self._restarts.due(node):
             self._steps[node] = self._launch(node)
 
     def _launch(self, node: str) -> _Step:
