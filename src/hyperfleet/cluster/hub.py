@@ -104,7 +104,8 @@ class Refusal:
     reason: str
 
     def line(self) -> str:
-        return f"refused a connection from {self.where}: {self.reason}"
+        where = f" from {self.where}" if self.where else ""  # none: accept() itself failed
+        return f"refused a connection{where}: {self.reason}"
 
 
 @dataclass(frozen=True)
