@@ -37,7 +37,8 @@ def run(tmp_path: Path, factory: str, n_trials: int, **model: Any) -> tuple[Any,
 
 def test_a_gpu_whose_added_workers_fail_every_trial_stops_growing(tmp_path: Path) -> None:
     # A small model that leaves the GPU room and time to spare: it would grow to 5 workers.
-    study, log = run(tmp_path, "make_first_worker_only", 24, mib=1000, busy=20.0, seconds=0.15)
+    # 48 trials leave a slow machine time to start the added worker and see it fail 3 times.
+    study, log = run(tmp_path, "make_first_worker_only", 48, mib=1000, busy=20.0, seconds=0.15)
 
     counts = workers_over_time(log)
     assert counts == [1, 2, 1], log
