@@ -121,7 +121,7 @@ def test_out_of_memory_beside_others_runs_again_with_fewer(
     other = threading.Thread(target=other_process_takes_memory)
     other.start()
     try:
-        study, log = run(tmp_path, 40, mib=2000, busy=15.0, seconds=0.3)
+        study, log = run(tmp_path, 60, mib=2000, busy=15.0, seconds=0.3)
     finally:
         release.set()
         other.join()
