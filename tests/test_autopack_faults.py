@@ -42,12 +42,13 @@ def test_a_gpu_whose_added_workers_fail_every_trial_stops_growing(tmp_path: Path
 
     counts = workers_over_time(log)
     assert counts == [1, 2, 1], log
-    # Its quick failures tell first, or the measured throughput does (its restarts counted).
-    assert any(
-        "gpu0#1 failed 3 trials in a row" in line or "more no longer helps" in line for line in log
-    ), log
+    # Its quick failures tell first, or the measured throughput does (its restarts counted):
+    # on a loaded machine that can be after one or two failures.
+    told_by_failures = any("gpu0#1 failed 3 trials in a row" in line for line in log)
+    assert told_by_failures or any("more no longer helps" in line for line in log), log
     failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
-    assert 3 <= len(failed) <= 5, log  # the three that told, and what ran meanwhile
+    fewest = 3 if told_by_failures else 1
+    assert fewest <= len(failed) <= 5, log  # those that told, and what ran meanwhile
     retired_at = next(line for line in log if "-> 1 worker," in line)[:19]
     after = {
         t.system_attrs[books.SLOT_ATTR]
