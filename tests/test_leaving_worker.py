@@ -9,7 +9,7 @@ import multiprocessing
 from pathlib import Path
 from types import SimpleNamespace
 
-from hyperfleet.controller.loop import _send
+from hyperfleet.controller.outbox import send
 from hyperfleet.workers.protocol import RunTrial, StudyInfo
 from support.procs import campaign_files, cpu_only_env, load_trials, run_cli
 
@@ -86,4 +86,4 @@ def test_a_send_to_a_closed_worker_connection_is_not_an_error() -> None:
     ours.close()
     theirs.close()
     message = RunTrial("s", 0, "trial", None, StudyInfo("s", ("MINIMIZE",)))
-    assert _send(SimpleNamespace(conn=ours), message) is False  # type: ignore[arg-type]
+    assert send(SimpleNamespace(conn=ours), message) is False

@@ -19,7 +19,7 @@ from hyperfleet.campaign.folders import grid_points
 from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
-from hyperfleet.controller.loop import StudyPlan
+from hyperfleet.controller.study_run import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
 from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target

@@ -28,7 +28,8 @@ from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.cluster.pools import NodePlanner, single_search_planner
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.files import FileWriter
-from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
+from hyperfleet.controller.loop import Controller, Outcome
+from hyperfleet.controller.study_run import StudyPlan
 from hyperfleet.display.snapshot import StatusSnapshot
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.events import EventSink, PlainLog

@@ -31,17 +31,39 @@ Nothing is lost and nothing is left ``RUNNING``:
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+import datetime
+import functools
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
+from hyperfleet.controller import ahead
+from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.ahead import Space
+from hyperfleet.controller.context import RunContext
+from hyperfleet.controller.outbox import send
+from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotTable, Worker
+from hyperfleet.controller.studies import StudyBook
+from hyperfleet.controller.study_run import StudyRun, opened
+from hyperfleet.controller.trial_making import (
+    TrialFolders,
+    mark_placed,
+    placement,
+    record_of,
+    run_message,
+    sample_ahead,
+    side_by_side,
+)
 from hyperfleet.journal import running_trial
-from hyperfleet.workers.protocol import RunTrial
+from hyperfleet.workers.protocol import Finished, RunTrial
+
+PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials
 
 
 @dataclass
@@ -135,3 +157,179 @@ def ask_new(study: optuna.Study, placement: dict[str, Any]) -> optuna.Trial:
     )
     study._thread_local.cached_all_trials = None
     return optuna.Trial(study, trial_id)
+
+
+class Preparer:
+    """Prepares each busy slot's next trial while it runs, and sends it the moment the slot's
+    result comes in (see the module's docstring)."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        slots: SlotTable,
+        studies: StudyBook,
+        folders: TrialFolders,
+        glance: Callable[[], None],
+    ) -> None:
+        self.next = NextTrials()
+        self._to_prepare: deque[str] = deque()  # busy slots still to prepare one for
+        self._ctx, self._slots, self._studies, self._folders = ctx, slots, studies, folders
+        self._glance = glance  # looks at the agents' connections during long work
+
+    @property
+    def wanted(self) -> bool:
+        """Whether busy slots wait for their next trial to be prepared."""
+        return bool(self._to_prepare)
+
+    def prepares(self, run: StudyRun) -> bool:
+        """Whether the study's next trials are prepared ahead: where their order cannot matter
+        to the search."""
+        ctx = self._ctx
+        if ctx.stops.level or len(self._studies.runs) != 1 or ctx.autopack is not None:
+            return False
+        if not side_by_side(ctx, self._slots):
+            return False  # one slot: the trials study.optimize gives, in its order
+        if run.plan.timeout is not None or ctx.stops.deadline is not None:
+            return False  # a prepared trial would outlive the time limit, enqueued
+        return run.study is not None and ahead.samples_cheaply(run.study.sampler)
+
+    def began(self, name: str, run: StudyRun) -> None:
+        """The slot runs a trial of ``run``: prepare its next one, where the study does."""
+        if self.prepares(run):
+            self._to_prepare.append(name)
+
+    def prepare_some(self) -> None:
+        """Prepare the next trials of busy slots that have none, for a few milliseconds per
+        step at most, so that the workers' messages never wait behind many (at the start,
+        every slot needs one)."""
+        until = time.monotonic() + PREPARE_SECONDS
+        while self._to_prepare and time.monotonic() < until:
+            self._prepare_one(self._to_prepare.popleft())
+            self._glance()
+
+    def _prepare_one(self, name: str) -> None:
+        active, worker = self._slots.active.get(name), self._slots.workers.get(name)
+        if active is None or worker is None or name in self.next:
+            return
+        run = active.run
+        if not self.prepares(run) or not self._queue_is_ours(run) or self.fill(run):
+            return
+        study = opened(run)
+        stored = create_queued(study, placement(self._ctx.run_dir, name, worker.pid))
+        self._folders.trial_dir(run, stored.number)
+        suggestions = sample_ahead(run, None, stored, False, side_by_side(self._ctx, self._slots))
+        message = run_message(run, stored, None, suggestions)
+        entry = NextTrial(run.plan.name, stored, worker.pid, message, run.space)
+        self.next.add(name, entry)
+        self._ctx.after_commit(functools.partial(setattr, entry, "committed", True))
+
+    def fill(self, run: StudyRun) -> bool:
+        """Whether the study's prepared trials take what its budget has left."""
+        n_trials = run.plan.n_trials
+        prepared = self.next.count(run.plan.name)
+        return n_trials is not None and self._studies.reserved(run) + prepared >= n_trials
+
+    def _queue_is_ours(self, run: StudyRun) -> bool:
+        """Whether every enqueued trial of the study is a prepared one; looked up only after
+        something else may have been enqueued (a repeat, the objective's enqueue_trial)."""
+        if run.queue_unknown:
+            study = opened(run)
+            waiting = study._storage.get_all_trials(
+                study._study_id, deepcopy=False, states=(TrialState.WAITING,)
+            )
+            run.queue_unknown = any(not self.next.owns(t._trial_id) for t in waiting)
+        return not run.queue_unknown
+
+    def start_next(self, name: str, worker: Worker, finished: Finished) -> bool:
+        """Send the slot its prepared next trial now, before the result that freed it is
+        recorded; the trial's end (TrialEnds) counts it as running once that is done."""
+        entry, active = self.next.peek(name), self._slots.active.get(name)
+        if entry is None or active is None or name in self._slots.sent_next:
+            return False
+        if not entry.committed or not self._goes_on(name, worker, active, finished, entry.pid):
+            return False
+        self.next.take(name)
+        run, stored = active.run, entry.stored
+        study = opened(run)
+        message = replace(entry.message, datetime_start=datetime.datetime.now())
+        space = run.space
+        if finished.outcome == "returned":  # it completes: the space narrows as its tell will
+            space = ahead.narrowed(space, active.trial.distributions)
+        if entry.space != space:  # trials ended meanwhile
+            sides = side_by_side(self._ctx, self._slots)
+            suggestions = sample_ahead(run, None, stored, False, sides, space)
+            message = replace(message, suggestions=suggestions)
+        if not self._claim_and_send(study, entry, worker, message, run.shared):
+            return False
+        trial = queued_trial(study, entry.trial_id)
+        launch = Launch(run, trial, record_of(study, stored), message, set())
+        self._slots.sent_next[name] = launch
+        return True
+
+    @staticmethod
+    def _claim_and_send(
+        study: optuna.Study, entry: NextTrial, worker: Worker, message: RunTrial, shared: bool
+    ) -> bool:
+        if shared:
+            if not claim_queued(study, entry.trial_id):
+                return False  # another process's ask took it: the slot gets one the usual way
+            send(worker, message)
+            return True
+        # The run directory's own journal: no other process takes its queued trials, and
+        # this one no longer can, so the trial leaves before its start is written.
+        send(worker, message)
+        if not claim_queued(study, entry.trial_id):  # cannot happen: a bug, not to hide
+            raise RuntimeError(
+                f"hyperfleet: prepared trial {message.number} was started by another ask "
+                "although the run folder's journal has no other writer; this is a bug: run "
+                "the same command again to resume, and please report it"
+            )
+        return True
+
+    def _goes_on(
+        self, name: str, worker: Worker, active: ActiveTrial, finished: Finished, pid: int
+    ) -> bool:
+        """Whether the worker's result leaves it to run the study's next trial at once: a
+        result the study takes, no stop, no reason to replace the worker."""
+        run = active.run
+        if self._ctx.stops.level or active.end_kind or worker.pid != pid:
+            return False
+        if name in self._slots.kill_at or self._slots.on_drained_node(name):
+            return False
+        if run.load_failure or run.plan.name not in worker.loaded:
+            return False
+        if not ahead.samples_cheaply(opened(run).sampler):  # an AutoSampler moved on
+            return False
+        limit = self._ctx.settings.max_trials_per_worker
+        if limit is not None and worker.trials_run + 1 >= limit:
+            return False
+        if finished.outcome == "pruned":
+            return True
+        if finished.outcome != "returned":
+            return False
+        values, _ = books.objective_values(opened(run), finished.value)
+        return values is not None
+
+    def take(
+        self, name: str, worker: Worker, run: StudyRun
+    ) -> tuple[optuna.Trial, FrozenTrial] | None:
+        """A trial for a slot that frees up the usual way, where the study prepares trials:
+        the slot's own prepared one, else a new one that leaves the other slots theirs
+        (``study.ask()`` would take the oldest enqueued). None: ask as usual."""
+        study = opened(run)
+        marks = placement(self._ctx.run_dir, name, worker.pid)
+        entry = self.next.take(name)
+        if entry is not None:
+            trial = start_queued(study, entry.trial_id)
+            if trial is not None:
+                return trial, mark_placed(trial, marks)
+        if run.queue_unknown or not self.next.count(run.plan.name):
+            return None
+        if self.fill(run):
+            return None  # the budget's last trials are the prepared ones: take one of them
+        trial = ask_new(study, marks)
+        return trial, study._storage.get_trial(trial._trial_id)
+
+    def forget(self, name: str) -> None:
+        """The slot's worker is gone: its prepared trial stays enqueued for any slot's ask."""
+        self.next.take(name)

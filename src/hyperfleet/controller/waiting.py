@@ -8,7 +8,9 @@ same: the objects that can be read (an ended peer's connection too, which reads 
 
 from __future__ import annotations
 
+import contextlib
 import selectors
+import socket
 from typing import Any
 
 
@@ -30,3 +32,24 @@ class Waiter:
 
     def close(self) -> None:
         self._selector.close()
+
+
+class Wakeup:
+    """A socket the loop waits on that other threads (a finished commit, a slow sampler, a
+    signal handler) write a byte to, to wake it."""
+
+    def __init__(self) -> None:
+        self.readable, self._writable = socket.socketpair()
+        self._writable.setblocking(False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._writable.send(b"x")
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):
+            self.readable.recv(4096)
+
+    def close(self) -> None:
+        self.readable.close()
+        self._writable.close()

@@ -1,0 +1,270 @@
+"""Handing trials out to free slots, and the one way a trial starts on a slot.
+
+Each round gives every free slot a trial of the study the fair-share policy picks (see
+:mod:`hyperfleet.controller.policy`). A trial then starts through :meth:`TrialStarts.start`,
+whatever made its parameters: a prepared next trial (:mod:`hyperfleet.controller.prepared`), a
+slow sampler's suggestion computed off the loop's thread (:mod:`hyperfleet.controller.sampling`),
+or an ``ask`` now. Every start, the early one of a prepared trial sent before its slot's result
+was recorded included, is counted as running on its slot by :meth:`TrialStarts.begin`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller.context import RunContext
+from hyperfleet.controller.outbox import send
+from hyperfleet.controller.policy import StudyDemand, pick
+from hyperfleet.controller.prepared import Preparer
+from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
+from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotState, SlotTable, Worker
+from hyperfleet.controller.studies import StudyBook
+from hyperfleet.controller.study_run import StudyRun, opened
+from hyperfleet.controller.trial_making import (
+    TrialFolders,
+    mark_placed,
+    placement,
+    record_of,
+    run_message,
+    sample_ahead,
+    side_by_side,
+)
+from hyperfleet.journal import PlacingJournalStorage
+from hyperfleet.workers.protocol import RunTrial
+
+
+class TrialStarts:
+    def __init__(
+        self,
+        ctx: RunContext,
+        slots: SlotTable,
+        studies: StudyBook,
+        preparer: Preparer,
+        folders: TrialFolders,
+    ) -> None:
+        self._ctx, self._slots, self._studies = ctx, slots, studies
+        self._preparer, self._folders = preparer, folders
+        self._suggestions = Suggestions(ctx.wake)
+
+    # ----- handing out ---------------------------------------------------------------------
+
+    def fill_free_slots(self) -> None:
+        """Start trials on idle slots while the pool picks some. The idle slots are listed
+        once, and after each launch only the slots that share a resource with the one just
+        taken are looked at again: at hundreds of slots, listing and weighing them all for
+        each launch cost more than the launch."""
+        slots = self._slots
+        room = {name: slots.room(name) for name in self._idle_slots()}
+        if not any(fits for fits, _ in room.values()):
+            return
+        # Trial folders are made below (by the workers): not in a run folder made again at its
+        # path. A study's first one makes its parent, and checks again right before.
+        self._ctx.run_dir.check_now_and_then()
+        self._studies.recount_shared_budgets()
+        runs = self._studies.runs
+        allowed = {run.plan.name: frozenset(run.plan.slots) for run in runs.values()}
+        while room:
+            choice = self._pick(room, allowed)
+            if choice is None:
+                return
+            study_name, slot_name = choice
+            worker, run = slots.workers[slot_name], runs[study_name]
+            if study_name in worker.loaded:
+                self.start(slot_name, worker, run)
+            else:
+                self._load_then_start(slot_name, worker, run)
+            del room[slot_name]
+            for name in room:
+                if slots.ledger.overlaps(slot_name, name):
+                    room[name] = slots.room(name)
+
+    def _pick(
+        self, room: dict[str, tuple[bool, float]], allowed: dict[str, frozenset[str]]
+    ) -> tuple[str, str] | None:
+        """The study and slot of the next trial, or None. Free slots fullest first (packing
+        shares onto busy GPUs keeps whole ones free), then those waiting for running trials to
+        give resources back, nearest first; sorting is stable, so equal loads keep the pool's
+        order."""
+        free = sorted((n for n, (fits, _) in room.items() if fits), key=lambda n: -room[n][1])
+        if not free:
+            return None
+        blocked = sorted((n for n, (fits, _) in room.items() if not fits), key=lambda n: room[n][1])
+        slots = self._slots
+        return pick(
+            self._demands(allowed),
+            free,
+            slots.book,
+            slots.cost,
+            self._ctx.sequential,
+            blocked_slots=blocked,
+            overlaps=slots.ledger.overlaps,
+            loaded={name: slots.workers[name].loaded for name in free},
+        )
+
+    def _idle_slots(self) -> list[str]:
+        """Idle slots with a ready worker, in the pool's order."""
+        slots = self._slots
+        if len(slots.active) + len(slots.sampling) >= len(slots.slots):
+            return []  # every slot busy: at hundreds of slots, no need to look at each
+        return [
+            slot.name
+            for slot in slots.slots
+            if (worker := slots.workers.get(slot.name)) is not None
+            and takes_a_trial(worker)
+            and not slots.on_drained_node(slot.name)
+            and slot.name not in slots.active
+            and slot.name not in slots.sampling
+        ]
+
+    def _demands(self, allowed: dict[str, frozenset[str]]) -> list[StudyDemand]:
+        loading = {run.plan.name for run in self._slots.loading.values()}
+        return [
+            StudyDemand(
+                name=run.plan.name,
+                slots=allowed[run.plan.name],
+                has_work=self._studies.has_work(run),
+                weight=run.plan.weight,
+                priority=run.plan.priority,
+                stage=run.plan.stage,
+                loading=run.plan.name in loading,
+            )
+            for run in self._studies.runs.values()
+        ]
+
+    def _load_then_start(self, name: str, worker: Worker, run: StudyRun) -> None:
+        """The slot's first trial of this study: its worker loads the objective first, holding
+        the slot's resources and share meanwhile; the trial starts once it has loaded."""
+        worker.load(run.plan.name)
+        self._slots.hold(name, run, SlotState.LOADING)
+
+    # ----- the one way in ------------------------------------------------------------------
+
+    def start(self, name: str, worker: Worker, run: StudyRun) -> None:
+        """Start a trial of ``run`` on the slot: its slot's prepared one, one a slow sampler
+        prepared off the loop's thread (the slot waits for it, if it is not ready), or a new
+        one asked now. It is sent once its start is committed."""
+        study = opened(run)
+        prepared_sample = None  # the sampler's part, computed off the loop's thread
+        if suggests_slowly(study.sampler):
+            prepared_sample = self._suggestions.take(run.plan.name)
+            if prepared_sample is None:
+                self._sample_then_start(name, run)
+                return
+        placed = None if prepared_sample else self._preparer.take(name, worker, run)
+        trial, stored = placed or self._ask_placed(study, name, worker.pid, prepared_sample)
+        computed = prepared_sample is not None and prepared_sample.error is None
+        launch = self._launch_of(run, trial, stored, computed)
+        self._ctx.pending.sends.append(
+            functools.partial(self._deliver, name, worker, launch.message)
+        )
+        self.begin(name, launch, delivered=False)
+
+    def _deliver(self, name: str, worker: Worker, message: RunTrial) -> None:
+        """Send a started trial to its worker, now that its start is committed; unless the
+        worker is gone meanwhile, whose exit made the trial one that never ran."""
+        active = self._slots.active.get(name)
+        if active is None or self._slots.workers.get(name) is not worker:
+            return
+        if (active.run.plan.name, active.record.number) != (message.objective, message.number):
+            return
+        active.delivered = send(worker, message)
+
+    def _launch_of(
+        self, run: StudyRun, trial: optuna.Trial, stored: FrozenTrial, computed: bool
+    ) -> Launch:
+        """The message that starts ``trial`` (``stored``: as the storage has it) and its record.
+        ``computed``: its relative sample was computed off the loop's thread."""
+        study = opened(run)
+        trial_dir = self._folders.trial_dir(run, trial.number)
+        experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
+        if experiment is not None:
+            run.plan.folder.link_experiment(str(experiment), trial_dir)
+        repeats = books.retry_of(stored) is not None
+        inherited = books.inherit_history(study, trial, stored) if repeats else set()
+        sides = side_by_side(self._ctx, self._slots)
+        suggestions = sample_ahead(run, trial, stored, computed, sides)
+        message = run_message(run, stored, trial.datetime_start, suggestions)
+        return Launch(run, trial, record_of(study, stored), message, inherited)
+
+    def begin(self, name: str, launch: Launch, delivered: bool = True) -> None:
+        """Count a trial sent (or about to be: not ``delivered``) to the slot as running
+        there."""
+        run, trial, record = launch.run, launch.trial, launch.record
+        record.slot = name
+        now = time.monotonic()
+        timeout = self._ctx.settings.trial_timeout
+        active = ActiveTrial(
+            run,
+            trial,
+            record,
+            now,
+            now + timeout if timeout else None,
+            inherited_steps=launch.inherited,
+            suggestions=launch.message.suggestions,
+            delivered=delivered,
+        )
+        view = self._slots.begin(name, active)
+        run.trial_started(now)
+        left = run.time_left(now)
+        if left is not None:  # for the view: when the budget runs out if trials keep running
+            run.view.ends_at = time.time() + left
+        view.trial, view.study, view.since = trial.number, record.study, time.time()
+        view.experiment = record.experiment
+        run.view.running = self._slots.book.running(run.plan.name)
+        self._ctx.emit_after_commit("on_trial_start", record)
+        self._preparer.began(name, run)
+
+    # ----- slow samplers -------------------------------------------------------------------
+
+    def _sample_then_start(self, name: str, run: StudyRun) -> None:
+        """A slow sampler's trial: prepared off the loop's thread while the slot waits, holding
+        its resources and share; :meth:`start_sampled` starts it when ready."""
+        self._suggestions.start(run.plan.name, opened(run))
+        self._slots.hold(name, run, SlotState.SAMPLING)
+
+    def start_sampled(self) -> None:
+        """Start the trials prepared off the loop's thread, on the slots waiting for them (one
+        computation per study at a time: the next starts once the last was taken). A stop, or
+        the run's timeout, drops what is still being prepared."""
+        stops, slots = self._ctx.stops, self._slots
+        dropped = stops.level or stops.timed_out(time.monotonic())
+        for name, run in list(slots.sampling.items()):
+            if not dropped and not self._suggestions.ready(run.plan.name):
+                self._suggestions.start(run.plan.name, opened(run))
+                continue
+            slots.stop_holding(name)
+            slots.move(name, SlotState.IDLE)
+            worker = slots.workers.get(name)  # replaced or parked meanwhile: None or new
+            if worker is not None and takes_a_trial(worker) and self._studies.has_work(run):
+                self.start(name, worker, run)
+
+    def _ask_placed(
+        self, study: optuna.Study, slot: str, pid: int, prepared: Prepared | None = None
+    ) -> tuple[optuna.Trial, FrozenTrial]:
+        """A new trial, marked with where it runs, and the trial as stored (read once: its user
+        attributes through ``trial.user_attrs`` would be deep-copied at every look). The marks
+        go in the record that creates the trial when the storage can, else (a queued trial,
+        another storage) in three more writes. ``prepared``: the sampler's part of the ask,
+        computed off the loop's thread. A queued trial marked for another slot or run (a
+        prepared one, see controller.prepared) gets the marks that differ."""
+        marks = placement(self._ctx.run_dir, slot, pid)
+        storage = study._storage  # the study's storage has no public accessor
+        ask = study.ask if prepared is None else functools.partial(prepared.ask, study)
+        if isinstance(storage, PlacingJournalStorage):
+            with storage.placing(marks):
+                trial = ask()
+        else:
+            trial = ask()
+        self._preparer.next.taken_elsewhere(trial._trial_id)
+        return trial, mark_placed(trial, marks)
+
+
+def takes_a_trial(worker: Worker) -> bool:
+    """Whether the worker may be given a trial: started, not loading an objective, and not
+    about to exit (asked to leave, or after a failed load)."""
+    return worker.ready and worker.loading is None and not worker.leaving
