@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from hyperfleet.cluster.channel import parse_address
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration, parse_memory
+from hyperfleet.controller.callbacks import check_callbacks
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
@@ -59,6 +61,10 @@ def optimize(
     node_timeout: float | str = 10.0,
     ray: str | None = None,
     slurm: bool = False,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    catch: Iterable[type[Exception]] | type[Exception] = (),
+    gc_after_trial: bool = False,
+    show_progress_bar: bool = False,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -85,9 +91,17 @@ def optimize(
     (or a Ray address) has Ray start one agent on each of its nodes, with the node's GPUs
     reserved through Ray; the controller then listens where Ray does, unless ``listen`` says.
     ``slurm=True``, inside an allocation, has ``srun`` start one agent per allocated node.
+
+    ``callbacks`` are Optuna's: each is called with ``(study, frozen_trial)`` as each trial
+    ends, in the controller; ``study.stop()`` there stops the search once running trials
+    finish, and a callback that raises ends it with that error, raised here. ``catch``,
+    ``gc_after_trial`` and ``show_progress_bar`` are accepted for ``study.optimize``'s sake:
+    every failing trial fails alone (as with ``catch=(Exception,)``), workers collect garbage
+    after every trial, and the live view shows the progress.
     """
     refuse_inside_a_worker("optimize")
     check_study_sampler(study)
+    check_optimize_options(catch, gc_after_trial, show_progress_bar)
     settings = RunSettings(
         n_trials=n_trials,
         timeout=parse_duration(timeout, "timeout"),
@@ -97,6 +111,7 @@ def optimize(
         stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
         kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
         keep_checkpoints=keep_checkpoints,
+        callbacks=check_callbacks(callbacks, "hyperfleet.optimize"),
     )
     options = PoolOptions(
         gpus=[str(g) for g in gpus] if gpus is not None else None,
@@ -123,7 +138,7 @@ def optimize(
         stored_trials=lambda: study.get_trials(deepcopy=False),
         node_options=options if cluster is not None else None,
     )
-    return run_search(
+    outcome = run_search(
         search,
         settings,
         folder,
@@ -133,6 +148,9 @@ def optimize(
         report=report,
         cluster=cluster,
     )
+    if outcome.error is not None:  # a callback raised: as study.optimize, raise it
+        raise outcome.error
+    return outcome
 
 
 def cluster_settings(
@@ -170,6 +188,25 @@ def cluster_settings(
 
         check_address(ray)
     return settings
+
+
+def check_optimize_options(
+    catch: object, gc_after_trial: object, show_progress_bar: object
+) -> None:
+    """``study.optimize``'s options that hyperfleet maps to its own behaviour, checked as
+    Optuna checks them."""
+    types = catch if isinstance(catch, tuple) else (catch,)
+    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise ConfigError(
+            f"catch={catch!r} must be an exception class or a tuple of them, as in "
+            "study.optimize (hyperfleet fails a trial that raises alone, whatever it raises)"
+        )
+    for name, value in (
+        ("gc_after_trial", gc_after_trial),
+        ("show_progress_bar", show_progress_bar),
+    ):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be True or False, as in study.optimize")
 
 
 def refuse_inside_a_worker(function: str) -> None:

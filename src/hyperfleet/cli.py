@@ -30,6 +30,7 @@ from hyperfleet.config import (
     parse_memory,
 )
 from hyperfleet.controller.bookkeeping import stored_trials
+from hyperfleet.controller.callbacks import load_callback
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
@@ -151,6 +152,13 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=KEEP_CHECKPOINTS,
         default="best",
         help="whose checkpoint folders stay once trials completed or were pruned (default best)",
+    )
+    add(
+        "--callback",
+        action="append",
+        metavar="MODULE:ATTR",
+        help="an Optuna callback, called with (study, frozen_trial) as each trial ends: "
+        "MODULE:ATTR or FILE.py:ATTR (repeatable)",
     )
     add("--quiet", action="store_true", help="print only the final summary")
     add("--plain", action="store_true", help="plain lines instead of the live view")
@@ -431,6 +439,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         retry=RetryPolicy.parse(args.retry),
         max_trials_per_worker=args.max_trials_per_worker,
         keep_checkpoints=args.keep_checkpoints,
+        callbacks=tuple(load_callback(text, "--callback") for text in args.callback or ()),
     )
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import FrozenTrial
 
 from hyperfleet.errors import ConfigError
 from hyperfleet.resources.packing import PackingSettings
@@ -122,6 +126,9 @@ class RunSettings:
     max_trials_per_worker: int | None = None
     keep_checkpoints: str = "best"
     packing: PackingSettings | None = None  # None: the workers per GPU are fixed
+    # Optuna's callbacks of a single search, called with (study, frozen_trial) as each trial
+    # ends (see controller.callbacks); a campaign's studies each have their own.
+    callbacks: tuple[Callable[[optuna.Study, FrozenTrial], None], ...] = ()
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:

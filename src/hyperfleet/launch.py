@@ -106,6 +106,7 @@ def single_search(
         slots=tuple(slot.name for slot in slots),
         n_trials=settings.n_trials,
         stored_trials=stored_trials,
+        callbacks=settings.callbacks,
     )
     planner = single_search_planner(name, node_options) if node_options is not None else None
     return Search(

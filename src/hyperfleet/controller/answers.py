@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from hyperfleet.controller import ahead
-from hyperfleet.controller.calls import check_call_allowed
+from hyperfleet.controller.callbacks import allow_stop
+from hyperfleet.controller.calls import check_call_allowed, storage_target_id
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.outbox import send
 from hyperfleet.controller.slot_table import ActiveTrial, SlotTable, Worker
+from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import opened
 from hyperfleet.controller.trial_ends import TrialEnds
 from hyperfleet.workers.protocol import Call, Reply
@@ -20,8 +22,10 @@ ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study cal
 
 
 class CallAnswers:
-    def __init__(self, ctx: RunContext, slots: SlotTable, ends: TrialEnds) -> None:
-        self._ctx, self._slots, self._ends = ctx, slots, ends
+    def __init__(
+        self, ctx: RunContext, slots: SlotTable, studies: StudyBook, ends: TrialEnds
+    ) -> None:
+        self._ctx, self._slots, self._studies, self._ends = ctx, slots, studies, ends
 
     def answer(self, name: str, worker: Worker, call: Call) -> None:
         """Answer the call of the slot's trial; a call the worker answered from the
@@ -73,11 +77,37 @@ class CallAnswers:
         finally:
             study.sampler = sampler
 
+    def _stop_study(self, active: ActiveTrial) -> None:
+        """``trial.study.stop()`` in the objective: as in Optuna, the study starts no more
+        trials once this one ends; running ones finish."""
+        study = opened(active.run)
+        with allow_stop(study):
+            study.stop()
+        self._ends.callbacks.check_stop(active.run, self._studies.label(active.run))
+
+    @staticmethod
+    def _storage_call(active: ActiveTrial, call: Call) -> Any:
+        """A storage method called through ``trial.storage``, about this trial or its study:
+        ids of others are refused (the objective writes only what Optuna lets a trial write)."""
+        study = opened(active.run)
+        kind, named = storage_target_id(call)
+        own = active.trial._trial_id if kind == "trial" else study._study_id
+        if named != own:
+            raise ValueError(
+                f"hyperfleet: trial.storage.{call.name} was called with {kind} id {named!r}; an "
+                f"objective may only reach its own {kind} ({kind} id {own}) through it"
+            )
+        return getattr(study._storage, call.name)(*call.args, **call.kwargs)
+
     def _call_value(self, active: ActiveTrial, call: Call) -> Any:
         if call.target == "hyperfleet":  # should_stop, the only question for the controller
             return self._ends.stop_asked(active)
         if call.name == "report" and _reported_step(call) in active.inherited_steps:
             return None  # an earlier attempt reported this step; its value stays, as in Optuna
+        if call.target == "study" and call.name == "stop":
+            return self._stop_study(active)
+        if call.target == "storage":
+            return self._storage_call(active, call)
         target: Any = active.trial if call.target.startswith("trial") else active.run.study
         attr = getattr(target, call.name)
         return attr if call.target.endswith("_attr") else attr(*call.args, **call.kwargs)

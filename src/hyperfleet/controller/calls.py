@@ -25,10 +25,22 @@ _TRIAL_ATTRS = frozenset(
     {"params", "distributions", "user_attrs", "system_attrs", "constraints", "relative_params",
      "datetime_start", "number"}
 )  # fmt: skip
-_STUDY_METHODS = frozenset({"set_user_attr", "set_system_attr", "get_trials", "enqueue_trial"})
+_STUDY_METHODS = frozenset(
+    {"set_user_attr", "set_system_attr", "get_trials", "enqueue_trial", "stop"}
+)
 _STUDY_ATTRS = frozenset(
     {"best_trial", "best_trials", "best_value", "best_params", "trials", "user_attrs",
      "system_attrs", "study_name", "directions", "direction", "metric_names"}
+)  # fmt: skip
+# Storage methods Optuna's helpers call through ``trial.storage`` (artifacts, the Terminator),
+# each about the running trial or its study only.
+_STORAGE_TRIAL_METHODS = frozenset(
+    {"set_trial_system_attr", "set_trial_user_attr", "get_trial", "get_trial_system_attrs",
+     "get_trial_user_attrs"}
+)  # fmt: skip
+_STORAGE_STUDY_METHODS = frozenset(
+    {"set_study_system_attr", "set_study_user_attr", "get_study_system_attrs",
+     "get_study_user_attrs"}
 )  # fmt: skip
 # Answered by the controller itself, not by Optuna (see hyperfleet.checkpoints).
 _HYPERFLEET_QUESTIONS = frozenset({"should_stop"})
@@ -38,15 +50,21 @@ _ALLOWED = {
     "trial_attr": _TRIAL_ATTRS,
     "study": _STUDY_METHODS,
     "study_attr": _STUDY_ATTRS,
+    "storage": _STORAGE_TRIAL_METHODS | _STORAGE_STUDY_METHODS,
 }
 
 
 _ATTR_SETTERS = frozenset({"set_user_attr", "set_system_attr"})
+_STORAGE_SETTERS = frozenset(
+    {"set_trial_system_attr", "set_trial_user_attr", "set_study_system_attr", "set_study_user_attr"}
+)
 
 
 def check_call_allowed(call: Call) -> None:
     allowed = _ALLOWED.get(call.target, frozenset())
-    owner = "trial" if call.target.startswith("trial") else "trial.study"
+    owner = {"storage": "trial.storage", "hyperfleet": "hyperfleet"}.get(
+        call.target, "trial" if call.target.startswith("trial") else "trial.study"
+    )
     if call.name not in allowed:
         raise RuntimeError(
             f"hyperfleet: {owner}.{call.name} is not available inside an objective run by "
@@ -62,11 +80,19 @@ def check_call_allowed(call: Call) -> None:
             )
 
 
+def storage_target_id(call: Call) -> tuple[str, Any]:
+    """Whether a storage call is about a trial or a study, and the id it names."""
+    kind = "trial" if call.name in _STORAGE_TRIAL_METHODS else "study"
+    return kind, call.args[0] if call.args else call.kwargs.get(f"{kind}_id")
+
+
 def _keys_written(call: Call) -> list[Any]:
     """The attribute names a call would write: a setter's key, an enqueued trial's user
     attributes (``enqueue_trial(params, user_attrs)``)."""
     if call.target in ("trial", "study") and call.name in _ATTR_SETTERS:
         return [call.args[0] if call.args else call.kwargs.get("key")]
+    if call.target == "storage" and call.name in _STORAGE_SETTERS:
+        return [call.args[1] if len(call.args) > 1 else call.kwargs.get("key")]
     if call.target == "study" and call.name == "enqueue_trial":
         attrs = call.args[1] if len(call.args) > 1 else call.kwargs.get("user_attrs")
         return list(attrs) if isinstance(attrs, dict) else []

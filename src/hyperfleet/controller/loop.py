@@ -89,6 +89,8 @@ class Outcome:
     counts: dict[str, int] = field(default_factory=dict)
     studies: list[optuna.Study] = field(default_factory=list)
     refits: dict[str, RefitOutcome] = field(default_factory=dict)
+    # What a callback raised (the first): hyperfleet.optimize raises it, as study.optimize does.
+    error: BaseException | None = None
 
 
 class Controller:
@@ -137,7 +139,7 @@ class Controller:
             cluster,
             node_planner,
         )
-        answers = CallAnswers(ctx, self._slots, self._ends)
+        answers = CallAnswers(ctx, self._slots, self._studies, self._ends)
         self._receiver.connect(
             self._preparer, answers, self._ends, self._workforce, self._nodes.take_events
         )
@@ -452,7 +454,9 @@ class Controller:
         self._ctx.emit("on_end")
         first = studies[0] if studies else None
         status, message = self._ending(studies, counts)
-        return Outcome(status, message, first, counts, studies)
+        outcome = Outcome(status, message, first, counts, studies)
+        outcome.error = self._ends.callbacks.error
+        return outcome
 
     def _ending(self, studies: list[optuna.Study], counts: dict[str, int]) -> tuple[str, str]:
         """How the run ended, and why (see Outcome)."""
@@ -465,8 +469,15 @@ class Controller:
         waited_out = self._ctx.stops.waited_out
         if waited_out:
             return "failed", f"the run's timeout passed before any trial could start: {waited_out}"
+        error = self._ends.callbacks.error
+        if error is not None:
+            return "failed", f"a callback raised {type(error).__name__}: {error}"
         if self._ctx.stops.level:
             return "stopped", "stopped before the budget was reached"
+        stopped = [run.plan.name for run in self._studies.stopped_by_study()]
+        if stopped:
+            names = ", ".join(stopped)
+            return "stopped", f"study.stop() was called ({names}) before the budget was reached"
         if counts.get("fail") and not counts.get("complete") and not counts.get("pruned"):
             return "failed", "every trial failed; see the reasons in the trials/ folders"
         return "completed", ""

@@ -191,6 +191,8 @@ class Preparer:
             return False  # one slot: the trials study.optimize gives, in its order
         if run.plan.timeout is not None or ctx.stops.deadline is not None:
             return False  # a prepared trial would outlive the time limit, enqueued
+        if run.plan.callbacks:
+            return False  # each trial's callbacks run before the next starts (study.stop())
         return run.study is not None and ahead.samples_cheaply(run.study.sampler)
 
     def began(self, name: str, run: StudyRun) -> None:
@@ -296,7 +298,7 @@ class Preparer:
             return False
         if name in self._slots.kill_at or self._slots.on_drained_node(name):
             return False
-        if run.load_failure or run.plan.name not in worker.loaded:
+        if run.load_failure or run.plan.name not in worker.loaded or opened(run)._stop_flag:
             return False
         if not ahead.samples_cheaply(opened(run).sampler):  # an AutoSampler moved on
             return False

@@ -123,6 +123,7 @@ class StudyBook:
     def open_all(self, announce: bool = True) -> None:
         for run in self.runs.values():
             run.study = run.plan.open_study()
+            run.study._stop_flag = False  # as study.optimize starts: a stop is per call
             self._resume(run)
             if announce:
                 self._announce_budget(run)
@@ -214,6 +215,10 @@ class StudyBook:
         shared = "; trials of other runs on the same storage count too" if run.shared else ""
         self._ctx.announce(f"{self.label(run)}: {' and '.join(used)} used already, {rest}{shared}")
 
+    def stopped_by_study(self) -> list[StudyRun]:
+        """The studies whose ``study.stop()`` was called (see controller.callbacks)."""
+        return [run for run in self.runs.values() if run.study is not None and run.study._stop_flag]
+
     def label(self, run: StudyRun) -> str:
         return f"study {run.plan.name}" if len(self.runs) > 1 else "the study"
 
@@ -225,7 +230,7 @@ class StudyBook:
     def has_work(self, run: StudyRun) -> bool:
         """May the study start another trial now (stop, deadlines, budget)?"""
         stops = self._ctx.stops
-        if stops.level or run.study is None or run.load_failure:
+        if stops.level or run.study is None or run.load_failure or run.study._stop_flag:
             return False
         now = time.monotonic()
         if stops.timed_out(now) or run.time_left(now) == 0.0:

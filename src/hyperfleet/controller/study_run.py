@@ -15,6 +15,8 @@ from hyperfleet.rundir import RunDir
 from hyperfleet.state import StudyView
 from hyperfleet.workers.protocol import ObjectiveSpec
 
+Callback = Callable[[optuna.Study, FrozenTrial], None]
+
 
 @dataclass(frozen=True)
 class StudyPlan:
@@ -38,6 +40,9 @@ class StudyPlan:
     stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
     # The seconds of its time budget it used in earlier runs, read the same way.
     stored_time_used: Callable[[], float] = lambda: 0.0
+    # Optuna's callbacks, called with (study, frozen_trial) as each trial ends (see
+    # controller.callbacks).
+    callbacks: tuple[Callback, ...] = ()
 
 
 @dataclass
@@ -71,6 +76,7 @@ class StudyRun:
     # The storage may hold enqueued trials other than the prepared ones (see
     # controller.prepared): they go first, so no next trial is prepared until they are gone.
     queue_unknown: bool = True
+    stop_said: bool = False  # study.stop() was called, and the views were told
 
     def time_used(self, now: float) -> float:
         going_on = now - self.clock_since if self.clock_since is not None else 0.0

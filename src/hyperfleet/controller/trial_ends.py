@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.controller import ahead, checkpoints
 from hyperfleet.controller import bookkeeping as books
+from hyperfleet.controller.callbacks import Callbacks
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.slot_table import ActiveTrial, SlotState, SlotTable
 from hyperfleet.controller.studies import StudyBook
@@ -27,6 +28,7 @@ class TrialEnds:
         self, ctx: RunContext, slots: SlotTable, studies: StudyBook, starts: TrialStarts
     ) -> None:
         self._ctx, self._slots, self._studies, self._starts = ctx, slots, studies, starts
+        self.callbacks = Callbacks(ctx)
 
     def finish(self, name: str, active: ActiveTrial, finished: Finished) -> bool:
         """Record how the objective ended (True: the trial failed); a next trial sent to the
@@ -127,6 +129,9 @@ class TrialEnds:
         write = functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
         self._ctx.after_commit(functools.partial(self._ctx.files.submit, write))
         self._ctx.emit_after_commit("on_trial_end", record)
+        if run.plan.callbacks:  # as study.optimize gives them: the trial as stored now
+            stored = study._storage.get_trial(frozen._trial_id)
+            self.callbacks.trial_ended(run, self._studies.label(run), stored)
 
     def _release_checkpoint(self, run: StudyRun, trial: FrozenTrial) -> None:
         """Remove the checkpoint folder of a chain that ended, unless --keep-checkpoints keeps

@@ -71,9 +71,10 @@ def run_message(
         number=stored.number,
         trial_dir=str(run.plan.folder.trial_dir(stored.number)),
         datetime_start=start,
-        study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
+        study=StudyInfo(study.study_name, tuple(d.name for d in study.directions), study._study_id),
         checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
         suggestions=suggestions,
+        trial_id=stored._trial_id,
     )
 
 

@@ -82,6 +82,7 @@ class StudyInfo:
 
     study_name: str
     directions: tuple[str, ...]
+    study_id: int = -1  # the storage's id of the study (Optuna's helpers pass it back)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class RunTrial:
     # Values sampled when the trial was sent, by parameter with their distribution: a suggest
     # of that name and distribution takes its value from here (see hyperfleet.controller.ahead).
     suggestions: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    trial_id: int = -1  # the storage's id of the trial (Optuna's helpers pass it back)
 
 
 @dataclass(frozen=True)

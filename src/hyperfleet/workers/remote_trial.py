@@ -67,11 +67,12 @@ class Channel:
 class RemoteStudy:
     """``trial.study`` inside a worker: names and directions locally, the rest remotely."""
 
-    _METHODS = frozenset({"set_user_attr", "get_trials", "enqueue_trial"})
+    _METHODS = frozenset({"set_user_attr", "get_trials", "enqueue_trial", "stop"})
 
     def __init__(self, channel: Channel, info: StudyInfo) -> None:
         self._channel = channel
         self._info = info
+        self._study_id = info.study_id  # what Optuna's helpers pass to the storage
 
     @property
     def study_name(self) -> str:
@@ -108,6 +109,29 @@ def _same(distribution: Callable[[], BaseDistribution], sent: BaseDistribution) 
     return False
 
 
+class RemoteStorage:
+    """``trial.storage`` inside a worker: the storage methods Optuna's helpers call about the
+    running trial and its study, each a call the controller answers on the real storage (for
+    that trial and study only)."""
+
+    _METHODS = frozenset(
+        {"set_trial_system_attr", "set_trial_user_attr", "set_study_system_attr",
+         "set_study_user_attr", "get_trial", "get_trial_system_attrs", "get_trial_user_attrs",
+         "get_study_system_attrs", "get_study_user_attrs"}
+    )  # fmt: skip
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self._METHODS:
+            raise AttributeError(
+                f"hyperfleet: trial.storage.{name} is not available inside an objective run by "
+                f"hyperfleet; available: {', '.join(sorted(self._METHODS))}"
+            )
+        return lambda *args, **kwargs: self._channel.call("storage", name, *args, **kwargs)
+
+
 class RemoteTrial(optuna.Trial):
     """Behaves like ``optuna.Trial``; every call is answered by the controller's real trial,
     but a suggestion sent with the trial (``suggestions``), answered here and recorded there."""
@@ -120,10 +144,15 @@ class RemoteTrial(optuna.Trial):
         study: RemoteStudy,
         checkpoint_dir: str = "",
         suggestions: dict[str, tuple[BaseDistribution, Any]] | None = None,
+        trial_id: int = -1,
     ) -> None:
         # optuna.Trial.__init__ would reach for storage; this object never does.
         self._channel = channel
         self._number = number
+        self._trial_id = trial_id  # what Optuna's helpers pass to the storage
+        # What Optuna's helpers (upload_artifact, the Terminator's scores) write this trial's
+        # and its study's attributes through: each write goes to the controller.
+        self.storage = RemoteStorage(channel)  # type: ignore[assignment]
         self._datetime_start = start
         self.study = study  # type: ignore[assignment]
         self._checkpoint_dir = checkpoint_dir  # see hyperfleet.checkpoint_dir

@@ -190,6 +190,7 @@ def run_trial(channel: Channel, objective: Objective, message: RunTrial) -> Fini
         study,
         message.checkpoint_dir,
         message.suggestions,
+        message.trial_id,
     )
     say(f"trial {message.number} of {message.study.study_name} started in {message.trial_dir}")
     with _output_to(Path(message.trial_dir)):
