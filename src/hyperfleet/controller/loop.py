@@ -259,6 +259,7 @@ class Controller:
         files: FileWriter,
         cluster: ClusterSettings | None = None,
         node_planner: NodePlanner | None = None,
+        start_worker: Callable[[Slot, dict[str, ObjectiveSpec], Path, Path], Worker] | None = None,
     ) -> None:
         used = {name for plan in plans for name in plan.slots}
         self._slots = [slot for slot in pool.slots if slot.name in used]
@@ -271,6 +272,9 @@ class Controller:
         self._run_dir = run_dir
         self._sinks = sinks
         self._workers: dict[str, Worker] = {}
+        # How a slot on this machine gets its worker: a process (WorkerHandle), unless the
+        # caller starts workers its own way (the fast tests' fake workers, which start none).
+        self._new_worker = start_worker or WorkerHandle
         # Many machines: the agents' nodes, and which node each remote slot is on.
         self._cluster, self._node_planner = cluster, node_planner
         self._hub: NodeHub | None = None
@@ -1580,7 +1584,7 @@ class Controller:
         if link is not None:
             self._workers[slot.name] = link.start_worker(slot, specs, str(self._run_dir.path))
         else:
-            self._workers[slot.name] = WorkerHandle(
+            self._workers[slot.name] = self._new_worker(
                 slot, specs, self._run_dir.workers_dir, self._run_dir.path
             )
         view = self.state.slot(slot.name)
