@@ -148,7 +148,8 @@ class FakeWorker(WorkerHandle):
         self.conn.send(WorkerSetup(specs, slot.name))
         self._thread = threading.Thread(target=self._serve, name=f"fake-{slot.name}", daemon=True)
         self._thread.start()
-        self.process.pid = self._thread.native_id or os.getpid()
+        assert self._thread.native_id is not None  # set once start() returns
+        self.process.pid = self._thread.native_id
 
     # ----- the controller's side -----------------------------------------------------------
 
@@ -198,7 +199,7 @@ class FakeWorker(WorkerHandle):
         if not self.behaviour.starts:
             self.exit(-signal.SIGKILL)
             return
-        conn.send(Ready(pid=self.process.pid))
+        conn.send(Ready(pid=threading.get_native_id()))  # what .pid says too
         channel = Channel(conn)
         while self.process.returncode is None:
             message = channel.next_message()
@@ -246,9 +247,14 @@ class FakeWorker(WorkerHandle):
         except TrialInterrupted as exc:
             return Finished("interrupted", message=str(exc))
         except BaseException as exc:  # SystemExit too, as in a real worker
-            text = traceback.format_exc()
-            return Finished("error", error_type=type(exc).__name__, message=str(exc), traceback=text)
+            kind, text = type(exc).__name__, traceback.format_exc()
+            return Finished("error", error_type=kind, message=_describe(exc), traceback=text)
         return Finished("returned", value=value)
+
+
+def _describe(exc: BaseException) -> str:
+    """As a real worker says what the objective raised."""
+    return f"sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else str(exc)
 
 
 class FakeFleet:
