@@ -72,6 +72,7 @@ class Study:
     objective: Objective
     n_trials: int
     weight: float = 1.0
+    stage: int = 0  # its place in a sequential run
 
 
 @dataclass
@@ -116,6 +117,7 @@ def _controller(
     settings: RunSettings | None = None,
     behaviour: Callable[[str, int], Behaviour] = lambda slot, before: Behaviour(),
     journal: bool = False,
+    sequential: bool = False,
 ) -> Run:
     """A run of ``studies`` (one: a single search; more: a campaign) on ``slots`` CPU slots."""
     pool = single_pool(plan_slots(cpu_slots(slots), PoolOptions(cpu_slots=slots)))
@@ -132,6 +134,7 @@ def _controller(
             slots=names,
             n_trials=study.n_trials,
             weight=study.weight,
+            stage=study.stage,
         )
         for study in studies
     ]
@@ -144,6 +147,7 @@ def _controller(
         settings or RunSettings(n_trials=studies[0].n_trials),
         run_dir,
         [recorder],
+        sequential=sequential,
         files=files,
         start_worker=fleet,
     )
@@ -548,6 +552,32 @@ def test_a_campaign_shares_the_slots_by_weight(tmp_path: Path) -> None:
         trials = run.trials(name)
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 12
     assert outcome.counts["complete"] == 24
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["parallel", "sequential"])
+def test_a_study_whose_objective_cannot_load_stops_alone(tmp_path: Path, sequential: bool) -> None:
+    """The fake workers hold no objective for "broken": each load of it fails. In a sequential
+    run it is the second stage, loaded once the first is done; the third runs all the same."""
+
+    def objective(trial: optuna.Trial) -> float:
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    studies = [
+        Study("fine", objective, 2, stage=0),
+        Study("broken", objective, 2, stage=1),
+        Study("after", objective, 2, stage=2),
+    ]
+    run = _controller(tmp_path, studies, slots=2, settings=RunSettings(), sequential=sequential)
+    run.fleet.objectives.pop("broken")
+    outcome = run.run()
+    assert (outcome.status, outcome.message) == (
+        "failed",
+        "the objective of broken could not be loaded; see the run log",
+    )
+    assert any(m.startswith("study broken stopped: its objective") for m in run.recorder.messages)
+    for name in ("fine", "after"):
+        assert [t.state for t in run.trials(name)] == [TrialState.COMPLETE] * 2
+    assert run.trials("broken") == []
 
 
 # ----- stopping ------------------------------------------------------------------------------

@@ -119,6 +119,13 @@ class FakeProcess:
 
 
 class FakeWorker(WorkerHandle):
+    """A worker with no process. What the loop calls runs WorkerHandle's own code (terminate,
+    kill, shutdown, ask_to_leave, has_exited, exit_description, outside_signal, waitables,
+    stop_workers), over a :class:`FakeProcess`; only starting, signalling and closing are its
+    own. Its constructor sets the attributes WorkerHandle's constructor sets and its methods
+    read (``marker``, ``started_at``, ``_asked_to_leave``, ``_sent_stop_signal``,
+    ``_lifeline``)."""
+
     def __init__(
         self,
         slot: Slot,
@@ -267,7 +274,7 @@ class FakeFleet:
         objectives: Mapping[str, Objective],
         behaviour: Callable[[str, int], Behaviour] = lambda slot, before: Behaviour(),
     ) -> None:
-        self._objectives = objectives
+        self.objectives = dict(objectives)  # by study; a study left out fails to load
         self._behaviour = behaviour
         self.started: list[FakeWorker] = []
 
@@ -275,7 +282,7 @@ class FakeFleet:
         self, slot: Slot, specs: dict[str, ObjectiveSpec], log_dir: Path, cwd: Path
     ) -> FakeWorker:
         before = len(self.on(slot.name))
-        worker = FakeWorker(slot, specs, self._objectives, self._behaviour(slot.name, before))
+        worker = FakeWorker(slot, specs, self.objectives, self._behaviour(slot.name, before))
         self.started.append(worker)
         return worker
 
