@@ -236,6 +236,32 @@ def test_a_slot_goes_starting_idle_busy_idle(tmp_path: Path) -> None:
     assert view.trials_done == 3 and view.trial is None and view.study is None
 
 
+def test_a_trial_s_calls_reach_the_controller_s_trial(tmp_path: Path) -> None:
+    """What the objective does through its trial (attributes, reports, study questions) is
+    answered by the controller's real trial and stored; a pruned trial ends as pruned."""
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr("note", f"x={x:.2f}")
+        for step in range(3):
+            trial.report(x + step, step)
+        assert trial.study.study_name == "s"
+        if trial.number % 2:
+            raise optuna.TrialPruned()
+        return x
+
+    run = _single(tmp_path, objective, n_trials=4, slots=1)
+    assert run.run().status == "completed"
+    trials = run.trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
+    for trial in trials:
+        x = trial.params["x"]
+        assert trial.user_attrs["note"] == f"x={x:.2f}"
+        assert trial.intermediate_values == {0: x, 1: x + 1, 2: x + 2}
+    (view,) = run.controller.state.studies
+    assert (view.complete, view.pruned) == (2, 2)
+
+
 # ----- a worker that dies --------------------------------------------------------------------
 
 
