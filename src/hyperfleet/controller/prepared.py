@@ -333,5 +333,10 @@ class Preparer:
         return trial, study._storage.get_trial(trial._trial_id)
 
     def forget(self, name: str) -> None:
-        """The slot's worker is gone: its prepared trial stays enqueued for any slot's ask."""
-        self.next.take(name)
+        """The slot's worker is gone: its prepared trial stays enqueued for any slot's ask. The
+        study's queue then holds a trial that is no slot's, so no more are prepared until an
+        ask has taken it (asks that leave the other slots' prepared trials alone would skip it:
+        it would be left enqueued, or run as one trial more than the budget)."""
+        entry = self.next.take(name)
+        if entry is not None:
+            self._studies.runs[entry.study].queue_unknown = True
