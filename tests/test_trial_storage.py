@@ -80,3 +80,32 @@ def test_an_objective_cannot_write_another_trial_through_its_storage(tmp_path: P
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     reasons = [t.system_attrs["hyperfleet:fail_reason"] for t in study.trials]
     assert all("may only reach its own trial" in reason for reason in reasons), reasons
+
+
+def make_study_uploader(store: str) -> Callable[[optuna.Trial], float]:
+    """An objective whose trial 0 uploads a file as an artifact of the study."""
+    artifact_store = FileSystemArtifactStore(store)
+
+    def uploads_for_the_study(trial: optuna.Trial) -> float:
+        if trial.number == 0:
+            Path("notes.txt").write_text("about the study\n")
+            upload_artifact(
+                artifact_store=artifact_store, file_path="notes.txt",
+                study_or_trial=trial.study, storage=trial.storage,  # type: ignore[arg-type]
+            )  # fmt: skip
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    return uploads_for_the_study
+
+
+def test_an_artifact_of_the_study_is_stored_with_the_study(tmp_path: Path) -> None:
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    study, outcome = run(make_study_uploader, tmp_path, 2, objective_kwargs={"store": str(folder)})
+    assert outcome.status == "completed"
+    (meta,) = optuna.artifacts.get_all_artifact_meta(study)
+    assert meta.filename == "notes.txt"
+    target = tmp_path / "back.txt"
+    store = FileSystemArtifactStore(str(folder))
+    download_artifact(artifact_store=store, artifact_id=meta.artifact_id, file_path=str(target))
+    assert target.read_text() == "about the study\n"

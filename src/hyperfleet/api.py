@@ -65,6 +65,7 @@ def optimize(
     catch: Iterable[type[Exception]] | type[Exception] = (),
     gc_after_trial: bool = False,
     show_progress_bar: bool = False,
+    n_jobs: int | None = None,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -97,7 +98,8 @@ def optimize(
     finish, and a callback that raises ends it with that error, raised here. ``catch``,
     ``gc_after_trial`` and ``show_progress_bar`` are accepted for ``study.optimize``'s sake:
     every failing trial fails alone (as with ``catch=(Exception,)``), workers collect garbage
-    after every trial, and the live view shows the progress.
+    after every trial, and the live view shows the progress. ``n_jobs`` (Optuna's threads)
+    is taken as ``cpu_slots`` when that is not given; -1 leaves the default, every core.
     """
     refuse_inside_a_worker("optimize")
     check_study_sampler(study)
@@ -117,7 +119,7 @@ def optimize(
         gpus=[str(g) for g in gpus] if gpus is not None else None,
         trials_per_gpu=trials_per_gpu,
         gpus_per_trial=gpus_per_trial,
-        cpu_slots=cpu_slots,
+        cpu_slots=cpu_slots if cpu_slots is not None or n_jobs in (None, -1) else n_jobs,
         threads_per_slot=threads_per_slot,
         gpu_memory_mib=parse_memory(gpu_memory),
     )
