@@ -205,3 +205,53 @@ def test_a_callback_flag_that_does_not_import_is_refused_before_anything_is_writ
     assert main([*args, given]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+CAMPAIGN = """
+[campaign]
+name = "cbs"
+
+[pool]
+gpus = []
+
+[defaults]
+objective = "search.py:objective"
+n_trials = 20
+
+[[study]]
+name = "stopped"
+callbacks = ["stops.py:after_three"]
+
+[[study]]
+name = "whole"
+"""
+
+
+def test_a_campaign_study_s_callbacks_stop_that_study_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, text in {**CLI_FILES, "campaign.toml": CAMPAIGN}.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "campaign.toml", "--quiet", "--no-report"]) == 130
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "runs/cbs/optuna.journal"))
+    )
+    complete = (TrialState.COMPLETE,)
+    stopped = optuna.load_study(study_name="stopped", storage=storage)
+    whole = optuna.load_study(study_name="whole", storage=storage)
+    assert 3 <= len(stopped.get_trials(states=complete)) <= 4  # one running may finish
+    assert len(whole.get_trials(states=complete)) == 20
+
+
+def test_a_campaign_callback_that_does_not_import_is_refused_at_its_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = CAMPAIGN.replace("stops.py:after_three", "stops.py:no_such_thing")
+    for name, text in {**CLI_FILES, "campaign.toml": broken}.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "campaign.toml", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "study 'stopped': callback" in err and "no callable 'no_such_thing'" in err
+    assert not (tmp_path / "runs" / "cbs" / "optuna.journal").exists()

@@ -19,6 +19,7 @@ from hyperfleet.campaign.folders import grid_points
 from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
+from hyperfleet.controller.callbacks import load_callback
 from hyperfleet.controller.study_run import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
@@ -177,6 +178,9 @@ def _plan(
         stage_name=study.stage,
         stored_trials=lambda: stored_trials(existing, study.name),
         stored_time_used=lambda: stored_time_used(existing, study.name),
+        callbacks=tuple(
+            load_callback(text, f"study {study.name!r}: callback") for text in study.callbacks
+        ),
     )
 
 

@@ -111,6 +111,7 @@ class StudySpec:
     refit_cmd: str | None
     matrix_values: dict[str, Any]  # the combination that made this study ({} without a matrix)
     family: str = ""  # the [[study]]'s name before expansion ("xgb-{dataset}"): the model
+    callbacks: tuple[str, ...] = ()  # Optuna callbacks, "MODULE:ATTR" or "ABS/FILE.py:ATTR"
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ STUDY_KEYS = (
     "grid",
     "refit",
     "refit_cmd",
+    "callbacks",
 )
 SLOT_KEYS = ("gpus", "cpus", "fallback_cpus", "gpu_memory")
 EXPERIMENT_KEYS = ("name", "params")
@@ -194,6 +195,7 @@ def _blueprint(table: Table, context: StudyContext) -> Blueprint:
         "experiments_only": experiments_only,
         "grid": grid,
         "refit": refit_target,
+        "callbacks": _callbacks(table, context.folder),
     }
     return Blueprint(table, base_name, target, space, space_path, settings)
 
@@ -254,6 +256,25 @@ def _target(table: Table, key: str, folder: Path) -> tuple[str, str]:
         table.fail(key, f"{exc}{relative}")
     stem = Path(location).stem if is_file else location.rpartition(".")[2]
     return f"{location}:{function}", stem
+
+
+def _callbacks(table: Table, folder: Path) -> tuple[str, ...]:
+    """The study's Optuna callbacks, ["MODULE:ATTR" or "FILE.py:ATTR", ...], files made
+    absolute; each is imported in the controller when the run starts."""
+    given = table.get("callbacks")
+    if given is None:
+        return ()
+    if not isinstance(given, list) or not all(isinstance(item, str) for item in given):
+        table.fail("callbacks", 'must be a list of strings, e.g. callbacks = ["stops.py:early"]')
+    found = []
+    for text in given:
+        location, sep, attr = text.rpartition(":")
+        if not sep or not location or not attr:
+            table.fail("callbacks", f"cannot read {text!r}; write FILE.py:ATTR or MODULE:ATTR.")
+        if location.endswith(".py") or "/" in location:
+            location = str((folder / location).resolve())
+        found.append(f"{location}:{attr}")
+    return tuple(found)
 
 
 def _space(table: Table, folder: Path) -> tuple[Path, SearchSpace]:
