@@ -5,6 +5,7 @@ Real runs on two CPU slots."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -255,3 +256,52 @@ def test_a_campaign_callback_that_does_not_import_is_refused_at_its_study(
     err = capsys.readouterr().err
     assert "study 'stopped': callback" in err and "no callable 'no_such_thing'" in err
     assert not (tmp_path / "runs" / "cbs" / "optuna.journal").exists()
+
+
+def model_a(trial: optuna.Trial) -> float:
+    return trial.suggest_float("x", 0.0, 1.0)
+
+
+def make_model(offset: float) -> Callable[[optuna.Trial], float]:
+    def model(trial: optuna.Trial) -> float:
+        return offset + trial.suggest_float("y", 0.0, 1.0)
+
+    return model
+
+
+def test_a_campaign_given_as_python_values_runs_its_functions_side_by_side(
+    tmp_path: Path,
+) -> None:
+    ends: list[str] = []
+
+    def count(study: optuna.Study, trial: FrozenTrial) -> None:
+        ends.append(study.study_name)
+
+    outcome = hyperfleet.run_campaign(
+        {
+            "campaign": {"name": "notebook"},
+            "pool": {"gpus": []},
+            "defaults": {"n_trials": 4},
+            "study": [
+                {"name": "a", "objective": model_a, "callbacks": [count]},
+                {"name": "b", "objective": make_model, "args": {"offset": 10.0}},
+            ],
+        },
+        run_dir=tmp_path / "run",
+        display="quiet",
+        report=False,
+    )
+    assert outcome.status == "completed", outcome.message
+    by_name = {s.study_name: s for s in outcome.studies}
+    assert [len(by_name[n].trials) for n in ("a", "b")] == [4, 4]
+    assert all(t.value is not None and t.value >= 10.0 for t in by_name["b"].trials)
+    assert ends == ["a"] * 4
+
+
+def test_a_campaign_given_as_values_without_a_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="run_campaign\\(\\): \\[campaign\\]"):
+        hyperfleet.run_campaign(
+            {"study": [{"name": "a", "objective": model_a, "n_trials": 2}]},
+            run_dir=tmp_path / "run",
+            display="quiet",
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,7 @@ def default_run_dir(study: optuna.Study) -> Path:
 
 
 def run_campaign(
-    path: str | Path,
+    path: str | Path | Mapping[str, Any],
     *,
     sequential: bool | None = None,
     run_dir: str | Path | None = None,
@@ -254,6 +254,11 @@ def run_campaign(
     slurm: bool = False,
 ) -> Outcome:
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
+
+    ``path`` may also be the campaign itself, as Python values: a dict of the file's tables
+    (``{"campaign": {...}, "pool": {...}, "study": [{...}, ...]}``) whose studies' ``objective``
+    (and ``callbacks``) may be functions, as :func:`optimize` takes them; so a notebook runs
+    its models side by side without a file. Its paths are relative to the current folder.
 
     ``sequential`` overrides the file's ``sequential``; ``run_dir`` its ``run_dir`` (default
     ``runs/<campaign name>``); ``retry`` its ``retry`` (``"crash=1,error=1"``). The other

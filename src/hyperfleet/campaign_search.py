@@ -179,7 +179,10 @@ def _plan(
         stored_trials=lambda: stored_trials(existing, study.name),
         stored_time_used=lambda: stored_time_used(existing, study.name),
         callbacks=tuple(
-            load_callback(text, f"study {study.name!r}: callback") for text in study.callbacks
+            load_callback(item, f"study {study.name!r}: callback")
+            if isinstance(item, str)
+            else item
+            for item in study.callbacks
         ),
     )
 
@@ -193,6 +196,8 @@ def _label(opened: optuna.Study, study: StudySpec) -> None:
 
 
 def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:
+    if study.objective_callable is not None:  # a campaign given as Python values
+        return spec_from_callable(study.objective_callable, study.args)
     if study.target is not None:
         return spec_from_target(study.target, study.args)
     from hyperfleet.command import CommandObjective

@@ -37,6 +37,7 @@ types and the ``[campaign]`` and ``[pool]`` tables.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,9 @@ class StudySpec:
     refit_cmd: str | None
     matrix_values: dict[str, Any]  # the combination that made this study ({} without a matrix)
     family: str = ""  # the [[study]]'s name before expansion ("xgb-{dataset}"): the model
-    callbacks: tuple[str, ...] = ()  # Optuna callbacks, "MODULE:ATTR" or "ABS/FILE.py:ATTR"
+    # Optuna callbacks: "MODULE:ATTR" or "ABS/FILE.py:ATTR", or callables (run_campaign).
+    callbacks: tuple[Any, ...] = ()
+    objective_callable: Any = None  # the objective itself, in a campaign given as Python values
 
 
 @dataclass(frozen=True)
@@ -144,20 +147,29 @@ def is_campaign_file(target: str) -> bool:
     return path.suffix.lower() == ".toml" and path.is_file()
 
 
-def load_campaign(path: str | Path) -> Campaign:
-    """Parse and check a campaign file; see the module's documentation for the format."""
+def load_campaign(path: str | Path | Mapping[str, Any]) -> Campaign:
+    """Parse and check a campaign file; see the module's documentation for the format. A
+    mapping of the same tables is a campaign given as Python values (``run_campaign``): its
+    objectives and callbacks may be callables, and its paths are relative to the current
+    folder."""
     # Imported here, not at the top: the study modules build this module's dataclasses.
     from hyperfleet.campaign.studies import STUDY_KEYS, StudyContext, studies
 
-    file = Path(path)
-    text = read(file)
-    source = Source(str(file), text.splitlines())
-    document = parse_toml(source, text)
+    if isinstance(path, Mapping):
+        file, document = Path.cwd() / "campaign", dict(path)
+        source = Source("run_campaign()", [])
+    else:
+        file = Path(path)
+        text = read(file)
+        source = Source(str(file), text.splitlines())
+        document = parse_toml(source, text)
     check_keys(Table(source, "", 0, "the file", document), TABLES, "table")
     campaign_table = top_table(source, document, "campaign", CAMPAIGN_KEYS)
     pool_table = top_table(source, document, "pool", POOL_KEYS)
     defaults_table = top_table(source, document, "defaults", STUDY_KEYS)
-    settings = _settings(campaign_table, default_name=file.stem)
+    settings = _settings(
+        campaign_table, default_name="" if source.file == "run_campaign()" else file.stem
+    )
     pool = _pool(pool_table)
     context = StudyContext(file.resolve().parent, settings, pool, defaults_table)
     specs = studies(source, document, context)

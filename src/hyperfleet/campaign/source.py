@@ -141,7 +141,8 @@ class Table:
 
     def _raise(self, label: str, key: str | None, problem: str) -> NoReturn:
         where = f"{label}, key {key!r}" if key else label
-        raise ConfigError(f"{self.source.file}:{self.line(key)}: {where}: {problem}")
+        at = f"{self.source.file}:{self.line(key)}" if self.source.lines else self.source.file
+        raise ConfigError(f"{at}: {where}: {problem}")
 
 
 def top_table(

@@ -196,6 +196,7 @@ def _blueprint(table: Table, context: StudyContext) -> Blueprint:
         "grid": grid,
         "refit": refit_target,
         "callbacks": _callbacks(table, context.folder),
+        "objective_callable": objective if callable(objective := table.get("objective")) else None,
     }
     return Blueprint(table, base_name, target, space, space_path, settings)
 
@@ -229,6 +230,8 @@ def _objective(
             table.fail(
                 "space", "only works with cmd; remove space or use cmd instead of objective."
             )
+        if callable(objective):  # a campaign given as Python values (run_campaign)
+            return None, None, None, getattr(objective, "__name__", "objective")
         target, base_name = _target(table, "objective", folder)
         return target, None, None, base_name
     if table.has("args"):
@@ -258,16 +261,22 @@ def _target(table: Table, key: str, folder: Path) -> tuple[str, str]:
     return f"{location}:{function}", stem
 
 
-def _callbacks(table: Table, folder: Path) -> tuple[str, ...]:
+def _callbacks(table: Table, folder: Path) -> tuple[Any, ...]:
     """The study's Optuna callbacks, ["MODULE:ATTR" or "FILE.py:ATTR", ...], files made
-    absolute; each is imported in the controller when the run starts."""
+    absolute, each imported in the controller when the run starts; or, in a campaign given as
+    Python values, the callables themselves."""
     given = table.get("callbacks")
     if given is None:
         return ()
-    if not isinstance(given, list) or not all(isinstance(item, str) for item in given):
+    if not isinstance(given, list | tuple) or not all(
+        isinstance(item, str) or callable(item) for item in given
+    ):
         table.fail("callbacks", 'must be a list of strings, e.g. callbacks = ["stops.py:early"]')
-    found = []
+    found: list[Any] = []
     for text in given:
+        if callable(text):
+            found.append(text)
+            continue
         location, sep, attr = text.rpartition(":")
         if not sep or not location or not attr:
             table.fail("callbacks", f"cannot read {text!r}; write FILE.py:ATTR or MODULE:ATTR.")
