@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.terminator import report_cross_validation_scores
 
@@ -109,3 +110,25 @@ def test_an_artifact_of_the_study_is_stored_with_the_study(tmp_path: Path) -> No
     store = FileSystemArtifactStore(str(folder))
     download_artifact(artifact_store=store, artifact_id=meta.artifact_id, file_path=str(target))
     assert target.read_text() == "about the study\n"
+
+
+def reports_folds(trial: optuna.Trial) -> float:
+    """Optuna's Terminator example, without the data set: each trial reports its folds."""
+    x = trial.suggest_float("x", -1.0, 1.0)
+    scores = [1.0 - x * x + 0.01 * k for k in range(5)]
+    report_cross_validation_scores(trial, scores)
+    return sum(scores) / len(scores)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_the_terminator_callback_stops_the_search_as_in_optuna(tmp_path: Path) -> None:
+    from optuna.terminator import TerminatorCallback
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    outcome = hyperfleet.optimize(
+        study, reports_folds, n_trials=60, cpu_slots=2, run_dir=tmp_path / "run",
+        display="quiet", report=False, callbacks=[TerminatorCallback()],
+    )  # fmt: skip
+    assert outcome.status == "stopped", outcome.message
+    assert len(study.trials) < 60  # the Terminator decided: no room left to improve
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
