@@ -19,12 +19,12 @@ from hyperfleet.campaign.folders import grid_points
 from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
-from hyperfleet.controller.loop import StudyPlan
+from hyperfleet.controller.loop import Outcome, StudyPlan
 from hyperfleet.errors import ResourceError
-from hyperfleet.launch import Search
+from hyperfleet.launch import RunSetup, Search, run_search
 from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target
 from hyperfleet.report.campaign import CAMPAIGN_ATTR
-from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, plan_pool
 from hyperfleet.rundir import RunDir
@@ -89,6 +89,24 @@ def campaign_search(
     }
     in_order = campaign.settings.sequential if sequential is None else sequential
     return Search(plans, pool, refits, in_order, node_planner=planner)
+
+
+def run_campaign_search(
+    campaign: Campaign,
+    setup: RunSetup,
+    inventory: Inventory | None,
+    sequential: bool | None = None,
+    force_refit: bool = False,
+) -> Outcome:
+    """Plan the campaign's search and run it: on this machine's ``inventory`` (detected when
+    None), or with ``setup.cluster`` on the nodes that join, each cut as ``[pool]`` says."""
+    if setup.cluster is None and inventory is None:
+        inventory = detect_inventory()
+    search = campaign_search(campaign, setup.run_dir, inventory, sequential, force_refit)
+    packing = campaign_packing(campaign, search.pool, inventory)
+    settings = dataclasses.replace(setup.settings, packing=packing)
+    note = inventory.note if inventory is not None else ""
+    return run_search(search, dataclasses.replace(setup, settings=settings, inventory_note=note))
 
 
 def campaign_packing(

@@ -66,7 +66,16 @@ from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.display.format import duration
 from hyperfleet.display.snapshot import last_update
 from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
-from hyperfleet.events import EventSink
+from hyperfleet.events import (
+    Event,
+    EventSink,
+    Notice,
+    RunEnded,
+    RunStarted,
+    Tick,
+    TrialEnded,
+    TrialStarted,
+)
 from hyperfleet.journal import PlacingJournalStorage, commit
 from hyperfleet.journal import close as close_storage
 from hyperfleet.resources.inventory import Inventory
@@ -252,7 +261,7 @@ class Controller:
         pool: Pool,
         settings: RunSettings,
         run_dir: RunDir,
-        sinks: list[EventSink],
+        sink: EventSink,
         run_name: str = "",
         sequential: bool = False,
         *,
@@ -269,7 +278,7 @@ class Controller:
         self._sequential = sequential
         self._settings = settings
         self._run_dir = run_dir
-        self._sinks = sinks
+        self._sink = sink  # every event goes to it (see hyperfleet.events)
         self._workers: dict[str, Worker] = {}
         # Many machines: the agents' nodes, and which node each remote slot is on.
         self._cluster, self._node_planner = cluster, node_planner
@@ -379,7 +388,7 @@ class Controller:
 
     def announce(self, text: str) -> None:
         """A one-line notice to every view (screen, run.log)."""
-        self._emit("on_message", text)
+        self._emit(Notice(self.state, text))
 
     # ----- the loop ------------------------------------------------------------------------
 
@@ -419,7 +428,7 @@ class Controller:
             if announce:
                 self._announce_budget(run)
         self._opened = True
-        self._emit("on_start")
+        self._emit(RunStarted(self.state))
 
     def _read_stored(self) -> None:
         self._last_alive = last_update(self._run_dir.path)
@@ -997,7 +1006,7 @@ class Controller:
         )
         view.experiment = record.experiment
         run.view.running = self._book.running(run.plan.name)
-        self._pending.others.append(functools.partial(self._emit, "on_trial_start", record))
+        self._pending.others.append(functools.partial(self._emit, TrialStarted(self.state, record)))
         if self._prepares(run):
             self._to_prepare.append(name)
 
@@ -1460,7 +1469,7 @@ class Controller:
         trial_dir = run.plan.folder.trial_dir(frozen.number)
         write = functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
         self._pending.others.append(functools.partial(self._files.submit, write))
-        self._pending.others.append(functools.partial(self._emit, "on_trial_end", record))
+        self._pending.others.append(functools.partial(self._emit, TrialEnded(self.state, record)))
 
     def _release_checkpoint(self, run: StudyRun, trial: FrozenTrial) -> None:
         """Remove the checkpoint folder of a chain that ended, unless --keep-checkpoints keeps
@@ -1526,7 +1535,7 @@ class Controller:
                 active.end_reason = (
                     f"timeout: ran past the per-trial limit of {self._settings.trial_timeout:g}s"
                 )
-                self._emit("on_message", f"trial {active.record.number} on {name} timed out")
+                self.announce(f"trial {active.record.number} on {name} timed out")
                 self._workers[name]._signal_group(signal.SIGTERM)
                 self._kill_at[name] = now + self._settings.kill_grace
         for name, when in list(self._kill_at.items()):
@@ -1554,7 +1563,7 @@ class Controller:
             )
         else:
             text = "stopping now: terminating running trials; the next run repeats them"
-        self._emit("on_message", text)
+        self.announce(text)
 
     def _interrupt_running(self) -> None:
         """Hard stop: end running trials, marked "interrupted" so the next run repeats them."""
@@ -1627,8 +1636,7 @@ class Controller:
         # A later stage's objective: that study stops, the others go on. The worker exits
         # after a failed load, and the loop starts a fresh one.
         run.load_failure = failure.message
-        self._emit(
-            "on_message",
+        self.announce(
             f"study {run.plan.name} stopped: its objective {run.plan.spec.describe()} could "
             f"not be loaded: {failure.message}; see {self._run_dir.workers_dir}",
         )
@@ -1644,7 +1652,7 @@ class Controller:
         if worker is not None:
             worker.kill()
         self.state.slot(name).state = "stopped"
-        self._emit("on_message", f"slot {name} stopped: {why}")
+        self.announce(f"slot {name} stopped: {why}")
 
     # ----- auto packing (see controller/autopack.py) ---------------------------------------
 
@@ -1947,7 +1955,7 @@ class Controller:
         )
         for trial in leftovers:
             label = self._trial_label(run, trial.number)
-            self._emit("on_message", f"{label} was left running: marked interrupted")
+            self.announce(f"{label} was left running: marked interrupted")
         trials = study.get_trials(deepcopy=False)
         for trial in leftovers:  # the dead controller never wrote how these trials ended
             record = books.record_from_frozen(study.study_name, trials[trial.number])
@@ -1972,7 +1980,7 @@ class Controller:
         self._sweep_checkpoints(run)
 
     def _say_sampler(self, run: StudyRun, line: str) -> None:
-        self._emit("on_message", f"{self._study_label(run)}: {line}")
+        self.announce(f"{self._study_label(run)}: {line}")
 
     def _say_repeat(self, run: StudyRun, trial: FrozenTrial, kind: str, repeated: bool) -> None:
         """Whether a failed trial of an earlier run runs again; a named experiment that does
@@ -1981,14 +1989,13 @@ class Controller:
         experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
         if experiment is None:
             if repeated:
-                self._emit("on_message", f"{label} ({kind}) will be repeated")
+                self.announce(f"{label} ({kind}) will be repeated")
             return
         failed = f"experiment {experiment} ({label}) failed ({kind})"
         if repeated:
-            self._emit("on_message", f"{failed} and will be repeated")
+            self.announce(f"{failed} and will be repeated")
             return
-        self._emit(
-            "on_message",
+        self.announce(
             f"{failed} and is not repeated: the retry policy allows no more {kind} retries; "
             f'to repeat it, raise them (retry = "{kind}=1" in [campaign], or --retry {kind}=1)',
         )
@@ -2078,7 +2085,7 @@ class Controller:
             view.cpu_percent = self._cpu_percent(view) if view.state == "busy" else None
         self.state.stopping = self._stop_level
         self._glance()
-        self._emit("on_tick")
+        self._emit(Tick(self.state))
 
     def _keep_collector_off(self) -> None:
         """What survived the last second joins the collector's permanent generation: a full
@@ -2112,9 +2119,8 @@ class Controller:
             return float(process.cpu_percent())
         return None
 
-    def _emit(self, hook: str, *args: Any) -> None:
-        for sink in self._sinks:
-            getattr(sink, hook)(self.state, *args)
+    def _emit(self, event: Event) -> None:
+        self._sink.handle(event)
 
     def _outcome(self) -> Outcome:
         studies = list(self.studies.values())
@@ -2124,7 +2130,7 @@ class Controller:
                 counts[trial.state.name.lower()] += 1
         counts = counts if studies else {}
         self.state.stopping = self._stop_level
-        self._emit("on_end")
+        self._emit(RunEnded(self.state))
         first = studies[0] if studies else None
         if studies and self._slots and len(self._dead_slots) == len(self._slots):
             return Outcome(
