@@ -138,7 +138,7 @@ class _Optimize:
         refit = self.refit
         refit_plan = plan_from_callable(refit, self.force_refit) if refit is not None else None
         folder = RunDir(self.run_dir if self.run_dir is not None else default_run_dir(study))
-        one = SingleStudy(
+        single = SingleStudy(
             study.study_name,
             lambda: controller_study(study),
             spec,
@@ -147,7 +147,7 @@ class _Optimize:
         )
         display = Display(self.display)
         setup = RunSetup(settings, folder, study.study_name, display, self.report, cluster)
-        return run_single_study(one, first_slots, setup)
+        return run_single_study(single, first_slots, setup)
 
     def _settings(self) -> RunSettings:
         retry = self.retry

@@ -310,12 +310,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or default_run_dir(study_name))
     run_dir.check_writable()
-    study = _one_study(args, study_name, run_dir, pruner, spec, refit)
+    study = _single_study(args, study_name, run_dir, pruner, spec, refit)
     setup = RunSetup(settings, run_dir, study_name, _display(args), not args.no_report, cluster)
     return _exit_status(run_single_study(study, first_slots, setup))
 
 
-def _one_study(
+def _single_study(
     args: argparse.Namespace,
     study_name: str,
     run_dir: RunDir,
