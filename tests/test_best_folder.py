@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 
+from hyperfleet.events import TrialEnded
 from hyperfleet.report.best import BestFolder
 from hyperfleet.rundir import RunDir
 from hyperfleet.state import RunState, StudyView, TrialRecord
@@ -29,13 +30,14 @@ def test_a_tie_for_best_does_not_rebuild_best_after_every_trial(tmp_path: Path) 
     state = RunState("run", str(run_dir.path), studies=[view])
     for number, value in [(0, 1.0), (1, 1.0), *((n, 5.0) for n in range(2, 40))]:
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
-        folder.on_trial_end(state, TrialRecord("s", number, "cpu0", "COMPLETE", values=[value]))
+        record = TrialRecord("s", number, "cpu0", "COMPLETE", values=[value])
+        folder.handle(TrialEnded(state, record))
 
     assert len(reads) == 1
     assert (run_dir.path / "best" / "best.json").is_file()
 
     view.best_number, view.best_values = 40, [0.5]  # a better trial: best/ follows it
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
-    folder.on_trial_end(state, TrialRecord("s", 40, "cpu0", "COMPLETE", values=[0.5]))
+    folder.handle(TrialEnded(state, TrialRecord("s", 40, "cpu0", "COMPLETE", values=[0.5])))
     assert len(reads) == 2
     assert '"number": 40' in (run_dir.path / "best" / "best.json").read_text()

@@ -31,11 +31,10 @@ from hyperfleet.controller.loop import Controller, Outcome
 from hyperfleet.controller.study_run import StudyPlan
 from hyperfleet.controller.workforce import MAX_START_FAILURES
 from hyperfleet.errors import ObjectiveError, WorkerError
-from hyperfleet.events import EventSink
+from hyperfleet.events import Event, Notice
 from hyperfleet.resources.shapes import single_pool
 from hyperfleet.resources.slots import PoolOptions, plan_slots
 from hyperfleet.rundir import RunDir, RunOwner
-from hyperfleet.state import RunState
 from hyperfleet.storage import open_private_journal
 from hyperfleet.workers.protocol import ObjectiveSpec
 from support.fake_workers import (
@@ -56,14 +55,15 @@ BARRIER_SECONDS = 5.0  # a barrier that is never full fails its trials instead o
 CRASH_REASON = "killed by SIGKILL (out of memory, or killed from outside)"
 
 
-class Recorder(EventSink):
+class Recorder:
     """The messages the run announced, in order."""
 
     def __init__(self) -> None:
         self.messages: list[str] = []
 
-    def on_message(self, state: RunState, text: str) -> None:
-        self.messages.append(text)
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Notice):
+            self.messages.append(event.text)
 
 
 @dataclass
@@ -147,7 +147,7 @@ def _controller(
         pool,
         settings or RunSettings(n_trials=studies[0].n_trials),
         run_dir,
-        [recorder],
+        recorder,
         sequential=sequential,
         files=files,
         start_worker=fleet,

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from hyperfleet.display.live import LiveView
 from hyperfleet.display.render import render, time_left
+from hyperfleet.events import Notice, RunEnded, RunStarted, Tick
 from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
 
@@ -154,10 +155,10 @@ def test_live_view_draws_on_tick_and_prints_the_summary_at_the_end() -> None:
     stream = io.StringIO()
     view = LiveView(Console(file=stream, width=100, force_terminal=True))
     state = make_state()
-    view.on_start(state)
-    view.on_tick(state)
-    view.on_message(state, "slot gpu1#0 stopped: its worker keeps dying")
-    view.on_end(state)
+    view.handle(RunStarted(state))
+    view.handle(Tick(state))
+    view.handle(Notice(state, "slot gpu1#0 stopped: its worker keeps dying"))
+    view.handle(RunEnded(state))
     output = stream.getvalue()
     assert "gpu0#0" in output
     assert "slot gpu1#0 stopped: its worker keeps dying" in output

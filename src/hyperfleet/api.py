@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,9 @@ from hyperfleet.config import RetryPolicy, RunSettings, parse_duration, parse_me
 from hyperfleet.controller.callbacks import check_callbacks
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, ObjectiveError
-from hyperfleet.launch import Display, prepare_slots, run_search, single_search
+from hyperfleet.launch import Display, RunSetup, SingleStudy, plan_first_slots, run_single_study
 from hyperfleet.refit import plan_from_callable
-from hyperfleet.resources.inventory import Inventory, detect_inventory
+from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import PoolOptions
 from hyperfleet.rundir import RunDir, check_folder_name
 from hyperfleet.samplers import check_study_sampler
@@ -62,97 +62,145 @@ def optimize(
     ray: str | None = None,
     slurm: bool = False,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    n_jobs: int | None = None,
     catch: Iterable[type[Exception]] | type[Exception] = (),
     gc_after_trial: bool = False,
     show_progress_bar: bool = False,
-    n_jobs: int | None = None,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
-    ``n_trials`` counts the study's finished trials, so running the same code again on a
-    persistent storage adds up to the same total. ``timeout`` bounds this call's wall time.
-    With ``objective_kwargs``, ``objective`` is a factory called once per worker with them
-    that returns the objective (load a data set there). ``inventory`` replaces the detected
-    GPUs and cores (for tests and dry runs). ``trials_per_gpu="auto"`` (the default) starts one
-    worker per GPU and adds more while the GPU has memory and time for them; ``gpu_memory``
-    ("10GiB") says what one trial takes, to pack by it instead of by readings. After SIGTERM,
-    running trials get ``stop_grace`` to finish before they are terminated; a terminated
-    trial's processes get ``kill_grace`` between SIGTERM and SIGKILL. ``keep_checkpoints``
-    ("best", "all" or "none") says whose checkpoint folders outlive trials that completed or
-    were pruned (see :func:`hyperfleet.checkpoint_dir`). ``report=False`` skips writing
-    ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
-    the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
-    best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
-
-    ``listen="HOST:PORT"`` runs the trials on the nodes whose agents connect there (``hyperfleet
-    agent --connect HOST:PORT``), each cut into slots with the pool keywords above, instead of
-    on this machine; ``token_file`` holds the token agents must present (default: one written
-    in ``run_dir``). A node silent for ``node_timeout`` seconds is lost and its trials run
-    again elsewhere; both sides send a heartbeat every ``heartbeat`` seconds. ``ray="auto"``
-    (or a Ray address) has Ray start one agent on each of its nodes, with the node's GPUs
-    reserved through Ray; the controller then listens where Ray does, unless ``listen`` says.
-    ``slurm=True``, inside an allocation, has ``srun`` start one agent per allocated node.
-
-    ``callbacks`` are Optuna's: each is called with ``(study, frozen_trial)`` as each trial
-    ends, in the controller; ``study.stop()`` there stops the search once running trials
-    finish, and a callback that raises ends it with that error, raised here. ``catch``,
-    ``gc_after_trial`` and ``show_progress_bar`` are accepted for ``study.optimize``'s sake:
-    every failing trial fails alone (as with ``catch=(Exception,)``), workers collect garbage
-    after every trial, and the live view shows the progress. ``n_jobs`` (Optuna's threads)
-    is taken as ``cpu_slots`` when that is not given; -1 leaves the default, every core.
+    ``n_trials`` counts the study's finished trials, every run's: running again adds up to it.
+    ``timeout`` bounds this call. ``objective_kwargs``: ``objective`` is a factory, called once
+    per worker with them. ``inventory`` replaces the detected GPUs and cores. ``trials_per_gpu``
+    "auto" grows each GPU's workers while they fit; ``gpu_memory`` ("10GiB") packs by what a
+    trial takes. After SIGTERM running trials get ``stop_grace``, then ``kill_grace`` between
+    SIGTERM and SIGKILL. ``keep_checkpoints``: "best", "all" or "none" (see
+    :func:`hyperfleet.checkpoint_dir`). ``report=False``: no ``run_dir/report/``.
+    ``refit(params)`` runs once with the best parameters (see :mod:`hyperfleet.refit`).
+    ``listen="HOST:PORT"`` runs the trials on the nodes whose agents connect there, cut into
+    slots by the pool keywords, with ``token_file``, ``heartbeat`` and ``node_timeout``;
+    ``ray="auto"`` (or an address) or ``slurm=True`` start the agents. ``callbacks`` are called
+    with ``(study, frozen_trial)`` in the controller as each trial ends; ``study.stop()`` works,
+    and a callback's exception is raised here once nothing runs. ``n_jobs`` is taken as
+    ``cpu_slots`` when that is not given; ``catch``, ``gc_after_trial`` and
+    ``show_progress_bar`` are checked and accepted (every trial that raises fails alone; workers
+    collect after every trial; the live view shows progress). The how-to pages say more.
     """
     refuse_inside_a_worker("optimize")
-    check_study_sampler(study)
-    check_optimize_options(catch, gc_after_trial, show_progress_bar)
-    settings = RunSettings(
-        n_trials=n_trials,
-        timeout=parse_duration(timeout, "timeout"),
-        trial_timeout=parse_duration(trial_timeout, "trial_timeout"),
-        retry=RetryPolicy.parse(retry) if isinstance(retry, str) else retry or RetryPolicy(),
-        max_trials_per_worker=max_trials_per_worker,
-        stop_grace=parse_duration(stop_grace, "stop_grace") or 0.0,
-        kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
-        keep_checkpoints=keep_checkpoints,
-        callbacks=check_callbacks(callbacks, "hyperfleet.optimize"),
-    )
-    options = PoolOptions(
-        gpus=[str(g) for g in gpus] if gpus is not None else None,
-        trials_per_gpu=trials_per_gpu,
-        gpus_per_trial=gpus_per_trial,
-        cpu_slots=cpu_slots if cpu_slots is not None or n_jobs in (None, -1) else n_jobs,
-        threads_per_slot=threads_per_slot,
-        gpu_memory_mib=parse_memory(gpu_memory),
-    )
-    cluster = cluster_settings(listen, token_file, heartbeat, node_timeout, ray, slurm)
-    slots, note, packing = prepare_slots(options, inventory, cluster)
-    settings = replace(settings, packing=packing)
-    spec = spec_from_callable(objective, objective_kwargs)
-    refit_plan = plan_from_callable(refit, force_refit) if refit is not None else None
-    folder = RunDir(run_dir if run_dir is not None else default_run_dir(study))
-    search = single_search(
-        study.study_name,
-        lambda: controller_study(study),
-        spec,
-        slots,
-        settings,
-        folder,
-        refit_plan,
-        stored_trials=lambda: study.get_trials(deepcopy=False),
-        node_options=options if cluster is not None else None,
-    )
-    outcome = run_search(
-        search,
-        settings,
-        folder,
-        Display(display),
-        inventory_note=note,
-        run_name=study.study_name,
-        report=report,
-        cluster=cluster,
-    )
-    if outcome.error is not None:  # a callback raised: as study.optimize, raise it
-        raise outcome.error
-    return outcome
+    return _Optimize(**locals()).run()  # every argument, by name
+
+
+@dataclass(frozen=True)
+class _Optimize:
+    """The arguments of :func:`optimize`, translated step by step into the builder's inputs
+    (see :mod:`hyperfleet.launch`), in the order that checks the cheap ones first."""
+
+    study: optuna.Study
+    objective: Callable[[optuna.Trial], Any]
+    n_trials: int | None
+    timeout: float | str | None
+    gpus: Sequence[int | str] | None
+    trials_per_gpu: int | str
+    gpu_memory: str | int | None
+    gpus_per_trial: int
+    cpu_slots: int | None
+    threads_per_slot: int | None
+    run_dir: str | Path | None
+    trial_timeout: float | str | None
+    retry: RetryPolicy | str | None
+    max_trials_per_worker: int | None
+    stop_grace: float | str
+    kill_grace: float | str
+    keep_checkpoints: str
+    display: str
+    report: bool
+    objective_kwargs: dict[str, Any] | None
+    inventory: Inventory | None
+    refit: Callable[[dict[str, Any]], Any] | None
+    force_refit: bool
+    listen: str | None
+    token_file: str | Path | None
+    heartbeat: float | str
+    node_timeout: float | str
+    ray: str | None
+    slurm: bool
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] | None
+    n_jobs: int | None
+    catch: Iterable[type[Exception]] | type[Exception]
+    gc_after_trial: bool
+    show_progress_bar: bool
+
+    def run(self) -> Outcome:
+        study = self.study
+        check_study_sampler(study)
+        check_optimize_options(self.catch, self.gc_after_trial, self.show_progress_bar)
+        settings = self._settings()
+        options = self._pool_options()
+        cluster = cluster_settings(
+            self.listen, self.token_file, self.heartbeat, self.node_timeout, self.ray, self.slurm
+        )
+        first_slots = plan_first_slots(options, self.inventory, cluster)
+        spec = spec_from_callable(self.objective, self.objective_kwargs)
+        refit = self.refit
+        refit_plan = plan_from_callable(refit, self.force_refit) if refit is not None else None
+        folder = RunDir(self.run_dir if self.run_dir is not None else default_run_dir(study))
+        single = SingleStudy(
+            study.study_name,
+            lambda: controller_study(study),
+            spec,
+            refit_plan,
+            stored_trials=lambda: study.get_trials(deepcopy=False),
+        )
+        display = Display(self.display)
+        setup = RunSetup(settings, folder, study.study_name, display, self.report, cluster)
+        outcome = run_single_study(single, first_slots, setup)
+        if outcome.error is not None:  # a callback raised: as study.optimize, raise it
+            raise outcome.error
+        return outcome
+
+    def _settings(self) -> RunSettings:
+        retry = self.retry
+        return RunSettings(
+            n_trials=self.n_trials,
+            timeout=parse_duration(self.timeout, "timeout"),
+            trial_timeout=parse_duration(self.trial_timeout, "trial_timeout"),
+            retry=RetryPolicy.parse(retry) if isinstance(retry, str) else retry or RetryPolicy(),
+            max_trials_per_worker=self.max_trials_per_worker,
+            stop_grace=parse_duration(self.stop_grace, "stop_grace") or 0.0,
+            kill_grace=parse_duration(self.kill_grace, "kill_grace") or 0.0,
+            keep_checkpoints=self.keep_checkpoints,
+            callbacks=check_callbacks(self.callbacks, "hyperfleet.optimize"),
+        )
+
+    def _cpu_slots(self) -> int | None:
+        """``cpu_slots``, else Optuna's ``n_jobs`` (-1: every core, the default)."""
+        if self.cpu_slots is not None or self.n_jobs in (None, -1):
+            return self.cpu_slots
+        return self.n_jobs
+
+    def _pool_options(self) -> PoolOptions:
+        return PoolOptions(
+            gpus=[str(g) for g in self.gpus] if self.gpus is not None else None,
+            trials_per_gpu=self.trials_per_gpu,
+            gpus_per_trial=self.gpus_per_trial,
+            cpu_slots=self._cpu_slots(),
+            threads_per_slot=self.threads_per_slot,
+            gpu_memory_mib=parse_memory(self.gpu_memory),
+        )
+
+
+def check_optimize_options(catch: object, gc_after_trial: object, progress_bar: object) -> None:
+    """``study.optimize``'s options that hyperfleet maps to its own behaviour, checked as
+    Optuna checks them."""
+    types = catch if isinstance(catch, tuple) else (catch,)
+    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise ConfigError(
+            f"catch={catch!r} must be an exception class or a tuple of them, as in "
+            "study.optimize (hyperfleet fails a trial that raises alone, whatever it raises)"
+        )
+    for name, value in (("gc_after_trial", gc_after_trial), ("show_progress_bar", progress_bar)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be True or False, as in study.optimize")
 
 
 def cluster_settings(
@@ -190,25 +238,6 @@ def cluster_settings(
 
         check_address(ray)
     return settings
-
-
-def check_optimize_options(
-    catch: object, gc_after_trial: object, show_progress_bar: object
-) -> None:
-    """``study.optimize``'s options that hyperfleet maps to its own behaviour, checked as
-    Optuna checks them."""
-    types = catch if isinstance(catch, tuple) else (catch,)
-    if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
-        raise ConfigError(
-            f"catch={catch!r} must be an exception class or a tuple of them, as in "
-            "study.optimize (hyperfleet fails a trial that raises alone, whatever it raises)"
-        )
-    for name, value in (
-        ("gc_after_trial", gc_after_trial),
-        ("show_progress_bar", show_progress_bar),
-    ):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be True or False, as in study.optimize")
 
 
 def refuse_inside_a_worker(function: str) -> None:
@@ -255,18 +284,16 @@ def run_campaign(
 ) -> Outcome:
     """Run every study of a campaign file in one pool, like ``hyperfleet run campaign.toml``.
 
-    ``path`` may also be the campaign itself, as Python values: a dict of the file's tables
-    (``{"campaign": {...}, "pool": {...}, "study": [{...}, ...]}``) whose studies' ``objective``
-    (and ``callbacks``) may be functions, as :func:`optimize` takes them; so a notebook runs
-    its models side by side without a file. Its paths are relative to the current folder.
-
-    ``sequential`` overrides the file's ``sequential``; ``run_dir`` its ``run_dir`` (default
-    ``runs/<campaign name>``); ``retry`` its ``retry`` (``"crash=1,error=1"``). The other
-    keywords are those of :func:`optimize`; with ``listen``, ``ray`` or ``slurm``, each node
-    that joins is cut into slots as the file's ``[pool]`` says.
+    ``path`` may also be the campaign as Python values: a dict of the file's tables whose
+    studies' ``objective`` and ``callbacks`` may be functions, as :func:`optimize` takes them
+    (paths in it are relative to the current folder). ``sequential`` overrides the file's
+    ``sequential``; ``run_dir`` its ``run_dir`` (default ``runs/<campaign name>``); ``retry``
+    its ``retry`` (``"crash=1,error=1"``). The other keywords are those of :func:`optimize`;
+    with ``listen``, ``ray`` or ``slurm``, each node that joins is cut into slots as the file's
+    ``[pool]`` says.
     """
     from hyperfleet.campaign import load_campaign
-    from hyperfleet.campaign_search import campaign_packing, campaign_search, campaign_settings
+    from hyperfleet.campaign_search import campaign_settings, run_campaign_search
 
     refuse_inside_a_worker("run_campaign")
     campaign = load_campaign(path)
@@ -288,17 +315,5 @@ def run_campaign(
         ray or campaign.settings.ray,
         slurm or campaign.settings.slurm,
     )
-    if cluster is None and inventory is None:
-        inventory = detect_inventory()
-    search = campaign_search(campaign, folder, inventory, sequential, force_refit)
-    packing = campaign_packing(campaign, search.pool, inventory)
-    return run_search(
-        search,
-        replace(settings, packing=packing),
-        folder,
-        Display(display),
-        inventory_note=inventory.note if inventory is not None else "",
-        run_name=campaign.settings.name,
-        report=report,
-        cluster=cluster,
-    )
+    setup = RunSetup(settings, folder, campaign.settings.name, Display(display), report, cluster)
+    return run_campaign_search(campaign, setup, inventory, sequential, force_refit)

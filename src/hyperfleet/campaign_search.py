@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -20,12 +21,13 @@ from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
 from hyperfleet.controller.callbacks import load_callback
-from hyperfleet.controller.study_run import StudyPlan
+from hyperfleet.controller.loop import Outcome
+from hyperfleet.controller.study_run import Callback, StudyPlan
 from hyperfleet.errors import ResourceError
-from hyperfleet.launch import Search
+from hyperfleet.launch import RunSetup, Search, run_search
 from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target
 from hyperfleet.report.campaign import CAMPAIGN_ATTR
-from hyperfleet.resources.inventory import Inventory
+from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, plan_pool
 from hyperfleet.rundir import RunDir
@@ -90,6 +92,24 @@ def campaign_search(
     }
     in_order = campaign.settings.sequential if sequential is None else sequential
     return Search(plans, pool, refits, in_order, node_planner=planner)
+
+
+def run_campaign_search(
+    campaign: Campaign,
+    setup: RunSetup,
+    inventory: Inventory | None,
+    sequential: bool | None = None,
+    force_refit: bool = False,
+) -> Outcome:
+    """Plan the campaign's search and run it: on this machine's ``inventory`` (detected when
+    None), or with ``setup.cluster`` on the nodes that join, each cut as ``[pool]`` says."""
+    if setup.cluster is None and inventory is None:
+        inventory = detect_inventory()
+    search = campaign_search(campaign, setup.run_dir, inventory, sequential, force_refit)
+    packing = campaign_packing(campaign, search.pool, inventory)
+    settings = dataclasses.replace(setup.settings, packing=packing)
+    note = inventory.note if inventory is not None else ""
+    return run_search(search, dataclasses.replace(setup, settings=settings, inventory_note=note))
 
 
 def campaign_packing(
@@ -178,12 +198,7 @@ def _plan(
         stage_name=study.stage,
         stored_trials=lambda: stored_trials(existing, study.name),
         stored_time_used=lambda: stored_time_used(existing, study.name),
-        callbacks=tuple(
-            load_callback(item, f"study {study.name!r}: callback")
-            if isinstance(item, str)
-            else item
-            for item in study.callbacks
-        ),
+        callbacks=tuple(_callback(item, study.name) for item in study.callbacks),
     )
 
 
@@ -193,6 +208,11 @@ def _label(opened: optuna.Study, study: StudySpec) -> None:
     label = {"family": study.family or study.name, "matrix": study.matrix_values}
     if opened.user_attrs.get(CAMPAIGN_ATTR) != label:
         opened.set_user_attr(CAMPAIGN_ATTR, label)
+
+
+def _callback(item: Any, study: str) -> Callback:
+    """A study's callback: imported from its "MODULE:ATTR", or the callable itself."""
+    return load_callback(item, f"study {study!r}: callback") if isinstance(item, str) else item
 
 
 def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:

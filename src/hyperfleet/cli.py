@@ -8,11 +8,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,8 +33,8 @@ from hyperfleet.controller.bookkeeping import stored_trials
 from hyperfleet.controller.callbacks import load_callback
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
-from hyperfleet.launch import Display, prepare_slots, run_search, single_search
-from hyperfleet.refit import plan_from_cli
+from hyperfleet.launch import Display, RunSetup, SingleStudy, plan_first_slots, run_single_study
+from hyperfleet.refit import RefitPlan, plan_from_cli
 from hyperfleet.resources.inventory import Gpu, Inventory, detect_inventory
 from hyperfleet.resources.packing import AUTO, parse_trials_per_gpu
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        # A search's view outlives a closed pipe (launch.ScreenGuard); a run that still ended
-        # on one did not reach its budget, and must not say so with status 0.
+        # A search's view outlives a closed pipe (display.screen.ScreenGuard); a run that still
+        # ended on one did not reach its budget, and must not say so with status 0.
         return EXIT_FAILED if args.command in ("run", "agent") else EXIT_OK
 
 
@@ -133,6 +133,27 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--sampler", default="auto", help=f"one of {', '.join(SAMPLERS)} (default auto)")
     add("--pruner", default="median", help=f"one of {', '.join(PRUNERS)} (default median)")
     add("--seed", type=int, help="seed for the sampler")
+    _add_trial_flags(run)
+    add("--quiet", action="store_true", help="print only the final summary")
+    add("--plain", action="store_true", help="plain lines instead of the live view")
+    add("--no-report", action="store_true", help="do not write RUN_DIR/report/ at the end")
+    add("--refit", help="after the search, run FILE.py:FUNCTION(best_params) in best/refit/")
+    add("--refit-cmd", help='after a --cmd search, run e.g. "python train.py --lr {lr}" once')
+    add("--force-refit", action="store_true", help="refit even if the best params are unchanged")
+    add(
+        "--sequential",
+        action="store_true",
+        help="campaign files: run the studies (or stages) one after another, in file order",
+    )
+    add("--debug", action="store_true", help="show Python tracebacks for errors")
+    _add_pool_flags(run)
+    _add_cluster_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+
+def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
+    """How trials are limited, repeated and stopped, and what they leave behind."""
+    add = parser.add_argument
     add("--trial-timeout", help="fail a trial that runs longer than this (e.g. 10m)")
     add("--retry", default="", help="retries per failure reason, e.g. crash=2,oom=1")
     add("--max-trials-per-worker", type=int, help="restart a worker after this many trials")
@@ -160,21 +181,6 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="an Optuna callback, called with (study, frozen_trial) as each trial ends: "
         "MODULE:ATTR or FILE.py:ATTR (repeatable)",
     )
-    add("--quiet", action="store_true", help="print only the final summary")
-    add("--plain", action="store_true", help="plain lines instead of the live view")
-    add("--no-report", action="store_true", help="do not write RUN_DIR/report/ at the end")
-    add("--refit", help="after the search, run FILE.py:FUNCTION(best_params) in best/refit/")
-    add("--refit-cmd", help='after a --cmd search, run e.g. "python train.py --lr {lr}" once')
-    add("--force-refit", action="store_true", help="refit even if the best params are unchanged")
-    add(
-        "--sequential",
-        action="store_true",
-        help="campaign files: run the studies (or stages) one after another, in file order",
-    )
-    add("--debug", action="store_true", help="show Python tracebacks for errors")
-    _add_pool_flags(run)
-    _add_cluster_flags(run)
-    run.set_defaults(handler=cmd_run)
 
 
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -308,12 +314,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.refit, args.refit_cmd, args.space, args.cmd is not None, args.force_refit
     )
     cluster = _cluster(args)
-    options = _pool_options(args)
-    slots, note, packing = prepare_slots(options, None, cluster)
-    settings = replace(settings, packing=packing)
+    first_slots = plan_first_slots(_pool_options(args), None, cluster)
     study_name = args.study_name or default_name
     run_dir = RunDir(args.run_dir or default_run_dir(study_name))
     run_dir.check_writable()
+    study = _single_study(args, study_name, run_dir, pruner, spec, refit)
+    setup = RunSetup(settings, run_dir, study_name, _display(args), not args.no_report, cluster)
+    return _exit_status(run_single_study(study, first_slots, setup))
+
+
+def _single_study(
+    args: argparse.Namespace,
+    study_name: str,
+    run_dir: RunDir,
+    pruner: optuna.pruners.BasePruner,
+    spec: ObjectiveSpec,
+    refit: RefitPlan | None,
+) -> SingleStudy:
+    """The study in ``--storage`` (default the run folder's journal), checked against a stored
+    one of the same name; opened only once a worker loaded the objective."""
     storage = existing_storage(args.storage, run_dir)
     directions = check_directions(storage, study_name, args.direction)
     sampler = make_sampler(args.sampler, args.seed, args.n_trials, len(directions))
@@ -328,28 +347,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             load_if_exists=True,
         )
 
-    search = single_search(
-        study_name,
-        open_study,
-        spec,
-        slots,
-        settings,
-        run_dir,
-        refit,
-        stored_trials=lambda: stored_trials(storage, study_name),
-        node_options=options if cluster is not None else None,
-    )
-    outcome = run_search(
-        search,
-        settings,
-        run_dir,
-        _display(args),
-        inventory_note=note,
-        run_name=study_name,
-        report=not args.no_report,
-        cluster=cluster,
-    )
-    return _exit_status(outcome)
+    def stored() -> list[FrozenTrial] | None:
+        return stored_trials(storage, study_name)
+
+    return SingleStudy(study_name, open_study, spec, refit, stored_trials=stored)
 
 
 def _cluster(args: argparse.Namespace) -> ClusterSettings | None:

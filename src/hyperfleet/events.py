@@ -1,36 +1,76 @@
-"""Events the controller emits, and the plain-line log that listens to them.
+"""The run's events, as small typed records, and the plain-line log that listens to them.
 
-A sink overrides only what it needs (every hook has an empty default). The live view, the
-plain log and the run folder's ``run.log`` are all sinks of the same events.
+The controller says what happened, and nothing else: a run started, a trial started or ended,
+a one-line notice, a tick (about once a second), the run ended. It hands each event to one sink
+(:class:`Broadcast` passes it on to many); every view of the run derives what it shows from
+them: the live view, the plain lines on the screen, ``run.log``, ``status.json``, ``best/`` and
+``summary.md``. A sink's ``handle`` matches the events it cares for and lets the rest pass.
+
+Each event carries the run's state (:class:`~hyperfleet.state.RunState`, which the controller
+keeps current), so a view can draw the whole picture and not only the change.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TextIO
 
 from hyperfleet.state import RunState, StudyView, TrialRecord
 
 
-class EventSink:
-    def on_start(self, state: RunState) -> None:
-        pass
+@dataclass(frozen=True)
+class Event:
+    state: RunState
 
-    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        pass
 
-    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        pass
+@dataclass(frozen=True)
+class RunStarted(Event):
+    """The studies are open; the first trials start next."""
 
-    def on_message(self, state: RunState, text: str) -> None:
-        """A one-line notice: stopping, a worker restarted, a GPU missing."""
 
-    def on_tick(self, state: RunState) -> None:
-        """About once a second, for views that refresh."""
+@dataclass(frozen=True)
+class TrialStarted(Event):
+    record: TrialRecord
 
-    def on_end(self, state: RunState) -> None:
-        pass
+
+@dataclass(frozen=True)
+class TrialEnded(Event):
+    record: TrialRecord
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """A one-line notice: stopping, a worker restarted, a GPU missing."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Tick(Event):
+    """About once a second, for views that refresh."""
+
+
+@dataclass(frozen=True)
+class RunEnded(Event):
+    """The search is over (its refits and reports may follow)."""
+
+
+class EventSink(Protocol):
+    def handle(self, event: Event) -> None: ...
+
+
+class Broadcast:
+    """One sink that passes each event on to several, in order: the controller's one sink."""
+
+    def __init__(self, sinks: Sequence[EventSink]) -> None:
+        self._sinks = tuple(sinks)
+
+    def handle(self, event: Event) -> None:
+        for sink in self._sinks:
+            sink.handle(event)
 
 
 def format_values(values: list[float] | None) -> str:
@@ -61,7 +101,7 @@ def trial_end_line(record: TrialRecord, state: RunState) -> str:
     return text
 
 
-class PlainLog(EventSink):
+class PlainLog:
     """Timestamped lines, one per trial start and end, for files, pipes and CI logs.
 
     Trial lines are flushed with the controller's tick (about once a second), notices at once:
@@ -72,6 +112,24 @@ class PlainLog(EventSink):
         self._stream = stream if stream is not None else sys.stdout
         self._quiet = quiet
 
+    def handle(self, event: Event) -> None:
+        match event:
+            case TrialStarted(state, record):
+                self._line(trial_start_line(record, state), flush=False)
+            case TrialEnded(state, record):
+                self._line(trial_end_line(record, state), flush=False)
+            case Notice(_, text):
+                self._line(text)
+            case Tick():
+                self._stream.flush()
+            case RunStarted(state) if not state.nothing_to_run:  # else the budget lines said so
+                slots = ", ".join(s.name for s in state.slots)
+                where = f"in {state.run_dir} on {len(state.slots)} slots"
+                self._line(f"run {state.run_name} {where}: {slots}")
+            case RunEnded(state):
+                for line in summary_lines(state):
+                    self._line(line, summary=True)
+
     def _line(self, text: str, summary: bool = False, flush: bool = True) -> None:
         if self._quiet and not summary:  # --quiet still prints the final summary
             return
@@ -79,28 +137,6 @@ class PlainLog(EventSink):
         self._stream.write(f"{stamp} {text}\n")
         if flush:
             self._stream.flush()
-
-    def on_tick(self, state: RunState) -> None:
-        self._stream.flush()
-
-    def on_start(self, state: RunState) -> None:
-        if state.nothing_to_run:
-            return  # the budget lines said so; no slot is used
-        slots = ", ".join(s.name for s in state.slots)
-        self._line(f"run {state.run_name} in {state.run_dir} on {len(state.slots)} slots: {slots}")
-
-    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._line(trial_start_line(record, state), flush=False)
-
-    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._line(trial_end_line(record, state), flush=False)
-
-    def on_message(self, state: RunState, text: str) -> None:
-        self._line(text)
-
-    def on_end(self, state: RunState) -> None:
-        for line in summary_lines(state):
-            self._line(line, summary=True)
 
 
 def summary_lines(state: RunState) -> list[str]:

@@ -1,4 +1,9 @@
-"""One search from start to end, shared by ``hyperfleet.optimize`` and ``hyperfleet run``.
+"""One search from start to end, shared by ``hyperfleet.optimize``, ``hyperfleet run`` and
+``hyperfleet.run_campaign``.
+
+Each entry point only translates and checks its own inputs (keywords, flags, a campaign file)
+into a :class:`RunSetup`, and a single search also into a :class:`SingleStudy` on its
+:class:`FirstSlots`; from there one path plans, runs, refits and reports them all.
 
 Order matters: everything that can be checked without running the objective is checked first,
 then the run directory is locked, workers start, and only when a worker has loaded the
@@ -9,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,9 +33,19 @@ from hyperfleet.config import RunSettings
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.loop import Controller, Outcome
 from hyperfleet.controller.study_run import StudyPlan
+from hyperfleet.display.screen import screen_view
 from hyperfleet.display.snapshot import StatusSnapshot
 from hyperfleet.errors import HyperfleetError
-from hyperfleet.events import EventSink, PlainLog
+from hyperfleet.events import (
+    Broadcast,
+    Event,
+    EventSink,
+    Notice,
+    PlainLog,
+    RunEnded,
+    TrialEnded,
+    TrialStarted,
+)
 from hyperfleet.refit import RefitPlan, run_refit
 from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
@@ -40,7 +53,6 @@ from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, single_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, current_slot, plan_slots
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
-from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 
@@ -72,109 +84,118 @@ class Search:
         return RunOwner("campaign", run_name)
 
 
-def prepare_slots(
+@dataclass(frozen=True)
+class RunSetup:
+    """How every entry point's run goes, once it translated and checked its own inputs: the
+    run's settings, its folder and name, how it shows itself, whether it writes its reports at
+    the end, and (many machines) the cluster its agents join."""
+
+    settings: RunSettings
+    run_dir: RunDir
+    run_name: str
+    display: Display = Display()
+    report: bool = True
+    cluster: ClusterSettings | None = None
+    inventory_note: str = ""  # how this machine's GPUs were found, and which were left out
+
+
+@dataclass(frozen=True)
+class FirstSlots:
+    """A single search's slots, planned before anything is written: this machine's first slots
+    (none when agents bring them), how its GPUs were found, how auto packing may grow them, and
+    how a node that joins is cut (many machines)."""
+
+    slots: list[Slot]
+    note: str = ""
+    packing: PackingSettings | None = None
+    node_options: PoolOptions | None = None
+
+
+def plan_first_slots(
     options: PoolOptions, inventory: Inventory | None, cluster: ClusterSettings | None = None
-) -> tuple[list[Slot], str, PackingSettings | None]:
-    """The pool's first slots, how its GPUs were found, and how auto packing may grow it;
-    no slot when agents bring them."""
+) -> FirstSlots:
+    """The pool's first slots on this machine (``inventory``, detected when None); with a
+    ``cluster``, none: each node that joins is cut into slots with ``options``."""
     if cluster is not None:
-        return [], "", None
+        return FirstSlots([], node_options=options)
     inventory = inventory if inventory is not None else detect_inventory()
     slots = plan_slots(inventory, options)
-    return slots, inventory.note, auto_packing(inventory, options, slots)
+    return FirstSlots(slots, inventory.note, auto_packing(inventory, options, slots))
 
 
-def single_search(
-    name: str,
-    open_study: Callable[[], optuna.Study],
-    spec: ObjectiveSpec,
-    slots: list[Slot],
-    settings: RunSettings,
-    run_dir: RunDir,
-    refit: RefitPlan | None = None,
-    stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None,
-    node_options: PoolOptions | None = None,
-) -> Search:
-    """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN`` run.
+@dataclass(frozen=True)
+class SingleStudy:
+    """The study of a single search, however its entry point opens it."""
 
-    With ``node_options``, nodes that join are cut into slots with them."""
+    name: str
+    open_study: Callable[[], optuna.Study]
+    spec: ObjectiveSpec
+    refit: RefitPlan | None = None
+    stored_trials: Callable[[], list[FrozenTrial] | None] = lambda: None
+
+
+def run_single_study(study: SingleStudy, first_slots: FirstSlots, setup: RunSetup) -> Outcome:
+    """One study on every slot: what ``hyperfleet.optimize`` and ``hyperfleet run FILE:FN``
+    run, each with its own inputs translated into these three."""
+    settings = dataclasses.replace(setup.settings, packing=first_slots.packing)
     plan = StudyPlan(
-        name=name,
-        spec=spec,
-        open_study=open_study,
-        folder=run_dir,
-        slots=tuple(slot.name for slot in slots),
+        name=study.name,
+        spec=study.spec,
+        open_study=study.open_study,
+        folder=setup.run_dir,
+        slots=tuple(slot.name for slot in first_slots.slots),
         n_trials=settings.n_trials,
-        stored_trials=stored_trials,
+        stored_trials=study.stored_trials,
         callbacks=settings.callbacks,
     )
-    planner = single_search_planner(name, node_options) if node_options is not None else None
-    return Search(
+    options = first_slots.node_options
+    search = Search(
         [plan],
-        single_pool(slots),
-        {name: refit} if refit is not None else {},
-        node_planner=planner,
+        single_pool(first_slots.slots),
+        {study.name: study.refit} if study.refit is not None else {},
+        node_planner=single_search_planner(study.name, options) if options is not None else None,
+    )
+    return run_search(
+        search, dataclasses.replace(setup, settings=settings, inventory_note=first_slots.note)
     )
 
 
-def run_search(
-    search: Search,
-    settings: RunSettings,
-    run_dir: RunDir,
-    display: Display,
-    inventory_note: str = "",
-    run_name: str = "",
-    report: bool = True,
-    cluster: ClusterSettings | None = None,
-) -> Outcome:
-    owner = search.owner(run_dir, run_name)
+def run_search(search: Search, setup: RunSetup) -> Outcome:
+    """Lock the run folder, run the search with the sinks of its events, and unlock it; bad
+    input (an objective that cannot load) leaves no new run folder behind."""
+    run_dir = setup.run_dir
+    owner = search.owner(run_dir, setup.run_name)
     run_dir.check_owner(owner)
     fresh = not run_dir.exists()
     run_dir.create(owner)
     run_dir.lock()
     run_log = open(run_dir.run_log, "a")  # noqa: SIM115 (closed in finally)
     controller: Controller | None = None
-
-    def get_study() -> optuna.Study | None:  # the run-folder sinks read it once it is open
-        return controller.study if controller is not None else None
-
-    def get_studies() -> list[optuna.Study]:
-        return list(controller.studies.values()) if controller is not None else []
-
-    def study_named(name: str) -> Callable[[], optuna.Study | None]:
-        return lambda: controller.studies.get(name) if controller is not None else None
-
-    logged = PlainLog(run_log)
-    screen = _screen_sinks(display, logged.on_message)
+    log = PlainLog(run_log)
+    screen = screen_view(setup.display.mode, setup.display.stream, log)
     files = FileWriter()
     try:
-        sinks = [
+        campaign = owner.kind == "campaign"
+        sinks: list[EventSink] = [
             RunDirGuard(run_dir),  # first: nothing is written into a folder made again
-            logged,
-            StatusSnapshot(run_dir.path, get_study),
-            *[
-                BestFolder(plan.folder, study_named(plan.name), plan.name, files.drain)
-                for plan in search.plans
-            ],
-            RunSummary(run_dir, get_studies, campaign=owner.kind == "campaign"),
-            *screen,
+            log,
+            *_run_folder_sinks(search, run_dir, campaign, files.drain, lambda: controller),
+            screen,
         ]
         controller = Controller(
             search.plans,
             search.pool,
-            settings,
+            setup.settings,
             run_dir,
-            sinks,
-            run_name,
+            Broadcast(sinks),
+            setup.run_name,
             search.sequential,
             files=files,
-            cluster=cluster,
+            cluster=setup.cluster,
             node_planner=search.node_planner,
         )
         try:
-            return _run_to_the_end(
-                search, controller, settings, inventory_note, report, owner.kind == "campaign"
-            )
+            return _run_to_the_end(search, controller, setup, campaign)
         except (OSError, RunDirGone) as exc:
             return _run_folder_lost(exc, run_dir, controller, screen)
     finally:
@@ -186,6 +207,37 @@ def run_search(
             # Bad input (an objective that cannot load) stops before the study is opened: leave
             # no run directory behind, so the next attempt starts as clean as this one.
             _remove_all_but_token(run_dir.path)
+
+
+def _run_folder_sinks(
+    search: Search,
+    run_dir: RunDir,
+    campaign: bool,
+    files_written: Callable[[], None],
+    controller: Callable[[], Controller | None],
+) -> list[EventSink]:
+    """status.json, each study's best/ and the run's summary.md; they read the studies once
+    the controller opened them."""
+
+    def get_study() -> optuna.Study | None:
+        opened = controller()
+        return opened.study if opened is not None else None
+
+    def studies() -> dict[str, optuna.Study]:
+        opened = controller()
+        return opened.studies if opened is not None else {}
+
+    def study_named(name: str) -> Callable[[], optuna.Study | None]:
+        return lambda: studies().get(name)
+
+    return [
+        StatusSnapshot(run_dir.path, get_study),
+        *[
+            BestFolder(plan.folder, study_named(plan.name), plan.name, files_written)
+            for plan in search.plans
+        ],
+        RunSummary(run_dir, lambda: list(studies().values()), campaign=campaign),
+    ]
 
 
 def _remove_all_but_token(folder: Path) -> None:
@@ -205,23 +257,18 @@ def _remove_all_but_token(folder: Path) -> None:
 
 
 def _run_to_the_end(
-    search: Search,
-    controller: Controller,
-    settings: RunSettings,
-    inventory_note: str,
-    report: bool,
-    campaign: bool = False,
+    search: Search, controller: Controller, setup: RunSetup, campaign: bool = False
 ) -> Outcome:
     """The search, then each study's refit and report, and a campaign's own report."""
     # The note's first line says how GPUs were found; each next one, a GPU left out and why.
-    found, *problems = inventory_note.splitlines() or [""]
+    found, *problems = setup.inventory_note.splitlines() or [""]
     if found.startswith("no GPU"):
         controller.announce(found)
     for problem in problems:
         controller.announce(problem)
     for note in search.pool.notes:
         controller.announce(note)
-    with _quiet_optuna(), _stop_on_signals(controller, settings.stop_grace):
+    with _quiet_optuna(), _stop_on_signals(controller, setup.settings.stop_grace):
         outcome = controller.run()
     searched = outcome.status  # each refit follows the search, whatever another refit did
     for plan in search.plans:
@@ -231,7 +278,7 @@ def _run_to_the_end(
             # With agents, the refit runs on the controller's machine, unpinned.
             slot = next((s for s in search.pool.slots if s.name in plan.slots), current_slot())
             outcome = _refit(refit, outcome, searched, study, plan, slot, controller)
-    if report:
+    if setup.report:
         _final_reports(search, controller, campaign)
     return outcome
 
@@ -266,34 +313,23 @@ def _final_reports(search: Search, controller: Controller, campaign: bool) -> No
         controller.announce(f"reports stopped; write them with: hyperfleet report {run_dir}")
 
 
-class RunDirGuard(EventSink):
+class RunDirGuard:
     """Stops the run at its next event once the run directory was deleted or moved: writing on
-    would make a new folder (or a new, empty journal) at its path."""
+    would make a new folder (or a new, empty journal) at its path. A look costs a system call:
+    trials and notices look now and then, the run's start, ticks and end every time."""
 
     def __init__(self, run_dir: RunDir) -> None:
         self._run_dir = run_dir
 
-    def on_start(self, state: RunState) -> None:
-        self._run_dir.check_still_there()
-
-    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._run_dir.check_now_and_then()
-
-    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._run_dir.check_now_and_then()
-
-    def on_message(self, state: RunState, text: str) -> None:
-        self._run_dir.check_now_and_then()
-
-    def on_tick(self, state: RunState) -> None:
-        self._run_dir.check_still_there()
-
-    def on_end(self, state: RunState) -> None:
-        self._run_dir.check_still_there()
+    def handle(self, event: Event) -> None:
+        if isinstance(event, (TrialStarted, TrialEnded, Notice)):
+            self._run_dir.check_now_and_then()
+        else:
+            self._run_dir.check_still_there()
 
 
 def _run_folder_lost(
-    exc: OSError | RunDirGone, run_dir: RunDir, controller: Controller, screen: list[EventSink]
+    exc: OSError | RunDirGone, run_dir: RunDir, controller: Controller, screen: EventSink
 ) -> Outcome:
     """A failed run (exit status 1) when the run folder can no longer be written: the input was
     fine and the storage holds every trial that ended, so running again resumes."""
@@ -309,8 +345,7 @@ def _run_folder_lost(
             f"{NO_ROOM[exc.errno]}: cannot write {where} ({exc.strerror}); make room and "
             "run the same command again to resume"
         )
-    for sink in screen:  # the views end as after any run; the run folder's sinks cannot
-        sink.on_end(controller.state)
+    screen.handle(RunEnded(controller.state))  # it ends as after any run; the folder's cannot
     return Outcome("failed", message, controller.study, {}, list(controller.studies.values()))
 
 
@@ -373,88 +408,6 @@ def _campaign_report(controller: Controller) -> None:
             "retry with: hyperfleet report DIR"
         )
     controller.announce(text)
-
-
-def _screen_sinks(display: Display, note: Callable[[RunState, str], None]) -> list[EventSink]:
-    """The view on the screen, which outlives its output's end (see ScreenGuard); ``note``
-    tells run.log when it ended."""
-    stream = display.stream if display.stream is not None else sys.stdout
-    return [ScreenGuard(_screen_view(display.mode, stream), stream, note)]
-
-
-def _screen_view(mode: str, stream: TextIO) -> EventSink:
-    if mode == "quiet":
-        return PlainLog(stream, quiet=True)
-    if mode == "live" or (mode == "auto" and stream.isatty()):
-        live = _live_view(stream)
-        if live is not None:
-            return live
-    return PlainLog(stream)
-
-
-class ScreenGuard(EventSink):
-    """The screen's view, whose output may end before the search: ``hyperfleet run | head``
-    closes the pipe after ten lines, a terminal closes. Only the view ends then (a write to it
-    raised an OSError, such as EPIPE); the search goes on to its budget and run.log keeps its
-    lines, so a closed stdout never leaves trials RUNNING behind a run that looks finished."""
-
-    def __init__(
-        self, view: EventSink, stream: TextIO, note: Callable[[RunState, str], None]
-    ) -> None:
-        self._view, self._stream, self._note = view, stream, note
-        self._ended = False
-
-    def on_start(self, state: RunState) -> None:
-        self._call(self._view.on_start, state)
-
-    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._call(self._view.on_trial_start, state, record)
-
-    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._call(self._view.on_trial_end, state, record)
-
-    def on_message(self, state: RunState, text: str) -> None:
-        self._call(self._view.on_message, state, text)
-
-    def on_tick(self, state: RunState) -> None:
-        self._call(self._view.on_tick, state)
-
-    def on_end(self, state: RunState) -> None:
-        self._call(self._view.on_end, state)
-
-    def _call(self, hook: Callable[..., None], state: RunState, *args: object) -> None:
-        if self._ended:
-            return
-        try:
-            hook(state, *args)
-        except OSError as exc:
-            self._ended = True
-            _discard_output(self._stream)
-            reason = exc.strerror or type(exc).__name__
-            self._note(
-                state,
-                f"the screen's output was closed ({reason}): the search goes on; its lines are "
-                f"here, and `hyperfleet status {state.run_dir}` shows it",
-            )
-
-
-def _discard_output(stream: TextIO) -> None:
-    """Point stdout at /dev/null once its reader is gone: what is still buffered, and the
-    interpreter's last flush at exit, would raise again (and make the exit status 120)."""
-    if stream is not sys.stdout:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-
-
-def _live_view(stream: TextIO) -> EventSink | None:
-    try:
-        from hyperfleet.display.live import LiveView, ViewConsole
-    except ImportError:
-        return None
-    return LiveView(ViewConsole(file=stream))  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager

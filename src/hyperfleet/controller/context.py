@@ -12,14 +12,13 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from hyperfleet.cluster.hub import NodeHub
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.commits import Effect, Effects
 from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.fleetpack import FleetPack
-from hyperfleet.events import EventSink
+from hyperfleet.events import Event, EventSink, Notice
 from hyperfleet.rundir import RunDir
 from hyperfleet.state import RunState
 
@@ -55,7 +54,7 @@ class RunContext:
     run_dir: RunDir
     files: FileWriter  # the caller's: the best/ folders wait on it too
     state: RunState
-    sinks: list[EventSink]
+    sink: EventSink  # every event goes to it (see hyperfleet.events)
     sequential: bool
     wake: Callable[[], None]  # wakes the loop from another thread
     stops: Stops = field(default_factory=Stops)
@@ -69,18 +68,17 @@ class RunContext:
     def clustered(self) -> bool:
         return self.hub is not None
 
-    def emit(self, hook: str, *args: Any) -> None:
+    def emit(self, event: Event) -> None:
         """The one way out to the views (screen, run.log, status.json)."""
-        for sink in self.sinks:
-            getattr(sink, hook)(self.state, *args)
+        self.sink.handle(event)
 
     def announce(self, text: str) -> None:
         """A one-line notice to every view."""
-        self.emit("on_message", text)
+        self.emit(Notice(self.state, text))
 
     def after_commit(self, effect: Effect) -> None:
         """Run ``effect`` once what the storage was told so far is durable."""
         self.pending.others.append(effect)
 
-    def emit_after_commit(self, hook: str, *args: Any) -> None:
-        self.after_commit(functools.partial(self.emit, hook, *args))
+    def emit_after_commit(self, event: Event) -> None:
+        self.after_commit(functools.partial(self.emit, event))

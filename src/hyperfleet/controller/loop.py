@@ -57,7 +57,7 @@ from hyperfleet.controller.workers import stop_workers
 from hyperfleet.controller.workforce import StartWorker, Workforce
 from hyperfleet.display.format import duration
 from hyperfleet.errors import WorkerError
-from hyperfleet.events import EventSink
+from hyperfleet.events import EventSink, RunEnded, RunStarted, Tick
 from hyperfleet.journal import close as close_storage
 from hyperfleet.journal import commit
 from hyperfleet.resources.inventory import Gpu
@@ -100,7 +100,7 @@ class Controller:
         pool: Pool,
         settings: RunSettings,
         run_dir: RunDir,
-        sinks: list[EventSink],
+        sink: EventSink,
         run_name: str = "",
         sequential: bool = False,
         *,
@@ -118,7 +118,7 @@ class Controller:
             sequential=sequential,
         )
         self._wakeup = Wakeup()
-        ctx = RunContext(settings, run_dir, files, self.state, sinks, sequential, self._wakeup.wake)
+        ctx = RunContext(settings, run_dir, files, self.state, sink, sequential, self._wakeup.wake)
         self._ctx = ctx
         self._slots = SlotTable(slots, Ledger(pool.needs), self.state)
         self._studies = StudyBook(plans, ctx, self._slots)
@@ -223,7 +223,7 @@ class Controller:
 
     def _open_studies(self, announce: bool = True) -> None:
         self._studies.open_all(announce)
-        self._ctx.emit("on_start")
+        self._ctx.emit(RunStarted(self.state))
 
     def _wait_until_loaded(self) -> None:
         """Open no storage before the objective of a study that starts first has loaded in a
@@ -416,7 +416,7 @@ class Controller:
             view.cpu_percent = self._slots.cpu_percent(view.name) if view.state == "busy" else None
         self.state.stopping = self._ctx.stops.level
         self._receiver.glance()
-        self._ctx.emit("on_tick")
+        self._ctx.emit(Tick(self.state))
 
     # ----- the end -------------------------------------------------------------------------
 
@@ -451,7 +451,7 @@ class Controller:
                 counts[trial.state.name.lower()] += 1
         counts = counts if studies else {}
         self.state.stopping = self._ctx.stops.level
-        self._ctx.emit("on_end")
+        self._ctx.emit(RunEnded(self.state))
         first = studies[0] if studies else None
         status, message = self._ending(studies, counts)
         outcome = Outcome(status, message, first, counts, studies)

@@ -19,6 +19,7 @@ from hyperfleet.controller.slot_table import ActiveTrial, SlotState, SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.controller.trial_starts import TrialStarts
+from hyperfleet.events import TrialEnded
 from hyperfleet.state import TrialRecord
 from hyperfleet.workers.protocol import Finished
 
@@ -128,7 +129,7 @@ class TrialEnds:
         trial_dir = run.plan.folder.trial_dir(frozen.number)
         write = functools.partial(books.write_trial_files, trial_dir, record, traceback_text)
         self._ctx.after_commit(functools.partial(self._ctx.files.submit, write))
-        self._ctx.emit_after_commit("on_trial_end", record)
+        self._ctx.emit_after_commit(TrialEnded(self._ctx.state, record))
         if run.plan.callbacks:  # as study.optimize gives them: the trial as stored now
             stored = study._storage.get_trial(frozen._trial_id)
             self.callbacks.trial_ended(run, self._studies.label(run), stored)

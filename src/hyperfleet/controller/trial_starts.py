@@ -34,6 +34,7 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
+from hyperfleet.events import TrialStarted
 from hyperfleet.journal import PlacingJournalStorage
 from hyperfleet.workers.protocol import RunTrial
 
@@ -216,7 +217,7 @@ class TrialStarts:
         view.trial, view.study, view.since = trial.number, record.study, time.time()
         view.experiment = record.experiment
         run.view.running = self._slots.book.running(run.plan.name)
-        self._ctx.emit_after_commit("on_trial_start", record)
+        self._ctx.emit_after_commit(TrialStarted(self._ctx.state, record))
         self._preparer.began(name, run)
 
     # ----- slow samplers -------------------------------------------------------------------

@@ -15,28 +15,40 @@ from rich.live import Live
 from rich.text import Text
 
 from hyperfleet.display.render import render
-from hyperfleet.events import EventSink, summary_lines
+from hyperfleet.events import Event, Notice, RunEnded, RunStarted, Tick, summary_lines
 from hyperfleet.state import RunState
 
 
 class ViewConsole(Console):
     """rich's Console, except that an output closed under it (``| head``) raises
     BrokenPipeError where rich would end the whole process (SystemExit): only the view ends
-    (see launch.ScreenGuard), the search goes on."""
+    (see display.screen.ScreenGuard), the search goes on."""
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
-class LiveView(EventSink):
+class LiveView:
     def __init__(self, console: Console) -> None:
         self._console = console
         self._live: Live | None = None
 
-    def on_start(self, state: RunState) -> None:
-        if state.nothing_to_run:
-            return  # no dashboard of idle slots: the budget lines and the summary say it all
+    def handle(self, event: Event) -> None:
+        match event:
+            case Tick(state):
+                self._draw(state)
+            case Notice(state, text):
+                # Printed above the live area, so notices stay on screen after it moves on.
+                self._console.print(Text(text, style="yellow"))
+                self._draw(state)
+            case RunStarted(state) if not state.nothing_to_run:
+                # (else no dashboard of idle slots: the budget lines and the summary say it all)
+                self._start(state)
+            case RunEnded(state):
+                self._end(state)
+
+    def _start(self, state: RunState) -> None:
         self._live = Live(
             render(state, self._console.width),
             console=self._console,
@@ -46,15 +58,7 @@ class LiveView(EventSink):
         )
         self._live.start()
 
-    def on_tick(self, state: RunState) -> None:
-        self._draw(state)
-
-    def on_message(self, state: RunState, text: str) -> None:
-        # Printed above the live area, so notices stay on screen after it moves on.
-        self._console.print(Text(text, style="yellow"))
-        self._draw(state)
-
-    def on_end(self, state: RunState) -> None:
+    def _end(self, state: RunState) -> None:
         self._draw(state)
         if self._live is not None:
             self._live.stop()

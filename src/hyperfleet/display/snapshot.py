@@ -17,16 +17,19 @@ from typing import Any
 
 import optuna
 
-from hyperfleet.events import EventSink
+from hyperfleet.events import Event, RunEnded, RunStarted, Tick, TrialEnded, TrialStarted
 from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.rundir import write_json
-from hyperfleet.state import NodeView, RunState, TrialClock, TrialRecord
+from hyperfleet.state import NodeView, RunState, TrialClock
 
 STATUS_NAME = "status.json"
 WRITE_EVERY_SECONDS = 2.0
 
 
-class StatusSnapshot(EventSink):
+class StatusSnapshot:
+    """Writes status.json from the run's events: at the start, every ``every`` seconds of
+    ticks, and once at the end; trial starts and ends measure the time trials ran."""
+
     def __init__(
         self,
         run_dir: Path,
@@ -39,21 +42,18 @@ class StatusSnapshot(EventSink):
         self._last_write = 0.0
         self._clock = TrialClock()  # the time trials ran, which busy shares are of
 
-    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._clock.started(record.start)
-
-    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._clock.ended(record.end if record.end is not None else time.time())
-
-    def on_start(self, state: RunState) -> None:
-        self._write(state, ended=False)
-
-    def on_tick(self, state: RunState) -> None:
-        if time.monotonic() - self._last_write >= self._every:
-            self._write(state, ended=False)
-
-    def on_end(self, state: RunState) -> None:
-        self._write(state, ended=True)
+    def handle(self, event: Event) -> None:
+        match event:
+            case TrialStarted(_, record):
+                self._clock.started(record.start)
+            case TrialEnded(_, record):
+                self._clock.ended(record.end if record.end is not None else time.time())
+            case RunStarted(state):
+                self._write(state, ended=False)
+            case Tick(state) if time.monotonic() - self._last_write >= self._every:
+                self._write(state, ended=False)
+            case RunEnded(state):
+                self._write(state, ended=True)
 
     def _write(self, state: RunState, ended: bool) -> None:
         if state.nothing_to_run and self._path.exists():

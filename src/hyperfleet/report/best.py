@@ -30,7 +30,7 @@ from hyperfleet.controller.bookkeeping import (
 )
 from hyperfleet.display import format as fmt
 from hyperfleet.display.render import gpu_use, node_cpu, node_memory
-from hyperfleet.events import EventSink
+from hyperfleet.events import Event, RunEnded, RunStarted, Tick, TrialEnded, TrialStarted
 from hyperfleet.report import tables
 from hyperfleet.rundir import RunDir, write_json
 from hyperfleet.state import RunState, TrialClock, TrialRecord
@@ -54,7 +54,7 @@ def best_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) ->
     return [study.best_trial]
 
 
-class BestFolder(EventSink):
+class BestFolder:
     """Keeps ``best/`` of one study current. With one objective the controller's view says
     when the best trial changes, so the folder is rebuilt only then; a Pareto front costs more
     to compute, so it is rebuilt at most every few seconds, and at the end."""
@@ -77,10 +77,18 @@ class BestFolder(EventSink):
         self._stale = False
         self._last = 0.0
 
-    def on_start(self, state: RunState) -> None:
-        self._refresh()  # a resumed run may already have a best trial
+    def handle(self, event: Event) -> None:
+        match event:
+            case TrialEnded(state, record):
+                self._trial_ended(state, record)
+            case Tick():
+                self._refresh_if_due()
+            case RunStarted():
+                self._refresh()  # a resumed run may already have a best trial
+            case RunEnded() if self._stale:
+                self._refresh()
 
-    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
+    def _trial_ended(self, state: RunState, record: TrialRecord) -> None:
         if record.state != "COMPLETE" or (self._name and record.study != self._name):
             return
         view = next((s for s in state.studies if s.name == record.study), None)
@@ -93,14 +101,10 @@ class BestFolder(EventSink):
                 self._refresh()
             return
         self._stale = True
-        self.on_tick(state)
+        self._refresh_if_due()
 
-    def on_tick(self, state: RunState) -> None:
+    def _refresh_if_due(self) -> None:
         if self._stale and time.monotonic() - self._last >= self._every:
-            self._refresh()
-
-    def on_end(self, state: RunState) -> None:
-        if self._stale:
             self._refresh()
 
     def _refresh(self) -> None:
@@ -200,7 +204,7 @@ def _swap_in(building: Path, final: Path) -> None:
 # ----- summary.md ---------------------------------------------------------------------------
 
 
-class RunSummary(EventSink):
+class RunSummary:
     def __init__(
         self,
         run_dir: RunDir,
@@ -212,13 +216,16 @@ class RunSummary(EventSink):
         self._campaign = campaign
         self._clock = TrialClock()
 
-    def on_trial_start(self, state: RunState, record: TrialRecord) -> None:
-        self._clock.started(record.start)
+    def handle(self, event: Event) -> None:
+        match event:
+            case TrialStarted(_, record):
+                self._clock.started(record.start)
+            case TrialEnded(_, record):
+                self._clock.ended(record.end if record.end is not None else time.time())
+            case RunEnded(state):
+                self._write(state)
 
-    def on_trial_end(self, state: RunState, record: TrialRecord) -> None:
-        self._clock.ended(record.end if record.end is not None else time.time())
-
-    def on_end(self, state: RunState) -> None:
+    def _write(self, state: RunState) -> None:
         path = self._run_dir.path / SUMMARY_NAME
         if state.nothing_to_run and path.exists():
             return  # the last run's summary (its slots and busy shares) stays
