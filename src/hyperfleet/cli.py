@@ -178,8 +178,7 @@ def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
         "--callback",
         action="append",
         metavar="MODULE:ATTR",
-        help="an Optuna callback, called with (study, frozen_trial) as each trial ends: "
-        "MODULE:ATTR or FILE.py:ATTR (repeatable)",
+        help="call this Optuna callback as each trial ends, MODULE:ATTR or FILE.py:ATTR",
     )
 
 
