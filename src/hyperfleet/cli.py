@@ -178,7 +178,8 @@ def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
         "--callback",
         action="append",
         metavar="MODULE:ATTR",
-        help="call this Optuna callback as each trial ends, MODULE:ATTR or FILE.py:ATTR",
+        help="call this Optuna callback as each trial ends: MODULE:ATTR or FILE.py:ATTR "
+        "(repeatable)",
     )
 
 
