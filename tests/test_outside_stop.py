@@ -5,6 +5,7 @@ by hand while the run goes on is still a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -42,7 +43,9 @@ def _workers_of(pid: int) -> list[psutil.Process]:
 
 def _terminate_and_wait(processes: list[psutil.Process]) -> None:
     for process in processes:
-        process.send_signal(signal.SIGTERM)
+        # Its agent, stopped first, may have ended it already.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGTERM)
     psutil.wait_procs(processes, timeout=10)
 
 
