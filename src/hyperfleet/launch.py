@@ -27,7 +27,6 @@ from hyperfleet.cluster.channel import TOKEN_FILE_NAME
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.cluster.pools import NodePlanner, single_search_planner
 from hyperfleet.config import RunSettings
-from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
 from hyperfleet.display.snapshot import StatusSnapshot
 from hyperfleet.errors import HyperfleetError
@@ -40,6 +39,7 @@ from hyperfleet.resources.shapes import Pool, single_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, current_slot, plan_slots
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.state import RunState, TrialRecord
+from hyperfleet.store.files import FileWriter
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 

@@ -1,5 +1,5 @@
 """A worker on another node, as the controller's loop sees it: the same face as a local
-:class:`~hyperfleet.controller.workers.WorkerHandle`.
+:class:`~hyperfleet.workers.handle.WorkerHandle`.
 
 The loop itself reads the node's connection (see :mod:`hyperfleet.cluster.hub`) and puts each
 of the worker's messages in its inbox, which the loop then drains as it drains a local worker's
@@ -21,8 +21,8 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from hyperfleet.cluster.messages import SignalWorker, StopWorker
-from hyperfleet.controller.workers import ObjectiveLoading
 from hyperfleet.resources.slots import Slot
+from hyperfleet.workers.handle import ObjectiveLoading
 
 # The loop hands a message over; this sends it to the node as bytes for the worker.
 Forward = Callable[[int, bytes], None]

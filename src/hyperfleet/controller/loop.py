@@ -48,7 +48,6 @@ from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.autopack import Change
 from hyperfleet.controller.calls import check_call_allowed
 from hyperfleet.controller.commits import Committer, Effects
-from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.fleetpack import FleetPack
 from hyperfleet.controller.policy import ShareBook, StudyDemand, pick
 from hyperfleet.controller.prepared import (
@@ -62,7 +61,6 @@ from hyperfleet.controller.prepared import (
 )
 from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.waiting import Waiter
-from hyperfleet.controller.workers import WorkerHandle, stop_workers
 from hyperfleet.display.format import duration
 from hyperfleet.display.snapshot import last_update
 from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
@@ -76,6 +74,8 @@ from hyperfleet.resources.slots import Slot
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone
 from hyperfleet.state import NodeView, RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.storage import is_private_journal
+from hyperfleet.store.files import FileWriter
+from hyperfleet.workers.handle import Worker, WorkerHandle, stop_workers
 from hyperfleet.workers.protocol import (
     Call,
     Finished,
@@ -91,7 +91,6 @@ from hyperfleet.workers.protocol import (
 if TYPE_CHECKING:
     from hyperfleet.refit import RefitOutcome
 
-Worker = WorkerHandle | RemoteWorker
 TICK_SECONDS = 1.0
 ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study calls that queue
 CLOSED = object()  # what reading a closed worker connection gives
