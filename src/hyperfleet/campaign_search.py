@@ -18,7 +18,6 @@ from hyperfleet.campaign import Campaign, Experiment, StudySpec
 from hyperfleet.campaign.folders import grid_points
 from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
 from hyperfleet.controller.loop import StudyPlan
 from hyperfleet.errors import ResourceError
 from hyperfleet.launch import Search
@@ -30,6 +29,7 @@ from hyperfleet.resources.shapes import Pool, plan_pool
 from hyperfleet.rundir import RunDir
 from hyperfleet.samplers import make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
+from hyperfleet.store.schema import EXPERIMENT_ATTR, stored_time_used, stored_trials
 from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
 from hyperfleet.workers.protocol import ObjectiveSpec
 

@@ -29,7 +29,6 @@ from hyperfleet.config import (
     parse_duration,
     parse_memory,
 )
-from hyperfleet.controller.bookkeeping import stored_trials
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
 from hyperfleet.launch import Display, prepare_slots, run_search, single_search
@@ -40,6 +39,7 @@ from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
 from hyperfleet.rundir import RunDir, check_folder_name
 from hyperfleet.samplers import PRUNERS, SAMPLERS, check_sampler, make_pruner, make_sampler
 from hyperfleet.storage import check_directions, existing_storage, open_storage
+from hyperfleet.store.schema import stored_trials
 from hyperfleet.workers.packaging import (
     check_target_parameters,
     spec_from_callable,

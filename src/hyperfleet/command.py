@@ -479,7 +479,7 @@ class _Session:
         end = text[-STDERR_TAIL_CHARS:]
         # A GPU's out-of-memory line can end far above the tail (torch's lists every process
         # on the GPU): kept in front, so the failure is still filed as out of memory.
-        from hyperfleet.controller.bookkeeping import out_of_memory_line
+        from hyperfleet.store.schema import out_of_memory_line
 
         oom = out_of_memory_line(text) if not out_of_memory_line(end) else ""
         if oom:

@@ -20,7 +20,6 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 from hyperfleet.display import format as fmt
 from hyperfleet.display.snapshot import STATUS_NAME
 from hyperfleet.errors import RunDirError
@@ -29,6 +28,7 @@ from hyperfleet.report.best import best_trials
 from hyperfleet.report.campaign import StudyRow, StudyTrials, read_trials, study_rows, text_table
 from hyperfleet.rundir import JOURNAL_NAME, RunDir
 from hyperfleet.storage import open_storage
+from hyperfleet.store.schema import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hyperfleet.controller.bookkeeping import RESERVED_PREFIXES, is_reserved
+from hyperfleet.store.schema import RESERVED_PREFIXES, is_reserved
 from hyperfleet.workers.protocol import Call
 
 _TRIAL_METHODS = frozenset(

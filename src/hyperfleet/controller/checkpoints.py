@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import first_attempt
+from hyperfleet.store.schema import first_attempt
 
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -74,6 +74,7 @@ from hyperfleet.resources.slots import Slot
 from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone
 from hyperfleet.state import NodeView, RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.storage import is_private_journal
+from hyperfleet.store import schema
 from hyperfleet.store.files import FileWriter
 from hyperfleet.workers.handle import Worker, WorkerHandle, stop_workers
 from hyperfleet.workers.protocol import (
@@ -449,7 +450,7 @@ class Controller:
                 return False  # leftovers to mark, or repeats and experiments still to run
             if books.repeats_due(trials, self._settings.retry):
                 return False  # failed trials (a named experiment) the retry policy repeats
-            used = books.budget_used(trials)
+            used = schema.budget_used(trials)
             if used < run.plan.n_trials:
                 return False
             reached.append(
@@ -525,7 +526,7 @@ class Controller:
             return True
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
             return True  # leftovers to repeat, or experiments to run
-        return books.budget_used(trials) < n_trials
+        return schema.budget_used(trials) < n_trials
 
     def _preload(self, first: list[StudyRun]) -> None:
         """Give each ready worker one of the first studies' objectives to load: one nobody
@@ -911,7 +912,7 @@ class Controller:
         for run in self._runs.values():
             if not run.shared or run.study is None or run.plan.n_trials is None:
                 continue
-            run.finished = books.budget_used(run.study.get_trials(deepcopy=False))
+            run.finished = schema.budget_used(run.study.get_trials(deepcopy=False))
 
     def _launch(self, name: str, worker: Worker, run: StudyRun) -> None:
         study = _opened(run)
@@ -945,10 +946,10 @@ class Controller:
         ``computed``: its relative sample was computed off the loop's thread."""
         study = _opened(run)
         trial_dir = self._trial_dir(run, trial.number)
-        experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
+        experiment = stored.user_attrs.get(schema.EXPERIMENT_ATTR)
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
-        repeats = books.retry_of(stored) is not None
+        repeats = schema.retry_of(stored) is not None
         inherited = books.inherit_history(study, trial, stored) if repeats else set()
         suggestions = self._sample_ahead(run, trial, stored, computed)
         message = _run_message(run, stored, trial.datetime_start, suggestions)
@@ -1206,7 +1207,11 @@ class Controller:
 
     def _placement(self, slot: str, pid: int) -> dict[str, Any]:
         """The marks of where a trial runs, as its system attributes."""
-        return {books.RUN_ATTR: self._run_dir.identity, books.SLOT_ATTR: slot, books.PID_ATTR: pid}
+        return {
+            schema.RUN_ATTR: self._run_dir.identity,
+            schema.SLOT_ATTR: slot,
+            schema.PID_ATTR: pid,
+        }
 
     # ----- answering trial calls -----------------------------------------------------------
 
@@ -1310,11 +1315,11 @@ class Controller:
                 return False
             self._tell(name, TrialState.FAIL, kind="error", reason=problem)
         elif finished.outcome == "error":
-            kind = books.classify_error(finished.error_type, finished.message)
+            kind = schema.classify_error(finished.error_type, finished.message)
             reason = f"{finished.error_type}: {finished.message}"
             if kind == "oom":
-                on = books.out_of_memory_on(finished.error_type, finished.message)
-                reason = f"{books.HOST_OOM_REASON if on == 'host' else 'out of memory'}: {reason}"
+                on = schema.out_of_memory_on(finished.error_type, finished.message)
+                reason = f"{schema.HOST_OOM_REASON if on == 'host' else 'out of memory'}: {reason}"
             elif finished.error_type == "SystemExit":
                 reason = f"the objective called {finished.message}"
             self._tell(
@@ -1438,7 +1443,7 @@ class Controller:
         if run.plan.timeout is not None:  # no extra write per trial for the others
             books.store_time_used(study, run.time_used(time.monotonic()))
         state = frozen.state
-        kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
+        kind = str(frozen.system_attrs.get(schema.KIND_ATTR, kind))
         if rerun:
             books.rerun_with_more_room(study, frozen)
         retried = rerun or (
@@ -1466,7 +1471,7 @@ class Controller:
         it; once the storage has the trial's end (a controller killed before that repeats the
         trial, which needs the folder). The Pareto front is settled by the end-of-run sweep."""
         keep = self._settings.keep_checkpoints
-        folder: Path | None = run.plan.folder.checkpoint_dir(books.first_attempt(trial))
+        folder: Path | None = run.plan.folder.checkpoint_dir(schema.first_attempt(trial))
         if keep == "all" or (keep == "best" and len(_opened(run).directions) > 1):
             return
         if keep == "best" and run.view.best_number == trial.number:
@@ -1489,7 +1494,7 @@ class Controller:
         )
         if len(best) == 1:
             run.best_checkpoint = run.plan.folder.checkpoint_dir(
-                books.first_attempt(trials[next(iter(best))])
+                schema.first_attempt(trials[next(iter(best))])
             )
 
     def _mark_slot_idle(self, name: str, record: TrialRecord) -> None:
@@ -1698,7 +1703,7 @@ class Controller:
         autopack = self._autopack
         if autopack is None or kind != "oom" or self._stop_level:
             return False
-        if reason.startswith(books.HOST_OOM_REASON):
+        if reason.startswith(schema.HOST_OOM_REASON):
             return False
         gpu = autopack.gpu_of(name)
         sharing = sum(autopack.gpu_of(other) == gpu for other in self._active)
@@ -1951,17 +1956,17 @@ class Controller:
         for trial in leftovers:  # the dead controller never wrote how these trials ended
             record = books.record_from_frozen(study.study_name, trials[trial.number])
             books.write_trial_files(run.plan.folder.existing_trial_dir(trial.number), record)
-        retried = books.retried_numbers(trials)
+        retried = schema.retried_numbers(trials)
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried:
-                kind = str(trial.system_attrs.get(books.KIND_ATTR, "error"))
+                kind = str(trial.system_attrs.get(schema.KIND_ATTR, "error"))
                 repeated = books.maybe_retry(study, trial, kind, self._settings.retry)
                 if repeated:
                     retried.add(trial.number)
                 self._say_repeat(run, trial, kind, repeated)
         trials = study.get_trials(deepcopy=False)
-        run.finished = books.budget_used(trials)
-        run.time_before = books.time_used_of(study)
+        run.finished = schema.budget_used(trials)
+        run.time_before = schema.time_used_of(study)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
         if isinstance(study.sampler, AutoSampler):  # says once which sampler it chose, and why
             study.sampler.on_choice = functools.partial(self._say_sampler, run)
@@ -1977,7 +1982,7 @@ class Controller:
         """Whether a failed trial of an earlier run runs again; a named experiment that does
         not is said too, with the retry rule that would repeat it."""
         label = self._trial_label(run, trial.number)
-        experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
+        experiment = trial.user_attrs.get(schema.EXPERIMENT_ATTR)
         if experiment is None:
             if repeated:
                 self._emit("on_message", f"{label} ({kind}) will be repeated")
@@ -2030,7 +2035,7 @@ class Controller:
         view.complete = states.count(TrialState.COMPLETE)
         view.pruned = states.count(TrialState.PRUNED)
         failures = [t for t in trials if t.state == TrialState.FAIL]
-        view.interrupted = sum(books.is_interrupted(t) for t in failures)
+        view.interrupted = sum(schema.is_interrupted(t) for t in failures)
         view.failed = len(failures) - view.interrupted
         view.running = self._book.running(run.plan.name)
         view.finished = run.finished
@@ -2047,7 +2052,7 @@ class Controller:
             view.complete += 1
         elif trial.state == TrialState.PRUNED:
             view.pruned += 1
-        elif trial.state == TrialState.FAIL and books.is_interrupted(trial):
+        elif trial.state == TrialState.FAIL and schema.is_interrupted(trial):
             view.interrupted += 1
         elif trial.state == TrialState.FAIL:
             view.failed += 1
@@ -2247,21 +2252,21 @@ def _run_message(
         trial_dir=str(run.plan.folder.trial_dir(stored.number)),
         datetime_start=start,
         study=StudyInfo(study.study_name, tuple(d.name for d in study.directions)),
-        checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
+        checkpoint_dir=str(run.plan.folder.checkpoint_dir(schema.first_attempt(stored))),
         suggestions=suggestions,
     )
 
 
 def _record_of(study: optuna.Study, stored: FrozenTrial) -> TrialRecord:
     """A running trial's record, for the views and the events."""
-    experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
+    experiment = stored.user_attrs.get(schema.EXPERIMENT_ATTR)
     return TrialRecord(
         study=study.study_name,
         number=stored.number,
         slot="",  # the slot's name, once it runs there (_begin)
         state="RUNNING",
         start=time.time(),
-        retry_of=books.retry_of(stored),
+        retry_of=schema.retry_of(stored),
         experiment=str(experiment) if experiment is not None else "",
     )
 
