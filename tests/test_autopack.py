@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 import hyperfleet
-from hyperfleet.resources import fakegpu
+from hyperfleet.resources import fakegpu, inventory
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
 from hyperfleet.store import schema
 from support.autopacking import (
@@ -147,7 +147,7 @@ def test_declared_memory_packs_a_gpu_that_reads_nothing(
 ) -> None:
     monkeypatch.syspath_prepend(str(OBJECTIVES))
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # no state folder: the fake GPU reads nothing
-    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    monkeypatch.delenv(inventory.FAKE_GPU_DIR_ENV, raising=False)
     # 5 GiB per trial on 16 GiB: two fit with the 10 % margin, three do not.
     study, log = run(tmp_path, 16, "make_sleeper", {"gpu_memory": "5GiB"}, seconds=0.2)
     assert workers_over_time(log) == [1, 2], log
@@ -243,8 +243,8 @@ def test_a_campaign_study_packs_by_its_declared_gpu_memory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # no state folder: only the declared size packs
-    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
-    monkeypatch.setenv(fakegpu.FAKE_GPU_MIB_ENV, str(24 * 1024))
+    monkeypatch.delenv(inventory.FAKE_GPU_DIR_ENV, raising=False)
+    monkeypatch.setenv(inventory.FAKE_GPU_MIB_ENV, str(24 * 1024))
     # 10 GiB per trial on 24 GiB: two fit with the 10 % margin, three do not.
     trials, log = run_campaign(
         tmp_path,
@@ -275,7 +275,7 @@ def test_fixed_shares_wait_until_no_auto_packed_trial_holds_the_gpu(
     two workers; whenever the half study gets the GPU, no half trial runs beside an
     auto-packed one, on either worker."""
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")
-    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    monkeypatch.delenv(inventory.FAKE_GPU_DIR_ENV, raising=False)
     trials, log = run_campaign(
         tmp_path,
         """

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 import hyperfleet
 from hyperfleet.command import CommandObjective
-from hyperfleet.resources import fakegpu
+from hyperfleet.resources import inventory
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
 from hyperfleet.space import parse_space
 from hyperfleet.store import schema
@@ -72,7 +72,7 @@ def test_a_host_out_of_memory_beside_others_leaves_the_gpus_limit_alone(
 ) -> None:
     monkeypatch.syspath_prepend(str(OBJECTIVES))
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")
-    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
+    monkeypatch.setenv(inventory.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
     failures = importlib.import_module("gpu_failures")
     study = optuna.create_study()
     outcome = hyperfleet.optimize(

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from hyperfleet.report import ReportError, write_report
 from hyperfleet.report.html import figure_has_data, figure_specs
-from hyperfleet.status import open_run
+from hyperfleet.store.run_reader import open_run
 
 OBJECTIVE = """
 import optuna

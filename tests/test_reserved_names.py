@@ -142,7 +142,7 @@ def test_a_malformed_campaign_label_is_read_as_none(tmp_path: Path) -> None:
 
 
 def test_an_experiment_attribute_that_is_no_name_does_not_stop_a_campaign(tmp_path: Path) -> None:
-    from hyperfleet.campaign import Experiment
+    from hyperfleet.campaign.spec import Experiment
     from hyperfleet.campaign_search import _enqueue_experiments
 
     study = _study(tmp_path)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import optuna
 
-from hyperfleet.campaign import Campaign, Experiment, StudySpec
 from hyperfleet.campaign.folders import grid_points
+from hyperfleet.campaign.spec import Campaign, Experiment, StudySpec
 from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
 from hyperfleet.controller.loop import StudyPlan

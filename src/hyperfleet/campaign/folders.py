@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from hyperfleet.campaign import Experiment
 from hyperfleet.campaign.source import Table
+from hyperfleet.campaign.spec import Experiment
 from hyperfleet.errors import ConfigError
 from hyperfleet.rundir import check_folder_name, folder_name
 

@@ -19,10 +19,9 @@ import optuna
 
 from hyperfleet.events import EventSink
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.rundir import write_json
+from hyperfleet.rundir import STATUS_NAME, write_json
 from hyperfleet.state import NodeView, RunState, TrialClock, TrialRecord
 
-STATUS_NAME = "status.json"
 WRITE_EVERY_SECONDS = 2.0
 
 

@@ -82,7 +82,7 @@ def _the_study(path: Path) -> optuna.Study:
 
 
 def _stored_studies(path: Path) -> list[optuna.Study]:
-    from hyperfleet.status import open_run
+    from hyperfleet.store.run_reader import open_run
 
     studies = open_run(path).studies
     if not studies:
