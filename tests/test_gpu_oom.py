@@ -14,10 +14,10 @@ import pytest
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.command import CommandObjective
+from hyperfleet.objective.command import CommandObjective
 from hyperfleet.resources import inventory
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
-from hyperfleet.space import parse_space
+from hyperfleet.sampling.space import parse_space
 from hyperfleet.store import schema
 
 OBJECTIVES = Path(__file__).parent / "objectives"

@@ -20,12 +20,12 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
+from hyperfleet.app.status import format_status, status
 from hyperfleet.cluster.readings import STALE_PROBLEM
 from hyperfleet.display.render import render
+from hyperfleet.display.runstate import NodeView, RunState, SlotView
 from hyperfleet.resources import inventory
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.state import NodeView, RunState, SlotView
-from hyperfleet.status import format_status, status
 from support.background import BackgroundRun
 from support.nodes import OBJECTIVE, Agent, free_port, node_processes, run_log, write_token
 from support.procs import cli_command, cpu_only_env, load_trials, wait_until

@@ -142,8 +142,8 @@ def test_a_malformed_campaign_label_is_read_as_none(tmp_path: Path) -> None:
 
 
 def test_an_experiment_attribute_that_is_no_name_does_not_stop_a_campaign(tmp_path: Path) -> None:
+    from hyperfleet.app.campaign_search import _enqueue_experiments
     from hyperfleet.campaign.spec import Experiment
-    from hyperfleet.campaign_search import _enqueue_experiments
 
     study = _study(tmp_path)
     study.add_trial(_stored(0, TrialState.COMPLETE, experiment={"set": "by an objective"}))

@@ -13,12 +13,12 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from hyperfleet.events import summary_lines
+from hyperfleet.app.status import status
+from hyperfleet.display.events import summary_lines
+from hyperfleet.display.runstate import RunState, StudyView
 from hyperfleet.report import tables
 from hyperfleet.report.best import state_counts
 from hyperfleet.report.campaign import study_row
-from hyperfleet.state import RunState, StudyView
-from hyperfleet.status import status
 from hyperfleet.store import schema
 from support.procs import (
     assert_no_leftovers,

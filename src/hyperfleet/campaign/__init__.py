@@ -55,7 +55,7 @@ from hyperfleet.campaign.spec import Campaign, CampaignSettings
 from hyperfleet.config import RetryPolicy
 from hyperfleet.errors import ConfigError
 from hyperfleet.resources.shapes import PoolSpec
-from hyperfleet.rundir import check_folder_name
+from hyperfleet.store.rundir import check_folder_name
 
 TABLES = ("campaign", "pool", "defaults", "study")
 CAMPAIGN_KEYS = (

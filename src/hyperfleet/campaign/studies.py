@@ -33,8 +33,8 @@ from hyperfleet.config import parse_memory
 from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.resources.packing import AUTO
 from hyperfleet.resources.shapes import PoolSpec, Shape
-from hyperfleet.samplers import MAX_SEED, PRUNERS, SAMPLERS, check_sampler
-from hyperfleet.space import SearchSpace, load_space
+from hyperfleet.sampling.samplers import MAX_SEED, PRUNERS, SAMPLERS, check_sampler
+from hyperfleet.sampling.space import SearchSpace, load_space
 from hyperfleet.workers.packaging import spec_from_target
 
 STUDY_KEYS = (

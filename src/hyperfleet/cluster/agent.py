@@ -50,7 +50,7 @@ from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import collect_logs, run_folder_note
 from hyperfleet.errors import HyperfleetError, NodeError
 from hyperfleet.resources.inventory import Inventory, detect_inventory
-from hyperfleet.rundir import RunDir
+from hyperfleet.store.rundir import RunDir
 from hyperfleet.workers.handle import WorkerHandle, stop_workers
 from hyperfleet.workers.nodefolder import NodeRunFolder
 from hyperfleet.workers.protocol import TRIAL_ENDED, TRIAL_STARTED

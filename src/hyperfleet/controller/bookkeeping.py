@@ -21,8 +21,8 @@ from optuna.study import _tell as optuna_tell
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RetryPolicy
-from hyperfleet.rundir import tail, write_json
-from hyperfleet.state import TrialRecord
+from hyperfleet.display.runstate import TrialRecord
+from hyperfleet.store.rundir import tail, write_json
 from hyperfleet.store.schema import (
     EXPERIMENT_ATTR,
     FIRST_ATTEMPT_ATTR,

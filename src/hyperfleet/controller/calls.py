@@ -30,7 +30,7 @@ _STUDY_ATTRS = frozenset(
     {"best_trial", "best_trials", "best_value", "best_params", "trials", "user_attrs",
      "system_attrs", "study_name", "directions", "direction", "metric_names"}
 )  # fmt: skip
-# Answered by the controller itself, not by Optuna (see hyperfleet.checkpoints).
+# Answered by the controller itself, not by Optuna (see hyperfleet.objective.resume).
 _HYPERFLEET_QUESTIONS = frozenset({"should_stop"})
 _ALLOWED = {
     "hyperfleet": _HYPERFLEET_QUESTIONS,

@@ -29,7 +29,6 @@ import psutil
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.cluster.hub import (
     LOST,
     ClusterSettings,
@@ -61,21 +60,22 @@ from hyperfleet.controller.prepared import (
 )
 from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.waiting import Waiter
+from hyperfleet.display.events import EventSink
 from hyperfleet.display.format import duration
+from hyperfleet.display.runstate import NodeView, RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.display.snapshot import last_update
 from hyperfleet.errors import HyperfleetError, ObjectiveError, WorkerError
-from hyperfleet.events import EventSink
-from hyperfleet.journal import PlacingJournalStorage, commit
-from hyperfleet.journal import close as close_storage
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
-from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone
-from hyperfleet.state import NodeView, RunState, SlotView, StudyView, TrialRecord
-from hyperfleet.storage import is_private_journal
+from hyperfleet.sampling.auto_sampler import AutoSampler
 from hyperfleet.store import schema
 from hyperfleet.store.files import FileWriter
+from hyperfleet.store.journal import PlacingJournalStorage, commit
+from hyperfleet.store.journal import close as close_storage
+from hyperfleet.store.rundir import NO_ROOM, RunDir, RunDirGone
+from hyperfleet.store.storage import is_private_journal
 from hyperfleet.workers.handle import Worker, WorkerHandle, stop_workers
 from hyperfleet.workers.protocol import (
     Call,
@@ -90,7 +90,7 @@ from hyperfleet.workers.protocol import (
 )
 
 if TYPE_CHECKING:
-    from hyperfleet.refit import RefitOutcome
+    from hyperfleet.objective.refit import RefitOutcome
 
 TICK_SECONDS = 1.0
 ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study calls that queue
@@ -100,7 +100,7 @@ FULL_COLLECTION_SECONDS = 60.0  # see Controller._keep_collector_off
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials (controller.prepared)
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 NEVER_RAN = "interrupted: its worker exited before the trial reached it; it runs again"
-# A worker killed by a stop signal hyperfleet did not send (see controller.workers): the job's
+# A worker killed by a stop signal hyperfleet did not send (see workers.handle): the job's
 # end (scancel, a time limit, a preemption) signals every process of the job at once, and the
 # controller's own SIGTERM may come a little after its workers died of theirs. Its trial ends
 # as interrupted if the run starts stopping (or the worker's node goes) within this many

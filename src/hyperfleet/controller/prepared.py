@@ -40,7 +40,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from hyperfleet.controller.ahead import Space
-from hyperfleet.journal import running_trial
+from hyperfleet.store.journal import running_trial
 from hyperfleet.workers.protocol import RunTrial
 
 

@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from hyperfleet.display.events import EventSink, summary_lines
 from hyperfleet.display.render import render
-from hyperfleet.events import EventSink, summary_lines
-from hyperfleet.state import RunState
+from hyperfleet.display.runstate import RunState
 
 
 class ViewConsole(Console):

@@ -17,10 +17,10 @@ from typing import Any
 
 import optuna
 
-from hyperfleet.events import EventSink
+from hyperfleet.display.events import EventSink
+from hyperfleet.display.runstate import NodeView, RunState, TrialClock, TrialRecord
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.rundir import STATUS_NAME, write_json
-from hyperfleet.state import NodeView, RunState, TrialClock, TrialRecord
+from hyperfleet.store.rundir import STATUS_NAME, write_json
 
 WRITE_EVERY_SECONDS = 2.0
 

@@ -272,7 +272,7 @@ def _combination(row: StudyRow, variables: list[str]) -> str:
 
 
 def _folder(name: str) -> str:
-    from hyperfleet.rundir import folder_name
+    from hyperfleet.store.rundir import folder_name
 
     return folder_name(name)
 

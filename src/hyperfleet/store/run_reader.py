@@ -15,8 +15,8 @@ from typing import Any
 import optuna
 
 from hyperfleet.errors import RunDirError
-from hyperfleet.rundir import JOURNAL_NAME, STATUS_NAME
-from hyperfleet.storage import open_storage
+from hyperfleet.store.rundir import JOURNAL_NAME, STATUS_NAME
+from hyperfleet.store.storage import open_storage
 
 
 @dataclass

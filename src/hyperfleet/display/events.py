@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-from hyperfleet.state import RunState, StudyView, TrialRecord
+from hyperfleet.display.runstate import RunState, StudyView, TrialRecord
 
 
 class EventSink:

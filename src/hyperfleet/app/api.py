@@ -12,18 +12,18 @@ from typing import Any
 
 import optuna
 
+from hyperfleet.app.search import Display, prepare_slots, run_search, single_search
 from hyperfleet.cluster.channel import parse_address
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration, parse_memory
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, ObjectiveError
-from hyperfleet.launch import Display, prepare_slots, run_search, single_search
-from hyperfleet.refit import plan_from_callable
+from hyperfleet.objective.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.slots import PoolOptions
-from hyperfleet.rundir import RunDir, check_folder_name
-from hyperfleet.samplers import check_study_sampler
-from hyperfleet.storage import controller_study
+from hyperfleet.sampling.samplers import check_study_sampler
+from hyperfleet.store.rundir import RunDir, check_folder_name
+from hyperfleet.store.storage import controller_study
 from hyperfleet.workers.main import WORKER_PID_ENV
 from hyperfleet.workers.packaging import spec_from_callable
 
@@ -75,7 +75,7 @@ def optimize(
     were pruned (see :func:`hyperfleet.checkpoint_dir`). ``report=False`` skips writing
     ``run_dir/report/`` at the end. ``refit(params)`` runs once after a completed search with
     the best parameters, on the first slot, in ``run_dir/best/refit/``; it is skipped while the
-    best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.refit`).
+    best parameters stay the same, unless ``force_refit`` (see :mod:`hyperfleet.objective.refit`).
 
     ``listen="HOST:PORT"`` runs the trials on the nodes whose agents connect there (``hyperfleet
     agent --connect HOST:PORT``), each cut into slots with the pool keywords above, instead of
@@ -221,8 +221,8 @@ def run_campaign(
     keywords are those of :func:`optimize`; with ``listen``, ``ray`` or ``slurm``, each node
     that joins is cut into slots as the file's ``[pool]`` says.
     """
+    from hyperfleet.app.campaign_search import campaign_packing, campaign_search, campaign_settings
     from hyperfleet.campaign import load_campaign
-    from hyperfleet.campaign_search import campaign_packing, campaign_search, campaign_settings
 
     refuse_inside_a_worker("run_campaign")
     campaign = load_campaign(path)

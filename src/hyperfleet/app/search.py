@@ -28,18 +28,18 @@ from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.cluster.pools import NodePlanner, single_search_planner
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.loop import Controller, Outcome, StudyPlan
+from hyperfleet.display.events import EventSink, PlainLog
+from hyperfleet.display.runstate import RunState, TrialRecord
 from hyperfleet.display.snapshot import StatusSnapshot
 from hyperfleet.errors import HyperfleetError
-from hyperfleet.events import EventSink, PlainLog
-from hyperfleet.refit import RefitPlan, run_refit
+from hyperfleet.objective.refit import RefitPlan, run_refit
 from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, single_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, current_slot, plan_slots
-from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
-from hyperfleet.state import RunState, TrialRecord
 from hyperfleet.store.files import FileWriter
+from hyperfleet.store.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 

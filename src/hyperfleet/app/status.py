@@ -23,8 +23,8 @@ from hyperfleet.errors import RunDirError
 from hyperfleet.report import tables
 from hyperfleet.report.best import best_trials
 from hyperfleet.report.campaign import StudyRow, StudyTrials, read_trials, study_rows, text_table
-from hyperfleet.rundir import RunDir
 from hyperfleet.store.run_reader import RunData, open_run
+from hyperfleet.store.rundir import RunDir
 from hyperfleet.store.schema import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 
 
