@@ -1,5 +1,6 @@
-"""A worker on another node, as the controller's loop sees it: the same face as a local
-:class:`~hyperfleet.workers.handle.WorkerHandle`.
+"""A worker on another node, as the controller's loop sees it: a
+:class:`~hyperfleet.workers.handle.Worker`, as a local
+:class:`~hyperfleet.workers.handle.WorkerHandle` is.
 
 The loop itself reads the node's connection (see :mod:`hyperfleet.cluster.hub`) and puts each
 of the worker's messages in its inbox, which the loop then drains as it drains a local worker's
@@ -121,7 +122,7 @@ class RemoteWorker(ObjectiveLoading):
         self.conn.end()
         self._attention.append(self)
 
-    # ----- the face of a WorkerHandle -------------------------------------------------------
+    # ----- the Worker protocol, as a WorkerHandle has it -------------------------------------
 
     def waitables(self) -> list[object]:
         return []  # the loop waits on the node's connection instead
