@@ -137,7 +137,8 @@ direction = "minimize"
 
 def run_hyperfleet(folder: Path, workloads: list[Workload]) -> dict[str, list[FrozenTrial]]:
     env = {**os.environ, "HYPERFLEET_FAKE_GPUS": "2"}
-    command = [sys.executable, "-m", "hyperfleet.cli", "run", str(campaign_file(folder, workloads))]
+    campaign = str(campaign_file(folder, workloads))
+    command = [sys.executable, "-m", "hyperfleet.app.cli", "run", campaign]
     done = subprocess.run(
         [*command, "--quiet", "--no-report"], env=env, capture_output=True, text=True, check=False
     )

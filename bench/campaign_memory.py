@@ -111,7 +111,7 @@ def main() -> None:
 
 def run_and_sample(folder: Path) -> tuple[dict[str, int], float, float]:
     env = {**os.environ, "HYPERFLEET_FAKE_GPUS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "hyperfleet.cli", "run", "campaign.toml", "--plain"]
+    command = [sys.executable, "-m", "hyperfleet.app.cli", "run", "campaign.toml", "--plain"]
     started = time.monotonic()
     process = subprocess.Popen(
         [*command, "--no-report"], cwd=folder, env=env, stdout=subprocess.PIPE, text=True

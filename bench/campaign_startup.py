@@ -51,7 +51,7 @@ def one_run(trials: int, sequential: bool) -> tuple[float, float, float]:
         text = (EXAMPLE / "campaign.toml").read_text()
         text = re.sub(r"^n_trials = \d+", f"n_trials = {trials}", text, flags=re.M)
         (folder / "campaign.toml").write_text(text)
-        command = [sys.executable, "-m", "hyperfleet.cli", "run", "campaign.toml", "--plain"]
+        command = [sys.executable, "-m", "hyperfleet.app.cli", "run", "campaign.toml", "--plain"]
         if sequential:
             command.append("--sequential")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

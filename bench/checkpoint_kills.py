@@ -80,7 +80,7 @@ def curve(x: float, step: int) -> float:
 
 def command(run_dir: Path, plan: Plan, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:counter",
+        sys.executable, "-m", "hyperfleet.app.cli", "run", f"{OBJECTIVE}:counter",
         "--run-dir", str(run_dir), "--study-name", STUDY, "--n-trials", str(plan.n_trials),
         "--cpu-slots", str(plan.slots), "--quiet", "--no-report", *extra,
     ]  # fmt: skip

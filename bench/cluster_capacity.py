@@ -174,7 +174,7 @@ def controller_command(
     if profile is not None:
         python += ["-m", "cProfile", "-o", str(profile)]
     return [
-        *python, "-m", "hyperfleet.cli", "run", f"{Path(__file__)}:objective",
+        *python, "-m", "hyperfleet.app.cli", "run", f"{Path(__file__)}:objective",
         "--study-name", STUDY, "--run-dir", str(run_dir), "--n-trials", str(n_trials),
         "--sampler", sampler, "--seed", "1", "--listen", f"127.0.0.1:{port}",
         "--token-file", str(token), "--cpu-slots", "0", "--quiet", "--no-report",

@@ -29,8 +29,8 @@ import optuna
 from quality_functions import FUNCTIONS
 
 import hyperfleet
-from hyperfleet.delegating import DelegatingSampler
 from hyperfleet.resources.inventory import Inventory
+from hyperfleet.sampling.delegating import DelegatingSampler
 
 LOG_ENV = "BENCH_GP_LATENCY_LOG"  # the workers inherit it from the controller
 REPORTS_ENV, GAP_ENV = "BENCH_GP_LATENCY_REPORTS", "BENCH_GP_LATENCY_GAP"

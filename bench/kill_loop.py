@@ -54,7 +54,7 @@ def command(run_dir: Path, n_trials: int, slots: int, sampler: str = "auto") -> 
     return [
         sys.executable,
         "-m",
-        "hyperfleet.cli",
+        "hyperfleet.app.cli",
         "run",
         f"{OBJECTIVE}:short_and_logged",
         "--run-dir",

@@ -72,7 +72,7 @@ def _journal(path: Path) -> JournalStorage:
 def run_hyperfleet(folder: Path, slots: int) -> list[FrozenTrial]:
     env = {**os.environ, "HYPERFLEET_FAKE_GPUS": str(slots)}
     command = [
-        sys.executable, "-m", "hyperfleet.cli", "run", f"{THIS_FILE}:objective",
+        sys.executable, "-m", "hyperfleet.app.cli", "run", f"{THIS_FILE}:objective",
         "--run-dir", str(folder / "run"), "--study-name", STUDY,
         "--n-trials", str(len(DURATIONS)), "--cpu-slots", "0", "--sampler", "random",
         "--seed", "0", "--quiet", "--no-report",

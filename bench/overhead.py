@@ -110,7 +110,7 @@ def run_hyperfleet(folder: Path, n_trials: int) -> optuna.Study:
 
 def run_hyperfleet_cli(folder: Path, n_trials: int) -> optuna.Study:
     run_dir = folder / "run"
-    command = [sys.executable, "-m", "hyperfleet.cli", "run", f"{HERE}:objective"]
+    command = [sys.executable, "-m", "hyperfleet.app.cli", "run", f"{HERE}:objective"]
     command += ["--study-name", "bench", "--n-trials", str(n_trials), "--cpu-slots", "2"]
     command += ["--run-dir", str(run_dir), "--sampler", SAMPLER, "--quiet", "--no-report"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

@@ -37,8 +37,8 @@ from typing import Any
 import optuna
 from quality_functions import FUNCTIONS, MINIMA
 
-from hyperfleet.auto_sampler import AutoSampler
-from hyperfleet.pending import PendingTrialsSampler
+from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.sampling.pending import PendingTrialsSampler
 
 SamplerFactory = Callable[[int, int, int], optuna.samplers.BaseSampler]  # (slots, seed, trials)
 

@@ -121,7 +121,7 @@ def tune_trainable(config: dict[str, Any], kind: str) -> None:
 
 def hyperfleet_command(kind: str, n_trials: int, address: str, folder: Path) -> list[str]:
     return [
-        sys.executable, "-m", "hyperfleet.cli", "run", f"{THIS_FILE}:{kind}",
+        sys.executable, "-m", "hyperfleet.app.cli", "run", f"{THIS_FILE}:{kind}",
         "--ray", address, "--run-dir", str(folder / "run"), "--study-name", kind,
         "--n-trials", str(n_trials), "--cpu-slots", "0", "--sampler", "tpe",
         "--seed", str(SEED), "--quiet", "--no-report",

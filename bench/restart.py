@@ -81,7 +81,7 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], what: str) -> float:
 
 def hyperfleet_command(run_dir: Path, n_trials: int, sampler: str) -> list[str]:
     return [
-        sys.executable, "-m", "hyperfleet.cli", "run", f"{THIS_FILE}:objective",
+        sys.executable, "-m", "hyperfleet.app.cli", "run", f"{THIS_FILE}:objective",
         "--run-dir", str(run_dir), "--study-name", STUDY, "--n-trials", str(n_trials),
         "--cpu-slots", "1", "--sampler", sampler, "--seed", "0", "--quiet", "--no-report",
     ]  # fmt: skip

@@ -1,7 +1,7 @@
 """Generate the reference pages that must follow the code (run by mkdocs-gen-files at build).
 
 - ``reference/cli.md``: every ``hyperfleet`` command and flag, read from the argument parser
-  that ``hyperfleet.cli.build_parser`` builds, so the page cannot drift from ``--help``.
+  that ``hyperfleet.app.cli.build_parser`` builds, so the page cannot drift from ``--help``.
 - The campaign file page is written by hand, but its key tables are checked here against the
   keys the loader accepts: a key added to the code and not to the page (or the other way
   round) fails the build.
@@ -20,9 +20,9 @@ import mkdocs_gen_files
 
 os.environ["COLUMNS"] = "88"  # argparse wraps usage lines to this width
 
+from hyperfleet.app.cli import build_parser
 from hyperfleet.campaign import CAMPAIGN_KEYS, POOL_KEYS
 from hyperfleet.campaign.studies import EXPERIMENT_KEYS, SLOT_KEYS, STUDY_KEYS
-from hyperfleet.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +141,7 @@ def check_campaign_page() -> None:
 
 with mkdocs_gen_files.open("reference/cli.md", "w") as page:
     page.write(cli_page())
-mkdocs_gen_files.set_edit_path("reference/cli.md", "../src/hyperfleet/cli.py")
+mkdocs_gen_files.set_edit_path("reference/cli.md", "../src/hyperfleet/app/cli.py")
 check_campaign_page()
 with mkdocs_gen_files.open("changelog.md", "w") as page:
     page.write((ROOT / "CHANGELOG.md").read_text())

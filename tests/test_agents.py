@@ -197,9 +197,9 @@ def test_a_node_whose_link_comes_back_joins_again_and_takes_trials(tmp_path: Pat
     trials = _trials(tmp_path)
     assert collections.Counter(t.state for t in trials)[TrialState.COMPLETE] == 24
     rejoined_at = max(t.number for t in trials if t.state == TrialState.FAIL)
-    assert any(
-        t.user_attrs["slot"].startswith("B/") for t in trials if t.number > rejoined_at
-    ), "no trial ran on B after it came back"
+    assert any(t.user_attrs["slot"].startswith("B/") for t in trials if t.number > rejoined_at), (
+        "no trial ran on B after it came back"
+    )
 
 
 def _check_lost_trials_ran_again(folder: Path) -> None:

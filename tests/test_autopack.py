@@ -19,9 +19,9 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 import hyperfleet
-from hyperfleet.controller import bookkeeping as books
-from hyperfleet.resources import fakegpu
+from hyperfleet.resources import fakegpu, inventory
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
+from hyperfleet.store import schema
 from support.autopacking import (
     OBJECTIVES,
     run_packed,
@@ -52,7 +52,7 @@ def test_a_small_model_grows_until_the_gpu_is_busy(models: ModuleType, tmp_path:
     # five workers' mean below the target, and a sixth is then rightly tried.
     assert counts[-1] in (5, 6), log
     assert any(f"gpu0 stays at {counts[-1]}: busy" in line for line in log), log
-    slots = {t.system_attrs[books.SLOT_ATTR] for t in study.get_trials()}
+    slots = {t.system_attrs[schema.SLOT_ATTR] for t in study.get_trials()}
     assert slots >= {f"gpu0#{k}" for k in range(5)}
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
     summary = (tmp_path / "run" / "summary.md").read_text()
@@ -78,7 +78,7 @@ def test_a_worker_that_adds_no_throughput_is_retired(models: ModuleType, tmp_pat
     last = max(t.datetime_start for t in study.get_trials() if t.datetime_start is not None)
     retired_at = next(line for line in log if "-> 1 worker," in line)[:19]
     after = [
-        t.system_attrs[books.SLOT_ATTR]
+        t.system_attrs[schema.SLOT_ATTR]
         for t in study.get_trials()
         if t.datetime_start is not None and f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" > retired_at
     ]
@@ -88,7 +88,7 @@ def test_a_worker_that_adds_no_throughput_is_retired(models: ModuleType, tmp_pat
 def test_a_trial_that_fills_the_gpu_keeps_it_alone(models: ModuleType, tmp_path: Path) -> None:
     study, log = run(tmp_path, 6, mib=15000, busy=10.0, seconds=0.2)
     assert workers_over_time(log) == [1], log
-    assert {t.system_attrs[books.SLOT_ATTR] for t in study.get_trials()} == {"gpu0#0"}
+    assert {t.system_attrs[schema.SLOT_ATTR] for t in study.get_trials()} == {"gpu0#0"}
 
 
 def test_out_of_memory_beside_others_runs_again_with_fewer(
@@ -127,13 +127,13 @@ def test_out_of_memory_beside_others_runs_again_with_fewer(
         other.join()
     assert taken.is_set(), log
     trials = study.get_trials()
-    oom = [t for t in trials if t.system_attrs.get(books.KIND_ATTR) == "oom"]
+    oom = [t for t in trials if t.system_attrs.get(schema.KIND_ATTR) == "oom"]
     assert oom, log
     for failed in oom:
-        reruns = [t for t in trials if t.user_attrs.get(books.RETRY_ATTR) == failed.number]
+        reruns = [t for t in trials if t.user_attrs.get(schema.RETRY_ATTR) == failed.number]
         assert len(reruns) == 1 and reruns[0].params == failed.params
     # Every chain of re-runs ends in a completed trial: no out-of-memory failure is left.
-    ends = [t for t in trials if t.number not in books.retried_numbers(trials)]
+    ends = [t for t in trials if t.number not in schema.retried_numbers(trials)]
     assert all(t.state == TrialState.COMPLETE for t in ends)
     lowered = [line for line in log if "out of memory with" in line]
     assert lowered, log
@@ -147,11 +147,11 @@ def test_declared_memory_packs_a_gpu_that_reads_nothing(
 ) -> None:
     monkeypatch.syspath_prepend(str(OBJECTIVES))
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # no state folder: the fake GPU reads nothing
-    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    monkeypatch.delenv(inventory.FAKE_GPU_DIR_ENV, raising=False)
     # 5 GiB per trial on 16 GiB: two fit with the 10 % margin, three do not.
     study, log = run(tmp_path, 16, "make_sleeper", {"gpu_memory": "5GiB"}, seconds=0.2)
     assert workers_over_time(log) == [1, 2], log
-    assert {t.system_attrs[books.SLOT_ATTR] for t in study.get_trials()} == {"gpu0#0", "gpu0#1"}
+    assert {t.system_attrs[schema.SLOT_ATTR] for t in study.get_trials()} == {"gpu0#0", "gpu0#1"}
 
 
 # ----- campaigns: slot = { gpus = "auto" } and { gpu_memory = "10GiB" } --------------------
@@ -227,7 +227,7 @@ def test_auto_studies_of_a_campaign_share_the_workers_each_gpu_grows(
     assert any("gpu0 stays at 2: no room for one more trial" in line for line in log), log
     every = [t for study in trials.values() for t in study]
     assert all(t.state == TrialState.COMPLETE for t in every)  # none ran out of memory
-    assert {t.system_attrs[books.SLOT_ATTR] for t in every} == {"gpu0#0", "gpu0#1"}
+    assert {t.system_attrs[schema.SLOT_ATTR] for t in every} == {"gpu0#0", "gpu0#1"}
     # The two studies' trials ran side by side on the GPU.
     assert any(side_by_side(a, b) for a in trials["a"] for b in trials["b"]), log
     summary = (tmp_path / "run" / "summary.md").read_text()
@@ -243,8 +243,8 @@ def test_a_campaign_study_packs_by_its_declared_gpu_memory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")  # no state folder: only the declared size packs
-    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
-    monkeypatch.setenv(fakegpu.FAKE_GPU_MIB_ENV, str(24 * 1024))
+    monkeypatch.delenv(inventory.FAKE_GPU_DIR_ENV, raising=False)
+    monkeypatch.setenv(inventory.FAKE_GPU_MIB_ENV, str(24 * 1024))
     # 10 GiB per trial on 24 GiB: two fit with the 10 % margin, three do not.
     trials, log = run_campaign(
         tmp_path,
@@ -263,7 +263,7 @@ def test_a_campaign_study_packs_by_its_declared_gpu_memory(
     )
     assert workers_over_time(log) == [1, 2], log
     assert any("gpu0 stays at 2: no room for one more trial" in line for line in log), log
-    slots = {t.system_attrs[books.SLOT_ATTR] for t in trials["sleeper"]}
+    slots = {t.system_attrs[schema.SLOT_ATTR] for t in trials["sleeper"]}
     assert slots == {"gpu0#0", "gpu0#1"}
 
 
@@ -275,7 +275,7 @@ def test_fixed_shares_wait_until_no_auto_packed_trial_holds_the_gpu(
     two workers; whenever the half study gets the GPU, no half trial runs beside an
     auto-packed one, on either worker."""
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")
-    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV, raising=False)
+    monkeypatch.delenv(inventory.FAKE_GPU_DIR_ENV, raising=False)
     trials, log = run_campaign(
         tmp_path,
         """
@@ -299,7 +299,7 @@ def test_fixed_shares_wait_until_no_auto_packed_trial_holds_the_gpu(
         """,
     )
     assert 2 in workers_over_time(log), log
-    assert any(t.system_attrs[books.SLOT_ATTR] == "gpu0#1" for t in trials["auto"])
+    assert any(t.system_attrs[schema.SLOT_ATTR] == "gpu0#1" for t in trials["auto"])
     assert len(trials["half"]) == 4
     for half in trials["half"]:
         assert not any(side_by_side(half, auto) for auto in trials["auto"]), half.number

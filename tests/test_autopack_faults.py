@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from optuna.trial import TrialState
 
-from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.autopack import AutoPack
 from hyperfleet.errors import ResourceError
 from hyperfleet.resources.inventory import (
@@ -23,6 +22,7 @@ from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.resources.packing import GpuPacker, PackingSettings
 from hyperfleet.resources.shapes import PoolSpec, Shape, plan_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
+from hyperfleet.store import schema
 from support.autopacking import run_packed, use_one_fake_gpu, workers_over_time
 
 
@@ -51,7 +51,7 @@ def test_a_gpu_whose_added_workers_fail_every_trial_stops_growing(tmp_path: Path
     assert fewest <= len(failed) <= 5, log  # those that told, and what ran meanwhile
     retired_at = next(line for line in log if "-> 1 worker," in line)[:19]
     after = {
-        t.system_attrs[books.SLOT_ATTR]
+        t.system_attrs[schema.SLOT_ATTR]
         for t in study.get_trials()
         if t.datetime_start is not None and f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" > retired_at
     }

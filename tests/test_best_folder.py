@@ -7,10 +7,10 @@ from pathlib import Path
 
 import optuna
 
-from hyperfleet.events import TrialEnded
+from hyperfleet.display.events import TrialEnded
+from hyperfleet.display.runstate import RunState, StudyView, TrialRecord
 from hyperfleet.report.best import BestFolder
-from hyperfleet.rundir import RunDir
-from hyperfleet.state import RunState, StudyView, TrialRecord
+from hyperfleet.store.rundir import RunDir
 
 
 def test_a_tie_for_best_does_not_rebuild_best_after_every_trial(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 import hyperfleet
-from hyperfleet.cli import main
+from hyperfleet.app.cli import main
 from hyperfleet.errors import ConfigError
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperfleet.campaign import Experiment, is_campaign_file, load_campaign
+from hyperfleet.campaign import is_campaign_file, load_campaign
+from hyperfleet.campaign.spec import Experiment
 from hyperfleet.errors import ConfigError
 from hyperfleet.resources.shapes import Shape
 

@@ -10,7 +10,7 @@ import pytest
 
 from hyperfleet.campaign import load_campaign
 from hyperfleet.errors import ConfigError
-from hyperfleet.rundir import RunDir
+from hyperfleet.store.rundir import RunDir
 
 MODELS = "def objective(trial):\n    return trial.suggest_float('x', 0.0, 1.0)\n"
 

@@ -328,7 +328,7 @@ def test_summary_lists_every_study_and_each_study_gets_its_report(tmp_path: Path
 def test_resources_shows_each_studys_slots_before_anything_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hyperfleet.cli import main
+    from hyperfleet.app.cli import main
 
     write_campaign(tmp_path, THREE_SHAPES)
     monkeypatch.setenv("HYPERFLEET_FAKE_GPUS", "2")
@@ -344,7 +344,7 @@ def test_resources_shows_each_studys_slots_before_anything_runs(
 def test_gpu_memory_on_the_command_line_points_at_the_slot_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hyperfleet.cli import main
+    from hyperfleet.app.cli import main
 
     write_campaign(tmp_path, THREE_SHAPES)
     assert main(["run", str(tmp_path / "campaign.toml"), "--gpu-memory", "10GiB"]) == 2

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hyperfleet.cli import main
+from hyperfleet.app.cli import main
 from hyperfleet.cluster import sealed
 from hyperfleet.cluster.channel import (
     MAX_HANDSHAKES,
@@ -254,7 +254,7 @@ def test_an_agent_gives_up_on_a_peer_that_accepts_and_says_nothing(tmp_path: Pat
     port = silent.getsockname()[1]
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "hyperfleet.cli", "agent", "--connect", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "hyperfleet.app.cli", "agent", "--connect", f"127.0.0.1:{port}",
          "--token-file", str(token), "--patience", "2s", "--log-dir", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from hyperfleet.cli import build_parser, main
+from hyperfleet.app.cli import build_parser, main
 
 
 def resources(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperfleet.api import cluster_settings
-from hyperfleet.cli import main
+from hyperfleet.app.api import cluster_settings
+from hyperfleet.app.cli import main
 from hyperfleet.cluster.channel import controller_token, parse_address, read_token
 from hyperfleet.config import RetryPolicy
 from hyperfleet.errors import ConfigError

@@ -20,10 +20,10 @@ import pytest
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.cli import main as cli_main
-from hyperfleet.command import CommandError, CommandObjective
+from hyperfleet.app.cli import main as cli_main
 from hyperfleet.errors import ConfigError
-from hyperfleet.space import SearchSpace, parse_space
+from hyperfleet.objective.command import CommandError, CommandObjective
+from hyperfleet.sampling.space import SearchSpace, parse_space
 
 PYTHON = shlex.quote(sys.executable)
 

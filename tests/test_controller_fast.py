@@ -24,18 +24,18 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RetryPolicy, RunSettings
-from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller import workforce
-from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.loop import Controller, Outcome
 from hyperfleet.controller.study_run import StudyPlan
 from hyperfleet.controller.workforce import MAX_START_FAILURES
+from hyperfleet.display.events import Event, Notice
 from hyperfleet.errors import ObjectiveError, WorkerError
-from hyperfleet.events import Event, Notice
 from hyperfleet.resources.shapes import single_pool
 from hyperfleet.resources.slots import PoolOptions, plan_slots
-from hyperfleet.rundir import RunDir, RunOwner
-from hyperfleet.storage import open_private_journal
+from hyperfleet.store import schema
+from hyperfleet.store.files import FileWriter
+from hyperfleet.store.rundir import RunDir, RunOwner
+from hyperfleet.store.storage import open_private_journal
 from hyperfleet.workers.protocol import ObjectiveSpec
 from support.fake_workers import (
     Behaviour,
@@ -200,13 +200,13 @@ def test_every_slot_gets_a_trial_and_the_run_ends_with_n_trials_complete(
     trials = run.trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 9
     assert outcome.counts["complete"] == 9 and outcome.counts["fail"] == 0
-    assert {_attr(t, books.SLOT_ATTR) for t in trials} == set(run.slots)
+    assert {_attr(t, schema.SLOT_ATTR) for t in trials} == set(run.slots)
     assert all(t.value == t.params["x"] ** 2 for t in trials)
     # One worker per slot, which ran every trial of its slot.
     assert [len(run.fleet.on(name)) for name in run.slots] == [1, 1, 1]
     for trial in trials:
-        (worker,) = run.fleet.on(_attr(trial, books.SLOT_ATTR))
-        assert _attr(trial, books.PID_ATTR) == worker.pid
+        (worker,) = run.fleet.on(_attr(trial, schema.SLOT_ATTR))
+        assert _attr(trial, schema.PID_ATTR) == worker.pid
         assert trial.number in worker.trials
     assert sum(view.trials_done for view in run.slots.values()) == 9
     (view,) = run.controller.state.studies
@@ -281,8 +281,8 @@ def test_a_worker_that_dies_mid_trial_fails_that_trial_alone(tmp_path: Path) -> 
         TrialState.FAIL if t.number == 1 else TrialState.COMPLETE for t in trials
     ]
     crashed = trials[1]
-    assert _attr(crashed, books.KIND_ATTR) == "crash"
-    assert _attr(crashed, books.REASON_ATTR) == CRASH_REASON
+    assert _attr(crashed, schema.KIND_ATTR) == "crash"
+    assert _attr(crashed, schema.REASON_ATTR) == CRASH_REASON
     assert "x" in crashed.params  # what it suggested before it died is kept
     result = json.loads((run.run_dir.trial_dir(1) / "result.json").read_text())
     assert (result["state"], result["fail_kind"]) == ("FAIL", "crash")
@@ -290,12 +290,12 @@ def test_a_worker_that_dies_mid_trial_fails_that_trial_alone(tmp_path: Path) -> 
     assert len(trials) == 6 and outcome.counts["complete"] == 5
     # Its slot got a fresh worker, which ran that slot's later trials; the other slot kept its
     # own.
-    slot = _attr(crashed, books.SLOT_ATTR)
+    slot = _attr(crashed, schema.SLOT_ATTR)
     dead, fresh = run.fleet.on(slot)
     (other,) = [w for w in run.fleet.started if w.slot.name != slot]
     assert dead.trials[-1] == 1 and dead.process.returncode == -9
-    later = [t for t in trials if t.number > 1 and _attr(t, books.SLOT_ATTR) == slot]
-    assert [_attr(t, books.PID_ATTR) for t in later] == [fresh.pid] * len(later)
+    later = [t for t in trials if t.number > 1 and _attr(t, schema.SLOT_ATTR) == slot]
+    assert [_attr(t, schema.PID_ATTR) for t in later] == [fresh.pid] * len(later)
     assert other.process.returncode == 0  # left when asked, at the run's end
     # The slot was idle once the crashed trial was told, then started its fresh worker.
     states = _states(run.slots[slot])
@@ -334,7 +334,7 @@ def _wait_for_prepared_trial(trial: optuna.Trial, slot: str) -> None:
     controller answers, and it prepares next trials between its answers."""
     for _ in range(10_000):
         for other in trial.study.get_trials(deepcopy=False):
-            if other.state == TrialState.WAITING and _attr(other, books.SLOT_ATTR) == slot:
+            if other.state == TrialState.WAITING and _attr(other, schema.SLOT_ATTR) == slot:
                 return
     raise AssertionError(f"no next trial was prepared for {slot}")
 
@@ -353,8 +353,8 @@ def test_the_jobs_end_interrupts_trials_whose_workers_it_killed(tmp_path: Path) 
     run = _single(tmp_path, objective, n_trials=10, slots=2)
     assert run.run().status == "stopped"
     ran = _ran(run.trials())
-    assert [_attr(t, books.KIND_ATTR) for t in ran] == ["interrupted"] * 2
-    assert all("the job's end" in _attr(t, books.REASON_ATTR) for t in ran)
+    assert [_attr(t, schema.KIND_ATTR) for t in ran] == ["interrupted"] * 2
+    assert all("the job's end" in _attr(t, schema.REASON_ATTR) for t in ran)
     assert all(w.outside_signal() == "SIGTERM" for w in run.fleet.started)
 
 
@@ -373,8 +373,8 @@ def test_a_worker_killed_from_outside_while_the_run_goes_on_is_a_crash(
     assert run.run().status == "completed"
     trials = run.trials()
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]  # it counted
-    assert _attr(trials[0], books.KIND_ATTR) == "crash"
-    assert _attr(trials[0], books.REASON_ATTR) == (
+    assert _attr(trials[0], schema.KIND_ATTR) == "crash"
+    assert _attr(trials[0], schema.REASON_ATTR) == (
         "killed by signal SIGTERM, sent from outside hyperfleet while the run went on"
     )
 
@@ -384,7 +384,7 @@ def test_a_worker_killed_from_outside_while_the_run_goes_on_is_a_crash(
     [
         (ValueError("bad value"), "error", "ValueError: bad value"),
         (SystemExit(3), "crash", "the objective called sys.exit(3)"),
-        (MemoryError("no room"), "oom", f"{books.HOST_OOM_REASON}: MemoryError: no room"),
+        (MemoryError("no room"), "oom", f"{schema.HOST_OOM_REASON}: MemoryError: no room"),
     ],
     ids=["error", "sys.exit", "host-oom"],
 )
@@ -403,8 +403,8 @@ def test_an_objective_that_raises_fails_its_trial_with_the_reason(
     )
     (trial,) = run.trials()
     assert trial.state == TrialState.FAIL
-    assert (_attr(trial, books.KIND_ATTR), _attr(trial, books.REASON_ATTR)) == (kind, reason)
-    assert type(raised).__name__ in _attr(trial, books.TRACEBACK_ATTR)
+    assert (_attr(trial, schema.KIND_ATTR), _attr(trial, schema.REASON_ATTR)) == (kind, reason)
+    assert type(raised).__name__ in _attr(trial, schema.TRACEBACK_ATTR)
 
 
 class OutOfMemoryError(RuntimeError):
@@ -418,8 +418,8 @@ def test_a_gpu_out_of_memory_error_is_an_oom_failure(tmp_path: Path) -> None:
     run = _single(tmp_path, objective, n_trials=1, slots=1)
     run.run()
     (trial,) = run.trials()
-    assert _attr(trial, books.KIND_ATTR) == "oom"
-    assert _attr(trial, books.REASON_ATTR) == (
+    assert _attr(trial, schema.KIND_ATTR) == "oom"
+    assert _attr(trial, schema.REASON_ATTR) == (
         "out of memory: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     )
 
@@ -439,7 +439,7 @@ def test_a_slot_whose_worker_keeps_dying_before_it_is_ready_is_given_up(tmp_path
     assert _states(run.slots["cpu#1"]) == ["starting", "stopped"]
     trials = run.trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-    assert {_attr(t, books.SLOT_ATTR) for t in trials} == {"cpu#0"}
+    assert {_attr(t, schema.SLOT_ATTR) for t in trials} == {"cpu#0"}
 
 
 def test_a_run_whose_every_worker_dies_while_starting_fails_before_opening_storage(
@@ -486,11 +486,11 @@ def test_the_retry_policy_repeats_a_crashed_trial_up_to_its_limit(tmp_path: Path
     trials = run.trials()
     # The original and two repeats, with the same parameters, each on a fresh worker.
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
-    assert [t.user_attrs.get(books.RETRY_ATTR) for t in trials] == [None, 0, 1]
+    assert [t.user_attrs.get(schema.RETRY_ATTR) for t in trials] == [None, 0, 1]
     assert trials[0].params == trials[1].params == trials[2].params
-    assert [_attr(t, books.KIND_ATTR) for t in trials] == ["crash"] * 3
+    assert [_attr(t, schema.KIND_ATTR) for t in trials] == ["crash"] * 3
     workers = run.fleet.started
-    assert [_attr(t, books.PID_ATTR) for t in trials] == [w.pid for w in workers[:3]]
+    assert [_attr(t, schema.PID_ATTR) for t in trials] == [w.pid for w in workers[:3]]
     assert len({w.pid for w in workers}) == len(workers)
     # A failed trial's worker is replaced at once, the last one's too (it ran nothing).
     assert [w.trials for w in workers] == [[0], [1], [2], []]
@@ -510,12 +510,12 @@ def test_a_repeat_that_succeeds_completes_the_failed_trial_s_parameters(tmp_path
     outcome = run.run()
     assert outcome.status == "completed", outcome.message
     failed, repeat = run.trials()
-    assert (failed.state, _attr(failed, books.REASON_ATTR)) == (
+    assert (failed.state, _attr(failed, schema.REASON_ATTR)) == (
         TrialState.FAIL,
         "ValueError: flaky",
     )
     assert repeat.state == TrialState.COMPLETE
-    assert repeat.user_attrs[books.RETRY_ATTR] == 0 and repeat.params == failed.params
+    assert repeat.user_attrs[schema.RETRY_ATTR] == 0 and repeat.params == failed.params
     assert repeat.value == failed.params["x"]
     # The failed trial's worker was replaced: a failure may leave a process broken.
     assert len(run.fleet.started) == 2
@@ -532,7 +532,7 @@ def test_workers_are_recycled_after_max_trials_per_worker(tmp_path: Path) -> Non
     workers = run.fleet.started
     assert [w.trials for w in workers] == [[0, 1], [2, 3], [4, 5], []]
     assert all(w.process.returncode == 0 for w in workers[:3])  # each left when asked
-    pids = [_attr(t, books.PID_ATTR) for t in run.trials()]
+    pids = [_attr(t, schema.PID_ATTR) for t in run.trials()]
     assert pids == [w.pid for w in workers[:3] for _ in range(2)]
 
 
@@ -615,8 +615,8 @@ def test_a_hard_stop_ends_running_trials_as_interrupted(tmp_path: Path) -> None:
     ran = [t for t in run.trials() if t.state != TrialState.WAITING]
     assert [t.state for t in ran] == [TrialState.FAIL] * 2
     for trial in ran:
-        assert _attr(trial, books.KIND_ATTR) == "interrupted"
-        assert _attr(trial, books.REASON_ATTR) == "interrupted: stopped by the user"
+        assert _attr(trial, schema.KIND_ATTR) == "interrupted"
+        assert _attr(trial, schema.REASON_ATTR) == "interrupted: stopped by the user"
     assert "stopping now: terminating running trials; the next run repeats them" in (
         run.recorder.messages
     )
@@ -654,5 +654,5 @@ def test_a_trial_past_its_time_limit_ends_as_a_timeout(tmp_path: Path) -> None:
     run.run()
     (trial,) = run.trials()
     assert trial.state == TrialState.FAIL
-    assert _attr(trial, books.KIND_ATTR) == "timeout"
-    assert _attr(trial, books.REASON_ATTR) == "timeout: ran past the per-trial limit of 0.05s"
+    assert _attr(trial, schema.KIND_ATTR) == "timeout"
+    assert _attr(trial, schema.REASON_ATTR) == "timeout: ran past the per-trial limit of 0.05s"

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperfleet.display.screen import ScreenGuard
-from hyperfleet.display.snapshot import StatusSnapshot
-from hyperfleet.events import (
+from hyperfleet.display.events import (
     Broadcast,
     Event,
     Notice,
@@ -23,7 +21,9 @@ from hyperfleet.events import (
     TrialEnded,
     TrialStarted,
 )
-from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
+from hyperfleet.display.runstate import RunState, SlotView, StudyView, TrialRecord
+from hyperfleet.display.screen import ScreenGuard
+from hyperfleet.display.snapshot import StatusSnapshot
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 

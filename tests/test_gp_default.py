@@ -21,10 +21,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 import hyperfleet
-from hyperfleet.auto_sampler import GP_MAX_TRIALS, GP_MIN_TRIAL_SECONDS, AutoSampler
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.controller.sampling import Suggestions, suggests_slowly
 from hyperfleet.resources.inventory import Inventory
+from hyperfleet.sampling.auto_sampler import GP_MAX_TRIALS, GP_MIN_TRIAL_SECONDS, AutoSampler
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="GP needs torch")

@@ -302,7 +302,7 @@ def test_an_uncorrectable_ecc_error_during_the_run_is_said_once(nvml: Any) -> No
 def test_resources_shows_mig_instances_compute_modes_and_near_cores(
     nvml: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hyperfleet.cli import main
+    from hyperfleet.app.cli import main
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     nvml(device(0, compute_mode=3, cpus=[0, 1, 2, 3]), a100_with_mig(1))

@@ -14,11 +14,11 @@ import pytest
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.command import CommandObjective
-from hyperfleet.controller import bookkeeping as books
-from hyperfleet.resources import fakegpu
+from hyperfleet.objective.command import CommandObjective
+from hyperfleet.resources import inventory
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
-from hyperfleet.space import parse_space
+from hyperfleet.sampling.space import parse_space
+from hyperfleet.store import schema
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 
@@ -52,19 +52,19 @@ HOST_ERRORS = [
 
 @pytest.mark.parametrize(("error_type", "message"), GPU_ERRORS)
 def test_each_frameworks_gpu_out_of_memory_is_recognised(error_type: str, message: str) -> None:
-    assert books.classify_error(error_type, message) == "oom"
-    assert books.out_of_memory_on(error_type, message) == "gpu"
+    assert schema.classify_error(error_type, message) == "oom"
+    assert schema.out_of_memory_on(error_type, message) == "gpu"
 
 
 @pytest.mark.parametrize(("error_type", "message"), HOST_ERRORS)
 def test_the_hosts_out_of_memory_is_not_a_gpus(error_type: str, message: str) -> None:
-    assert books.classify_error(error_type, message) == "oom"
-    assert books.out_of_memory_on(error_type, message) == "host"
+    assert schema.classify_error(error_type, message) == "oom"
+    assert schema.out_of_memory_on(error_type, message) == "host"
 
 
 def test_other_errors_stay_errors() -> None:
-    assert books.classify_error("ValueError", "the data set is empty") == "error"
-    assert books.out_of_memory_on("ValueError", "placed on /device:CPU:0") == ""
+    assert schema.classify_error("ValueError", "the data set is empty") == "error"
+    assert schema.out_of_memory_on("ValueError", "placed on /device:CPU:0") == ""
 
 
 def test_a_host_out_of_memory_beside_others_leaves_the_gpus_limit_alone(
@@ -72,7 +72,7 @@ def test_a_host_out_of_memory_beside_others_leaves_the_gpus_limit_alone(
 ) -> None:
     monkeypatch.syspath_prepend(str(OBJECTIVES))
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")
-    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
+    monkeypatch.setenv(inventory.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
     failures = importlib.import_module("gpu_failures")
     study = optuna.create_study()
     outcome = hyperfleet.optimize(
@@ -94,12 +94,12 @@ def test_a_host_out_of_memory_beside_others_leaves_the_gpus_limit_alone(
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == 6, log
     for trial in failed:
-        assert trial.system_attrs[books.KIND_ATTR] == "oom"
-        assert trial.system_attrs[books.REASON_ATTR].startswith("out of host memory: ")
+        assert trial.system_attrs[schema.KIND_ATTR] == "oom"
+        assert trial.system_attrs[schema.REASON_ATTR].startswith("out of host memory: ")
     # Some of them ran beside another trial on the GPU, and none lowered its limit.
     assert any(_overlaps(f, t) for f in failed for t in trials if t is not f), log
     assert "out of memory with" not in log and "1 worker," not in log, log
-    assert not any(t.user_attrs.get(books.ROOM_RERUN_ATTR) for t in trials)
+    assert not any(t.user_attrs.get(schema.ROOM_RERUN_ATTR) for t in trials)
 
 
 def _overlaps(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
@@ -144,6 +144,6 @@ def test_a_commands_long_torch_out_of_memory_is_kept_whole_enough_to_be_filed(
 
     (trial,) = study.trials
     assert trial.state == TrialState.FAIL
-    assert trial.system_attrs[books.KIND_ATTR] == "oom", trial.system_attrs[books.REASON_ATTR]
-    reason = trial.system_attrs[books.REASON_ATTR]
+    assert trial.system_attrs[schema.KIND_ATTR] == "oom", trial.system_attrs[schema.REASON_ATTR]
+    reason = trial.system_attrs[schema.REASON_ATTR]
     assert "Of the allocated memory" in reason  # the end of stderr is still there

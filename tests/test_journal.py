@@ -16,9 +16,9 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.journal import GroupCommitBackend, PlacingJournalStorage, commit
 from hyperfleet.resources.inventory import Inventory
-from hyperfleet.storage import KernelFileLock, open_private_journal, open_shared_journal
+from hyperfleet.store.journal import GroupCommitBackend, PlacingJournalStorage, commit
+from hyperfleet.store.storage import KernelFileLock, open_private_journal, open_shared_journal
 
 
 def _plain_trials(path: Path, name: str = "s") -> list[optuna.trial.FrozenTrial]:

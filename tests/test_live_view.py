@@ -9,11 +9,11 @@ from collections import deque
 import pytest
 from rich.console import Console
 
+from hyperfleet.display.events import Notice, RunEnded, RunStarted, Tick
 from hyperfleet.display.live import LiveView
 from hyperfleet.display.render import render, time_left
-from hyperfleet.events import Notice, RunEnded, RunStarted, Tick
+from hyperfleet.display.runstate import RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.state import RunState, SlotView, StudyView, TrialRecord
 
 NOW = 1_700_000_000.0
 LONG_PARAMS = {f"parameter_number_{i}": 0.001 * (i + 1) for i in range(15)}

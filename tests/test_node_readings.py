@@ -20,12 +20,12 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
+from hyperfleet.app.status import format_status, status
 from hyperfleet.cluster.readings import STALE_PROBLEM
 from hyperfleet.display.render import render
-from hyperfleet.resources import fakegpu
+from hyperfleet.display.runstate import NodeView, RunState, SlotView
+from hyperfleet.resources import inventory
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.state import NodeView, RunState, SlotView
-from hyperfleet.status import format_status, status
 from support.background import BackgroundRun
 from support.nodes import OBJECTIVE, Agent, free_port, node_processes, run_log, write_token
 from support.procs import cli_command, cpu_only_env, load_trials, wait_until
@@ -101,7 +101,7 @@ def test_a_remote_slots_gpu_use_reaches_the_live_view_and_status(tmp_path: Path)
         "--no-report",
     )  # fmt: skip
     controller = Terminal(run, tmp_path, env)
-    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode"), **TRIAL_ENV}
+    fake_gpus = {inventory.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode"), **TRIAL_ENV}
     agent = Agent(tmp_path, address, "rnode", 1, nap=2.0, env=fake_gpus)
     try:
 
@@ -140,7 +140,7 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
     # As on one machine (test_autopack): each trial keeps the GPU 22 % busy with 1000 MiB, so
     # the node's GPU has room for more than one worker.
     address = f"127.0.0.1:{free_port()}"
-    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode")}
+    fake_gpus = {inventory.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode")}
     # The controller judges from its own environment whether fake GPUs read anything.
     controller_env = {**cpu_only_env(), **fake_gpus}
     run = [
@@ -168,7 +168,7 @@ def test_auto_packing_grows_a_remote_nodes_gpu_from_its_readings(tmp_path: Path)
 
 def test_a_campaigns_auto_study_grows_a_remote_nodes_gpu(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
-    fake_gpus = {fakegpu.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode")}
+    fake_gpus = {inventory.FAKE_GPU_DIR_ENV: str(tmp_path / "fake-gpus-rnode")}
     campaign = tmp_path / "campaign.toml"
     campaign.write_text(
         f"""
@@ -205,7 +205,7 @@ def test_a_node_whose_gpu_readings_hang_stays_in_the_run_and_its_gpus_read_nothi
     controller = BackgroundRun(run, tmp_path, cpu_only_env(), name="controller")
     fake_gpus = tmp_path / "fake-gpus-rnode"
     agent = Agent(
-        tmp_path, address, "rnode", 1, nap=1.0, env={fakegpu.FAKE_GPU_DIR_ENV: str(fake_gpus)}
+        tmp_path, address, "rnode", 1, nap=1.0, env={inventory.FAKE_GPU_DIR_ENV: str(fake_gpus)}
     )
     try:
         wait_until(lambda: _node_gpu(tmp_path, "rnode", 0) is not None, 30, "a first reading")

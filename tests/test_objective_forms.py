@@ -21,7 +21,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.cli import main, objective_kwargs
+from hyperfleet.app.cli import main, objective_kwargs
 from hyperfleet.resources.inventory import Inventory
 from support.procs import load_trials, run_cli
 

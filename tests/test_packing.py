@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hyperfleet.config import parse_memory
-from hyperfleet.resources import fakegpu
+from hyperfleet.resources import inventory
 from hyperfleet.resources.inventory import Gpu, Inventory
 from hyperfleet.resources.packing import GpuPacker, GpuReading, PackingSettings
 from hyperfleet.resources.slots import PoolOptions, auto_packing, plan_slots
@@ -170,14 +170,14 @@ def test_auto_packing_is_planned_only_for_auto_on_gpus_that_can_be_read(
 ) -> None:
     gpus = tuple(Gpu(index=i, uuid=f"GPU-fake-{i}", name="f", kind="fake") for i in range(2))
     machine = Inventory(gpus=gpus, cores=(0, 1))
-    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(inventory.FAKE_GPU_DIR_ENV, str(tmp_path))
     auto = PoolOptions(trials_per_gpu="auto", cpu_slots=0)
     slots = plan_slots(machine, auto)
     assert [s.name for s in slots] == ["gpu0#0", "gpu1#0"]  # one worker each to start with
     assert auto_packing(machine, auto, slots) is not None
     fixed = PoolOptions(trials_per_gpu=2, cpu_slots=0)  # a fixed count means exactly that
     assert auto_packing(machine, fixed, plan_slots(machine, fixed)) is None
-    monkeypatch.delenv(fakegpu.FAKE_GPU_DIR_ENV)
+    monkeypatch.delenv(inventory.FAKE_GPU_DIR_ENV)
     assert auto_packing(machine, auto, slots) is None  # nothing to read: one worker each
     declared = PoolOptions(trials_per_gpu="auto", cpu_slots=0, gpu_memory_mib=2048)
     packing = auto_packing(machine, declared, slots)

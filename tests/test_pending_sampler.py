@@ -12,7 +12,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.errors import ConfigError
-from hyperfleet.pending import PendingTrialsSampler
+from hyperfleet.sampling.pending import PendingTrialsSampler
 
 
 class RecordingSampler(optuna.samplers.RandomSampler):

@@ -20,7 +20,7 @@ import optuna
 import pytest
 
 import hyperfleet
-from hyperfleet.cli import main as cli_main
+from hyperfleet.app.cli import main as cli_main
 from hyperfleet.resources.inventory import Inventory
 from support.procs import cpu_only_env, run_cli
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_version_flag_prints_the_package_version() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "hyperfleet.cli", "--version"],
+        [sys.executable, "-m", "hyperfleet.app.cli", "--version"],
         capture_output=True,
         text=True,
         timeout=60,

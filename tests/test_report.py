@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from hyperfleet.report import ReportError, write_report
 from hyperfleet.report.html import figure_has_data, figure_specs
-from hyperfleet.status import open_run
+from hyperfleet.store.run_reader import open_run
 
 OBJECTIVE = """
 import optuna
@@ -44,7 +44,7 @@ SINGLE_PLOTS = {"history", "importances", "parallel", "slices", "timeline", "dur
 
 def run_cli(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hyperfleet.cli", *args],
+        [sys.executable, "-m", "hyperfleet.app.cli", *args],
         cwd=folder,
         capture_output=True,
         text=True,
@@ -208,7 +208,7 @@ def test_multi_objective_run_keeps_the_pareto_front(tmp_path: Path) -> None:
 def test_missing_plotting_libraries_cost_one_line_not_the_run(tmp_path: Path) -> None:
     (tmp_path / "objective.py").write_text(OBJECTIVE)
     hide_plotly = (
-        "import sys; sys.modules['plotly'] = None; from hyperfleet.cli import main; "
+        "import sys; sys.modules['plotly'] = None; from hyperfleet.app.cli import main; "
         "sys.exit(main(sys.argv[1:]))"
     )
     result = subprocess.run(

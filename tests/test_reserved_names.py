@@ -16,6 +16,7 @@ from optuna.trial import TrialState, create_trial
 
 import hyperfleet
 from hyperfleet.controller import bookkeeping as books
+from hyperfleet.store import schema
 from support.searches import cpu_slots
 
 OBJECTIVES = Path(__file__).parent / "objectives"
@@ -76,8 +77,8 @@ def test_an_objective_cannot_write_hyperfleets_records(
     ]
     assert "hold hyperfleet's own records" in trials[1].system_attrs[REASON]
     for trial in trials:
-        assert not any(books.is_reserved(key) for key in trial.user_attrs)
-        assert not isinstance(trial.system_attrs.get(books.RUN_ATTR), dict)
+        assert not any(schema.is_reserved(key) for key in trial.user_attrs)
+        assert not isinstance(trial.system_attrs.get(schema.RUN_ATTR), dict)
     assert "hyperfleet:campaign" not in study.user_attrs
     # The study resumes, and a second run adds to it.
     assert _optimize(study, getattr(attackers, name), 6, tmp_path / "run") == "completed"
@@ -111,19 +112,19 @@ def test_malformed_stored_records_are_read_as_absent(attackers: ModuleType, tmp_
     # a later trial, a first attempt taken from another chain; and a study time that is no number.
     study = _study(tmp_path)
     study.add_trial(_stored(0, TrialState.COMPLETE))
-    study.add_trial(_stored(1, TrialState.FAIL, **{books.RETRY_ATTR: {"a": 1}}))
-    study.add_trial(_stored(2, TrialState.FAIL, **{books.RETRY_ATTR: 2}))
+    study.add_trial(_stored(1, TrialState.FAIL, **{schema.RETRY_ATTR: {"a": 1}}))
+    study.add_trial(_stored(2, TrialState.FAIL, **{schema.RETRY_ATTR: 2}))
     study.add_trial(
-        _stored(3, TrialState.FAIL, **{books.RETRY_ATTR: 9, "hyperfleet.first_attempt": "x"})
+        _stored(3, TrialState.FAIL, **{schema.RETRY_ATTR: 9, "hyperfleet.first_attempt": "x"})
     )
-    study.add_trial(_stored(4, TrialState.COMPLETE, **{books.FIRST_ATTEMPT_ATTR: 0}))
-    study.add_trial(_stored(5, TrialState.COMPLETE, **{books.RETRY_ATTR: True}))
-    study._storage.set_study_system_attr(study._study_id, books.TIME_USED_ATTR, "soon")
+    study.add_trial(_stored(4, TrialState.COMPLETE, **{schema.FIRST_ATTEMPT_ATTR: 0}))
+    study.add_trial(_stored(5, TrialState.COMPLETE, **{schema.RETRY_ATTR: True}))
+    study._storage.set_study_system_attr(study._study_id, schema.TIME_USED_ATTR, "soon")
     trials = study.get_trials()
-    assert books.retried_numbers(trials) == set()
-    assert [books.first_attempt(t) for t in trials] == [0, 1, 2, 3, 4, 5]
-    assert books.budget_used(trials) == 6  # no failure is taken as repeated
-    assert books.time_used_of(study) == 0.0
+    assert schema.retried_numbers(trials) == set()
+    assert [schema.first_attempt(t) for t in trials] == [0, 1, 2, 3, 4, 5]
+    assert schema.budget_used(trials) == 6  # no failure is taken as repeated
+    assert schema.time_used_of(study) == 0.0
     (tmp_path / "run" / "checkpoints" / "0").mkdir(parents=True)
     assert _optimize(study, attackers.sets_its_own_names, 8, tmp_path / "run") == "completed"
     assert len(study.get_trials()) == 8
@@ -141,15 +142,15 @@ def test_a_malformed_campaign_label_is_read_as_none(tmp_path: Path) -> None:
 
 
 def test_an_experiment_attribute_that_is_no_name_does_not_stop_a_campaign(tmp_path: Path) -> None:
-    from hyperfleet.campaign import Experiment
-    from hyperfleet.campaign_search import _enqueue_experiments
+    from hyperfleet.app.campaign_search import _enqueue_experiments
+    from hyperfleet.campaign.spec import Experiment
 
     study = _study(tmp_path)
     study.add_trial(_stored(0, TrialState.COMPLETE, experiment={"set": "by an objective"}))
     study.add_trial(_stored(1, TrialState.COMPLETE, experiment="done"))
     _enqueue_experiments(study, (Experiment("done", {"x": 0.1}), Experiment("new", {"x": 0.2})))
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [t.user_attrs[books.EXPERIMENT_ATTR] for t in waiting] == ["new"]
+    assert [t.user_attrs[schema.EXPERIMENT_ATTR] for t in waiting] == ["new"]
 
 
 def test_enqueued_parameters_that_are_no_dict_are_read_as_none() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import optuna
 
-from hyperfleet.command import with_this_python
+from hyperfleet.objective.command import with_this_python
 from hyperfleet.report.best import write_best
-from hyperfleet.rundir import RunDir
+from hyperfleet.store.rundir import RunDir
 from support.procs import cpu_only_env, run_cli
 
 FAILING = """

@@ -13,13 +13,13 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from hyperfleet.controller import bookkeeping as books
-from hyperfleet.events import summary_lines
+from hyperfleet.app.status import status
+from hyperfleet.display.events import summary_lines
+from hyperfleet.display.runstate import RunState, StudyView
 from hyperfleet.report import tables
 from hyperfleet.report.best import state_counts
 from hyperfleet.report.campaign import study_row
-from hyperfleet.state import RunState, StudyView
-from hyperfleet.status import status
+from hyperfleet.store import schema
 from support.procs import (
     assert_no_leftovers,
     cli_command,
@@ -39,7 +39,7 @@ def _args(run_dir: Path, function: str, n_trials: int, slots: int = 1) -> list[s
 
 
 def _failed(kind: str) -> optuna.trial.FrozenTrial:
-    return create_trial(state=TrialState.FAIL, system_attrs={books.KIND_ATTR: kind})
+    return create_trial(state=TrialState.FAIL, system_attrs={schema.KIND_ATTR: kind})
 
 
 def test_interrupted_trials_are_counted_apart_from_failed_ones() -> None:
@@ -87,9 +87,9 @@ def test_a_trial_left_running_ends_when_it_stopped_not_at_the_resume(tmp_path: P
     assert again.returncode == 0, again.stdout + again.stderr
     assert "2 complete, 0 pruned, 0 failed, 1 interrupted" in again.stdout
     interrupted = load_trials(run_dir, "s")[0]
-    assert books.is_interrupted(interrupted)
+    assert schema.is_interrupted(interrupted)
     assert interrupted.datetime_complete.timestamp() >= resumed  # Optuna's: the resume's time
-    end = books.ended_at(interrupted)
+    end = schema.ended_at(interrupted)
     assert end is not None
     assert interrupted.datetime_start <= end and end.timestamp() <= killed
     assert tables.duration_seconds(interrupted) <= killed - interrupted.datetime_start.timestamp()

@@ -20,10 +20,10 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 import hyperfleet
-from hyperfleet.auto_sampler import AutoSampler
-from hyperfleet.cli import build_parser, main
+from hyperfleet.app.cli import build_parser, main
 from hyperfleet.resources.inventory import Inventory
-from hyperfleet.samplers import make_sampler
+from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.sampling.samplers import make_sampler
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 PACED = OBJECTIVES / "paced.py"

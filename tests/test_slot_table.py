@@ -10,10 +10,10 @@ import pytest
 
 from hyperfleet.controller.slot_table import ActiveTrial, SlotState, SlotTable
 from hyperfleet.controller.study_run import StudyPlan, StudyRun
+from hyperfleet.display.runstate import RunState, StudyView, TrialRecord
 from hyperfleet.resources.shapes import Ledger
 from hyperfleet.resources.slots import Slot
-from hyperfleet.rundir import RunDir
-from hyperfleet.state import RunState, StudyView, TrialRecord
+from hyperfleet.store.rundir import RunDir
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 GPU = {"gpu0": 1.0}

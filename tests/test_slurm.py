@@ -42,7 +42,7 @@ def _salloc_search(n_trials: int, *flags: str, nodelist: str = "") -> list[str]:
     where = [f"--nodelist={nodelist}"] if nodelist else []
     return [
         "salloc", f"--nodes={len(NODES)}", *where,
-        sys.executable, "-m", "hyperfleet.cli", "run", f"{OBJECTIVE}:where_it_runs",
+        sys.executable, "-m", "hyperfleet.app.cli", "run", f"{OBJECTIVE}:where_it_runs",
         "--n-trials", str(n_trials), "--slurm", "--run-dir", "run", "--cpu-slots", "0",
         "--plain", "--no-report", *flags,
     ]  # fmt: skip
@@ -138,7 +138,7 @@ def _agent_of(node: str) -> psutil.Process:
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             cmdline = proc.info["cmdline"] or []
-            is_agent = "hyperfleet.cli" in cmdline and "agent" in cmdline
+            is_agent = "hyperfleet.app.cli" in cmdline and "agent" in cmdline
             if is_agent and proc.environ().get("SLURMD_NODENAME") == node:
                 found.append(proc)
     assert len(found) == 1, found

@@ -10,7 +10,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hyperfleet.errors import ConfigError
-from hyperfleet.space import load_space, parse_space
+from hyperfleet.sampling.space import load_space, parse_space
 
 FULL_SPACE = """
 [params.optimizer]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from hyperfleet.errors import ResourceError
-from hyperfleet.resources.inventory import Gpu, Inventory
+from hyperfleet.resources.inventory import Gpu, Inventory, max_workers
 from hyperfleet.resources.shapes import PoolSpec, Shape, plan_pool
-from hyperfleet.resources.slots import PoolOptions, max_workers, plan_slots
+from hyperfleet.resources.slots import PoolOptions, plan_slots
 from support.procs import assert_no_leftovers, cpu_only_env, run_cli, wait_until
 
 

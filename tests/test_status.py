@@ -11,8 +11,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from hyperfleet.app.status import format_status, status
 from hyperfleet.errors import HyperfleetError
-from hyperfleet.status import format_status, status
 from support.procs import small_search
 
 # Trial 0 holds its slot until the test creates "release", so the test can look at a run that
@@ -48,7 +48,7 @@ def wait_for(condition: object, what: str, seconds: float = 60.0) -> None:
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hyperfleet.cli", *args],
+        [sys.executable, "-m", "hyperfleet.app.cli", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -10,9 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hyperfleet.api import optimize, run_campaign
-    from hyperfleet.auto_sampler import AutoSampler
-    from hyperfleet.checkpoints import checkpoint_dir, should_stop
+    from hyperfleet.app.api import optimize, run_campaign
     from hyperfleet.config import RetryPolicy
     from hyperfleet.controller.loop import Outcome
     from hyperfleet.errors import (
@@ -25,17 +23,19 @@ if TYPE_CHECKING:
         TrialInterrupted,
         WorkerError,
     )
-    from hyperfleet.pending import PendingTrialsSampler
+    from hyperfleet.objective.resume import checkpoint_dir, should_stop
     from hyperfleet.resources.slots import Slot, current_slot
+    from hyperfleet.sampling.auto_sampler import AutoSampler
+    from hyperfleet.sampling.pending import PendingTrialsSampler
 
 __version__ = "0.1.0"
 
 _HOMES = {
-    "optimize": "hyperfleet.api",
-    "run_campaign": "hyperfleet.api",
+    "optimize": "hyperfleet.app.api",
+    "run_campaign": "hyperfleet.app.api",
     "RetryPolicy": "hyperfleet.config",
-    "checkpoint_dir": "hyperfleet.checkpoints",
-    "should_stop": "hyperfleet.checkpoints",
+    "checkpoint_dir": "hyperfleet.objective.resume",
+    "should_stop": "hyperfleet.objective.resume",
     "Outcome": "hyperfleet.controller.loop",
     "ConfigError": "hyperfleet.errors",
     "HyperfleetError": "hyperfleet.errors",
@@ -45,8 +45,8 @@ _HOMES = {
     "StorageError": "hyperfleet.errors",
     "TrialInterrupted": "hyperfleet.errors",
     "WorkerError": "hyperfleet.errors",
-    "PendingTrialsSampler": "hyperfleet.pending",
-    "AutoSampler": "hyperfleet.auto_sampler",
+    "PendingTrialsSampler": "hyperfleet.sampling.pending",
+    "AutoSampler": "hyperfleet.sampling.auto_sampler",
     "Slot": "hyperfleet.resources.slots",
     "current_slot": "hyperfleet.resources.slots",
 }

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 import hyperfleet
-from hyperfleet.resources import fakegpu
+from hyperfleet.resources import inventory
 from hyperfleet.resources.inventory import FAKE_GPUS_ENV, detect_inventory
 
 OBJECTIVES = Path(__file__).resolve().parents[1] / "objectives"
@@ -23,7 +23,7 @@ def use_one_fake_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """One fake GPU whose readings follow the trials, and the test objectives importable."""
     monkeypatch.syspath_prepend(str(OBJECTIVES))
     monkeypatch.setenv(FAKE_GPUS_ENV, "1")
-    monkeypatch.setenv(fakegpu.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
+    monkeypatch.setenv(inventory.FAKE_GPU_DIR_ENV, str(tmp_path / "fake-gpus"))
 
 
 def run_packed(

@@ -35,10 +35,10 @@ from typing import Any
 
 import optuna
 
-from hyperfleet.controller.workers import STOP_SIGNALS, ObjectiveLoading, WorkerHandle
+from hyperfleet.display.runstate import RunState, SlotView
 from hyperfleet.errors import TrialInterrupted
 from hyperfleet.resources.slots import Slot
-from hyperfleet.state import RunState, SlotView
+from hyperfleet.workers.handle import STOP_SIGNALS, ObjectiveLoading, WorkerHandle
 from hyperfleet.workers.protocol import (
     Finished,
     Load,

@@ -36,7 +36,7 @@ def cpu_only_env() -> dict[str, str]:
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hyperfleet.cli", *args]
+    return [sys.executable, "-m", "hyperfleet.app.cli", *args]
 
 
 def small_search(n_trials: int, *flags: str) -> list[str]:

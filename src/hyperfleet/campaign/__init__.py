@@ -31,14 +31,13 @@ header line.
 
 The package splits the work: :mod:`~hyperfleet.campaign.source` reads the file and points at
 its lines, :mod:`~hyperfleet.campaign.studies` checks each ``[[study]]`` table and
-:mod:`~hyperfleet.campaign.matrix` expands it over its matrix; this module holds the results'
-types and the ``[campaign]`` and ``[pool]`` tables.
+:mod:`~hyperfleet.campaign.matrix` expands it over its matrix; :mod:`~hyperfleet.campaign.spec`
+holds the results' types, and this module the ``[campaign]`` and ``[pool]`` tables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +53,11 @@ from hyperfleet.campaign.source import (
     string,
     top_table,
 )
+from hyperfleet.campaign.spec import Campaign, CampaignSettings
 from hyperfleet.config import RetryPolicy
 from hyperfleet.errors import ConfigError
-from hyperfleet.resources.shapes import PoolSpec, Shape
-from hyperfleet.rundir import check_folder_name
+from hyperfleet.resources.shapes import PoolSpec
+from hyperfleet.store.rundir import check_folder_name
 
 TABLES = ("campaign", "pool", "defaults", "study")
 CAMPAIGN_KEYS = (
@@ -74,71 +74,6 @@ CAMPAIGN_KEYS = (
     "listen",
 )
 POOL_KEYS = ("gpus", "trials_per_gpu", "cpu_slots", "threads_per_slot")
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """A point to evaluate before the sampler's own suggestions (Optuna's enqueue_trial)."""
-
-    name: str
-    params: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class StudySpec:
-    """One study after matrix expansion, with every default filled in and every path absolute."""
-
-    name: str
-    index: int  # 0-based position after expansion, in file order
-    line: int  # the [[study]] header line, for later messages
-    target: str | None  # "ABS/PATH/FILE.py:FUNCTION" or "MODULE:FUNCTION"
-    args: dict[str, Any] | None  # factory arguments (None: target is the objective itself)
-    cmd: str | None
-    space: Path | None
-    directions: tuple[str, ...]
-    sampler: str
-    seed: int | None
-    pruner: str
-    n_trials: int | None
-    timeout: float | None
-    shape: Shape
-    weight: float
-    priority: int
-    stage: str  # "" when not given
-    experiments: tuple[Experiment, ...]
-    experiments_only: bool
-    grid: dict[str, list[Any]] | None
-    refit: str | None
-    refit_cmd: str | None
-    matrix_values: dict[str, Any]  # the combination that made this study ({} without a matrix)
-    family: str = ""  # the [[study]]'s name before expansion ("xgb-{dataset}"): the model
-    # Optuna callbacks: "MODULE:ATTR" or "ABS/FILE.py:ATTR", or callables (run_campaign).
-    callbacks: tuple[Any, ...] = ()
-    objective_callable: Any = None  # the objective itself, in a campaign given as Python values
-
-
-@dataclass(frozen=True)
-class CampaignSettings:
-    name: str
-    run_dir: Path | None
-    storage: str | None
-    sequential: bool
-    timeout: float | None
-    trial_timeout: float | None
-    retry: str
-    max_trials_per_worker: int | None
-    # Many machines: the engine that starts one agent per node, or where to wait for agents.
-    ray: str | None = None
-    slurm: bool = False
-    listen: str | None = None
-
-
-@dataclass(frozen=True)
-class Campaign:
-    path: Path  # absolute
-    settings: CampaignSettings
-    pool: PoolSpec
-    studies: tuple[StudySpec, ...]
 
 
 def is_campaign_file(target: str) -> bool:

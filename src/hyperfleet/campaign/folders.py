@@ -2,10 +2,10 @@
 
 A study's folder is ``studies/<name>/`` and a named experiment's (or grid point's) link is
 ``studies/<name>/experiments/<name>``, with every character other than letters, digits and
-``.=+-_`` replaced by ``_`` (see :func:`hyperfleet.rundir.folder_name`). So a name must not map
-to ``.``, ``..`` or a name too long for a folder, and two names must not map to the same folder
-(``"lr 0.1"``, ``"lr_0.1"`` and ``"lr/0.1"`` all become ``lr_0.1``): each would overwrite the
-other's trials, ``best/`` and links. Such names are refused with a ConfigError naming both.
+``.=+-_`` replaced by ``_`` (see :func:`hyperfleet.store.rundir.folder_name`). So a name must
+not map to ``.``, ``..`` or a name too long for a folder, and two names must not map to the same
+folder (``"lr 0.1"``, ``"lr_0.1"`` and ``"lr/0.1"`` all become ``lr_0.1``): each would overwrite
+the other's trials, ``best/`` and links. Such names are refused with a ConfigError naming both.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from hyperfleet.campaign import Experiment
 from hyperfleet.campaign.source import Table
+from hyperfleet.campaign.spec import Experiment
 from hyperfleet.errors import ConfigError
-from hyperfleet.rundir import check_folder_name, folder_name
+from hyperfleet.store.rundir import check_folder_name, folder_name
 
 MAPPING = "characters other than letters, digits and .=+-_ become _"
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from string import Formatter
 from typing import Any
 
-from hyperfleet.campaign import StudySpec
 from hyperfleet.campaign.source import Table, string, table_of_lists
-from hyperfleet.command import check_template, split_command
+from hyperfleet.campaign.spec import StudySpec
 from hyperfleet.errors import ConfigError
-from hyperfleet.space import NAME_PATTERN, SearchSpace
+from hyperfleet.objective.command import check_template, split_command
+from hyperfleet.sampling.space import NAME_PATTERN, SearchSpace
 
 
 @dataclass(frozen=True)

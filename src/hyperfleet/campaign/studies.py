@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hyperfleet.campaign import CampaignSettings, Experiment, StudySpec
 from hyperfleet.campaign.folders import check_experiment_folders, check_study_folder
 from hyperfleet.campaign.matrix import Blueprint, combinations, expand
 from hyperfleet.campaign.source import (
@@ -29,12 +28,13 @@ from hyperfleet.campaign.source import (
     string,
     table_of_lists,
 )
+from hyperfleet.campaign.spec import CampaignSettings, Experiment, StudySpec
 from hyperfleet.config import parse_memory
 from hyperfleet.errors import ConfigError, ObjectiveError
 from hyperfleet.resources.packing import AUTO
 from hyperfleet.resources.shapes import PoolSpec, Shape
-from hyperfleet.samplers import MAX_SEED, PRUNERS, SAMPLERS, check_sampler
-from hyperfleet.space import SearchSpace, load_space
+from hyperfleet.sampling.samplers import MAX_SEED, PRUNERS, SAMPLERS, check_sampler
+from hyperfleet.sampling.space import SearchSpace, load_space
 from hyperfleet.workers.packaging import spec_from_target
 
 STUDY_KEYS = (

@@ -8,7 +8,7 @@ is gone (its connection closes, or it is silent for the node timeout it set) the
 every worker and what they started, and exits: no process outlives its run on any node.
 An agent stopped by SIGTERM or Ctrl+C (the job's end, the node taken back) says its workers'
 trials were interrupted, so they run again and never count; a worker that a stop signal from
-outside killed is reported as such (see :mod:`hyperfleet.controller.workers`).
+outside killed is reported as such (see :mod:`hyperfleet.workers.handle`).
 
 A node that does not see the controller's run directory runs its trials in a run folder of its
 own and sends each trial's logs back (see :mod:`hyperfleet.cluster.trialfiles`).
@@ -47,17 +47,13 @@ from hyperfleet.cluster.messages import (
 )
 from hyperfleet.cluster.readings import READING_SECONDS, NodeSampler
 from hyperfleet.cluster.sealed import SealBroken, SealedConnection
-from hyperfleet.cluster.trialfiles import (
-    TRIAL_ENDED,
-    TRIAL_STARTED,
-    NodeRunFolder,
-    collect_logs,
-    run_folder_note,
-)
-from hyperfleet.controller.workers import WorkerHandle, stop_workers
+from hyperfleet.cluster.trialfiles import collect_logs, run_folder_note
 from hyperfleet.errors import HyperfleetError, NodeError
 from hyperfleet.resources.inventory import Inventory, detect_inventory
-from hyperfleet.rundir import RunDir
+from hyperfleet.store.rundir import RunDir
+from hyperfleet.workers.handle import WorkerHandle, stop_workers
+from hyperfleet.workers.nodefolder import NodeRunFolder
+from hyperfleet.workers.protocol import TRIAL_ENDED, TRIAL_STARTED
 
 
 class Agent:

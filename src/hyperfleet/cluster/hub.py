@@ -58,16 +58,11 @@ from hyperfleet.cluster.messages import (
 )
 from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.cluster.sealed import SealBroken, SealedConnection
-from hyperfleet.cluster.trialfiles import (
-    NodeRunFolder,
-    TrialLogs,
-    run_folder_note,
-    trial_folder,
-    write_logs,
-)
-from hyperfleet.controller.files import FileWriter
+from hyperfleet.cluster.trialfiles import TrialLogs, run_folder_note, trial_folder, write_logs
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import Slot
+from hyperfleet.store.files import FileWriter
+from hyperfleet.workers.nodefolder import NodeRunFolder
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 LOST = "lost"

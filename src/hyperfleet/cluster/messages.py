@@ -95,7 +95,7 @@ class Relays:
 @dataclass(frozen=True)
 class WorkerExited:
     """A worker died on the node; ``kind`` and ``reason`` as a local worker's exit says them,
-    ``outside_signal`` as :meth:`hyperfleet.controller.workers.WorkerHandle.outside_signal`."""
+    ``outside_signal`` as :meth:`hyperfleet.workers.handle.WorkerHandle.outside_signal`."""
 
     worker: int
     kind: str

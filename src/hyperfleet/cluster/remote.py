@@ -1,5 +1,6 @@
-"""A worker on another node, as the controller's loop sees it: the same face as a local
-:class:`~hyperfleet.controller.workers.WorkerHandle`.
+"""A worker on another node, as the controller's loop sees it: a
+:class:`~hyperfleet.workers.handle.Worker`, as a local
+:class:`~hyperfleet.workers.handle.WorkerHandle` is.
 
 The loop itself reads the node's connection (see :mod:`hyperfleet.cluster.hub`) and puts each
 of the worker's messages in its inbox, which the loop then drains as it drains a local worker's
@@ -21,8 +22,8 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from hyperfleet.cluster.messages import SignalWorker, StopWorker
-from hyperfleet.controller.workers import ObjectiveLoading
 from hyperfleet.resources.slots import Slot
+from hyperfleet.workers.handle import ObjectiveLoading
 
 # The loop hands a message over; this sends it to the node as bytes for the worker.
 Forward = Callable[[int, bytes], None]
@@ -121,7 +122,7 @@ class RemoteWorker(ObjectiveLoading):
         self.conn.end()
         self._attention.append(self)
 
-    # ----- the face of a WorkerHandle -------------------------------------------------------
+    # ----- the Worker protocol, as a WorkerHandle has it -------------------------------------
 
     def waitables(self) -> list[object]:
         return []  # the loop waits on the node's connection instead

@@ -58,7 +58,7 @@ def srun_command(connect_to: str, node: str) -> list[str]:
         "--whole",  # the agent gets the whole node's share of the job, not one core
         "--kill-on-bad-exit=0",  # a node lost is recovered, not the end of the job
         "--job-name=hyperfleet-agent",
-        sys.executable, "-m", "hyperfleet.cli", "agent", "--connect", connect_to,
+        sys.executable, "-m", "hyperfleet.app.cli", "agent", "--connect", connect_to,
     ]  # fmt: skip
 
 

@@ -4,7 +4,9 @@ Such a node keeps a run folder of its own (the agent's ``--work-dir``), laid out
 controller's: a trial that would run in ``RUN_DIR/trials/00017`` runs in
 ``LOCAL/trials/00017``, and so does its checkpoint folder. The worker maps the paths of each
 trial it is sent, and tells its agent where each trial starts and when it ends with two marks
-sent on its connection. The agent sends the trial's ``stdout.log`` and ``stderr.log`` to the
+sent on its connection (both on the worker's side: :mod:`hyperfleet.workers.nodefolder`, and the
+marks in :mod:`hyperfleet.workers.protocol`). This module is the agent's and the controller's
+side. The agent sends the trial's ``stdout.log`` and ``stderr.log`` to the
 controller (the last :data:`COPIED_LOG_BYTES` of each) before it relays the trial's result, and
 before it reports a worker that died during a trial, so the logs are queued for writing before
 the result is, and ``result.json`` quotes ``stderr.log`` as on one machine. ``params.json`` and
@@ -13,23 +15,15 @@ the result is, and ``result.json`` quotes ``stderr.log`` as on one machine. ``pa
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from hyperfleet.workers.protocol import RunTrial
+from hyperfleet.workers.nodefolder import NodeRunFolder
 
 LOG_NAMES = ("stdout.log", "stderr.log")
 # Enough for the end of any trial's story; a trial that logs more keeps the rest on its node.
 COPIED_LOG_BYTES = 2 * 1024 * 1024
-# Set by the agent for the workers of a node without the run directory.
-NODE_FOLDER_ENV = "HYPERFLEET_NODE_RUN_FOLDER"
-# A worker's marks for its agent, which relays everything else without reading it. Never a
-# pickle, which starts with b"\x80" (and nothing a worker sends is pickled with protocol 0).
-TRIAL_STARTED = b"\x00hyperfleet:trial-started:"
-TRIAL_ENDED = b"\x00hyperfleet:trial-ended"
 
 
 @dataclass(frozen=True)
@@ -39,47 +33,6 @@ class TrialLogs:
 
     folder: str  # the trial's folder, relative to the run directory (trials/00017)
     logs: dict[str, bytes]
-
-
-@dataclass(frozen=True)
-class NodeRunFolder:
-    """A node's own run folder in place of the controller's run directory."""
-
-    shared: str  # the controller's run directory, as the trials sent here name it
-    local: str
-
-    def to_env(self) -> dict[str, str]:
-        return {NODE_FOLDER_ENV: json.dumps({"shared": self.shared, "local": self.local})}
-
-    @classmethod
-    def from_env(cls) -> NodeRunFolder | None:
-        raw = os.environ.get(NODE_FOLDER_ENV)
-        if not raw:
-            return None
-        fields = json.loads(raw)
-        return cls(str(fields["shared"]), str(fields["local"]))
-
-    def localise(self, path: str) -> str:
-        """The node's path for a path in the controller's run directory."""
-        if not path:
-            return path
-        relative = os.path.relpath(path, self.shared)
-        if relative.startswith(os.pardir):
-            return path  # outside the run directory: nothing to map
-        return os.path.join(self.local, relative)
-
-    def start_trial(self, message: RunTrial, conn: Connection) -> RunTrial:
-        """The trial with its folders on this node; its agent is told where it runs."""
-        local = replace(
-            message,
-            trial_dir=self.localise(message.trial_dir),
-            checkpoint_dir=self.localise(message.checkpoint_dir),
-        )
-        # Its parents too (a campaign study's trials/): this folder is the node's, made here.
-        Path(local.trial_dir).parent.mkdir(parents=True, exist_ok=True)
-        relative = os.path.relpath(local.trial_dir, self.local)
-        conn.send_bytes(TRIAL_STARTED + relative.encode())
-        return local
 
 
 def run_folder_note(node: str, folder: NodeRunFolder | None) -> str:

@@ -37,9 +37,9 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.auto_sampler import AutoSampler
-from hyperfleet.delegating import DelegatingSampler
-from hyperfleet.pending import PendingTrialsSampler
+from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.sampling.delegating import DelegatingSampler
+from hyperfleet.sampling.pending import PendingTrialsSampler
 
 Space = dict[str, BaseDistribution]
 Ahead = dict[str, tuple[BaseDistribution, Any]]  # by parameter: its distribution and value

@@ -12,10 +12,11 @@ from hyperfleet.controller.callbacks import allow_stop
 from hyperfleet.controller.calls import check_call_allowed, storage_target_id
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.outbox import send
-from hyperfleet.controller.slot_table import ActiveTrial, SlotTable, Worker
+from hyperfleet.controller.slot_table import ActiveTrial, SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import opened
 from hyperfleet.controller.trial_ends import TrialEnds
+from hyperfleet.workers.handle import Worker
 from hyperfleet.workers.protocol import Call, Reply
 
 ENQUEUING = frozenset({"enqueue_trial", "add_trial", "add_trials"})  # study calls that queue

@@ -1,13 +1,8 @@
 """What the controller writes about trials: reasons, retries, the budget and trial folders.
 
-Everything here reads or writes storage through the study the controller owns. Markers live in
-trial system attributes (``hyperfleet:*``), except which trial a retry repeats, which is a user
-attribute so that it is set in the same write that creates the retry.
-
-Names that start with ``hyperfleet.`` or ``hyperfleet:`` are hyperfleet's own: an objective's
-write of one is refused (see controller.calls), and every record is read here defensively, so
-a value that is not what hyperfleet writes (a study an older version let an objective write
-into) is taken as absent rather than crashing the controller or a resume.
+Everything here reads or writes storage through the study the controller owns. The attributes
+it writes, and the pure readers of them, are the stored-trial schema
+(:mod:`hyperfleet.store.schema`), which the reports read without this module.
 """
 
 from __future__ import annotations
@@ -26,97 +21,30 @@ from optuna.study import _tell as optuna_tell
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.config import RetryPolicy
-from hyperfleet.rundir import tail, write_json
-from hyperfleet.state import TrialRecord
-
-RETRY_ATTR = "hyperfleet.retry_of"
-# The first trial of a chain of repeats: its number names the checkpoint folder they share.
-FIRST_ATTEMPT_ATTR = "hyperfleet.first_attempt"
-# Set on the repeat of a trial that ran out of memory on a shared GPU: that repeat is auto
-# packing's doing and does not count against the retry policy's ``oom`` limit.
-ROOM_RERUN_ATTR = "hyperfleet.rerun_with_more_room"
-EXPERIMENT_ATTR = "experiment"  # a campaign's named experiment (or grid point) a trial runs
-RUN_ATTR = "hyperfleet:run"
-SLOT_ATTR = "hyperfleet:slot"
-PID_ATTR = "hyperfleet:worker_pid"
-KIND_ATTR = "hyperfleet:fail_kind"
-REASON_ATTR = "hyperfleet:fail_reason"
-TRACEBACK_ATTR = "hyperfleet:traceback"
-# A study system attribute: the seconds of its time budget used so far, over every run.
-TIME_USED_ATTR = "hyperfleet:time_used"
-# When a trial a dead controller left running was last known to run (a Unix time): Optuna gives
-# it the end time of the resume that marks it interrupted, which would draw it running (and
-# count its slot busy) through the whole downtime.
-STOPPED_AT_ATTR = "hyperfleet:stopped_at"
-RESERVED_PREFIXES = ("hyperfleet.", "hyperfleet:")
-
-
-def is_reserved(key: object) -> bool:
-    """Whether an attribute name is one of hyperfleet's own, which objectives may not set."""
-    return isinstance(key, str) and key.startswith(RESERVED_PREFIXES)
-
-
-# Out of memory, as each framework says it. A GPU's: torch (torch.cuda.OutOfMemoryError, "CUDA
-# out of memory"), TensorFlow (ResourceExhaustedError, "OOM when allocating tensor"), JAX
-# ("RESOURCE_EXHAUSTED"), numba ("CUDA_ERROR_OUT_OF_MEMORY"), cuBLAS, XGBoost and CatBoost
-# ("out of memory"), LightGBM's OpenCL device ("Memory Object Allocation Failure").
-_GPU_OOM_TYPES = ("OutOfMemoryError", "ResourceExhaustedError", "FakeOutOfMemoryError")
-_GPU_OOM_TEXTS = (
-    "CUDA out of memory",
-    "out of memory",
-    "CUDA_ERROR_OUT_OF_MEMORY",
-    "CUBLAS_STATUS_ALLOC_FAILED",
-    "CUDNN_STATUS_ALLOC_FAILED",
-    "RESOURCE_EXHAUSTED",
-    "OOM when allocating tensor",
-    "Memory Object Allocation Failure",
+from hyperfleet.display.runstate import TrialRecord
+from hyperfleet.store.rundir import tail, write_json
+from hyperfleet.store.schema import (
+    EXPERIMENT_ATTR,
+    FIRST_ATTEMPT_ATTR,
+    KIND_ATTR,
+    REASON_ATTR,
+    RETRY_ATTR,
+    ROOM_RERUN_ATTR,
+    RUN_ATTR,
+    SLOT_ATTR,
+    STOPPED_AT_ATTR,
+    TIME_USED_ATTR,
+    TRACEBACK_ATTR,
+    ended_at,
+    first_attempt,
+    retried_numbers,
+    retry_of,
 )
-# The host's: Python's MemoryError, numpy's _ArrayMemoryError ("Unable to allocate 8 GiB for an
-# array"), torch's CPU allocator. Repeated like any out-of-memory failure, but no sign that the
-# trials sharing a GPU are too many.
-_HOST_OOM_TYPES = ("MemoryError", "_ArrayMemoryError")
-_HOST_OOM_TEXTS = (
-    "MemoryError",  # in a --cmd trial's stderr, as the traceback's last line names it
-    "DefaultCPUAllocator: can't allocate memory",
-)
-HOST_OOM_REASON = "out of host memory"  # how a host out-of-memory failure's reason starts
 
 
 def set_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
     # Optuna exposes no public setter for system attributes; the trial's storage is public.
     trial.storage.set_trial_system_attr(trial._trial_id, key, value)
-
-
-def classify_error(error_type: str, message: str) -> str:
-    """ "oom" for a framework's out-of-memory error (a GPU's or the host's, see
-    :func:`out_of_memory_on`), "crash" for ``sys.exit`` (the objective ended its process, as
-    ``os._exit`` would), else "error"."""
-    if error_type == "SystemExit":
-        return "crash"
-    return "oom" if out_of_memory_on(error_type, message) else "error"
-
-
-def out_of_memory_on(error_type: str, message: str) -> str:
-    """Where an error ran out of memory: "gpu", "host", or "" when it is no out-of-memory
-    error. Only a GPU's counts against the trials sharing it (auto packing)."""
-    if error_type in _HOST_OOM_TYPES:
-        return "host"
-    if error_type == "ResourceExhaustedError" and "device:CPU" in message:  # TF's, on the host
-        return "host"
-    if error_type in _GPU_OOM_TYPES or any(text in message for text in _GPU_OOM_TEXTS):
-        return "gpu"
-    if any(text in message for text in _HOST_OOM_TEXTS):
-        return "host"
-    return ""
-
-
-def out_of_memory_line(text: str) -> str:
-    """The first line of ``text`` (a failed command's stderr) that says a GPU ran out of
-    memory, or ""."""
-    for line in text.splitlines():
-        if any(marker in line for marker in _GPU_OOM_TEXTS):
-            return line.strip()
-    return ""
 
 
 def objective_values(study: optuna.Study, value: Any) -> tuple[list[float] | None, str]:
@@ -161,40 +89,6 @@ def _as_float(value: Any) -> tuple[float | None, str]:
 def _short_repr(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _trial_number(value: object, below: int) -> int | None:
-    """``value`` when it is a trial number under ``below``, else None (bools are not)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < below:
-        return value
-    return None
-
-
-def retry_of(trial: FrozenTrial) -> int | None:
-    """The number of the trial this one repeats, or None. Only an earlier trial's number counts,
-    so following the chain always ends."""
-    return _trial_number(trial.user_attrs.get(RETRY_ATTR), trial.number)
-
-
-def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    return {number for t in trials if (number := retry_of(t)) is not None}
-
-
-def is_interrupted(trial: FrozenTrial) -> bool:
-    """Whether the trial failed as "interrupted": it is run again and never counts."""
-    return trial.system_attrs.get(KIND_ATTR) == "interrupted"
-
-
-def counts_against_budget(trial: FrozenTrial, retried: set[int]) -> bool:
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return trial.state == TrialState.FAIL and trial.number not in retried
-
-
-def budget_used(trials: Sequence[FrozenTrial]) -> int:
-    """How many of the study's trials count against ``n_trials``."""
-    retried = retried_numbers(trials)
-    return sum(counts_against_budget(t, retried) for t in trials)
 
 
 def attempts_before(trials: Sequence[FrozenTrial], trial: FrozenTrial, kind: str) -> int:
@@ -249,17 +143,6 @@ def _enqueue_again(study: optuna.Study, trial: FrozenTrial, extra: dict[str, Any
     if EXPERIMENT_ATTR in trial.user_attrs:  # a repeated experiment keeps its name
         attrs[EXPERIMENT_ATTR] = trial.user_attrs[EXPERIMENT_ATTR]
     study.enqueue_trial(intended_params(trial), user_attrs=attrs)
-
-
-def first_attempt(trial: FrozenTrial) -> int:
-    """The number of the first trial of this trial's chain of repeats (its own when it repeats
-    none). A repeat enqueued before chains recorded their first attempt names the trial it
-    repeats, which is the best there is without reading the chain."""
-    repeats = retry_of(trial)
-    if repeats is None:  # hyperfleet writes a first attempt only on a repeat
-        return trial.number
-    first = _trial_number(trial.user_attrs.get(FIRST_ATTEMPT_ATTR), repeats + 1)
-    return repeats if first is None else first
 
 
 def inherit_history(study: optuna.Study, trial: optuna.Trial, stored: FrozenTrial) -> set[int]:
@@ -344,61 +227,6 @@ def last_sign_of_life(trial_dir: Path, controller_seen: float | None) -> float |
         with contextlib.suppress(OSError):
             times.append((trial_dir / name).stat().st_mtime)
     return max(times, default=None)
-
-
-def ended_at(trial: FrozenTrial) -> datetime.datetime | None:
-    """When the trial really ended: Optuna's end time, or for a trial a dead controller left
-    running, when it was last known to run (never before its start nor after Optuna's end)."""
-    end, start = trial.datetime_complete, trial.datetime_start
-    stopped = trial.system_attrs.get(STOPPED_AT_ATTR)
-    if end is None or start is None or not isinstance(stopped, (int, float)):
-        return end
-    if isinstance(stopped, bool):
-        return end
-    try:
-        seen = datetime.datetime.fromtimestamp(stopped)
-    except (OverflowError, OSError, ValueError):
-        return end
-    return min(end, max(start, seen))
-
-
-def stored_study_id(storage: BaseStorage | None, study_name: str) -> int | None:
-    """The id of a study already in ``storage``, or None when there is no such study; reads
-    only, so it may run before bad input is ruled out."""
-    if storage is None:
-        return None
-    try:
-        return storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return None
-
-
-def stored_trials(storage: BaseStorage | None, study_name: str) -> list[FrozenTrial] | None:
-    """The trials of a study already in ``storage``, or None when there is no such study."""
-    study_id = stored_study_id(storage, study_name)
-    if storage is None or study_id is None:
-        return None
-    return storage.get_all_trials(study_id, deepcopy=False)
-
-
-def stored_time_used(storage: BaseStorage | None, study_name: str) -> float:
-    """The seconds of its time budget the study used in earlier runs (0 for a new study)."""
-    study_id = stored_study_id(storage, study_name)
-    if storage is None or study_id is None:
-        return 0.0
-    return _time_used(storage, study_id)
-
-
-def time_used_of(study: optuna.Study) -> float:
-    """The seconds of its time budget an opened study used in earlier runs."""
-    return _time_used(study._storage, study._study_id)  # no public accessors for either
-
-
-def _time_used(storage: BaseStorage, study_id: int) -> float:
-    stored = storage.get_study_system_attrs(study_id).get(TIME_USED_ATTR, 0.0)
-    if isinstance(stored, bool) or not isinstance(stored, (int, float)):
-        return 0.0  # not what hyperfleet writes: taken as no time used
-    return float(stored) if math.isfinite(stored) and stored >= 0 else 0.0
 
 
 def store_time_used(study: optuna.Study, seconds: float) -> None:

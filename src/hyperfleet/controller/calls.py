@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hyperfleet.controller.bookkeeping import RESERVED_PREFIXES, is_reserved
+from hyperfleet.store.schema import RESERVED_PREFIXES, is_reserved
 from hyperfleet.workers.protocol import Call
 
 _TRIAL_METHODS = frozenset(
@@ -42,7 +42,7 @@ _STORAGE_STUDY_METHODS = frozenset(
     {"set_study_system_attr", "set_study_user_attr", "get_study_system_attrs",
      "get_study_user_attrs"}
 )  # fmt: skip
-# Answered by the controller itself, not by Optuna (see hyperfleet.checkpoints).
+# Answered by the controller itself, not by Optuna (see hyperfleet.objective.resume).
 _HYPERFLEET_QUESTIONS = frozenset({"should_stop"})
 _ALLOWED = {
     "hyperfleet": _HYPERFLEET_QUESTIONS,

@@ -1,6 +1,7 @@
 """Which checkpoint folders outlive their trials: ``--keep-checkpoints best|all|none``.
 
-A trial and its repeats share ``checkpoints/<first attempt>/`` (see :mod:`hyperfleet.checkpoints`).
+A trial and its repeats share ``checkpoints/<first attempt>/`` (see
+:mod:`hyperfleet.objective.resume`).
 Once the chain has ended as COMPLETE or PRUNED nothing will continue from it, so its folder is
 removed, unless the policy keeps it: ``all`` keeps every one, ``best`` the best trial's (the
 Pareto front's, with several objectives), which ``best/checkpoint/`` links to, and ``none``
@@ -21,7 +22,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import first_attempt
+from hyperfleet.store.schema import first_attempt
 
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
 

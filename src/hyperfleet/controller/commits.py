@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperfleet.journal import commit, needs_commit
+from hyperfleet.store.journal import commit, needs_commit
 
 Effect = Callable[[], None]
 

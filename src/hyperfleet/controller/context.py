@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from hyperfleet.cluster.hub import NodeHub
 from hyperfleet.config import RunSettings
 from hyperfleet.controller.commits import Effect, Effects
-from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.fleetpack import FleetPack
-from hyperfleet.events import Event, EventSink, Notice
-from hyperfleet.rundir import RunDir
-from hyperfleet.state import RunState
+from hyperfleet.display.events import Event, EventSink, Notice
+from hyperfleet.display.runstate import RunState
+from hyperfleet.store.files import FileWriter
+from hyperfleet.store.rundir import RunDir
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RunContext:
     run_dir: RunDir
     files: FileWriter  # the caller's: the best/ folders wait on it too
     state: RunState
-    sink: EventSink  # every event goes to it (see hyperfleet.events)
+    sink: EventSink  # every event goes to it (see hyperfleet.display.events)
     sequential: bool
     wake: Callable[[], None]  # wakes the loop from another thread
     stops: Stops = field(default_factory=Stops)

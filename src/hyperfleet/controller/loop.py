@@ -41,7 +41,6 @@ from hyperfleet.controller.answers import CallAnswers
 from hyperfleet.controller.collector import CollectorPauses
 from hyperfleet.controller.commits import Committer, Effects
 from hyperfleet.controller.context import RunContext
-from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.fleetpack import FleetPack
 from hyperfleet.controller.node_fleet import NodeFleet
 from hyperfleet.controller.prepared import Preparer
@@ -53,22 +52,23 @@ from hyperfleet.controller.trial_ends import TrialEnds
 from hyperfleet.controller.trial_making import TrialFolders
 from hyperfleet.controller.trial_starts import TrialStarts
 from hyperfleet.controller.waiting import Wakeup
-from hyperfleet.controller.workers import stop_workers
 from hyperfleet.controller.workforce import StartWorker, Workforce
+from hyperfleet.display.events import EventSink, RunEnded, RunStarted, Tick
 from hyperfleet.display.format import duration
+from hyperfleet.display.runstate import RunState
 from hyperfleet.errors import WorkerError
-from hyperfleet.events import EventSink, RunEnded, RunStarted, Tick
-from hyperfleet.journal import close as close_storage
-from hyperfleet.journal import commit
 from hyperfleet.resources.inventory import Gpu
 from hyperfleet.resources.monitor import GpuMonitor
 from hyperfleet.resources.shapes import Ledger, Pool
 from hyperfleet.resources.slots import Slot
-from hyperfleet.rundir import RunDir, RunDirGone
-from hyperfleet.state import RunState
+from hyperfleet.store.files import FileWriter
+from hyperfleet.store.journal import close as close_storage
+from hyperfleet.store.journal import commit
+from hyperfleet.store.rundir import RunDir, RunDirGone
+from hyperfleet.workers.handle import stop_workers
 
 if TYPE_CHECKING:
-    from hyperfleet.refit import RefitOutcome
+    from hyperfleet.objective.refit import RefitOutcome
 
 TICK_SECONDS = 1.0
 WAIT_NOTE_AFTER = 10.0  # seconds before the first note on what a run still waits for

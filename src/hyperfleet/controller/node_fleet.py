@@ -18,13 +18,14 @@ from hyperfleet.cluster.pools import NodePlanner, NodePool, on_node
 from hyperfleet.cluster.readings import node_gpus
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.fleetpack import FleetPack
-from hyperfleet.controller.slot_table import SlotTable, Worker
+from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.workforce import Workforce
+from hyperfleet.display.runstate import NodeView
 from hyperfleet.errors import HyperfleetError
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import Slot
-from hyperfleet.state import NodeView
+from hyperfleet.workers.handle import Worker
 
 # A drained node's trials still running this long (and the kill grace) before it goes are
 # ended as interrupted: in time for their end and their logs to come back.

@@ -48,7 +48,7 @@ from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.ahead import Space
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.outbox import send
-from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotTable, Worker
+from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.controller.trial_making import (
@@ -60,7 +60,8 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
-from hyperfleet.journal import running_trial
+from hyperfleet.store.journal import running_trial
+from hyperfleet.workers.handle import Worker
 from hyperfleet.workers.protocol import Finished, RunTrial
 
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials

@@ -16,12 +16,12 @@ from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.controller.answers import CallAnswers
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.prepared import Preparer
-from hyperfleet.controller.slot_table import SlotTable, Worker
+from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.trial_ends import TrialEnds
 from hyperfleet.controller.waiting import Waiter, Wakeup
-from hyperfleet.controller.workers import WorkerHandle
 from hyperfleet.controller.workforce import Workforce
-from hyperfleet.rundir import NO_ROOM
+from hyperfleet.store.rundir import NO_ROOM
+from hyperfleet.workers.handle import Worker, WorkerHandle
 from hyperfleet.workers.protocol import Call, Finished, Loaded, LoadFailed, Ready
 
 CLOSED = object()  # what reading a closed worker connection gives

@@ -45,10 +45,10 @@ from optuna.samplers import BaseSampler
 from optuna.storages import InMemoryStorage, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.auto_sampler import AutoSampler
-from hyperfleet.delegating import DelegatingSampler
-from hyperfleet.journal import running_trial
-from hyperfleet.pending import PendingTrialsSampler, TrialsView
+from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.sampling.delegating import DelegatingSampler
+from hyperfleet.sampling.pending import PendingTrialsSampler, TrialsView
+from hyperfleet.store.journal import running_trial
 
 _NEW_TRIAL_ID = -1  # the trial being prepared, which the storage has not created yet
 

@@ -24,16 +24,14 @@ from hyperfleet.cluster.remote import RemoteWorker
 from hyperfleet.controller import ahead
 from hyperfleet.controller.policy import ShareBook
 from hyperfleet.controller.study_run import StudyRun
-from hyperfleet.controller.workers import WorkerHandle
+from hyperfleet.display.runstate import RunState, SlotView, TrialRecord
 from hyperfleet.resources.shapes import Ledger
 from hyperfleet.resources.slots import Slot
-from hyperfleet.state import RunState, SlotView, TrialRecord
+from hyperfleet.workers.handle import Worker, WorkerHandle
 from hyperfleet.workers.protocol import RunTrial
 
 if TYPE_CHECKING:
     from hyperfleet.cluster.hub import NodeLink
-
-Worker = WorkerHandle | RemoteWorker
 
 
 class SlotState(str, Enum):

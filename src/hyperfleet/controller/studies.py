@@ -14,16 +14,17 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.controller import ahead, checkpoints
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.study_run import StudyPlan, StudyRun, opened
 from hyperfleet.display.format import duration
+from hyperfleet.display.runstate import StudyView
 from hyperfleet.display.snapshot import last_update
-from hyperfleet.state import StudyView
-from hyperfleet.storage import is_private_journal
+from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.store import schema
+from hyperfleet.store.storage import is_private_journal
 
 
 class StudyBook:
@@ -84,7 +85,7 @@ class StudyBook:
             return None  # leftovers to mark, or repeats and experiments still to run
         if books.repeats_due(trials, self._ctx.settings.retry):
             return None  # failed trials (a named experiment) the retry policy repeats
-        used = books.budget_used(trials)
+        used = schema.budget_used(trials)
         if used < run.plan.n_trials:
             return None
         return (
@@ -111,7 +112,7 @@ class StudyBook:
             return True
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
             return True  # leftovers to repeat, or experiments to run
-        return books.budget_used(trials) < n_trials
+        return schema.budget_used(trials) < n_trials
 
     def another_may_start(self, failed: StudyRun) -> bool:
         """Whether a study that starts first, other than ``failed``, may still load: the run
@@ -135,17 +136,17 @@ class StudyBook:
         private = is_private_journal(study._storage, self._ctx.run_dir.journal)
         self._fail_leftovers(run, private)
         trials = study.get_trials(deepcopy=False)
-        retried = books.retried_numbers(trials)
+        retried = schema.retried_numbers(trials)
         for trial in trials:
             if trial.state == TrialState.FAIL and trial.number not in retried:
-                kind = str(trial.system_attrs.get(books.KIND_ATTR, "error"))
+                kind = str(trial.system_attrs.get(schema.KIND_ATTR, "error"))
                 repeated = books.maybe_retry(study, trial, kind, self._ctx.settings.retry)
                 if repeated:
                     retried.add(trial.number)
                 self._say_repeat(run, trial, kind, repeated)
         trials = study.get_trials(deepcopy=False)
-        run.finished = books.budget_used(trials)
-        run.time_before = books.time_used_of(study)
+        run.finished = schema.budget_used(trials)
+        run.time_before = schema.time_used_of(study)
         in_memory = isinstance(study._storage, optuna.storages.InMemoryStorage)
         if isinstance(study.sampler, AutoSampler):  # says once which sampler it chose, and why
             study.sampler.on_choice = functools.partial(self._say_sampler, run)
@@ -181,7 +182,7 @@ class StudyBook:
         """Whether a failed trial of an earlier run runs again; a named experiment that does
         not is said too, with the retry rule that would repeat it."""
         label = self.trial_label(run, trial.number)
-        experiment = trial.user_attrs.get(books.EXPERIMENT_ATTR)
+        experiment = trial.user_attrs.get(schema.EXPERIMENT_ATTR)
         if experiment is None:
             if repeated:
                 self._ctx.announce(f"{label} ({kind}) will be repeated")
@@ -270,7 +271,7 @@ class StudyBook:
         for run in self.runs.values():
             if not run.shared or run.study is None or run.plan.n_trials is None:
                 continue
-            run.finished = books.budget_used(run.study.get_trials(deepcopy=False))
+            run.finished = schema.budget_used(run.study.get_trials(deepcopy=False))
 
     # ----- checkpoints ---------------------------------------------------------------------
 
@@ -286,7 +287,7 @@ class StudyBook:
         checkpoints.sweep(run.plan.folder.checkpoints_dir, trials, keep, best)
         if len(best) == 1:
             run.best_checkpoint = run.plan.folder.checkpoint_dir(
-                books.first_attempt(trials[next(iter(best))])
+                schema.first_attempt(trials[next(iter(best))])
             )
 
     # ----- what the views show -------------------------------------------------------------
@@ -299,7 +300,7 @@ class StudyBook:
         view.complete = states.count(TrialState.COMPLETE)
         view.pruned = states.count(TrialState.PRUNED)
         failures = [t for t in trials if t.state == TrialState.FAIL]
-        view.interrupted = sum(books.is_interrupted(t) for t in failures)
+        view.interrupted = sum(schema.is_interrupted(t) for t in failures)
         view.failed = len(failures) - view.interrupted
         view.running = self._slots.book.running(run.plan.name)
         view.finished = run.finished
@@ -316,7 +317,7 @@ class StudyBook:
             view.complete += 1
         elif trial.state == TrialState.PRUNED:
             view.pruned += 1
-        elif trial.state == TrialState.FAIL and books.is_interrupted(trial):
+        elif trial.state == TrialState.FAIL and schema.is_interrupted(trial):
             view.interrupted += 1
         elif trial.state == TrialState.FAIL:
             view.failed += 1

@@ -11,8 +11,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from hyperfleet.controller import ahead
-from hyperfleet.rundir import RunDir
-from hyperfleet.state import StudyView
+from hyperfleet.display.runstate import StudyView
+from hyperfleet.store.rundir import RunDir
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 Callback = Callable[[optuna.Study, FrozenTrial], None]

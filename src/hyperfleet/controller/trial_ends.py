@@ -19,8 +19,9 @@ from hyperfleet.controller.slot_table import ActiveTrial, SlotState, SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.controller.trial_starts import TrialStarts
-from hyperfleet.events import TrialEnded
-from hyperfleet.state import TrialRecord
+from hyperfleet.display.events import TrialEnded
+from hyperfleet.display.runstate import TrialRecord
+from hyperfleet.store import schema
 from hyperfleet.workers.protocol import Finished
 
 
@@ -108,7 +109,7 @@ class TrialEnds:
             run.space = ahead.narrowed(run.space, frozen.distributions)
         if run.plan.timeout is not None:  # no extra write per trial for the others
             books.store_time_used(study, run.time_used(time.monotonic()))
-        kind = str(frozen.system_attrs.get(books.KIND_ATTR, kind))
+        kind = str(frozen.system_attrs.get(schema.KIND_ATTR, kind))
         if rerun:
             books.rerun_with_more_room(study, frozen)
         retried = rerun or (
@@ -139,7 +140,7 @@ class TrialEnds:
         it; once the storage has the trial's end (a controller killed before that repeats the
         trial, which needs the folder). The Pareto front is settled by the end-of-run sweep."""
         keep = self._ctx.settings.keep_checkpoints
-        folder: Path | None = run.plan.folder.checkpoint_dir(books.first_attempt(trial))
+        folder: Path | None = run.plan.folder.checkpoint_dir(schema.first_attempt(trial))
         if keep == "all" or (keep == "best" and len(opened(run).directions) > 1):
             return
         if keep == "best" and run.view.best_number == trial.number:
@@ -162,7 +163,7 @@ class TrialEnds:
         autopack = self._ctx.autopack
         if autopack is None or kind != "oom" or self._ctx.stops.level:
             return False
-        if reason.startswith(books.HOST_OOM_REASON):
+        if reason.startswith(schema.HOST_OOM_REASON):
             return False
         gpu = autopack.gpu_of(name)
         sharing = sum(autopack.gpu_of(other) == gpu for other in self._slots.active)
@@ -178,11 +179,11 @@ class TrialEnds:
 
 def _error_of(finished: Finished) -> tuple[str, str]:
     """The kind and reason of a trial whose objective raised."""
-    kind = books.classify_error(finished.error_type, finished.message)
+    kind = schema.classify_error(finished.error_type, finished.message)
     reason = f"{finished.error_type}: {finished.message}"
     if kind == "oom":
-        on = books.out_of_memory_on(finished.error_type, finished.message)
-        reason = f"{books.HOST_OOM_REASON if on == 'host' else 'out of memory'}: {reason}"
+        on = schema.out_of_memory_on(finished.error_type, finished.message)
+        reason = f"{schema.HOST_OOM_REASON if on == 'host' else 'out of memory'}: {reason}"
     elif finished.error_type == "SystemExit":
         reason = f"the objective called {finished.message}"
     return kind, reason

@@ -16,14 +16,15 @@ from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.study_run import StudyRun, opened
-from hyperfleet.rundir import RunDir
-from hyperfleet.state import TrialRecord
+from hyperfleet.display.runstate import TrialRecord
+from hyperfleet.store import schema
+from hyperfleet.store.rundir import RunDir
 from hyperfleet.workers.protocol import RunTrial, StudyInfo
 
 
 def placement(run_dir: RunDir, slot: str, pid: int) -> dict[str, Any]:
     """The marks of where a trial runs, as its system attributes."""
-    return {books.RUN_ATTR: run_dir.identity, books.SLOT_ATTR: slot, books.PID_ATTR: pid}
+    return {schema.RUN_ATTR: run_dir.identity, schema.SLOT_ATTR: slot, schema.PID_ATTR: pid}
 
 
 def mark_placed(trial: optuna.Trial, marks: dict[str, Any]) -> FrozenTrial:
@@ -72,7 +73,7 @@ def run_message(
         trial_dir=str(run.plan.folder.trial_dir(stored.number)),
         datetime_start=start,
         study=StudyInfo(study.study_name, tuple(d.name for d in study.directions), study._study_id),
-        checkpoint_dir=str(run.plan.folder.checkpoint_dir(books.first_attempt(stored))),
+        checkpoint_dir=str(run.plan.folder.checkpoint_dir(schema.first_attempt(stored))),
         suggestions=suggestions,
         trial_id=stored._trial_id,
     )
@@ -80,14 +81,14 @@ def run_message(
 
 def record_of(study: optuna.Study, stored: FrozenTrial) -> TrialRecord:
     """A running trial's record, for the views and the events."""
-    experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
+    experiment = stored.user_attrs.get(schema.EXPERIMENT_ATTR)
     return TrialRecord(
         study=study.study_name,
         number=stored.number,
         slot="",  # the slot's name, once it runs there (TrialStarts.begin)
         state="RUNNING",
         start=time.time(),
-        retry_of=books.retry_of(stored),
+        retry_of=schema.retry_of(stored),
         experiment=str(experiment) if experiment is not None else "",
     )
 

@@ -22,7 +22,7 @@ from hyperfleet.controller.outbox import send
 from hyperfleet.controller.policy import StudyDemand, pick
 from hyperfleet.controller.prepared import Preparer
 from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
-from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotState, SlotTable, Worker
+from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotState, SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.controller.trial_making import (
@@ -34,8 +34,10 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
-from hyperfleet.events import TrialStarted
-from hyperfleet.journal import PlacingJournalStorage
+from hyperfleet.display.events import TrialStarted
+from hyperfleet.store import schema
+from hyperfleet.store.journal import PlacingJournalStorage
+from hyperfleet.workers.handle import Worker
 from hyperfleet.workers.protocol import RunTrial
 
 
@@ -182,10 +184,10 @@ class TrialStarts:
         ``computed``: its relative sample was computed off the loop's thread."""
         study = opened(run)
         trial_dir = self._folders.trial_dir(run, trial.number)
-        experiment = stored.user_attrs.get(books.EXPERIMENT_ATTR)
+        experiment = stored.user_attrs.get(schema.EXPERIMENT_ATTR)
         if experiment is not None:
             run.plan.folder.link_experiment(str(experiment), trial_dir)
-        repeats = books.retry_of(stored) is not None
+        repeats = schema.retry_of(stored) is not None
         inherited = books.inherit_history(study, trial, stored) if repeats else set()
         sides = side_by_side(self._ctx, self._slots)
         suggestions = sample_ahead(run, trial, stored, computed, sides)

@@ -20,15 +20,15 @@ from hyperfleet.cluster.hub import LOST
 from hyperfleet.controller.autopack import Change
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.prepared import Preparer
-from hyperfleet.controller.slot_table import ActiveTrial, SlotState, SlotTable, Worker
+from hyperfleet.controller.slot_table import ActiveTrial, SlotState, SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyRun
 from hyperfleet.controller.trial_ends import TrialEnds
 from hyperfleet.controller.trial_starts import TrialStarts, takes_a_trial
-from hyperfleet.controller.workers import WorkerHandle
 from hyperfleet.errors import ObjectiveError
 from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.resources.slots import Slot
+from hyperfleet.workers.handle import Worker, WorkerHandle
 from hyperfleet.workers.protocol import Finished, LoadFailed, ObjectiveSpec, Ready
 
 # Starts a worker on this machine: WorkerHandle, or a test's worker without a process.

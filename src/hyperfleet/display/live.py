@@ -14,9 +14,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from hyperfleet.display.events import (
+    Event,
+    Notice,
+    RunEnded,
+    RunStarted,
+    Tick,
+    summary_lines,
+)
 from hyperfleet.display.render import render
-from hyperfleet.events import Event, Notice, RunEnded, RunStarted, Tick, summary_lines
-from hyperfleet.state import RunState
+from hyperfleet.display.runstate import RunState
 
 
 class ViewConsole(Console):

@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from hyperfleet.display import format as fmt
+from hyperfleet.display.runstate import NodeView, RunState, SlotView, StudyView, TrialRecord
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.state import NodeView, RunState, SlotView, StudyView, TrialRecord
 
 RECENT_ROWS = 6
 STATE_STYLES = {

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TextIO
 
-from hyperfleet.events import Event, EventSink, Notice, PlainLog
+from hyperfleet.display.events import Event, EventSink, Notice, PlainLog
 
 
 def screen_view(mode: str, stream: TextIO | None, log: EventSink) -> ScreenGuard:

@@ -17,12 +17,11 @@ from typing import Any
 
 import optuna
 
-from hyperfleet.events import Event, RunEnded, RunStarted, Tick, TrialEnded, TrialStarted
+from hyperfleet.display.events import Event, RunEnded, RunStarted, Tick, TrialEnded, TrialStarted
+from hyperfleet.display.runstate import NodeView, RunState, TrialClock
 from hyperfleet.resources.monitor import GpuSample
-from hyperfleet.rundir import write_json
-from hyperfleet.state import NodeView, RunState, TrialClock
+from hyperfleet.store.rundir import STATUS_NAME, write_json
 
-STATUS_NAME = "status.json"
 WRITE_EVERY_SECONDS = 2.0
 
 

@@ -63,7 +63,7 @@ def write_reports(run_dir: str | Path, top: int = 5) -> list[Path]:
     """``hyperfleet report``: the run's report, or for a campaign one per study (in
     ``studies/<name>/report/``) and the campaign's own, first (see
     :mod:`hyperfleet.report.campaign`)."""
-    from hyperfleet.rundir import RunDir
+    from hyperfleet.store.rundir import RunDir
 
     _require_plotting()  # before opening the storage, as write_report does
     path = Path(run_dir).absolute()
@@ -82,7 +82,7 @@ def _the_study(path: Path) -> optuna.Study:
 
 
 def _stored_studies(path: Path) -> list[optuna.Study]:
-    from hyperfleet.status import open_run
+    from hyperfleet.store.run_reader import open_run
 
     studies = open_run(path).studies
     if not studies:

@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
 
     from hyperfleet.errors import HyperfleetError
     from hyperfleet.report import write_report
-    from hyperfleet.status import open_run
+    from hyperfleet.store.run_reader import open_run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore")

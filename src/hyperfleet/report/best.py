@@ -22,21 +22,23 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import (
-    EXPERIMENT_ATTR,
-    SLOT_ATTR,
-    first_attempt,
-    is_interrupted,
-)
 from hyperfleet.display import format as fmt
+from hyperfleet.display.events import (
+    Event,
+    RunEnded,
+    RunStarted,
+    Tick,
+    TrialEnded,
+    TrialStarted,
+)
 from hyperfleet.display.render import gpu_use, node_cpu, node_memory
-from hyperfleet.events import Event, RunEnded, RunStarted, Tick, TrialEnded, TrialStarted
+from hyperfleet.display.runstate import RunState, TrialClock, TrialRecord
 from hyperfleet.report import tables
-from hyperfleet.rundir import RunDir, write_json
-from hyperfleet.state import RunState, TrialClock, TrialRecord
+from hyperfleet.store.rundir import RunDir, write_json
+from hyperfleet.store.schema import EXPERIMENT_ATTR, SLOT_ATTR, first_attempt, is_interrupted
 
 BEST_NAME = "best"
-REFIT_NAME = "refit"  # best/refit/: what hyperfleet.refit made from the best parameters
+REFIT_NAME = "refit"  # best/refit/: what hyperfleet.objective.refit made from the best parameters
 CHECKPOINT_NAME = "checkpoint"  # best/checkpoint/: the best trial's checkpoint folder
 SUMMARY_NAME = "summary.md"
 PARETO_EVERY_SECONDS = 2.0

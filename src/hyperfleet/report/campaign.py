@@ -21,10 +21,10 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, is_interrupted
 from hyperfleet.display import format as fmt
 from hyperfleet.report import html as pages
 from hyperfleet.report import tables
+from hyperfleet.store.schema import EXPERIMENT_ATTR, is_interrupted
 
 CAMPAIGN_ATTR = "hyperfleet:campaign"  # {"family": "xgb-{dataset}", "matrix": {...}}
 REPORT_DIR = "report"
@@ -272,7 +272,7 @@ def _combination(row: StudyRow, variables: list[str]) -> str:
 
 
 def _folder(name: str) -> str:
-    from hyperfleet.rundir import folder_name
+    from hyperfleet.store.rundir import folder_name
 
     return folder_name(name)
 

@@ -21,11 +21,9 @@ from pathlib import Path
 
 import psutil
 
-from hyperfleet.errors import ResourceError
+from hyperfleet.resources.inventory import FAKE_GPU_DIR_ENV, fake_gpu_folder, fake_memory_mib
+from hyperfleet.resources.slots import current_slot
 
-FAKE_GPU_DIR_ENV = "HYPERFLEET_FAKE_GPU_DIR"
-FAKE_GPU_MIB_ENV = "HYPERFLEET_FAKE_GPU_MIB"
-DEFAULT_FAKE_GPU_MIB = 16384
 _STEP_SECONDS = 0.02
 SWITCH_COST = 0.9  # what is left of a saturating trial's speed when it shares the GPU
 
@@ -41,28 +39,9 @@ class FakeReading:
     by_pid: dict[int, int]  # memory each live process holds
 
 
-def fake_memory_mib() -> int:
-    """The memory of each fake GPU: ``HYPERFLEET_FAKE_GPU_MIB``, else 16 GiB."""
-    text = os.environ.get(FAKE_GPU_MIB_ENV, "").strip()
-    if not text:
-        return DEFAULT_FAKE_GPU_MIB
-    mib = int(text) if text.isascii() and text.isdigit() else 0
-    if mib < 1:
-        raise ResourceError(
-            f"{FAKE_GPU_MIB_ENV}={text!r} is not a memory size; set it to each fake GPU's "
-            f"memory in MiB (for example {DEFAULT_FAKE_GPU_MIB}), or unset it for 16 GiB."
-        )
-    return mib
-
-
-def state_folder() -> Path | None:
-    folder = os.environ.get(FAKE_GPU_DIR_ENV)
-    return Path(folder) if folder else None
-
-
 def read(index: int) -> FakeReading | None:
     """What NVML would say of fake GPU ``index``; None without a state folder."""
-    root = state_folder()
+    root = fake_gpu_folder()
     if root is None:
         return None
     with _locked(root / f"gpu{index}") as folder:
@@ -121,7 +100,7 @@ def work(seconds: float, mib: int, busy_pct: float, saturates: bool = False) -> 
 def _demand(index: int) -> tuple[float, int]:
     """The sum of what the trials on the GPU ask for, uncapped (``read`` caps it at 100 as NVML
     does), and how many trials share it."""
-    root = state_folder()
+    root = fake_gpu_folder()
     if root is None:
         return 0.0, 1
     with _locked(root / f"gpu{index}") as folder:
@@ -130,8 +109,6 @@ def _demand(index: int) -> tuple[float, int]:
 
 
 def _own_gpu() -> int:
-    from hyperfleet.resources.slots import current_slot
-
     gpus = current_slot().gpus
     if not gpus:
         raise RuntimeError("a fake GPU trial must run in a GPU slot (HYPERFLEET_FAKE_GPUS)")
@@ -139,7 +116,7 @@ def _own_gpu() -> int:
 
 
 def _gpu_folder(index: int | None) -> Path:
-    root = state_folder()
+    root = fake_gpu_folder()
     if root is None:
         raise RuntimeError(f"set {FAKE_GPU_DIR_ENV} to a folder for the fake GPUs' state")
     return root / f"gpu{_own_gpu() if index is None else index}"

@@ -10,10 +10,12 @@ import contextlib
 import os
 import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import psutil
+
 from hyperfleet.errors import ResourceError
-from hyperfleet.resources.fakegpu import fake_memory_mib
 
 FAKE_GPUS_ENV = "HYPERFLEET_FAKE_GPUS"
 # Fake GPUs in another compute mode than DEFAULT ("exclusive_process"), for tests.
@@ -21,6 +23,20 @@ FAKE_GPU_MODE_ENV = "HYPERFLEET_FAKE_GPU_MODE"
 DEFAULT_MODE = "default"
 EXCLUSIVE_MODE = "exclusive_process"
 PROHIBITED_MODE = "prohibited"
+# The fake GPUs' memory, and the folder where it follows the trials on them (see
+# :mod:`hyperfleet.resources.fakegpu`, which reads and writes that folder).
+FAKE_GPU_DIR_ENV = "HYPERFLEET_FAKE_GPU_DIR"
+FAKE_GPU_MIB_ENV = "HYPERFLEET_FAKE_GPU_MIB"
+DEFAULT_FAKE_GPU_MIB = 16384
+
+# Every slot gets a warm worker process, so the slot count is a process count, with a cost:
+# beyond 16 workers per core, trials mostly wait for a core, and starting the workers alone
+# (each imports Optuna, about half a CPU-second; torch takes seconds) takes minutes.
+WORKERS_PER_CORE = 16
+
+# A warm worker holds Python, Optuna and what the objective imported: about 45 MiB with nothing
+# else, hundreds with torch. Counting 100 MiB each refuses only what cannot work anyway.
+WORKER_MEMORY_MIB = 100
 
 
 @dataclass(frozen=True)
@@ -95,8 +111,6 @@ def _allowed_cores() -> set[int]:
 def _check_fake_count(count: int, cores: tuple[int, ...]) -> None:
     """Each GPU used takes a slot, so more fake GPUs than the machine can run slots is a typo;
     refused before a million of them are built (seconds and hundreds of MB)."""
-    from hyperfleet.resources.slots import max_workers
-
     limit, why = max_workers(Inventory(gpus=(), cores=cores))
     if not 0 <= count <= limit:
         raise ResourceError(
@@ -367,3 +381,37 @@ def select_gpus(inventory: Inventory, wanted: list[str] | None) -> tuple[Gpu, ..
             )
         chosen.append(match)
     return tuple(chosen)
+
+
+def max_workers(inventory: Inventory) -> tuple[int, str]:
+    """How many worker processes this machine can sensibly run, and why that many."""
+    by_cores = WORKERS_PER_CORE * max(1, len(inventory.cores))
+    memory_mib = psutil.virtual_memory().total // 2**20
+    by_memory = max(1, memory_mib // WORKER_MEMORY_MIB)
+    if by_memory < by_cores:
+        return (
+            by_memory,
+            f"{WORKER_MEMORY_MIB} MiB each in its {memory_mib / 1024:.1f} GiB of memory",
+        )
+    cores = len(inventory.cores)
+    return by_cores, f"{WORKERS_PER_CORE} per core on its {cores} core{'s' * (cores != 1)}"
+
+
+def fake_memory_mib() -> int:
+    """The memory of each fake GPU: ``HYPERFLEET_FAKE_GPU_MIB``, else 16 GiB."""
+    text = os.environ.get(FAKE_GPU_MIB_ENV, "").strip()
+    if not text:
+        return DEFAULT_FAKE_GPU_MIB
+    mib = int(text) if text.isascii() and text.isdigit() else 0
+    if mib < 1:
+        raise ResourceError(
+            f"{FAKE_GPU_MIB_ENV}={text!r} is not a memory size; set it to each fake GPU's "
+            f"memory in MiB (for example {DEFAULT_FAKE_GPU_MIB}), or unset it for 16 GiB."
+        )
+    return mib
+
+
+def fake_gpu_folder() -> Path | None:
+    """Where the fake GPUs' memory and utilisation follow their trials; None: they read nothing."""
+    folder = os.environ.get(FAKE_GPU_DIR_ENV)
+    return Path(folder) if folder else None

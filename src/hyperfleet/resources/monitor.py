@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 
 from hyperfleet.resources import fakegpu
-from hyperfleet.resources.inventory import Gpu, nvml_problem
+from hyperfleet.resources.inventory import Gpu, fake_memory_mib, nvml_problem
 
 _MIB = 1024 * 1024
 
@@ -178,7 +178,7 @@ def _fake_sample(gpu: Gpu) -> GpuSample:
     """A fake GPU reads as the trials on it say (see :mod:`hyperfleet.resources.fakegpu`);
     without its state folder it cannot tell, as before."""
     reading = fakegpu.read(gpu.index)
-    total = gpu.memory_total_mib or fakegpu.fake_memory_mib()
+    total = gpu.memory_total_mib or fake_memory_mib()
     if reading is None:
         return GpuSample(gpu.index, None, None, total)
     return GpuSample(gpu.index, reading.busy_pct, reading.used_mib, total, reading.by_pid)

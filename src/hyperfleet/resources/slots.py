@@ -10,11 +10,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-import psutil
-
 from hyperfleet.errors import ConfigError, ResourceError
-from hyperfleet.resources import fakegpu
-from hyperfleet.resources.inventory import Gpu, Inventory, select_gpus
+from hyperfleet.resources.inventory import Gpu, Inventory, fake_gpu_folder, max_workers, select_gpus
 from hyperfleet.resources.packing import AUTO, MAX_WORKERS_PER_GPU, PackingSettings
 
 SLOT_ENV = "HYPERFLEET_SLOT"
@@ -26,10 +23,6 @@ THREAD_ENV_VARS = (
     "VECLIB_MAXIMUM_THREADS",
 )
 
-# Every slot gets a warm worker process, so the slot count is a process count, with a cost:
-# beyond 16 workers per core, trials mostly wait for a core, and starting the workers alone
-# (each imports Optuna, about half a CPU-second; torch takes seconds) takes minutes.
-WORKERS_PER_CORE = 16
 # Frameworks that take most of a GPU's memory when they start unless told otherwise: JAX
 # preallocates 75 % of it, TensorFlow nearly all. On a GPU shared by several workers (a
 # fraction of it, or auto packing's workers) the second would fail every trial, so its slots
@@ -39,10 +32,6 @@ SHARED_GPU_ENV = {
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     "TF_FORCE_GPU_ALLOW_GROWTH": "true",
 }
-
-# A warm worker holds Python, Optuna and what the objective imported: about 45 MiB with nothing
-# else, hundreds with torch. Counting 100 MiB each refuses only what cannot work anyway.
-WORKER_MEMORY_MIB = 100
 
 
 @dataclass(frozen=True)
@@ -186,7 +175,7 @@ def packing_settings(
     gpus = {slot.gpus[0] for slot in packed}
     if not gpus:
         return None
-    readable = any(g.kind != "fake" for g in inventory.gpus) or fakegpu.state_folder()
+    readable = any(g.kind != "fake" for g in inventory.gpus) or fake_gpu_folder()
     if not readable and (declared_mib is None or undeclared_too):
         return None  # fake GPUs without their state folder read nothing: one worker each
     limit, _ = max_workers(inventory)
@@ -201,20 +190,6 @@ def packing_settings(
             if gpu.index in gpus and not gpu.shared
         ),
     )
-
-
-def max_workers(inventory: Inventory) -> tuple[int, str]:
-    """How many worker processes this machine can sensibly run, and why that many."""
-    by_cores = WORKERS_PER_CORE * max(1, len(inventory.cores))
-    memory_mib = psutil.virtual_memory().total // 2**20
-    by_memory = max(1, memory_mib // WORKER_MEMORY_MIB)
-    if by_memory < by_cores:
-        return (
-            by_memory,
-            f"{WORKER_MEMORY_MIB} MiB each in its {memory_mib / 1024:.1f} GiB of memory",
-        )
-    cores = len(inventory.cores)
-    return by_cores, f"{WORKERS_PER_CORE} per core on its {cores} core{'s' * (cores != 1)}"
 
 
 def check_worker_count(inventory: Inventory, count: int, what: str, fix: str) -> None:

@@ -18,7 +18,8 @@ import os
 import signal
 import sys
 import threading
-import time
+
+from hyperfleet.workers.logline import say
 
 # Holds the worker's pid while it runs: hyperfleet.optimize refuses to start a search inside a
 # worker (a script without an ``if __name__ == "__main__":`` guard, imported there). A pid, not
@@ -59,12 +60,6 @@ def _watch_lifeline(fd: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="hyperfleet-lifeline", daemon=True).start()
-
-
-def say(text: str) -> None:
-    """A timestamped line in the worker's log (its stdout, outside any trial); flushed with
-    what the objective's module printed before it, so a worker killed later loses none."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}", flush=True)
 
 
 def _say_started() -> None:

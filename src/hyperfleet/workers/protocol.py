@@ -11,6 +11,13 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
+# A worker's marks for its agent on a node without the run directory (see
+# :mod:`hyperfleet.workers.nodefolder`), sent as raw bytes on the worker's connection; the agent
+# relays everything else without reading it. Never a pickle, which starts with b"\x80" (and
+# nothing a worker sends is pickled with protocol 0).
+TRIAL_STARTED = b"\x00hyperfleet:trial-started:"
+TRIAL_ENDED = b"\x00hyperfleet:trial-ended"
+
 
 @dataclass(frozen=True)
 class ObjectiveSpec:

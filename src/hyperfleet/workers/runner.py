@@ -24,13 +24,14 @@ from typing import Any
 import optuna
 import psutil
 
-from hyperfleet.cluster.trialfiles import TRIAL_ENDED, NodeRunFolder
 from hyperfleet.errors import HyperfleetError, TrialInterrupted
 from hyperfleet.resources.slots import current_slot
 from hyperfleet.workers.descendants import descendants
 from hyperfleet.workers.descendants import end as end_processes
-from hyperfleet.workers.main import say
+from hyperfleet.workers.logline import say
+from hyperfleet.workers.nodefolder import NodeRunFolder
 from hyperfleet.workers.protocol import (
+    TRIAL_ENDED,
     Finished,
     Load,
     Loaded,

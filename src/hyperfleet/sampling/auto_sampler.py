@@ -38,7 +38,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.delegating import DelegatingSampler
+from hyperfleet.sampling.delegating import DelegatingSampler
 
 # A suggestion's cost at this many trials is what bench/RESULTS.md (2026-11-28, GP's cost)
 # measured as still small beside trials worth running on many slots.

@@ -13,19 +13,25 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from hyperfleet.app.search import (
+    Display,
+    RunSetup,
+    SingleStudy,
+    plan_first_slots,
+    run_single_study,
+)
 from hyperfleet.cluster.channel import parse_address
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import RetryPolicy, RunSettings, parse_duration, parse_memory
 from hyperfleet.controller.callbacks import check_callbacks
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, ObjectiveError
-from hyperfleet.launch import Display, RunSetup, SingleStudy, plan_first_slots, run_single_study
-from hyperfleet.refit import plan_from_callable
+from hyperfleet.objective.refit import plan_from_callable
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.resources.slots import PoolOptions
-from hyperfleet.rundir import RunDir, check_folder_name
-from hyperfleet.samplers import check_study_sampler
-from hyperfleet.storage import controller_study
+from hyperfleet.sampling.samplers import check_study_sampler
+from hyperfleet.store.rundir import RunDir, check_folder_name
+from hyperfleet.store.storage import controller_study
 from hyperfleet.workers.main import WORKER_PID_ENV
 from hyperfleet.workers.packaging import spec_from_callable
 
@@ -76,7 +82,7 @@ def optimize(
     trial takes. After SIGTERM running trials get ``stop_grace``, then ``kill_grace`` between
     SIGTERM and SIGKILL. ``keep_checkpoints``: "best", "all" or "none" (see
     :func:`hyperfleet.checkpoint_dir`). ``report=False``: no ``run_dir/report/``.
-    ``refit(params)`` runs once with the best parameters (see :mod:`hyperfleet.refit`).
+    ``refit(params)`` runs once with the best parameters (see :mod:`hyperfleet.objective.refit`).
     ``listen="HOST:PORT"`` runs the trials on the nodes whose agents connect there, cut into
     slots by the pool keywords, with ``token_file``, ``heartbeat`` and ``node_timeout``;
     ``ray="auto"`` (or an address) or ``slurm=True`` start the agents. ``callbacks`` are called
@@ -93,7 +99,7 @@ def optimize(
 @dataclass(frozen=True)
 class _Optimize:
     """The arguments of :func:`optimize`, translated step by step into the builder's inputs
-    (see :mod:`hyperfleet.launch`), in the order that checks the cheap ones first."""
+    (see :mod:`hyperfleet.app.search`), in the order that checks the cheap ones first."""
 
     study: optuna.Study
     objective: Callable[[optuna.Trial], Any]
@@ -292,8 +298,11 @@ def run_campaign(
     with ``listen``, ``ray`` or ``slurm``, each node that joins is cut into slots as the file's
     ``[pool]`` says.
     """
+    from hyperfleet.app.campaign_search import (
+        campaign_settings,
+        run_campaign_search,
+    )
     from hyperfleet.campaign import load_campaign
-    from hyperfleet.campaign_search import campaign_settings, run_campaign_search
 
     refuse_inside_a_worker("run_campaign")
     campaign = load_campaign(path)

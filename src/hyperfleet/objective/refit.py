@@ -31,7 +31,7 @@ line, and caches nothing; in a campaign, the other studies' refits still run, an
 about a refit names its study. A study with several objectives has no single best trial: its refit
 is skipped with a one-line note (refit a Pareto trial from ``best/trial-N/params.json``).
 
-The child side is ``python -m hyperfleet.refit``: it reads a pickled :class:`RefitRequest`
+The child side is ``python -m hyperfleet.objective.refit``: it reads a pickled :class:`RefitRequest`
 from stdin.
 """
 
@@ -51,13 +51,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hyperfleet.errors import ConfigError, ObjectiveError
-from hyperfleet.rundir import write_json
+from hyperfleet.store.rundir import write_json
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 if TYPE_CHECKING:
     import optuna
 
-    from hyperfleet.command import CommandObjective
+    from hyperfleet.objective.command import CommandObjective
 
 RESULT_NAME = "result.json"
 CACHE_NAME = "refit.json"
@@ -120,8 +120,8 @@ def plan_from_command(
     """A refit command whose placeholders are checked against the search space of ``--cmd``
     (without one, an objective study's, when the best parameters are filled in); its relative
     file names are found from ``launch_dir`` (default: the current folder)."""
-    from hyperfleet.command import CommandObjective
-    from hyperfleet.space import SearchSpace, load_space
+    from hyperfleet.objective.command import CommandObjective
+    from hyperfleet.sampling.space import SearchSpace, load_space
 
     if space_path is None:
         template = CommandObjective(command, SearchSpace(()), launch_dir=launch_dir, check=False)
@@ -162,7 +162,7 @@ class CommandRefit:
 
     def __call__(self, params: dict[str, Any]) -> dict[str, Any]:
         from hyperfleet import client
-        from hyperfleet.command import describe_exit
+        from hyperfleet.objective.command import describe_exit
 
         number = int(os.environ.get(client.TRIAL_NUMBER_ENV) or -1)
         if not self.template.checked:
@@ -181,7 +181,7 @@ class CommandRefit:
 
 
 def _check_placeholders(words: list[str], params: dict[str, Any]) -> None:
-    from hyperfleet.command import unknown_placeholder
+    from hyperfleet.objective.command import unknown_placeholder
 
     unknown = unknown_placeholder(words, set(params), of="the best trial")
     if unknown is not None:
@@ -342,7 +342,7 @@ def _run_child(
     request = RefitRequest(plan.spec, dict(params), number, str(folder), plan.args)
     with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "hyperfleet.refit"],
+            [sys.executable, "-m", "hyperfleet.objective.refit"],
             env={**os.environ, **slot_env},
             cwd=folder,
             stdin=subprocess.PIPE,
@@ -363,7 +363,7 @@ def _run_child(
 
 
 def _failure_reason(folder: Path, status: int) -> str:
-    from hyperfleet.command import describe_exit
+    from hyperfleet.objective.command import describe_exit
 
     failure = folder / FAILURE_NAME
     try:
@@ -376,7 +376,7 @@ def _failure_reason(folder: Path, status: int) -> str:
 
 def _stderr_end() -> str:
     """The end of this process's stderr.log (the refit folder's), for a failed command."""
-    from hyperfleet.rundir import tail
+    from hyperfleet.store.rundir import tail
 
     sys.stderr.flush()
     text = tail(Path("stderr.log"), STDERR_TAIL_CHARS).strip()
@@ -471,7 +471,7 @@ def _detach_stdin() -> None:
 
 if __name__ == "__main__":
     # Run the imported module's main, not this __main__ copy: the pickled refit refers to
-    # hyperfleet.refit's classes (RefitError), which must be the ones main() catches.
-    from hyperfleet.refit import main as module_main
+    # hyperfleet.objective.refit's classes (RefitError), which must be the ones main() catches.
+    from hyperfleet.objective.refit import main as module_main
 
     module_main()

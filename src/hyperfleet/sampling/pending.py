@@ -31,8 +31,8 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.delegating import DelegatingSampler
 from hyperfleet.errors import ConfigError
+from hyperfleet.sampling.delegating import DelegatingSampler
 
 # The values a running trial is shown with, from the finished trials and the directions.
 Liar = Callable[[Sequence[FrozenTrial], Sequence[StudyDirection]], list[float]]

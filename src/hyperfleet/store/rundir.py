@@ -27,6 +27,7 @@ LOCK_NAME = ".hyperfleet.lock"
 RECORD_NAME = ".hyperfleet-run.json"  # the directory's own id and the study that owns it
 STUDIES_NAME = "studies"  # a campaign's studies each get a folder in there
 JOURNAL_NAME = "optuna.journal"
+STATUS_NAME = "status.json"  # what the controller last said of its slots (display.snapshot)
 CHECKPOINTS_NAME = "checkpoints"  # one folder per trial and its repeats, made when asked for
 TRIALS_NAME = "trials"
 CHECK_EVERY_SECONDS = 0.1  # how often a deleted or moved run folder is looked for, at most

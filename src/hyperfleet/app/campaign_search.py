@@ -15,24 +15,24 @@ from typing import Any
 
 import optuna
 
-from hyperfleet.campaign import Campaign, Experiment, StudySpec
+from hyperfleet.app.search import RunSetup, Search, run_search
 from hyperfleet.campaign.folders import grid_points
+from hyperfleet.campaign.spec import Campaign, Experiment, StudySpec
 from hyperfleet.cluster.pools import campaign_planner, shapes_packing
 from hyperfleet.config import RetryPolicy, RunSettings
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, stored_time_used, stored_trials
 from hyperfleet.controller.callbacks import load_callback
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.controller.study_run import Callback, StudyPlan
 from hyperfleet.errors import ResourceError
-from hyperfleet.launch import RunSetup, Search, run_search
-from hyperfleet.refit import RefitPlan, plan_from_command, plan_from_target
+from hyperfleet.objective.refit import RefitPlan, plan_from_command, plan_from_target
 from hyperfleet.report.campaign import CAMPAIGN_ATTR
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, plan_pool
-from hyperfleet.rundir import RunDir
-from hyperfleet.samplers import make_pruner, make_sampler
-from hyperfleet.storage import check_directions, existing_storage, open_storage
+from hyperfleet.sampling.samplers import make_pruner, make_sampler
+from hyperfleet.store.rundir import RunDir
+from hyperfleet.store.schema import EXPERIMENT_ATTR, stored_time_used, stored_trials
+from hyperfleet.store.storage import check_directions, existing_storage, open_storage
 from hyperfleet.workers.packaging import spec_from_callable, spec_from_target
 from hyperfleet.workers.protocol import ObjectiveSpec
 
@@ -220,8 +220,8 @@ def _objective(study: StudySpec, base: Path) -> ObjectiveSpec:
         return spec_from_callable(study.objective_callable, study.args)
     if study.target is not None:
         return spec_from_target(study.target, study.args)
-    from hyperfleet.command import CommandObjective
-    from hyperfleet.space import load_space
+    from hyperfleet.objective.command import CommandObjective
+    from hyperfleet.sampling.space import load_space
 
     assert study.cmd is not None and study.space is not None  # the file's checks promise it
     return spec_from_callable(CommandObjective(study.cmd, load_space(study.space), launch_dir=base))

@@ -6,8 +6,8 @@ a one-line notice, a tick (about once a second), the run ended. It hands each ev
 them: the live view, the plain lines on the screen, ``run.log``, ``status.json``, ``best/`` and
 ``summary.md``. A sink's ``handle`` matches the events it cares for and lets the rest pass.
 
-Each event carries the run's state (:class:`~hyperfleet.state.RunState`, which the controller
-keeps current), so a view can draw the whole picture and not only the change.
+Each event carries the run's state (:class:`~hyperfleet.display.runstate.RunState`, which
+the controller keeps current), so a view can draw the whole picture and not only the change.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TextIO
 
-from hyperfleet.state import RunState, StudyView, TrialRecord
+from hyperfleet.display.runstate import RunState, StudyView, TrialRecord
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import optuna
 
-from hyperfleet.auto_sampler import AutoSampler
-from hyperfleet.delegating import DelegatingSampler
 from hyperfleet.errors import ConfigError
+from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.sampling.delegating import DelegatingSampler
 
 # Each factory takes the seed and the study's trial budget (None: none).
 SAMPLERS: dict[str, Callable[[int | None, int | None], optuna.samplers.BaseSampler]] = {

@@ -1,4 +1,9 @@
-"""Starting, watching and stopping one worker process (the controller's side).
+"""The worker contract as the controller holds it: the :class:`Worker` protocol, and the local
+worker process behind it (starting, watching and stopping it).
+
+The controller's loop sees every worker through :class:`Worker`, whether it runs here
+(:class:`WorkerHandle`) or on another node (:class:`~hyperfleet.cluster.remote.RemoteWorker`,
+whose connection relays to the node's agent); both share :class:`ObjectiveLoading`.
 
 Each worker is a fresh interpreter (never a fork: CUDA must not be inherited) started with its
 slot's environment, in its own session so that the terminal's Ctrl+C reaches only the controller
@@ -53,6 +58,54 @@ class MessageConnection(Protocol):
     def send(self, obj: Any) -> None: ...
 
     def close(self) -> None: ...
+
+
+class Worker(Protocol):
+    """What the controller's loop asks of a worker, local or remote."""
+
+    slot: Slot
+    trials_run: int  # trials it ran, counted by the loop
+    ready: bool  # it said Ready and takes trials
+    loaded: set[str]
+    loading: str | None
+    leaving: bool
+
+    @property
+    def pid(self) -> int:
+        """Its process id (on its node, for a remote worker; 0 until that node says)."""
+
+    @property
+    def conn(self) -> MessageConnection: ...
+
+    def load(self, study: str) -> None: ...
+
+    def release(self, study: str) -> None: ...
+
+    def waitables(self) -> list[object]:
+        """What the loop waits on for its messages (none for a remote worker: its node's
+        connection is waited on instead)."""
+
+    def has_exited(self) -> bool: ...
+
+    def exit_description(self) -> tuple[str, str]:
+        """(kind, reason) for a worker that died during a trial."""
+
+    def outside_signal(self) -> str:
+        """The stop signal from outside hyperfleet that ended it ("SIGTERM"), or ""."""
+
+    def terminate(self, grace: float) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def ask_to_leave(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    # Private by name, but part of the contract: the loop signals a worker's whole process
+    # group when its node is taken back, before it terminates the worker.
+    def _signal_group(self, sig: signal.Signals) -> None: ...
 
 
 class ObjectiveLoading:

@@ -30,13 +30,9 @@ from hyperfleet.cluster.channel import TOKEN_FILE_NAME
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.cluster.pools import NodePlanner, single_search_planner
 from hyperfleet.config import RunSettings
-from hyperfleet.controller.files import FileWriter
 from hyperfleet.controller.loop import Controller, Outcome
 from hyperfleet.controller.study_run import StudyPlan
-from hyperfleet.display.screen import screen_view
-from hyperfleet.display.snapshot import StatusSnapshot
-from hyperfleet.errors import HyperfleetError
-from hyperfleet.events import (
+from hyperfleet.display.events import (
     Broadcast,
     Event,
     EventSink,
@@ -46,13 +42,17 @@ from hyperfleet.events import (
     TrialEnded,
     TrialStarted,
 )
-from hyperfleet.refit import RefitPlan, run_refit
+from hyperfleet.display.screen import screen_view
+from hyperfleet.display.snapshot import StatusSnapshot
+from hyperfleet.errors import HyperfleetError
+from hyperfleet.objective.refit import RefitPlan, run_refit
 from hyperfleet.report.best import BEST_NAME, REFIT_NAME, BestFolder, RunSummary
 from hyperfleet.resources.inventory import Inventory, detect_inventory
 from hyperfleet.resources.packing import PackingSettings
 from hyperfleet.resources.shapes import Pool, single_pool
 from hyperfleet.resources.slots import PoolOptions, Slot, auto_packing, current_slot, plan_slots
-from hyperfleet.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
+from hyperfleet.store.files import FileWriter
+from hyperfleet.store.rundir import NO_ROOM, RunDir, RunDirGone, RunOwner
 from hyperfleet.workers.protocol import ObjectiveSpec
 
 

@@ -8,11 +8,9 @@ storage handles) and ``status.json`` (slots, busy time, whether the controller l
 from __future__ import annotations
 
 import dataclasses
-import json
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,61 +18,14 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.controller.bookkeeping import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 from hyperfleet.display import format as fmt
-from hyperfleet.display.snapshot import STATUS_NAME
 from hyperfleet.errors import RunDirError
 from hyperfleet.report import tables
 from hyperfleet.report.best import best_trials
 from hyperfleet.report.campaign import StudyRow, StudyTrials, read_trials, study_rows, text_table
-from hyperfleet.rundir import JOURNAL_NAME, RunDir
-from hyperfleet.storage import open_storage
-
-
-@dataclass
-class RunData:
-    """A run folder opened for reading: its storage's studies and the controller's snapshot."""
-
-    path: Path
-    studies: list[optuna.Study]
-    snapshot: dict[str, Any] | None
-
-
-def open_run(run_dir: str | Path) -> RunData:
-    path = Path(run_dir).absolute()
-    snapshot = read_snapshot(path)
-    location = snapshot.get("storage") if snapshot else None
-    if location is None and not (path / JOURNAL_NAME).exists():
-        if snapshot is not None:
-            return RunData(path, [], snapshot)  # the study lived in memory: only slots to show
-        raise RunDirError(
-            f"{path} holds no hyperfleet run (no {JOURNAL_NAME} and no {STATUS_NAME}); pass the "
-            "folder a search wrote, such as runs/STUDY or the --run-dir it was given."
-        )
-    storage = open_storage(location, path / JOURNAL_NAME)
-    names = [s["name"] for s in snapshot.get("studies", [])] if snapshot else []
-    if not names:
-        names = [s.study_name for s in storage.get_all_studies()]
-    studies = [_load(name, storage) for name in names]
-    return RunData(path, [s for s in studies if s is not None], snapshot)
-
-
-def _load(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study | None:
-    try:
-        # A fixed sampler: loading must not draw a seed or warn about an experimental one.
-        return optuna.load_study(
-            study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(0)
-        )
-    except KeyError:
-        return None
-
-
-def read_snapshot(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((path / STATUS_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+from hyperfleet.store.run_reader import RunData, open_run
+from hyperfleet.store.rundir import RunDir
+from hyperfleet.store.schema import EXPERIMENT_ATTR, REASON_ATTR, SLOT_ATTR
 
 
 def controller_alive(snapshot: dict[str, Any] | None) -> bool:

@@ -1,8 +1,8 @@
 """A command line as the objective: ``hyperfleet run --cmd "python train.py --lr {lr}"``.
 
 :class:`CommandObjective` is an ordinary objective: in a worker it suggests the parameters of
-its :class:`~hyperfleet.space.SearchSpace` through the trial it receives, fills them into the
-command, and runs the command in the current directory (the worker has already moved into the
+its :class:`~hyperfleet.sampling.space.SearchSpace` through the trial it receives, fills them into
+the command, and runs the command in the current directory (the worker has already moved into the
 trial folder and holds the slot's GPUs, cores and thread limits, which the command inherits).
 
 The command line
@@ -62,9 +62,9 @@ import optuna
 import psutil
 
 from hyperfleet import client
-from hyperfleet.checkpoints import checkpoint_dir, should_stop
 from hyperfleet.errors import ConfigError, ObjectiveError, TrialInterrupted
-from hyperfleet.space import RESERVED_NAMES, Param, SearchSpace
+from hyperfleet.objective.resume import checkpoint_dir, should_stop
+from hyperfleet.sampling.space import RESERVED_NAMES, Param, SearchSpace
 
 STDERR_TAIL_CHARS = 1500
 STDOUT_TAIL_BYTES = 64 * 1024
@@ -94,7 +94,7 @@ class CommandObjective:
     ) -> None:
         self.space = space
         # A refit command of an objective study names parameters no space declares: they are
-        # checked when the best trial's are filled in (see hyperfleet.refit.CommandRefit).
+        # checked when the best trial's are filled in (see hyperfleet.objective.refit.CommandRefit).
         self.checked = check
         self.launch_dir = str(Path(launch_dir if launch_dir is not None else Path.cwd()).resolve())
         self.prune_grace = prune_grace
@@ -479,7 +479,7 @@ class _Session:
         end = text[-STDERR_TAIL_CHARS:]
         # A GPU's out-of-memory line can end far above the tail (torch's lists every process
         # on the GPU): kept in front, so the failure is still filed as out of memory.
-        from hyperfleet.controller.bookkeeping import out_of_memory_line
+        from hyperfleet.store.schema import out_of_memory_line
 
         oom = out_of_memory_line(text) if not out_of_memory_line(end) else ""
         if oom:

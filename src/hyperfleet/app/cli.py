@@ -20,6 +20,13 @@ else:  # pragma: no cover (exercised on Python 3.10 only)
     import tomli as tomllib  # type: ignore[import-not-found]
 
 from hyperfleet import __version__
+from hyperfleet.app.search import (
+    Display,
+    RunSetup,
+    SingleStudy,
+    plan_first_slots,
+    run_single_study,
+)
 from hyperfleet.campaign import POOL_KEYS
 from hyperfleet.cluster.hub import ClusterSettings
 from hyperfleet.config import (
@@ -29,18 +36,17 @@ from hyperfleet.config import (
     parse_duration,
     parse_memory,
 )
-from hyperfleet.controller.bookkeeping import stored_trials
 from hyperfleet.controller.callbacks import load_callback
 from hyperfleet.controller.loop import Outcome
 from hyperfleet.errors import ConfigError, HyperfleetError
-from hyperfleet.launch import Display, RunSetup, SingleStudy, plan_first_slots, run_single_study
-from hyperfleet.refit import RefitPlan, plan_from_cli
+from hyperfleet.objective.refit import RefitPlan, plan_from_cli
 from hyperfleet.resources.inventory import Gpu, Inventory, detect_inventory
 from hyperfleet.resources.packing import AUTO, parse_trials_per_gpu
 from hyperfleet.resources.slots import PoolOptions, Slot, plan_slots
-from hyperfleet.rundir import RunDir, check_folder_name
-from hyperfleet.samplers import PRUNERS, SAMPLERS, check_sampler, make_pruner, make_sampler
-from hyperfleet.storage import check_directions, existing_storage, open_storage
+from hyperfleet.sampling.samplers import PRUNERS, SAMPLERS, check_sampler, make_pruner, make_sampler
+from hyperfleet.store.rundir import RunDir, check_folder_name
+from hyperfleet.store.schema import stored_trials
+from hyperfleet.store.storage import check_directions, existing_storage, open_storage
 from hyperfleet.workers.packaging import (
     check_target_parameters,
     spec_from_callable,
@@ -118,7 +124,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="TARGET is a factory: call it once per worker with NAME=VALUE (repeatable)",
     )
     add("--cmd", help='a command to run per trial instead, e.g. "python train.py --lr {lr}"')
-    add("--space", type=Path, help="the TOML search space of --cmd (see hyperfleet.space)")
+    add("--space", type=Path, help="the TOML search space of --cmd (see hyperfleet.sampling.space)")
     add("--n-trials", type=int, help="stop when the study has this many finished trials")
     add("--timeout", help="stop starting trials after this long (90s, 30m, 2h, 1h30m)")
     add(
@@ -354,7 +360,7 @@ def _single_study(
 
 
 def _cluster(args: argparse.Namespace) -> ClusterSettings | None:
-    from hyperfleet.api import cluster_settings
+    from hyperfleet.app.api import cluster_settings
 
     return cluster_settings(
         args.listen, args.token_file, args.heartbeat, args.node_timeout, args.ray, args.slurm
@@ -386,7 +392,7 @@ _WHERE_IN_A_CAMPAIGN = {
 
 def cmd_campaign(args: argparse.Namespace) -> int:
     """``hyperfleet run campaign.toml``: every study of the file in one pool."""
-    from hyperfleet.api import run_campaign
+    from hyperfleet.app.api import run_campaign
 
     defaults = build_parser().parse_args(["run"])
     given = [n for n in _NOT_FOR_CAMPAIGNS if getattr(args, n) != getattr(defaults, n)]
@@ -464,8 +470,8 @@ def _objective(args: argparse.Namespace) -> tuple[ObjectiveSpec, str]:
         )
     if args.space is None:
         raise ConfigError("--cmd needs --space FILE.toml, the search space of its parameters.")
-    from hyperfleet.command import CommandObjective
-    from hyperfleet.space import load_space
+    from hyperfleet.objective.command import CommandObjective
+    from hyperfleet.sampling.space import load_space
 
     objective = CommandObjective(args.cmd, load_space(args.space))
     return spec_from_callable(objective), objective.script_name
@@ -582,7 +588,7 @@ def _ranges(cores: Sequence[int]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hyperfleet.status import format_status, status
+    from hyperfleet.app.status import format_status, status
 
     data = status(args.run_dir)
     print(json.dumps(data, indent=2, default=str) if args.json else format_status(data))

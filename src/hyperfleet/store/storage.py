@@ -17,10 +17,10 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, Jou
 from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
-from hyperfleet.journal import CheckedBackend, GroupCommitBackend, PlacingJournalStorage
+from hyperfleet.store.journal import CheckedBackend, GroupCommitBackend, PlacingJournalStorage
 
 if TYPE_CHECKING:
-    from hyperfleet.rundir import RunDir
+    from hyperfleet.store.rundir import RunDir
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 # "scheme:" followed by a slash: meant as a URL even when the "//" is missing.
