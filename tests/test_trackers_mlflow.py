@@ -6,6 +6,7 @@ adding where each trial ran. Real runs on two slots."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 import hyperfleet
 
-mlflow = pytest.importorskip("mlflow", reason="needs mlflow: pip install -e '.[dev]'")
-from mlflow.entities import Run  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from optuna_integration.mlflow import MLflowCallback  # noqa: E402
+pytest.importorskip("mlflow", reason="needs mlflow: pip install -e '.[dev]'")
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from optuna_integration.mlflow import MLflowCallback
 
-from support.mlflow_server import mlflow_server  # noqa: E402
+from support.mlflow_server import mlflow_server
+from support.tracker_objectives import fails_once, pruned_at_three
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::FutureWarning", "ignore::optuna.exceptions.ExperimentalWarning"
@@ -28,7 +31,10 @@ pytestmark = pytest.mark.filterwarnings(
 
 # Built when the module is imported, in the test and in each worker: the tracking URI comes
 # from MLFLOW_TRACKING_URI, which the server fixture sets before any worker starts.
-tracked = MLflowCallback(metric_name="loss")
+with warnings.catch_warnings():  # deprecated since optuna-integration 4.9; track_in_mlflow too
+    warnings.simplefilter("ignore")
+    tracked = MLflowCallback(metric_name="loss")
+    in_the_trials_run = tracked.track_in_mlflow()
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +47,7 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def objective(trial: optuna.Trial) -> float:
-    x = trial.suggest_float("x", -1.0, 1.0)
-    width = trial.suggest_categorical("width", [32, 64])
-    if trial.number == 3:
-        raise optuna.TrialPruned()
-    return x * x + width / 1000
-
-
-def fails_once(trial: optuna.Trial) -> float:
-    x = trial.suggest_float("x", -1.0, 1.0)
-    if trial.number == 1:
-        raise ValueError("trial 1 fails, and runs again")
-    return x * x
-
-
-@tracked.track_in_mlflow()
+@in_the_trials_run
 def logs_from_the_worker(trial: optuna.Trial) -> float:
     x = trial.suggest_float("x", -1.0, 1.0)
     mlflow.log_metric("x_doubled", 2 * x)
@@ -95,7 +86,7 @@ def test_mlflow_callback_logs_one_run_per_trial_with_its_params_and_value(
     tracking_uri: str, tmp_path: Path
 ) -> None:
     callback = MLflowCallback(tracking_uri=tracking_uri, metric_name="loss")
-    study = search("plain", tmp_path, objective, 6, cpu_slots=2, callbacks=[callback])
+    study = search("plain", tmp_path, pruned_at_three, 6, cpu_slots=2, callbacks=[callback])
 
     runs = runs_by_trial(tracking_uri, "plain")
     assert sorted(runs) == [t.number for t in study.trials] == list(range(6))

@@ -14,22 +14,19 @@ from optuna.trial import FrozenTrial
 
 import hyperfleet
 
-wandb = pytest.importorskip("wandb", reason="needs wandb: pip install -e '.[dev]'")
-from optuna_integration.wandb import WeightsAndBiasesCallback  # noqa: E402
+pytest.importorskip("wandb", reason="needs wandb: pip install -e '.[dev]'")
+import wandb
+from optuna_integration.wandb import WeightsAndBiasesCallback
 
-from support.procs import wait_until  # noqa: E402
-from support.tracker_files import wandb_config, wandb_history, wandb_written  # noqa: E402
+from support.procs import wait_until
+from support.tracker_files import wandb_config, wandb_history, wandb_written
+from support.tracker_objectives import squared
 
 Callback = Callable[[optuna.Study, FrozenTrial], None]
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::FutureWarning", "ignore::optuna.exceptions.ExperimentalWarning"
 )
-
-
-def objective(trial: optuna.Trial) -> float:
-    x = trial.suggest_float("x", -1.0, 1.0)
-    return x * x
 
 
 @pytest.fixture
@@ -45,7 +42,7 @@ def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 def search(tmp_path: Path, n_trials: int, *callbacks: Callback) -> optuna.Study:
     study = optuna.create_study(study_name="wb", sampler=optuna.samplers.RandomSampler(seed=5))
     outcome = hyperfleet.optimize(
-        study, objective, n_trials=n_trials, cpu_slots=2, run_dir=tmp_path / "run",
+        study, squared, n_trials=n_trials, cpu_slots=2, run_dir=tmp_path / "run",
         display="quiet", report=False, callbacks=list(callbacks),
     )  # fmt: skip
     assert outcome.error is None
