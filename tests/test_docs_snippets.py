@@ -6,9 +6,11 @@ A block is run unless the line just before its opening fence is one of these com
   environment lacks, or stands for the reader's own code);
 - ``<!-- test-command -->``: the README's test command, which .ci/run itself runs.
 
-Two more comments change how a block runs: ``<!-- run twice: why -->`` runs it a second time
-in the same folder (a block that promises to resume when run again), and
-``<!-- test-env NAME=VALUE ... -->`` sets environment variables for it (fake GPUs).
+Three more comments change how a block runs: ``<!-- run twice: why -->`` runs it a second time
+in the same folder (a block that promises to resume when run again),
+``<!-- test-env NAME=VALUE ... -->`` sets environment variables for it (fake GPUs), and
+``<!-- needs MODULE ... -->`` skips the rest of its page where a module it imports is not
+installed (an experiment tracker).
 
 The blocks of one page run in order, in one temporary folder that holds a copy of examples/, so
 a page may use what an earlier block wrote (``hyperfleet status runs/...`` after a search).
@@ -17,6 +19,7 @@ Budgets are cut to keep the test fast: ``--n-trials N`` and ``n_trials=N`` becom
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LANGUAGES = ("bash", "python")
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)\s*$")
 COMMENT = re.compile(
-    r"^\s*<!--\s*(?P<kind>illustration|test-command|run twice|test-env)\b(?P<rest>.*?)-->\s*$"
+    r"^\s*<!--\s*(?P<kind>illustration|test-command|run twice|test-env|needs)\b(?P<rest>.*?)-->\s*$"
 )
 SMALL_TRIALS = 2
 
@@ -45,6 +48,7 @@ class Snippet:
     marker: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     twice: bool = False
+    needs: tuple[str, ...] = ()
 
     @property
     def runs(self) -> bool:
@@ -84,6 +88,8 @@ def snippets(page: Path) -> list[Snippet]:
                     snippet.env = dict(item.split("=", 1) for item in comment["rest"].split())
                 elif kind == "run twice":
                     snippet.twice = True
+                elif kind == "needs":
+                    snippet.needs = tuple(comment["rest"].split())
                 else:
                     snippet.marker = kind
             found.append(snippet)
@@ -118,6 +124,15 @@ def run(snippet: Snippet, folder: Path, number: int) -> None:
         )
 
 
+def installed(module: str) -> bool:
+    if module in sys.modules:  # find_spec refuses a module imported without a spec
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 PAGES = [page for page in doc_pages() if any(s.runs for s in snippets(page))]
 
 
@@ -128,7 +143,9 @@ def test_the_markers_are_known_and_some_blocks_run() -> None:
     assert [s.marker for s in readme].count("test-command") == 1
     for page in doc_pages():
         for number, line in enumerate(page.read_text().splitlines()):
-            if line.strip().startswith("<!--") and re.search(r"illustrat|run twice|test-env", line):
+            if line.strip().startswith("<!--") and re.search(
+                r"illustrat|run twice|test-env|needs", line
+            ):
                 assert COMMENT.match(line), f"{page.relative_to(ROOT)}:{number + 1}: {line.strip()}"
 
 
@@ -136,5 +153,8 @@ def test_the_markers_are_known_and_some_blocks_run() -> None:
 def test_the_blocks_of_a_page_run(page: Path, tmp_path: Path) -> None:
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     for number, snippet in enumerate(snippets(page)):
+        missing = [name for name in snippet.needs if not installed(name)]
+        if missing:
+            pytest.skip(f"{snippet.where()} needs {', '.join(missing)}, which is not installed")
         if snippet.runs:
             run(snippet, tmp_path, number)

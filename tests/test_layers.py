@@ -25,7 +25,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the worker processes and their protocol", ("hyperfleet.workers",)),
     ("run settings", ("hyperfleet.config",)),
     ("the run's state and its views", ("hyperfleet.display",)),
-    ("the objective's other forms", ("hyperfleet.objective", "hyperfleet.client")),
+    (
+        "what objectives and callbacks use: the objective's other forms, the client, tracker tags",
+        ("hyperfleet.objective", "hyperfleet.client", "hyperfleet.tracking"),
+    ),
     ("many machines", ("hyperfleet.cluster",)),
     ("campaign files", ("hyperfleet.campaign",)),
     ("reports", ("hyperfleet.report",)),

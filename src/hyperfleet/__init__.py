@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from hyperfleet.resources.slots import Slot, current_slot
     from hyperfleet.sampling.auto_sampler import AutoSampler
     from hyperfleet.sampling.pending import PendingTrialsSampler
+    from hyperfleet.tracking import TrackerTags, tracking_tags
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,8 @@ _HOMES = {
     "AutoSampler": "hyperfleet.sampling.auto_sampler",
     "Slot": "hyperfleet.resources.slots",
     "current_slot": "hyperfleet.resources.slots",
+    "TrackerTags": "hyperfleet.tracking",
+    "tracking_tags": "hyperfleet.tracking",
 }
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "RunDirError",
     "Slot",
     "StorageError",
+    "TrackerTags",
     "TrialInterrupted",
     "WorkerError",
     "__version__",
@@ -71,6 +75,7 @@ __all__ = [
     "optimize",
     "run_campaign",
     "should_stop",
+    "tracking_tags",
 ]
 
 

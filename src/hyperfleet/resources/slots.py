@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 from hyperfleet.errors import ConfigError, ResourceError
@@ -32,6 +33,10 @@ SHARED_GPU_ENV = {
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     "TF_FORCE_GPU_ALLOW_GROWTH": "true",
 }
+
+# The GPUs a slot's name starts with, after its node: gpu0#1, gpu0+1, gpu2:4#3, node3/gpu1-2c#0
+# (see gpu_slot here and resources.shapes for the names).
+_GPUS_IN_NAME = re.compile(r"gpu(\d+(?:\+\d+)*)")
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class Slot:
     @property
     def node(self) -> str:
         """The node the slot is on (``node3`` for ``node3/gpu1#0``); "" on a single machine."""
-        return self.name.rpartition("/")[0]
+        return node_in_name(self.name)
 
     @property
     def packable(self) -> bool:
@@ -110,6 +115,20 @@ class Slot:
         if len(self.gpu_uuids) == len(self.gpus) and all(self.gpu_uuids):
             return list(self.gpu_uuids)
         return [str(i) for i in self.gpus]
+
+
+def node_in_name(name: str) -> str:
+    """The node a slot of this name is on (``node3`` for ``node3/gpu1#0``); "" on the
+    controller's own machine."""
+    return name.rpartition("/")[0]
+
+
+def gpus_in_name(name: str) -> tuple[int, ...]:
+    """The GPUs (their indices on the slot's machine) a slot of this name uses: (0, 1) for
+    ``gpu0+1#0``, (2,) for ``node3/gpu2:4#1``; () for a CPU slot. A slot's name is all a
+    trial's storage keeps of where it ran, so reading it back is how the GPUs are known later."""
+    found = _GPUS_IN_NAME.match(name.rpartition("/")[2])
+    return tuple(int(index) for index in found[1].split("+")) if found else ()
 
 
 def current_slot() -> Slot:
