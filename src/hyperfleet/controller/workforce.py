@@ -35,7 +35,7 @@ from hyperfleet.workers.protocol import Finished, LoadFailed, ObjectiveSpec, Rea
 StartWorker = Callable[[Slot, dict[str, ObjectiveSpec], Path, Path], Worker]
 MAX_START_FAILURES = 3  # a slot whose worker dies this often before it is ready is given up
 NEVER_RAN = "interrupted: its worker exited before the trial reached it; it runs again"
-# A worker killed by a stop signal hyperfleet did not send (see controller.workers): the job's
+# A worker killed by a stop signal hyperfleet did not send (see workers.handle): the job's
 # end (scancel, a time limit, a preemption) signals every process of the job at once, and the
 # controller's own SIGTERM may come a little after its workers died of theirs. Its trial ends
 # as interrupted if the run starts stopping (or the worker's node goes) within this many

@@ -17,7 +17,7 @@ stopped from outside, and says so (:meth:`WorkerHandle.outside_signal`). Most of
 end of the job the run is part of: ``scancel``, a time limit or a preemption sends SIGTERM to
 every process of the job at once, workers included, and a worker may die of it before the
 controller's own SIGTERM has started its stop. The controller then waits a moment for its own
-stop before it calls the trial a crash (see ``Controller._on_worker_exit``).
+stop before it calls the trial a crash (see ``Workforce.on_exit`` in ``controller.workforce``).
 """
 
 from __future__ import annotations
