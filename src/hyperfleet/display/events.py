@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TextIO
 
-from hyperfleet.display.runstate import RunState, StudyView, TrialRecord
+from hyperfleet.display.runstate import RunState, StudyView, TrialClock, TrialRecord
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,16 @@ class Broadcast:
     def handle(self, event: Event) -> None:
         for sink in self._sinks:
             sink.handle(event)
+
+
+def time_trials(clock: TrialClock, event: Event) -> None:
+    """Keep ``clock`` (the time trials ran, which busy shares are of) up with the trials'
+    starts and ends."""
+    match event:
+        case TrialStarted(_, record):
+            clock.started(record.start)
+        case TrialEnded(_, record):
+            clock.ended(record.end if record.end is not None else time.time())
 
 
 def format_values(values: list[float] | None) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from hyperfleet.display.events import Event, RunEnded, RunStarted, Tick, TrialEnded, TrialStarted
+from hyperfleet.display.events import Event, RunEnded, RunStarted, Tick, time_trials
 from hyperfleet.display.runstate import NodeView, RunState, TrialClock
 from hyperfleet.resources.monitor import GpuSample
 from hyperfleet.store.rundir import STATUS_NAME, write_json
@@ -42,11 +42,8 @@ class StatusSnapshot:
         self._clock = TrialClock()  # the time trials ran, which busy shares are of
 
     def handle(self, event: Event) -> None:
+        time_trials(self._clock, event)
         match event:
-            case TrialStarted(_, record):
-                self._clock.started(record.start)
-            case TrialEnded(_, record):
-                self._clock.ended(record.end if record.end is not None else time.time())
             case RunStarted(state):
                 self._write(state, ended=False)
             case Tick(state) if time.monotonic() - self._last_write >= self._every:

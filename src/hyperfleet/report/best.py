@@ -29,7 +29,7 @@ from hyperfleet.display.events import (
     RunStarted,
     Tick,
     TrialEnded,
-    TrialStarted,
+    time_trials,
 )
 from hyperfleet.display.render import gpu_use, node_cpu, node_memory
 from hyperfleet.display.runstate import RunState, TrialClock, TrialRecord
@@ -219,11 +219,8 @@ class RunSummary:
         self._clock = TrialClock()
 
     def handle(self, event: Event) -> None:
+        time_trials(self._clock, event)
         match event:
-            case TrialStarted(_, record):
-                self._clock.started(record.start)
-            case TrialEnded(_, record):
-                self._clock.ended(record.end if record.end is not None else time.time())
             case RunEnded(state):
                 self._write(state)
 
