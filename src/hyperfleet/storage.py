@@ -330,6 +330,8 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
             )
     try:
         return optuna.storages.RDBStorage(url)
+    except ImportError as exc:  # Optuna's, for a missing driver: say which package has it
+        raise StorageError(_missing_driver(url, exc)) from None
     except Exception as exc:  # drivers raise their own types; all mean "cannot use it"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if file is not None:
@@ -341,6 +343,37 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
             f"cannot open the database {url!r}: {first_line}. Check that it is running and "
             "reachable and that its driver is installed."
         ) from None
+
+
+# The package that installs each database driver SQLAlchemy names (``dialect+driver://``).
+DRIVER_PACKAGES = {
+    "psycopg": '"psycopg[binary]"',
+    "psycopg2": "psycopg2-binary",
+    "pg8000": "pg8000",
+    "mysqldb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "mysqlconnector": "mysql-connector-python",
+    "mariadbconnector": "mariadb",
+    "oracledb": "oracledb",
+    "cx_oracle": "cx_Oracle",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+
+
+def _missing_driver(url: str, exc: ImportError) -> str:
+    """One line naming the package to install for the URL's driver."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    driver = parsed.get_dialect().driver
+    module = getattr(exc.__cause__, "name", None) or driver
+    package = DRIVER_PACKAGES.get(driver, module)
+    extra = ' (or pip install "hyperfleet[postgres]")' if driver == "psycopg" else ""
+    return (
+        f"the database driver for {parsed.drivername}:// URLs ({module}) is not installed; "
+        f"install it with: pip install {package}{extra}"
+    )
 
 
 def existing_storage(url: str | None, run_dir: RunDir) -> BaseStorage | None:
