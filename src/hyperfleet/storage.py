@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalFileSymlinkLock
 from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
 from hyperfleet.journal import CheckedBackend, GroupCommitBackend, PlacingJournalStorage
+from hyperfleet.placing import PlacingRDBStorage
 
 if TYPE_CHECKING:
     from hyperfleet.rundir import RunDir
@@ -294,18 +296,24 @@ def open_shared_journal(path: Path, lock: JournalLock) -> BaseStorage:
 def controller_study(study: optuna.Study) -> optuna.Study:
     """The study the controller runs: the user's own, except that a journal file opened with
     Optuna's file backend is reopened through :func:`open_shared_journal`, which commits once
-    per step and repairs a torn last line. The user's study object reads the same file, so it
-    sees every trial after the run."""
+    per step and repairs a torn last line, and a database through :class:`PlacingRDBStorage`
+    (on the same connections), which writes a trial and its placement in one transaction. The
+    user's study object reads the same file or database, so it sees every trial after the run."""
     storage = study._storage  # no public accessor
     backend = getattr(storage, "_backend", None)
+    if type(storage) is _CachedStorage and isinstance(backend, RDBStorage):
+        return _reloaded(study, PlacingRDBStorage(backend))
     if type(storage) is not JournalStorage or type(backend) is not JournalFileBackend:
         return study
     lock = backend._lock  # the lock the user's backend writes under (private, no accessor)
     if not isinstance(lock, (JournalFileOpenLock, JournalFileSymlinkLock)):
         return study  # a lock of the user's own making: leave their backend alone
-    ours = open_shared_journal(Path(backend._file_path), lock)
+    return _reloaded(study, open_shared_journal(Path(backend._file_path), lock))
+
+
+def _reloaded(study: optuna.Study, storage: BaseStorage) -> optuna.Study:
     return optuna.load_study(
-        study_name=study.study_name, storage=ours, sampler=study.sampler, pruner=study.pruner
+        study_name=study.study_name, storage=storage, sampler=study.sampler, pruner=study.pruner
     )
 
 
@@ -329,7 +337,7 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
                 f"exist; create it (mkdir -p {file.parent}) or give a path in an existing folder."
             )
     try:
-        return optuna.storages.RDBStorage(url)
+        return PlacingRDBStorage(optuna.storages.RDBStorage(url))
     except ImportError as exc:  # Optuna's, for a missing driver: say which package has it
         raise StorageError(_missing_driver(url, exc)) from None
     except Exception as exc:  # drivers raise their own types; all mean "cannot use it"

@@ -60,7 +60,7 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
-from hyperfleet.journal import running_trial
+from hyperfleet.placing import running_trial
 from hyperfleet.workers.protocol import Finished, RunTrial
 
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials

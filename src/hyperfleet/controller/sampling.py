@@ -47,8 +47,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.delegating import DelegatingSampler
-from hyperfleet.journal import running_trial
 from hyperfleet.pending import PendingTrialsSampler, TrialsView
+from hyperfleet.placing import running_trial
 
 _NEW_TRIAL_ID = -1  # the trial being prepared, which the storage has not created yet
 

@@ -34,7 +34,7 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
-from hyperfleet.journal import PlacingJournalStorage
+from hyperfleet.placing import PlacesTrials
 from hyperfleet.workers.protocol import RunTrial
 
 
@@ -255,7 +255,7 @@ class TrialStarts:
         marks = placement(self._ctx.run_dir, slot, pid)
         storage = study._storage  # the study's storage has no public accessor
         ask = study.ask if prepared is None else functools.partial(prepared.ask, study)
-        if isinstance(storage, PlacingJournalStorage):
+        if isinstance(storage, PlacesTrials):
             with storage.placing(marks):
                 trial = ask()
         else:
