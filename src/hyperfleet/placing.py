@@ -13,11 +13,12 @@ are missing and writes them itself. What is stored is the same either way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 from collections.abc import Iterator
 from typing import Any
 
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -53,6 +54,28 @@ class PlacingRDBStorage(PlacesTrials, _CachedStorage):
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         return super().create_new_trial(study_id, self._placed(template_trial))
+
+    def just_created(self, trial_id: int) -> FrozenTrial | None:
+        """The trial as the transaction that created it wrote it, which Optuna's cache keeps
+        (it reads an unfinished trial afresh from the database, though: a sampler's or another
+        process's writes may follow). None once the cache no longer holds it."""
+        with self._lock:
+            where = self._trial_id_to_study_id_and_number.get(trial_id)
+            if where is None:
+                return None
+            study_id, number = where
+            return copy.deepcopy(self._studies[study_id].trials.get(number))
+
+
+def created_trial(storage: BaseStorage, trial_id: int) -> FrozenTrial:
+    """A trial that ``storage`` has just created and nothing has written to since, as stored:
+    a database storage hands back what its transaction wrote instead of reading it again (six
+    queries and a commit), any other storage reads it."""
+    if isinstance(storage, PlacingRDBStorage):
+        created = storage.just_created(trial_id)
+        if created is not None:
+            return created
+    return storage.get_trial(trial_id)
 
 
 def running_trial(

@@ -60,7 +60,7 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
-from hyperfleet.placing import running_trial
+from hyperfleet.placing import created_trial, running_trial
 from hyperfleet.workers.protocol import Finished, RunTrial
 
 PREPARE_SECONDS = 0.002  # the most a step spends preparing next trials
@@ -125,7 +125,7 @@ def create_queued(study: optuna.Study, placement: dict[str, Any]) -> FrozenTrial
     """A new enqueued trial, its placement in the creating record, as the storage holds it."""
     template = create_trial(state=TrialState.WAITING, system_attrs=placement)
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-    return study._storage.get_trial(trial_id)
+    return created_trial(study._storage, trial_id)
 
 
 def start_queued(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
