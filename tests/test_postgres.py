@@ -110,12 +110,12 @@ def test_a_run_killed_mid_search_resumes_exactly(
     assert_no_leftovers(run_dir)
 
 
-def test_two_runs_on_one_study_keep_to_the_budget_together(database: str, tmp_path: Path) -> None:
-    n_trials = 12
-    optuna.create_study(study_name=STUDY, storage=database)  # the study the team shares
+def run_together(url: str, tmp_path: Path, n_trials: int) -> None:
+    """Two runs of one study started at the same moment, each with its own run folder, to the
+    end; both succeed."""
     runs = [
         BackgroundRun(
-            search(database, tmp_path / f"run-{name}", n_trials, "short_and_logged"),
+            search(url, tmp_path / f"run-{name}", n_trials, "short_and_logged"),
             tmp_path,
             objective_env(tmp_path / name),
             name=name,
@@ -128,6 +128,21 @@ def test_two_runs_on_one_study_keep_to_the_budget_together(database: str, tmp_pa
     finally:
         for run in runs:
             run.stop()
+
+
+def test_two_runs_started_together_on_a_new_database_both_run(
+    database: str, tmp_path: Path
+) -> None:
+    """The first to open a new database creates Optuna's tables; both may try at once."""
+    run_together(database, tmp_path, 4)
+    states = [t.state for t in trials_in(database)]
+    assert 4 <= states.count(TrialState.COMPLETE) <= 6
+
+
+def test_two_runs_on_one_study_keep_to_the_budget_together(database: str, tmp_path: Path) -> None:
+    n_trials = 12
+    optuna.create_study(study_name=STUDY, storage=database)  # the study the team shares
+    run_together(database, tmp_path, n_trials)
     states = [t.state for t in trials_in(database)]
     assert TrialState.RUNNING not in states
     # As documented: together at least the budget, and past it by at most the trials the other

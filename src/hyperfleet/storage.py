@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
@@ -337,7 +338,7 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
                 f"exist; create it (mkdir -p {file.parent}) or give a path in an existing folder."
             )
     try:
-        return PlacingRDBStorage(optuna.storages.RDBStorage(url))
+        return PlacingRDBStorage(_rdb_storage(url))
     except ImportError as exc:  # Optuna's, for a missing driver: say which package has it
         raise StorageError(_missing_driver(url, exc)) from None
     except Exception as exc:  # drivers raise their own types; all mean "cannot use it"
@@ -351,6 +352,27 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
             f"cannot open the database {url!r}: {first_line}. Check that it is running and "
             "reachable and that its driver is installed."
         ) from None
+
+
+_OPEN_TRIES = 5  # a new database that other processes open at the same moment
+
+
+def _rdb_storage(url: str) -> RDBStorage:
+    """Optuna's storage for the database. The first process to open a new database creates
+    Optuna's tables; two starting at once (runs that share a study, started together) may both
+    try, and the one that loses finds them "already" there midway: it opens the database again,
+    and finds them made."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, _OPEN_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, ProgrammingError) as exc:
+            made_meanwhile = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            if attempt == _OPEN_TRIES or not made_meanwhile:
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 # The package that installs each database driver SQLAlchemy names (``dialect+driver://``).
