@@ -330,7 +330,7 @@ class Preparer:
         if self.fill(run):
             return None  # the budget's last trials are the prepared ones: take one of them
         trial = ask_new(study, marks)
-        return trial, study._storage.get_trial(trial._trial_id)
+        return trial, created_trial(study._storage, trial._trial_id)
 
     def forget(self, name: str) -> None:
         """The slot's worker is gone: its prepared trial stays enqueued for any slot's ask."""
