@@ -48,7 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hyperfleet.sampling.auto_sampler import AutoSampler
 from hyperfleet.sampling.delegating import DelegatingSampler
 from hyperfleet.sampling.pending import PendingTrialsSampler, TrialsView
-from hyperfleet.store.journal import running_trial
+from hyperfleet.store.placing import running_trial
 
 _NEW_TRIAL_ID = -1  # the trial being prepared, which the storage has not created yet
 

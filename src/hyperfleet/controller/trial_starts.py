@@ -36,7 +36,7 @@ from hyperfleet.controller.trial_making import (
 )
 from hyperfleet.display.events import TrialStarted
 from hyperfleet.store import schema
-from hyperfleet.store.journal import PlacingJournalStorage
+from hyperfleet.store.placing import PlacesTrials
 from hyperfleet.workers.handle import Worker
 from hyperfleet.workers.protocol import RunTrial
 
@@ -258,7 +258,7 @@ class TrialStarts:
         marks = placement(self._ctx.run_dir, slot, pid)
         storage = study._storage  # the study's storage has no public accessor
         ask = study.ask if prepared is None else functools.partial(prepared.ask, study)
-        if isinstance(storage, PlacingJournalStorage):
+        if isinstance(storage, PlacesTrials):
             with storage.placing(marks):
                 trial = ask()
         else:

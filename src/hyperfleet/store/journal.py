@@ -15,13 +15,12 @@ search runs.
   a slot). A crash of the controller loses nothing it wrote (the kernel has it); a crash of the
   machine loses at most the records of the last step, whose trials come back as interrupted.
 - :class:`PlacingJournalStorage` writes where a new trial runs (run, slot, worker) into the
-  record that creates it, instead of three more records after it.
+  record that creates it, instead of three more records after it (:mod:`hyperfleet.store.placing`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 from collections.abc import Container, Generator, Iterator
@@ -30,6 +29,8 @@ from typing import Any
 from optuna.storages import JournalStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.store.placing import PlacesTrials
 
 
 class CheckedBackend(JournalFileBackend):
@@ -164,27 +165,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-class PlacingJournalStorage(JournalStorage):
-    """A journal storage whose next created trial can carry system attributes from birth.
-
-    ``study.ask()`` creates a trial with no attributes; the controller then marks where it runs.
-    Inside :meth:`placing`, a trial that ``ask`` creates carries those marks in its creating
-    record. A trial ``ask`` takes from the queue (``enqueue_trial``) already exists: the caller
-    sees that the marks are missing and writes them itself.
-    """
+class PlacingJournalStorage(PlacesTrials, JournalStorage):
+    """A journal storage whose trials created inside :meth:`placing` carry where they run in
+    their creating record (see :mod:`hyperfleet.store.placing`)."""
 
     def __init__(self, backend: BaseJournalBackend) -> None:
-        self._placement: dict[str, Any] | None = None
         self._waiting: dict[int, set[int]] = {}  # the queued trials of each study looked up
         super().__init__(backend)
-
-    @contextlib.contextmanager
-    def placing(self, system_attrs: dict[str, Any]) -> Iterator[None]:
-        self._placement = system_attrs
-        try:
-            yield
-        finally:
-            self._placement = None
 
     def get_all_trials(
         self,
@@ -214,9 +201,7 @@ class PlacingJournalStorage(JournalStorage):
         return [t for t in trials if t.state == TrialState.WAITING]
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        if template_trial is None and self._placement is not None:
-            template_trial = running_trial(self._placement)
-        return super().create_new_trial(study_id, template_trial)
+        return super().create_new_trial(study_id, self._placed(template_trial))
 
     def commit(self) -> None:
         commit = getattr(self._backend, "commit", None)
@@ -227,26 +212,6 @@ class PlacingJournalStorage(JournalStorage):
         close = getattr(self._backend, "close", None)
         if close is not None:
             close()
-
-
-def running_trial(
-    system_attrs: dict[str, Any] | None = None, number: int = -1, trial_id: int = -1
-) -> FrozenTrial:
-    """A new trial as ``create_new_trial`` writes it (running, no parameters yet), with
-    ``system_attrs``; the number and id are the storage's to give (-1) unless said."""
-    return FrozenTrial(
-        number=number,
-        state=TrialState.RUNNING,
-        value=None,
-        datetime_start=datetime.datetime.now(),
-        datetime_complete=None,
-        params={},
-        distributions={},
-        user_attrs={},
-        system_attrs=dict(system_attrs or {}),
-        intermediate_values={},
-        trial_id=trial_id,
-    )
 
 
 def needs_commit(storage: Any) -> bool:

@@ -7,17 +7,20 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalFileSymlinkLock
 from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
 from hyperfleet.store.journal import CheckedBackend, GroupCommitBackend, PlacingJournalStorage
+from hyperfleet.store.placing import PlacingRDBStorage
 
 if TYPE_CHECKING:
     from hyperfleet.store.rundir import RunDir
@@ -294,18 +297,24 @@ def open_shared_journal(path: Path, lock: JournalLock) -> BaseStorage:
 def controller_study(study: optuna.Study) -> optuna.Study:
     """The study the controller runs: the user's own, except that a journal file opened with
     Optuna's file backend is reopened through :func:`open_shared_journal`, which commits once
-    per step and repairs a torn last line. The user's study object reads the same file, so it
-    sees every trial after the run."""
+    per step and repairs a torn last line, and a database through :class:`PlacingRDBStorage`
+    (on the same connections), which writes a trial and its placement in one transaction. The
+    user's study object reads the same file or database, so it sees every trial after the run."""
     storage = study._storage  # no public accessor
     backend = getattr(storage, "_backend", None)
+    if type(storage) is _CachedStorage and isinstance(backend, RDBStorage):
+        return _reloaded(study, PlacingRDBStorage(backend))
     if type(storage) is not JournalStorage or type(backend) is not JournalFileBackend:
         return study
     lock = backend._lock  # the lock the user's backend writes under (private, no accessor)
     if not isinstance(lock, (JournalFileOpenLock, JournalFileSymlinkLock)):
         return study  # a lock of the user's own making: leave their backend alone
-    ours = open_shared_journal(Path(backend._file_path), lock)
+    return _reloaded(study, open_shared_journal(Path(backend._file_path), lock))
+
+
+def _reloaded(study: optuna.Study, storage: BaseStorage) -> optuna.Study:
     return optuna.load_study(
-        study_name=study.study_name, storage=ours, sampler=study.sampler, pruner=study.pruner
+        study_name=study.study_name, storage=storage, sampler=study.sampler, pruner=study.pruner
     )
 
 
@@ -329,7 +338,9 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
                 f"exist; create it (mkdir -p {file.parent}) or give a path in an existing folder."
             )
     try:
-        return optuna.storages.RDBStorage(url)
+        return PlacingRDBStorage(_rdb_storage(url))
+    except ImportError as exc:  # Optuna's, for a missing driver: say which package has it
+        raise StorageError(_missing_driver(url, exc)) from None
     except Exception as exc:  # drivers raise their own types; all mean "cannot use it"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if file is not None:
@@ -341,6 +352,58 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
             f"cannot open the database {url!r}: {first_line}. Check that it is running and "
             "reachable and that its driver is installed."
         ) from None
+
+
+_OPEN_TRIES = 5  # a new database that other processes open at the same moment
+
+
+def _rdb_storage(url: str) -> RDBStorage:
+    """Optuna's storage for the database. The first process to open a new database creates
+    Optuna's tables; two starting at once (runs that share a study, started together) may both
+    try, and the one that loses finds them "already" there midway: it opens the database again,
+    and finds them made."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, _OPEN_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, ProgrammingError) as exc:
+            made_meanwhile = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            if attempt == _OPEN_TRIES or not made_meanwhile:
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+# The package that installs each database driver SQLAlchemy names (``dialect+driver://``).
+DRIVER_PACKAGES = {
+    "psycopg": '"psycopg[binary]"',
+    "psycopg2": "psycopg2-binary",
+    "pg8000": "pg8000",
+    "mysqldb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "mysqlconnector": "mysql-connector-python",
+    "mariadbconnector": "mariadb",
+    "oracledb": "oracledb",
+    "cx_oracle": "cx_Oracle",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+
+
+def _missing_driver(url: str, exc: ImportError) -> str:
+    """One line naming the package to install for the URL's driver."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    driver = parsed.get_dialect().driver
+    module = getattr(exc.__cause__, "name", None) or driver
+    package = DRIVER_PACKAGES.get(driver, module)
+    extra = ' (or pip install "hyperfleet[postgres]")' if driver == "psycopg" else ""
+    return (
+        f"the database driver for {parsed.drivername}:// URLs ({module}) is not installed; "
+        f"install it with: pip install {package}{extra}"
+    )
 
 
 def existing_storage(url: str | None, run_dir: RunDir) -> BaseStorage | None:
