@@ -66,6 +66,7 @@ def optimize(
     gc_after_trial: bool = False,
     show_progress_bar: bool = False,
     n_jobs: int | None = None,
+    sampling_processes: int | None = None,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -100,6 +101,10 @@ def optimize(
     every failing trial fails alone (as with ``catch=(Exception,)``), workers collect garbage
     after every trial, and the live view shows the progress. ``n_jobs`` (Optuna's threads)
     is taken as ``cpu_slots`` when that is not given; -1 leaves the default, every core.
+
+    ``sampling_processes``: with TPE and trials side by side, processes on this machine that
+    sample parameters ahead for the controller (see :mod:`hyperfleet.controller.sampler_pool`);
+    by default the cores no slot uses, at least one; 0 has the controller sample every trial.
     """
     refuse_inside_a_worker("optimize")
     check_study_sampler(study)
@@ -114,6 +119,7 @@ def optimize(
         kill_grace=parse_duration(kill_grace, "kill_grace") or 0.0,
         keep_checkpoints=keep_checkpoints,
         callbacks=check_callbacks(callbacks, "hyperfleet.optimize"),
+        sampling_processes=sampling_processes,
     )
     options = PoolOptions(
         gpus=[str(g) for g in gpus] if gpus is not None else None,

@@ -137,6 +137,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add("--retry", default="", help="retries per failure reason, e.g. crash=2,oom=1")
     add("--max-trials-per-worker", type=int, help="restart a worker after this many trials")
     add(
+        "--sampling-processes",
+        type=int,
+        help="processes that sample TPE's parameters ahead for the controller (default: the "
+        "cores no slot uses, at least 1; 0: the controller samples every trial)",
+    )
+    add(
         "--stop-grace",
         default="30s",
         help="after SIGTERM, how long running trials may finish before they are terminated "
@@ -439,6 +445,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         retry=RetryPolicy.parse(args.retry),
         max_trials_per_worker=args.max_trials_per_worker,
         keep_checkpoints=args.keep_checkpoints,
+        sampling_processes=args.sampling_processes,
         callbacks=tuple(load_callback(text, "--callback") for text in args.callback or ()),
     )
 
