@@ -17,7 +17,9 @@ Figures: trials/s over the run (first trial sent to last result), and each slot'
 next trial (from the result it sent to the next trial it receives), from the load generator's
 clock; the controller's CPU seconds per trial say how much of it the controller spent; "sent %"
 is the share of trials sent with values for their suggestions (with TPE: those whose values a
-sampler process made ready, see ``hyperfleet.controller.sampler_pool``). ``--sampling-processes
+sampler process made ready, see ``hyperfleet.controller.sampler_pool``); "steady" is the
+controller's CPU per trial after the first fifth of the new trials (start-up, imports and the
+pools' start left out). ``--sampling-processes
 0 2`` alternates runs without and with two sampler processes, to compare them side by side.
 """
 
@@ -29,6 +31,7 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import queue
 import random
 import socket
 import statistics
@@ -91,6 +94,7 @@ class Node:
         self.trials = 0
         self.sent_trials = 0  # trials sent with values for their suggestions
         self.first = self.last = 0.0
+        self.finished: Any = None  # a counter shared by every played node, if given
 
     def run(self) -> None:
         last_beat = time.monotonic()
@@ -153,6 +157,9 @@ class Node:
         self.conn.send(Relay(worker, _pack(Finished("returned", value=1.0))))
         self.sent_result[worker] = self.last = time.time()
         self.trials += 1
+        if self.finished is not None:
+            with self.finished.get_lock():
+                self.finished.value += 1
 
 
 def play_node(
@@ -161,6 +168,7 @@ def play_node(
     slots: int,
     trial_seconds: tuple[float, float],
     results: Any,
+    finished: Any = None,
 ) -> None:
     conn = connect(address, TOKEN.encode(), patience=60.0)
     gpus = tuple(Gpu(i, f"GPU-bench-{i}", "Bench GPU", kind="fake") for i in range(slots))
@@ -169,6 +177,7 @@ def play_node(
     conn.recv()  # the welcome
     conn.send(Joined(shares_run_dir=True))  # the same machine: the run directory is here
     node = Node(conn, *trial_seconds)
+    node.finished = finished
     node.run()
     results.put((node.trials, node.first, node.last, node.waits, node.sent_trials))
 
@@ -221,18 +230,20 @@ def one_run(
     )
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
+    finished = context.Value("i", 0)
     players = [
         context.Process(
             target=play_node,
-            args=(("127.0.0.1", port), i, slots // connections, trial_seconds, results),
+            args=(("127.0.0.1", port), i, slots // connections, trial_seconds, results, finished),
         )
         for i in range(connections)
     ]
     for player in players:
         player.start()
     cpu_before = _cpu(controller.pid)
-    outcomes = [results.get(timeout=900) for _ in players]
-    cpu = _cpu(controller.pid) - cpu_before
+    outcomes, steady = _outcomes(results, len(players), finished, controller.pid, new // 5)
+    cpu_after = _cpu(controller.pid)
+    cpu = cpu_after - cpu_before
     controller.wait(timeout=60)
     for player in players:
         player.join()
@@ -247,8 +258,28 @@ def one_run(
         "p99_ms": 1000 * waits[int(0.99 * (len(waits) - 1))],
         "max_ms": 1000 * waits[-1],
         "cpu_ms": 1000 * cpu / trials,
+        "steady_cpu_ms": 1000 * (cpu_after - steady[0]) / max(1, trials - steady[1]),
         "sent_pct": 100 * sum(o[4] for o in outcomes) / trials,
     }
+
+
+def _outcomes(
+    results: Any, players: int, finished: Any, pid: int, mark: int
+) -> tuple[list[Any], tuple[float, int]]:
+    """Every player's outcome, and the controller's CPU seconds and the trials finished once
+    ``mark`` trials had: what follows is the steady state, past start-up."""
+    outcomes: list[Any] = []
+    steady: tuple[float, int] | None = None
+    deadline = time.monotonic() + 900
+    while len(outcomes) < players:
+        if steady is None and finished.value >= mark:
+            steady = (_cpu(pid), finished.value)
+        try:
+            outcomes.append(results.get(timeout=0.05))
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the played nodes did not finish in 15 minutes") from None
+    return outcomes, steady or (_cpu(pid), finished.value)
 
 
 def _cpu(pid: int) -> float:
@@ -301,7 +332,7 @@ def main() -> None:
     print(f"{args.connections} agent connections; waits: from a slot's result to its next trial")
     print(
         f"{'sampler':<7} {'study':>6} {'slots':>5} {'pool':>4} {'trials/s':>9} {'wait p50':>9} "
-        f"{'p99':>7} {'max ms':>7} {'ctl cpu ms/trial':>17} {'sent %':>7}"
+        f"{'p99':>7} {'max ms':>7} {'ctl cpu ms/trial':>17} {'steady':>7} {'sent %':>7}"
     )
     for sampler in args.samplers:
         new = args.new_trials if sampler == "random" else args.new_tpe_trials
@@ -323,7 +354,7 @@ def main() -> None:
                 print(
                     f"{sampler:<7} {finished:>6} {slots:>5} {pool:>4} {r['per_s']:>9.0f} "
                     f"{r['p50_ms']:>9.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.1f} "
-                    f"{r['cpu_ms']:>17.2f} {r['sent_pct']:>7.0f}",
+                    f"{r['cpu_ms']:>17.2f} {r['steady_cpu_ms']:>7.2f} {r['sent_pct']:>7.0f}",
                     flush=True,
                 )
 

@@ -39,8 +39,8 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     keys: list[tuple[int, int]] = []
     take = SamplerPool.take
 
-    def noting(pool: SamplerPool, space: Any) -> Any:
-        chosen = take(pool, space)
+    def noting(pool: SamplerPool, space: Any, slots: int) -> Any:
+        chosen = take(pool, space, slots)
         if chosen is not None:
             keys.append(chosen.key)
         return chosen
@@ -150,7 +150,7 @@ def test_a_seeded_single_slot_run_starts_no_pool_and_gives_optunas_trials(
 
 def wait_for_set(pool: SamplerPool, space: Any) -> sampler_pool.SuggestionSet:
     deadline = time.monotonic() + 60
-    while (chosen := pool.take(space)) is None:
+    while (chosen := pool.take(space, 2)) is None:
         assert time.monotonic() < deadline, "no set in a minute"
         time.sleep(0.02)
     return chosen

@@ -5,7 +5,8 @@ hyperfleet.controller.replica FD`` (a socket to the controller), it holds an in-
 study with the study's directions and a copy of its sampler (reseeded: every process draws
 differently), kept current from what the controller sends: the trials it has (once), each
 trial that ends, and each trial that starts with a set's values (so constant liar sees the
-running trials). It keeps up to ``DEPTH`` sets ready at the controller: a set is a new trial of
+running trials). It keeps up to ``depth`` sets ready at the controller (the controller says how
+many): a set is a new trial of
 the replica (it stays RUNNING there, so the next set is sampled beside it, as a trial asked
 while it runs), its relative sample (search space, values, the system attributes the sampler
 writes) and values for the known space's other parameters. A set the controller used becomes
@@ -30,8 +31,6 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-DEPTH = 2  # sets of this process waiting at the controller: more would be sampled on less news
-
 
 class Replica:
     def __init__(
@@ -47,6 +46,7 @@ class Replica:
         self._sets: dict[int, int] = {}  # a set out at the controller: its replica trial id
         self.space: dict[str, BaseDistribution] | None = None
         self.version = -1
+        self.depth = 2  # sets of this process waiting at the controller, at most
         self._next_set = 0
 
     @property
@@ -121,13 +121,18 @@ class Replica:
 
 def handle(replica: Replica, message: tuple[Any, ...]) -> None:
     kind = message[0]
-    if kind == "trials":
+    if kind == "batch":
+        for each in message[1]:
+            handle(replica, each)
+    elif kind == "trials":
         for trial in message[1]:
             replica.ended(trial)
     elif kind == "started":
         replica.started(message[1], message[2], message[3])
     elif kind == "space":
         replica.version, replica.space = message[1], message[2]
+    elif kind == "depth":
+        replica.depth = message[1]
     elif kind == "drop":
         replica.dropped(message[1])
 
@@ -146,7 +151,7 @@ def serve(conn: Connection) -> None:
 
 
 def _can_sample(replica: Replica) -> bool:
-    return replica.space is not None and replica.waiting < DEPTH
+    return replica.space is not None and replica.waiting < replica.depth
 
 
 def main() -> None:

@@ -27,9 +27,12 @@ process that dies costs only speed; the run log says so once.
 
 Why processes and not threads: the sampling is Python and numpy under the GIL; a thread would
 take the controller's own interpreter. Why sets sampled ahead rather than on request: a request
-would make a starting trial wait for the pool. Why at most ``replica.DEPTH`` sets per process:
-a set waiting in the queue was sampled before the results that arrived since, like a trial
-asked while others ran; a short queue keeps that lag to about one trial per process.
+would make a starting trial wait for the pool. How many sets wait: a set waiting in the queue
+was sampled before the results that arrived since, like a trial asked while others ran, so the
+queue is short; but trials end in bursts (slots started together end together), and a burst
+larger than the queue is sampled by the controller. So the queue holds about a quarter of the
+slots (``queue_depth``), at least two sets per process: with S slots running, every ask already
+sees S - 1 trials without their results, and S / 4 more sampled a little early is of that order.
 
 Only Optuna's TPE sampler (the default, and what the auto sampler picks for most studies, used
 while it is TPE) uses the pool, and only where trials already run side by side (on nodes or on
@@ -41,6 +44,7 @@ run starts as many processes as this machine has cores no slot uses, at least on
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import socket
 import subprocess
@@ -65,6 +69,7 @@ from hyperfleet.controller.sampling import Prepared
 from hyperfleet.controller.study_run import StudyRun, opened
 
 CLOSE_SECONDS = 2.0  # for the processes to exit once hung up; then they are killed
+OUTBOX_LIMIT = 256  # messages kept for the next start at most
 SetKey = tuple[int, int]  # the process's index in its pool, the set's number there
 
 
@@ -74,6 +79,12 @@ def pooled_sampler(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.Base
     if isinstance(sampler, AutoSampler):
         return pooled_sampler(sampler.current)
     return sampler if isinstance(sampler, optuna.samplers.TPESampler) else None
+
+
+def queue_depth(slots: int, processes: int) -> int:
+    """Sets each process keeps waiting at the controller: about a quarter of the slots in all,
+    at least two per process."""
+    return max(2, -(-slots // (4 * max(1, processes))))
 
 
 def default_processes(spare_cores: int) -> int:
@@ -106,14 +117,18 @@ class _Link:
             )
         child.close()
         self.index = index
-        self.conn = Connection(parent.detach())
+        self._socket = parent  # kept to shut down: a close would not wake the reading thread
+        self.conn = Connection(os.dup(parent.fileno()))
         self.dead = False
         self._outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._ready = ready
         self.send_bytes(bytes(ForkingPickler.dumps({**setup, "index": index})))
-        for target, way in ((self._send_loop, "out"), (self._read_loop, "in")):
-            name = f"hyperfleet-pool-{way}-{index}"
-            threading.Thread(target=target, name=name, daemon=True).start()
+        self._threads = [
+            threading.Thread(target=target, name=f"hyperfleet-pool-{way}-{index}", daemon=True)
+            for target, way in ((self._send_loop, "out"), (self._read_loop, "in"))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def send_bytes(self, payload: bytes) -> None:
         if not self.dead:
@@ -135,11 +150,12 @@ class _Link:
             self.dead = True
 
     def hang_up(self) -> None:
-        """Close the socket: the process reads end-of-file and exits."""
+        """Shut the socket down: the process reads end-of-file and exits."""
         self.dead = True
         self._outgoing.put(None)
         with contextlib.suppress(OSError):
-            self.conn.close()
+            self._socket.shutdown(socket.SHUT_RDWR)
+        self._socket.close()
 
     def reap(self, deadline: float) -> None:
         try:
@@ -147,6 +163,10 @@ class _Link:
         except subprocess.TimeoutExpired:  # in the middle of a long sample: not worth waiting
             self.process.kill()
             self.process.wait()
+        for thread in self._threads:  # both end once the socket is shut down
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if not any(thread.is_alive() for thread in self._threads):
+            self.conn.close()  # not before: its descriptor could be reused under them
 
 
 class SamplerPool:
@@ -164,21 +184,31 @@ class SamplerPool:
         ]
         self._space: Space | None = None
         self._version = 0
+        self._slots = 0  # the slots the queue's depth was set for
+        # Messages for every process, sent together at the next start: one pickling and one
+        # hand-over to each sending thread per trial rather than per message.
+        self._outbox: list[tuple[Any, ...]] = []
         self._said_dead = False
-        trials = study._get_trials(deepcopy=False)
-        self._broadcast(("trials", trials))
+        self._broadcast(("trials", study._get_trials(deepcopy=False)))
+        self._flush()
 
     @property
     def alive(self) -> int:
         return sum(not link.dead for link in self._links)
 
-    def take(self, space: Space | None) -> SuggestionSet | None:
-        """A ready set sampled for ``space``, used once; None when none is ready."""
+    def take(self, space: Space | None, slots: int) -> SuggestionSet | None:
+        """A ready set sampled for ``space``, used once; None when none is ready. ``slots``: the
+        run's, which the queue's depth follows."""
+        if slots != self._slots:
+            self._slots = slots
+            self._broadcast(("depth", queue_depth(slots, len(self._links))))
+            self._flush()
         if space is None:
             return None
         if space != self._space:
             self._space, self._version = dict(space), self._version + 1
             self._broadcast(("space", self._version, self._space))
+            self._flush()  # rare: the processes sample for the new space at once
         while self._ready:
             _, key, version, search_space, params, attrs, others = self._ready.popleft()
             if version == self._version:
@@ -187,7 +217,10 @@ class SamplerPool:
         return None
 
     def started(self, number: int, key: SetKey | None, suggestions: Ahead) -> None:
+        """A trial started (with a set's values, or the controller's): the news so far goes
+        out, the trials that ended before it included."""
         self._broadcast(("started", number, key, suggestions))
+        self._flush()
 
     def ended(self, trial: FrozenTrial) -> None:
         self._broadcast(("trials", [trial]))
@@ -209,7 +242,17 @@ class SamplerPool:
             link.reap(deadline)
 
     def _broadcast(self, message: tuple[Any, ...]) -> None:
-        payload = bytes(ForkingPickler.dumps(message))  # pickled once for every process
+        if not self.alive:
+            return
+        self._outbox.append(message)
+        if len(self._outbox) >= OUTBOX_LIMIT:  # no trial starts with the pool (GP took over)
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        payload = bytes(ForkingPickler.dumps(("batch", self._outbox)))  # once for every process
+        self._outbox = []
         for link in self._links:
             link.send_bytes(payload)
 

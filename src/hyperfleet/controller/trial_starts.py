@@ -158,7 +158,7 @@ class TrialStarts:
         study = opened(run)
         prepared_sample = None  # the sampler's part, computed off the loop's thread
         pool = self.pools.pool(run, side_by_side(self._ctx, self._slots))
-        pooled = pool.take(run.space) if pool is not None else None
+        pooled = pool.take(run.space, len(self._slots.slots)) if pool is not None else None
         if suggests_slowly(study.sampler):
             prepared_sample = self._suggestions.take(run.plan.name)
             if prepared_sample is None:
