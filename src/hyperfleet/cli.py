@@ -139,8 +139,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add(
         "--sampling-processes",
         type=int,
-        help="processes that sample TPE's parameters ahead for the controller (default: the "
-        "cores no slot uses, at least 1; 0: the controller samples every trial)",
+        help="TPE's sampler processes (default: the cores no slot uses, at least 1; 0: none)",
     )
     add(
         "--stop-grace",

@@ -114,6 +114,9 @@ class _Link:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                # Not in the terminal's process group: a Ctrl+C stops the run, whose end
+                # closes the socket, rather than killing the processes mid-run.
+                start_new_session=True,
             )
         child.close()
         self.index = index
