@@ -181,6 +181,28 @@ def test_a_set_of_an_older_space_is_dropped(tmp_path: Path) -> None:
         pool.reap(time.monotonic() + 5)
 
 
+def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
+    tmp_path: Path,
+) -> None:
+    study = finished_study(3)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=5, multivariate=False)
+    pool = SamplerPool(study, sampler, 1, tmp_path)
+    try:
+        early = wait_for_set(pool, SPACE)
+        assert early.known == 3  # a random draw: TPE has not started modelling
+        time.sleep(0.5)  # more sets of 3 trials wait at the controller
+        for number in (3, 4):
+            values = {"x": 1.0 + number, "n": number}
+            trial = optuna.trial.create_trial(params=values, distributions=SPACE, value=1.0)
+            trial.number = number
+            pool.ended(trial)
+        late = wait_for_set(pool, SPACE)
+        assert late.known == 5
+    finally:
+        pool.hang_up()
+        pool.reap(time.monotonic() + 5)
+
+
 def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> None:
     study = finished_study(12)
     pool = SamplerPool(study, study.sampler, 1, tmp_path)

@@ -31,6 +31,8 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+_LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials TPE learns from
+
 
 class Replica:
     def __init__(
@@ -99,7 +101,9 @@ class Replica:
 
     def sample(self) -> tuple[Any, ...]:
         """A new set: ("set", (process, id), space version, relative search space, relative
-        values, system attributes of the relative sample, other values by name)."""
+        values, system attributes of the relative sample, other values by name, the finished
+        trials it was sampled from)."""
+        finished = len(self.study._get_trials(deepcopy=False, states=_LEARNED_FROM))
         trial = self.study.ask()
         relative = dict(trial.relative_params)
         relative_space = dict(trial.relative_search_space or {})
@@ -113,7 +117,7 @@ class Replica:
         self._next_set += 1
         self._sets[set_id] = trial._trial_id
         key = (self.index, set_id)
-        return ("set", key, self.version, relative_space, relative, system_attrs, others)
+        return ("set", key, self.version, relative_space, relative, system_attrs, others, finished)
 
     def _create(self, trial: FrozenTrial) -> int:
         return self._storage.create_new_trial(self.study._study_id, template_trial=trial)

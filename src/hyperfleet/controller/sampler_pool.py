@@ -22,8 +22,11 @@ call, sampled by the controller as before.
 
 The controller never waits for the pool: with no set ready (pool off, starting, behind or
 dead) it samples itself as without one. A set is used once (it is taken out of the queue); a
-set sampled for an older space is dropped. Nothing the processes do reaches the storage, so a
-process that dies costs only speed; the run log says so once.
+set sampled for an older space is dropped, and so is a stale one: sampled before TPE's random
+startup trials were done while they are done now (a random draw where TPE would model), or
+more results ago than twice the queue holds (a process that fell behind). Nothing the
+processes do reaches the storage, so a process that dies costs only speed; the run log says so
+once.
 
 Why processes and not threads: the sampling is Python and numpy under the GIL; a thread would
 take the controller's own interpreter. Why sets sampled ahead rather than on request: a request
@@ -60,7 +63,7 @@ from typing import Any
 
 import cloudpickle
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.auto_sampler import AutoSampler
 from hyperfleet.controller.ahead import Ahead, Space
@@ -70,6 +73,7 @@ from hyperfleet.controller.study_run import StudyRun, opened
 
 CLOSE_SECONDS = 2.0  # for the processes to exit once hung up; then they are killed
 OUTBOX_LIMIT = 256  # messages kept for the next start at most
+LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials TPE learns from
 SetKey = tuple[int, int]  # the process's index in its pool, the set's number there
 
 
@@ -99,6 +103,7 @@ class SuggestionSet:
     version: int  # of the space it was sampled for
     relative: Prepared  # the sampler's relative sample, handed back at the ask
     others: Ahead  # values for the space's other parameters
+    known: int  # the finished trials it was sampled from
 
 
 class _Link:
@@ -192,7 +197,10 @@ class SamplerPool:
         # hand-over to each sending thread per trial rather than per message.
         self._outbox: list[tuple[Any, ...]] = []
         self._said_dead = False
-        self._broadcast(("trials", study._get_trials(deepcopy=False)))
+        trials = study._get_trials(deepcopy=False)
+        self._finished = sum(t.state in LEARNED_FROM for t in trials)  # what TPE learns from
+        self._startup = int(getattr(sampler, "_n_startup_trials", 0))  # TPE's random trials
+        self._broadcast(("trials", trials))
         self._flush()
 
     @property
@@ -213,11 +221,22 @@ class SamplerPool:
             self._broadcast(("space", self._version, self._space))
             self._flush()  # rare: the processes sample for the new space at once
         while self._ready:
-            _, key, version, search_space, params, attrs, others = self._ready.popleft()
-            if version == self._version:
-                return SuggestionSet(key, version, Prepared(search_space, params, attrs), others)
+            _, key, version, search_space, params, attrs, others, known = self._ready.popleft()
+            if version == self._version and not self._stale(known):
+                relative = Prepared(search_space, params, attrs)
+                return SuggestionSet(key, version, relative, others, known)
             self._send(key[0], ("drop", key[1]))
         return None
+
+    def _stale(self, known: int) -> bool:
+        """Whether a set sampled from ``known`` finished trials is too old to use: sampled
+        before TPE's random startup trials were done while they are done now (a random draw
+        where TPE would model), or more results ago than twice the queue holds (a process
+        that fell behind)."""
+        if known < self._startup <= self._finished:
+            return True
+        queue = queue_depth(self._slots, len(self._links)) * len(self._links)
+        return self._finished - known > 2 * queue
 
     def started(self, number: int, key: SetKey | None, suggestions: Ahead) -> None:
         """A trial started (with a set's values, or the controller's): the news so far goes
@@ -226,6 +245,7 @@ class SamplerPool:
         self._flush()
 
     def ended(self, trial: FrozenTrial) -> None:
+        self._finished += trial.state in LEARNED_FROM
         self._broadcast(("trials", [trial]))
 
     def newly_dead(self) -> int:
@@ -260,6 +280,7 @@ class SamplerPool:
             link.send_bytes(payload)
 
     def _send(self, index: int, message: tuple[Any, ...]) -> None:
+        self._flush()  # the news first: a process whose sets were stale learns why
         self._links[index].send_bytes(bytes(ForkingPickler.dumps(message)))
 
 
