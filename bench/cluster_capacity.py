@@ -15,16 +15,23 @@ runs ``--new-trials`` more (fewer for TPE, whose cost grows with the study).
 
 Figures: trials/s over the run (first trial sent to last result), and each slot's wait for its
 next trial (from the result it sent to the next trial it receives), from the load generator's
-clock; the controller's CPU seconds per trial say how much of it the controller spent.
+clock; the controller's CPU seconds per trial say how much of it the controller spent; "sent %"
+is the share of trials sent with values for their suggestions (with TPE: those whose values a
+sampler process made ready, see ``hyperfleet.controller.sampler_pool``); "steady" is the
+controller's CPU per trial after the first fifth of the new trials (start-up, imports and the
+pools' start left out). ``--sampling-processes
+0 2`` alternates runs without and with two sampler processes, to compare them side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import multiprocessing
 import os
 import pickle
+import queue
 import random
 import socket
 import statistics
@@ -85,7 +92,9 @@ class Node:
         self.sent_result: dict[int, float] = {}
         self.waits: list[float] = []
         self.trials = 0
+        self.sent_trials = 0  # trials sent with values for their suggestions
         self.first = self.last = 0.0
+        self.finished: Any = None  # a counter shared by every played node, if given
 
     def run(self) -> None:
         last_beat = time.monotonic()
@@ -115,6 +124,7 @@ class Node:
             self.first = self.first or now
             self.step[worker] = 0
             self.sent[worker] = getattr(message, "suggestions", {})  # older versions: none
+            self.sent_trials += bool(self.sent[worker])
             self._next(worker)
         elif isinstance(message, Reply):
             self._next(worker)
@@ -147,6 +157,9 @@ class Node:
         self.conn.send(Relay(worker, _pack(Finished("returned", value=1.0))))
         self.sent_result[worker] = self.last = time.time()
         self.trials += 1
+        if self.finished is not None:
+            with self.finished.get_lock():
+                self.finished.value += 1
 
 
 def play_node(
@@ -155,6 +168,7 @@ def play_node(
     slots: int,
     trial_seconds: tuple[float, float],
     results: Any,
+    finished: Any = None,
 ) -> None:
     conn = connect(address, TOKEN.encode(), patience=60.0)
     gpus = tuple(Gpu(i, f"GPU-bench-{i}", "Bench GPU", kind="fake") for i in range(slots))
@@ -163,21 +177,29 @@ def play_node(
     conn.recv()  # the welcome
     conn.send(Joined(shares_run_dir=True))  # the same machine: the run directory is here
     node = Node(conn, *trial_seconds)
+    node.finished = finished
     node.run()
-    results.put((node.trials, node.first, node.last, node.waits))
+    results.put((node.trials, node.first, node.last, node.waits, node.sent_trials))
 
 
 def controller_command(
-    run_dir: Path, token: Path, port: int, sampler: str, n_trials: int, profile: Path | None
+    run_dir: Path,
+    token: Path,
+    port: int,
+    sampler: str,
+    n_trials: int,
+    profile: Path | None,
+    sampling_processes: int | None = None,
 ) -> list[str]:
     python = [sys.executable]
     if profile is not None:
         python += ["-m", "cProfile", "-o", str(profile)]
+    pool = [] if sampling_processes is None else ["--sampling-processes", str(sampling_processes)]
     return [
         *python, "-m", "hyperfleet.app.cli", "run", f"{Path(__file__)}:objective",
         "--study-name", STUDY, "--run-dir", str(run_dir), "--n-trials", str(n_trials),
         "--sampler", sampler, "--seed", "1", "--listen", f"127.0.0.1:{port}",
-        "--token-file", str(token), "--cpu-slots", "0", "--quiet", "--no-report",
+        "--token-file", str(token), "--cpu-slots", "0", "--quiet", "--no-report", *pool,
     ]  # fmt: skip
 
 
@@ -190,6 +212,7 @@ def one_run(
     new: int,
     profile: Path | None = None,
     trial_seconds: tuple[float, float] = (0.0, 0.0),
+    sampling_processes: int | None = None,
 ) -> dict[str, float]:
     run_dir = folder / "run"
     run_dir.mkdir()
@@ -199,24 +222,28 @@ def one_run(
     token.chmod(0o600)  # hyperfleet refuses a token file other users may read
     port = _free_port()
     controller = subprocess.Popen(
-        controller_command(run_dir, token, port, sampler, finished + new, profile),
+        controller_command(
+            run_dir, token, port, sampler, finished + new, profile, sampling_processes
+        ),
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         stdout=subprocess.DEVNULL,
     )
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
+    finished = context.Value("i", 0)
     players = [
         context.Process(
             target=play_node,
-            args=(("127.0.0.1", port), i, slots // connections, trial_seconds, results),
+            args=(("127.0.0.1", port), i, slots // connections, trial_seconds, results, finished),
         )
         for i in range(connections)
     ]
     for player in players:
         player.start()
     cpu_before = _cpu(controller.pid)
-    outcomes = [results.get(timeout=900) for _ in players]
-    cpu = _cpu(controller.pid) - cpu_before
+    outcomes, steady = _outcomes(results, len(players), finished, controller.pid, new // 5)
+    cpu_after = _cpu(controller.pid)
+    cpu = cpu_after - cpu_before
     controller.wait(timeout=60)
     for player in players:
         player.join()
@@ -231,7 +258,28 @@ def one_run(
         "p99_ms": 1000 * waits[int(0.99 * (len(waits) - 1))],
         "max_ms": 1000 * waits[-1],
         "cpu_ms": 1000 * cpu / trials,
+        "steady_cpu_ms": 1000 * (cpu_after - steady[0]) / max(1, trials - steady[1]),
+        "sent_pct": 100 * sum(o[4] for o in outcomes) / trials,
     }
+
+
+def _outcomes(
+    results: Any, players: int, finished: Any, pid: int, mark: int
+) -> tuple[list[Any], tuple[float, int]]:
+    """Every player's outcome, and the controller's CPU seconds and the trials finished once
+    ``mark`` trials had: what follows is the steady state, past start-up."""
+    outcomes: list[Any] = []
+    steady: tuple[float, int] | None = None
+    deadline = time.monotonic() + 900
+    while len(outcomes) < players:
+        if steady is None and finished.value >= mark:
+            steady = (_cpu(pid), finished.value)
+        try:
+            outcomes.append(results.get(timeout=0.05))
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the played nodes did not finish in 15 minutes") from None
+    return outcomes, steady or (_cpu(pid), finished.value)
 
 
 def _cpu(pid: int) -> float:
@@ -270,22 +318,29 @@ def main() -> None:
         "as real trials do, instead of all ending together)",
     )
     parser.add_argument(
+        "--sampling-processes",
+        type=int,
+        nargs="+",
+        default=[-1],
+        help="TPE's sampler processes beside the controller; several values alternate run by "
+        "run (0: none; -1, the default: the run's default)",
+    )
+    parser.add_argument(
         "--profile", type=Path, help="profile the controller (one configuration) into this file"
     )
     args = parser.parse_args()
     print(f"{args.connections} agent connections; waits: from a slot's result to its next trial")
     print(
-        f"{'sampler':<7} {'study':>6} {'slots':>5} {'trials/s':>9} {'wait p50':>9} "
-        f"{'p99':>7} {'max ms':>7} {'ctl cpu ms/trial':>17}"
+        f"{'sampler':<7} {'study':>6} {'slots':>5} {'pool':>4} {'trials/s':>9} {'wait p50':>9} "
+        f"{'p99':>7} {'max ms':>7} {'ctl cpu ms/trial':>17} {'steady':>7} {'sent %':>7}"
     )
     for sampler in args.samplers:
         new = args.new_trials if sampler == "random" else args.new_tpe_trials
         for finished in args.studies:
-            for slots in args.slots:
+            for slots, processes in itertools.product(args.slots, args.sampling_processes):
                 # Every slot runs a few trials, so that each has waits to measure.
-                tmp = run_folder()
                 r = one_run(
-                    tmp,
+                    run_folder(),
                     slots,
                     args.connections,
                     sampler,
@@ -293,11 +348,13 @@ def main() -> None:
                     max(new, 2 * slots),
                     args.profile,
                     (args.trial_seconds, args.trial_spread),
+                    None if processes < 0 else processes,
                 )
+                pool = "dflt" if processes < 0 else str(processes)
                 print(
-                    f"{sampler:<7} {finished:>6} {slots:>5} {r['per_s']:>9.0f} "
+                    f"{sampler:<7} {finished:>6} {slots:>5} {pool:>4} {r['per_s']:>9.0f} "
                     f"{r['p50_ms']:>9.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.1f} "
-                    f"{r['cpu_ms']:>17.2f}",
+                    f"{r['cpu_ms']:>17.2f} {r['steady_cpu_ms']:>7.2f} {r['sent_pct']:>7.0f}",
                     flush=True,
                 )
 

@@ -18,6 +18,14 @@ the same sampler (``--sampler``: TPE, Optuna's default, or random).
     python bench/overhead.py --trials 400 --repeats 3 --sampler random
     python bench/overhead.py --trials 400 --repeats 3 --sampler tpe
     python bench/overhead.py --trials 100 --trial-seconds 0.1   # trials that do some work
+    python bench/overhead.py --prefill 2000 --runners optuna-processes hyperfleet \
+        hyperfleet-nopool                        # TPE on a study of 2,000 finished trials
+
+``--prefill N`` starts every runner's study with N finished trials (a copy of one journal
+written once), so TPE's cost is that of a grown study; the rates count the new trials only.
+``hyperfleet-nopool`` is ``hyperfleet`` without TPE's sampler processes
+(``sampling_processes=0``); for the in-process runners the controller's CPU per new trial (this
+process's user and system time) is printed too.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import random
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +50,8 @@ from optuna.storages.journal import JournalFileBackend
 
 import hyperfleet
 
+PREFILL: Path | None = None  # the journal every study starts from (--prefill)
+PREFILLED = 0  # its finished trials
 TRIAL_SECONDS = float(os.environ.get("BENCH_TRIAL_SECONDS", "0"))
 SAMPLER = os.environ.get("BENCH_SAMPLER", "tpe")
 HERE = Path(__file__).resolve()
@@ -61,14 +74,40 @@ def _storage(folder: Path) -> JournalStorage:
     return JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
 
 
+def _new_study(folder: Path) -> optuna.Study:
+    """The runner's study: empty, or a copy of the prefilled one."""
+    if PREFILL is not None:
+        shutil.copyfile(PREFILL, folder / "optuna.journal")
+    return optuna.create_study(
+        study_name="bench", storage=_storage(folder), sampler=_sampler(), load_if_exists=True
+    )
+
+
+def _prefill(n_trials: int) -> Path:
+    path = run_folder("prefill-") / "optuna.journal"
+    study = optuna.create_study(study_name="bench", storage=_storage(path.parent))
+    rng = random.Random(n_trials)
+    distribution = optuna.distributions.FloatDistribution(-10.0, 10.0)
+    study.add_trials(
+        optuna.trial.create_trial(
+            params={"x": (x := rng.uniform(-10.0, 10.0))},
+            distributions={"x": distribution},
+            value=(x - 2.0) ** 2,
+        )
+        for _ in range(n_trials)
+    )
+    return path
+
+
 def _steady_rate(study: optuna.Study) -> float:
-    ends = sorted(t.datetime_complete for t in study.trials if t.datetime_complete is not None)
+    new = [t for t in study.trials if t.number >= PREFILLED]
+    ends = sorted(t.datetime_complete for t in new if t.datetime_complete is not None)
     span = (ends[-1] - ends[0]).total_seconds()
     return (len(ends) - 1) / span if span > 0 else float("nan")
 
 
 def run_optuna_threads(folder: Path, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name="bench", storage=_storage(folder), sampler=_sampler())
+    study = _new_study(folder)
     study.optimize(objective, n_trials=n_trials, n_jobs=2)
     return study
 
@@ -82,7 +121,7 @@ def _process_worker(folder: str, n_trials: int) -> None:
 
 
 def run_optuna_processes(folder: Path, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name="bench", storage=_storage(folder), sampler=_sampler())
+    study = _new_study(folder)
     context = multiprocessing.get_context("spawn")
     share = [n_trials // 2, n_trials - n_trials // 2]
     workers = [context.Process(target=_process_worker, args=(str(folder), n)) for n in share]
@@ -93,19 +132,37 @@ def run_optuna_processes(folder: Path, n_trials: int) -> optuna.Study:
     return study
 
 
-def run_hyperfleet(folder: Path, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name="bench", storage=_storage(folder), sampler=_sampler())
+def run_hyperfleet(
+    folder: Path, n_trials: int, sampling_processes: int | None = None
+) -> optuna.Study:
+    study = _new_study(folder)
+    before = _cpu_seconds()
     hyperfleet.optimize(
         study,
         objective,
-        n_trials=n_trials,
+        n_trials=PREFILLED + n_trials,  # it counts the study's finished trials
         cpu_slots=2,
         gpus=[],
         run_dir=folder / "run",
         display="quiet",
         report=False,
+        sampling_processes=sampling_processes,
     )
+    key = "hyperfleet" if sampling_processes is None else "hyperfleet-nopool"
+    CPU_PER_TRIAL.setdefault(key, []).append((_cpu_seconds() - before) / n_trials)
     return study
+
+
+def run_hyperfleet_nopool(folder: Path, n_trials: int) -> optuna.Study:
+    return run_hyperfleet(folder, n_trials, sampling_processes=0)
+
+
+CPU_PER_TRIAL: dict[str, list[float]] = {}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_hyperfleet_cli(folder: Path, n_trials: int) -> optuna.Study:
@@ -122,6 +179,7 @@ RUNNERS: dict[str, Callable[[Path, int], optuna.Study]] = {
     "optuna-threads": run_optuna_threads,
     "optuna-processes": run_optuna_processes,
     "hyperfleet": run_hyperfleet,
+    "hyperfleet-nopool": run_hyperfleet_nopool,
     "hyperfleet-cli": run_hyperfleet_cli,
 }
 
@@ -132,34 +190,50 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trial-seconds", type=float, default=0.0, help="work per trial")
     parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    parser.add_argument("--prefill", type=int, default=0, help="finished trials to start from")
+    parser.add_argument("--runners", nargs="+", choices=list(RUNNERS), default=list(RUNNERS))
     args = parser.parse_args()
-    global TRIAL_SECONDS, SAMPLER
+    global TRIAL_SECONDS, SAMPLER, PREFILL, PREFILLED
+    if args.prefill:
+        if "hyperfleet-cli" in args.runners:
+            parser.error("--prefill: the hyperfleet-cli runner starts from its own new journal")
+        PREFILL, PREFILLED = _prefill(args.prefill), args.prefill
     TRIAL_SECONDS, SAMPLER = args.trial_seconds, args.sampler
     os.environ["BENCH_TRIAL_SECONDS"] = str(args.trial_seconds)
     os.environ["BENCH_SAMPLER"] = args.sampler
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    rates: dict[str, list[float]] = {name: [] for name in RUNNERS}
-    walls: dict[str, list[float]] = {name: [] for name in RUNNERS}
+    runners = {name: RUNNERS[name] for name in args.runners}
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    walls: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.repeats):
-        for name, runner in RUNNERS.items():  # interleaved, so drift hits all alike
+        for name, runner in runners.items():  # interleaved, so drift hits all alike
             folder = run_folder()
             start = time.perf_counter()
             study = runner(Path(folder), args.trials)
             walls[name].append(time.perf_counter() - start)
             rates[name].append(_steady_rate(study))
 
-    base = statistics.median(rates["optuna-threads"])
+    peer = "optuna-threads" if "optuna-threads" in runners else args.runners[0]
+    base = statistics.median(rates[peer])
     work = f"{args.trial_seconds * 1000:.0f} ms" if args.trial_seconds else "trivial"
     print(
         f"{args.trials} {work} trials, 2 slots, journal file, {args.sampler} sampler, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}" + (f", study of {args.prefill} trials" if args.prefill else "")
     )
-    print(f"{'runner':<18}{'trials/s':>10}{'ms/trial':>10}{'wall s':>9}{'vs threads':>12}")
-    for name in RUNNERS:
+    print(
+        f"{'runner':<18}{'trials/s':>10}{'ms/trial':>10}{'wall s':>9}{'vs ' + peer:>22}"
+        f"{'ctl cpu ms':>11}"
+    )
+    for name in runners:
         rate = statistics.median(rates[name])
         wall = statistics.median(walls[name])
-        print(f"{name:<18}{rate:>10.0f}{1000 / rate:>10.2f}{wall:>9.2f}{rate / base:>11.2f}x")
+        cpu = CPU_PER_TRIAL.get(name)
+        cpu_text = f"{1000 * statistics.median(cpu):>11.1f}" if cpu else ""
+        print(
+            f"{name:<18}{rate:>10.0f}{1000 / rate:>10.2f}{wall:>9.2f}{rate / base:>21.2f}x"
+            + cpu_text
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ fake-GPU slots instead (trials sleep their drawn duration, scaled down), to chec
     python bench/parallel_quality.py --slots 4 8 32 --out points.jsonl    # about 20 minutes
     python bench/parallel_quality.py --functions hartmann6 --slots 8 --seeds 5
     python bench/parallel_quality.py --real --functions hartmann6 --slots 8 --setups default
+    python bench/parallel_quality.py --real --functions hartmann6 --slots 8 --setups tpe-liar \
+        --sampling-processes 0                             # TPE sampled by the controller alone
     python bench/parallel_quality.py --table points.jsonl      # the markdown table of --out
 """
 
@@ -105,6 +107,9 @@ def simulate(setup: str, function: str, slots: int, seed: int, n_trials: int) ->
     return study.best_value - MINIMA[function]
 
 
+SAMPLING_PROCESSES: int | None = None  # --real: TPE's sampler processes (None: the default)
+
+
 def real_run(setup: str, function: str, slots: int, seed: int, n_trials: int) -> float:
     """Simple regret of one search through hyperfleet itself on ``slots`` fake GPUs."""
     import hyperfleet
@@ -121,6 +126,7 @@ def real_run(setup: str, function: str, slots: int, seed: int, n_trials: int) ->
             display="quiet",
             report=False,
             objective_kwargs={"function": function, "seed": seed},
+            sampling_processes=SAMPLING_PROCESSES,
         )
     return study.best_value - MINIMA[function]
 
@@ -207,6 +213,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--real", action="store_true", help="run through hyperfleet itself")
+    parser.add_argument(
+        "--sampling-processes", type=int, help="--real: TPE's sampler processes (0: none)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (simulation)")
     parser.add_argument("--out", type=Path, help="append one JSON line per point here")
     parser.add_argument("--table", type=Path, help="print the table of an --out file, then stop")
@@ -216,6 +225,8 @@ def main() -> None:
         print(table([json.loads(line) for line in lines if line.strip()]))
         return
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    global SAMPLING_PROCESSES
+    SAMPLING_PROCESSES = args.sampling_processes
     if args.real:
         os.environ["HYPERFLEET_FAKE_GPUS"] = str(max(args.slots))
     run = real_run if args.real else simulate

@@ -129,12 +129,20 @@ class RunSettings:
     # Optuna's callbacks of a single search, called with (study, frozen_trial) as each trial
     # ends (see controller.callbacks); a campaign's studies each have their own.
     callbacks: tuple[Callable[[optuna.Study, FrozenTrial], None], ...] = ()
+    # Sampler processes beside the controller for TPE studies (controller.sampler_pool);
+    # None: the cores no slot uses, at least one; 0: none, the controller samples every trial.
+    sampling_processes: int | None = None
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             raise ConfigError(
                 f"keep_checkpoints={self.keep_checkpoints!r} is not one of "
                 f"{', '.join(KEEP_CHECKPOINTS)}; pass --keep-checkpoints best, all or none."
+            )
+        if self.sampling_processes is not None and self.sampling_processes < 0:
+            raise ConfigError(
+                f"sampling_processes={self.sampling_processes} must be 0 or more; pass "
+                "--sampling-processes 0 to sample on the controller alone."
             )
         for name in ("n_trials", "max_trials_per_worker"):
             value = getattr(self, name)

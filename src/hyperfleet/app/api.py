@@ -72,6 +72,7 @@ def optimize(
     catch: Iterable[type[Exception]] | type[Exception] = (),
     gc_after_trial: bool = False,
     show_progress_bar: bool = False,
+    sampling_processes: int | None = None,
 ) -> Outcome:
     """Run ``objective`` on every slot of this machine, like ``study.optimize(objective, ...)``.
 
@@ -82,7 +83,7 @@ def optimize(
     trial takes. After SIGTERM running trials get ``stop_grace``, then ``kill_grace`` between
     SIGTERM and SIGKILL. ``keep_checkpoints``: "best", "all" or "none" (see
     :func:`hyperfleet.checkpoint_dir`). ``report=False``: no ``run_dir/report/``.
-    ``refit(params)`` runs once with the best parameters (see :mod:`hyperfleet.objective.refit`).
+    ``refit(params)`` runs once with the best parameters (:mod:`hyperfleet.objective.refit`).
     ``listen="HOST:PORT"`` runs the trials on the nodes whose agents connect there, cut into
     slots by the pool keywords, with ``token_file``, ``heartbeat`` and ``node_timeout``;
     ``ray="auto"`` (or an address) or ``slurm=True`` start the agents. ``callbacks`` are called
@@ -90,7 +91,8 @@ def optimize(
     and a callback's exception is raised here once nothing runs. ``n_jobs`` is taken as
     ``cpu_slots`` when that is not given; ``catch``, ``gc_after_trial`` and
     ``show_progress_bar`` are checked and accepted (every trial that raises fails alone; workers
-    collect after every trial; the live view shows progress). The how-to pages say more.
+    collect after every trial; the live view shows progress). ``sampling_processes``: for TPE,
+    processes that sample ahead (default: the cores no slot uses, at least one; 0: none).
     """
     refuse_inside_a_worker("optimize")
     return _Optimize(**locals()).run()  # every argument, by name
@@ -135,6 +137,7 @@ class _Optimize:
     catch: Iterable[type[Exception]] | type[Exception]
     gc_after_trial: bool
     show_progress_bar: bool
+    sampling_processes: int | None
 
     def run(self) -> Outcome:
         study = self.study
@@ -176,6 +179,7 @@ class _Optimize:
             kill_grace=parse_duration(self.kill_grace, "kill_grace") or 0.0,
             keep_checkpoints=self.keep_checkpoints,
             callbacks=check_callbacks(self.callbacks, "hyperfleet.optimize"),
+            sampling_processes=self.sampling_processes,
         )
 
     def _cpu_slots(self) -> int | None:

@@ -164,6 +164,11 @@ def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
     add("--retry", default="", help="retries per failure reason, e.g. crash=2,oom=1")
     add("--max-trials-per-worker", type=int, help="restart a worker after this many trials")
     add(
+        "--sampling-processes",
+        type=int,
+        help="TPE's sampler processes (default: the cores no slot uses, at least 1; 0: none)",
+    )
+    add(
         "--stop-grace",
         default="30s",
         help="after SIGTERM, how long running trials may finish before they are terminated "
@@ -446,6 +451,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         retry=RetryPolicy.parse(args.retry),
         max_trials_per_worker=args.max_trials_per_worker,
         keep_checkpoints=args.keep_checkpoints,
+        sampling_processes=args.sampling_processes,
         callbacks=tuple(load_callback(text, "--callback") for text in args.callback or ()),
     )
 

@@ -45,6 +45,7 @@ from hyperfleet.controller.fleetpack import FleetPack
 from hyperfleet.controller.node_fleet import NodeFleet
 from hyperfleet.controller.prepared import Preparer
 from hyperfleet.controller.receiving import Receiver
+from hyperfleet.controller.sampler_pool import SamplerPools, default_processes
 from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyPlan, StudyRun
@@ -125,7 +126,8 @@ class Controller:
         self._receiver = Receiver(ctx, self._slots, self._wakeup)
         folders = TrialFolders(run_dir)
         self._preparer = Preparer(ctx, self._slots, self._studies, folders, self._receiver.glance)
-        self._starts = TrialStarts(ctx, self._slots, self._studies, self._preparer, folders)
+        pools = SamplerPools(ctx, _sampling_processes(settings, slots), len(plans))
+        self._starts = TrialStarts(ctx, self._slots, self._studies, self._preparer, folders, pools)
         self._ends = TrialEnds(ctx, self._slots, self._studies, self._starts)
         self._workforce = Workforce(
             ctx, self._slots, self._studies, self._starts, self._ends, self._preparer, start_worker
@@ -425,6 +427,7 @@ class Controller:
             self._flush(final=True)
             self._ctx.files.drain()
         self._committer.close()
+        self._starts.pools.close()
         for study in self.studies.values():
             with contextlib.suppress(OSError):
                 close_storage(study._storage)  # the study's storage has no public accessor
@@ -481,6 +484,14 @@ class Controller:
         if counts.get("fail") and not counts.get("complete") and not counts.get("pruned"):
             return "failed", "every trial failed; see the reasons in the trials/ folders"
         return "completed", ""
+
+
+def _sampling_processes(settings: RunSettings, slots: list[Slot]) -> int:
+    """The run's sampler processes: as many as asked, else the cores no slot uses (at least
+    one); they are started only for the studies whose sampler uses them (TPE)."""
+    if settings.sampling_processes is not None:
+        return settings.sampling_processes
+    return default_processes(len(_spare_cores(slots)))
 
 
 def _spare_cores(slots: list[Slot]) -> tuple[int, ...]:

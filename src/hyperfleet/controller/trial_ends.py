@@ -105,6 +105,7 @@ class TrialEnds:
         study = opened(run)
         frozen = books.store_end(study, active.trial, state, values, kind, reason, traceback_text)
         run.trial_ended(time.monotonic())
+        self._starts.pools.ended(run, frozen)
         if frozen.state == TrialState.COMPLETE:
             run.space = ahead.narrowed(run.space, frozen.distributions)
         if run.plan.timeout is not None:  # no extra write per trial for the others

@@ -61,6 +61,18 @@ def sample_ahead(
     return ahead.sample(opened(run), trial, stored, space or {}, prepared)
 
 
+def with_others(suggestions: ahead.Ahead, others: ahead.Ahead, stored: FrozenTrial) -> ahead.Ahead:
+    """``suggestions`` and the values a sampler process made ready for the space's other
+    parameters, but for those the trial has fixed (an enqueued or a repeated trial): their
+    ``suggest`` takes the fixed value."""
+    if not others:
+        return suggestions
+    fixed = stored.system_attrs.get("fixed_params")
+    fixed = fixed if isinstance(fixed, dict) else {}
+    extra = {n: v for n, v in others.items() if n not in suggestions and n not in fixed}
+    return {**suggestions, **extra}
+
+
 def run_message(
     run: StudyRun,
     stored: FrozenTrial,

@@ -4,7 +4,8 @@ Each round gives every free slot a trial of the study the fair-share policy pick
 :mod:`hyperfleet.controller.policy`). A trial then starts through :meth:`TrialStarts.start`,
 whatever made its parameters: a prepared next trial (:mod:`hyperfleet.controller.prepared`), a
 slow sampler's suggestion computed off the loop's thread (:mod:`hyperfleet.controller.sampling`),
-or an ``ask`` now. Every start, the early one of a prepared trial sent before its slot's result
+values a sampler process made ready (:mod:`hyperfleet.controller.sampler_pool`), or an ``ask``
+now. Every start, the early one of a prepared trial sent before its slot's result
 was recorded included, is counted as running on its slot by :meth:`TrialStarts.begin`.
 """
 
@@ -16,11 +17,13 @@ import time
 import optuna
 from optuna.trial import FrozenTrial
 
+from hyperfleet.controller import ahead
 from hyperfleet.controller import bookkeeping as books
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.outbox import send
 from hyperfleet.controller.policy import StudyDemand, pick
 from hyperfleet.controller.prepared import Preparer
+from hyperfleet.controller.sampler_pool import SamplerPools
 from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotState, SlotTable
 from hyperfleet.controller.studies import StudyBook
@@ -33,6 +36,7 @@ from hyperfleet.controller.trial_making import (
     run_message,
     sample_ahead,
     side_by_side,
+    with_others,
 )
 from hyperfleet.display.events import TrialStarted
 from hyperfleet.store import schema
@@ -49,10 +53,12 @@ class TrialStarts:
         studies: StudyBook,
         preparer: Preparer,
         folders: TrialFolders,
+        pools: SamplerPools,
     ) -> None:
         self._ctx, self._slots, self._studies = ctx, slots, studies
         self._preparer, self._folders = preparer, folders
         self._suggestions = Suggestions(ctx.wake)
+        self.pools = pools  # TPE's sampler processes
 
     # ----- handing out ---------------------------------------------------------------------
 
@@ -149,19 +155,28 @@ class TrialStarts:
 
     def start(self, name: str, worker: Worker, run: StudyRun) -> None:
         """Start a trial of ``run`` on the slot: its slot's prepared one, one a slow sampler
-        prepared off the loop's thread (the slot waits for it, if it is not ready), or a new
-        one asked now. It is sent once its start is committed."""
+        prepared off the loop's thread (the slot waits for it, if it is not ready), one whose
+        values a sampler process made ready, or a new one asked now. It is sent once its start
+        is committed."""
         study = opened(run)
         prepared_sample = None  # the sampler's part, computed off the loop's thread
+        pool = self.pools.pool(run, side_by_side(self._ctx, self._slots))
+        pooled = pool.take(run.space, len(self._slots.slots)) if pool is not None else None
         if suggests_slowly(study.sampler):
             prepared_sample = self._suggestions.take(run.plan.name)
             if prepared_sample is None:
                 self._sample_then_start(name, run)
                 return
+        elif pooled is not None:
+            prepared_sample = pooled.relative
         placed = None if prepared_sample else self._preparer.take(name, worker, run)
         trial, stored = placed or self._ask_placed(study, name, worker.pid, prepared_sample)
         computed = prepared_sample is not None and prepared_sample.error is None
-        launch = self._launch_of(run, trial, stored, computed)
+        others = pooled.others if pooled is not None else {}
+        launch = self._launch_of(run, trial, stored, computed, others)
+        if pool is not None:
+            key = pooled.key if pooled is not None else None
+            pool.started(stored.number, key, launch.message.suggestions)
         self._ctx.pending.sends.append(
             functools.partial(self._deliver, name, worker, launch.message)
         )
@@ -178,10 +193,16 @@ class TrialStarts:
         active.delivered = send(worker, message)
 
     def _launch_of(
-        self, run: StudyRun, trial: optuna.Trial, stored: FrozenTrial, computed: bool
+        self,
+        run: StudyRun,
+        trial: optuna.Trial,
+        stored: FrozenTrial,
+        computed: bool,
+        others: ahead.Ahead,
     ) -> Launch:
         """The message that starts ``trial`` (``stored``: as the storage has it) and its record.
-        ``computed``: its relative sample was computed off the loop's thread."""
+        ``computed``: its relative sample was computed off the loop's thread; ``others``: values
+        a sampler process sampled for the space's other parameters."""
         study = opened(run)
         trial_dir = self._folders.trial_dir(run, trial.number)
         experiment = stored.user_attrs.get(schema.EXPERIMENT_ATTR)
@@ -190,7 +211,7 @@ class TrialStarts:
         repeats = schema.retry_of(stored) is not None
         inherited = books.inherit_history(study, trial, stored) if repeats else set()
         sides = side_by_side(self._ctx, self._slots)
-        suggestions = sample_ahead(run, trial, stored, computed, sides)
+        suggestions = with_others(sample_ahead(run, trial, stored, computed, sides), others, stored)
         message = run_message(run, stored, trial.datetime_start, suggestions)
         return Launch(run, trial, record_of(study, stored), message, inherited)
 

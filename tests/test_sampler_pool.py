@@ -1,0 +1,220 @@
+"""TPE's sampler processes (hyperfleet.controller.sampler_pool): they sample ahead, the trials use
+their values once each, the storage holds what the objectives suggested, and a run whose
+processes die, or that has none, completes as without them."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import optuna
+import psutil
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+import hyperfleet
+from hyperfleet.controller import sampler_pool
+from hyperfleet.controller.sampler_pool import SamplerPool
+from support.searches import cpu_slots
+
+OBJECTIVES = Path(__file__).parent / "objectives"
+N_TRIALS = 40
+SPACE = {"x": FloatDistribution(-10.0, 10.0), "n": IntDistribution(0, 10)}
+
+
+@pytest.fixture
+def objectives(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(OBJECTIVES))  # workers import it by name
+    return importlib.import_module("pool_objective")
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The keys of the sets the controller took from its pools."""
+    keys: list[tuple[int, int]] = []
+    take = SamplerPool.take
+
+    def noting(pool: SamplerPool, space: Any, slots: int) -> Any:
+        chosen = take(pool, space, slots)
+        if chosen is not None:
+            keys.append(chosen.key)
+        return chosen
+
+    monkeypatch.setattr(sampler_pool.SamplerPool, "take", noting)
+    return keys
+
+
+def search(
+    objective: Any, tmp: Path, slots: int = 2, processes: int | None = 1, **kwargs: Any
+) -> tuple[list[FrozenTrial], Path]:
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=5, n_startup_trials=5))
+    run_dir = tmp / "run"
+    outcome = hyperfleet.optimize(
+        study,
+        objective,
+        n_trials=N_TRIALS,
+        run_dir=run_dir,
+        display="quiet",
+        report=False,
+        inventory=cpu_slots(slots),
+        cpu_slots=slots,
+        sampling_processes=processes,
+        **kwargs,
+    )
+    assert outcome.status == "completed", outcome.message
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(N_TRIALS))
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * N_TRIALS
+    for trial in trials:  # the storage holds what the objective suggested, nothing else
+        assert trial.params == trial.user_attrs["seen"]
+    return trials, run_dir
+
+
+def sampler_logs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "workers").glob("sampler-*.log"))
+
+
+def test_the_pools_values_are_sent_with_the_trials_and_used_once(
+    objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
+) -> None:
+    trials, run_dir = search(objectives.fixed_space, tmp_path)
+
+    assert len(sampler_logs(run_dir)) == 1
+    sent = [t.user_attrs["sent"] for t in trials]
+    # TPE sends nothing without the pool: every value sent with a trial came from a set.
+    with_values = [s for s in sent if s]
+    assert all(s == ["n", "x"] for s in with_values), sent
+    # The pool starts with the run and knows the space after the first complete trial.
+    assert len(taken) == len(with_values) >= N_TRIALS // 4, (len(taken), sent)
+    assert len(set(taken)) == len(taken)  # no set used twice
+    xs = [t.params["x"] for t in trials]
+    assert len(set(xs)) == N_TRIALS  # each trial its own sample
+    # The define-by-run parameter outside the space was a call, and is stored.
+    assert all("extra" in t.params for t in trials if t.number % 3 == 0)
+    # What TPE writes on a new trial (its relative sample) is there as in a plain ask.
+    late = [t for t in trials[10:] if t.user_attrs["sent"]]
+    assert late and all("tpe:relative_params:0" in t.system_attrs for t in late)
+
+
+def kill_the_sampler_processes(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A callback (it runs in the controller, this process): the pool's processes die at
+    trial 15's end."""
+    if trial.number != 15:
+        return
+    for child in psutil.Process().children():
+        if "hyperfleet.controller.replica" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGKILL)
+
+
+def test_a_killed_sampler_process_costs_only_speed(
+    objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
+) -> None:
+    trials, run_dir = search(
+        objectives.fixed_space, tmp_path, callbacks=[kill_the_sampler_processes]
+    )
+
+    assert taken, "the pool was used before it died"
+    assert len(set(taken)) == len(taken)
+    # The last trials were sampled by the controller: TPE sends nothing then.
+    assert all(not t.user_attrs["sent"] for t in trials[-10:])
+    log = (run_dir / "run.log").read_text()
+    assert log.count("sampler processes died") == 1, log
+
+
+def test_a_run_with_the_pool_off_samples_on_the_controller(
+    objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
+) -> None:
+    trials, run_dir = search(objectives.fixed_space, tmp_path, processes=0)
+
+    assert sampler_logs(run_dir) == []
+    assert taken == []
+    assert all(not t.user_attrs["sent"] for t in trials)
+
+
+def test_a_seeded_single_slot_run_starts_no_pool_and_gives_optunas_trials(
+    objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
+) -> None:
+    trials, run_dir = search(objectives.fixed_space, tmp_path, slots=1, processes=2)
+
+    assert sampler_logs(run_dir) == []
+    assert taken == []
+    plain = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=5, n_startup_trials=5))
+    plain.optimize(objectives.fixed_space, n_trials=N_TRIALS)
+    assert [t.params for t in trials] == [t.params for t in plain.trials]
+
+
+def wait_for_set(pool: SamplerPool, space: Any) -> sampler_pool.SuggestionSet:
+    deadline = time.monotonic() + 60
+    while (chosen := pool.take(space, 2)) is None:
+        assert time.monotonic() < deadline, "no set in a minute"
+        time.sleep(0.02)
+    return chosen
+
+
+def finished_study(n: int) -> optuna.Study:
+    # Independent TPE: no relative sample, the set's values are all for the space given.
+    sampler = optuna.samplers.TPESampler(seed=1, multivariate=False)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_float("x", -10, 10) ** 2 + t.suggest_int("n", 0, 10), n)
+    return study
+
+
+def test_a_set_of_an_older_space_is_dropped(tmp_path: Path) -> None:
+    study = finished_study(20)
+    pool = SamplerPool(study, study.sampler, 1, tmp_path)
+    try:
+        first = wait_for_set(pool, SPACE)
+        assert set(first.others) == {"x", "n"} and first.relative.params == {}
+        time.sleep(0.5)  # the process fills its queue for this space
+        narrower = {"x": SPACE["x"]}
+        second = wait_for_set(pool, narrower)
+        assert second.version == first.version + 1
+        assert set(second.others) == {"x"}
+        assert second.key != first.key
+    finally:
+        pool.hang_up()
+        pool.reap(time.monotonic() + 5)
+
+
+def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
+    tmp_path: Path,
+) -> None:
+    study = finished_study(3)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=5, multivariate=False)
+    pool = SamplerPool(study, sampler, 1, tmp_path)
+    try:
+        early = wait_for_set(pool, SPACE)
+        assert early.known == 3  # a random draw: TPE has not started modelling
+        time.sleep(0.5)  # more sets of 3 trials wait at the controller
+        for number in (3, 4):
+            values = {"x": 1.0 + number, "n": number}
+            trial = optuna.trial.create_trial(params=values, distributions=SPACE, value=1.0)
+            trial.number = number
+            pool.ended(trial)
+        late = wait_for_set(pool, SPACE)
+        assert late.known == 5
+    finally:
+        pool.hang_up()
+        pool.reap(time.monotonic() + 5)
+
+
+def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> None:
+    study = finished_study(12)
+    pool = SamplerPool(study, study.sampler, 1, tmp_path)
+    try:
+        wait_for_set(pool, SPACE)
+        pool._links[0].process.kill()
+        deadline = time.monotonic() + 10
+        while pool.alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert pool.newly_dead() == 1
+        assert pool.newly_dead() == 0
+    finally:
+        pool.hang_up()
+        pool.reap(time.monotonic() + 5)
