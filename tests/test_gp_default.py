@@ -22,7 +22,7 @@ from optuna.trial import TrialState, create_trial
 
 import hyperfleet
 from hyperfleet.controller.loop import Outcome
-from hyperfleet.controller.sampling import Suggestions, suggests_slowly
+from hyperfleet.controller.slow_samplers import Suggestions, suggests_slowly
 from hyperfleet.resources.inventory import Inventory
 from hyperfleet.sampling.auto_sampler import GP_MAX_TRIALS, GP_MIN_TRIAL_SECONDS, AutoSampler
 

@@ -23,8 +23,8 @@ that takes milliseconds per parameter (TPE, with its constant liar) would make e
 round wait for all of their samples (measured: a median turnaround of 158 ms against 23 ms at 16
 slots). So values are sent for Optuna's random sampler, which draws each parameter on its own in
 microseconds, and the relative sample of a trial whose sampler computed it off the loop's thread
-already (Optuna's GP, see ``controller.sampling``); every other sampler's suggestions are calls
-as before.
+already (Optuna's GP, see ``controller.slow_samplers``); every other sampler's suggestions are
+calls as before.
 """
 
 from __future__ import annotations

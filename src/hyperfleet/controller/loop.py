@@ -13,7 +13,7 @@ The loop's parts, each in its own module, share a
 - :mod:`~hyperfleet.controller.slot_table`: every slot's state, worker and claims;
 - :mod:`~hyperfleet.controller.studies`: the studies, their budgets, views and resumption;
 - :mod:`~hyperfleet.controller.trial_starts`: handing trials out, and the one way one starts
-  (with :mod:`~hyperfleet.controller.prepared` and :mod:`~hyperfleet.controller.sampling`);
+  (with :mod:`~hyperfleet.controller.prepared` and :mod:`~hyperfleet.controller.slow_samplers`);
 - :mod:`~hyperfleet.controller.trial_ends`: the one way a trial ends;
 - :mod:`~hyperfleet.controller.answers`: what objectives call on their trial and study;
 - :mod:`~hyperfleet.controller.workforce`: the workers' lives, and auto packing's changes;

@@ -14,8 +14,8 @@ A set is what the sampler's part of an ask would have made: the relative sample 
 multivariate search space, values and the system attributes TPE writes on the new trial, so
 that other processes' constant liar sees it), and values for the space's other parameters.
 When the controller starts a trial of the study and a set is ready, it asks with the relative
-sample handed back (as for GP's off-thread sample, ``controller.sampling``'s ``Prepared``) and
-sends the set's values with the trial through the existing ``ahead`` path: the worker answers
+sample handed back (as for GP's off-thread sample: ``controller.slow_samplers``'s
+``Prepared``) and sends the set's values with the trial through the existing ``ahead`` path: the worker answers
 ``suggest`` from them, the controller records each through the trial's own ``suggest``, and the
 storage sees what it sees without the pool. A define-by-run parameter outside the space is a
 call, sampled by the controller as before.
@@ -67,7 +67,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.controller.ahead import Ahead, Space
 from hyperfleet.controller.context import RunContext
-from hyperfleet.controller.sampling import Prepared
+from hyperfleet.controller.slow_samplers import Prepared
 from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.sampling.auto_sampler import AutoSampler
 

@@ -101,7 +101,7 @@ class SlotTable:
         self.links: dict[str, NodeLink] = {}
         self.active: dict[str, ActiveTrial] = {}
         # Slots that hold their claims for a trial to come: their worker loads its study's
-        # objective, or a slow sampler prepares it (see controller/sampling.py).
+        # objective, or a slow sampler prepares it (see controller/slow_samplers.py).
         self.loading: dict[str, StudyRun] = {}
         self.sampling: dict[str, StudyRun] = {}
         # Trials sent to a slot before its last result was recorded (see controller.prepared).

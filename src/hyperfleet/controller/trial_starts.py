@@ -2,11 +2,12 @@
 
 Each round gives every free slot a trial of the study the fair-share policy picks (see
 :mod:`hyperfleet.controller.policy`). A trial then starts through :meth:`TrialStarts.start`,
-whatever made its parameters: a prepared next trial (:mod:`hyperfleet.controller.prepared`), a
-slow sampler's suggestion computed off the loop's thread (:mod:`hyperfleet.controller.sampling`),
-values a sampler process made ready (:mod:`hyperfleet.controller.sampler_pool`), or an ``ask``
-now. Every start, the early one of a prepared trial sent before its slot's result
-was recorded included, is counted as running on its slot by :meth:`TrialStarts.begin`.
+whatever made its parameters: a prepared next trial (:mod:`hyperfleet.controller.prepared`),
+a slow sampler's suggestion computed off the loop's thread
+(:mod:`hyperfleet.controller.slow_samplers`), values a sampler process made ready
+(:mod:`hyperfleet.controller.sampler_pool`), or an ``ask`` now. Every start, the early one of a
+prepared trial sent before its slot's result was recorded included, is counted as running on
+its slot by :meth:`TrialStarts.begin`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from hyperfleet.controller.outbox import send
 from hyperfleet.controller.policy import StudyDemand, pick
 from hyperfleet.controller.prepared import Preparer
 from hyperfleet.controller.sampler_pool import SamplerPools
-from hyperfleet.controller.sampling import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotState, SlotTable
+from hyperfleet.controller.slow_samplers import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.controller.trial_making import (

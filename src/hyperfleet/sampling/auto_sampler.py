@@ -25,7 +25,7 @@ A space that changes after GP was chosen (a parameter that appears or goes) move
 TPE for good. ``on_choice`` is told the choice and its reason in one line when it is made.
 The choice is made in ``before_trial``, which every ask calls on the asking thread: in
 hyperfleet, the controller's loop. So the first suggestion after GP was chosen is computed
-there; the controller prepares the following ones off its thread (controller/sampling.py).
+there; the controller prepares the following ones off its thread (controller/slow_samplers.py).
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def _stand_in(trial: FrozenTrial, values: list[float]) -> FrozenTrial:
 class TrialsView(optuna.Study):
     """The study as a sampler sees it: the same storage, directions and attributes (writes,
     such as a sampler's system attributes, go to the real trials), but trial lists that hold
-    the trials given (here: with the stand-ins; a snapshot for controller/sampling.py). Every
+    the trials given (here: with the stand-ins; a snapshot for controller/slow_samplers.py). Every
     way Optuna reads trials (``trials``, ``get_trials``, and the ``_get_trials`` samplers call)
     goes through ``_get_trials``."""
 
