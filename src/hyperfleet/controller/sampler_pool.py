@@ -15,10 +15,10 @@ multivariate search space, values and the system attributes TPE writes on the ne
 that other processes' constant liar sees it), and values for the space's other parameters.
 When the controller starts a trial of the study and a set is ready, it asks with the relative
 sample handed back (as for GP's off-thread sample: ``controller.slow_samplers``'s
-``Prepared``) and sends the set's values with the trial through the existing ``ahead`` path: the worker answers
-``suggest`` from them, the controller records each through the trial's own ``suggest``, and the
-storage sees what it sees without the pool. A define-by-run parameter outside the space is a
-call, sampled by the controller as before.
+``Prepared``) and sends the set's values with the trial through the existing ``ahead`` path:
+the worker answers ``suggest`` from them, the controller records each through the trial's own
+``suggest``, and the storage sees what it sees without the pool. A define-by-run parameter
+outside the space is a call, sampled by the controller as before.
 
 The controller never waits for the pool: with no set ready (pool off, starting, behind or
 dead) it samples itself as without one. A set is used once (it is taken out of the queue); a
