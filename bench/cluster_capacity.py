@@ -323,7 +323,7 @@ def main() -> None:
         nargs="+",
         default=[-1],
         help="TPE's sampler processes beside the controller; several values alternate run by "
-        "run (0: none; -1, the default: the run's default)",
+        "run (0: none; -1, the default: the run's default, none)",
     )
     parser.add_argument(
         "--profile", type=Path, help="profile the controller (one configuration) into this file"

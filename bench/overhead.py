@@ -23,9 +23,9 @@ the same sampler (``--sampler``: TPE, Optuna's default, or random).
 
 ``--prefill N`` starts every runner's study with N finished trials (a copy of one journal
 written once), so TPE's cost is that of a grown study; the rates count the new trials only.
-``hyperfleet-nopool`` is ``hyperfleet`` without TPE's sampler processes
-(``sampling_processes=0``); for the in-process runners the controller's CPU per new trial (this
-process's user and system time) is printed too.
+``hyperfleet`` runs with one TPE sampler process (``sampling_processes=1``; the pool is off by
+default), ``hyperfleet-nopool`` without (``sampling_processes=0``); for the in-process runners
+the controller's CPU per new trial (this process's user and system time) is printed too.
 """
 
 from __future__ import annotations
@@ -132,9 +132,7 @@ def run_optuna_processes(folder: Path, n_trials: int) -> optuna.Study:
     return study
 
 
-def run_hyperfleet(
-    folder: Path, n_trials: int, sampling_processes: int | None = None
-) -> optuna.Study:
+def run_hyperfleet(folder: Path, n_trials: int, sampling_processes: int = 1) -> optuna.Study:
     study = _new_study(folder)
     before = _cpu_seconds()
     hyperfleet.optimize(
@@ -148,7 +146,7 @@ def run_hyperfleet(
         report=False,
         sampling_processes=sampling_processes,
     )
-    key = "hyperfleet" if sampling_processes is None else "hyperfleet-nopool"
+    key = "hyperfleet" if sampling_processes else "hyperfleet-nopool"
     CPU_PER_TRIAL.setdefault(key, []).append((_cpu_seconds() - before) / n_trials)
     return study
 

@@ -130,7 +130,7 @@ class RunSettings:
     # ends (see controller.callbacks); a campaign's studies each have their own.
     callbacks: tuple[Callable[[optuna.Study, FrozenTrial], None], ...] = ()
     # Sampler processes beside the controller for TPE studies (controller.sampler_pool);
-    # None: the cores no slot uses, at least one; 0: none, the controller samples every trial.
+    # None or 0 (the default): none, the controller samples every trial.
     sampling_processes: int | None = None
 
     def __post_init__(self) -> None:

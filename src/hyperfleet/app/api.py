@@ -92,7 +92,7 @@ def optimize(
     ``cpu_slots`` when that is not given; ``catch``, ``gc_after_trial`` and
     ``show_progress_bar`` are checked and accepted (every trial that raises fails alone; workers
     collect after every trial; the live view shows progress). ``sampling_processes``: for TPE,
-    processes that sample ahead (default: the cores no slot uses, at least one; 0: none).
+    processes that sample ahead beside the controller (default: none).
     """
     refuse_inside_a_worker("optimize")
     return _Optimize(**locals()).run()  # every argument, by name

@@ -166,7 +166,7 @@ def _add_trial_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--sampling-processes",
         type=int,
-        help="TPE's sampler processes (default: the cores no slot uses, at least 1; 0: none)",
+        help="sampler processes beside the controller for TPE studies (default 0: none)",
     )
     add(
         "--stop-grace",

@@ -45,7 +45,7 @@ from hyperfleet.controller.fleetpack import FleetPack
 from hyperfleet.controller.node_fleet import NodeFleet
 from hyperfleet.controller.prepared import Preparer
 from hyperfleet.controller.receiving import Receiver
-from hyperfleet.controller.sampler_pool import SamplerPools, default_processes
+from hyperfleet.controller.sampler_pool import SamplerPools
 from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyPlan, StudyRun
@@ -126,7 +126,7 @@ class Controller:
         self._receiver = Receiver(ctx, self._slots, self._wakeup)
         folders = TrialFolders(run_dir)
         self._preparer = Preparer(ctx, self._slots, self._studies, folders, self._receiver.glance)
-        pools = SamplerPools(ctx, _sampling_processes(settings, slots), len(plans))
+        pools = SamplerPools(ctx, _sampling_processes(settings), len(plans))
         self._starts = TrialStarts(ctx, self._slots, self._studies, self._preparer, folders, pools)
         self._ends = TrialEnds(ctx, self._slots, self._studies, self._starts)
         self._workforce = Workforce(
@@ -486,12 +486,10 @@ class Controller:
         return "completed", ""
 
 
-def _sampling_processes(settings: RunSettings, slots: list[Slot]) -> int:
-    """The run's sampler processes: as many as asked, else the cores no slot uses (at least
-    one); they are started only for the studies whose sampler uses them (TPE)."""
-    if settings.sampling_processes is not None:
-        return settings.sampling_processes
-    return default_processes(len(_spare_cores(slots)))
+def _sampling_processes(settings: RunSettings) -> int:
+    """The run's sampler processes: as many as asked, none by default (see
+    controller.sampler_pool); started only for the studies whose sampler uses them (TPE)."""
+    return settings.sampling_processes or 0
 
 
 def _spare_cores(slots: list[Slot]) -> tuple[int, ...]:

@@ -39,9 +39,11 @@ sees S - 1 trials without their results, and S / 4 more sampled a little early i
 
 Only Optuna's TPE sampler (the default, and what the auto sampler picks for most studies, used
 while it is TPE) uses the pool, and only where trials already run side by side (on nodes or on
-more than one slot): a seeded single-slot run gives ``study.optimize``'s trials. By default a
-run starts as many processes as this machine has cores no slot uses, at least one; a run's
-``sampling_processes`` sets the number, 0 turns the pool off.
+more than one slot): a seeded single-slot run gives ``study.optimize``'s trials. The pool is
+off unless a run's ``sampling_processes`` asks for processes: its suggestions come from
+replicas seeded apart from the study's sampler, so a seeded run on several slots would no
+longer draw what it draws today, and on a machine without spare cores the processes compete
+with the controller and the workers (measured in ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -89,12 +91,6 @@ def queue_depth(slots: int, processes: int) -> int:
     """Sets each process keeps waiting at the controller: about a quarter of the slots in all,
     at least two per process."""
     return max(2, -(-slots // (4 * max(1, processes))))
-
-
-def default_processes(spare_cores: int) -> int:
-    """Processes a run starts for each TPE study by default: the cores no slot uses, at
-    least one."""
-    return max(1, spare_cores)
 
 
 @dataclass
