@@ -41,6 +41,14 @@ def _compile_hyperfleet() -> None:
 _compile_hyperfleet()
 
 
+def bench_sampler(name: str) -> optuna.samplers.BaseSampler:
+    """The sampler every runner of a side-by-side bench uses: "random", else TPE with constant
+    liar (what several workers at once need)."""
+    if name == "random":
+        return optuna.samplers.RandomSampler()
+    return optuna.samplers.TPESampler(constant_liar=True)
+
+
 def journal(path: Path) -> JournalStorage:
     """Optuna's own journal file storage, as a plain Optuna user opens it."""
     return JournalStorage(JournalFileBackend(str(path)))

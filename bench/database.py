@@ -47,7 +47,7 @@ from typing import Any
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 import optuna  # noqa: E402
-from common import run_folder, run_processes  # noqa: E402
+from common import bench_sampler, run_folder, run_processes  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
@@ -58,12 +58,6 @@ SAMPLER = os.environ.get("BENCH_SAMPLER", "tpe")
 HERE = Path(__file__).resolve()
 HF_SOURCE = Path(hyperfleet.__file__).parents[1]
 STUDY = "bench"
-
-
-def _sampler() -> optuna.samplers.BaseSampler:
-    if SAMPLER == "random":
-        return optuna.samplers.RandomSampler()
-    return optuna.samplers.TPESampler(constant_liar=True)
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -79,12 +73,12 @@ def _steady_rate(study: optuna.Study) -> float:
 
 def _process_worker(url: str, n_trials: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=STUDY, storage=url, sampler=_sampler())
+    study = optuna.load_study(study_name=STUDY, storage=url, sampler=bench_sampler(SAMPLER))
     study.optimize(objective, n_trials=n_trials)
 
 
 def run_optuna_processes(url: str, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name=STUDY, storage=url, sampler=_sampler())
+    study = optuna.create_study(study_name=STUDY, storage=url, sampler=bench_sampler(SAMPLER))
     run_processes(_process_worker, [(url, n_trials // 2), (url, n_trials - n_trials // 2)])
     return study
 
@@ -103,7 +97,7 @@ def run_hyperfleet_cli(url: str, n_trials: int, source: str | None = None) -> op
 
 
 def run_hyperfleet(url: str, n_trials: int) -> optuna.Study:
-    study = optuna.create_study(study_name=STUDY, storage=url, sampler=_sampler())
+    study = optuna.create_study(study_name=STUDY, storage=url, sampler=bench_sampler(SAMPLER))
     hyperfleet.optimize(
         study,
         objective,
@@ -182,7 +176,7 @@ def count_statements(server: PostgresServer, trials: int) -> None:
     print(f"{'runner':<22}{'statements':>12}{'writes':>8}{'commits':>9}")
     for name, optimize in ways.items():
         study = optuna.create_study(
-            study_name=STUDY, storage=server.new_database("count"), sampler=_sampler()
+            study_name=STUDY, storage=server.new_database("count"), sampler=bench_sampler(SAMPLER)
         )
         counter.counts.clear()
         optimize(study, trials)

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-from common import run_folder
+from common import bench_sampler, run_folder
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -55,12 +55,6 @@ PREFILLED = 0  # its finished trials
 TRIAL_SECONDS = float(os.environ.get("BENCH_TRIAL_SECONDS", "0"))
 SAMPLER = os.environ.get("BENCH_SAMPLER", "tpe")
 HERE = Path(__file__).resolve()
-
-
-def _sampler() -> optuna.samplers.BaseSampler:
-    if SAMPLER == "random":
-        return optuna.samplers.RandomSampler()
-    return optuna.samplers.TPESampler(constant_liar=True)
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -79,7 +73,10 @@ def _new_study(folder: Path) -> optuna.Study:
     if PREFILL is not None:
         shutil.copyfile(PREFILL, folder / "optuna.journal")
     return optuna.create_study(
-        study_name="bench", storage=_storage(folder), sampler=_sampler(), load_if_exists=True
+        study_name="bench",
+        storage=_storage(folder),
+        sampler=bench_sampler(SAMPLER),
+        load_if_exists=True,
     )
 
 
@@ -115,7 +112,7 @@ def run_optuna_threads(folder: Path, n_trials: int) -> optuna.Study:
 def _process_worker(folder: str, n_trials: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(
-        study_name="bench", storage=_storage(Path(folder)), sampler=_sampler()
+        study_name="bench", storage=_storage(Path(folder)), sampler=bench_sampler(SAMPLER)
     )
     study.optimize(objective, n_trials=n_trials)
 
