@@ -37,6 +37,15 @@ def _node_env(slurm_env: dict[str, str], nap: float | None = None) -> dict[str, 
     return env
 
 
+def _run_allocation(
+    tmp_path: Path, command: list[str], env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (an ``salloc``) in the test's folder, its output captured."""
+    return subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 def _salloc_search(n_trials: int, *flags: str, nodelist: str = "") -> list[str]:
     """``salloc`` of both nodes running a ``--slurm`` search of the nodes' test objective."""
     where = [f"--nodelist={nodelist}"] if nodelist else []
@@ -50,15 +59,7 @@ def _salloc_search(n_trials: int, *flags: str, nodelist: str = "") -> list[str]:
 
 def test_slurm_runs_one_agent_per_allocated_node(tmp_path: Path) -> None:
     with slurm_cluster(tmp_path / "slurm") as slurm_env:
-        done = subprocess.run(
-            _salloc_search(8),
-            cwd=tmp_path,
-            env=_node_env(slurm_env, nap=0.2),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        done = _run_allocation(tmp_path, _salloc_search(8), _node_env(slurm_env, nap=0.2))
         assert done.returncode == 0, done.stdout + done.stderr
     assert "srun starts one on each node" in done.stdout
     trials = load_trials(tmp_path / "run", "node_objective-where_it_runs")
@@ -112,15 +113,8 @@ def test_a_node_the_controller_refused_gets_no_fresh_agent(tmp_path: Path) -> No
     """Both nodes refused (the GPU asked for is not there): their agents exit, and no step is
     started for them again while the run waits out its timeout."""
     with slurm_cluster(tmp_path / "slurm") as slurm_env:
-        done = subprocess.run(
-            _salloc_search(4, "--gpus", "3", "--timeout", "4s"),
-            cwd=tmp_path,
-            env=_node_env(slurm_env),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        search = _salloc_search(4, "--gpus", "3", "--timeout", "4s")
+        done = _run_allocation(tmp_path, search, _node_env(slurm_env), timeout=60)
     output = done.stdout + done.stderr
     for node in NODES:
         assert f"node {node} not used: GPU '3' does not exist" in output, output
@@ -151,15 +145,8 @@ def test_the_controller_listens_where_the_other_nodes_reach_it(tmp_path: Path) -
     the controller on n1 listens on the interface towards n2, not on the loopback."""
     here = _non_loopback_address()
     with slurm_cluster(tmp_path / "slurm", {"n2": here}) as slurm_env:
-        done = subprocess.run(
-            _salloc_search(4, nodelist="n1,n2"),
-            cwd=tmp_path,
-            env=_node_env(slurm_env, nap=0.1),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        search = _salloc_search(4, nodelist="n1,n2")
+        done = _run_allocation(tmp_path, search, _node_env(slurm_env, nap=0.1))
         assert done.returncode == 0, done.stdout + done.stderr
     own = socket.gethostbyname(socket.gethostname())
     expected = here if ipaddress.ip_address(own).is_loopback else own
