@@ -214,8 +214,8 @@ class SlotTable:
     def local_workers(self) -> Iterator[tuple[str, WorkerHandle]]:
         """The workers on this machine (a slot without a node link)."""
         for name, worker in self.workers.items():
-            if name not in self.links:
-                yield name, worker  # type: ignore[misc]
+            if name not in self.links:  # started here, by Workforce.start: a handle
+                yield name, cast(WorkerHandle, worker)
 
     def node_of(self, name: str) -> str | None:
         link = self.links.get(name)
