@@ -60,7 +60,7 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
-from hyperfleet.store.placing import created_trial, running_trial
+from hyperfleet.store.placing import running_trial
 from hyperfleet.workers.handle import Worker
 from hyperfleet.workers.protocol import Finished, RunTrial
 
@@ -126,7 +126,7 @@ def create_queued(study: optuna.Study, placement: dict[str, Any]) -> FrozenTrial
     """A new enqueued trial, its placement in the creating record, as the storage holds it."""
     template = create_trial(state=TrialState.WAITING, system_attrs=placement)
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-    return created_trial(study._storage, trial_id)
+    return study._storage.get_trial(trial_id)
 
 
 def start_queued(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
@@ -331,7 +331,7 @@ class Preparer:
         if self.fill(run):
             return None  # the budget's last trials are the prepared ones: take one of them
         trial = ask_new(study, marks)
-        return trial, created_trial(study._storage, trial._trial_id)
+        return trial, study._storage.get_trial(trial._trial_id)
 
     def forget(self, name: str) -> None:
         """The slot's worker is gone: its prepared trial stays enqueued for any slot's ask. The

@@ -18,7 +18,6 @@ from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.display.runstate import TrialRecord
 from hyperfleet.store import schema
-from hyperfleet.store.placing import created_trial
 from hyperfleet.store.rundir import RunDir
 from hyperfleet.workers.protocol import RunTrial, StudyInfo
 
@@ -31,7 +30,7 @@ def placement(run_dir: RunDir, slot: str, pid: int) -> dict[str, Any]:
 def mark_placed(trial: optuna.Trial, marks: dict[str, Any]) -> FrozenTrial:
     """The trial as stored, once its marks of where it runs are the ones given (a queued trial
     was created with none, or with another slot's or run's)."""
-    stored = created_trial(trial.study._storage, trial._trial_id)
+    stored = trial.study._storage.get_trial(trial._trial_id)
     for key, value in marks.items():
         if stored.system_attrs.get(key) != value:
             books.set_system_attr(trial, key, value)

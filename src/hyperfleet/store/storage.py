@@ -19,8 +19,8 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, Jou
 from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
+from hyperfleet.store.database import ControllerRDBStorage
 from hyperfleet.store.journal import CheckedBackend, GroupCommitBackend, PlacingJournalStorage
-from hyperfleet.store.placing import PlacingRDBStorage
 
 if TYPE_CHECKING:
     from hyperfleet.store.rundir import RunDir
@@ -297,13 +297,14 @@ def open_shared_journal(path: Path, lock: JournalLock) -> BaseStorage:
 def controller_study(study: optuna.Study) -> optuna.Study:
     """The study the controller runs: the user's own, except that a journal file opened with
     Optuna's file backend is reopened through :func:`open_shared_journal`, which commits once
-    per step and repairs a torn last line, and a database through :class:`PlacingRDBStorage`
-    (on the same connections), which writes a trial and its placement in one transaction. The
+    per step and repairs a torn last line, and a database through :class:`ControllerRDBStorage`
+    (on the same connections), which writes a trial and its placement in one transaction and
+    keeps the trials the controller runs in its cache as it writes them. The
     user's study object reads the same file or database, so it sees every trial after the run."""
     storage = study._storage  # no public accessor
     backend = getattr(storage, "_backend", None)
     if type(storage) is _CachedStorage and isinstance(backend, RDBStorage):
-        return _reloaded(study, PlacingRDBStorage(backend))
+        return _reloaded(study, ControllerRDBStorage(backend))
     if type(storage) is not JournalStorage or type(backend) is not JournalFileBackend:
         return study
     lock = backend._lock  # the lock the user's backend writes under (private, no accessor)
@@ -338,7 +339,7 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
                 f"exist; create it (mkdir -p {file.parent}) or give a path in an existing folder."
             )
     try:
-        return PlacingRDBStorage(_rdb_storage(url))
+        return ControllerRDBStorage(_rdb_storage(url))
     except ImportError as exc:  # Optuna's, for a missing driver: say which package has it
         raise StorageError(_missing_driver(url, exc)) from None
     except Exception as exc:  # drivers raise their own types; all mean "cannot use it"

@@ -1,0 +1,290 @@
+"""The controller's database storage: Optuna's ``RDBStorage`` behind Optuna's cache, as
+``optuna.create_study(storage=url)`` opens it, made economical for a process that writes a
+whole fleet's trials alone.
+
+Optuna's cache (``_CachedStorage``) keeps finished trials and reads every unfinished one again
+at each ``get_all_trials`` (a sampler calls it several times per trial), and reads a running
+trial in full (six queries) at each ``get_trial``: right for a process that shares its trials
+with others, wasteful for the controller, which is the only writer of the trials it runs. So
+this storage:
+
+- creates a trial with the marks of where it runs in the transaction that creates it
+  (:class:`hyperfleet.store.placing.PlacesTrials`);
+- keeps its own running trials (created here running, or taken here from the queue) current in
+  the cache as it writes them, and hands them out from there: a running trial is written by its
+  controller alone (its worker's writes go through the controller too);
+- checks for what other processes wrote with one query of trial ids, and reads in full only the
+  trials it does not hold as they are: new ones, and other processes' unfinished ones;
+- writes a finished trial into the cache as the tell wrote it, with the end time the database
+  gave it (one query), so it is never read again.
+
+A write that fails leaves the trial to be read again from the database, as Optuna's cache would.
+Other processes' trials are seen as Optuna's cache sees them: at the next ``get_all_trials``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy
+from optuna._typing import JSONSerializable
+from optuna.distributions import BaseDistribution
+from optuna.exceptions import StorageInternalError
+from optuna.storages import RDBStorage
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
+
+from hyperfleet.store.placing import PlacesTrials, running_trial
+
+_TRIALS = models.TrialModel.__table__
+_CREATE_ATTEMPTS = 5  # as Optuna's own trial creation
+
+
+class ControllerRDBStorage(PlacesTrials, _CachedStorage):
+    """Optuna's cached database storage, keeping the trials this process runs in the cache as
+    it writes them (see the module's docstring)."""
+
+    def __init__(self, backend: RDBStorage) -> None:
+        super().__init__(backend)
+        self._own: set[int] = set()  # running trials of this process, current in the cache
+        self._reading: sqlalchemy.Connection | None = None  # see _read
+
+    # Creating and reading.
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        if template_trial is None and self._placement is not None:
+            created = self._create_placed(study_id, self._placement)
+            with self._lock:
+                self._studies.setdefault(study_id, _StudyInfo())
+                self._add_trials_to_cache(study_id, [created])
+            trial_id = created._trial_id
+        else:
+            trial_id = super().create_new_trial(study_id, template_trial)
+        with self._lock:
+            self._studies[study_id].unfinished_trial_ids.add(trial_id)
+            if template_trial is None or template_trial.state == TrialState.RUNNING:
+                self._own.add(trial_id)  # a waiting one may be taken by any process's ask
+        return trial_id
+
+    def _create_placed(self, study_id: int, placement: dict[str, Any]) -> FrozenTrial:
+        """A new running trial and its placement, in one transaction: the trial as Optuna
+        creates it, its marks in one statement (Optuna's template writes each mark with a query
+        and an insert of its own). Tried again after a deadlock, as Optuna does."""
+        marks = [{"key": key, "value_json": json.dumps(value)} for key, value in placement.items()]
+        for attempt in range(1, _CREATE_ATTEMPTS + 1):
+            try:
+                with _create_scoped_session(self._backend.scoped_session) as session:
+                    # The study's row is locked while the trial's number is counted.
+                    models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                    trial = self._backend._get_prepared_new_trial(study_id, None, session)
+                    rows = [{"trial_id": trial.trial_id, **mark} for mark in marks]
+                    session.execute(sqlalchemy.insert(models.TrialSystemAttributeModel), rows)
+                    created = running_trial(placement, trial.number, trial.trial_id)
+                    created.datetime_start = trial.datetime_start
+                return created
+            except StorageInternalError:
+                if attempt == _CREATE_ATTEMPTS:
+                    raise
+                time.sleep(random.random() * 2.0)
+        raise AssertionError("not reached")
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        with self._lock:
+            if trial_id in self._own:
+                return copy.deepcopy(self._cached(trial_id))  # the caller may change its copy
+        return super().get_trial(trial_id)
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        """Bring the cache up to date with what other processes wrote: one query for the ids of
+        the trials that may have changed, then a full read of those this process does not hold
+        as they are."""
+        with self._lock:
+            study = self._studies.setdefault(study_id, _StudyInfo())
+            others = study.unfinished_trial_ids - self._own
+            changed = self._changed_trial_ids(study_id, study.last_finished_trial_id, others)
+            stale = {i for i in changed if i not in self._own and not self._finished(i)}
+            if stale:
+                self._read_in_full(study_id, study, stale)
+            finished = [i for i in changed if self._finished(i)]
+            if finished:
+                study.last_finished_trial_id = max(study.last_finished_trial_id, *finished)
+
+    def _changed_trial_ids(self, study_id: int, newer_than: int, unfinished: set[int]) -> list[int]:
+        where = _TRIALS.c.trial_id > newer_than
+        if unfinished:
+            where = sqlalchemy.or_(where, _TRIALS.c.trial_id.in_(unfinished))
+        query = sqlalchemy.select(_TRIALS.c.trial_id).where(_TRIALS.c.study_id == study_id, where)
+        return list(self._read(query).scalars())
+
+    def _read_in_full(self, study_id: int, study: _StudyInfo, trial_ids: set[int]) -> None:
+        # Ids up to the newest asked for, and any newer: a trial created since is read too.
+        trials = self._backend._get_trials(study_id, None, trial_ids, max(trial_ids))
+        trials = [trial for trial in trials if trial._trial_id not in self._own]
+        self._add_trials_to_cache(study_id, trials)
+        for trial in trials:
+            if trial.state.is_finished():
+                study.unfinished_trial_ids.discard(trial._trial_id)
+            else:
+                study.unfinished_trial_ids.add(trial._trial_id)
+
+    def _read(self, query: sqlalchemy.Select[Any]) -> sqlalchemy.CursorResult[Any]:
+        """One query, outside a transaction, on a connection kept for these reads: no BEGIN
+        and no ROLLBACK around it, no connection taken from the pool and reset for it. A
+        connection that broke is opened again once."""
+        for attempt in (1, 2):
+            if self._reading is None:
+                connection = self._backend.engine.connect()
+                self._reading = connection.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                return self._reading.execute(query)
+            except sqlalchemy.exc.DBAPIError as exc:
+                self._reading.close()
+                self._reading = None
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("not reached")
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["_reading"] = None  # a connection is not copied; the copy opens its own
+        return state
+
+    def _finished(self, trial_id: int) -> bool:
+        return self._get_cached_trial(trial_id) is not None
+
+    def _cached(self, trial_id: int) -> FrozenTrial:
+        study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+        return self._studies[study_id].trials[number]
+
+    # Writing: each write to a trial of this process is made to its cached copy too.
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        def written(trial: FrozenTrial) -> None:
+            trial.params = {
+                **trial.params,
+                param_name: distribution.to_external_repr(param_value_internal),
+            }
+            trial.distributions = {**trial.distributions, param_name: distribution}
+
+        self._write(
+            trial_id,
+            lambda: super(ControllerRDBStorage, self).set_trial_param(
+                trial_id, param_name, param_value_internal, distribution
+            ),
+            written,
+        )
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        def written(trial: FrozenTrial) -> None:
+            trial.user_attrs = {**trial.user_attrs, key: _as_stored(value)}
+
+        self._write(
+            trial_id,
+            lambda: super(ControllerRDBStorage, self).set_trial_user_attr(trial_id, key, value),
+            written,
+        )
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: JSONSerializable) -> None:
+        def written(trial: FrozenTrial) -> None:
+            trial.system_attrs = {**trial.system_attrs, key: _as_stored(value)}
+
+        self._write(
+            trial_id,
+            lambda: super(ControllerRDBStorage, self).set_trial_system_attr(trial_id, key, value),
+            written,
+        )
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        def written(trial: FrozenTrial) -> None:
+            trial.intermediate_values = {**trial.intermediate_values, step: intermediate_value}
+
+        self._write(
+            trial_id,
+            lambda: super(ControllerRDBStorage, self).set_trial_intermediate_value(
+                trial_id, step, intermediate_value
+            ),
+            written,
+        )
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        if not super().set_trial_state_values(trial_id, state, values):
+            self._disown(trial_id)
+            return False
+        with self._lock:
+            taken = (
+                state == TrialState.RUNNING and trial_id in self._trial_id_to_study_id_and_number
+            )
+            if trial_id not in self._own and not taken:
+                return True  # not held as it is here: read again when asked for
+        if state == TrialState.RUNNING or state.is_finished():
+            self._record_times(trial_id, state, values)
+        return True
+
+    def _record_times(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        """Write the state into the cached trial with the times the database stored: a trial
+        taken from the queue is this process's from now on; a finished one is kept as it is."""
+        query = sqlalchemy.select(_TRIALS.c.datetime_start, _TRIALS.c.datetime_complete).where(
+            _TRIALS.c.trial_id == trial_id
+        )
+        with self._lock:
+            row = self._read(query).one()
+            started, completed = row[0], row[1]
+            trial = copy.deepcopy(self._cached(trial_id))
+            trial.state = state
+            if values is not None:
+                trial.values = list(values)
+            trial.datetime_start, trial.datetime_complete = started, completed
+            self._replace(trial)
+            if state == TrialState.RUNNING:
+                self._own.add(trial_id)
+            else:
+                self._own.discard(trial_id)
+                study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+                self._studies[study_id].unfinished_trial_ids.discard(trial_id)
+
+    def _write(
+        self, trial_id: int, write: Callable[[], None], written: Callable[[FrozenTrial], None]
+    ) -> None:
+        try:
+            write()
+        except BaseException:
+            self._disown(trial_id)
+            raise
+        with self._lock:
+            if trial_id in self._own:
+                trial = copy.deepcopy(self._cached(trial_id))  # others may hold the old copy
+                written(trial)
+                self._replace(trial)
+
+    def _replace(self, trial: FrozenTrial) -> None:
+        study_id, number = self._trial_id_to_study_id_and_number[trial._trial_id]
+        self._studies[study_id].trials[number] = trial
+
+    def _disown(self, trial_id: int) -> None:
+        """Not sure of the cached copy any more: read the trial again at the next refresh."""
+        with self._lock:
+            self._own.discard(trial_id)
+
+
+def _as_stored(value: Any) -> Any:
+    """An attribute's value as the database gives it back (stored as JSON: a tuple is a list)."""
+    return json.loads(json.dumps(value))
