@@ -29,7 +29,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from optuna._typing import JSONSerializable
@@ -42,6 +42,9 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.store.placing import PlacesTrials, running_trial
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11
 
 _TRIALS = models.TrialModel.__table__
 _CREATE_ATTEMPTS = 5  # as Optuna's own trial creation
@@ -134,7 +137,7 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             else:
                 study.unfinished_trial_ids.add(trial._trial_id)
 
-    def _read(self, query: sqlalchemy.Select[Any]) -> sqlalchemy.CursorResult[Any]:
+    def _read(self, query: sqlalchemy.Executable) -> sqlalchemy.Result[Unpack[tuple[Any, ...]]]:
         """One query, outside a transaction, on a connection kept for these reads: no BEGIN
         and no ROLLBACK around it, no connection taken from the pool and reset for it. A
         connection that broke is opened again once."""
@@ -246,8 +249,7 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             _TRIALS.c.trial_id == trial_id
         )
         with self._lock:
-            row = self._read(query).one()
-            started, completed = row[0], row[1]
+            started, completed = self._read(query).one()
             trial = copy.deepcopy(self._cached(trial_id))
             trial.state = state
             if values is not None:
