@@ -51,7 +51,7 @@ Objective = Callable[[optuna.Trial], Any]
 
 def serve(conn: Connection) -> None:
     setup: WorkerSetup = conn.recv()
-    watch_file_system_stores()  # before any objective makes a store
+    watch_file_system_stores()  # before any objective runs: its stores write through it
     objectives: dict[str, Objective] = {}
     conn.send(Ready(pid=os.getpid()))
     # Processes an objective's module or factory started (a data loader pool, a local server)
