@@ -7,9 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import random
-import shutil
 import signal
 import socket
 import time
@@ -31,10 +29,12 @@ from support.netns import Network, network
 from support.nodes import (
     OBJECTIVE,
     Agent,
+    can_hide_folders,
     free_port,
     node_processes,
     run_log,
     start_controller,
+    unseen_by_controller,
     wait_for_log,
     write_token,
 )
@@ -278,15 +278,14 @@ def test_a_campaign_file_that_listens_uses_every_slot_of_every_node(
 def test_a_node_without_the_run_directory_runs_trials_whose_logs_come_back(
     tmp_path: Path,
 ) -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
+    if not can_hide_folders():
         pytest.skip("a node without the shared disk needs root and unshare (a mount namespace)")
     address = f"127.0.0.1:{free_port()}"
     controller = start_controller(tmp_path, address, 4, "--retry", "crash=1")
     wait_for_log(tmp_path, "listening for agents", 30)
     # A node of its own mount namespace, where the run directory is an empty disk. It joins
     # first, so it certainly runs trials; the first of them kills its worker.
-    hidden = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-              f'mount -t tmpfs none "{tmp_path / "run"}" && exec "$0" "$@"',
+    hidden = [*unseen_by_controller(tmp_path / "run"),
               "env", f"HYPERFLEET_TEST_CRASH_ONCE={tmp_path / 'crashed'}"]  # fmt: skip
     agents = [Agent(tmp_path, address, "nodeX", 1, hidden)]
     try:

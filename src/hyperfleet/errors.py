@@ -39,6 +39,11 @@ class NodeError(HyperfleetError):
     """An agent cannot reach its controller, or the controller refused it."""
 
 
+class ArtifactNotSeen(HyperfleetError):
+    """An objective's file-system artifact store wrote where the controller cannot read (a
+    node's own disk): nobody could download the artifact, so its record is refused."""
+
+
 class TrialInterrupted(HyperfleetError):
     """Raised by an objective that stops early because hyperfleet asked it to.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,14 +34,32 @@ def write_token(folder: Path) -> Path:
     return path
 
 
-def start_controller(folder: Path, address: str, n_trials: int, *flags: str) -> BackgroundRun:
+def start_controller(
+    folder: Path, address: str, n_trials: int, *flags: str, objective: str = ""
+) -> BackgroundRun:
+    """``objective``: the search's TARGET, by default ``node_objective.py:where_it_runs``."""
     env = cpu_only_env()
     args = [
-        "run", f"{OBJECTIVE}:where_it_runs", "--n-trials", str(n_trials), "--run-dir", "run",
-        "--listen", address, "--token-file", str(write_token(folder)), "--cpu-slots", "0",
-        "--plain", "--no-report", *flags,
+        "run", objective or f"{OBJECTIVE}:where_it_runs", "--n-trials", str(n_trials),
+        "--run-dir", "run", "--listen", address, "--token-file", str(write_token(folder)),
+        "--cpu-slots", "0", "--plain", "--no-report", *flags,
     ]  # fmt: skip
     return BackgroundRun(args, folder, env, name="controller")
+
+
+def can_hide_folders() -> bool:
+    """Whether an agent can run where folders of this machine look like disks of its own
+    (:func:`unseen_by_controller`): that takes root and unshare."""
+    return os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def unseen_by_controller(*folders: Path) -> list[str]:
+    """An :class:`Agent` prefix: the agent runs in a mount namespace of its own, where each
+    folder (already there) is an empty disk of its own, as on a node that does not share them
+    with the controller."""
+    mounts = " && ".join(f'mount -t tmpfs none "{folder}"' for folder in folders)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'{mounts} && exec "$0" "$@"']  # fmt: skip
 
 
 class Agent:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from hyperfleet.controller import ahead
+from hyperfleet.controller.artifact_check import check_artifact_seen
 from hyperfleet.controller.callbacks import allow_stop
 from hyperfleet.controller.calls import check_call_allowed, storage_target_id
 from hyperfleet.controller.context import RunContext
@@ -98,6 +99,7 @@ class CallAnswers:
                 f"hyperfleet: trial.storage.{call.name} was called with {kind} id {named!r}; an "
                 f"objective may only reach its own {kind} ({kind} id {own}) through it"
             )
+        check_artifact_seen(call, active.record.slot)
         return getattr(study._storage, call.name)(*call.args, **call.kwargs)
 
     def _call_value(self, active: ActiveTrial, call: Call) -> Any:

@@ -113,13 +113,15 @@ class Call:
     """A method call on the real trial ("trial") or study ("study") in the controller, or a
     question for the controller itself ("hyperfleet": ``should_stop``). ``answered``: a
     suggestion the worker took from :attr:`RunTrial.suggestions`, which the controller records
-    without a reply."""
+    without a reply. ``artifact_file``: with a storage call that records an artifact, the file a
+    file-system artifact store wrote for it in the worker (the controller checks it sees it)."""
 
     target: str
     name: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     answered: bool = False
+    artifact_file: str | None = None
 
 
 @dataclass(frozen=True)

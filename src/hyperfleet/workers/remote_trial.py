@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ from optuna.distributions import (
 )
 from optuna.study import StudyDirection
 
+from hyperfleet.errors import ArtifactNotSeen
+from hyperfleet.workers.artifact_files import written_file
 from hyperfleet.workers.protocol import Call, Reply, StudyInfo
 
 
@@ -37,8 +40,11 @@ class Channel:
         self._held: collections.deque[Any] = collections.deque()
 
     def call(self, target: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.ask(Call(target, name, args, kwargs))
+
+    def ask(self, call: Call) -> Any:
         with self._lock:
-            self._conn.send(Call(target, name, args, kwargs))
+            self._conn.send(call)
             reply = self._reply()
         if reply.error is not None:
             raise reply.error
@@ -129,7 +135,20 @@ class RemoteStorage:
                 f"hyperfleet: trial.storage.{name} is not available inside an objective run by "
                 f"hyperfleet; available: {', '.join(sorted(self._METHODS))}"
             )
-        return lambda *args, **kwargs: self._channel.call("storage", name, *args, **kwargs)
+        return lambda *args, **kwargs: self._call(name, args, kwargs)
+
+    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call, with the file of the artifact it records if a file-system store of this
+        worker wrote it: a file the controller cannot see is removed with its refused record,
+        so that the store holds nothing no study names."""
+        file = written_file(name, args, kwargs)
+        try:
+            return self._channel.ask(Call("storage", name, args, kwargs, artifact_file=file))
+        except ArtifactNotSeen:
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(file)
+            raise
 
 
 class RemoteTrial(optuna.Trial):

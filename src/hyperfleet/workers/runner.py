@@ -26,6 +26,7 @@ import psutil
 
 from hyperfleet.errors import HyperfleetError, TrialInterrupted
 from hyperfleet.resources.slots import current_slot
+from hyperfleet.workers.artifact_files import watch_file_system_stores
 from hyperfleet.workers.descendants import descendants
 from hyperfleet.workers.descendants import end as end_processes
 from hyperfleet.workers.logline import say
@@ -50,6 +51,7 @@ Objective = Callable[[optuna.Trial], Any]
 
 def serve(conn: Connection) -> None:
     setup: WorkerSetup = conn.recv()
+    watch_file_system_stores()  # before any objective runs: its stores write through it
     objectives: dict[str, Objective] = {}
     conn.send(Ready(pid=os.getpid()))
     # Processes an objective's module or factory started (a data loader pool, a local server)
