@@ -101,7 +101,7 @@ def test_a_copy_handed_out_does_not_change_what_is_held(url: str) -> None:
 
 
 def test_what_another_process_writes_is_seen_at_the_next_read_of_all_trials(url: str) -> None:
-    storage = ControllerRDBStorage(RDBStorage(url))
+    storage = ControllerRDBStorage(RDBStorage(url), fresh_for=0.0)
     study = optuna.create_study(study_name="s", storage=storage)
     ours = study.ask()
     other = optuna.load_study(study_name="s", storage=RDBStorage(url))
@@ -121,7 +121,7 @@ def test_what_another_process_writes_is_seen_at_the_next_read_of_all_trials(url:
 
 
 def test_nothing_new_elsewhere_costs_one_query(url: str) -> None:
-    storage = ControllerRDBStorage(RDBStorage(url))
+    storage = ControllerRDBStorage(RDBStorage(url), fresh_for=0.0)
     study = optuna.create_study(storage=storage)
     for value in (1.0, 2.0):
         trial = study.ask()
@@ -158,3 +158,36 @@ def test_a_write_that_fails_leaves_the_trial_to_be_read_again(url: str) -> None:
         read = storage.get_trial(trial._trial_id)
     assert sent  # no longer sure of its copy: read from the database
     assert read.distributions == {"x": FloatDistribution(0.0, 1.0)}
+
+
+def test_reads_of_all_trials_in_quick_succession_ask_the_database_once(url: str) -> None:
+    storage = ControllerRDBStorage(RDBStorage(url), fresh_for=3600.0)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    study.get_trials()
+    other = optuna.load_study(study_name="s", storage=RDBStorage(url))
+    other.tell(other.ask(), 2.0)
+    with _statements(storage) as sent:
+        trials = study.get_trials()
+    assert sent == []  # what another process wrote is seen later, as a sampler's reads go
+    assert [t.value for t in trials] == [1.0]
+
+
+def test_a_queued_trial_created_here_is_held_until_another_process_takes_it(url: str) -> None:
+    storage = ControllerRDBStorage(RDBStorage(url), fresh_for=0.0)
+    study = optuna.create_study(study_name="s", storage=storage)
+    template = optuna.trial.create_trial(state=TrialState.WAITING, system_attrs=MARKS)
+    trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+    with _statements(storage) as sent:
+        held = storage.get_trial(trial_id)
+    assert sent == []
+    assert held.state == TrialState.WAITING and held.datetime_start is None
+    assert _fields(held) == _fields(_read(url, trial_id))
+
+    other = optuna.load_study(study_name="s", storage=RDBStorage(url))
+    taken = other.ask()  # takes the queued trial
+    assert taken._trial_id == trial_id
+    [seen] = study.get_trials()
+    assert seen.state == TrialState.RUNNING
+    assert _fields(storage.get_trial(trial_id)) == _fields(_read(url, trial_id))

@@ -13,19 +13,22 @@ this storage:
 - keeps its own running trials (created here running, or taken here from the queue) current in
   the cache as it writes them, and hands them out from there: a running trial is written by its
   controller alone (its worker's writes go through the controller too);
-- checks for what other processes wrote with one query of trial ids, and reads in full only the
-  trials it does not hold as they are: new ones, and other processes' unfinished ones;
+- checks for what other processes wrote with one query of trial ids, at most every
+  :data:`FRESH_FOR` seconds, and reads in full only the trials it does not hold as they are:
+  new ones, and other processes' unfinished ones;
 - writes a finished trial into the cache as the tell wrote it, with the end time the database
   gave it (one query), so it is never read again.
 
 A write that fails leaves the trial to be read again from the database, as Optuna's cache would.
-Other processes' trials are seen as Optuna's cache sees them: at the next ``get_all_trials``.
+Other processes' trials are seen as Optuna's cache sees them, at the next ``get_all_trials``,
+or up to :data:`FRESH_FOR` seconds later.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -41,56 +44,71 @@ from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
-from hyperfleet.store.placing import PlacesTrials, running_trial
+from hyperfleet.store.placing import PlacesTrials
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11
 
 _TRIALS = models.TrialModel.__table__
 _CREATE_ATTEMPTS = 5  # as Optuna's own trial creation
+# A sampler reads all trials several times while it samples one trial; what other processes
+# wrote is read again at most this often (seconds), so one sampling costs one query.
+FRESH_FOR = 0.01
 
 
 class ControllerRDBStorage(PlacesTrials, _CachedStorage):
     """Optuna's cached database storage, keeping the trials this process runs in the cache as
     it writes them (see the module's docstring)."""
 
-    def __init__(self, backend: RDBStorage) -> None:
+    def __init__(self, backend: RDBStorage, fresh_for: float = FRESH_FOR) -> None:
         super().__init__(backend)
-        self._own: set[int] = set()  # running trials of this process, current in the cache
+        self._fresh_for = fresh_for
+        self._checked: dict[int, float] = {}  # study id: when others' writes were last read
+        # Unfinished trials this process created or took from the queue, current in the cache.
+        self._own: set[int] = set()
         self._reading: sqlalchemy.Connection | None = None  # see _read
 
     # Creating and reading.
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        if template_trial is None and self._placement is not None:
-            created = self._create_placed(study_id, self._placement)
-            with self._lock:
-                self._studies.setdefault(study_id, _StudyInfo())
-                self._add_trials_to_cache(study_id, [created])
-            trial_id = created._trial_id
-        else:
-            trial_id = super().create_new_trial(study_id, template_trial)
+        template = self._placed(template_trial)
+        if template is None or not _only_marked(template):
+            # Any other template (a whole trial, as add_trial writes) is read back when asked.
+            trial_id = super().create_new_trial(study_id, template)
+            if template is None:
+                with self._lock:
+                    self._studies[study_id].unfinished_trial_ids.add(trial_id)
+                    self._own.add(trial_id)
+            return trial_id
+        created = self._create_marked(study_id, template)
         with self._lock:
-            self._studies[study_id].unfinished_trial_ids.add(trial_id)
-            if template_trial is None or template_trial.state == TrialState.RUNNING:
-                self._own.add(trial_id)  # a waiting one may be taken by any process's ask
-        return trial_id
+            self._studies.setdefault(study_id, _StudyInfo())
+            self._add_trials_to_cache(study_id, [created])
+            self._studies[study_id].unfinished_trial_ids.add(created._trial_id)
+            self._own.add(created._trial_id)
+        return created._trial_id
 
-    def _create_placed(self, study_id: int, placement: dict[str, Any]) -> FrozenTrial:
-        """A new running trial and its placement, in one transaction: the trial as Optuna
-        creates it, its marks in one statement (Optuna's template writes each mark with a query
-        and an insert of its own). Tried again after a deadlock, as Optuna does."""
-        marks = [{"key": key, "value_json": json.dumps(value)} for key, value in placement.items()]
+    def _create_marked(self, study_id: int, template: FrozenTrial) -> FrozenTrial:
+        """A new running or waiting trial with system attributes (a placement), in one
+        transaction: the trial as Optuna creates it from ``template``, its attributes in one
+        statement (Optuna writes each with a query and an insert of its own). Tried again
+        after a deadlock, as Optuna does."""
+        marks = [
+            {"key": key, "value_json": json.dumps(value)}
+            for key, value in template.system_attrs.items()
+        ]
         for attempt in range(1, _CREATE_ATTEMPTS + 1):
             try:
                 with _create_scoped_session(self._backend.scoped_session) as session:
                     # The study's row is locked while the trial's number is counted.
                     models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
                     trial = self._backend._get_prepared_new_trial(study_id, None, session)
-                    rows = [{"trial_id": trial.trial_id, **mark} for mark in marks]
-                    session.execute(sqlalchemy.insert(models.TrialSystemAttributeModel), rows)
-                    created = running_trial(placement, trial.number, trial.trial_id)
-                    created.datetime_start = trial.datetime_start
+                    trial.state, trial.datetime_start = template.state, template.datetime_start
+                    if marks:
+                        rows = [{"trial_id": trial.trial_id, **mark} for mark in marks]
+                        session.execute(sqlalchemy.insert(models.TrialSystemAttributeModel), rows)
+                    created = copy.deepcopy(template)
+                    created.number, created._trial_id = trial.number, trial.trial_id
                 return created
             except StorageInternalError:
                 if attempt == _CREATE_ATTEMPTS:
@@ -109,22 +127,42 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
         the trials that may have changed, then a full read of those this process does not hold
         as they are."""
         with self._lock:
+            now = time.monotonic()
+            if now - self._checked.get(study_id, -math.inf) < self._fresh_for:
+                return
+            self._checked[study_id] = now
             study = self._studies.setdefault(study_id, _StudyInfo())
-            others = study.unfinished_trial_ids - self._own
-            changed = self._changed_trial_ids(study_id, study.last_finished_trial_id, others)
-            stale = {i for i in changed if i not in self._own and not self._finished(i)}
+            unfinished = study.unfinished_trial_ids
+            changed = self._changed_trials(study_id, study.last_finished_trial_id, unfinished)
+            stale = {i for i, state in changed if not self._held_as(i, state)}
             if stale:
                 self._read_in_full(study_id, study, stale)
-            finished = [i for i in changed if self._finished(i)]
+            finished = [i for i, _ in changed if self._finished(i)]
             if finished:
                 study.last_finished_trial_id = max(study.last_finished_trial_id, *finished)
 
-    def _changed_trial_ids(self, study_id: int, newer_than: int, unfinished: set[int]) -> list[int]:
+    def _changed_trials(
+        self, study_id: int, newer_than: int, unfinished: set[int]
+    ) -> list[tuple[int, TrialState]]:
+        """The id and state of every trial newer than the newest finished one read, or not
+        finished when last read."""
         where = _TRIALS.c.trial_id > newer_than
         if unfinished:
             where = sqlalchemy.or_(where, _TRIALS.c.trial_id.in_(unfinished))
-        query = sqlalchemy.select(_TRIALS.c.trial_id).where(_TRIALS.c.study_id == study_id, where)
-        return list(self._read(query).scalars())
+        columns = (_TRIALS.c.trial_id, _TRIALS.c.state)
+        query = sqlalchemy.select(*columns).where(_TRIALS.c.study_id == study_id, where)
+        return [(row[0], row[1]) for row in self._read(query)]
+
+    def _held_as(self, trial_id: int, state: TrialState) -> bool:
+        """Whether the cache holds the trial as it is: finished, or this process's own in the
+        state it has. Another process may take a waiting trial from the queue (or fail a
+        running one): the trial is no longer this process's own, and is read in full."""
+        if self._finished(trial_id):
+            return True
+        if trial_id in self._own and self._cached(trial_id).state == state:
+            return True
+        self._own.discard(trial_id)
+        return False
 
     def _read_in_full(self, study_id: int, study: _StudyInfo, trial_ids: set[int]) -> None:
         # Ids up to the newest asked for, and any newer: a trial created since is read too.
@@ -290,3 +328,16 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
 def _as_stored(value: Any) -> Any:
     """An attribute's value as the database gives it back (stored as JSON: a tuple is a list)."""
     return json.loads(json.dumps(value))
+
+
+def _only_marked(template: FrozenTrial) -> bool:
+    """A template that holds a new trial's state (running or waiting) and system attributes,
+    and nothing else, as the controller's trials are created."""
+    return (
+        template.state in (TrialState.RUNNING, TrialState.WAITING)
+        and template.datetime_complete is None
+        and not template.params
+        and not template.user_attrs
+        and not template.intermediate_values
+        and template.values is None
+    )
