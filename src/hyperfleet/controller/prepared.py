@@ -60,6 +60,7 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
+from hyperfleet.store.database import ControllerRDBStorage
 from hyperfleet.store.placing import running_trial
 from hyperfleet.workers.handle import Worker
 from hyperfleet.workers.protocol import Finished, RunTrial
@@ -194,7 +195,9 @@ class Preparer:
             return False  # a prepared trial would outlive the time limit, enqueued
         if run.plan.callbacks:
             return False  # each trial's callbacks run before the next starts (study.stop())
-        return run.study is not None and ahead.samples_cheaply(run.study.sampler)
+        if run.study is None or isinstance(run.study._storage, ControllerRDBStorage):
+            return False  # on a database, taking a trial from the queue costs a commit more
+        return ahead.samples_cheaply(run.study.sampler)
 
     def began(self, name: str, run: StudyRun) -> None:
         """The slot runs a trial of ``run``: prepare its next one, where the study does."""
