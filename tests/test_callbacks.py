@@ -98,7 +98,24 @@ def test_max_trials_callback_counts_every_run_on_the_shared_storage(tmp_path: Pa
 
     assert outcome.status == "stopped"
     done = journal_study(tmp_path).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert 8 <= len(done) <= 9  # the trial running when the eighth ended finishes too
+    assert len(done) == 8  # exactly: no trial starts that the running ones would take past it
+
+
+def test_optunas_max_trials_example_on_three_slots_leaves_exactly_its_trials(
+    tmp_path: Path,
+) -> None:
+    # Optuna's own example, with no n_trials: the callback is the only limit. Pruned trials do
+    # not count, so more than ten start; exactly ten complete, on three slots.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    limit = MaxTrialsCallback(10, states=(TrialState.COMPLETE,))
+    outcome = hyperfleet.optimize(
+        study, objective, callbacks=[limit], cpu_slots=3, run_dir=tmp_path / "run",
+        display="quiet", report=False,
+    )  # fmt: skip
+    assert outcome.status == "stopped"
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 10
+    assert len(study.get_trials(states=(TrialState.PRUNED,))) >= 4
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
 
 
 def test_trial_study_stop_in_the_objective_stops_the_study_as_in_optuna(tmp_path: Path) -> None:

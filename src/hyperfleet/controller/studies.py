@@ -11,7 +11,7 @@ import functools
 import time
 
 import optuna
-from optuna.study import StudyDirection
+from optuna.study import MaxTrialsCallback, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.controller import ahead, checkpoints
@@ -239,7 +239,28 @@ class StudyBook:
         if self._slots.all_dead(run.plan.slots, self._ctx.clustered):
             return False
         n_trials = run.plan.n_trials
-        return n_trials is None or self.reserved(run) < n_trials
+        if n_trials is not None and self.reserved(run) >= n_trials:
+            return False
+        return not self._trial_limit_reached(run)
+
+    def _trial_limit_reached(self, run: StudyRun) -> bool:
+        """Whether a ``MaxTrialsCallback`` among the study's callbacks would stop it once the
+        trials running now end: no more start, so the study ends with exactly the trials the
+        callback allows (Optuna's own ``n_jobs`` threads start more, and pass it). A running
+        trial that ends in a state the callback does not count leaves room for another."""
+        limits = [cb for cb in run.plan.callbacks if isinstance(cb, MaxTrialsCallback)]
+        if not limits or run.study is None:
+            return False
+        trials = run.study.get_trials(deepcopy=False)
+        in_flight = self.reserved(run) - run.finished
+        for limit in limits:
+            states = limit._states  # no public accessor
+            ended = sum(
+                1 for t in trials if t.state.is_finished() and (states is None or t.state in states)
+            )
+            if ended + in_flight >= limit._n_trials:
+                return True
+        return False
 
     def reserved(self, run: StudyRun) -> int:
         """The study's trials that count against its budget: finished, running, and sent to a
