@@ -127,14 +127,15 @@ def test_ray_places_one_agent_per_node_and_a_removed_node_loses_only_its_trials(
     removed = ray_cluster.list_all_nodes()[-1]  # a worker node, not the head
     name = f"ray-{removed.node_id[:6]}"
     log = tmp_path / "run" / "run.log"
-    # Every slot of the node has had a trial before it goes (its workers may load one after
-    # the other), so that every slot of the cluster is among those the trials name below.
-    its_slots = sorted(slot for slot in expected if slot.startswith(f"{name}/"))
-    wait_until(
-        lambda: log.exists() and all(f"started on {slot}" in log.read_text() for slot in its_slots),
-        120,
-        f"a trial on each of {its_slots}",
-    )
+    # Every slot of the node has had a trial that recorded its slot before the node goes (its
+    # workers may load one after the other, and a trial lost before its objective said where
+    # it runs names no slot), so that every slot of the cluster is among those named below.
+    its_slots = {slot for slot in expected if slot.startswith(f"{name}/")}
+
+    def each_slot_named() -> bool:
+        return its_slots <= {t.user_attrs.get("slot") for t in study.get_trials()}
+
+    wait_until(each_slot_named, 120, f"a trial on each of {sorted(its_slots)}")
     ray_cluster.remove_node(removed)
     search.join(timeout=180)
     assert outcomes and outcomes[0].status == "completed", outcomes
