@@ -38,6 +38,29 @@ def _closure_over_a_lock() -> Any:
     return objective
 
 
+class ClientStore:
+    """An artifact store of the user's making, over a client that holds a lock (as an S3
+    client's connection pool does)."""
+
+    def __init__(self) -> None:
+        self.client_lock = threading.Lock()
+
+    def write(self, artifact_id: str, content_body: Any) -> None:
+        raise NotImplementedError  # never reached: the objective is refused before any trial
+
+
+def _uploads_to_a_store_that_cannot_be_pickled() -> Any:
+    store = ClientStore()
+
+    def objective(trial: optuna.Trial) -> float:
+        optuna.artifacts.upload_artifact(
+            artifact_store=store, file_path=__file__, study_or_trial=trial
+        )
+        return 0.0
+
+    return objective
+
+
 def _make_objective(lock: Any) -> Any:
     return lambda trial: 0.0
 
@@ -55,6 +78,13 @@ CASES = [
         _closure_over_a_lock(),
         None,
         "the objective cannot be sent to the workers: guard (a _thread.lock) cannot be pickled",
+    ),
+    (
+        "artifact-store",
+        _uploads_to_a_store_that_cannot_be_pickled(),
+        None,
+        "the objective cannot be sent to the workers: store (a test_unpicklable_objective."
+        "ClientStore, which holds a _thread.lock) cannot be pickled",
     ),
     (
         "factory-argument",
