@@ -98,11 +98,13 @@ class Node:
         self.sent_trials = 0  # trials sent with values for their suggestions
         self.first = self.last = 0.0
         self.finished: Any = None  # a counter shared by every played node, if given
+        self.outbox: list[Relay] = []  # relays to send together
 
     def run(self) -> None:
         last_beat = time.monotonic()
         while True:
             self._send_due_results()
+            self._flush()
             timeout = max(0.0, self.due[0][0] - time.monotonic()) if self.due else 1.0
             if not self.conn.poll(timeout):
                 continue
@@ -111,13 +113,24 @@ class Node:
                 return
             if isinstance(message, StartWorker):
                 self.conn.send(WorkerStarted(message.worker, os.getpid()))
-                self.conn.send(Relay(message.worker, _pack(Ready(os.getpid()))))
+                self._relay(message.worker, Ready(os.getpid()))
             elif isinstance(message, Relays):
                 for relay in message.items:
                     self._on_relay(relay.worker, pickle.loads(relay.payload))
+            self._flush()
             if time.monotonic() - last_beat > 1.0:
                 self.conn.send(Beat())
                 last_beat = time.monotonic()
+
+    def _relay(self, worker: int, message: Any) -> None:
+        self.outbox.append(Relay(worker, _pack(message)))
+
+    def _flush(self) -> None:
+        """What the workers said while one message was handled goes in one frame, as an agent
+        sends what its workers said during one step (``hyperfleet.cluster.agent``)."""
+        if self.outbox:
+            relays, self.outbox = tuple(self.outbox), []
+            self.conn.send(Relays(relays))
 
     def _on_relay(self, worker: int, message: Any) -> None:
         now = time.time()
@@ -132,7 +145,7 @@ class Node:
         elif isinstance(message, Reply):
             self._next(worker)
         elif isinstance(message, Load):  # the objective "loads" at once
-            self.conn.send(Relay(worker, _pack(Loaded(message.study))))
+            self._relay(worker, Loaded(message.study))
 
     def _next(self, worker: int) -> None:
         while (step := self.step[worker]) < len(NAMES):
@@ -142,7 +155,7 @@ class Node:
             call = Call("trial", "suggest_float", (NAMES[step], -10.0, 10.0), {})
             if answered:
                 call = replace(call, answered=True)  # never with a version that sent none
-            self.conn.send(Relay(worker, _pack(call)))
+            self._relay(worker, call)
             if not answered:
                 return  # its reply calls this again
         if self.trial_seconds:
@@ -157,7 +170,7 @@ class Node:
             self._finish(heapq.heappop(self.due)[1])
 
     def _finish(self, worker: int) -> None:
-        self.conn.send(Relay(worker, _pack(Finished("returned", value=1.0))))
+        self._relay(worker, Finished("returned", value=1.0))
         self.sent_result[worker] = self.last = time.time()
         self.trials += 1
         if self.finished is not None:
