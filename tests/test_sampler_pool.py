@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import signal
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -166,7 +167,7 @@ def finished_study(n: int) -> optuna.Study:
 
 def test_a_set_of_an_older_space_is_dropped(tmp_path: Path) -> None:
     study = finished_study(20)
-    pool = SamplerPool(study, study.sampler, 1, tmp_path)
+    pool = SamplerPool(study, study.sampler, 1, tmp_path, lambda: None)
     try:
         first = wait_for_set(pool, SPACE)
         assert set(first.others) == {"x", "n"} and first.relative.params == {}
@@ -186,7 +187,7 @@ def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
 ) -> None:
     study = finished_study(3)
     sampler = optuna.samplers.TPESampler(n_startup_trials=5, multivariate=False)
-    pool = SamplerPool(study, sampler, 1, tmp_path)
+    pool = SamplerPool(study, sampler, 1, tmp_path, lambda: None)
     try:
         early = wait_for_set(pool, SPACE)
         assert early.known == 3  # a random draw: TPE has not started modelling
@@ -205,7 +206,7 @@ def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
 
 def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> None:
     study = finished_study(12)
-    pool = SamplerPool(study, study.sampler, 1, tmp_path)
+    pool = SamplerPool(study, study.sampler, 1, tmp_path, lambda: None)
     try:
         wait_for_set(pool, SPACE)
         pool._links[0].process.kill()
@@ -215,6 +216,37 @@ def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> N
             time.sleep(0.02)
         assert pool.newly_dead() == 1
         assert pool.newly_dead() == 0
+    finally:
+        pool.hang_up()
+        pool.reap(time.monotonic() + 5)
+
+
+def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_loop(
+    tmp_path: Path,
+) -> None:
+    study = finished_study(12)
+    woken = threading.Event()
+    pool = SamplerPool(study, study.sampler, 1, tmp_path, woken.set)
+    try:
+        assert not pool.worth_waiting(SPACE)  # nothing came yet: the controller samples
+        taken = [wait_for_set(pool, SPACE)]
+        assert pool.worth_waiting(SPACE)
+        assert not pool.worth_waiting(None)  # no known space: no set will come
+        time.sleep(0.5)  # the process fills its queue
+        while (more := pool.take(SPACE, 2)) is not None:
+            taken.append(more)
+        assert not woken.is_set()  # no slot waited: the loop was left alone
+        pool.wanted = True
+        for number, chosen in enumerate(taken, start=12):  # the sets were used: sample more
+            pool.started(number, chosen.key, chosen.others)
+        assert woken.wait(30), "a set that came in while slots waited did not wake the loop"
+        assert pool.ready(SPACE, 2)
+        deadline = time.monotonic() + 30
+        while len(pool._ready) < 2:  # the queue full: no set comes in after the wait ran out
+            assert time.monotonic() < deadline, "the process did not fill its queue"
+            time.sleep(0.02)
+        pool.wait_ran_out()
+        assert not pool.worth_waiting(SPACE)  # until the next set comes in
     finally:
         pool.hang_up()
         pool.reap(time.monotonic() + 5)
