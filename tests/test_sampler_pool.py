@@ -127,6 +127,34 @@ def test_a_killed_sampler_process_costs_only_speed(
     assert log.count("sampler processes died") == 1, log
 
 
+def stop_the_sampler_processes(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A callback: the pool's processes stop (SIGSTOP: alive, delivering nothing, as a process
+    that hangs) at trial 15's end; the run's end kills them."""
+    if trial.number != 15:
+        return
+    for child in psutil.Process().children():
+        if "hyperfleet.controller.replica" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGSTOP)
+
+
+def test_a_hung_sampler_process_costs_a_waits_time_and_no_more(
+    objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    trials, _ = search(objectives.fixed_space, tmp_path, callbacks=[stop_the_sampler_processes])
+
+    assert taken, "the pool was used before it hung"
+    assert len(set(taken)) == len(taken)
+    # Slots waited for its next sets once, a second at most; then the controller sampled.
+    assert all(not t.user_attrs["sent"] for t in trials[-10:])
+    hung = [t for t in trials if t.number > 15]
+    starts = [t.datetime_start for t in hung if t.datetime_start is not None]
+    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+    assert max(gaps) < 1.0 + sampler_pool.WAIT_SECONDS, gaps
+    assert sum(gap > sampler_pool.WAIT_SECONDS / 2 for gap in gaps) <= 1, gaps  # waited once
+    assert time.monotonic() - started < 60
+
+
 def test_a_run_with_the_pool_off_samples_on_the_controller(
     objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
 ) -> None:
