@@ -5,6 +5,7 @@ processes die, or that has none, completes as without them."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import signal
 import threading
 import time
@@ -149,7 +150,7 @@ def test_a_hung_sampler_process_costs_a_waits_time_and_no_more(
     assert all(not t.user_attrs["sent"] for t in trials[-10:])
     hung = [t for t in trials if t.number > 15]
     starts = [t.datetime_start for t in hung if t.datetime_start is not None]
-    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
     assert max(gaps) < 1.0 + sampler_pool.WAIT_SECONDS, gaps
     assert sum(gap > sampler_pool.WAIT_SECONDS / 2 for gap in gaps) <= 1, gaps  # waited once
     assert time.monotonic() - started < 60
