@@ -265,7 +265,7 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
         while (more := pool.take(SPACE, 2)) is not None:
             taken.append(more)
         assert not woken.is_set()  # no slot waited: the loop was left alone
-        pool.wanted = True
+        pool.want(True)
         for number, chosen in enumerate(taken, start=12):  # the sets were used: sample more
             pool.started(number, chosen.key, chosen.others)
         assert woken.wait(30), "a set that came in while slots waited did not wake the loop"
@@ -274,6 +274,10 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
         while len(pool._ready) < 2:  # the queue full: no set comes in after the wait ran out
             assert time.monotonic() < deadline, "the process did not fill its queue"
             time.sleep(0.02)
+        pool.want(False)
+        woken.clear()
+        pool.want(True)  # sets came in while no slot waited: the loop looks at them at once
+        assert woken.is_set()
         pool.wait_ran_out()
         assert not pool.worth_waiting(SPACE)  # until the next set comes in
     finally:

@@ -208,7 +208,7 @@ class SamplerPool:
         }
         self._ready: deque[Any] = deque()
         self._wake = wake
-        self.wanted = False  # slots wait for a set: one that comes in wakes the loop
+        self._wanted = False  # slots wait for a set: one that comes in wakes the loop
         self._delivering = False  # sets came in since the start, or since a wait ran out
         self._links = [
             _Link(
@@ -275,10 +275,17 @@ class SamplerPool:
         """A slot waited ``WAIT_SECONDS`` in vain: no more waits until a set comes in."""
         self._delivering = False
 
+    def want(self, waiting: bool) -> None:
+        """Whether slots wait for a set now. A set that came in while none did wakes the loop
+        as they start to: it may be the one they wait for."""
+        self._wanted = waiting
+        if waiting and self._ready:
+            self._wake()
+
     def _arrived(self) -> None:
         """A set came in (on a reading thread)."""
         self._delivering = True
-        if self.wanted:
+        if self._wanted:
             self._wake()
 
     def _stale(self, known: int) -> bool:

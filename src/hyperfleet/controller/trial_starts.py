@@ -270,7 +270,7 @@ class TrialStarts:
             if name in self._pool_waits:
                 if not dropped and not self._set_came(name, run):
                     continue
-                self._pool_waits.pop(name)[1].wanted = False  # again below, if others wait
+                self._pool_waits.pop(name)[1].want(False)  # again below, if others wait
             elif not dropped and not self._suggestions.ready(run.plan.name):
                 self._suggestions.start(run.plan.name, opened(run))
                 continue
@@ -280,7 +280,7 @@ class TrialStarts:
             if worker is not None and takes_a_trial(worker) and self._studies.has_work(run):
                 self.start(name, worker, run, may_wait=False)
         for _, pool in self._pool_waits.values():
-            pool.wanted = True  # an ended wait may have cleared it for a pool others wait for
+            pool.want(True)  # an ended wait may have cleared it for a pool others wait for
 
     def pool_wait_ends(self) -> float | None:
         """When the first slot's wait for a sampler process's set runs out, if any waits."""
@@ -289,7 +289,7 @@ class TrialStarts:
     def _wait_for_set(self, name: str, run: StudyRun, pool: SamplerPool) -> None:
         """No set is ready while the study's sampler processes deliver them: the slot waits
         for the next, holding its resources and share (see controller.sampler_pool)."""
-        pool.wanted = True
+        pool.want(True)
         self._pool_waits[name] = (time.monotonic() + WAIT_SECONDS, pool)
         self._slots.hold(name, run, SlotState.SAMPLING)
 
@@ -310,7 +310,7 @@ class TrialStarts:
         """The waits of slots no longer held (their worker exited, a stop): none is left to
         start, and none keeps the loop's timeout short."""
         for name in [n for n in self._pool_waits if n not in self._slots.sampling]:
-            self._pool_waits.pop(name)[1].wanted = False
+            self._pool_waits.pop(name)[1].want(False)
 
     def _ask_placed(
         self, study: optuna.Study, slot: str, pid: int, prepared: Prepared | None = None
