@@ -142,11 +142,14 @@ def test_a_hung_sampler_process_costs_a_waits_time_and_no_more(
     objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    trials, _ = search(objectives.fixed_space, tmp_path, callbacks=[stop_the_sampler_processes])
+    slots = sampler_pool.WAIT_FROM_SLOTS  # enough of them for slots to wait for sets
+    trials, _ = search(
+        objectives.fixed_space, tmp_path, slots=slots, callbacks=[stop_the_sampler_processes]
+    )
 
     assert taken, "the pool was used before it hung"
     assert len(set(taken)) == len(taken)
-    # Slots waited for its next sets once, a second at most; then the controller sampled.
+    # The slots waited for its next sets once, a second at most; then the controller sampled.
     assert all(not t.user_attrs["sent"] for t in trials[-10:])
     hung = [t for t in trials if t.number > 15]
     starts = [t.datetime_start for t in hung if t.datetime_start is not None]
@@ -257,10 +260,12 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
     woken = threading.Event()
     pool = SamplerPool(study, study.sampler, 1, tmp_path, woken.set)
     try:
-        assert not pool.worth_waiting(SPACE)  # nothing came yet: the controller samples
+        slots = sampler_pool.WAIT_FROM_SLOTS
+        assert not pool.worth_waiting(SPACE, slots)  # nothing came yet: the controller samples
         taken = [wait_for_set(pool, SPACE)]
-        assert pool.worth_waiting(SPACE)
-        assert not pool.worth_waiting(None)  # no known space: no set will come
+        assert pool.worth_waiting(SPACE, slots)
+        assert not pool.worth_waiting(None, slots)  # no known space: no set will come
+        assert not pool.worth_waiting(SPACE, slots - 1)  # few slots: the controller has time
         time.sleep(0.5)  # the process fills its queue
         while (more := pool.take(SPACE, 2)) is not None:
             taken.append(more)
@@ -279,7 +284,7 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
         pool.want(True)  # sets came in while no slot waited: the loop looks at them at once
         assert woken.is_set()
         pool.wait_ran_out()
-        assert not pool.worth_waiting(SPACE)  # until the next set comes in
+        assert not pool.worth_waiting(SPACE, slots)  # until the next set comes in
     finally:
         pool.hang_up()
         pool.reap(time.monotonic() + 5)

@@ -26,7 +26,12 @@ processes deliver sets (a burst of results used up the queue), the slot waits fo
 it on the controller instead would cost the controller a whole TPE sample (15 ms at 1,000
 finished trials, 70 ms at 10,000), during which every other slot waits too. Where the pool
 delivers nothing (off, starting, dead, or a wait that ran out: a process that hangs or fell far
-behind) the controller samples itself as without one, until a set comes in again.
+behind) the controller samples itself as without one, until a set comes in again. Slots wait
+only on runs with ``WAIT_FROM_SLOTS`` slots per process or more: there the controller's time is
+what the run is short of, and its sample would hold up many slots; on a few slots (two CPU
+slots, trivial trials) the controller has time to spare, and its sample beside the process's
+gives more trials per second than waiting for the one process (measured in
+``bench/RESULTS.md``).
 
 A set is used once (it is taken out of the queue); a set sampled for an older space is
 dropped, and so is a stale one: sampled before TPE's random startup trials were done while they
@@ -82,6 +87,7 @@ from hyperfleet.sampling.auto_sampler import AutoSampler
 
 CLOSE_SECONDS = 2.0  # for the processes to exit once hung up; then they are killed
 WAIT_SECONDS = 1.0  # the longest a slot waits for a set before the controller samples it
+WAIT_FROM_SLOTS = 4  # the slots per process from which a slot waits for a set
 OUTBOX_LIMIT = 256  # messages kept for the next start at most
 LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials TPE learns from
 SetKey = tuple[int, int]  # the process's index in its pool, the set's number there
@@ -266,10 +272,12 @@ class SamplerPool:
             self._send(key[0], ("drop", key[1]))
         return False
 
-    def worth_waiting(self, space: Space | None) -> bool:
+    def worth_waiting(self, space: Space | None, slots: int) -> bool:
         """Whether a slot waits for the next set rather than the controller sampling it: while
-        the processes deliver sets for a known space."""
-        return space is not None and self._delivering and self.alive > 0
+        the processes deliver sets for a known space, on a run of ``slots`` with enough of them
+        per process (see the module's docstring)."""
+        many = slots >= WAIT_FROM_SLOTS * len(self._links)
+        return many and space is not None and self._delivering and self.alive > 0
 
     def wait_ran_out(self) -> None:
         """A slot waited ``WAIT_SECONDS`` in vain: no more waits until a set comes in."""

@@ -173,7 +173,9 @@ class TrialStarts:
                 return
         elif pooled is not None:
             prepared_sample = pooled.relative
-        elif pool is not None and may_wait and pool.worth_waiting(run.space):
+        elif (
+            may_wait and pool is not None and pool.worth_waiting(run.space, len(self._slots.slots))
+        ):
             self._wait_for_set(name, run, pool)
             return
         placed = None if prepared_sample else self._preparer.take(name, worker, run)
@@ -295,7 +297,8 @@ class TrialStarts:
 
     def _set_came(self, name: str, run: StudyRun) -> bool:
         """Whether the slot's wait for a set is over: one is ready, the pool is gone, or the
-        wait ran out (the controller samples the trial, and samples until sets come again)."""
+        wait ran out, this slot's or another's (the controller samples the trial, and samples
+        until sets come again)."""
         until, pool = self._pool_waits[name]
         if self.pools.pool(run, side_by_side(self._ctx, self._slots)) is not pool:
             return True
@@ -304,7 +307,7 @@ class TrialStarts:
         if time.monotonic() >= until:
             pool.wait_ran_out()
             return True
-        return False
+        return not pool.worth_waiting(run.space, len(self._slots.slots))
 
     def _forget_gone_waits(self) -> None:
         """The waits of slots no longer held (their worker exited, a stop): none is left to
