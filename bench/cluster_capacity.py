@@ -18,8 +18,11 @@ next trial (from the result it sent to the next trial it receives), from the loa
 clock; the controller's CPU seconds per trial say how much of it the controller spent; "sent %"
 is the share of trials sent with values for their suggestions (with TPE: those whose values a
 sampler process made ready, see ``hyperfleet.controller.sampler_pool``); "steady" is the
-controller's CPU per trial after the first fifth of the new trials (start-up, imports and the
-pools' start left out). ``--sampling-processes
+controller's CPU per trial over the middle three fifths of the new trials (start-up, imports
+and the pools' start left out, and so is the end of the run: its report and outcome read the
+whole study once, a cost per run, not per trial); "1/5-end" is the controller's CPU per trial
+from the first fifth to the end, the end of the run included (what "steady" was before
+2026-12-07's second pool entry in ``bench/RESULTS.md``). ``--sampling-processes
 0 2`` alternates runs without and with two sampler processes, to compare them side by side.
 """
 
@@ -95,11 +98,13 @@ class Node:
         self.sent_trials = 0  # trials sent with values for their suggestions
         self.first = self.last = 0.0
         self.finished: Any = None  # a counter shared by every played node, if given
+        self.outbox: list[Relay] = []  # relays to send together
 
     def run(self) -> None:
         last_beat = time.monotonic()
         while True:
             self._send_due_results()
+            self._flush()
             timeout = max(0.0, self.due[0][0] - time.monotonic()) if self.due else 1.0
             if not self.conn.poll(timeout):
                 continue
@@ -108,13 +113,24 @@ class Node:
                 return
             if isinstance(message, StartWorker):
                 self.conn.send(WorkerStarted(message.worker, os.getpid()))
-                self.conn.send(Relay(message.worker, _pack(Ready(os.getpid()))))
+                self._relay(message.worker, Ready(os.getpid()))
             elif isinstance(message, Relays):
                 for relay in message.items:
                     self._on_relay(relay.worker, pickle.loads(relay.payload))
+            self._flush()
             if time.monotonic() - last_beat > 1.0:
                 self.conn.send(Beat())
                 last_beat = time.monotonic()
+
+    def _relay(self, worker: int, message: Any) -> None:
+        self.outbox.append(Relay(worker, _pack(message)))
+
+    def _flush(self) -> None:
+        """What the workers said while one message was handled goes in one frame, as an agent
+        sends what its workers said during one step (``hyperfleet.cluster.agent``)."""
+        if self.outbox:
+            relays, self.outbox = tuple(self.outbox), []
+            self.conn.send(Relays(relays))
 
     def _on_relay(self, worker: int, message: Any) -> None:
         now = time.time()
@@ -129,7 +145,7 @@ class Node:
         elif isinstance(message, Reply):
             self._next(worker)
         elif isinstance(message, Load):  # the objective "loads" at once
-            self.conn.send(Relay(worker, _pack(Loaded(message.study))))
+            self._relay(worker, Loaded(message.study))
 
     def _next(self, worker: int) -> None:
         while (step := self.step[worker]) < len(NAMES):
@@ -139,7 +155,7 @@ class Node:
             call = Call("trial", "suggest_float", (NAMES[step], -10.0, 10.0), {})
             if answered:
                 call = replace(call, answered=True)  # never with a version that sent none
-            self.conn.send(Relay(worker, _pack(call)))
+            self._relay(worker, call)
             if not answered:
                 return  # its reply calls this again
         if self.trial_seconds:
@@ -154,7 +170,7 @@ class Node:
             self._finish(heapq.heappop(self.due)[1])
 
     def _finish(self, worker: int) -> None:
-        self.conn.send(Relay(worker, _pack(Finished("returned", value=1.0))))
+        self._relay(worker, Finished("returned", value=1.0))
         self.sent_result[worker] = self.last = time.time()
         self.trials += 1
         if self.finished is not None:
@@ -241,7 +257,9 @@ def one_run(
     for player in players:
         player.start()
     cpu_before = _cpu(controller.pid)
-    outcomes, steady = _outcomes(results, len(players), finished, controller.pid, new // 5)
+    marks = (new // 5, new - new // 5)
+    outcomes, seen = _outcomes(results, len(players), finished, controller.pid, marks)
+    steady, middle_end = seen
     cpu_after = _cpu(controller.pid)
     cpu = cpu_after - cpu_before
     controller.wait(timeout=60)
@@ -258,28 +276,32 @@ def one_run(
         "p99_ms": 1000 * waits[int(0.99 * (len(waits) - 1))],
         "max_ms": 1000 * waits[-1],
         "cpu_ms": 1000 * cpu / trials,
-        "steady_cpu_ms": 1000 * (cpu_after - steady[0]) / max(1, trials - steady[1]),
+        "after_fifth_cpu_ms": 1000 * (cpu_after - steady[0]) / max(1, trials - steady[1]),
+        "steady_cpu_ms": 1000 * (middle_end[0] - steady[0]) / max(1, middle_end[1] - steady[1]),
         "sent_pct": 100 * sum(o[4] for o in outcomes) / trials,
     }
 
 
 def _outcomes(
-    results: Any, players: int, finished: Any, pid: int, mark: int
-) -> tuple[list[Any], tuple[float, int]]:
-    """Every player's outcome, and the controller's CPU seconds and the trials finished once
-    ``mark`` trials had: what follows is the steady state, past start-up."""
+    results: Any, players: int, finished: Any, pid: int, marks: tuple[int, ...]
+) -> tuple[list[Any], list[tuple[float, int]]]:
+    """Every player's outcome, and for each of ``marks`` the controller's CPU seconds and the
+    trials finished once that many trials had: between the first two, the steady state (past
+    start-up, before the run's end)."""
     outcomes: list[Any] = []
-    steady: tuple[float, int] | None = None
+    seen: list[tuple[float, int]] = []
     deadline = time.monotonic() + 900
     while len(outcomes) < players:
-        if steady is None and finished.value >= mark:
-            steady = (_cpu(pid), finished.value)
+        if len(seen) < len(marks) and finished.value >= marks[len(seen)]:
+            seen.append((_cpu(pid), finished.value))
         try:
             outcomes.append(results.get(timeout=0.05))
         except queue.Empty:
             if time.monotonic() > deadline:
                 raise TimeoutError("the played nodes did not finish in 15 minutes") from None
-    return outcomes, steady or (_cpu(pid), finished.value)
+    while len(seen) < len(marks):
+        seen.append((_cpu(pid), finished.value))
+    return outcomes, seen
 
 
 def _cpu(pid: int) -> float:
@@ -332,7 +354,8 @@ def main() -> None:
     print(f"{args.connections} agent connections; waits: from a slot's result to its next trial")
     print(
         f"{'sampler':<7} {'study':>6} {'slots':>5} {'pool':>4} {'trials/s':>9} {'wait p50':>9} "
-        f"{'p99':>7} {'max ms':>7} {'ctl cpu ms/trial':>17} {'steady':>7} {'sent %':>7}"
+        f"{'p99':>7} {'max ms':>7} {'ctl cpu ms/trial':>17} {'steady':>7} {'1/5-end':>8} "
+        f"{'sent %':>7}"
     )
     for sampler in args.samplers:
         new = args.new_trials if sampler == "random" else args.new_tpe_trials
@@ -354,7 +377,8 @@ def main() -> None:
                 print(
                     f"{sampler:<7} {finished:>6} {slots:>5} {pool:>4} {r['per_s']:>9.0f} "
                     f"{r['p50_ms']:>9.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.1f} "
-                    f"{r['cpu_ms']:>17.2f} {r['steady_cpu_ms']:>7.2f} {r['sent_pct']:>7.0f}",
+                    f"{r['cpu_ms']:>17.2f} {r['steady_cpu_ms']:>7.2f} "
+                    f"{r['after_fifth_cpu_ms']:>8.2f} {r['sent_pct']:>7.0f}",
                     flush=True,
                 )
 

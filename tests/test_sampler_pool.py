@@ -5,7 +5,9 @@ processes die, or that has none, completes as without them."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import signal
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -126,6 +128,37 @@ def test_a_killed_sampler_process_costs_only_speed(
     assert log.count("sampler processes died") == 1, log
 
 
+def stop_the_sampler_processes(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A callback: the pool's processes stop (SIGSTOP: alive, delivering nothing, as a process
+    that hangs) at trial 15's end; the run's end kills them."""
+    if trial.number != 15:
+        return
+    for child in psutil.Process().children():
+        if "hyperfleet.controller.replica" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGSTOP)
+
+
+def test_a_hung_sampler_process_costs_a_waits_time_and_no_more(
+    objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    slots = sampler_pool.WAIT_FROM_SLOTS  # enough of them for slots to wait for sets
+    trials, _ = search(
+        objectives.fixed_space, tmp_path, slots=slots, callbacks=[stop_the_sampler_processes]
+    )
+
+    assert taken, "the pool was used before it hung"
+    assert len(set(taken)) == len(taken)
+    # The slots waited for its next sets once, a second at most; then the controller sampled.
+    assert all(not t.user_attrs["sent"] for t in trials[-10:])
+    hung = [t for t in trials if t.number > 15]
+    starts = [t.datetime_start for t in hung if t.datetime_start is not None]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
+    assert max(gaps) < 1.0 + sampler_pool.WAIT_SECONDS, gaps
+    assert sum(gap > sampler_pool.WAIT_SECONDS / 2 for gap in gaps) <= 1, gaps  # waited once
+    assert time.monotonic() - started < 60
+
+
 def test_a_run_with_the_pool_off_samples_on_the_controller(
     objectives: ModuleType, taken: list[tuple[int, int]], tmp_path: Path
 ) -> None:
@@ -166,7 +199,7 @@ def finished_study(n: int) -> optuna.Study:
 
 def test_a_set_of_an_older_space_is_dropped(tmp_path: Path) -> None:
     study = finished_study(20)
-    pool = SamplerPool(study, study.sampler, 1, tmp_path)
+    pool = SamplerPool(study, study.sampler, 1, tmp_path, lambda: None)
     try:
         first = wait_for_set(pool, SPACE)
         assert set(first.others) == {"x", "n"} and first.relative.params == {}
@@ -186,7 +219,7 @@ def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
 ) -> None:
     study = finished_study(3)
     sampler = optuna.samplers.TPESampler(n_startup_trials=5, multivariate=False)
-    pool = SamplerPool(study, sampler, 1, tmp_path)
+    pool = SamplerPool(study, sampler, 1, tmp_path, lambda: None)
     try:
         early = wait_for_set(pool, SPACE)
         assert early.known == 3  # a random draw: TPE has not started modelling
@@ -205,7 +238,7 @@ def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
 
 def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> None:
     study = finished_study(12)
-    pool = SamplerPool(study, study.sampler, 1, tmp_path)
+    pool = SamplerPool(study, study.sampler, 1, tmp_path, lambda: None)
     try:
         wait_for_set(pool, SPACE)
         pool._links[0].process.kill()
@@ -215,6 +248,43 @@ def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> N
             time.sleep(0.02)
         assert pool.newly_dead() == 1
         assert pool.newly_dead() == 0
+    finally:
+        pool.hang_up()
+        pool.reap(time.monotonic() + 5)
+
+
+def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_loop(
+    tmp_path: Path,
+) -> None:
+    study = finished_study(12)
+    woken = threading.Event()
+    pool = SamplerPool(study, study.sampler, 1, tmp_path, woken.set)
+    try:
+        slots = sampler_pool.WAIT_FROM_SLOTS
+        assert not pool.worth_waiting(SPACE, slots)  # nothing came yet: the controller samples
+        taken = [wait_for_set(pool, SPACE)]
+        assert pool.worth_waiting(SPACE, slots)
+        assert not pool.worth_waiting(None, slots)  # no known space: no set will come
+        assert not pool.worth_waiting(SPACE, slots - 1)  # few slots: the controller has time
+        time.sleep(0.5)  # the process fills its queue
+        while (more := pool.take(SPACE, 2)) is not None:
+            taken.append(more)
+        assert not woken.is_set()  # no slot waited: the loop was left alone
+        pool.want(True)
+        for number, chosen in enumerate(taken, start=12):  # the sets were used: sample more
+            pool.started(number, chosen.key, chosen.others)
+        assert woken.wait(30), "a set that came in while slots waited did not wake the loop"
+        assert pool.ready(SPACE, 2)
+        deadline = time.monotonic() + 30
+        while len(pool._ready) < 2:  # the queue full: no set comes in after the wait ran out
+            assert time.monotonic() < deadline, "the process did not fill its queue"
+            time.sleep(0.02)
+        pool.want(False)
+        woken.clear()
+        pool.want(True)  # sets came in while no slot waited: the loop looks at them at once
+        assert woken.is_set()
+        pool.wait_ran_out()
+        assert not pool.worth_waiting(SPACE, slots)  # until the next set comes in
     finally:
         pool.hang_up()
         pool.reap(time.monotonic() + 5)

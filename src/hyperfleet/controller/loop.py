@@ -347,6 +347,9 @@ class Controller:
         times += [t for t in (stops.deadline, stops.hard_at) if t is not None]
         times.extend(self._nodes.drain_cuts.values())
         times += [held.until for held in self._workforce.outside_stops.values()]
+        pool_wait_ends = self._starts.pool_wait_ends()  # a slot waits for a sampler process
+        if pool_wait_ends is not None:
+            times.append(pool_wait_ends)
         return min(times, default=time.monotonic() + TICK_SECONDS)
 
     def _enforce_deadlines(self) -> None:

@@ -20,20 +20,31 @@ the worker answers ``suggest`` from them, the controller records each through th
 ``suggest``, and the storage sees what it sees without the pool. A define-by-run parameter
 outside the space is a call, sampled by the controller as before.
 
-The controller never waits for the pool: with no set ready (pool off, starting, behind or
-dead) it samples itself as without one. A set is used once (it is taken out of the queue); a
-set sampled for an older space is dropped, and so is a stale one: sampled before TPE's random
-startup trials were done while they are done now (a random draw where TPE would model), or
-more results ago than twice the queue holds (a process that fell behind). Nothing the
-processes do reaches the storage, so a process that dies costs only speed; the run log says so
-once.
+The controller's loop never waits for the pool; a slot may. With no set ready while the
+processes deliver sets (a burst of results used up the queue), the slot waits for the next set
+(``TrialStarts``, as for a slow sampler's suggestion), for ``WAIT_SECONDS`` at most: sampling
+it on the controller instead would cost the controller a whole TPE sample (15 ms at 1,000
+finished trials, 70 ms at 10,000), during which every other slot waits too. Where the pool
+delivers nothing (off, starting, dead, or a wait that ran out: a process that hangs or fell far
+behind) the controller samples itself as without one, until a set comes in again. Slots wait
+only on runs with ``WAIT_FROM_SLOTS`` slots per process or more: there the controller's time is
+what the run is short of, and its sample would hold up many slots; on a few slots (two CPU
+slots, trivial trials) the controller has time to spare, and its sample beside the process's
+gives more trials per second than waiting for the one process (measured in
+``bench/RESULTS.md``).
+
+A set is used once (it is taken out of the queue); a set sampled for an older space is
+dropped, and so is a stale one: sampled before TPE's random startup trials were done while they
+are done now (a random draw where TPE would model), or more results ago than twice the queue
+holds (a process that fell behind). Nothing the processes do reaches the storage, so a process
+that dies costs only speed; the run log says so once.
 
 Why processes and not threads: the sampling is Python and numpy under the GIL; a thread would
 take the controller's own interpreter. Why sets sampled ahead rather than on request: a request
 would make a starting trial wait for the pool. How many sets wait: a set waiting in the queue
 was sampled before the results that arrived since, like a trial asked while others ran, so the
 queue is short; but trials end in bursts (slots started together end together), and a burst
-larger than the queue is sampled by the controller. So the queue holds about a quarter of the
+larger than the queue waits for the processes. So the queue holds about a quarter of the
 slots (``queue_depth``), at least two sets per process: with S slots running, every ask already
 sees S - 1 trials without their results, and S / 4 more sampled a little early is of that order.
 
@@ -57,6 +68,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -74,6 +86,8 @@ from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.sampling.auto_sampler import AutoSampler
 
 CLOSE_SECONDS = 2.0  # for the processes to exit once hung up; then they are killed
+WAIT_SECONDS = 1.0  # the longest a slot waits for a set before the controller samples it
+WAIT_FROM_SLOTS = 4  # the slots per process from which a slot waits for a set
 OUTBOX_LIMIT = 256  # messages kept for the next start at most
 LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials TPE learns from
 SetKey = tuple[int, int]  # the process's index in its pool, the set's number there
@@ -106,7 +120,14 @@ class _Link:
     """One sampler process: its socket, a thread that sends what the controller queued (the
     loop never blocks on a full socket) and one that collects its sets."""
 
-    def __init__(self, index: int, setup: dict[str, Any], log: Path, ready: deque[Any]) -> None:
+    def __init__(
+        self,
+        index: int,
+        setup: dict[str, Any],
+        log: Path,
+        ready: deque[Any],
+        arrived: Callable[[], None],
+    ) -> None:
         parent, child = socket.socketpair()
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
@@ -126,6 +147,7 @@ class _Link:
         self.dead = False
         self._outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._ready = ready
+        self._arrived = arrived  # called on the reading thread after each set
         self.send_bytes(bytes(ForkingPickler.dumps({**setup, "index": index})))
         self._threads = [
             threading.Thread(target=target, name=f"hyperfleet-pool-{way}-{index}", daemon=True)
@@ -150,6 +172,7 @@ class _Link:
         try:
             while True:
                 self._ready.append(self.conn.recv())
+                self._arrived()
         except (EOFError, OSError):
             self.dead = True
 
@@ -174,16 +197,33 @@ class _Link:
 
 
 class SamplerPool:
-    """A study's sampler processes and the sets they made ready."""
+    """A study's sampler processes and the sets they made ready. ``wake``: wakes the
+    controller's loop, called from a reading thread when a set comes in while slots wait."""
 
-    def __init__(self, study: optuna.Study, sampler: Any, count: int, log_dir: Path) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        sampler: Any,
+        count: int,
+        log_dir: Path,
+        wake: Callable[[], None],
+    ) -> None:
         setup = {
             "sampler": cloudpickle.dumps(sampler),
             "directions": [d.name for d in study.directions],
         }
         self._ready: deque[Any] = deque()
+        self._wake = wake
+        self._wanted = False  # slots wait for a set: one that comes in wakes the loop
+        self._delivering = False  # sets came in since the start, or since a wait ran out
         self._links = [
-            _Link(i, setup, log_dir / f"sampler-{study.study_name}-{i}.log", self._ready)
+            _Link(
+                i,
+                setup,
+                log_dir / f"sampler-{study.study_name}-{i}.log",
+                self._ready,
+                self._arrived,
+            )
             for i in range(count)
         ]
         self._space: Space | None = None
@@ -206,23 +246,55 @@ class SamplerPool:
     def take(self, space: Space | None, slots: int) -> SuggestionSet | None:
         """A ready set sampled for ``space``, used once; None when none is ready. ``slots``: the
         run's, which the queue's depth follows."""
+        if not self.ready(space, slots):
+            return None
+        _, key, version, search_space, params, attrs, others, known = self._ready.popleft()
+        return SuggestionSet(key, version, Prepared(search_space, params, attrs), others, known)
+
+    def ready(self, space: Space | None, slots: int) -> bool:
+        """Whether a set sampled for ``space`` is ready; the unusable ones before it (an older
+        space's, stale ones) are dropped."""
         if slots != self._slots:
             self._slots = slots
             self._broadcast(("depth", queue_depth(slots, len(self._links))))
             self._flush()
         if space is None:
-            return None
+            return False
         if space != self._space:
             self._space, self._version = dict(space), self._version + 1
             self._broadcast(("space", self._version, self._space))
             self._flush()  # rare: the processes sample for the new space at once
-        while self._ready:
-            _, key, version, search_space, params, attrs, others, known = self._ready.popleft()
+        while self._ready:  # only this thread takes sets out: the first stays the first
+            _, key, version, *_, known = self._ready[0]
             if version == self._version and not self._stale(known):
-                relative = Prepared(search_space, params, attrs)
-                return SuggestionSet(key, version, relative, others, known)
+                return True
+            self._ready.popleft()
             self._send(key[0], ("drop", key[1]))
-        return None
+        return False
+
+    def worth_waiting(self, space: Space | None, slots: int) -> bool:
+        """Whether a slot waits for the next set rather than the controller sampling it: while
+        the processes deliver sets for a known space, on a run of ``slots`` with enough of them
+        per process (see the module's docstring)."""
+        many = slots >= WAIT_FROM_SLOTS * len(self._links)
+        return many and space is not None and self._delivering and self.alive > 0
+
+    def wait_ran_out(self) -> None:
+        """A slot waited ``WAIT_SECONDS`` in vain: no more waits until a set comes in."""
+        self._delivering = False
+
+    def want(self, waiting: bool) -> None:
+        """Whether slots wait for a set now. A set that came in while none did wakes the loop
+        as they start to: it may be the one they wait for."""
+        self._wanted = waiting
+        if waiting and self._ready:
+            self._wake()
+
+    def _arrived(self) -> None:
+        """A set came in (on a reading thread)."""
+        self._delivering = True
+        if self._wanted:
+            self._wake()
 
     def _stale(self, known: int) -> bool:
         """Whether a set sampled from ``known`` finished trials is too old to use: sampled
@@ -328,7 +400,8 @@ class SamplerPools:
         if sampler is None:
             return None
         try:
-            return SamplerPool(study, sampler, self._per_study, self._ctx.run_dir.workers_dir)
+            workers_dir = self._ctx.run_dir.workers_dir
+            return SamplerPool(study, sampler, self._per_study, workers_dir, self._ctx.wake)
         except Exception as exc:  # an unpicklable sampler, no process: sample here, as before
             self._ctx.announce(
                 f"study {study.study_name}: no sampler processes ({type(exc).__name__}: {exc}); "

@@ -40,7 +40,7 @@ class SlotState(str, Enum):
     STARTING = "starting"  # its worker starts (or a fresh one replaces it)
     LOADING = "loading"  # its worker loads a study's objective
     IDLE = "idle"  # ready for a trial
-    SAMPLING = "sampling"  # waits for the trial a slow sampler prepares off the loop's thread
+    SAMPLING = "sampling"  # waits for a slow sampler (off the loop's thread) or a sampler process
     BUSY = "busy"  # runs a trial
     STOPPED = "stopped"  # given up, retired by auto packing, or the run ended
 

@@ -24,7 +24,7 @@ from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.outbox import send
 from hyperfleet.controller.policy import StudyDemand, pick
 from hyperfleet.controller.prepared import Preparer
-from hyperfleet.controller.sampler_pool import SamplerPools
+from hyperfleet.controller.sampler_pool import WAIT_SECONDS, SamplerPool, SamplerPools
 from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotState, SlotTable
 from hyperfleet.controller.slow_samplers import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.studies import StudyBook
@@ -60,6 +60,8 @@ class TrialStarts:
         self._preparer, self._folders = preparer, folders
         self._suggestions = Suggestions(ctx.wake)
         self.pools = pools  # TPE's sampler processes
+        # The slots waiting for a sampler process's set: until when, and for which pool.
+        self._pool_waits: dict[str, tuple[float, SamplerPool]] = {}
 
     # ----- handing out ---------------------------------------------------------------------
 
@@ -121,14 +123,15 @@ class TrialStarts:
         slots = self._slots
         if len(slots.active) + len(slots.sampling) >= len(slots.slots):
             return []  # every slot busy: at hundreds of slots, no need to look at each
+        # Busy slots first: at many slots nearly all are, and these two looks are the cheapest.
         return [
             slot.name
             for slot in slots.slots
-            if (worker := slots.workers.get(slot.name)) is not None
+            if slot.name not in slots.active
+            and slot.name not in slots.sampling
+            and (worker := slots.workers.get(slot.name)) is not None
             and takes_a_trial(worker)
             and not slots.on_drained_node(slot.name)
-            and slot.name not in slots.active
-            and slot.name not in slots.sampling
         ]
 
     def _demands(self, allowed: dict[str, frozenset[str]]) -> list[StudyDemand]:
@@ -154,11 +157,11 @@ class TrialStarts:
 
     # ----- the one way in ------------------------------------------------------------------
 
-    def start(self, name: str, worker: Worker, run: StudyRun) -> None:
+    def start(self, name: str, worker: Worker, run: StudyRun, may_wait: bool = True) -> None:
         """Start a trial of ``run`` on the slot: its slot's prepared one, one a slow sampler
         prepared off the loop's thread (the slot waits for it, if it is not ready), one whose
-        values a sampler process made ready, or a new one asked now. It is sent once its start
-        is committed."""
+        values a sampler process made ready (the slot may wait for them: ``may_wait``), or a
+        new one asked now. It is sent once its start is committed."""
         study = opened(run)
         prepared_sample = None  # the sampler's part, computed off the loop's thread
         pool = self.pools.pool(run, side_by_side(self._ctx, self._slots))
@@ -170,6 +173,11 @@ class TrialStarts:
                 return
         elif pooled is not None:
             prepared_sample = pooled.relative
+        elif (
+            may_wait and pool is not None and pool.worth_waiting(run.space, len(self._slots.slots))
+        ):
+            self._wait_for_set(name, run, pool)
+            return
         placed = None if prepared_sample else self._preparer.take(name, worker, run)
         trial, stored = placed or self._ask_placed(study, name, worker.pid, prepared_sample)
         computed = prepared_sample is not None and prepared_sample.error is None
@@ -253,20 +261,59 @@ class TrialStarts:
         self._slots.hold(name, run, SlotState.SAMPLING)
 
     def start_sampled(self) -> None:
-        """Start the trials prepared off the loop's thread, on the slots waiting for them (one
-        computation per study at a time: the next starts once the last was taken). A stop, or
-        the run's timeout, drops what is still being prepared."""
+        """Start the trials prepared off the loop's thread, and those whose set a sampler
+        process delivered, on the slots waiting for them (one computation per study at a time:
+        the next starts once the last was taken). A stop, or the run's timeout, drops what is
+        still being prepared."""
         stops, slots = self._ctx.stops, self._slots
         dropped = stops.level or stops.timed_out(time.monotonic())
+        self._forget_gone_waits()
         for name, run in list(slots.sampling.items()):
-            if not dropped and not self._suggestions.ready(run.plan.name):
+            if name in self._pool_waits:
+                if not dropped and not self._set_came(name, run):
+                    continue
+                self._pool_waits.pop(name)[1].want(False)  # again below, if others wait
+            elif not dropped and not self._suggestions.ready(run.plan.name):
                 self._suggestions.start(run.plan.name, opened(run))
                 continue
             slots.stop_holding(name)
             slots.move(name, SlotState.IDLE)
             worker = slots.workers.get(name)  # replaced or parked meanwhile: None or new
             if worker is not None and takes_a_trial(worker) and self._studies.has_work(run):
-                self.start(name, worker, run)
+                self.start(name, worker, run, may_wait=False)
+        for _, pool in self._pool_waits.values():
+            pool.want(True)  # an ended wait may have cleared it for a pool others wait for
+
+    def pool_wait_ends(self) -> float | None:
+        """When the first slot's wait for a sampler process's set runs out, if any waits."""
+        return min((until for until, _ in self._pool_waits.values()), default=None)
+
+    def _wait_for_set(self, name: str, run: StudyRun, pool: SamplerPool) -> None:
+        """No set is ready while the study's sampler processes deliver them: the slot waits
+        for the next, holding its resources and share (see controller.sampler_pool)."""
+        pool.want(True)
+        self._pool_waits[name] = (time.monotonic() + WAIT_SECONDS, pool)
+        self._slots.hold(name, run, SlotState.SAMPLING)
+
+    def _set_came(self, name: str, run: StudyRun) -> bool:
+        """Whether the slot's wait for a set is over: one is ready, the pool is gone, or the
+        wait ran out, this slot's or another's (the controller samples the trial, and samples
+        until sets come again)."""
+        until, pool = self._pool_waits[name]
+        if self.pools.pool(run, side_by_side(self._ctx, self._slots)) is not pool:
+            return True
+        if pool.ready(run.space, len(self._slots.slots)):
+            return True
+        if time.monotonic() >= until:
+            pool.wait_ran_out()
+            return True
+        return not pool.worth_waiting(run.space, len(self._slots.slots))
+
+    def _forget_gone_waits(self) -> None:
+        """The waits of slots no longer held (their worker exited, a stop): none is left to
+        start, and none keeps the loop's timeout short."""
+        for name in [n for n in self._pool_waits if n not in self._slots.sampling]:
+            self._pool_waits.pop(name)[1].want(False)
 
     def _ask_placed(
         self, study: optuna.Study, slot: str, pid: int, prepared: Prepared | None = None
