@@ -6,6 +6,7 @@ tests/test_postgres.py runs whole searches on PostgreSQL."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
@@ -23,10 +25,11 @@ MARKS = {"hyperfleet:run": "r", "hyperfleet:slot": "cpu#0", "hyperfleet:worker_p
 
 
 def _fields(trial: FrozenTrial) -> tuple[object, ...]:
+    reports = {step: repr(value) for step, value in trial.intermediate_values.items()}  # NaN too
     return (
         trial.number, trial.state, trial.datetime_start, trial.datetime_complete, trial.params,
-        trial.distributions, trial.user_attrs, trial.system_attrs, trial.intermediate_values,
-        trial.values, trial._trial_id,
+        trial.distributions, trial.user_attrs, trial.system_attrs, reports, trial.values,
+        trial._trial_id,
     )  # fmt: skip
 
 
@@ -76,20 +79,40 @@ def test_a_running_trial_is_kept_as_written_and_a_finished_one_as_told(url: str)
     trial.suggest_float("x", -1.0, 1.0)
     trial.suggest_int("layers", 1, 4)
     trial.set_user_attr("shape", (3, 4))  # stored as JSON: read back as a list
+    trial.set_user_attr("epoch", 1)
+    trial.set_user_attr("epoch", 2)  # written over
     storage.set_trial_system_attr(trial._trial_id, "grid_id", 3)  # as a sampler's before_trial
     trial.report(0.5, step=1)
+    trial.report(float("inf"), step=2)
+    storage.set_trial_intermediate_value(trial._trial_id, 2, float("nan"))  # written over
+    with _statements(storage) as sent:
+        trial.set_user_attr("lr", 0.1)
+        trial.report(0.25, step=3)
+    assert len(sent) == 2  # each write the statement alone, no read before it
     with _statements(storage) as sent:
         running = storage.get_trial(trial._trial_id)
     assert sent == []
     assert _fields(running) == _fields(_read(url, trial._trial_id))
-    assert running.user_attrs == {"shape": [3, 4]}
+    assert running.user_attrs == {"shape": [3, 4], "epoch": 2, "lr": 0.1}
+    assert running.intermediate_values[1] == 0.5 and math.isnan(running.intermediate_values[2])
 
     study.tell(trial, 0.25)
     with _statements(storage) as sent:
         told = storage.get_trial(trial._trial_id)
     assert sent == []
     assert told.state == TrialState.COMPLETE and told.datetime_complete is not None
-    assert _fields(told) == _fields(_read(url, trial._trial_id))  # the database's end time
+    assert _fields(told) == _fields(_read(url, trial._trial_id))  # the end time as stored
+
+
+def test_a_trial_another_process_ended_is_not_told_again(url: str) -> None:
+    storage = ControllerRDBStorage(RDBStorage(url))
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    RDBStorage(url).set_trial_state_values(trial._trial_id, TrialState.FAIL)  # as a stale sweep
+    with pytest.raises(UpdateFinishedTrialError):
+        study.tell(trial, 1.0)
+    assert _read(url, trial._trial_id).state == TrialState.FAIL
+    assert storage.get_trial(trial._trial_id).state == TrialState.FAIL  # read again
 
 
 def test_a_copy_handed_out_does_not_change_what_is_held(url: str) -> None:

@@ -27,6 +27,7 @@ or up to :data:`FRESH_FOR` seconds later.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import random
@@ -36,14 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from optuna._typing import JSONSerializable
-from optuna.distributions import BaseDistribution
-from optuna.exceptions import StorageInternalError
+from optuna.distributions import BaseDistribution, check_distribution_compatibility
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
+from hyperfleet.store import trial_writes as writes
 from hyperfleet.store.placing import PlacesTrials
 
 if TYPE_CHECKING:
@@ -90,30 +91,28 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
 
     def _create_marked(self, study_id: int, template: FrozenTrial) -> FrozenTrial:
         """A new running or waiting trial with system attributes (a placement), in one
-        transaction: the trial as Optuna creates it from ``template``, its attributes in one
-        statement (Optuna writes each with a query and an insert of its own). Tried again
-        after a deadlock, as Optuna does."""
-        marks = [
-            {"key": key, "value_json": json.dumps(value)}
-            for key, value in template.system_attrs.items()
-        ]
+        transaction of five statements (:func:`hyperfleet.store.trial_writes.create`; Optuna
+        writes each attribute with a query and an insert of its own). Tried again after a
+        deadlock, as Optuna does."""
         for attempt in range(1, _CREATE_ATTEMPTS + 1):
             try:
-                with _create_scoped_session(self._backend.scoped_session) as session:
-                    # The study's row is locked while the trial's number is counted.
-                    models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                    trial = self._backend._get_prepared_new_trial(study_id, None, session)
-                    trial.state, trial.datetime_start = template.state, template.datetime_start
-                    if marks:
-                        rows = [{"trial_id": trial.trial_id, **mark} for mark in marks]
-                        session.execute(sqlalchemy.insert(models.TrialSystemAttributeModel), rows)
-                    created = copy.deepcopy(template)
-                    created.number, created._trial_id = trial.number, trial.trial_id
-                return created
-            except StorageInternalError:
+                with self._backend.engine.connect() as connection:
+                    trial_id, number = writes.create(
+                        connection,
+                        study_id,
+                        template.state,
+                        template.datetime_start,
+                        template.system_attrs,
+                    )
+                    connection.commit()
+            except sqlalchemy.exc.OperationalError as exc:  # a deadlock, or worse
                 if attempt == _CREATE_ATTEMPTS:
-                    raise
+                    raise StorageInternalError(f"creating a trial failed: {exc}") from exc
                 time.sleep(random.random() * 2.0)
+                continue
+            created = copy.deepcopy(template)
+            created.number, created._trial_id = number, trial_id
+            return created
         raise AssertionError("not reached")
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
@@ -204,7 +203,9 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
         study_id, number = self._trial_id_to_study_id_and_number[trial_id]
         return self._studies[study_id].trials[number]
 
-    # Writing: each write to a trial of this process is made to its cached copy too.
+    # Writing. A trial of this process is written with the statement alone (see
+    # hyperfleet.store.trial_writes), and the write is made to its cached copy too; any other
+    # trial is written by Optuna's storage, and read again when asked for.
 
     def set_trial_param(
         self,
@@ -220,33 +221,61 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             }
             trial.distributions = {**trial.distributions, param_name: distribution}
 
-        self._write(
-            trial_id,
-            lambda: super(ControllerRDBStorage, self).set_trial_param(
-                trial_id, param_name, param_value_internal, distribution
-            ),
-            written,
-        )
+        with self._lock:
+            held = self._held(trial_id)
+            study_id, _ = self._trial_id_to_study_id_and_number.get(trial_id, (-1, -1))
+            known = self._studies[study_id].param_distribution.get(param_name) if held else None
+        if held is None or known is None or param_name in held.params:
+            # Optuna checks the first parameter of a name against the study's, and leaves a
+            # parameter the trial has alone.
+            self._write(
+                trial_id,
+                lambda: super(ControllerRDBStorage, self).set_trial_param(
+                    trial_id, param_name, param_value_internal, distribution
+                ),
+                written,
+            )
+            return
+        check_distribution_compatibility(known, distribution)  # as Optuna: ValueError
+        statement = writes.parameter(trial_id, param_name, param_value_internal, distribution)
+        if not self._write_held(trial_id, [statement], written):
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         def written(trial: FrozenTrial) -> None:
             trial.user_attrs = {**trial.user_attrs, key: _as_stored(value)}
 
-        self._write(
-            trial_id,
-            lambda: super(ControllerRDBStorage, self).set_trial_user_attr(trial_id, key, value),
-            written,
-        )
+        with self._lock:
+            held = self._held(trial_id)
+        if held is None:
+            self._write(
+                trial_id,
+                lambda: super(ControllerRDBStorage, self).set_trial_user_attr(trial_id, key, value),
+                written,
+            )
+            return
+        statement = writes.attribute("user", trial_id, key, value, key in held.user_attrs)
+        if not self._write_held(trial_id, [statement], written):
+            super().set_trial_user_attr(trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: JSONSerializable) -> None:
         def written(trial: FrozenTrial) -> None:
             trial.system_attrs = {**trial.system_attrs, key: _as_stored(value)}
 
-        self._write(
-            trial_id,
-            lambda: super(ControllerRDBStorage, self).set_trial_system_attr(trial_id, key, value),
-            written,
-        )
+        with self._lock:
+            held = self._held(trial_id)
+        if held is None:
+            self._write(
+                trial_id,
+                lambda: super(ControllerRDBStorage, self).set_trial_system_attr(
+                    trial_id, key, value
+                ),
+                written,
+            )
+            return
+        statement = writes.attribute("system", trial_id, key, value, key in held.system_attrs)
+        if not self._write_held(trial_id, [statement], written):
+            super().set_trial_system_attr(trial_id, key, value)
 
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
@@ -254,52 +283,105 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
         def written(trial: FrozenTrial) -> None:
             trial.intermediate_values = {**trial.intermediate_values, step: intermediate_value}
 
-        self._write(
-            trial_id,
-            lambda: super(ControllerRDBStorage, self).set_trial_intermediate_value(
-                trial_id, step, intermediate_value
-            ),
-            written,
-        )
+        with self._lock:
+            held = self._held(trial_id)
+        if held is None:
+            self._write(
+                trial_id,
+                lambda: super(ControllerRDBStorage, self).set_trial_intermediate_value(
+                    trial_id, step, intermediate_value
+                ),
+                written,
+            )
+            return
+        exists = step in held.intermediate_values
+        statement = writes.report(trial_id, step, intermediate_value, exists)
+        if not self._write_held(trial_id, [statement], written):
+            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
+        with self._lock:
+            held = self._held(trial_id)
+        if held is not None and held.values is None and _may_change(held.state, state):
+            return self._change_held_state(trial_id, held.state, state, values)
         if not super().set_trial_state_values(trial_id, state, values):
             self._disown(trial_id)
             return False
-        with self._lock:
-            taken = (
-                state == TrialState.RUNNING and trial_id in self._trial_id_to_study_id_and_number
-            )
-            if trial_id not in self._own and not taken:
-                return True  # not held as it is here: read again when asked for
-        if state == TrialState.RUNNING or state.is_finished():
-            self._record_times(trial_id, state, values)
+        self._disown(trial_id)  # read again when asked for
         return True
 
-    def _record_times(
-        self, trial_id: int, state: TrialState, values: Sequence[float] | None
-    ) -> None:
-        """Write the state into the cached trial with the times the database stored: a trial
-        taken from the queue is this process's from now on; a finished one is kept as it is."""
-        query = sqlalchemy.select(_TRIALS.c.datetime_start, _TRIALS.c.datetime_complete).where(
-            _TRIALS.c.trial_id == trial_id
-        )
-        with self._lock:
-            started, completed = self._read(query).one()
-            trial = copy.deepcopy(self._cached(trial_id))
+    def _change_held_state(
+        self, trial_id: int, held: TrialState, state: TrialState, values: Sequence[float] | None
+    ) -> bool:
+        """The state (and values) of a trial this process holds, with the time the change
+        takes place; False, as Optuna's storage, when another process took the trial from the
+        queue first. A running trial that another process ended meanwhile is refused as
+        Optuna's storage refuses it."""
+        now = datetime.datetime.now()
+        change = writes.state_change(trial_id, held, state, now)
+        told = writes.values(trial_id, values) if values is not None else []
+
+        def written(trial: FrozenTrial) -> None:
             trial.state = state
             if values is not None:
                 trial.values = list(values)
-            trial.datetime_start, trial.datetime_complete = started, completed
-            self._replace(trial)
             if state == TrialState.RUNNING:
-                self._own.add(trial_id)
+                trial.datetime_start = now
             else:
-                self._own.discard(trial_id)
-                study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
-                self._studies[study_id].unfinished_trial_ids.discard(trial_id)
+                trial.datetime_complete = now
+
+        if self._write_held(trial_id, [change, *told], written):
+            if state.is_finished():
+                with self._lock:
+                    self._own.discard(trial_id)
+                    study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+                    self._studies[study_id].unfinished_trial_ids.discard(trial_id)
+            return True
+        if state == TrialState.RUNNING:
+            return False
+        number = self._cached(trial_id).number
+        raise UpdateFinishedTrialError(
+            f"Trial#{number} has already finished and can not be updated."
+        )
+
+    def _write_held(
+        self,
+        trial_id: int,
+        statements: list[writes.Statement],
+        written: Callable[[FrozenTrial], None],
+    ) -> bool:
+        """Send ``statements`` in one transaction and make the write to the cached copy. The
+        first statement must change one row: if it changes none (another process changed the
+        trial), nothing is written and the trial is read again; False then, and the caller
+        leaves the write to Optuna's storage, which says what is wrong."""
+        try:
+            with self._backend.engine.connect() as connection:
+                first = connection.execute(statements[0])
+                if isinstance(statements[0], sqlalchemy.Update) and first.rowcount != 1:
+                    connection.rollback()  # (an insert either adds its row or raises)
+                    self._disown(trial_id)
+                    return False
+                for statement in statements[1:]:
+                    connection.execute(statement)
+                connection.commit()
+        except sqlalchemy.exc.IntegrityError:
+            self._disown(trial_id)  # the row was there already: not held as it is
+            return False
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            self._disown(trial_id)
+            raise StorageInternalError(f"writing trial {trial_id} failed: {exc}") from exc
+        with self._lock:
+            if trial_id in self._own:
+                trial = copy.deepcopy(self._cached(trial_id))  # others may hold the old copy
+                written(trial)
+                self._replace(trial)
+        return True
+
+    def _held(self, trial_id: int) -> FrozenTrial | None:
+        """The trial as this process holds it, if it is one of its own."""
+        return self._cached(trial_id) if trial_id in self._own else None
 
     def _write(
         self, trial_id: int, write: Callable[[], None], written: Callable[[FrozenTrial], None]
@@ -323,6 +405,14 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
         """Not sure of the cached copy any more: read the trial again at the next refresh."""
         with self._lock:
             self._own.discard(trial_id)
+
+
+def _may_change(held: TrialState, state: TrialState) -> bool:
+    """Whether this storage writes the change itself: a queued trial taken (or ended), a
+    running one ended; anything else Optuna's storage decides."""
+    if held == TrialState.WAITING:
+        return state == TrialState.RUNNING or state.is_finished()
+    return held == TrialState.RUNNING and state.is_finished()
 
 
 def _as_stored(value: Any) -> Any:
