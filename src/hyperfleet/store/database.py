@@ -9,15 +9,16 @@ with others, wasteful for the controller, which is the only writer of the trials
 this storage:
 
 - creates a trial with the marks of where it runs in the transaction that creates it
-  (:class:`hyperfleet.store.placing.PlacesTrials`);
-- keeps its own running trials (created here running, or taken here from the queue) current in
-  the cache as it writes them, and hands them out from there: a running trial is written by its
+  (:class:`hyperfleet.store.placing.PlacesTrials`), in five statements;
+- keeps its own unfinished trials (created here, or taken here from the queue) current in the
+  cache as it writes them, and hands them out from there: such a trial is written by its
   controller alone (its worker's writes go through the controller too);
-- checks for what other processes wrote with one query of trial ids, at most every
+- writes them with the statement alone (:mod:`hyperfleet.store.trial_writes`), where
+  Optuna's storage reads the trial and the row before each write;
+- keeps a finished trial as the tell wrote it, with the time it stored, so it is never read;
+- checks for what other processes wrote with one query of trial ids and states, at most every
   :data:`FRESH_FOR` seconds, and reads in full only the trials it does not hold as they are:
-  new ones, and other processes' unfinished ones;
-- writes a finished trial into the cache as the tell wrote it, with the end time the database
-  gave it (one query), so it is never read again.
+  new ones, other processes' unfinished ones, and its own that another process changed.
 
 A write that fails leaves the trial to be read again from the database, as Optuna's cache would.
 Other processes' trials are seen as Optuna's cache sees them, at the next ``get_all_trials``,
