@@ -9,6 +9,7 @@ import itertools
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -103,14 +104,27 @@ def test_the_pools_values_are_sent_with_the_trials_and_used_once(
     assert late and all("tpe:relative_params:0" in t.system_attrs for t in late)
 
 
-def kill_the_sampler_processes(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A callback (it runs in the controller, this process): the pool's processes die at
-    trial 15's end."""
-    if trial.number != 15:
-        return
-    for child in psutil.Process().children():
-        if "hyperfleet.controller.replica" in " ".join(child.cmdline()):
-            child.send_signal(signal.SIGKILL)
+def signal_the_sampler_processes_at_trial_15(
+    sig: int,
+) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """A callback (it runs in the controller, this process) that sends ``sig`` to the pool's
+    processes at trial 15's end."""
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.number != 15:
+            return
+        for child in psutil.Process().children():
+            if "hyperfleet.controller.replica" in " ".join(child.cmdline()):
+                child.send_signal(sig)
+
+    return callback
+
+
+# The pool's processes die at trial 15's end.
+kill_the_sampler_processes = signal_the_sampler_processes_at_trial_15(signal.SIGKILL)
+# They stop (SIGSTOP: alive, delivering nothing, as a process that hangs); the run's end kills
+# them.
+stop_the_sampler_processes = signal_the_sampler_processes_at_trial_15(signal.SIGSTOP)
 
 
 def test_a_killed_sampler_process_costs_only_speed(
@@ -126,16 +140,6 @@ def test_a_killed_sampler_process_costs_only_speed(
     assert all(not t.user_attrs["sent"] for t in trials[-10:])
     log = (run_dir / "run.log").read_text()
     assert log.count("sampler processes died") == 1, log
-
-
-def stop_the_sampler_processes(study: optuna.Study, trial: FrozenTrial) -> None:
-    """A callback: the pool's processes stop (SIGSTOP: alive, delivering nothing, as a process
-    that hangs) at trial 15's end; the run's end kills them."""
-    if trial.number != 15:
-        return
-    for child in psutil.Process().children():
-        if "hyperfleet.controller.replica" in " ".join(child.cmdline()):
-            child.send_signal(signal.SIGSTOP)
 
 
 def test_a_hung_sampler_process_costs_a_waits_time_and_no_more(

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from support.local_server import local_server
 from support.nodes import free_port
-from support.procs import wait_until
 
 # It answers within seconds on an idle machine; a loaded two-core one takes longer.
 START_TIMEOUT = 60.0
@@ -38,18 +35,6 @@ def fetch_json(url: str) -> Any:
     return json.loads(fetch(url))
 
 
-def _answers(url: str, process: subprocess.Popen[bytes]) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(
-            f"optuna-dashboard exited with {process.returncode} before it answered"
-        )
-    try:
-        fetch(f"{url}/api/meta")
-    except OSError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def optuna_dashboard(storage: str, artifact_dir: Path, log: Path) -> Iterator[str]:
     """The URL of a dashboard on ``storage`` whose artifacts are in ``artifact_dir``; its
@@ -59,15 +44,5 @@ def optuna_dashboard(storage: str, artifact_dir: Path, log: Path) -> Iterator[st
     port = free_port()
     args = [command, storage, "--artifact-dir", str(artifact_dir),
             "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(url, process), START_TIMEOUT, "optuna-dashboard to answer")
+    with local_server("optuna-dashboard", args, port, "/api/meta", log, START_TIMEOUT) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()

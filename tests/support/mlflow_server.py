@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from support.local_server import local_server
 from support.nodes import free_port
-from support.procs import wait_until
 
 # The server starts in seconds on an idle machine; a loaded two-core one takes much longer.
 START_TIMEOUT = 120.0
-
-
-def _healthy(url: str, process: subprocess.Popen[bytes]) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"mlflow server exited with {process.returncode} before it answered")
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -43,15 +30,6 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     ]  # fmt: skip
     # No job runner: it starts seven more processes that these tests never use.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with (folder / "server.log").open("wb") as log:
-        process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _healthy(url, process), START_TIMEOUT, "the MLflow server to answer")
+    log = folder / "server.log"
+    with local_server("mlflow server", command, port, "/health", log, START_TIMEOUT, env) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()

@@ -243,40 +243,35 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        def written(trial: FrozenTrial) -> None:
-            trial.user_attrs = {**trial.user_attrs, key: _as_stored(value)}
+        def optunas() -> None:
+            super(ControllerRDBStorage, self).set_trial_user_attr(trial_id, key, value)
 
-        with self._lock:
-            held = self._held(trial_id)
-        if held is None:
-            self._write(
-                trial_id,
-                lambda: super(ControllerRDBStorage, self).set_trial_user_attr(trial_id, key, value),
-                written,
-            )
-            return
-        statement = writes.attribute("user", trial_id, key, value, key in held.user_attrs)
-        if not self._write_held(trial_id, [statement], written):
-            super().set_trial_user_attr(trial_id, key, value)
+        self._set_attribute("user", trial_id, key, value, optunas)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: JSONSerializable) -> None:
+        def optunas() -> None:
+            super(ControllerRDBStorage, self).set_trial_system_attr(trial_id, key, value)
+
+        self._set_attribute("system", trial_id, key, value, optunas)
+
+    def _set_attribute(
+        self, kind: str, trial_id: int, key: str, value: Any, optunas: Callable[[], None]
+    ) -> None:
+        """A user or system attribute: written with the statement alone for a trial this
+        process holds, else (or when that finds the trial changed) by Optuna's storage."""
+        field = f"{kind}_attrs"
+
         def written(trial: FrozenTrial) -> None:
-            trial.system_attrs = {**trial.system_attrs, key: _as_stored(value)}
+            setattr(trial, field, {**getattr(trial, field), key: _as_stored(value)})
 
         with self._lock:
             held = self._held(trial_id)
-        if held is None:
-            self._write(
-                trial_id,
-                lambda: super(ControllerRDBStorage, self).set_trial_system_attr(
-                    trial_id, key, value
-                ),
-                written,
-            )
-            return
-        statement = writes.attribute("system", trial_id, key, value, key in held.system_attrs)
-        if not self._write_held(trial_id, [statement], written):
-            super().set_trial_system_attr(trial_id, key, value)
+        if held is not None:
+            exists = key in getattr(held, field)
+            statement = writes.attribute(kind, trial_id, key, value, exists)
+            if self._write_held(trial_id, [statement], written):
+                return
+        self._write(trial_id, optunas, written)
 
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
