@@ -135,11 +135,11 @@ def test_out_of_memory_beside_others_runs_again_with_fewer(
     # Every chain of re-runs ends in a completed trial: no out-of-memory failure is left.
     ends = [t for t in trials if t.number not in schema.retried_numbers(trials)]
     assert all(t.state == TrialState.COMPLETE for t in ends)
-    lowered = [line for line in log if "out of memory with" in line]
-    # On a loaded machine the count may have come down for the throughput before the out of
-    # memory was seen: the limit then drops with nothing more to say.
-    slower = [line for line in log if "ran no more trials per second than" in line]
-    assert lowered or slower, log
+    # The count comes down, saying why: the out of memory; or, on a loaded machine, the
+    # throughput or an added worker's quick failures that brought it down before the out of
+    # memory was seen (the limit then drops with nothing more to say).
+    reasons = ("out of memory with", "ran no more trials per second than", "trials in a row")
+    assert any(reason in line for line in log for reason in reasons), log
     counts = workers_over_time(log)
     after = counts[counts.index(max(counts)) :]
     assert after[-1] < max(counts)
