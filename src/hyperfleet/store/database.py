@@ -222,25 +222,23 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             }
             trial.distributions = {**trial.distributions, param_name: distribution}
 
+        def optunas() -> None:
+            super(ControllerRDBStorage, self).set_trial_param(
+                trial_id, param_name, param_value_internal, distribution
+            )
+
+        statement, known = None, None
         with self._lock:
             held = self._held(trial_id)
-            study_id, _ = self._trial_id_to_study_id_and_number.get(trial_id, (-1, -1))
-            known = self._studies[study_id].param_distribution.get(param_name) if held else None
-        if held is None or known is None or param_name in held.params:
-            # Optuna checks the first parameter of a name against the study's, and leaves a
-            # parameter the trial has alone.
-            self._write(
-                trial_id,
-                lambda: super(ControllerRDBStorage, self).set_trial_param(
-                    trial_id, param_name, param_value_internal, distribution
-                ),
-                written,
-            )
-            return
-        check_distribution_compatibility(known, distribution)  # as Optuna: ValueError
-        statement = writes.parameter(trial_id, param_name, param_value_internal, distribution)
-        if not self._write_held(trial_id, [statement], written):
-            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+            if held is not None:
+                study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+                known = self._studies[study_id].param_distribution.get(param_name)
+        # Optuna checks the first parameter of a name against the study's, and leaves a
+        # parameter the trial has alone: both are its storage's to write.
+        if held is not None and known is not None and param_name not in held.params:
+            check_distribution_compatibility(known, distribution)  # as Optuna: ValueError
+            statement = writes.parameter(trial_id, param_name, param_value_internal, distribution)
+        self._write_trial(trial_id, statement, written, optunas)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         def optunas() -> None:
@@ -257,8 +255,6 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
     def _set_attribute(
         self, kind: str, trial_id: int, key: str, value: Any, optunas: Callable[[], None]
     ) -> None:
-        """A user or system attribute: written with the statement alone for a trial this
-        process holds, else (or when that finds the trial changed) by Optuna's storage."""
         field = f"{kind}_attrs"
 
         def written(trial: FrozenTrial) -> None:
@@ -266,12 +262,10 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
 
         with self._lock:
             held = self._held(trial_id)
+        statement = None
         if held is not None:
-            exists = key in getattr(held, field)
-            statement = writes.attribute(kind, trial_id, key, value, exists)
-            if self._write_held(trial_id, [statement], written):
-                return
-        self._write(trial_id, optunas, written)
+            statement = writes.attribute(kind, trial_id, key, value, key in getattr(held, field))
+        self._write_trial(trial_id, statement, written, optunas)
 
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
@@ -279,21 +273,18 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
         def written(trial: FrozenTrial) -> None:
             trial.intermediate_values = {**trial.intermediate_values, step: intermediate_value}
 
+        def optunas() -> None:
+            super(ControllerRDBStorage, self).set_trial_intermediate_value(
+                trial_id, step, intermediate_value
+            )
+
         with self._lock:
             held = self._held(trial_id)
-        if held is None:
-            self._write(
-                trial_id,
-                lambda: super(ControllerRDBStorage, self).set_trial_intermediate_value(
-                    trial_id, step, intermediate_value
-                ),
-                written,
-            )
-            return
-        exists = step in held.intermediate_values
-        statement = writes.report(trial_id, step, intermediate_value, exists)
-        if not self._write_held(trial_id, [statement], written):
-            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+        statement = None
+        if held is not None:
+            exists = step in held.intermediate_values
+            statement = writes.report(trial_id, step, intermediate_value, exists)
+        self._write_trial(trial_id, statement, written, optunas)
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
@@ -302,11 +293,9 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             held = self._held(trial_id)
         if held is not None and held.values is None and _may_change(held.state, state):
             return self._change_held_state(trial_id, held.state, state, values)
-        if not super().set_trial_state_values(trial_id, state, values):
-            self._disown(trial_id)
-            return False
+        changed = super().set_trial_state_values(trial_id, state, values)
         self._disown(trial_id)  # read again when asked for
-        return True
+        return changed
 
     def _change_held_state(
         self, trial_id: int, held: TrialState, state: TrialState, values: Sequence[float] | None
@@ -342,6 +331,25 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             f"Trial#{number} has already finished and can not be updated."
         )
 
+    def _write_trial(
+        self,
+        trial_id: int,
+        statement: writes.Statement | None,
+        written: Callable[[FrozenTrial], None],
+        optunas: Callable[[], None],
+    ) -> None:
+        """A write to a trial: with ``statement`` alone where there is one (a trial this
+        process holds), else, or when that finds the trial changed, by Optuna's storage
+        (``optunas``), which says what is wrong with it."""
+        if statement is not None and self._write_held(trial_id, [statement], written):
+            return
+        try:
+            optunas()
+        except BaseException:
+            self._disown(trial_id)
+            raise
+        self._apply(trial_id, written)
+
     def _write_held(
         self,
         trial_id: int,
@@ -350,8 +358,7 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
     ) -> bool:
         """Send ``statements`` in one transaction and make the write to the cached copy. The
         first statement must change one row: if it changes none (another process changed the
-        trial), nothing is written and the trial is read again; False then, and the caller
-        leaves the write to Optuna's storage, which says what is wrong."""
+        trial), nothing is written and the trial is read again; False then."""
         try:
             with self._backend.engine.connect() as connection:
                 first = connection.execute(statements[0])
@@ -368,30 +375,21 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
         except sqlalchemy.exc.SQLAlchemyError as exc:
             self._disown(trial_id)
             raise StorageInternalError(f"writing trial {trial_id} failed: {exc}") from exc
+        self._apply(trial_id, written)
+        return True
+
+    def _apply(self, trial_id: int, written: Callable[[FrozenTrial], None]) -> None:
+        """Make a write to the cached copy of a trial this process holds (a new copy: others
+        may hold the old one)."""
         with self._lock:
             if trial_id in self._own:
-                trial = copy.deepcopy(self._cached(trial_id))  # others may hold the old copy
+                trial = copy.deepcopy(self._cached(trial_id))
                 written(trial)
                 self._replace(trial)
-        return True
 
     def _held(self, trial_id: int) -> FrozenTrial | None:
         """The trial as this process holds it, if it is one of its own."""
         return self._cached(trial_id) if trial_id in self._own else None
-
-    def _write(
-        self, trial_id: int, write: Callable[[], None], written: Callable[[FrozenTrial], None]
-    ) -> None:
-        try:
-            write()
-        except BaseException:
-            self._disown(trial_id)
-            raise
-        with self._lock:
-            if trial_id in self._own:
-                trial = copy.deepcopy(self._cached(trial_id))  # others may hold the old copy
-                written(trial)
-                self._replace(trial)
 
     def _replace(self, trial: FrozenTrial) -> None:
         study_id, number = self._trial_id_to_study_id_and_number[trial._trial_id]
