@@ -4,12 +4,13 @@ processes die, or that has none, completes as without them."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,10 +21,9 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-import hyperfleet
 from hyperfleet.controller import sampler_pool
 from hyperfleet.controller.sampler_pool import SamplerPool
-from support.searches import cpu_slots
+from support.searches import optimize_on_cpu_slots
 
 OBJECTIVES = Path(__file__).parent / "objectives"
 N_TRIALS = 40
@@ -57,19 +57,9 @@ def search(
 ) -> tuple[list[FrozenTrial], Path]:
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=5, n_startup_trials=5))
     run_dir = tmp / "run"
-    outcome = hyperfleet.optimize(
-        study,
-        objective,
-        n_trials=N_TRIALS,
-        run_dir=run_dir,
-        display="quiet",
-        report=False,
-        inventory=cpu_slots(slots),
-        cpu_slots=slots,
-        sampling_processes=processes,
-        **kwargs,
+    optimize_on_cpu_slots(
+        study, objective, N_TRIALS, slots, run_dir, sampling_processes=processes, **kwargs
     )
-    assert outcome.status == "completed", outcome.message
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(N_TRIALS))
     assert [t.state for t in trials] == [TrialState.COMPLETE] * N_TRIALS
@@ -193,6 +183,28 @@ def wait_for_set(pool: SamplerPool, space: Any) -> sampler_pool.SuggestionSet:
     return chosen
 
 
+def wait_until_queued(pool: SamplerPool, count: int) -> None:
+    """Until ``count`` sets wait at the controller (a 2-slot run's queue holds 2, less the sets
+    taken and not yet started)."""
+    deadline = time.monotonic() + 30
+    while len(pool._ready) < count:
+        assert time.monotonic() < deadline, "the process did not fill its queue"
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running_pool(
+    study: optuna.Study, tmp: Path, sampler: Any = None, wake: Any = lambda: None
+) -> Iterator[SamplerPool]:
+    """A pool of one sampler process for ``study``, hung up and reaped when the test ends."""
+    pool = SamplerPool(study, sampler or study.sampler, 1, tmp, wake)
+    try:
+        yield pool
+    finally:
+        pool.hang_up()
+        pool.reap(time.monotonic() + 5)
+
+
 def finished_study(n: int) -> optuna.Study:
     # Independent TPE: no relative sample, the set's values are all for the space given.
     sampler = optuna.samplers.TPESampler(seed=1, multivariate=False)
@@ -203,19 +215,15 @@ def finished_study(n: int) -> optuna.Study:
 
 def test_a_set_of_an_older_space_is_dropped(tmp_path: Path) -> None:
     study = finished_study(20)
-    pool = SamplerPool(study, study.sampler, 1, tmp_path, lambda: None)
-    try:
+    with running_pool(study, tmp_path) as pool:
         first = wait_for_set(pool, SPACE)
         assert set(first.others) == {"x", "n"} and first.relative.params == {}
-        time.sleep(0.5)  # the process fills its queue for this space
+        wait_until_queued(pool, 1)  # a set for this space waits at the controller
         narrower = {"x": SPACE["x"]}
         second = wait_for_set(pool, narrower)
         assert second.version == first.version + 1
         assert set(second.others) == {"x"}
         assert second.key != first.key
-    finally:
-        pool.hang_up()
-        pool.reap(time.monotonic() + 5)
 
 
 def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
@@ -223,11 +231,10 @@ def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
 ) -> None:
     study = finished_study(3)
     sampler = optuna.samplers.TPESampler(n_startup_trials=5, multivariate=False)
-    pool = SamplerPool(study, sampler, 1, tmp_path, lambda: None)
-    try:
+    with running_pool(study, tmp_path, sampler) as pool:
         early = wait_for_set(pool, SPACE)
         assert early.known == 3  # a random draw: TPE has not started modelling
-        time.sleep(0.5)  # more sets of 3 trials wait at the controller
+        wait_until_queued(pool, 1)  # a set sampled from 3 trials waits at the controller
         for number in (3, 4):
             values = {"x": 1.0 + number, "n": number}
             trial = optuna.trial.create_trial(params=values, distributions=SPACE, value=1.0)
@@ -235,15 +242,11 @@ def test_a_set_sampled_before_tpes_startup_trials_ended_is_not_used_after(
             pool.ended(trial)
         late = wait_for_set(pool, SPACE)
         assert late.known == 5
-    finally:
-        pool.hang_up()
-        pool.reap(time.monotonic() + 5)
 
 
 def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> None:
     study = finished_study(12)
-    pool = SamplerPool(study, study.sampler, 1, tmp_path, lambda: None)
-    try:
+    with running_pool(study, tmp_path) as pool:
         wait_for_set(pool, SPACE)
         pool._links[0].process.kill()
         deadline = time.monotonic() + 10
@@ -252,9 +255,6 @@ def test_a_dead_process_is_said_once_and_gives_no_more_sets(tmp_path: Path) -> N
             time.sleep(0.02)
         assert pool.newly_dead() == 1
         assert pool.newly_dead() == 0
-    finally:
-        pool.hang_up()
-        pool.reap(time.monotonic() + 5)
 
 
 def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_loop(
@@ -262,15 +262,14 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
 ) -> None:
     study = finished_study(12)
     woken = threading.Event()
-    pool = SamplerPool(study, study.sampler, 1, tmp_path, woken.set)
-    try:
+    with running_pool(study, tmp_path, wake=woken.set) as pool:
         slots = sampler_pool.WAIT_FROM_SLOTS
         assert not pool.worth_waiting(SPACE, slots)  # nothing came yet: the controller samples
         taken = [wait_for_set(pool, SPACE)]
         assert pool.worth_waiting(SPACE, slots)
         assert not pool.worth_waiting(None, slots)  # no known space: no set will come
         assert not pool.worth_waiting(SPACE, slots - 1)  # few slots: the controller has time
-        time.sleep(0.5)  # the process fills its queue
+        wait_until_queued(pool, 1)  # a set waits at the controller
         while (more := pool.take(SPACE, 2)) is not None:
             taken.append(more)
         assert not woken.is_set()  # no slot waited: the loop was left alone
@@ -279,16 +278,10 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
             pool.started(number, chosen.key, chosen.others)
         assert woken.wait(30), "a set that came in while slots waited did not wake the loop"
         assert pool.ready(SPACE, 2)
-        deadline = time.monotonic() + 30
-        while len(pool._ready) < 2:  # the queue full: no set comes in after the wait ran out
-            assert time.monotonic() < deadline, "the process did not fill its queue"
-            time.sleep(0.02)
+        wait_until_queued(pool, 2)  # the queue full: no set comes in after the wait ran out
         pool.want(False)
         woken.clear()
         pool.want(True)  # sets came in while no slot waited: the loop looks at them at once
         assert woken.is_set()
         pool.wait_ran_out()
         assert not pool.worth_waiting(SPACE, slots)  # until the next set comes in
-    finally:
-        pool.hang_up()
-        pool.reap(time.monotonic() + 5)

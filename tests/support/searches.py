@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -19,9 +20,15 @@ def cpu_slots(count: int) -> Inventory:
 
 
 def optimize_on_cpu_slots(
-    study: optuna.Study, objective: object, n_trials: int, slots: int, run_dir: Path
+    study: optuna.Study,
+    objective: object,
+    n_trials: int,
+    slots: int,
+    run_dir: Path,
+    **options: Any,
 ) -> None:
-    """Run the search quietly, without a report; it must complete."""
+    """Run the search quietly, without a report, with ``options`` for ``hyperfleet.optimize``;
+    it must complete."""
     outcome = hyperfleet.optimize(
         study,
         objective,  # type: ignore[arg-type]
@@ -31,5 +38,6 @@ def optimize_on_cpu_slots(
         report=False,
         inventory=cpu_slots(slots),
         cpu_slots=slots,
+        **options,
     )
     assert outcome.status == "completed", outcome.message
