@@ -108,7 +108,11 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
                     connection.commit()
             except sqlalchemy.exc.OperationalError as exc:  # a deadlock, or worse
                 if attempt == _CREATE_ATTEMPTS:
-                    raise StorageInternalError(f"creating a trial failed: {exc}") from exc
+                    raise StorageInternalError(
+                        f"creating a trial failed {_CREATE_ATTEMPTS} times: {exc}; check that "
+                        "the database server is up and reachable, then run the same command "
+                        "again to carry on"
+                    ) from exc
                 time.sleep(random.random() * 2.0)
                 continue
             created = copy.deepcopy(template)
@@ -374,7 +378,10 @@ class ControllerRDBStorage(PlacesTrials, _CachedStorage):
             return False
         except sqlalchemy.exc.SQLAlchemyError as exc:
             self._disown(trial_id)
-            raise StorageInternalError(f"writing trial {trial_id} failed: {exc}") from exc
+            raise StorageInternalError(
+                f"writing trial {trial_id} failed: {exc}; check that the database server is "
+                "up and reachable, then run the same command again to carry on"
+            ) from exc
         self._apply(trial_id, written)
         return True
 
