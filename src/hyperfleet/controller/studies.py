@@ -285,14 +285,14 @@ class StudyBook:
         back for ever; so the runs together can pass the budget by the trials the others have
         running at the end.
 
-        Counting reads every trial of the study (a few milliseconds at 10,000 trials), once
-        per round of hand-outs: a count kept between rounds would miss the others' trials.
-        The run directory's own journal, the default, has no other writer and is not
-        recounted."""
+        The count is taken once per round of hand-outs (one kept by this run alone would
+        miss the others' trials), looking only at the trials that are new or were unfinished
+        at the last count (:class:`~hyperfleet.store.schema.BudgetCount`). The run
+        directory's own journal, the default, has no other writer and is not recounted."""
         for run in self.runs.values():
             if not run.shared or run.study is None or run.plan.n_trials is None:
                 continue
-            run.finished = schema.budget_used(run.study.get_trials(deepcopy=False))
+            run.finished = run.budget_count.used(run.study.get_trials(deepcopy=False))
 
     # ----- checkpoints ---------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ and its state while it runs (the opened study, what counts against its budget, i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial
 
 from hyperfleet.controller import ahead
 from hyperfleet.display.runstate import StudyView
+from hyperfleet.store import schema
 from hyperfleet.store.rundir import RunDir
 from hyperfleet.workers.protocol import ObjectiveSpec
 
@@ -57,6 +58,7 @@ class StudyRun:
     # A storage other controllers may write (not this run directory's own journal): the
     # finished trials are then recounted from storage, theirs included.
     shared: bool = False
+    budget_count: schema.BudgetCount = field(default_factory=schema.BudgetCount)  # when shared
     best_checkpoint: Path | None = None  # the best trial's, kept by --keep-checkpoints best
     # The time budget's clock: it runs while at least one of the study's trials runs, so a
     # study waiting for its stage, for a slot or for the next run uses none of it. Earlier

@@ -155,6 +155,51 @@ def budget_used(trials: Sequence[FrozenTrial]) -> int:
     return ended + sum(counts_against_budget(t, retried) for t in failed)
 
 
+class BudgetCount:
+    """:func:`budget_used`, counted as the study grows instead of over every trial each time:
+    a finished trial never changes, so each trial is looked at until it has finished, and a
+    repeat names the trial it repeats when it is created. A count on a shared storage is taken
+    before every round of hand-outs; over every trial, it cost a millisecond a round at 10,000
+    trials (and more the larger the study), now it costs the trials that are new or still
+    unfinished.
+
+    ``trials`` must be the study's trials in creation order, as Optuna's storages list them:
+    a trial keeps its place, and new ones come after."""
+
+    def __init__(self) -> None:
+        self._start_over()
+
+    def _start_over(self) -> None:
+        self._seen = 0  # the trials looked at, from the first
+        self._unfinished: list[int] = []  # the places of those that had not finished yet
+        self._ended = 0  # complete and pruned: every one counts
+        self._failed: set[int] = set()  # failed and not repeated (yet): they count
+        self._retried: set[int] = set()  # the numbers repeated by a later trial
+
+    def used(self, trials: Sequence[FrozenTrial]) -> int:
+        if len(trials) < self._seen:  # not the study it counted: count this one afresh
+            self._start_over()
+        new = range(self._seen, len(trials))
+        for place in new:
+            repeated = retry_of(trials[place])
+            if repeated is not None:
+                self._retried.add(repeated)
+                self._failed.discard(repeated)
+        places, self._unfinished = [*self._unfinished, *new], []
+        self._seen = len(trials)
+        for place in places:
+            self._count(trials[place], place)
+        return self._ended + len(self._failed)
+
+    def _count(self, trial: FrozenTrial, place: int) -> None:
+        if not trial.state.is_finished():
+            self._unfinished.append(place)
+        elif trial.state in _COUNTED:
+            self._ended += 1
+        elif trial.state == TrialState.FAIL and trial.number not in self._retried:
+            self._failed.add(trial.number)
+
+
 def first_attempt(trial: FrozenTrial) -> int:
     """The number of the first trial of this trial's chain of repeats (its own when it repeats
     none). A repeat enqueued before chains recorded their first attempt names the trial it
