@@ -50,13 +50,19 @@ from hyperfleet.cluster.messages import (
     Refused,
     Relay,
     Relays,
+    SamplerEnded,
+    SamplerNews,
+    SamplerSet,
+    StartSampler,
     StartWorker,
+    StopSampler,
     Welcome,
     WorkerExited,
     WorkerStarted,
     valid_node_name,
 )
 from hyperfleet.cluster.remote import RemoteWorker
+from hyperfleet.cluster.remote_samplers import RemoteSampler
 from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import TrialLogs, run_folder_note, trial_folder, write_logs
 from hyperfleet.resources.inventory import Inventory
@@ -134,8 +140,11 @@ class NodeLink:
         self._conn = conn
         self._hub = hub
         self._send_lock = threading.Lock()
-        self._outbox: list[Relay] = []  # relays of this step, sent together by flush
+        # Relays and sampler news of this step, sent together by flush.
+        self._outbox: list[Relay | SamplerNews] = []
         self._workers: dict[int, RemoteWorker] = {}
+        self.samplers_offered = 0  # sampler processes the node offers to the run's pools
+        self._samplers: dict[int, RemoteSampler] = {}  # those started, by id (the loop's)
         self._workers_lock = threading.Lock()
         self.alive = True
         self.lost_reason = ""
@@ -168,6 +177,37 @@ class NodeLink:
         """A message for a worker: it leaves with the step's others (:meth:`flush`)."""
         with self._send_lock:
             self._outbox.append(Relay(worker, payload))
+
+    def start_sampler(
+        self, index: int, setup: bytes, receive: Callable[[Any], None]
+    ) -> RemoteSampler:
+        """Start a sampler process of a pool on the node (see cluster/remote_samplers.py):
+        ``index`` is its index in its pool, ``setup`` its first message, ``receive`` takes its
+        sets."""
+        sid = self._hub.next_worker_id()
+        sampler = RemoteSampler(index, sid, self._forward_news, self._stop_sampler, receive)
+        with self._workers_lock:
+            if not self.alive:
+                sampler.end(self._lost_text())
+                return sampler
+            self._samplers[sid] = sampler
+        self.send(StartSampler(sid, setup))
+        return sampler
+
+    def _forward_news(self, sampler: int, payload: bytes) -> None:
+        with self._send_lock:
+            self._outbox.append(SamplerNews(sampler, payload))
+
+    def _stop_sampler(self, sampler: int) -> None:
+        self.send(StopSampler(sampler))
+
+    def _end_samplers(self) -> None:
+        """The node is gone or done: its sampler processes sample for no pool any more."""
+        with self._workers_lock:
+            samplers = list(self._samplers.values())
+            self._samplers.clear()
+        for sampler in samplers:
+            sampler.end(self._lost_text() if self.lost_reason else "the run ended")
 
     def flush(self) -> None:
         """Send the relays of this step, in one write."""
@@ -215,6 +255,7 @@ class NodeLink:
             self._workers.clear()
         for worker in workers:
             worker.end(LOST, self._lost_text())
+        self._end_samplers()
         self._hang_up()
         self._hub.forget(self)
         self._hub.post(NodeLeft(self, reason))
@@ -229,6 +270,7 @@ class NodeLink:
         self.send(Goodbye())
         with self._workers_lock:
             self.alive = False
+        self._end_samplers()
         self._hang_up()
 
     def _hang_up(self) -> None:
@@ -303,6 +345,19 @@ class NodeLink:
             self.problems += message.problems
         elif isinstance(message, TrialLogs):
             self._hub.write_logs(message)
+        elif isinstance(message, SamplerSet | SamplerEnded):
+            self._from_sampler(message)
+
+    def _from_sampler(self, message: SamplerSet | SamplerEnded) -> None:
+        sampler = self._samplers.get(message.sampler)
+        if sampler is None:
+            return
+        if isinstance(message, SamplerSet):
+            sampler.deliver(message.payload)
+            return
+        with self._workers_lock:
+            self._samplers.pop(message.sampler, None)
+        sampler.end(f"node {self.node}: {message.reason}")
 
 
 class NodeHub:
@@ -465,6 +520,8 @@ class NodeHub:
             self.post(Refusal(where, "its first message was not an agent's hello"))
             return
         link = NodeLink(conn, first.node, where, self)
+        offered = first.sampling_processes
+        link.samplers_offered = offered if isinstance(offered, int) and offered > 0 else 0
         with self._lock:
             if self._closed.is_set():
                 conn.close()

@@ -1,0 +1,77 @@
+"""A sampler process on an agent's node, as the controller's pool sees one of its own.
+
+The pool (:mod:`hyperfleet.controller.sampler_pool`) talks to its processes through links with
+one interface; this one's news goes out with the node's relays (:class:`SamplerNews`), and its
+sets come in with the node's messages, read by the loop, into the same queue as the local
+processes' sets, with the same wake. A node lost, a process that died there, or one the node
+would not start ends the link: the pool samples without it, as for a local process that died.
+The sets are checked before they are queued, so that a set always names the process it came
+from (a drop goes back to it) and has the shape the pool unpacks.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+SET_FIELDS = 8  # ("set", key, version, search space, values, attributes, others, known)
+
+
+class RemoteSampler:
+    def __init__(
+        self,
+        index: int,
+        sampler: int,
+        forward: Callable[[int, bytes], None],
+        stop: Callable[[int], None],
+        receive: Callable[[Any], None],
+    ) -> None:
+        """``index``: in its pool; ``sampler``: its id on the node's link; ``forward``: sends
+        news to it; ``stop``: tells the node to end it; ``receive``: takes each set."""
+        self.index, self.sampler = index, sampler
+        self._forward, self._stop, self._receive = forward, stop, receive
+        self.dead = False
+        self.reason = ""  # why it ended, once it did
+
+    def send_bytes(self, payload: bytes) -> None:
+        if not self.dead:
+            self._forward(self.sampler, payload)
+
+    def deliver(self, payload: bytes) -> None:
+        """A set from the node (the loop's thread)."""
+        if self.dead:
+            return
+        try:
+            message = pickle.loads(payload)
+        except Exception as exc:  # a broken node: its sets are not used
+            self.end(f"sent a set that cannot be read ({type(exc).__name__})")
+            return
+        if not self._is_own_set(message):
+            self.end("sent something other than a set of its own")
+            return
+        self._receive(message)
+
+    def _is_own_set(self, message: Any) -> bool:
+        return (
+            isinstance(message, tuple)
+            and len(message) == SET_FIELDS
+            and message[0] == "set"
+            and isinstance(message[1], tuple)
+            and len(message[1]) == 2
+            and message[1][0] == self.index
+        )
+
+    def end(self, reason: str) -> None:
+        """The process is gone (or never started): no more news for it, no more sets."""
+        self.dead = True
+        self.reason = self.reason or reason
+
+    def hang_up(self) -> None:
+        """The pool is done: the node ends the process."""
+        if not self.dead:
+            self._stop(self.sampler)
+        self.end("hung up")
+
+    def reap(self, deadline: float) -> None:
+        """Nothing to wait for here: the node's agent reaps its processes."""
