@@ -40,7 +40,7 @@ from support.nodes import (
     wait_for_log,
     write_token,
 )
-from support.procs import load_trials, wait_until
+from support.procs import load_trials, run_cli, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -285,3 +285,12 @@ def test_an_agent_that_offered_none_refuses_a_start(
         agent.stop()
     assert not node_replicas("nodeC")
     assert "refused a sampler process" in agent.log.read_text()
+
+
+def test_an_agent_asked_for_fewer_than_no_sampler_processes_says_what_to_pass(
+    tmp_path: Path,
+) -> None:
+    args = ["agent", "--connect", "127.0.0.1:1", "--sampling-processes", "-1"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--sampling-processes -1 must be 0 or more" in result.stderr

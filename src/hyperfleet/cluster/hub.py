@@ -14,6 +14,9 @@ A node that does not see the run directory sends each trial's logs; the loop han
 the controller's file writer, ahead of the trial's result (see
 :mod:`hyperfleet.cluster.trialfiles`). Each node's newest readings (its GPUs, CPU and memory;
 see :mod:`hyperfleet.cluster.readings`) are kept on its link, for the loop to take once a tick.
+A node that offers TPE sampler processes runs some for the run's pools; their news leaves with
+the node's relays, their sets come in with its messages (see
+:mod:`hyperfleet.cluster.remote_samplers`).
 """
 
 from __future__ import annotations
@@ -53,16 +56,14 @@ from hyperfleet.cluster.messages import (
     SamplerEnded,
     SamplerNews,
     SamplerSet,
-    StartSampler,
     StartWorker,
-    StopSampler,
     Welcome,
     WorkerExited,
     WorkerStarted,
     valid_node_name,
 )
 from hyperfleet.cluster.remote import RemoteWorker
-from hyperfleet.cluster.remote_samplers import RemoteSampler
+from hyperfleet.cluster.remote_samplers import RemoteSamplers
 from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import TrialLogs, run_folder_note, trial_folder, write_logs
 from hyperfleet.resources.inventory import Inventory
@@ -143,8 +144,8 @@ class NodeLink:
         # Relays and sampler news of this step, sent together by flush.
         self._outbox: list[Relay | SamplerNews] = []
         self._workers: dict[int, RemoteWorker] = {}
-        self.samplers_offered = 0  # sampler processes the node offers to the run's pools
-        self._samplers: dict[int, RemoteSampler] = {}  # those started, by id (the loop's)
+        # The sampler processes the node offers to the run's pools, and those it runs.
+        self.samplers = RemoteSamplers(hub.next_worker_id, self._forward_news, self.send)
         self._workers_lock = threading.Lock()
         self.alive = True
         self.lost_reason = ""
@@ -178,36 +179,9 @@ class NodeLink:
         with self._send_lock:
             self._outbox.append(Relay(worker, payload))
 
-    def start_sampler(
-        self, index: int, setup: bytes, receive: Callable[[Any], None]
-    ) -> RemoteSampler:
-        """Start a sampler process of a pool on the node (see cluster/remote_samplers.py):
-        ``index`` is its index in its pool, ``setup`` its first message, ``receive`` takes its
-        sets."""
-        sid = self._hub.next_worker_id()
-        sampler = RemoteSampler(index, sid, self._forward_news, self._stop_sampler, receive)
-        with self._workers_lock:
-            if not self.alive:
-                sampler.end(self._lost_text())
-                return sampler
-            self._samplers[sid] = sampler
-        self.send(StartSampler(sid, setup))
-        return sampler
-
     def _forward_news(self, sampler: int, payload: bytes) -> None:
         with self._send_lock:
             self._outbox.append(SamplerNews(sampler, payload))
-
-    def _stop_sampler(self, sampler: int) -> None:
-        self.send(StopSampler(sampler))
-
-    def _end_samplers(self) -> None:
-        """The node is gone or done: its sampler processes sample for no pool any more."""
-        with self._workers_lock:
-            samplers = list(self._samplers.values())
-            self._samplers.clear()
-        for sampler in samplers:
-            sampler.end(self._lost_text() if self.lost_reason else "the run ended")
 
     def flush(self) -> None:
         """Send the relays of this step, in one write."""
@@ -255,7 +229,7 @@ class NodeLink:
             self._workers.clear()
         for worker in workers:
             worker.end(LOST, self._lost_text())
-        self._end_samplers()
+        self.samplers.end_all(self._lost_text())
         self._hang_up()
         self._hub.forget(self)
         self._hub.post(NodeLeft(self, reason))
@@ -270,7 +244,7 @@ class NodeLink:
         self.send(Goodbye())
         with self._workers_lock:
             self.alive = False
-        self._end_samplers()
+        self.samplers.end_all("the run ended")
         self._hang_up()
 
     def _hang_up(self) -> None:
@@ -346,18 +320,7 @@ class NodeLink:
         elif isinstance(message, TrialLogs):
             self._hub.write_logs(message)
         elif isinstance(message, SamplerSet | SamplerEnded):
-            self._from_sampler(message)
-
-    def _from_sampler(self, message: SamplerSet | SamplerEnded) -> None:
-        sampler = self._samplers.get(message.sampler)
-        if sampler is None:
-            return
-        if isinstance(message, SamplerSet):
-            sampler.deliver(message.payload)
-            return
-        with self._workers_lock:
-            self._samplers.pop(message.sampler, None)
-        sampler.end(f"node {self.node}: {message.reason}")
+            self.samplers.handle(message, self.node)
 
 
 class NodeHub:
@@ -521,7 +484,7 @@ class NodeHub:
             return
         link = NodeLink(conn, first.node, where, self)
         offered = first.sampling_processes
-        link.samplers_offered = offered if isinstance(offered, int) and offered > 0 else 0
+        link.samplers.offered = offered if isinstance(offered, int) and offered > 0 else 0
         with self._lock:
             if self._closed.is_set():
                 conn.close()

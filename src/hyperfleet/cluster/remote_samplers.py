@@ -6,14 +6,18 @@ sets come in with the node's messages, read by the loop, into the same queue as 
 processes' sets, with the same wake. A node lost, a process that died there, or one the node
 would not start ends the link: the pool samples without it, as for a local process that died.
 The sets are checked before they are queued, so that a set always names the process it came
-from (a drop goes back to it) and has the shape the pool unpacks.
+from (a drop goes back to it) and has the shape the pool unpacks. Each node's link keeps its
+processes in a :class:`RemoteSamplers`, which the pools start them through.
 """
 
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Callable
 from typing import Any
+
+from hyperfleet.cluster.messages import SamplerEnded, SamplerSet, StartSampler, StopSampler
 
 SET_FIELDS = 8  # ("set", key, version, search space, values, attributes, others, known)
 
@@ -75,3 +79,59 @@ class RemoteSampler:
 
     def reap(self, deadline: float) -> None:
         """Nothing to wait for here: the node's agent reaps its processes."""
+
+
+class RemoteSamplers:
+    """A node's sampler processes, as its link knows them: how many it offers, those started
+    for the pools, and each message about one handed to it."""
+
+    def __init__(
+        self,
+        next_id: Callable[[], int],
+        forward: Callable[[int, bytes], None],
+        send: Callable[[Any], None],
+    ) -> None:
+        """``next_id``: a new id on the node's link; ``forward``: queues news for a process;
+        ``send``: sends a message to the node."""
+        self._next_id, self._forward, self._send = next_id, forward, send
+        self.offered = 0  # as the node's hello said
+        self._started: dict[int, RemoteSampler] = {}  # by id, until they end
+        self._lock = threading.Lock()  # the link may be lost on another thread
+        self._ended = ""  # why the node runs no more: lost, or the run is over
+
+    def start(self, index: int, setup: bytes, receive: Callable[[Any], None]) -> RemoteSampler:
+        """Start a process of a pool on the node: ``index`` in its pool, ``setup`` its first
+        message, ``receive`` takes its sets."""
+        sid = self._next_id()
+        sampler = RemoteSampler(index, sid, self._forward, self._stop, receive)
+        with self._lock:
+            if self._ended:
+                sampler.end(self._ended)
+                return sampler
+            self._started[sid] = sampler
+        self._send(StartSampler(sid, setup))
+        return sampler
+
+    def _stop(self, sid: int) -> None:
+        self._send(StopSampler(sid))
+
+    def handle(self, message: SamplerSet | SamplerEnded, node: str) -> None:
+        """A set from one of the processes (the loop's thread), or its end."""
+        sampler = self._started.get(message.sampler)
+        if sampler is None:
+            return
+        if isinstance(message, SamplerSet):
+            sampler.deliver(message.payload)
+            return
+        with self._lock:
+            self._started.pop(message.sampler, None)
+        sampler.end(f"node {node}: {message.reason}")
+
+    def end_all(self, reason: str) -> None:
+        """The node is lost or the run is over: its processes sample for no pool any more."""
+        with self._lock:
+            self._ended = self._ended or reason
+            samplers = list(self._started.values())
+            self._started.clear()
+        for sampler in samplers:
+            sampler.end(reason)

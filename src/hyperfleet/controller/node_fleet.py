@@ -154,7 +154,7 @@ class NodeFleet:
         gpus = len({gpu for slot in slots for gpu in slot.gpus})
         cores = len(joined.inventory.cores)
         self._ctx.state.nodes[link.node] = NodeView(link.node, link.where, cores=cores)
-        offers = link.samplers_offered
+        offers = link.samplers.offered
         sampling = f", sampler processes offered: {offers}" if offers else ""
         self._ctx.announce(
             f"node {link.node} joined from {link.where}: {len(slots)} slots, {gpus} GPUs, "

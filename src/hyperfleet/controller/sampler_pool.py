@@ -186,7 +186,7 @@ class SamplerPool:
         trials = study._get_trials(deepcopy=False)
         self._finished = sum(t.state in LEARNED_FROM for t in trials)  # what TPE learns from
         self._startup = int(getattr(sampler, "_n_startup_trials", 0))  # TPE's random trials
-        self._catch_up(self._links)
+        self._catch_up(self._links, trials)
 
     def setup_of(self, index: int) -> bytes:
         """What the pool's process ``index`` starts from, pickled: its first message."""
@@ -202,14 +202,14 @@ class SamplerPool:
         self._links.append(link)
         self._places.append(place)
         self._used.append(0)
-        self._catch_up([link])
+        self._catch_up([link], self.study._get_trials(deepcopy=False))
         self._broadcast(("depth", queue_depth(self._slots, len(self._links))))
         self._flush()
 
-    def _catch_up(self, links: list[Link]) -> None:
+    def _catch_up(self, links: list[Link], trials: list[FrozenTrial]) -> None:
         """Tell new processes what the pool's others know: every trial of the study (running
         ones too), the queue's depth and the space, in one message pickled once."""
-        news: list[tuple[Any, ...]] = [("trials", self.study._get_trials(deepcopy=False))]
+        news: list[tuple[Any, ...]] = [("trials", trials)]
         if self._slots:
             news.append(("depth", queue_depth(self._slots, len(self._links))))
         if self._space is not None:

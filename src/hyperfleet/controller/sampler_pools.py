@@ -55,7 +55,7 @@ class SamplerPools:
 
     def node_joined(self, link: NodeLink) -> None:
         """A node that offers sampler processes joined: each running pool takes its share."""
-        if link.samplers_offered <= 0:
+        if link.samplers.offered <= 0:
             return
         self._offering.append(link)
         for pool in self._pools.values():
@@ -93,10 +93,10 @@ class SamplerPools:
 
     def _lend(self, pool: SamplerPool, link: NodeLink) -> int:
         """Start the pool's share of the node's processes there; how many it got."""
-        share = max(1, link.samplers_offered // self._studies)
-        count = max(0, min(share, link.samplers_offered - self._lent.get(link, 0)))
+        share = max(1, link.samplers.offered // self._studies)
+        count = max(0, min(share, link.samplers.offered - self._lent.get(link, 0)))
         for _ in range(count):
-            pool.add(link.node, link.start_sampler)
+            pool.add(link.node, link.samplers.start)
         self._lent[link] = self._lent.get(link, 0) + count
         return count
 
