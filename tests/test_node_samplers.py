@@ -64,11 +64,11 @@ def node_replicas(node: str) -> list[psutil.Process]:
     return found
 
 
-def search_with_a_node_sampler(
-    folder: Path, n_trials: int, kill_at: int | None = None
+def search_with_node_samplers(
+    folder: Path, n_trials: int, processes: int = 1, kill_at: int | None = None
 ) -> list[optuna.trial.FrozenTrial]:
-    """A TPE search with no sampler process on the controller, and one on its one node (two
-    slots); with ``kill_at``, that process is killed once as many trials completed. Returns
+    """A TPE search with no sampler process on the controller, and ``processes`` on its one
+    node (two slots); with ``kill_at``, they are killed once as many trials completed. Returns
     its trials, all complete."""
     address = f"127.0.0.1:{free_port()}"
     controller = start_controller(
@@ -77,12 +77,14 @@ def search_with_a_node_sampler(
     agent = None
     try:
         wait_for_log(folder, "listening for agents", 30)
-        agent = Agent(folder, address, "nodeA", 2, nap=0.1, flags=["--sampling-processes", "1"])
+        offer = ["--sampling-processes", str(processes)]
+        agent = Agent(folder, address, "nodeA", 2, nap=0.1, flags=offer)
         if kill_at is not None:
-            wait_for_log(folder, "sampler processes: 1 on node nodeA", 30)
-            replica = wait_until(lambda: node_replicas("nodeA"), 30, "the node's sampler")[0]
+            wait_for_log(folder, f"sampler processes: {processes} on node nodeA", 30)
+            replicas = wait_until(lambda: node_replicas("nodeA"), 30, "the node's samplers")
             wait_until(lambda: len(_complete(folder)) >= kill_at, 60, f"{kill_at} trials")
-            replica.send_signal(signal.SIGKILL)
+            for replica in replicas:
+                replica.send_signal(signal.SIGKILL)
         assert controller.wait(120) == 0, controller.stderr
         assert agent.wait(15) == 0, agent.log.read_text()
     finally:
@@ -103,31 +105,35 @@ def _complete(folder: Path) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if t.state == TrialState.COMPLETE]
 
 
-def sets_used(log: str, where: str) -> int:
-    found = re.search(rf"sets of its sampler processes used: .*?(\d+) {where}", log)
+def sets_used(log: str, where: str) -> list[int]:
+    """How many sets of each process ``where`` the trials used, as the run's end says."""
+    found = re.search(
+        rf"sets of its sampler processes used: .*?(\d+) {where}( \(([\d, ]+)\))?", log
+    )
     assert found, log
-    return int(found.group(1))
+    return [int(n) for n in found.group(3).split(", ")] if found.group(3) else [int(found.group(1))]
 
 
 def test_a_nodes_sampler_process_samples_for_the_controller(tmp_path: Path) -> None:
-    trials = search_with_a_node_sampler(tmp_path, 30)
+    trials = search_with_node_samplers(tmp_path, 30, processes=2)
 
     log = run_log(tmp_path)
-    assert "sampler processes offered: 1" in log, log
-    assert f"study {STUDY}: sampler processes: 1 on node nodeA" in log, log
+    assert "sampler processes offered: 2" in log, log
+    assert f"study {STUDY}: sampler processes: 2 on node nodeA" in log, log
     used = sets_used(log, "on node nodeA")
-    assert used > 0
+    assert len(used) == 2 and min(used) > 0, used  # each of the node's processes sampled
+    assert all(t.params["x"] == t.value for t in trials)  # stored as the objective got it
     # TPE sends nothing with a trial without the pool: the values sent came from the node.
-    assert sum(t.user_attrs["sent"] == ["x"] for t in trials) == used
+    assert sum(t.user_attrs["sent"] == ["x"] for t in trials) == sum(used)
     assert len({t.params["x"] for t in trials}) == len(trials)  # each trial its own sample
 
 
 def test_a_sampler_process_killed_on_a_node_costs_only_speed(tmp_path: Path) -> None:
-    trials = search_with_a_node_sampler(tmp_path, 40, kill_at=10)
+    trials = search_with_node_samplers(tmp_path, 40, kill_at=10)
 
     log = run_log(tmp_path)
     assert log.count("1 of its sampler processes died") == 1, log
-    assert sets_used(log, "on node nodeA") > 0
+    assert sets_used(log, "on node nodeA")[0] > 0
     # The last trials were sampled by the controller: TPE sends nothing then.
     assert all(not t.user_attrs["sent"] for t in trials[-10:])
 
@@ -159,7 +165,7 @@ def test_a_node_that_joins_a_running_pool_samples_from_the_whole_study(tmp_path:
     assert f"study {STUDY}: sampler processes: 1 more on node nodeB" in log, log
     # A set sampled from a history far behind the study's is stale and dropped: those of the
     # node that joined late were used, so its process started from every trial there was.
-    assert sets_used(log, "on node nodeB") > 0
+    assert sets_used(log, "on node nodeB")[0] > 0
     assert not node_replicas("nodeB")
 
 
@@ -246,21 +252,26 @@ def test_an_agent_runs_no_more_sampler_processes_than_it_offered(
 ) -> None:
     met, address = peers
     write_token(tmp_path)
-    agent = Agent(tmp_path, address, "nodeB", 1, flags=["--sampling-processes", "1"])
+    agent = Agent(tmp_path, address, "nodeB", 1, flags=["--sampling-processes", "2"])
     try:
         conn, hello = welcomed(met, tmp_path)
-        assert hello.sampling_processes == 1
+        assert hello.sampling_processes == 2
         conn.send(StartSampler(7, setup_for(0)))
-        news = ("batch", [("trials", []), ("space", 1, {"x": FloatDistribution(0.0, 1.0)})])
-        conn.send(SamplerNews(7, pickle.dumps(news)))
-        made = next_of(conn, SamplerSet)  # the node's process sampled, the agent relayed
-        assert made.sampler == 7
-        tag, key, version, *_ = pickle.loads(made.payload)
-        assert (tag, key, version) == ("set", (0, 0), 1)
         conn.send(StartSampler(8, setup_for(1)))
+        news = ("batch", [("trials", []), ("space", 1, {"x": FloatDistribution(0.0, 1.0)})])
+        conn.send(SamplerNews((7, 8), pickle.dumps(news)))  # one copy for both
+        made = {}
+        while len(made) < 2:  # each process sampled, the agent relayed
+            sampled = next_of(conn, SamplerSet)
+            made.setdefault(sampled.sampler, pickle.loads(sampled.payload))
+        assert {sampler: made[sampler][:3] for sampler in made} == {
+            7: ("set", (0, 0), 1),
+            8: ("set", (1, 0), 1),
+        }
+        conn.send(StartSampler(9, setup_for(2)))
         refused = next_of(conn, SamplerEnded)
-        assert refused.sampler == 8 and refused.reason.startswith("refused"), refused
-        assert len(node_replicas("nodeB")) == 1
+        assert refused.sampler == 9 and refused.reason.startswith("refused"), refused
+        assert len(node_replicas("nodeB")) == 2
         say_goodbye(conn, agent)
     finally:
         agent.stop()

@@ -180,8 +180,14 @@ class NodeLink:
             self._outbox.append(Relay(worker, payload))
 
     def _forward_news(self, sampler: int, payload: bytes) -> None:
+        """News for a sampler process on the node: it leaves with the step's relays. The pool
+        hands the same news to each of its processes in turn: the node gets it once."""
         with self._send_lock:
-            self._outbox.append(SamplerNews(sampler, payload))
+            last = self._outbox[-1] if self._outbox else None
+            if isinstance(last, SamplerNews) and last.payload is payload:
+                self._outbox[-1] = SamplerNews((*last.samplers, sampler), payload)
+            else:
+                self._outbox.append(SamplerNews((sampler,), payload))
 
     def flush(self) -> None:
         """Send the relays of this step, in one write."""

@@ -131,9 +131,10 @@ class StartSampler:
 
 @dataclass(frozen=True)
 class SamplerNews:
-    """The study's news for a sampler process on the node, as the pool pickled it."""
+    """The study's news for sampler processes on the node, as the pool pickled it: one copy
+    for all the node's processes it goes to."""
 
-    sampler: int
+    samplers: tuple[int, ...]
     payload: bytes
 
 

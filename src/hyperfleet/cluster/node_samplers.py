@@ -49,9 +49,10 @@ class NodeSamplers:
         return SamplerEnded(sampler, f"refused: {reason}")
 
     def forward(self, message: SamplerNews) -> None:
-        process = self._running.get(message.sampler)
-        if process is not None:
-            process.send_bytes(message.payload)
+        for sampler in message.samplers:
+            process = self._running.get(sampler)
+            if process is not None:
+                process.send_bytes(message.payload)
 
     def stop(self, sampler: int) -> None:
         process = self._running.pop(sampler, None)

@@ -227,12 +227,12 @@ class SamplerPool:
         """How many processes sample for the study where: "" here, else the node's name."""
         return dict(collections.Counter(self._places))
 
-    def used(self) -> dict[str, int]:
-        """How many sets of the processes of each place the trials used."""
-        counts: collections.Counter[str] = collections.Counter()
+    def used(self) -> dict[str, list[int]]:
+        """How many sets of each process the trials used, by place (as :meth:`places`)."""
+        counts: dict[str, list[int]] = {}
         for place, used in zip(self._places, self._used, strict=True):
-            counts[place] += used
-        return dict(counts)
+            counts.setdefault(place, []).append(used)
+        return counts
 
     @property
     def alive(self) -> int:

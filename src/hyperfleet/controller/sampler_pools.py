@@ -2,7 +2,7 @@
 trials run side by side, with processes on the controller's machine (``sampling_processes``)
 and on the nodes whose agents offer some (``hyperfleet agent --sampling-processes``), a node
 that joins later included. The run log says once per study how many sample for it and where,
-and at the run's end how many of the trials' sets each place made.
+and at the run's end how many of the trials' sets each place's processes made.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class SamplerPools:
         then waited for together."""
         pools = [pool for pool in self._pools.values() if pool is not None]
         for pool in pools:
-            used = ", ".join(f"{n} {_place(place)}" for place, n in pool.used().items())
+            used = ", ".join(_used(place, counts) for place, counts in pool.used().items())
             self._ctx.announce(
                 f"study {pool.study.study_name}: sets of its sampler processes used: {used}"
             )
@@ -122,3 +122,9 @@ class SamplerPools:
 
 def _place(place: str) -> str:
     return f"on node {place}" if place else "here"
+
+
+def _used(place: str, counts: list[int]) -> str:
+    """``24 on node n1``; with several processes there, each one's too: ``24 here (13, 11)``."""
+    each = f" ({', '.join(map(str, counts))})" if len(counts) > 1 else ""
+    return f"{sum(counts)} {_place(place)}{each}"
