@@ -255,6 +255,13 @@ def _add_agent(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="how long to keep trying to reach the controller, at start and each time it is "
         "lost (killed, its link cut); past that the agent exits (default 60s)",
     )
+    add(
+        "--sampling-processes",
+        type=int,
+        default=0,
+        help="TPE sampler processes this node runs for the controller, on cores its workers "
+        "leave free (default 0: none)",
+    )
     add("--debug", action="store_true", help="show Python tracebacks for errors")
     agent.set_defaults(handler=cmd_agent)
 
@@ -264,8 +271,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from hyperfleet.cluster.channel import read_token
 
     patience = parse_duration(args.patience, "patience") or 60.0
+    if args.sampling_processes < 0:
+        raise ConfigError(
+            f"--sampling-processes {args.sampling_processes} must be 0 or more; pass 0 (the "
+            "default) for a node whose cores all run workers."
+        )
     ended_by = run_agent(
-        args.connect, read_token(args.token_file), args.node, args.log_dir, patience, args.work_dir
+        args.connect,
+        read_token(args.token_file),
+        args.node,
+        args.log_dir,
+        patience,
+        args.work_dir,
+        sampling_processes=args.sampling_processes,
     )
     if ended_by == "goodbye":
         return EXIT_OK

@@ -37,14 +37,18 @@ from hyperfleet.cluster.messages import (
     Refused,
     Relay,
     Relays,
+    SamplerNews,
     SignalWorker,
+    StartSampler,
     StartWorker,
+    StopSampler,
     StopWorker,
     Welcome,
     WorkerExited,
     WorkerStarted,
     valid_node_name,
 )
+from hyperfleet.cluster.node_samplers import NodeSamplers
 from hyperfleet.cluster.readings import READING_SECONDS, NodeSampler
 from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import collect_logs, run_folder_note
@@ -65,6 +69,7 @@ class Agent:
         node: str,
         folder: NodeRunFolder | None,
         sampler: NodeSampler | None = None,
+        sampling_processes: int = 0,
     ) -> None:
         self._conn = conn
         self._heartbeat, self._timeout = welcome.heartbeat, welcome.node_timeout
@@ -72,6 +77,8 @@ class Agent:
         self._node = node
         self._folder = folder  # None when this node shares the controller's run directory
         self._workers: dict[int, WorkerHandle] = {}
+        # The sampler processes it runs for the controller's pools, as many as it offered.
+        self._samplers = NodeSamplers(sampling_processes, log_dir, node)
         self._outbox: list[Relay] = []  # the workers' messages of this step, sent together
         self._trials: dict[int, str] = {}  # worker -> its trial's folder, on a node's own folder
         self._last_heard = self._last_sent = time.monotonic()
@@ -96,6 +103,7 @@ class Agent:
                 self._say_interrupted()
             stop_workers(list(self._workers.values()), graceful=False)
             self._workers.clear()
+            self._samplers.close()
             for thread in self._stopping:
                 thread.join()
             with contextlib.suppress(OSError):
@@ -138,6 +146,7 @@ class Agent:
         waitables: list[Any] = [self._conn]
         for worker in self._workers.values():
             waitables.extend(worker.waitables())
+        waitables.extend(self._samplers.waitables())
         now = time.monotonic()
         wake = min(
             self._last_sent + self._heartbeat, self._last_heard + self._timeout, self._next_reading
@@ -148,6 +157,8 @@ class Agent:
         for wid, worker in list(self._workers.items()):
             if worker.conn in ready or worker.has_exited():
                 self._from_worker(wid, worker)
+        for said in self._samplers.read(ready):
+            self._send(said)
         self._flush()
         now = time.monotonic()
         if now - self._last_heard > self._timeout:
@@ -221,6 +232,14 @@ class Agent:
             worker = self._workers.get(message.worker)
             if worker is not None:
                 worker._signal_group(signal.Signals(message.signum))
+        elif isinstance(message, SamplerNews):
+            self._samplers.forward(message)
+        elif isinstance(message, StartSampler):
+            refusal = self._samplers.start(message)
+            if refusal is not None:
+                self._send(refusal)
+        elif isinstance(message, StopSampler):
+            self._samplers.stop(message.sampler)
         elif isinstance(message, Goodbye):
             self.stop("goodbye")
         elif isinstance(message, Refused):
@@ -288,6 +307,7 @@ def run_agent(
     patience: float,
     work_dir: Path = Path("hyperfleet-agent-runs"),
     inventory: Inventory | None = None,
+    sampling_processes: int = 0,
 ) -> str:
     """Serve one controller until it ends the run; returns why the agent stopped.
 
@@ -297,7 +317,9 @@ def run_agent(
     is back, gets the node back with fresh workers and nobody restarts agents by hand.
     ``work_dir`` holds the node's own run folders, used when the node does not see the
     controller's run directory. ``inventory``: what an engine reserved for this agent (Ray:
-    the GPUs and cores of its share of the node), in place of all the node shows."""
+    the GPUs and cores of its share of the node), in place of all the node shows.
+    ``sampling_processes``: TPE sampler processes this node offers the controller's pools
+    (see cluster/node_samplers.py)."""
     # SLURM may run several slurmd on one host, each with a node name of its own.
     name = node or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
     if not valid_node_name(name):
@@ -306,7 +328,9 @@ def run_agent(
     address = parse_address(connect_to, "--connect")
     sampler = NodeSampler(inventory.gpus)
     try:
-        node_side = _NodeSide(connect_to, address, token, name, inventory, log_dir, work_dir)
+        node_side = _NodeSide(
+            connect_to, address, token, name, inventory, log_dir, work_dir, sampling_processes
+        )
         return _serve(node_side, patience, sampler)
     finally:
         sampler.close()
@@ -323,6 +347,7 @@ class _NodeSide:
     inventory: Inventory
     log_dir: Path
     work_dir: Path
+    sampling_processes: int = 0  # sampler processes it offers the controller's pools
 
 
 def _serve(node: _NodeSide, patience: float, sampler: NodeSampler) -> str:
@@ -350,7 +375,7 @@ def _join(node: _NodeSide, patience: float, sampler: NodeSampler | None = None) 
     """Connect, say hello, and take the controller's welcome: an agent ready to run."""
     conn = connect(node.address, node.token, patience)
     try:
-        conn.send(Hello(node.name, node.inventory, os.getpid()))
+        conn.send(Hello(node.name, node.inventory, os.getpid(), node.sampling_processes))
         if not conn.poll(patience):
             raise NodeError("the controller said nothing after the hello; is it still running?")
         welcome = conn.recv()
@@ -366,7 +391,7 @@ def _join(node: _NodeSide, patience: float, sampler: NodeSampler | None = None) 
     note = run_folder_note(node.name, folder)
     print(f"hyperfleet agent {node.name}: joined {node.connect_to}; {note}", flush=True)
     node.log_dir.mkdir(parents=True, exist_ok=True)
-    return Agent(conn, welcome, node.log_dir, node.name, folder, sampler)
+    return Agent(conn, welcome, node.log_dir, node.name, folder, sampler, node.sampling_processes)
 
 
 def shares_run_dir(welcome: Welcome) -> bool:

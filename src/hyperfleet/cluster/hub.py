@@ -14,6 +14,9 @@ A node that does not see the run directory sends each trial's logs; the loop han
 the controller's file writer, ahead of the trial's result (see
 :mod:`hyperfleet.cluster.trialfiles`). Each node's newest readings (its GPUs, CPU and memory;
 see :mod:`hyperfleet.cluster.readings`) are kept on its link, for the loop to take once a tick.
+A node that offers TPE sampler processes runs some for the run's pools; their news leaves with
+the node's relays, their sets come in with its messages (see
+:mod:`hyperfleet.cluster.remote_samplers`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ from hyperfleet.cluster.messages import (
     Refused,
     Relay,
     Relays,
+    SamplerEnded,
+    SamplerNews,
+    SamplerSet,
     StartWorker,
     Welcome,
     WorkerExited,
@@ -57,6 +63,7 @@ from hyperfleet.cluster.messages import (
     valid_node_name,
 )
 from hyperfleet.cluster.remote import RemoteWorker
+from hyperfleet.cluster.remote_samplers import RemoteSamplers
 from hyperfleet.cluster.sealed import SealBroken, SealedConnection
 from hyperfleet.cluster.trialfiles import TrialLogs, run_folder_note, trial_folder, write_logs
 from hyperfleet.resources.inventory import Inventory
@@ -134,8 +141,11 @@ class NodeLink:
         self._conn = conn
         self._hub = hub
         self._send_lock = threading.Lock()
-        self._outbox: list[Relay] = []  # relays of this step, sent together by flush
+        # Relays and sampler news of this step, sent together by flush.
+        self._outbox: list[Relay | SamplerNews] = []
         self._workers: dict[int, RemoteWorker] = {}
+        # The sampler processes the node offers to the run's pools, and those it runs.
+        self.samplers = RemoteSamplers(hub.next_worker_id, self._forward_news, self.send)
         self._workers_lock = threading.Lock()
         self.alive = True
         self.lost_reason = ""
@@ -168,6 +178,16 @@ class NodeLink:
         """A message for a worker: it leaves with the step's others (:meth:`flush`)."""
         with self._send_lock:
             self._outbox.append(Relay(worker, payload))
+
+    def _forward_news(self, sampler: int, payload: bytes) -> None:
+        """News for a sampler process on the node: it leaves with the step's relays. The pool
+        hands the same news to each of its processes in turn: the node gets it once."""
+        with self._send_lock:
+            last = self._outbox[-1] if self._outbox else None
+            if isinstance(last, SamplerNews) and last.payload is payload:
+                self._outbox[-1] = SamplerNews((*last.samplers, sampler), payload)
+            else:
+                self._outbox.append(SamplerNews((sampler,), payload))
 
     def flush(self) -> None:
         """Send the relays of this step, in one write."""
@@ -215,6 +235,7 @@ class NodeLink:
             self._workers.clear()
         for worker in workers:
             worker.end(LOST, self._lost_text())
+        self.samplers.end_all(self._lost_text())
         self._hang_up()
         self._hub.forget(self)
         self._hub.post(NodeLeft(self, reason))
@@ -229,6 +250,7 @@ class NodeLink:
         self.send(Goodbye())
         with self._workers_lock:
             self.alive = False
+        self.samplers.end_all("the run ended")
         self._hang_up()
 
     def _hang_up(self) -> None:
@@ -303,6 +325,8 @@ class NodeLink:
             self.problems += message.problems
         elif isinstance(message, TrialLogs):
             self._hub.write_logs(message)
+        elif isinstance(message, SamplerSet | SamplerEnded):
+            self.samplers.handle(message, self.node)
 
 
 class NodeHub:
@@ -465,6 +489,8 @@ class NodeHub:
             self.post(Refusal(where, "its first message was not an agent's hello"))
             return
         link = NodeLink(conn, first.node, where, self)
+        offered = first.sampling_processes
+        link.samplers.offered = offered if isinstance(offered, int) and offered > 0 else 0
         with self._lock:
             if self._closed.is_set():
                 conn.close()

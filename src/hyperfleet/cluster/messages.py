@@ -33,6 +33,7 @@ class Hello:
     node: str
     inventory: Inventory
     pid: int
+    sampling_processes: int = 0  # sampler processes the node offers (hyperfleet agent flag)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Relays:
     """The relays of one step, in order, in one write: at hundreds of slots, a write (and a
     read at the other end) per worker message cost more than the messages themselves."""
 
-    items: tuple[Relay, ...]
+    items: tuple[Relay | SamplerNews, ...]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,48 @@ class SignalWorker:
 
     worker: int
     signum: int
+
+
+@dataclass(frozen=True)
+class StartSampler:
+    """Start a sampler process on the node for a study's pool (see
+    :mod:`hyperfleet.controller.sampler_pool`); ``setup`` is the process's first message as the
+    pool pickled it (the study's sampler and directions, the process's index), passed on
+    unread. ``sampler``: the id every later message about this process carries."""
+
+    sampler: int
+    setup: bytes
+
+
+@dataclass(frozen=True)
+class SamplerNews:
+    """The study's news for sampler processes on the node, as the pool pickled it: one copy
+    for all the node's processes it goes to."""
+
+    samplers: tuple[int, ...]
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class SamplerSet:
+    """A suggestion set a sampler process on the node made ready, as it pickled it."""
+
+    sampler: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class StopSampler:
+    sampler: int
+
+
+@dataclass(frozen=True)
+class SamplerEnded:
+    """A sampler process on the node ended, or was never started (the node offers fewer):
+    ``reason`` says which."""
+
+    sampler: int
+    reason: str
 
 
 @dataclass(frozen=True)

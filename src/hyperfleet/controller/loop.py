@@ -45,7 +45,7 @@ from hyperfleet.controller.fleetpack import FleetPack
 from hyperfleet.controller.node_fleet import NodeFleet
 from hyperfleet.controller.prepared import Preparer
 from hyperfleet.controller.receiving import Receiver
-from hyperfleet.controller.sampler_pool import SamplerPools
+from hyperfleet.controller.sampler_pools import SamplerPools
 from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.study_run import StudyPlan, StudyRun
@@ -140,6 +140,7 @@ class Controller:
             self._receiver.drain,
             cluster,
             node_planner,
+            pools,
         )
         answers = CallAnswers(ctx, self._slots, self._studies, self._ends)
         self._receiver.connect(

@@ -18,6 +18,7 @@ from hyperfleet.cluster.pools import NodePlanner, NodePool, on_node
 from hyperfleet.cluster.readings import node_gpus
 from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.fleetpack import FleetPack
+from hyperfleet.controller.sampler_pools import SamplerPools
 from hyperfleet.controller.slot_table import SlotTable
 from hyperfleet.controller.studies import StudyBook
 from hyperfleet.controller.workforce import Workforce
@@ -42,8 +43,10 @@ class NodeFleet:
         drain: Callable[[str, Worker], None],
         cluster: ClusterSettings | None,
         planner: NodePlanner | None,
+        pools: SamplerPools,
     ) -> None:
         self._ctx, self._slots, self._studies, self._workforce = ctx, slots, studies, workforce
+        self._pools = pools  # TPE's sampler pools: a node may offer processes to them
         self._drain = drain  # handles every message a worker sent
         self._cluster, self._planner = cluster, planner
         # When the trials still running on each drained node are ended (monotonic).
@@ -151,10 +154,13 @@ class NodeFleet:
         gpus = len({gpu for slot in slots for gpu in slot.gpus})
         cores = len(joined.inventory.cores)
         self._ctx.state.nodes[link.node] = NodeView(link.node, link.where, cores=cores)
+        offers = link.samplers.offered
+        sampling = f", sampler processes offered: {offers}" if offers else ""
         self._ctx.announce(
             f"node {link.node} joined from {link.where}: {len(slots)} slots, {gpus} GPUs, "
-            f"{cores} cores; {link.run_folder_note()}"
+            f"{cores} cores{sampling}; {link.run_folder_note()}"
         )
+        self._pools.node_joined(link)
 
     def _pack(self, node: str, slots: list[Slot], pool: NodePool, inventory: Inventory) -> None:
         """Auto packing grows the node's GPUs from its agent's readings, as this machine's."""

@@ -10,6 +10,12 @@ same directions and a reseeded copy of its sampler, current from what the contro
 ends), and samples suggestion sets ahead of need for the study's known space (the parameters
 every complete trial suggested with the same distribution, :mod:`hyperfleet.controller.ahead`).
 
+The processes run on the controller's machine, or on an agent's node that offers some
+(:mod:`hyperfleet.cluster.node_samplers`, its links here :mod:`hyperfleet.cluster.remote_samplers`;
+the run's pools share them out, :mod:`hyperfleet.controller.sampler_pools`): the pool talks to
+each through a link of one interface, and a process that joins a running pool first gets every
+trial of the study, then the queue's depth and the space, then the news as the others.
+
 A set is what the sampler's part of an ask would have made: the relative sample (TPE's
 multivariate search space, values and the system attributes TPE writes on the new trial, so
 that other processes' constant liar sees it), and values for the space's other parameters.
@@ -59,33 +65,23 @@ with the controller and the workers (measured in ``bench/RESULTS.md``).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import socket
-import subprocess
-import sys
-import threading
-import time
+import collections
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cloudpickle
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.controller.ahead import Ahead, Space
-from hyperfleet.controller.context import RunContext
+from hyperfleet.controller.replica_process import ReplicaProcess
 from hyperfleet.controller.slow_samplers import Prepared
-from hyperfleet.controller.study_run import StudyRun, opened
 from hyperfleet.sampling.auto_sampler import AutoSampler
 
-CLOSE_SECONDS = 2.0  # for the processes to exit once hung up; then they are killed
 WAIT_SECONDS = 1.0  # the longest a slot waits for a set before the controller samples it
 WAIT_FROM_SLOTS = 4  # the slots per process from which a slot waits for a set
 OUTBOX_LIMIT = 256  # messages kept for the next start at most
@@ -116,84 +112,36 @@ class SuggestionSet:
     known: int  # the finished trials it was sampled from
 
 
-class _Link:
-    """One sampler process: its socket, a thread that sends what the controller queued (the
-    loop never blocks on a full socket) and one that collects its sets."""
+class Link(Protocol):
+    """A sampler process as the pool sees it, here (``_Link``) or on an agent's node
+    (:class:`hyperfleet.cluster.remote_samplers.RemoteSampler`): its sets go into the pool's
+    queue, with the same wake."""
 
-    def __init__(
-        self,
-        index: int,
-        setup: dict[str, Any],
-        log: Path,
-        ready: deque[Any],
-        arrived: Callable[[], None],
-    ) -> None:
-        parent, child = socket.socketpair()
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "hyperfleet.controller.replica", str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                # Not in the terminal's process group: a Ctrl+C stops the run, whose end
-                # closes the socket, rather than killing the processes mid-run.
-                start_new_session=True,
-            )
-        child.close()
+    index: int  # in its pool: the first half of its sets' keys
+    dead: bool
+
+    def send_bytes(self, payload: bytes) -> None: ...
+
+    def hang_up(self) -> None: ...
+
+    def reap(self, deadline: float) -> None: ...
+
+
+class _Link(ReplicaProcess):
+    """A sampler process on the controller's machine, and a thread that collects its sets."""
+
+    def __init__(self, index: int, setup: bytes, log: Path, receive: Callable[[Any], None]) -> None:
+        super().__init__(setup, log, f"pool-{index}")
         self.index = index
-        self._socket = parent  # kept to shut down: a close would not wake the reading thread
-        self.conn = Connection(os.dup(parent.fileno()))
-        self.dead = False
-        self._outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._ready = ready
-        self._arrived = arrived  # called on the reading thread after each set
-        self.send_bytes(bytes(ForkingPickler.dumps({**setup, "index": index})))
-        self._threads = [
-            threading.Thread(target=target, name=f"hyperfleet-pool-{way}-{index}", daemon=True)
-            for target, way in ((self._send_loop, "out"), (self._read_loop, "in"))
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def send_bytes(self, payload: bytes) -> None:
-        if not self.dead:
-            self._outgoing.put(payload)
-
-    def _send_loop(self) -> None:
-        while (payload := self._outgoing.get()) is not None:
-            try:
-                self.conn.send_bytes(payload)
-            except OSError:
-                self.dead = True
-                return
+        self._receive = receive  # called on the reading thread with each set
+        self.add_thread(self._read_loop, f"hyperfleet-pool-in-{index}")
 
     def _read_loop(self) -> None:
         try:
             while True:
-                self._ready.append(self.conn.recv())
-                self._arrived()
+                self._receive(self.conn.recv())
         except (EOFError, OSError):
             self.dead = True
-
-    def hang_up(self) -> None:
-        """Shut the socket down: the process reads end-of-file and exits."""
-        self.dead = True
-        self._outgoing.put(None)
-        with contextlib.suppress(OSError):
-            self._socket.shutdown(socket.SHUT_RDWR)
-        self._socket.close()
-
-    def reap(self, deadline: float) -> None:
-        try:
-            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:  # in the middle of a long sample: not worth waiting
-            self.process.kill()
-            self.process.wait()
-        for thread in self._threads:  # both end once the socket is shut down
-            thread.join(timeout=max(0.1, deadline - time.monotonic()))
-        if not any(thread.is_alive() for thread in self._threads):
-            self.conn.close()  # not before: its descriptor could be reused under them
 
 
 class SamplerPool:
@@ -208,7 +156,8 @@ class SamplerPool:
         log_dir: Path,
         wake: Callable[[], None],
     ) -> None:
-        setup = {
+        self.study = study
+        self._setup = {
             "sampler": cloudpickle.dumps(sampler),
             "directions": [d.name for d in study.directions],
         }
@@ -216,16 +165,17 @@ class SamplerPool:
         self._wake = wake
         self._wanted = False  # slots wait for a set: one that comes in wakes the loop
         self._delivering = False  # sets came in since the start, or since a wait ran out
-        self._links = [
+        self._links: list[Link] = [
             _Link(
                 i,
-                setup,
+                self.setup_of(i),
                 log_dir / f"sampler-{study.study_name}-{i}.log",
-                self._ready,
-                self._arrived,
+                self._receive,
             )
             for i in range(count)
         ]
+        self._places = [""] * count  # where each link's process runs: "" here, else its node
+        self._used = [0] * count  # the sets of each link the trials used
         self._space: Space | None = None
         self._version = 0
         self._slots = 0  # the slots the queue's depth was set for
@@ -236,8 +186,53 @@ class SamplerPool:
         trials = study._get_trials(deepcopy=False)
         self._finished = sum(t.state in LEARNED_FROM for t in trials)  # what TPE learns from
         self._startup = int(getattr(sampler, "_n_startup_trials", 0))  # TPE's random trials
-        self._broadcast(("trials", trials))
+        self._catch_up(self._links, trials)
+
+    def setup_of(self, index: int) -> bytes:
+        """What the pool's process ``index`` starts from, pickled: its first message."""
+        return bytes(ForkingPickler.dumps({**self._setup, "index": index}))
+
+    def add(self, place: str, start: Callable[[int, bytes, Callable[[Any], None]], Link]) -> None:
+        """One more process, on node ``place``, started by ``start`` (its index in the pool, its
+        setup, what it calls with each set). It hears the study first (the trials there are,
+        the queue's depth, the space), then the news as every other process."""
+        self._flush()  # the news so far to the others: the new one starts from the snapshot
+        index = len(self._links)
+        link = start(index, self.setup_of(index), self._receive)
+        self._links.append(link)
+        self._places.append(place)
+        self._used.append(0)
+        self._catch_up([link], self.study._get_trials(deepcopy=False))
+        self._broadcast(("depth", queue_depth(self._slots, len(self._links))))
         self._flush()
+
+    def _catch_up(self, links: list[Link], trials: list[FrozenTrial]) -> None:
+        """Tell new processes what the pool's others know: every trial of the study (running
+        ones too), the queue's depth and the space, in one message pickled once."""
+        news: list[tuple[Any, ...]] = [("trials", trials)]
+        if self._slots:
+            news.append(("depth", queue_depth(self._slots, len(self._links))))
+        if self._space is not None:
+            news.append(("space", self._version, self._space))
+        payload = bytes(ForkingPickler.dumps(("batch", news)))
+        for link in links:
+            link.send_bytes(payload)
+
+    def _receive(self, message: Any) -> None:
+        """A set came in (on a reading thread, or the loop's for a node's process)."""
+        self._ready.append(message)
+        self._arrived()
+
+    def places(self) -> dict[str, int]:
+        """How many processes sample for the study where: "" here, else the node's name."""
+        return dict(collections.Counter(self._places))
+
+    def used(self) -> dict[str, list[int]]:
+        """How many sets of each process the trials used, by place (as :meth:`places`)."""
+        counts: dict[str, list[int]] = {}
+        for place, used in zip(self._places, self._used, strict=True):
+            counts.setdefault(place, []).append(used)
+        return counts
 
     @property
     def alive(self) -> int:
@@ -249,6 +244,7 @@ class SamplerPool:
         if not self.ready(space, slots):
             return None
         _, key, version, search_space, params, attrs, others, known = self._ready.popleft()
+        self._used[key[0]] += 1
         return SuggestionSet(key, version, Prepared(search_space, params, attrs), others, known)
 
     def ready(self, space: Space | None, slots: int) -> bool:
@@ -350,61 +346,3 @@ class SamplerPool:
     def _send(self, index: int, message: tuple[Any, ...]) -> None:
         self._flush()  # the news first: a process whose sets were stale learns why
         self._links[index].send_bytes(bytes(ForkingPickler.dumps(message)))
-
-
-class SamplerPools:
-    """The run's pools, one per study that uses one, started with the study's first trial
-    that runs beside others."""
-
-    def __init__(self, ctx: RunContext, processes: int, studies: int) -> None:
-        self._ctx = ctx
-        # The processes are shared out between the studies, at least one each.
-        self._per_study = max(1, processes // max(1, studies)) if processes > 0 else 0
-        self._pools: dict[str, SamplerPool | None] = {}
-
-    def pool(self, run: StudyRun, side_by_side: bool) -> SamplerPool | None:
-        """The study's pool, if it samples for it now."""
-        if not side_by_side or self._per_study == 0:
-            return None
-        study = opened(run)
-        name = run.plan.name
-        if name not in self._pools:
-            self._pools[name] = self._start(study)
-        pool = self._pools[name]
-        if pool is None or pooled_sampler(study.sampler) is None:
-            return None
-        dead = pool.newly_dead()
-        if dead:
-            self._ctx.announce(
-                f"study {study.study_name}: {dead} of its sampler processes died; the controller "
-                "samples what they would have (slower, nothing lost)"
-            )
-        return pool if pool.alive else None
-
-    def ended(self, run: StudyRun, trial: FrozenTrial) -> None:
-        pool = self._pools.get(run.plan.name)
-        if pool is not None:
-            pool.ended(trial)
-
-    def close(self) -> None:
-        """End every process: all hung up at once, then waited for together."""
-        pools = [pool for pool in self._pools.values() if pool is not None]
-        for pool in pools:
-            pool.hang_up()
-        deadline = time.monotonic() + CLOSE_SECONDS
-        for pool in pools:
-            pool.reap(deadline)
-
-    def _start(self, study: optuna.Study) -> SamplerPool | None:
-        sampler = pooled_sampler(study.sampler)
-        if sampler is None:
-            return None
-        try:
-            workers_dir = self._ctx.run_dir.workers_dir
-            return SamplerPool(study, sampler, self._per_study, workers_dir, self._ctx.wake)
-        except Exception as exc:  # an unpicklable sampler, no process: sample here, as before
-            self._ctx.announce(
-                f"study {study.study_name}: no sampler processes ({type(exc).__name__}: {exc}); "
-                "the controller samples every trial"
-            )
-            return None

@@ -24,7 +24,8 @@ from hyperfleet.controller.context import RunContext
 from hyperfleet.controller.outbox import send
 from hyperfleet.controller.policy import StudyDemand, pick
 from hyperfleet.controller.prepared import Preparer
-from hyperfleet.controller.sampler_pool import WAIT_SECONDS, SamplerPool, SamplerPools
+from hyperfleet.controller.sampler_pool import WAIT_SECONDS, SamplerPool
+from hyperfleet.controller.sampler_pools import SamplerPools
 from hyperfleet.controller.slot_table import ActiveTrial, Launch, SlotState, SlotTable
 from hyperfleet.controller.slow_samplers import Prepared, Suggestions, suggests_slowly
 from hyperfleet.controller.studies import StudyBook
