@@ -16,12 +16,15 @@ fake-GPU slots instead (trials sleep their drawn duration, scaled down), to chec
     python bench/parallel_quality.py --real --functions hartmann6 --slots 8 --setups default
     python bench/parallel_quality.py --real --functions hartmann6 --slots 8 --setups tpe-liar \
         --sampling-processes 0                             # TPE sampled by the controller alone
+    python bench/parallel_quality.py --functions hartmann6 --slots 8 --setups tpe-liar --ahead 4
+                                      # each trial's set sampled 4 sets ahead, as by the pool
     python bench/parallel_quality.py --table points.jsonl      # the markdown table of --out
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import heapq
 import json
@@ -87,22 +90,38 @@ def lognormal_durations(seed: int) -> Iterator[float]:
         yield rng.lognormvariate(0.0, 0.5)
 
 
+# --ahead: suggestion sets sampled ahead of need, as TPE's sampler processes do (read from the
+# environment, so that the processes of --jobs see it too)
+AHEAD = int(os.environ.get("BENCH_AHEAD", "0"))
+
+
 def simulate(setup: str, function: str, slots: int, seed: int, n_trials: int) -> float:
-    """Simple regret of one simulated search."""
+    """Simple regret of one simulated search. With ``AHEAD`` sets, each trial that starts
+    takes the set sampled longest ago (its suggestions made then), and a new set is sampled
+    at once in its place, the waiting sets running beside it: the pool's queue, with
+    processes that sample without delay (``controller.sampler_pool``)."""
     objective = FUNCTIONS[function]
     study = optuna.create_study(sampler=SETUPS[setup](slots, seed, n_trials))
     durations = lognormal_durations(seed)
     running: list[tuple[float, int, optuna.Trial, float]] = []
-    first_wave = [study.ask() for _ in range(min(slots, n_trials))]
-    for trial in first_wave:
-        heapq.heappush(running, (next(durations), trial.number, trial, objective(trial)))
+    ready: collections.deque[tuple[optuna.Trial, float]] = collections.deque()
+
+    def sampled() -> tuple[optuna.Trial, float]:
+        trial = study.ask()
+        return trial, objective(trial)
+
+    first_wave = [sampled() for _ in range(min(slots, n_trials))]
+    ready.extend(sampled() for _ in range(min(AHEAD, n_trials - len(first_wave))))
+    for trial, value in first_wave:
+        heapq.heappush(running, (next(durations), trial.number, trial, value))
     started = len(first_wave)
     while running:
         now, _, trial, value = heapq.heappop(running)
         study.tell(trial, value)
         if started < n_trials:
-            trial = study.ask()
-            heapq.heappush(running, (now + next(durations), trial.number, trial, objective(trial)))
+            ready.append(sampled())  # sampled from what is known now, for a later start
+            trial, value = ready.popleft()
+            heapq.heappush(running, (now + next(durations), trial.number, trial, value))
             started += 1
     return study.best_value - MINIMA[function]
 
@@ -216,6 +235,12 @@ def main() -> None:
     parser.add_argument(
         "--sampling-processes", type=int, help="--real: TPE's sampler processes (0: none)"
     )
+    parser.add_argument(
+        "--ahead",
+        type=int,
+        default=0,
+        help="simulation: sets sampled ahead, as by TPE's sampler processes (0: at each start)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side (simulation)")
     parser.add_argument("--out", type=Path, help="append one JSON line per point here")
     parser.add_argument("--table", type=Path, help="print the table of an --out file, then stop")
@@ -225,8 +250,10 @@ def main() -> None:
         print(table([json.loads(line) for line in lines if line.strip()]))
         return
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    global SAMPLING_PROCESSES
+    global SAMPLING_PROCESSES, AHEAD
     SAMPLING_PROCESSES = args.sampling_processes
+    AHEAD = args.ahead
+    os.environ["BENCH_AHEAD"] = str(args.ahead)
     if args.real:
         os.environ["HYPERFLEET_FAKE_GPUS"] = str(max(args.slots))
     run = real_run if args.real else simulate
@@ -238,6 +265,7 @@ def main() -> None:
                 where = (setup, function, slots)
                 regrets = _regrets(run, args.jobs, where, args.seeds, args.trials)
                 point = {"function": function, "slots": slots, "setup": setup, "real": args.real}
+                point["ahead"] = args.ahead
                 point |= summary(regrets) | {"regrets": regrets, "trials": args.trials}
                 took = time.perf_counter() - started
                 print(

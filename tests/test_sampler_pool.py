@@ -175,17 +175,21 @@ def test_a_seeded_single_slot_run_starts_no_pool_and_gives_optunas_trials(
     assert [t.params for t in trials] == [t.params for t in plain.trials]
 
 
+# A run of this many slots has one process keep two sets waiting at the controller.
+TWO_SETS_SLOTS = 2 * sampler_pool.SLOTS_PER_SET
+
+
 def wait_for_set(pool: SamplerPool, space: Any) -> sampler_pool.SuggestionSet:
     deadline = time.monotonic() + 60
-    while (chosen := pool.take(space, 2)) is None:
+    while (chosen := pool.take(space, TWO_SETS_SLOTS)) is None:
         assert time.monotonic() < deadline, "no set in a minute"
         time.sleep(0.02)
     return chosen
 
 
 def wait_until_queued(pool: SamplerPool, count: int) -> None:
-    """Until ``count`` sets wait at the controller (a 2-slot run's queue holds 2, less the sets
-    taken and not yet started)."""
+    """Until ``count`` sets wait at the controller (the queue of a run of ``TWO_SETS_SLOTS``
+    holds 2, less the sets taken and not yet started)."""
     deadline = time.monotonic() + 30
     while len(pool._ready) < count:
         assert time.monotonic() < deadline, "the process did not fill its queue"
@@ -270,14 +274,14 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
         assert not pool.worth_waiting(None, slots)  # no known space: no set will come
         assert not pool.worth_waiting(SPACE, slots - 1)  # few slots: the controller has time
         wait_until_queued(pool, 1)  # a set waits at the controller
-        while (more := pool.take(SPACE, 2)) is not None:
+        while (more := pool.take(SPACE, TWO_SETS_SLOTS)) is not None:
             taken.append(more)
         assert not woken.is_set()  # no slot waited: the loop was left alone
         pool.want(True)
         for number, chosen in enumerate(taken, start=12):  # the sets were used: sample more
             pool.started(number, chosen.key, chosen.others)
         assert woken.wait(30), "a set that came in while slots waited did not wake the loop"
-        assert pool.ready(SPACE, 2)
+        assert pool.ready(SPACE, TWO_SETS_SLOTS)
         wait_until_queued(pool, 2)  # the queue full: no set comes in after the wait ran out
         pool.want(False)
         woken.clear()

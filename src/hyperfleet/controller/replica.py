@@ -49,7 +49,7 @@ class Replica:
         self._sets: dict[int, int] = {}  # a set out at the controller: its replica trial id
         self.space: dict[str, BaseDistribution] | None = None
         self.version = -1
-        self.depth = 2  # sets of this process waiting at the controller, at most
+        self.depth = 1  # sets of this process waiting at the controller, at most
         self._next_set = 0
 
     @property

@@ -50,9 +50,11 @@ take the controller's own interpreter. Why sets sampled ahead rather than on req
 would make a starting trial wait for the pool. How many sets wait: a set waiting in the queue
 was sampled before the results that arrived since, like a trial asked while others ran, so the
 queue is short; but trials end in bursts (slots started together end together), and a burst
-larger than the queue waits for the processes. So the queue holds about a quarter of the
-slots (``queue_depth``), at least two sets per process: with S slots running, every ask already
-sees S - 1 trials without their results, and S / 4 more sampled a little early is of that order.
+larger than the queue waits for the processes. So the queue holds about an eighth of the
+slots (``queue_depth``), at least one set per process: with S slots running, every ask already
+sees S - 1 trials without their results, and S / 8 more sampled a little early leaves the
+search as good as the controller's own sampling, where S / 4 did not at 8 slots (simulated
+over 100 seeds a point, ``bench/parallel_quality.py --ahead``, in ``bench/RESULTS.md``).
 
 Only Optuna's TPE sampler (the default, and what the auto sampler picks for most studies, used
 while it is TPE) uses the pool, and only where trials already run side by side (on nodes or on
@@ -84,6 +86,7 @@ from hyperfleet.sampling.auto_sampler import AutoSampler
 
 WAIT_SECONDS = 1.0  # the longest a slot waits for a set before the controller samples it
 WAIT_FROM_SLOTS = 4  # the slots per process from which a slot waits for a set
+SLOTS_PER_SET = 8  # the queue holds a set for every this many slots (see the docstring)
 OUTBOX_LIMIT = 256  # messages kept for the next start at most
 LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials TPE learns from
 SetKey = tuple[int, int]  # the process's index in its pool, the set's number there
@@ -98,9 +101,9 @@ def pooled_sampler(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.Base
 
 
 def queue_depth(slots: int, processes: int) -> int:
-    """Sets each process keeps waiting at the controller: about a quarter of the slots in all,
-    at least two per process."""
-    return max(2, -(-slots // (4 * max(1, processes))))
+    """Sets each process keeps waiting at the controller: about an eighth of the slots in all,
+    at least one per process."""
+    return max(1, slots // (SLOTS_PER_SET * max(1, processes)))
 
 
 @dataclass
