@@ -4,6 +4,7 @@ agent never runs more than it offered."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import queue
 import re
@@ -31,6 +32,7 @@ from hyperfleet.cluster.messages import (
     Welcome,
 )
 from hyperfleet.cluster.sealed import SealedConnection
+from support.background import BackgroundRun
 from support.nodes import (
     TOKEN,
     Agent,
@@ -64,21 +66,36 @@ def node_replicas(node: str) -> list[psutil.Process]:
     return found
 
 
+@contextlib.contextmanager
+def tpe_controller(
+    folder: Path, n_trials: int, processes: int
+) -> Iterator[tuple[BackgroundRun, list[Agent], str]]:
+    """A TPE search with ``processes`` sampler processes on the controller, listening for
+    agents: the controller, a list for the test's agents, and the address they join. Every
+    one of them is stopped when the test ends."""
+    address = f"127.0.0.1:{free_port()}"
+    controller = start_controller(
+        folder, address, n_trials, "--sampler", "tpe", "--sampling-processes", str(processes)
+    )
+    agents: list[Agent] = []
+    try:
+        wait_for_log(folder, "listening for agents", 30)
+        yield controller, agents, address
+    finally:
+        controller.stop()
+        for agent in agents:
+            agent.stop()
+
+
 def search_with_node_samplers(
     folder: Path, n_trials: int, processes: int = 1, kill_at: int | None = None
 ) -> list[optuna.trial.FrozenTrial]:
     """A TPE search with no sampler process on the controller, and ``processes`` on its one
     node (two slots); with ``kill_at``, they are killed once as many trials completed. Returns
     its trials, all complete."""
-    address = f"127.0.0.1:{free_port()}"
-    controller = start_controller(
-        folder, address, n_trials, "--sampler", "tpe", "--sampling-processes", "0"
-    )
-    agent = None
-    try:
-        wait_for_log(folder, "listening for agents", 30)
+    with tpe_controller(folder, n_trials, 0) as (controller, agents, address):
         offer = ["--sampling-processes", str(processes)]
-        agent = Agent(folder, address, "nodeA", 2, nap=0.1, flags=offer)
+        agents.append(Agent(folder, address, "nodeA", 2, nap=0.1, flags=offer))
         if kill_at is not None:
             wait_for_log(folder, f"sampler processes: {processes} on node nodeA", 30)
             replicas = wait_until(lambda: node_replicas("nodeA"), 30, "the node's samplers")
@@ -86,11 +103,7 @@ def search_with_node_samplers(
             for replica in replicas:
                 replica.send_signal(signal.SIGKILL)
         assert controller.wait(120) == 0, controller.stderr
-        assert agent.wait(15) == 0, agent.log.read_text()
-    finally:
-        controller.stop()
-        if agent is not None:
-            agent.stop()
+        assert agents[0].wait(15) == 0, agents[0].log.read_text()
     trials = load_trials(folder / "run", STUDY)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * n_trials
     assert not node_replicas("nodeA")  # the agent ended its process with the run
@@ -139,13 +152,7 @@ def test_a_sampler_process_killed_on_a_node_costs_only_speed(tmp_path: Path) -> 
 
 
 def test_a_node_that_joins_a_running_pool_samples_from_the_whole_study(tmp_path: Path) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    controller = start_controller(
-        tmp_path, address, 50, "--sampler", "tpe", "--sampling-processes", "1"
-    )
-    agents: list[Agent] = []
-    try:
-        wait_for_log(tmp_path, "listening for agents", 30)
+    with tpe_controller(tmp_path, 50, 1) as (controller, agents, address):
         agents.append(Agent(tmp_path, address, "nodeA", 1, nap=0.1))
         wait_for_log(tmp_path, "trial 12 complete", 60)
         agents.append(
@@ -154,10 +161,6 @@ def test_a_node_that_joins_a_running_pool_samples_from_the_whole_study(tmp_path:
         assert controller.wait(120) == 0, controller.stderr
         for agent in agents:
             assert agent.wait(15) == 0, agent.log.read_text()
-    finally:
-        controller.stop()
-        for agent in agents:
-            agent.stop()
     trials = load_trials(tmp_path / "run", STUDY)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 50
     log = run_log(tmp_path)
@@ -170,13 +173,7 @@ def test_a_node_that_joins_a_running_pool_samples_from_the_whole_study(tmp_path:
 
 
 def test_a_node_lost_with_its_sampler_process_costs_only_speed(tmp_path: Path) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    controller = start_controller(
-        tmp_path, address, 40, "--sampler", "tpe", "--sampling-processes", "0"
-    )
-    agents: list[Agent] = []
-    try:
-        wait_for_log(tmp_path, "listening for agents", 30)
+    with tpe_controller(tmp_path, 40, 0) as (controller, agents, address):
         agents.append(Agent(tmp_path, address, "nodeA", 1, nap=0.1))
         agents.append(
             Agent(tmp_path, address, "nodeB", 1, nap=0.1, flags=["--sampling-processes", "1"])
@@ -185,10 +182,6 @@ def test_a_node_lost_with_its_sampler_process_costs_only_speed(tmp_path: Path) -
         agents[1].kill_group()  # the agent alone: its sampler process leads its own group
         assert controller.wait(120) == 0, controller.stderr
         assert agents[0].wait(15) == 0, agents[0].log.read_text()
-    finally:
-        controller.stop()
-        for agent in agents:
-            agent.stop()
     trials = load_trials(tmp_path / "run", STUDY)
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 40
     log = run_log(tmp_path)
