@@ -47,7 +47,7 @@ from support.procs import load_trials, run_cli, wait_until
 pytestmark = pytest.mark.cluster
 
 STUDY = "node_objective-where_it_runs"
-REPLICA = "hyperfleet.controller.replica"
+REPLICA = "hyperfleet.sampling.replica"
 
 
 def node_replicas(node: str) -> list[psutil.Process]:

@@ -104,7 +104,7 @@ def signal_the_sampler_processes_at_trial_15(
         if trial.number != 15:
             return
         for child in psutil.Process().children():
-            if "hyperfleet.controller.replica" in " ".join(child.cmdline()):
+            if "hyperfleet.sampling.replica" in " ".join(child.cmdline()):
                 child.send_signal(sig)
 
     return callback

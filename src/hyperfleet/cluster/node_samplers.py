@@ -3,8 +3,8 @@
 A node whose cores do not all run workers can lend them to TPE's sampling: ``hyperfleet agent
 --sampling-processes N`` offers N processes in its hello, and the controller asks for them as
 its studies' pools start (see :mod:`hyperfleet.controller.sampler_pool`). Each is the process the
-controller's machine runs (:mod:`hyperfleet.controller.replica`), started and fed the same way
-(:mod:`hyperfleet.controller.replica_process`): the agent passes the controller's setup and
+controller's machine runs (:mod:`hyperfleet.sampling.replica`), started and fed the same way
+(:mod:`hyperfleet.sampling.replica_process`): the agent passes the controller's setup and
 news to it unread, and sends each set it makes back as the process pickled it. The agent never
 unpickles a sampler, and never runs more processes than it offered: a start beyond that is
 refused and said on its output. A process that dies is reported, and the controller samples
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperfleet.cluster.messages import SamplerEnded, SamplerNews, SamplerSet, StartSampler
-from hyperfleet.controller.replica_process import CLOSE_SECONDS, ReplicaProcess
+from hyperfleet.sampling.replica_process import CLOSE_SECONDS, ReplicaProcess
 
 
 class NodeSamplers:

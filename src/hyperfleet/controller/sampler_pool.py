@@ -4,7 +4,7 @@ With TPE the controller's CPU per trial grows with the study (tens of millisecon
 finished trials, a hundred and more at 10,000), and one thread samples for every slot of the
 cluster. Optuna's samplers are functions of the study's history, the running trials and their
 seed, and the controller holds every record it writes. So each sampler process
-(:mod:`hyperfleet.controller.replica`) keeps a replica of the study, an in-memory study with the
+(:mod:`hyperfleet.sampling.replica`) keeps a replica of the study, an in-memory study with the
 same directions and a reseeded copy of its sampler, current from what the controller sends it
 (the trials it has, once; each trial that starts, with the values sent with it; each trial that
 ends), and samples suggestion sets ahead of need for the study's known space (the parameters
@@ -80,9 +80,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.controller.ahead import Ahead, Space
-from hyperfleet.controller.replica_process import ReplicaProcess
 from hyperfleet.controller.slow_samplers import Prepared
 from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.sampling.replica_process import ReplicaProcess
 
 WAIT_SECONDS = 1.0  # the longest a slot waits for a set before the controller samples it
 WAIT_FROM_SLOTS = 4  # the slots per process from which a slot waits for a set

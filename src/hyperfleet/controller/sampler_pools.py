@@ -14,9 +14,9 @@ from optuna.trial import FrozenTrial
 
 from hyperfleet.cluster.hub import NodeLink
 from hyperfleet.controller.context import RunContext
-from hyperfleet.controller.replica_process import CLOSE_SECONDS
 from hyperfleet.controller.sampler_pool import SamplerPool, pooled_sampler
 from hyperfleet.controller.study_run import StudyRun, opened
+from hyperfleet.sampling.replica_process import CLOSE_SECONDS
 
 
 class SamplerPools:

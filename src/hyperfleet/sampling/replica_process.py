@@ -1,4 +1,4 @@
-"""Starting a sampler process (:mod:`hyperfleet.controller.replica`) and talking to it, shared
+"""Starting a sampler process (:mod:`hyperfleet.sampling.replica`) and talking to it, shared
 by the controller's pool (:mod:`hyperfleet.controller.sampler_pool`) and an agent's node
 samplers (:mod:`hyperfleet.cluster.node_samplers`), so that both start, feed and end it alike.
 
@@ -33,7 +33,7 @@ class ReplicaProcess:
         parent, child = socket.socketpair()
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "hyperfleet.controller.replica", str(child.fileno())],
+                [sys.executable, "-m", "hyperfleet.sampling.replica", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=out,

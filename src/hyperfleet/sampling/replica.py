@@ -1,8 +1,8 @@
 """A sampler process: a replica of one study, sampling suggestion sets ahead of need.
 
 Started for :mod:`hyperfleet.controller.sampler_pool` as ``python -m
-hyperfleet.controller.replica FD`` (a socket to the controller, or to an agent that relays for
-it on its node: :mod:`hyperfleet.controller.replica_process`), it holds an in-memory Optuna
+hyperfleet.sampling.replica FD`` (a socket to the controller, or to an agent that relays for
+it on its node: :mod:`hyperfleet.sampling.replica_process`), it holds an in-memory Optuna
 study with the study's directions and a copy of its sampler (reseeded: every process draws
 differently), kept current from what the controller sends: the trials it has (once), each
 trial that ends, and each trial that starts with a set's values (so constant liar sees the
