@@ -41,6 +41,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from hyperfleet.controller import ahead
@@ -60,7 +61,6 @@ from hyperfleet.controller.trial_making import (
     sample_ahead,
     side_by_side,
 )
-from hyperfleet.store.database import ControllerRDBStorage
 from hyperfleet.store.placing import running_trial
 from hyperfleet.workers.handle import Worker
 from hyperfleet.workers.protocol import Finished, RunTrial
@@ -195,8 +195,10 @@ class Preparer:
             return False  # a prepared trial would outlive the time limit, enqueued
         if run.plan.callbacks:
             return False  # each trial's callbacks run before the next starts (study.stop())
-        if run.study is None or isinstance(run.study._storage, ControllerRDBStorage):
-            return False  # on a database, taking a trial from the queue costs a commit more
+        if run.study is None or isinstance(run.study._storage, _CachedStorage):
+            # A database (the controller's is a ControllerRDBStorage, a _CachedStorage):
+            # taking a trial from the queue costs a commit more than asking.
+            return False
         return ahead.samples_cheaply(run.study.sampler)
 
     def began(self, name: str, run: StudyRun) -> None:

@@ -19,7 +19,6 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, Jou
 from optuna.study import StudyDirection
 
 from hyperfleet.errors import StorageError
-from hyperfleet.store.database import ControllerRDBStorage
 from hyperfleet.store.journal import CheckedBackend, GroupCommitBackend, PlacingJournalStorage
 
 if TYPE_CHECKING:
@@ -304,13 +303,22 @@ def controller_study(study: optuna.Study) -> optuna.Study:
     storage = study._storage  # no public accessor
     backend = getattr(storage, "_backend", None)
     if type(storage) is _CachedStorage and isinstance(backend, RDBStorage):
-        return _reloaded(study, ControllerRDBStorage(backend))
+        return _reloaded(study, _controller_rdb_storage(backend))
     if type(storage) is not JournalStorage or type(backend) is not JournalFileBackend:
         return study
     lock = backend._lock  # the lock the user's backend writes under (private, no accessor)
     if not isinstance(lock, (JournalFileOpenLock, JournalFileSymlinkLock)):
         return study  # a lock of the user's own making: leave their backend alone
     return _reloaded(study, open_shared_journal(Path(backend._file_path), lock))
+
+
+def _controller_rdb_storage(backend: RDBStorage) -> BaseStorage:
+    """:class:`~hyperfleet.store.database.ControllerRDBStorage` on ``backend``, imported only
+    for a database: SQLAlchemy takes a third of a second to import, which a run on a journal,
+    the default, need not pay at every start."""
+    from hyperfleet.store.database import ControllerRDBStorage
+
+    return ControllerRDBStorage(backend)
 
 
 def _reloaded(study: optuna.Study, storage: BaseStorage) -> optuna.Study:
@@ -339,7 +347,7 @@ def _open_rdb(url: str, run_dir: Path) -> BaseStorage:
                 f"exist; create it (mkdir -p {file.parent}) or give a path in an existing folder."
             )
     try:
-        return ControllerRDBStorage(_rdb_storage(url))
+        return _controller_rdb_storage(_rdb_storage(url))
     except ImportError as exc:  # Optuna's, for a missing driver: say which package has it
         raise StorageError(_missing_driver(url, exc)) from None
     except Exception as exc:  # drivers raise their own types; all mean "cannot use it"
