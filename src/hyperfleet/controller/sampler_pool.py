@@ -77,18 +77,18 @@ from typing import Any, Protocol
 
 import cloudpickle
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from hyperfleet.controller.ahead import Ahead, Space
 from hyperfleet.controller.slow_samplers import Prepared
 from hyperfleet.sampling.auto_sampler import AutoSampler
+from hyperfleet.sampling.replica import LEARNED_FROM
 from hyperfleet.sampling.replica_process import ReplicaProcess
 
 WAIT_SECONDS = 1.0  # the longest a slot waits for a set before the controller samples it
 WAIT_FROM_SLOTS = 4  # the slots per process from which a slot waits for a set
 SLOTS_PER_SET = 8  # the queue holds a set for every this many slots (see the docstring)
 OUTBOX_LIMIT = 256  # messages kept for the next start at most
-LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials TPE learns from
 SetKey = tuple[int, int]  # the process's index in its pool, the set's number there
 
 
@@ -211,10 +211,10 @@ class SamplerPool:
 
     def _catch_up(self, links: list[Link], trials: list[FrozenTrial]) -> None:
         """Tell new processes what the pool's others know: every trial of the study (running
-        ones too), the queue's depth and the space, in one message pickled once."""
+        ones too) and the space, in one message pickled once. The queue's depth follows from
+        the count of processes, so each is told it when the count changes (:meth:`add`) or
+        the slots do (:meth:`ready`)."""
         news: list[tuple[Any, ...]] = [("trials", trials)]
-        if self._slots:
-            news.append(("depth", queue_depth(self._slots, len(self._links))))
         if self._space is not None:
             news.append(("space", self._version, self._space))
         payload = bytes(ForkingPickler.dumps(("batch", news)))

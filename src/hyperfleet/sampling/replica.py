@@ -32,7 +32,9 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-_LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials TPE learns from
+# The trials TPE learns from: a set says how many it was sampled from, and the pool compares
+# that with its own count of them (sampler_pool's staleness check), so both count these.
+LEARNED_FROM = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Replica:
@@ -104,7 +106,7 @@ class Replica:
         """A new set: ("set", (process, id), space version, relative search space, relative
         values, system attributes of the relative sample, other values by name, the finished
         trials it was sampled from)."""
-        finished = len(self.study._get_trials(deepcopy=False, states=_LEARNED_FROM))
+        finished = len(self.study._get_trials(deepcopy=False, states=LEARNED_FROM))
         trial = self.study.ask()
         relative = dict(trial.relative_params)
         relative_space = dict(trial.relative_search_space or {})
