@@ -23,9 +23,10 @@ the same sampler (``--sampler``: TPE, Optuna's default, or random).
 
 ``--prefill N`` starts every runner's study with N finished trials (a copy of one journal
 written once), so TPE's cost is that of a grown study; the rates count the new trials only.
-``hyperfleet`` runs with one TPE sampler process (``sampling_processes=1``; the pool is off by
-default), ``hyperfleet-nopool`` without (``sampling_processes=0``); for the in-process runners
-the controller's CPU per new trial (this process's user and system time) is printed too.
+``hyperfleet`` runs with one TPE sampler process (``sampling_processes=1``, or
+``--sampling-processes N``; the pool is off by default), ``hyperfleet-nopool`` without
+(``sampling_processes=0``); for the in-process runners the controller's CPU per new trial (this
+process's user and system time) is printed too.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import hyperfleet
 
 PREFILL: Path | None = None  # the journal every study starts from (--prefill)
 PREFILLED = 0  # its finished trials
+POOL = 1  # the sampler processes the `hyperfleet` runner starts (--sampling-processes)
 TRIAL_SECONDS = float(os.environ.get("BENCH_TRIAL_SECONDS", "0"))
 SAMPLER = os.environ.get("BENCH_SAMPLER", "tpe")
 HERE = Path(__file__).resolve()
@@ -129,7 +131,10 @@ def run_optuna_processes(folder: Path, n_trials: int) -> optuna.Study:
     return study
 
 
-def run_hyperfleet(folder: Path, n_trials: int, sampling_processes: int = 1) -> optuna.Study:
+def run_hyperfleet(
+    folder: Path, n_trials: int, sampling_processes: int | None = None
+) -> optuna.Study:
+    sampling_processes = POOL if sampling_processes is None else sampling_processes
     study = _new_study(folder)
     before = _cpu_seconds()
     hyperfleet.optimize(
@@ -187,8 +192,12 @@ def main() -> None:
     parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
     parser.add_argument("--prefill", type=int, default=0, help="finished trials to start from")
     parser.add_argument("--runners", nargs="+", choices=list(RUNNERS), default=list(RUNNERS))
+    parser.add_argument(
+        "--sampling-processes", type=int, default=1, help="TPE sampler processes of `hyperfleet`"
+    )
     args = parser.parse_args()
-    global TRIAL_SECONDS, SAMPLER, PREFILL, PREFILLED
+    global TRIAL_SECONDS, SAMPLER, PREFILL, PREFILLED, POOL
+    POOL = args.sampling_processes
     if args.prefill:
         if "hyperfleet-cli" in args.runners:
             parser.error("--prefill: the hyperfleet-cli runner starts from its own new journal")

@@ -272,7 +272,11 @@ def test_slots_wait_for_a_set_only_while_sets_come_and_one_that_comes_wakes_the_
         taken = [wait_for_set(pool, SPACE)]
         assert pool.worth_waiting(SPACE, slots)
         assert not pool.worth_waiting(None, slots)  # no known space: no set will come
+        pool.cores = 2  # the process and the controller each have a core
         assert not pool.worth_waiting(SPACE, slots - 1)  # few slots: the controller has time
+        pool.cores = 1  # its sample would take the process's core: slots wait on few too
+        assert pool.worth_waiting(SPACE, slots - 1)
+        pool.cores = 2
         wait_until_queued(pool, 1)  # a set waits at the controller
         while (more := pool.take(SPACE, TWO_SETS_SLOTS)) is not None:
             taken.append(more)

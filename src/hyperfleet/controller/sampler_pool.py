@@ -33,11 +33,12 @@ it on the controller instead would cost the controller a whole TPE sample (15 ms
 finished trials, 70 ms at 10,000), during which every other slot waits too. Where the pool
 delivers nothing (off, starting, dead, or a wait that ran out: a process that hangs or fell far
 behind) the controller samples itself as without one, until a set comes in again. Slots wait
-only on runs with ``WAIT_FROM_SLOTS`` slots per process or more: there the controller's time is
-what the run is short of, and its sample would hold up many slots; on a few slots (two CPU
-slots, trivial trials) the controller has time to spare, and its sample beside the process's
-gives more trials per second than waiting for the one process (measured in
-``bench/RESULTS.md``).
+on runs with ``WAIT_FROM_SLOTS`` slots per process or more: there the controller's time is
+what the run is short of, and its sample would hold up many slots. On a few slots (two CPU
+slots, trivial trials) the controller has time to spare, and its sample beside the processes'
+gives more trials per second than waiting for them, as long as a core is free for it: where
+the processes on this machine and the controller outnumber its cores, the controller's sample
+takes a process's core, and slots wait there too (both measured in ``bench/RESULTS.md``).
 
 A set is used once (it is taken out of the queue); a set sampled for an older space is
 dropped, and so is a stale one: sampled before TPE's random startup trials were done while they
@@ -81,6 +82,7 @@ from optuna.trial import FrozenTrial
 
 from hyperfleet.controller.ahead import Ahead, Space
 from hyperfleet.controller.slow_samplers import Prepared
+from hyperfleet.resources.inventory import allowed_cores
 from hyperfleet.sampling.auto_sampler import AutoSampler
 from hyperfleet.sampling.replica import LEARNED_FROM
 from hyperfleet.sampling.replica_process import ReplicaProcess
@@ -178,6 +180,7 @@ class SamplerPool:
             for i in range(count)
         ]
         self._places = [""] * count  # where each link's process runs: "" here, else its node
+        self.cores = len(allowed_cores())  # this machine's, which its processes share
         self._used = [0] * count  # the sets of each link the trials used
         self._space: Space | None = None
         self._version = 0
@@ -274,9 +277,13 @@ class SamplerPool:
     def worth_waiting(self, space: Space | None, slots: int) -> bool:
         """Whether a slot waits for the next set rather than the controller sampling it: while
         the processes deliver sets for a known space, on a run of ``slots`` with enough of them
-        per process (see the module's docstring)."""
+        per process, or where no core is free for the controller's sample (see the module's
+        docstring)."""
         many = slots >= WAIT_FROM_SLOTS * len(self._links)
-        return many and space is not None and self._delivering and self.alive > 0
+        places = zip(self._links, self._places, strict=True)
+        here = sum(not link.dead for link, place in places if not place)
+        crowded = here + 1 > self.cores  # the processes on this machine, and the controller
+        return (many or crowded) and space is not None and self._delivering and self.alive > 0
 
     def wait_ran_out(self) -> None:
         """A slot waited ``WAIT_SECONDS`` in vain: no more waits until a set comes in."""

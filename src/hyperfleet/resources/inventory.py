@@ -70,7 +70,7 @@ class Inventory:
 
 def detect_inventory() -> Inventory:
     """Find the GPUs this process may use and the CPU cores it may run on."""
-    cores = tuple(sorted(_allowed_cores()))
+    cores = tuple(sorted(allowed_cores()))
     fake = os.environ.get(FAKE_GPUS_ENV)
     if fake:
         return _fake_inventory(fake, cores)
@@ -102,7 +102,8 @@ def detect_inventory() -> Inventory:
     )
 
 
-def _allowed_cores() -> set[int]:
+def allowed_cores() -> set[int]:
+    """The cores this process may run on (its affinity, where the system has one)."""
     if hasattr(os, "sched_getaffinity"):
         return set(os.sched_getaffinity(0))
     return set(range(os.cpu_count() or 1))
