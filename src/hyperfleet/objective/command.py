@@ -65,6 +65,7 @@ from hyperfleet import client
 from hyperfleet.errors import ConfigError, ObjectiveError, TrialInterrupted
 from hyperfleet.objective.resume import checkpoint_dir, should_stop
 from hyperfleet.sampling.space import RESERVED_NAMES, Param, SearchSpace
+from hyperfleet.store.rundir import write_all
 
 STDERR_TAIL_CHARS = 1500
 STDOUT_TAIL_BYTES = 64 * 1024
@@ -334,7 +335,7 @@ class _Session:
                 fileobj.close()
                 self.open_pipes -= 1
                 return
-            _write_all(target_fd, data)
+            write_all(target_fd, data)
             tail.extend(data)
             del tail[:-keep]
 
@@ -509,13 +510,6 @@ def describe_exit(status: int, who: str = "the command") -> str:
     if status < 0:
         return f"{who} was killed by signal {signal.Signals(-status).name}"
     return f"{who} exited with status {status}"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _socket_folder() -> str:

@@ -31,6 +31,7 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from hyperfleet.store.placing import PlacesTrials
+from hyperfleet.store.rundir import write_all
 
 
 class CheckedBackend(JournalFileBackend):
@@ -113,9 +114,9 @@ class GroupCommitBackend(CheckedBackend):
         data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
         if self._shared:
             with _held(self._lock):
-                _write_all(self._file(), data)
+                write_all(self._file(), data)
         else:
-            _write_all(self._file(), data)
+            write_all(self._file(), data)
             self._unread.extend(logs)
         self._dirty = True
 
@@ -156,13 +157,6 @@ def _sync_data(fd: int) -> None:
     # fdatasync makes the appended records and the file's new length durable, which is all a
     # replay needs; fsync would also write back timestamps, a second write on many disks.
     getattr(os, "fdatasync", os.fsync)(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 class PlacingJournalStorage(PlacesTrials, JournalStorage):
